@@ -1,0 +1,229 @@
+//! HTTP endpoints: health and readiness, publish, admin, metrics; and the
+//! project's error format (`ApiError`), used by every handler.
+//!
+//! Successful JSON answers use the envelope the seed tools expect:
+//! `{"success":true,"data":…,"meta":{"timestamp","requestId"}}`. Errors are
+//! `{"success":false,"error":"<sentence>","code":"<code>"}`; 5xx bodies stay
+//! generic and the detail goes to the log.
+
+use axum::Json as AxumJson;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::node::Node;
+use crate::protocol::{self, TOPIC_PATTERN};
+
+/// An error as the HTTP client sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    GatewayTimeout(String),
+    /// Detail for the log only; the client gets a generic sentence.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn parts(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.parts();
+        let message = match &self {
+            ApiError::Internal(detail) => {
+                tracing::error!(detail, "internal error");
+                "internal error".to_string()
+            }
+            other => other.to_string(),
+        };
+        (
+            status,
+            AxumJson(json!({"success": false, "error": message, "code": code})),
+        )
+            .into_response()
+    }
+}
+
+/// `axum::Json` whose rejection is an [`ApiError`], so a bad body gets the
+/// project's error format with the reason (`missing field \`topic\``).
+pub struct Json<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match AxumJson::<T>::from_request(req, state).await {
+            Ok(AxumJson(v)) => Ok(Json(v)),
+            Err(rejection) => Err(ApiError::BadRequest(rejection_text(&rejection))),
+        }
+    }
+}
+
+fn rejection_text(rejection: &JsonRejection) -> String {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => {
+            "expected a JSON body with Content-Type: application/json".into()
+        }
+        other => other.body_text(),
+    }
+}
+
+/// Wraps `data` in the success envelope.
+pub fn envelope(data: Value) -> AxumJson<Value> {
+    AxumJson(json!({
+        "success": true,
+        "data": data,
+        "meta": {"timestamp": protocol::timestamp(), "requestId": request_id()},
+    }))
+}
+
+fn request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+// === health ===
+
+/// `GET /healthz`: alive while the process runs.
+pub async fn healthz() -> AxumJson<Value> {
+    AxumJson(json!({"status": "alive"}))
+}
+
+/// `GET /readyz`: 200 only when the backplane is connected and the node is
+/// not draining.
+pub async fn readyz(State(node): State<Node>) -> Response {
+    match node.not_ready_reason() {
+        None => AxumJson(json!({"status": "ready"})).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            AxumJson(json!({"status": "not_ready", "reason": reason})),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /api/health`
+pub async fn health(State(node): State<Node>) -> AxumJson<Value> {
+    let leadership = node.leadership();
+    let status = node.backplane_status();
+    let hub = node.hub();
+    let mut body = json!({
+        "status": if node.not_ready_reason().is_none() { "ok" } else { "degraded" },
+        "node": node.config().node_id,
+        "leader": leadership.leader,
+        "epoch": leadership.epoch,
+        "backplane": hub.backplane().kind(),
+        "backplaneConnected": status.is_connected(),
+        "connections": node.connections(),
+        "topics": hub.topic_count(),
+        "subscriptions": hub.subscription_count(),
+        "uptimeSeconds": node.uptime().as_secs(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "timestamp": protocol::timestamp(),
+    });
+    if let Some(reason) = node.not_ready_reason() {
+        body["reason"] = json!(reason);
+    }
+    AxumJson(body)
+}
+
+// === publish ===
+
+#[derive(Deserialize)]
+pub struct PublishBody {
+    topic: String,
+    #[serde(default)]
+    event: Option<String>,
+    data: Box<RawValue>,
+}
+
+/// `POST /api/publish`: 202 once the backplane accepted the publication.
+pub async fn publish(
+    State(node): State<Node>,
+    Json(body): Json<PublishBody>,
+) -> Result<Response, ApiError> {
+    if !protocol::valid_topic(&body.topic) {
+        return Err(ApiError::BadRequest(format!(
+            "invalid topic \"{}\": must match {TOPIC_PATTERN}",
+            body.topic.chars().take(140).collect::<String>()
+        )));
+    }
+    let event = body.event.unwrap_or_else(|| body.topic.clone());
+    if !protocol::valid_topic(&event) {
+        return Err(ApiError::BadRequest(format!(
+            "invalid event \"{}\": must match {TOPIC_PATTERN}",
+            event.chars().take(140).collect::<String>()
+        )));
+    }
+    node.hub()
+        .publish(&body.topic, &event, &body.data)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("publication not accepted: {e}")))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        envelope(json!({"topic": body.topic, "event": event})),
+    )
+        .into_response())
+}
+
+// === admin ===
+
+/// `POST /admin/events/{name}`: publishes a configured mock event once.
+pub async fn trigger_event(
+    State(node): State<Node>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let Some(event) = node.mock_event(&name) else {
+        return Err(ApiError::NotFound(format!(
+            "no mock event named \"{}\" is configured",
+            name.chars().take(140).collect::<String>()
+        )));
+    };
+    node.hub()
+        .publish(&event.name, &event.name, &event.data)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("publication not accepted: {e}")))?;
+    Ok((StatusCode::ACCEPTED, envelope(json!({"event": event.name}))).into_response())
+}
+
+/// `GET /metrics` in Prometheus text format.
+pub async fn metrics(State(node): State<Node>) -> Response {
+    match node.metrics() {
+        Some(handle) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => {
+            ApiError::NotFound("metrics are not enabled in this process".into()).into_response()
+        }
+    }
+}
+
+/// Any other path.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}

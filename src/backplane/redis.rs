@@ -1,0 +1,1 @@
+//! Redis backplane (fred). Filled in by the Redis backplane work.

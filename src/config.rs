@@ -1,0 +1,874 @@
+//! Every setting of a node, read once at start-up.
+//!
+//! Settings come from three layers, highest first: command-line flags
+//! (`--port 9000` or `--port=9000` is `PORT`), the process environment, and an
+//! optional env file (`--env-file .env.local`). All of them are read through
+//! [`Source`], so tests build a [`Config`] from a map and never touch the
+//! process environment.
+//!
+//! Parsing reports **every** bad value at once, each as
+//! `NAME=value is not valid: why`; `main` prints them and exits with code 64
+//! before any port is bound.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::protocol;
+
+/// Every environment variable this crate reads. The names are a contract with
+/// the Helm chart, the compose file and existing deployments: never rename one.
+pub mod names {
+    pub const HOST: &str = "HOST";
+    pub const PORT: &str = "PORT";
+    pub const ADMIN_PORT: &str = "ADMIN_PORT";
+    pub const NODE_ID: &str = "NODE_ID";
+    pub const LOG_FORMAT: &str = "LOG_FORMAT";
+    pub const RUST_LOG: &str = "RUST_LOG";
+    pub const WEBSOCKET_ENABLED: &str = "WEBSOCKET_ENABLED";
+    pub const WEBSOCKET_PATH: &str = "WEBSOCKET_PATH";
+    pub const WEBSOCKET_MOCK_EVENTS: &str = "WEBSOCKET_MOCK_EVENTS";
+    pub const WEBSOCKET_HEARTBEAT_INTERVAL: &str = "WEBSOCKET_HEARTBEAT_INTERVAL";
+    pub const WEBSOCKET_MAX_PAYLOAD: &str = "WEBSOCKET_MAX_PAYLOAD";
+    pub const WEBSOCKET_MAX_SUBSCRIPTIONS: &str = "WEBSOCKET_MAX_SUBSCRIPTIONS";
+    pub const WEBSOCKET_CLIENT_QUEUE_BYTES: &str = "WEBSOCKET_CLIENT_QUEUE_BYTES";
+    pub const WEBSOCKET_CLIENT_QUEUE_MESSAGES: &str = "WEBSOCKET_CLIENT_QUEUE_MESSAGES";
+    pub const CORS_ALLOWED_ORIGINS: &str = "CORS_ALLOWED_ORIGINS";
+    pub const ORIGIN_ALLOW_MISSING: &str = "ORIGIN_ALLOW_MISSING";
+    pub const REDIS_URL: &str = "REDIS_URL";
+    pub const REDIS_PREFIX: &str = "REDIS_PREFIX";
+    pub const LEADER_LEASE_MS: &str = "LEADER_LEASE_MS";
+    pub const COMMAND_TIMEOUT_MS: &str = "COMMAND_TIMEOUT_MS";
+    pub const DEVICE_APPS: &str = "DEVICE_APPS";
+    pub const DEVICE_DRIVER: &str = "DEVICE_DRIVER";
+    pub const SOCKETIO_ENABLED: &str = "SOCKETIO_ENABLED";
+    pub const SOCKETIO_PING_INTERVAL: &str = "SOCKETIO_PING_INTERVAL";
+    pub const SOCKETIO_PING_TIMEOUT: &str = "SOCKETIO_PING_TIMEOUT";
+    pub const SHUTDOWN_GRACE_MS: &str = "SHUTDOWN_GRACE_MS";
+    pub const SHUTDOWN_READINESS_DELAY_MS: &str = "SHUTDOWN_READINESS_DELAY_MS";
+    pub const SHUTDOWN_DRAIN_MS: &str = "SHUTDOWN_DRAIN_MS";
+    pub const SHUTDOWN_CLOSE_CODE: &str = "SHUTDOWN_CLOSE_CODE";
+
+    /// Every name above, for `--help` and to reject unknown flags.
+    pub const ALL: &[&str] = &[
+        HOST,
+        PORT,
+        ADMIN_PORT,
+        NODE_ID,
+        LOG_FORMAT,
+        RUST_LOG,
+        WEBSOCKET_ENABLED,
+        WEBSOCKET_PATH,
+        WEBSOCKET_MOCK_EVENTS,
+        WEBSOCKET_HEARTBEAT_INTERVAL,
+        WEBSOCKET_MAX_PAYLOAD,
+        WEBSOCKET_MAX_SUBSCRIPTIONS,
+        WEBSOCKET_CLIENT_QUEUE_BYTES,
+        WEBSOCKET_CLIENT_QUEUE_MESSAGES,
+        CORS_ALLOWED_ORIGINS,
+        ORIGIN_ALLOW_MISSING,
+        REDIS_URL,
+        REDIS_PREFIX,
+        LEADER_LEASE_MS,
+        COMMAND_TIMEOUT_MS,
+        DEVICE_APPS,
+        DEVICE_DRIVER,
+        SOCKETIO_ENABLED,
+        SOCKETIO_PING_INTERVAL,
+        SOCKETIO_PING_TIMEOUT,
+        SHUTDOWN_GRACE_MS,
+        SHUTDOWN_READINESS_DELAY_MS,
+        SHUTDOWN_DRAIN_MS,
+        SHUTDOWN_CLOSE_CODE,
+    ];
+
+    /// Settings whose values must never be printed, not even in an error.
+    pub const SECRET: &[&str] = &[];
+}
+
+/// Where setting values come from. Returning `None` means "not set".
+pub trait Source {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+impl Source for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Source for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+/// Command-line flags over the process environment over an env file.
+pub struct Layered<E> {
+    flags: HashMap<String, String>,
+    env: E,
+    file: HashMap<String, String>,
+}
+
+impl<E: Source> Source for Layered<E> {
+    fn get(&self, name: &str) -> Option<String> {
+        self.flags
+            .get(name)
+            .cloned()
+            .or_else(|| self.env.get(name))
+            .or_else(|| self.file.get(name).cloned())
+    }
+}
+
+/// What the command line asked for.
+pub enum Command<E> {
+    Run(Layered<E>),
+    Help,
+}
+
+/// Turns `--port 9000`, `--port=9000`, `--PORT 9000` and `--env-file F` into
+/// a [`Layered`] source over `env`.
+pub fn parse_args<E: Source>(
+    args: impl IntoIterator<Item = String>,
+    env: E,
+) -> Result<Command<E>, ConfigErrors> {
+    let mut flags = HashMap::new();
+    let mut env_file: Option<String> = None;
+    let mut errors = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if arg == "--help" || arg == "-h" {
+            return Ok(Command::Help);
+        }
+        let Some(flag) = arg.strip_prefix("--") else {
+            errors.push(ConfigError::new(
+                "argument",
+                &arg,
+                "expected a flag such as --port 8080",
+            ));
+            continue;
+        };
+        let (key, inline) = match flag.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (flag.to_string(), None),
+        };
+        let Some(value) = inline.or_else(|| args.next()) else {
+            errors.push(ConfigError::new(
+                &format!("--{key}"),
+                "",
+                "the flag needs a value",
+            ));
+            continue;
+        };
+        if key == "env-file" {
+            env_file = Some(value);
+            continue;
+        }
+        let name = key.replace('-', "_").to_ascii_uppercase();
+        if names::ALL.contains(&name.as_str()) {
+            flags.insert(name, value);
+        } else {
+            errors.push(ConfigError::new(
+                &format!("--{key}"),
+                &value,
+                "unknown flag (see --help)",
+            ));
+        }
+    }
+    let mut file = HashMap::new();
+    if let Some(path) = env_file {
+        match dotenvy::from_path_iter(&path) {
+            Ok(iter) => {
+                for item in iter {
+                    match item {
+                        Ok((k, v)) => {
+                            file.insert(k, v);
+                        }
+                        Err(e) => {
+                            errors.push(ConfigError::new("--env-file", &path, &e.to_string()))
+                        }
+                    }
+                }
+            }
+            Err(e) => errors.push(ConfigError::new("--env-file", &path, &e.to_string())),
+        }
+    }
+    if errors.is_empty() {
+        Ok(Command::Run(Layered { flags, env, file }))
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// The `--help` text.
+pub fn help() -> String {
+    let mut s = String::from(
+        "switchboard: realtime broadcast node\n\n\
+         usage: switchboard [--env-file FILE] [--NAME VALUE]...\n\n\
+         Every setting is an environment variable; a flag with the same name in\n\
+         kebab case (--websocket-path /ws) overrides it. See README.md for meanings.\n\nsettings:\n",
+    );
+    for name in names::ALL {
+        s.push_str("  ");
+        s.push_str(name);
+        s.push('\n');
+    }
+    s
+}
+
+// === errors ===
+
+/// One bad setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub name: String,
+    pub value: String,
+    pub why: String,
+}
+
+impl ConfigError {
+    fn new(name: &str, value: &str, why: &str) -> Self {
+        let value = if names::SECRET.contains(&name) {
+            "<redacted>".to_string()
+        } else {
+            value.to_string()
+        };
+        Self {
+            name: name.to_string(),
+            value,
+            why: why.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={} is not valid: {}", self.name, self.value, self.why)
+    }
+}
+
+/// Every bad setting found in one pass.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+// === Config ===
+
+/// `LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One entry of `WEBSOCKET_MOCK_EVENTS`.
+#[derive(Debug, Clone)]
+pub struct MockEvent {
+    pub name: String,
+    /// `None` means on demand only.
+    pub interval: Option<Duration>,
+    pub data: Box<RawValue>,
+}
+
+/// `CORS_ALLOWED_ORIGINS`: `*` or an explicit list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origins {
+    Any,
+    List(Vec<String>),
+}
+
+impl Origins {
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            Origins::Any => true,
+            Origins::List(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        }
+    }
+}
+
+/// The parsed, validated settings of one node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: IpAddr,
+    pub port: u16,
+    pub admin_port: Option<u16>,
+    pub node_id: String,
+    pub log_format: LogFormat,
+    pub rust_log: Option<String>,
+    pub websocket_enabled: bool,
+    pub websocket_path: String,
+    pub mock_events: Vec<MockEvent>,
+    pub heartbeat_interval: Duration,
+    pub max_payload: usize,
+    pub max_subscriptions: usize,
+    pub client_queue_bytes: usize,
+    pub client_queue_messages: usize,
+    pub cors_allowed_origins: Origins,
+    /// Whether a WebSocket handshake without `Origin` (non-browser clients)
+    /// passes an explicit allow-list.
+    pub origin_allow_missing: bool,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub leader_lease: Duration,
+    pub command_timeout: Duration,
+    pub device_apps: Vec<String>,
+    pub device_driver: String,
+    pub socketio_enabled: bool,
+    pub socketio_ping_interval: Duration,
+    pub socketio_ping_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub shutdown_readiness_delay: Duration,
+    pub shutdown_drain: Duration,
+    pub shutdown_close_code: u16,
+}
+
+/// The demo events served when `WEBSOCKET_MOCK_EVENTS` is not set.
+pub const DEFAULT_MOCK_EVENTS: &str = r#"[
+  {"name":"ticker","interval":2000,"data":{"symbol":"DEMO","price":101.25,"change":0.42}},
+  {"name":"notifications","interval":5000,"data":{"level":"info","message":"Switchboard demo notification"}}
+]"#;
+
+/// Apps of the LED board when `DEVICE_APPS` is not set.
+pub const DEFAULT_DEVICE_APPS: &str = "clock,scroll_text,stars";
+
+impl Config {
+    /// Reads every setting from `src`, collecting every error.
+    pub fn from_source(src: &dyn Source) -> Result<Config, ConfigErrors> {
+        let mut p = Parser {
+            src,
+            errors: Vec::new(),
+        };
+        let host = p.parse(names::HOST, "0.0.0.0", |v| {
+            v.parse::<IpAddr>()
+                .map_err(|_| "expected an IP address such as 0.0.0.0 or 127.0.0.1".into())
+        });
+        let port = p.parse(names::PORT, "8080", |v| {
+            v.parse::<u16>()
+                .map_err(|_| "expected a port number from 0 to 65535".into())
+        });
+        let admin_port = p.optional(names::ADMIN_PORT, |v| {
+            v.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| "expected a port number from 1 to 65535".into())
+        });
+        let node_id = p.parse(names::NODE_ID, "", |v| {
+            if v.is_empty() {
+                return Ok(default_node_id());
+            }
+            if protocol::valid_topic(v) && v.len() <= 64 {
+                Ok(v.to_string())
+            } else {
+                Err("expected 1 to 64 characters from A-Z a-z 0-9 _ . : / -".into())
+            }
+        });
+        let log_format = p.parse(names::LOG_FORMAT, "text", |v| match v {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("expected text or json".into()),
+        });
+        let rust_log = src.get(names::RUST_LOG).filter(|s| !s.is_empty());
+        let websocket_enabled = p.parse(names::WEBSOCKET_ENABLED, "true", parse_bool);
+        let websocket_path = p.parse(names::WEBSOCKET_PATH, "/ws", |v| {
+            let ok = v.starts_with('/')
+                && v.len() > 1
+                && !v.ends_with('/')
+                && !v.contains(['{', '}', '*', '?', '#', ' '])
+                && v != "/socket.io"
+                && !v.starts_with("/api")
+                && !v.starts_with("/admin");
+            if ok {
+                Ok(v.to_string())
+            } else {
+                Err("expected a path such as /ws: starts with /, no trailing /, no {}*?# or spaces, not under /api, /admin or /socket.io".into())
+            }
+        });
+        let mock_events = p.parse(
+            names::WEBSOCKET_MOCK_EVENTS,
+            DEFAULT_MOCK_EVENTS,
+            parse_mock_events,
+        );
+        let heartbeat_interval = p.parse(names::WEBSOCKET_HEARTBEAT_INTERVAL, "30000", |v| {
+            parse_ms(v, 100, 3_600_000)
+        });
+        let max_payload = p.parse(names::WEBSOCKET_MAX_PAYLOAD, "10485760", |v| {
+            parse_range(v, 64, 1 << 30)
+        });
+        let max_subscriptions = p.parse(names::WEBSOCKET_MAX_SUBSCRIPTIONS, "1000", |v| {
+            parse_range(v, 1, 1_000_000)
+        });
+        let client_queue_bytes = p.parse(names::WEBSOCKET_CLIENT_QUEUE_BYTES, "1048576", |v| {
+            parse_range(v, 1024, 1 << 30)
+        });
+        let client_queue_messages = p.parse(names::WEBSOCKET_CLIENT_QUEUE_MESSAGES, "16384", |v| {
+            parse_range(v, 16, 1 << 20)
+        });
+        let cors_allowed_origins = p.parse(names::CORS_ALLOWED_ORIGINS, "*", parse_origins);
+        let origin_allow_missing = p.parse(names::ORIGIN_ALLOW_MISSING, "true", parse_bool);
+        let redis_url = p.optional(names::REDIS_URL, |v| {
+            if v.starts_with("redis://") || v.starts_with("rediss://") {
+                Ok(v.to_string())
+            } else {
+                Err("expected a redis:// or rediss:// URL".into())
+            }
+        });
+        let redis_prefix = p.parse(names::REDIS_PREFIX, "switchboard", |v| {
+            if !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+            {
+                Ok(v.to_string())
+            } else {
+                Err("expected 1 to 64 characters from A-Z a-z 0-9 _ - .".into())
+            }
+        });
+        let leader_lease = p.parse(names::LEADER_LEASE_MS, "5000", |v| {
+            parse_ms(v, 500, 600_000)
+        });
+        let command_timeout = p.parse(names::COMMAND_TIMEOUT_MS, "5000", |v| {
+            parse_ms(v, 100, 120_000)
+        });
+        let device_apps = p.parse(names::DEVICE_APPS, DEFAULT_DEVICE_APPS, |v| {
+            let apps: Vec<String> = v
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            if apps.is_empty() {
+                return Err(
+                    "expected a comma-separated list of apps such as clock,scroll_text,stars"
+                        .into(),
+                );
+            }
+            if let Some(bad) = apps.iter().find(|a| !protocol::valid_topic(a)) {
+                return Err(format!(
+                    "app name `{bad}` must use only A-Z a-z 0-9 _ . : / -"
+                ));
+            }
+            Ok(apps)
+        });
+        let device_driver = p.parse(names::DEVICE_DRIVER, "simulated", |v| match v {
+            "simulated" | "log" => Ok(v.to_string()),
+            _ => Err("expected simulated or log".into()),
+        });
+        let socketio_enabled = p.parse(names::SOCKETIO_ENABLED, "true", parse_bool);
+        let socketio_ping_interval = p.parse(names::SOCKETIO_PING_INTERVAL, "25000", |v| {
+            parse_ms(v, 100, 3_600_000)
+        });
+        let socketio_ping_timeout = p.parse(names::SOCKETIO_PING_TIMEOUT, "20000", |v| {
+            parse_ms(v, 100, 3_600_000)
+        });
+        let shutdown_grace = p.parse(names::SHUTDOWN_GRACE_MS, "10000", |v| {
+            parse_ms(v, 0, 3_600_000)
+        });
+        let shutdown_readiness_delay = p.parse(names::SHUTDOWN_READINESS_DELAY_MS, "0", |v| {
+            parse_ms(v, 0, 3_600_000)
+        });
+        let shutdown_drain = p.parse(names::SHUTDOWN_DRAIN_MS, "", |v| {
+            if v.is_empty() {
+                return Ok(None);
+            }
+            parse_ms(v, 0, 3_600_000).map(Some)
+        });
+        let shutdown_close_code = p.parse(names::SHUTDOWN_CLOSE_CODE, "", |v| match v {
+            "" => Ok(None),
+            "1001" => Ok(Some(1001)),
+            "1012" => Ok(Some(1012)),
+            _ => Err("expected 1001 (going away) or 1012 (service restart)".into()),
+        });
+
+        if !p.errors.is_empty() {
+            return Err(ConfigErrors(p.errors));
+        }
+        let shutdown_grace = shutdown_grace.unwrap();
+        let redis_url = redis_url.unwrap();
+        let mut errors = Vec::new();
+        // Cross-field rules.
+        let shutdown_readiness_delay = shutdown_readiness_delay.unwrap();
+        if shutdown_readiness_delay >= shutdown_grace && !shutdown_grace.is_zero() {
+            errors.push(ConfigError::new(
+                names::SHUTDOWN_READINESS_DELAY_MS,
+                &shutdown_readiness_delay.as_millis().to_string(),
+                &format!(
+                    "must be shorter than {}={}",
+                    names::SHUTDOWN_GRACE_MS,
+                    shutdown_grace.as_millis()
+                ),
+            ));
+        }
+        if let (Some(port), Some(admin)) = (port, admin_port.flatten())
+            && port != 0
+            && port == admin
+        {
+            errors.push(ConfigError::new(
+                names::ADMIN_PORT,
+                &admin.to_string(),
+                &format!("must differ from {}", names::PORT),
+            ));
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        // A single node with nobody to take its clients says "going away";
+        // in a cluster the clients should reconnect to another node at once.
+        let shutdown_close_code = shutdown_close_code
+            .unwrap()
+            .unwrap_or(if redis_url.is_some() { 1012 } else { 1001 });
+        // Spread the closes over a quarter of the grace period by default so
+        // that a rolling restart does not make every client reconnect at once.
+        let shutdown_drain = shutdown_drain
+            .unwrap()
+            .unwrap_or_else(|| (shutdown_grace / 4).min(Duration::from_secs(2)));
+        Ok(Config {
+            host: host.unwrap(),
+            port: port.unwrap(),
+            admin_port: admin_port.unwrap(),
+            node_id: node_id.unwrap(),
+            log_format: log_format.unwrap(),
+            rust_log,
+            websocket_enabled: websocket_enabled.unwrap(),
+            websocket_path: websocket_path.unwrap(),
+            mock_events: mock_events.unwrap(),
+            heartbeat_interval: heartbeat_interval.unwrap(),
+            max_payload: max_payload.unwrap(),
+            max_subscriptions: max_subscriptions.unwrap(),
+            client_queue_bytes: client_queue_bytes.unwrap(),
+            client_queue_messages: client_queue_messages.unwrap(),
+            cors_allowed_origins: cors_allowed_origins.unwrap(),
+            origin_allow_missing: origin_allow_missing.unwrap(),
+            redis_url,
+            redis_prefix: redis_prefix.unwrap(),
+            leader_lease: leader_lease.unwrap(),
+            command_timeout: command_timeout.unwrap(),
+            device_apps: device_apps.unwrap(),
+            device_driver: device_driver.unwrap(),
+            socketio_enabled: socketio_enabled.unwrap(),
+            socketio_ping_interval: socketio_ping_interval.unwrap(),
+            socketio_ping_timeout: socketio_ping_timeout.unwrap(),
+            shutdown_grace,
+            shutdown_readiness_delay,
+            shutdown_drain,
+            shutdown_close_code,
+        })
+    }
+
+    /// A configuration for in-process tests: loopback, port 0, no timers.
+    pub fn for_tests() -> Config {
+        let mut map = HashMap::new();
+        map.insert(names::HOST.to_string(), "127.0.0.1".to_string());
+        map.insert(names::PORT.to_string(), "0".to_string());
+        map.insert(names::NODE_ID.to_string(), "test-node".to_string());
+        map.insert(names::WEBSOCKET_MOCK_EVENTS.to_string(), "[]".to_string());
+        Config::from_source(&map).expect("test defaults are valid")
+    }
+
+    /// The Redis URL with any password replaced, for logs and health output.
+    pub fn redis_url_redacted(&self) -> Option<String> {
+        self.redis_url.as_deref().map(redact_url)
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn default_node_id() -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "_.-".contains(*c))
+        .take(48)
+        .collect();
+    let host = if host.is_empty() {
+        "node".to_string()
+    } else {
+        host
+    };
+    format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+// === value parsers ===
+
+struct Parser<'a> {
+    src: &'a dyn Source,
+    errors: Vec<ConfigError>,
+}
+
+impl Parser<'_> {
+    /// Parses `name` (or `default` when unset); records an error and returns
+    /// `None` when the value is bad.
+    fn parse<T>(
+        &mut self,
+        name: &str,
+        default: &str,
+        f: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let raw = self.src.get(name);
+        let value = raw.as_deref().map(str::trim).unwrap_or(default);
+        match f(value) {
+            Ok(v) => Some(v),
+            Err(why) => {
+                self.errors.push(ConfigError::new(name, value, &why));
+                None
+            }
+        }
+    }
+
+    /// Like [`Parser::parse`] for settings without a default: unset or empty
+    /// is `Some(None)`.
+    fn optional<T>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<Option<T>> {
+        match self.src.get(name).as_deref().map(str::trim) {
+            None | Some("") => Some(None),
+            Some(value) => match f(value) {
+                Ok(v) => Some(Some(v)),
+                Err(why) => {
+                    self.errors.push(ConfigError::new(name, value, &why));
+                    None
+                }
+            },
+        }
+    }
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+fn parse_range(v: &str, min: usize, max: usize) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from {min} to {max}")),
+    }
+}
+
+fn parse_ms(v: &str, min: u64, max: u64) -> Result<Duration, String> {
+    match v.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(Duration::from_millis(n)),
+        _ => Err(format!("expected milliseconds from {min} to {max}")),
+    }
+}
+
+fn parse_origins(v: &str) -> Result<Origins, String> {
+    if v == "*" {
+        return Ok(Origins::Any);
+    }
+    let list: Vec<String> = v
+        .split(',')
+        .map(|s| s.trim().trim_end_matches('/').to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if list.is_empty() {
+        return Err(
+            "expected * or a comma-separated list of origins such as https://app.example.com"
+                .into(),
+        );
+    }
+    if let Some(bad) = list.iter().find(|o| {
+        !(o.starts_with("http://") || o.starts_with("https://")) || o.contains(['*', ' '])
+    }) {
+        return Err(format!(
+            "origin `{bad}` must be scheme://host[:port], such as https://app.example.com"
+        ));
+    }
+    Ok(Origins::List(list))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMockEvent {
+    name: String,
+    #[serde(default)]
+    interval: Option<u64>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+}
+
+fn parse_mock_events(v: &str) -> Result<Vec<MockEvent>, String> {
+    let raw: Vec<RawMockEvent> = serde_json::from_str(v).map_err(|e| {
+        format!("expected a JSON array of {{\"name\",\"interval\" (ms),\"data\"}} objects: {e}")
+    })?;
+    let mut seen = std::collections::HashSet::new();
+    let mut events = Vec::with_capacity(raw.len());
+    for (i, e) in raw.into_iter().enumerate() {
+        if !protocol::valid_topic(&e.name) {
+            return Err(format!(
+                "entry {i}: name `{}` must match {}",
+                e.name,
+                protocol::TOPIC_PATTERN
+            ));
+        }
+        if !seen.insert(e.name.clone()) {
+            return Err(format!("entry {i}: name `{}` appears twice", e.name));
+        }
+        let interval = match e.interval {
+            None | Some(0) => None,
+            Some(ms) if ms < 10 => {
+                return Err(format!(
+                    "entry {i} ({}): interval {ms} ms is below the minimum of 10 ms",
+                    e.name
+                ));
+            }
+            Some(ms) => Some(Duration::from_millis(ms)),
+        };
+        let data = e
+            .data
+            .unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"));
+        events.push(MockEvent {
+            name: e.name,
+            interval,
+            data,
+        });
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_source(&map)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.websocket_path, "/ws");
+        assert_eq!(c.mock_events.len(), 2);
+        assert_eq!(c.mock_events[0].name, "ticker");
+        assert_eq!(c.mock_events[0].interval, Some(Duration::from_secs(2)));
+        assert_eq!(c.max_payload, 10 * 1024 * 1024);
+        assert_eq!(c.shutdown_close_code, 1001);
+        assert!(c.redis_url.is_none());
+        assert!(c.node_id.len() > 7);
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let err = config(&[
+            ("PORT", "99999"),
+            ("WEBSOCKET_MOCK_EVENTS", "{nope"),
+            ("LOG_FORMAT", "xml"),
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 3, "{text}");
+        assert!(text.contains("PORT=99999 is not valid"));
+        assert!(text.contains("WEBSOCKET_MOCK_EVENTS={nope is not valid"));
+        assert!(text.contains("LOG_FORMAT=xml is not valid"));
+    }
+
+    #[test]
+    fn mock_events_are_validated() {
+        let c = config(&[(
+            "WEBSOCKET_MOCK_EVENTS",
+            r#"[{"name":"a","interval":0,"data":{"x":1}},{"name":"b"}]"#,
+        )])
+        .unwrap();
+        assert!(c.mock_events.iter().all(|e| e.interval.is_none()));
+        assert_eq!(c.mock_events[0].data.get(), r#"{"x":1}"#);
+        for bad in [
+            r#"[{"name":"bad name"}]"#,
+            r#"[{"name":"a"},{"name":"a"}]"#,
+            r#"[{"name":"a","interval":-1}]"#,
+            r#"[{"name":"a","interval":5}]"#,
+            r#"[{"nam":"a"}]"#,
+            r#"{"name":"a"}"#,
+        ] {
+            assert!(config(&[("WEBSOCKET_MOCK_EVENTS", bad)]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn origins() {
+        let c = config(&[(
+            "CORS_ALLOWED_ORIGINS",
+            "https://a.example, http://localhost:3000/",
+        )])
+        .unwrap();
+        assert!(c.cors_allowed_origins.allows("https://a.example"));
+        assert!(c.cors_allowed_origins.allows("http://localhost:3000"));
+        assert!(!c.cors_allowed_origins.allows("https://evil.example"));
+        assert!(config(&[("CORS_ALLOWED_ORIGINS", "a.example")]).is_err());
+    }
+
+    #[test]
+    fn flags_override_env_and_env_file() {
+        let dir = std::env::temp_dir().join(format!("sb-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(".env.local");
+        std::fs::write(&file, "PORT=7000\nWEBSOCKET_PATH=/live\nHOST=127.0.0.1\n").unwrap();
+        let mut env = HashMap::new();
+        env.insert("HOST".to_string(), "127.0.0.2".to_string());
+        let args = ["--env-file", file.to_str().unwrap(), "--port", "9000"].map(String::from);
+        let Command::Run(src) = parse_args(args, env).unwrap() else {
+            panic!("expected run")
+        };
+        let c = Config::from_source(&src).unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.websocket_path, "/live");
+        assert_eq!(c.host.to_string(), "127.0.0.2");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unknown_flags_and_missing_env_file_are_errors() {
+        let args = ["--nope", "1", "--env-file", "/nonexistent/.env"].map(String::from);
+        let Err(err) = parse_args(args, HashMap::new()) else {
+            panic!("expected errors")
+        };
+        assert_eq!(err.0.len(), 2);
+        assert!(err.to_string().contains("--nope=1 is not valid"));
+    }
+
+    #[test]
+    fn redis_password_is_redacted() {
+        assert_eq!(
+            redact_url("redis://user:s3cret@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    }
+}

@@ -1,0 +1,1 @@
+//! Redis lease with fencing. Filled in by the Redis backplane work.

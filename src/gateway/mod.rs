@@ -1,0 +1,42 @@
+//! Client-facing transports. Each is a way into the hub; none fans out by
+//! itself.
+
+pub mod ws;
+
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::config::Origins;
+use crate::node::Node;
+
+/// Refuses WebSocket and Socket.IO handshakes whose `Origin` is not on
+/// `CORS_ALLOWED_ORIGINS` (403). CORS headers do not protect WebSockets, so
+/// this check is the only thing that stops a foreign page from connecting
+/// with the user's cookies. A request without `Origin` comes from a
+/// non-browser client and passes unless `ORIGIN_ALLOW_MISSING=false`.
+pub async fn check_origin(State(node): State<Node>, req: Request, next: Next) -> Response {
+    let config = node.config();
+    if let Origins::List(_) = &config.cors_allowed_origins {
+        let verdict = match req.headers().get(header::ORIGIN) {
+            None => config
+                .origin_allow_missing
+                .then_some(())
+                .ok_or("missing Origin header"),
+            Some(origin) => match origin.to_str() {
+                Ok(o) if config.cors_allowed_origins.allows(o.trim_end_matches('/')) => Ok(()),
+                _ => Err("Origin is not allowed"),
+            },
+        };
+        if let Err(why) = verdict {
+            return (
+                StatusCode::FORBIDDEN,
+                axum::Json(json!({"success": false, "error": why, "code": "forbidden_origin"})),
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}

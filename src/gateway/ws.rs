@@ -1,0 +1,472 @@
+//! Native WebSocket sessions at `WEBSOCKET_PATH` and `WEBSOCKET_PATH/{topic}`.
+//!
+//! One connection is two tasks: the reader loop (the task axum spawned for the
+//! upgrade) and a writer task that owns the sink. Everything the connection
+//! sends goes through one bounded queue, bounded in messages and in bytes;
+//! when it is full the connection is closed with 1013 (the slow-consumer
+//! policy, see `docs/protocol.md`) and the fan-out moves on without waiting.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{Notify, mpsc};
+
+use crate::api::ApiError;
+use crate::hub::{ConnId, Delivery, Publication, Subscribed, Subscriber};
+use crate::metrics as m;
+use crate::node::Node;
+use crate::protocol::{self, ClientMessage, ProtocolError, ServerMessage};
+
+/// Close codes this gateway sends. 1000–1015 are standard; see
+/// `docs/protocol.md` for which ones mean "reconnect".
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const RESTART: u16 = 1012;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// How long one flush to a client may take before the client is treated as
+/// dead (its queue then fills and the slow-consumer policy closes it).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames written per flush at most, so one busy connection's batch stays small.
+const MAX_BATCH: usize = 256;
+/// tungstenite read/write buffer sizes: small, because each idle connection
+/// keeps its read buffer allocated (CRATE-NOTES: ~5 KiB RSS at 4 KiB).
+const READ_BUFFER: usize = 4 * 1024;
+const WRITE_BUFFER: usize = 4 * 1024;
+
+/// `GET WEBSOCKET_PATH`
+pub async fn upgrade(State(node): State<Node>, ws: WebSocketUpgrade) -> Response {
+    accept(node, ws, None)
+}
+
+/// `GET WEBSOCKET_PATH/{topic}`: subscribes to `topic` right after `connected`.
+pub async fn upgrade_topic(
+    State(node): State<Node>,
+    Path(topic): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !protocol::valid_topic(&topic) {
+        return ApiError::BadRequest(
+            ProtocolError::InvalidTopic(topic.chars().take(140).collect()).to_string(),
+        )
+        .into_response();
+    }
+    accept(node, ws, Some(topic))
+}
+
+fn accept(node: Node, ws: WebSocketUpgrade, topic: Option<String>) -> Response {
+    if node.is_draining() {
+        return ApiError::Unavailable("node is shutting down".into()).into_response();
+    }
+    let max = node.config().max_payload;
+    let guard = node.sessions().token();
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(max.saturating_mul(2).max(1 << 20))
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            run(node, socket, topic).await;
+            drop(guard);
+        })
+}
+
+// === outbox ===
+
+/// Asks the writer to close the connection with a code. The first request wins.
+struct CloseSignal {
+    code: AtomicU16,
+    notify: Notify,
+}
+
+impl CloseSignal {
+    fn request(&self, code: u16) -> bool {
+        let first = self
+            .code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if first {
+            self.notify.notify_one();
+        }
+        first
+    }
+
+    fn code(&self) -> u16 {
+        self.code.load(Ordering::Acquire)
+    }
+}
+
+/// The producer side of one connection's queue.
+struct Outbox {
+    tx: mpsc::Sender<Utf8Bytes>,
+    queued_bytes: AtomicUsize,
+    max_bytes: usize,
+    close: CloseSignal,
+}
+
+impl Outbox {
+    fn push(&self, frame: Utf8Bytes) -> Delivery {
+        let len = frame.len();
+        let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        // A single frame larger than the byte bound still goes to an empty queue.
+        if before > 0 && before + len > self.max_bytes {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            return self.overflow();
+        }
+        match self.tx.try_send(frame) {
+            Ok(()) => Delivery::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                self.overflow()
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                Delivery::Closed
+            }
+        }
+    }
+
+    fn overflow(&self) -> Delivery {
+        if self.close.request(close::TRY_AGAIN_LATER) {
+            metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => m::transport::WS)
+                .increment(1);
+        }
+        Delivery::Overflow
+    }
+
+    fn send(&self, msg: &ServerMessage<'_>) {
+        self.push(msg.to_json().into());
+    }
+
+    fn error(&self, err: &ProtocolError, event: Option<&str>) {
+        self.error_text(err.to_string(), err.code(), event);
+    }
+
+    fn error_text(&self, error: String, code: &str, event: Option<&str>) {
+        self.send(&ServerMessage::Error {
+            error,
+            code,
+            event,
+            timestamp: protocol::timestamp(),
+        });
+    }
+}
+
+impl Subscriber for Outbox {
+    fn deliver(&self, publication: &Publication) -> Delivery {
+        self.push(publication.native_frame().clone())
+    }
+
+    fn transport(&self) -> &'static str {
+        m::transport::WS
+    }
+}
+
+// === session ===
+
+async fn run(node: Node, socket: WebSocket, initial_topic: Option<String>) {
+    let config = node.config().clone();
+    let id: ConnId = rand::random();
+    let client_id = format!("{id:016x}");
+    let (tx, rx) = mpsc::channel(config.client_queue_messages);
+    let outbox = Arc::new(Outbox {
+        tx,
+        queued_bytes: AtomicUsize::new(0),
+        max_bytes: config.client_queue_bytes,
+        close: CloseSignal {
+            code: AtomicU16::new(0),
+            notify: Notify::new(),
+        },
+    });
+    let started = Instant::now();
+    let last_seen = Arc::new(AtomicU64::new(0));
+    let (sink, stream) = socket.split();
+
+    metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::WS).increment(1.0);
+    metrics::counter!(m::CONNECTIONS_OPENED, "transport" => m::transport::WS).increment(1);
+    node.connection_opened();
+
+    outbox.send(&ServerMessage::Connected {
+        client_id: &client_id,
+        timestamp: protocol::timestamp(),
+        message: "Connected to Switchboard",
+    });
+
+    let mut writer = tokio::spawn(write_loop(Writer {
+        sink,
+        rx,
+        outbox: outbox.clone(),
+        node: node.clone(),
+        id,
+        started,
+        last_seen: last_seen.clone(),
+    }));
+
+    let mut session = Session {
+        node: node.clone(),
+        id,
+        outbox: outbox.clone(),
+        topics: HashSet::new(),
+    };
+    if let Some(topic) = initial_topic {
+        session.subscribe(topic).await;
+    }
+    read_loop(&mut session, stream, &mut writer, started, &last_seen).await;
+
+    // The reader is done: let the writer send its close frame and finish.
+    outbox.close.request(close::NORMAL);
+    if !writer.is_finished() {
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, &mut writer).await;
+        writer.abort();
+    }
+    for topic in session.topics.drain() {
+        node.hub().unsubscribe(&topic, id).await;
+    }
+    let reason = match outbox.close.code() {
+        close::TRY_AGAIN_LATER => m::reason::SLOW_CONSUMER,
+        close::TOO_BIG => m::reason::TOO_BIG,
+        close::GOING_AWAY | close::RESTART => m::reason::SHUTDOWN,
+        close::POLICY => m::reason::POLICY,
+        close::INTERNAL => m::reason::HEARTBEAT,
+        _ => m::reason::CLIENT,
+    };
+    metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::WS).decrement(1.0);
+    metrics::counter!(m::CONNECTIONS_CLOSED, "transport" => m::transport::WS, "reason" => reason)
+        .increment(1);
+    node.connection_closed();
+}
+
+async fn read_loop(
+    session: &mut Session,
+    mut stream: SplitStream<WebSocket>,
+    writer: &mut tokio::task::JoinHandle<()>,
+    started: Instant,
+    last_seen: &AtomicU64,
+) {
+    loop {
+        let msg = tokio::select! {
+            msg = stream.next() => msg,
+            // The writer closed the connection (slow consumer, shutdown, heartbeat).
+            _ = &mut *writer => return,
+        };
+        last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        match msg {
+            Some(Ok(Message::Text(text))) => {
+                let kind = session.handle_text(text.as_str()).await;
+                metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::WS, "type" => kind)
+                    .increment(1);
+            }
+            Some(Ok(Message::Binary(_))) => {
+                metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::WS, "type" => "invalid")
+                    .increment(1);
+                session.outbox.error(&ProtocolError::Binary, None);
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(Message::Close(_))) | None => return,
+            Some(Err(err)) => {
+                if is_too_big(err) {
+                    session.outbox.close.request(close::TOO_BIG);
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn is_too_big(err: axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    err.into_inner()
+        .downcast_ref::<WsError>()
+        .is_some_and(|e| matches!(e, WsError::Capacity(_)))
+}
+
+struct Session {
+    node: Node,
+    id: ConnId,
+    outbox: Arc<Outbox>,
+    /// Topics this connection is subscribed to; owned by the reader.
+    topics: HashSet<String>,
+}
+
+impl Session {
+    /// Handles one text frame; returns the message type for metrics.
+    async fn handle_text(&mut self, text: &str) -> &'static str {
+        match protocol::parse_client_message(text) {
+            Ok(ClientMessage::Subscribe { event }) => {
+                self.subscribe(event).await;
+                "subscribe"
+            }
+            Ok(ClientMessage::Unsubscribe { event }) => {
+                if self.topics.remove(&event) {
+                    self.node.hub().unsubscribe(&event, self.id).await;
+                }
+                self.outbox.send(&ServerMessage::Unsubscribed {
+                    event: &event,
+                    timestamp: protocol::timestamp(),
+                });
+                "unsubscribe"
+            }
+            Ok(ClientMessage::Request { event }) => {
+                match self.node.current_data(&event) {
+                    Some(data) => self.outbox.send(&ServerMessage::Response {
+                        event: &event,
+                        data: &data,
+                        timestamp: protocol::timestamp(),
+                    }),
+                    None => self.outbox.error_text(
+                        format!("no data for \"{event}\": nothing has been published on it yet"),
+                        "no_data",
+                        Some(&event),
+                    ),
+                }
+                "request"
+            }
+            Ok(ClientMessage::Ping) => {
+                self.outbox.send(&ServerMessage::Pong {
+                    timestamp: protocol::timestamp(),
+                });
+                "ping"
+            }
+            Err(err) => {
+                self.outbox.error(&err, None);
+                "invalid"
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, topic: String) {
+        let limit = self.node.config().max_subscriptions;
+        if !self.topics.contains(&topic) && self.topics.len() >= limit {
+            self.outbox.error_text(
+                format!("subscription limit of {limit} topics per connection reached"),
+                "subscription_limit",
+                Some(&topic),
+            );
+            return;
+        }
+        let sub: Arc<dyn Subscriber> = self.outbox.clone();
+        match self.node.hub().subscribe(&topic, self.id, sub).await {
+            Ok(Subscribed::New | Subscribed::Already) => {
+                self.outbox.send(&ServerMessage::Subscribed {
+                    event: &topic,
+                    timestamp: protocol::timestamp(),
+                });
+                self.topics.insert(topic);
+            }
+            Err(err) => {
+                tracing::warn!(topic, cause = %err, "subscribe failed");
+                self.outbox.error_text(
+                    format!("could not subscribe to \"{topic}\": the backplane is unavailable, try again"),
+                    "unavailable",
+                    Some(&topic),
+                );
+            }
+        }
+    }
+}
+
+// === writer ===
+
+struct Writer {
+    sink: SplitSink<WebSocket, Message>,
+    rx: mpsc::Receiver<Utf8Bytes>,
+    outbox: Arc<Outbox>,
+    node: Node,
+    id: ConnId,
+    started: Instant,
+    last_seen: Arc<AtomicU64>,
+}
+
+async fn write_loop(mut w: Writer) {
+    let config = w.node.config().clone();
+    let heartbeat = config.heartbeat_interval;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let shutdown = w.node.shutdown_token();
+    // Armed on shutdown: each connection closes at its own point in the drain
+    // window so that clients do not all reconnect in one burst.
+    let close_at = tokio::time::sleep(Duration::from_secs(86_400 * 365));
+    tokio::pin!(close_at);
+    let mut draining = false;
+
+    let code = loop {
+        tokio::select! {
+            biased;
+            _ = w.outbox.close.notify.notified() => break w.outbox.close.code(),
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                let window = config.shutdown_drain.as_millis() as u64;
+                let offset = if window == 0 { 0 } else { w.id % window };
+                close_at.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(offset));
+            }
+            _ = &mut close_at => {
+                w.outbox.close.request(config.shutdown_close_code);
+                break w.outbox.close.code();
+            }
+            frame = w.rx.recv() => {
+                let Some(frame) = frame else { break close::NORMAL };
+                if !write_batch(&mut w, frame).await {
+                    return;
+                }
+            }
+            _ = ticker.tick() => {
+                let silent_ms = (w.started.elapsed().as_millis() as u64)
+                    .saturating_sub(w.last_seen.load(Ordering::Relaxed));
+                if silent_ms > 2 * heartbeat.as_millis() as u64 {
+                    w.outbox.close.request(close::INTERNAL);
+                    break w.outbox.close.code();
+                }
+                let ping = tokio::time::timeout(WRITE_TIMEOUT, w.sink.send(Message::Ping(Default::default())));
+                if !matches!(ping.await, Ok(Ok(()))) {
+                    return;
+                }
+            }
+        }
+    };
+    let reason = match code {
+        close::TRY_AGAIN_LATER => "slow consumer: message queue full",
+        close::TOO_BIG => "message too big",
+        close::GOING_AWAY => "server going away",
+        close::RESTART => "server restarting, reconnect",
+        close::INTERNAL => "heartbeat timeout",
+        close::POLICY => "policy violation",
+        _ => "",
+    };
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = tokio::time::timeout(Duration::from_secs(2), w.sink.send(frame)).await;
+}
+
+/// Writes `first` and whatever else is queued, flushing once. Returns false
+/// when the connection is unusable.
+async fn write_batch(w: &mut Writer, first: Utf8Bytes) -> bool {
+    let mut bytes = first.len();
+    let work = async {
+        w.sink.feed(Message::Text(first)).await?;
+        let mut n = 1;
+        while n < MAX_BATCH {
+            let Ok(frame) = w.rx.try_recv() else { break };
+            bytes += frame.len();
+            w.sink.feed(Message::Text(frame)).await?;
+            n += 1;
+        }
+        w.sink.flush().await
+    };
+    let ok = matches!(tokio::time::timeout(WRITE_TIMEOUT, work).await, Ok(Ok(())));
+    w.outbox.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    ok
+}

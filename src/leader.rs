@@ -1,0 +1,155 @@
+//! What runs only on the leader: the mock-event timers (and, with the device
+//! control plane, the driver and the carousel). Duties start when this node
+//! gains the lease and are cancelled the moment it loses it.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MockEvent;
+use crate::election::Leadership;
+use crate::hub::Hub;
+use crate::metrics as m;
+
+/// Everything the leader duties need.
+pub struct Duties {
+    pub hub: Hub,
+    pub mock_events: Vec<MockEvent>,
+}
+
+/// Runs `duties` whenever `leadership` says this node leads, until `stop`.
+pub fn spawn(
+    duties: Duties,
+    mut leadership: watch::Receiver<Leadership>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut running: Option<CancellationToken> = None;
+        loop {
+            let now = *leadership.borrow_and_update();
+            metrics::gauge!(m::LEADER).set(if now.leader { 1.0 } else { 0.0 });
+            metrics::gauge!(m::LEADER_EPOCH).set(now.epoch as f64);
+            match (now.leader, running.is_some()) {
+                (true, false) => {
+                    tracing::info!(epoch = now.epoch, "leader duties started");
+                    let token = stop.child_token();
+                    start(&duties, &token);
+                    running = Some(token);
+                }
+                (false, true) => {
+                    tracing::info!(epoch = now.epoch, "leader duties stopped");
+                    running.take().expect("running").cancel();
+                }
+                _ => {}
+            }
+            tokio::select! {
+                changed = leadership.changed() => if changed.is_err() { break },
+                _ = stop.cancelled() => break,
+            }
+        }
+        if let Some(token) = running {
+            token.cancel();
+        }
+    })
+}
+
+fn start(duties: &Duties, token: &CancellationToken) {
+    for event in &duties.mock_events {
+        if let Some(interval) = event.interval {
+            tokio::spawn(mock_timer(
+                duties.hub.clone(),
+                event.clone(),
+                interval,
+                token.clone(),
+            ));
+        }
+    }
+}
+
+/// Publishes one mock event every `interval` through the backplane.
+async fn mock_timer(hub: Hub, event: MockEvent, interval: Duration, token: CancellationToken) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = hub.publish(&event.name, &event.name, &event.data).await {
+            tracing::debug!(event = %event.name, cause = %e, "mock event not published");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::inbound_queue;
+    use crate::backplane::memory::MemoryBackplane;
+    use crate::hub::{Delivery, Publication, Subscriber};
+    use serde_json::value::RawValue;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Count(AtomicUsize);
+    impl Subscriber for Count {
+        fn deliver(&self, _: &Publication) -> Delivery {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Delivery::Queued
+        }
+        fn transport(&self) -> &'static str {
+            "test"
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timers_run_only_while_leading() {
+        let (tx, rx) = inbound_queue();
+        let hub = Hub::new(Arc::new(MemoryBackplane::new(tx)));
+        hub.spawn_dispatcher(rx);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        hub.subscribe("tick", 1, count.clone()).await.unwrap();
+        let (lead_tx, lead_rx) = watch::channel(Leadership::default());
+        let stop = CancellationToken::new();
+        let duties = Duties {
+            hub: hub.clone(),
+            mock_events: vec![MockEvent {
+                name: "tick".into(),
+                interval: Some(Duration::from_millis(100)),
+                data: RawValue::from_string("{}".into()).unwrap(),
+            }],
+        };
+        let task = spawn(duties, lead_rx, stop.clone());
+
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert_eq!(count.0.load(Ordering::Relaxed), 0, "not leader yet");
+
+        lead_tx
+            .send(Leadership {
+                leader: true,
+                epoch: 1,
+            })
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1_050)).await;
+        let led = count.0.load(Ordering::Relaxed);
+        assert!((9..=11).contains(&led), "{led} ticks in 1 s at 100 ms");
+
+        lead_tx
+            .send(Leadership {
+                leader: false,
+                epoch: 1,
+            })
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let after = count.0.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert_eq!(
+            count.0.load(Ordering::Relaxed),
+            after,
+            "stopped on losing the lease"
+        );
+        stop.cancel();
+        task.await.unwrap();
+    }
+}

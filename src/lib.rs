@@ -1,0 +1,112 @@
+//! Switchboard: a horizontally scaled realtime broadcast service.
+//!
+//! # Layout
+//! - [`config`]: every setting (env vars, flags, env file) and its validation.
+//! - [`protocol`]: wire types of the native JSON protocol and the publisher envelope.
+//! - [`hub`]: topic → local subscribers; the one fan-out of a node.
+//! - [`backplane`]: publish/subscribe between nodes (`memory`, `redis`).
+//! - [`election`]: who leads, with which fencing epoch (`memory`, `redis`).
+//! - [`leader`]: duties that run only on the leader (mock-event timers).
+//! - [`gateway`]: client transports into the hub (native WebSocket).
+//! - [`api`]: HTTP endpoints and the error format.
+//! - [`metrics`]: metric names, recorder, `/metrics`.
+//! - [`node`]: one node's handles wired together, and its drain.
+
+pub mod api;
+pub mod backplane;
+pub mod config;
+pub mod election;
+pub mod gateway;
+pub mod hub;
+pub mod leader;
+pub mod metrics;
+pub mod node;
+pub mod protocol;
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+
+pub use config::Config;
+pub use node::Node;
+
+/// The public router: API, WebSocket endpoints and, unless `ADMIN_PORT` is
+/// set, the admin endpoints and `/metrics`.
+pub fn app(node: Node) -> Router {
+    let config = node.config().clone();
+    let mut router = Router::new()
+        .route("/api/health", get(api::health))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/api/publish", post(api::publish))
+        .layer(axum::extract::DefaultBodyLimit::max(config.max_payload));
+    if config.websocket_enabled {
+        let path = &config.websocket_path;
+        let ws = Router::new()
+            .route(path, get(gateway::ws::upgrade))
+            .route(
+                &format!("{path}/{{*topic}}"),
+                get(gateway::ws::upgrade_topic),
+            )
+            .route_layer(middleware::from_fn_with_state(
+                node.clone(),
+                gateway::check_origin,
+            ));
+        router = router.merge(ws);
+    }
+    if config.admin_port.is_none() {
+        router = router.merge(admin_routes());
+    }
+    router
+        .fallback(api::not_found)
+        .layer(cors(&config))
+        .layer(middleware::from_fn(track_http))
+        .with_state(node)
+}
+
+/// The admin router served on `ADMIN_PORT` when it is set.
+pub fn admin_app(node: Node) -> Router {
+    admin_routes()
+        .fallback(api::not_found)
+        .layer(middleware::from_fn(track_http))
+        .with_state(node)
+}
+
+fn admin_routes() -> Router<Node> {
+    Router::new()
+        .route("/metrics", get(api::metrics))
+        .route("/admin/events/{name}", post(api::trigger_event))
+}
+
+fn cors(config: &Config) -> CorsLayer {
+    let layer = CorsLayer::new().allow_methods(Any).allow_headers(Any);
+    match &config.cors_allowed_origins {
+        config::Origins::Any => layer.allow_origin(Any),
+        config::Origins::List(list) => layer.allow_origin(AllowOrigin::list(
+            list.iter().filter_map(|o| o.parse().ok()),
+        )),
+    }
+}
+
+/// Counts HTTP requests by matched route (never the raw path: unbounded).
+async fn track_http(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().as_str().to_string();
+    let start = Instant::now();
+    let res = next.run(req).await;
+    let status = res.status().as_u16().to_string();
+    ::metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status)
+        .increment(1);
+    ::metrics::histogram!(crate::metrics::HTTP_REQUEST_SECONDS, "route" => route)
+        .record(start.elapsed().as_secs_f64());
+    res
+}

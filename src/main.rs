@@ -1,0 +1,127 @@
+//! `switchboard`: config → build → serve → drain.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use switchboard::config::{self, Command, Config, LogFormat};
+use switchboard::{Node, admin_app, app};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for bad configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let config = match config::parse_args(std::env::args().skip(1), config::ProcessEnv) {
+        Ok(Command::Help) => {
+            print!("{}", config::help());
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Run(source)) => Config::from_source(&source),
+        Err(errors) => Err(errors),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("switchboard: configuration error: {e}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("switchboard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(config.rust_log.as_deref().unwrap_or("info"))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let metrics = switchboard::metrics::install().context("installing the metrics recorder")?;
+    switchboard::metrics::spawn_upkeep(metrics.clone());
+    let addr = std::net::SocketAddr::new(config.host, config.port);
+    let admin_addr = config
+        .admin_port
+        .map(|p| std::net::SocketAddr::new(config.host, p));
+    let grace = config.shutdown_grace;
+    let readiness_delay = config.shutdown_readiness_delay;
+
+    let node = Node::build(config, Some(metrics)).await?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr} (PORT)"))?;
+    let admin_listener = match admin_addr {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding {a} (ADMIN_PORT)"))?,
+        ),
+        None => None,
+    };
+    let local = listener.local_addr()?;
+    tracing::info!(
+        node = %node.config().node_id,
+        backplane = node.hub().backplane().kind(),
+        "listening on http://{local}"
+    );
+
+    let stop_accepting = CancellationToken::new();
+    let serve = tokio::spawn(
+        axum::serve(listener, app(node.clone()))
+            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
+            .into_future(),
+    );
+    if let Some(admin) = admin_listener {
+        tracing::info!("admin listening on http://{}", admin.local_addr()?);
+        let stop = stop_accepting.clone();
+        tokio::spawn(
+            axum::serve(admin, admin_app(node.clone()))
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .into_future(),
+        );
+    }
+
+    let signal = shutdown_signal().await;
+    let deadline = tokio::time::Instant::now() + grace;
+    tracing::info!(signal, "draining");
+    node.begin_drain();
+    tokio::time::sleep(readiness_delay).await;
+    stop_accepting.cancel();
+    node.finish_drain(deadline).await;
+    let _ = tokio::time::timeout_at(deadline, serve).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM (Kubernetes sends SIGTERM to start a graceful
+/// shutdown).
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

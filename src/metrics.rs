@@ -1,0 +1,143 @@
+//! Metric names (the only place they are spelled), the recorder and `/metrics`.
+//!
+//! Labels only ever carry values from small fixed sets (transport, close
+//! reason, route template, status code, command): never a topic or a client id.
+
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS: &str = "switchboard_connections";
+pub const CONNECTIONS_OPENED: &str = "switchboard_connections_opened_total";
+pub const CONNECTIONS_CLOSED: &str = "switchboard_connections_closed_total";
+pub const CLIENT_MESSAGES: &str = "switchboard_client_messages_total";
+pub const DELIVERIES: &str = "switchboard_deliveries_total";
+pub const SLOW_CONSUMER_DISCONNECTS: &str = "switchboard_slow_consumer_disconnects_total";
+pub const SUBSCRIPTIONS: &str = "switchboard_subscriptions";
+pub const TOPICS: &str = "switchboard_topics";
+pub const BACKPLANE_PUBLISHES: &str = "switchboard_backplane_publishes_total";
+pub const BACKPLANE_RECEIVED: &str = "switchboard_backplane_received_total";
+pub const BACKPLANE_ERRORS: &str = "switchboard_backplane_errors_total";
+pub const BACKPLANE_LAGGED: &str = "switchboard_backplane_lagged_messages_total";
+pub const BACKPLANE_CONNECTED: &str = "switchboard_backplane_connected";
+pub const INVALID_PUBLICATIONS: &str = "switchboard_invalid_publications_total";
+pub const LEADER: &str = "switchboard_leader";
+pub const LEADER_EPOCH: &str = "switchboard_leader_epoch";
+pub const FANOUT_SECONDS: &str = "switchboard_fanout_seconds";
+pub const COMMAND_SECONDS: &str = "switchboard_command_seconds";
+pub const HTTP_REQUESTS: &str = "switchboard_http_requests_total";
+pub const HTTP_REQUEST_SECONDS: &str = "switchboard_http_request_duration_seconds";
+pub const PROXY_CONNECTIONS: &str = "switchboard_proxy_connections";
+
+/// Transport label values.
+pub mod transport {
+    pub const WS: &str = "ws";
+    pub const SOCKETIO: &str = "socketio";
+    pub const PROXY: &str = "proxy";
+}
+
+/// Close-reason label values (`reason` on [`super::CONNECTIONS_CLOSED`]).
+pub mod reason {
+    pub const CLIENT: &str = "client";
+    pub const SHUTDOWN: &str = "shutdown";
+    pub const SLOW_CONSUMER: &str = "slow_consumer";
+    pub const HEARTBEAT: &str = "heartbeat_timeout";
+    pub const TOO_BIG: &str = "message_too_big";
+    pub const POLICY: &str = "policy";
+    pub const ERROR: &str = "error";
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Installs the global recorder. Call once per process; later calls fail.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+/// Spawns the periodic upkeep the exporter needs (it drains histogram
+/// buffers); `install_recorder` does not start it.
+pub fn spawn_upkeep(handle: PrometheusHandle) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(CONNECTIONS, "Open client connections, by transport.");
+    describe_counter!(
+        CONNECTIONS_OPENED,
+        "Client connections accepted, by transport."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Client connections closed, by transport and reason."
+    );
+    describe_counter!(
+        CLIENT_MESSAGES,
+        "Messages received from clients, by transport and type."
+    );
+    describe_counter!(
+        DELIVERIES,
+        "Publications queued to client connections, by transport."
+    );
+    describe_counter!(
+        SLOW_CONSUMER_DISCONNECTS,
+        "Connections closed because their queue was full."
+    );
+    describe_gauge!(SUBSCRIPTIONS, "Local subscriptions (connection x topic).");
+    describe_gauge!(TOPICS, "Topics with at least one local subscriber.");
+    describe_counter!(BACKPLANE_PUBLISHES, "Publications sent to the backplane.");
+    describe_counter!(
+        BACKPLANE_RECEIVED,
+        "Publications received from the backplane."
+    );
+    describe_counter!(
+        BACKPLANE_ERRORS,
+        "Failed backplane operations, by operation."
+    );
+    describe_counter!(
+        BACKPLANE_LAGGED,
+        "Backplane messages lost because the receiver lagged."
+    );
+    describe_gauge!(
+        BACKPLANE_CONNECTED,
+        "1 while the backplane subscriber connection is up."
+    );
+    describe_counter!(
+        INVALID_PUBLICATIONS,
+        "Publisher payloads rejected as invalid."
+    );
+    describe_gauge!(LEADER, "1 while this node holds the leader lease.");
+    describe_gauge!(
+        LEADER_EPOCH,
+        "Fencing epoch of this node's current or last lease."
+    );
+    describe_histogram!(
+        FANOUT_SECONDS,
+        "Backplane receive to queued on every local subscriber."
+    );
+    describe_histogram!(
+        COMMAND_SECONDS,
+        "Device command latency, by command and outcome."
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests, by matched route, method and status."
+    );
+    describe_histogram!(
+        HTTP_REQUEST_SECONDS,
+        "HTTP request latency, by matched route."
+    );
+    describe_gauge!(PROXY_CONNECTIONS, "Open proxied WebSocket connections.");
+}

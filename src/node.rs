@@ -1,0 +1,208 @@
+//! One node: the handles wired together, built from a [`Config`], and the
+//! drain that ends it.
+//!
+//! Embedded mode (no `REDIS_URL`) and cluster mode differ only in which
+//! [`Backplane`] and [`Election`] are built here; everything else runs the
+//! same code.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Instant, SystemTime};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backplane::memory::MemoryBackplane;
+use crate::backplane::{self, Backplane, Status};
+use crate::config::Config;
+use crate::election::memory::MemoryElection;
+use crate::election::{Election, Leadership};
+use crate::hub::Hub;
+use crate::leader;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Redis(String),
+}
+
+/// Cheap-to-clone handle to everything a request handler may need.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    hub: Hub,
+    election: Arc<dyn Election>,
+    leadership: watch::Receiver<Leadership>,
+    backplane_status: watch::Receiver<Status>,
+    /// Cancelled when client sessions must close (after the readiness delay).
+    shutdown: CancellationToken,
+    /// Stops background tasks (leader duties, registry) at the very end.
+    stop: CancellationToken,
+    /// Set at the first signal: `/readyz` turns 503 at once.
+    draining: AtomicBool,
+    /// Every client session, so the drain can wait for them.
+    sessions: TaskTracker,
+    connections: AtomicUsize,
+    metrics: Option<PrometheusHandle>,
+    started_at: SystemTime,
+    started: Instant,
+}
+
+impl Node {
+    /// Builds the node for `config`. Spawns the dispatcher and leader duties,
+    /// so it must run inside a tokio runtime.
+    pub async fn build(
+        config: Config,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Node, BuildError> {
+        let config = Arc::new(config);
+        let (inbound_tx, inbound_rx) = backplane::inbound_queue();
+        let backplane: Arc<dyn Backplane> = Arc::new(MemoryBackplane::new(inbound_tx));
+        let election: Arc<dyn Election> = Arc::new(MemoryElection::new(config.node_id.clone()));
+        let hub = Hub::new(backplane.clone());
+        hub.spawn_dispatcher(inbound_rx);
+        let stop = CancellationToken::new();
+        leader::spawn(
+            leader::Duties {
+                hub: hub.clone(),
+                mock_events: config.mock_events.clone(),
+            },
+            election.watch(),
+            stop.clone(),
+        );
+        Ok(Node {
+            inner: Arc::new(Inner {
+                leadership: election.watch(),
+                backplane_status: backplane.status(),
+                config,
+                hub,
+                election,
+                shutdown: CancellationToken::new(),
+                stop,
+                draining: AtomicBool::new(false),
+                sessions: TaskTracker::new(),
+                connections: AtomicUsize::new(0),
+                metrics,
+                started_at: SystemTime::now(),
+                started: Instant::now(),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.inner.config
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+
+    pub fn election(&self) -> &Arc<dyn Election> {
+        &self.inner.election
+    }
+
+    pub fn leadership(&self) -> Leadership {
+        *self.inner.leadership.borrow()
+    }
+
+    pub fn backplane_status(&self) -> Status {
+        self.inner.backplane_status.borrow().clone()
+    }
+
+    pub fn metrics(&self) -> Option<&PrometheusHandle> {
+        self.inner.metrics.as_ref()
+    }
+
+    pub fn sessions(&self) -> &TaskTracker {
+        &self.inner.sessions
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    pub fn connection_opened(&self) {
+        self.inner.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self) {
+        self.inner.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Open client connections on this node (all transports).
+    pub fn connections(&self) -> usize {
+        self.inner.connections.load(Ordering::Relaxed)
+    }
+
+    pub fn started_at(&self) -> SystemTime {
+        self.inner.started_at
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// The current data of a topic for `request`: the last publication this
+    /// node delivered on it, else the configured mock data.
+    pub fn current_data(&self, topic: &str) -> Option<Arc<RawValue>> {
+        if let Some(last) = self.hub().last(topic) {
+            return Some(last.data);
+        }
+        self.mock_event(topic).map(|e| Arc::from(e.data.clone()))
+    }
+
+    pub fn mock_event(&self, name: &str) -> Option<&crate::config::MockEvent> {
+        self.inner
+            .config
+            .mock_events
+            .iter()
+            .find(|e| e.name == name)
+    }
+
+    /// Why this node is not ready, or `None` when it is.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.is_draining() {
+            return Some("node is shutting down".into());
+        }
+        match self.backplane_status() {
+            Status::Connected => None,
+            Status::Disconnected { reason } => Some(format!("backplane disconnected: {reason}")),
+        }
+    }
+
+    /// Step 1 of the drain: stop being ready.
+    pub fn begin_drain(&self) {
+        self.inner.draining.store(true, Ordering::Release);
+    }
+
+    /// The rest of the drain, after the readiness delay: close client
+    /// sessions (spread over `SHUTDOWN_DRAIN_MS`), give up the lease, and
+    /// wait for the sessions until `deadline`.
+    pub async fn finish_drain(&self, deadline: tokio::time::Instant) {
+        self.begin_drain();
+        self.inner.shutdown.cancel();
+        self.inner.election.resign().await;
+        self.inner.sessions.close();
+        if tokio::time::timeout_at(deadline, self.inner.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.connections(),
+                "grace period over with sessions still open"
+            );
+        }
+        self.inner.stop.cancel();
+    }
+}

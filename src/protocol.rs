@@ -1,0 +1,347 @@
+//! Wire types: the native JSON protocol and the publisher envelope.
+//!
+//! Everything that crosses a socket or a Redis channel is defined here, and
+//! documented in `docs/protocol.md`. Parsing never panics and every rejection
+//! carries a sentence a client developer can act on.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The rule for topic and event names, as shown to clients.
+pub const TOPIC_PATTERN: &str = "^[A-Za-z0-9_.:/-]{1,128}$";
+
+/// Whether `name` is a valid topic (or event) name: 1 to 128 characters from
+/// `A-Z a-z 0-9 _ . : / -`.
+pub fn valid_topic(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:/-".contains(&b))
+}
+
+/// ISO-8601 UTC with milliseconds, such as `2026-11-22T10:00:00.123Z`.
+pub fn timestamp() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+// === client → server ===
+
+/// A message a native client may send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage {
+    Subscribe { event: String },
+    Unsubscribe { event: String },
+    Request { event: String },
+    Ping,
+}
+
+/// Why a client frame was rejected. The text is sent to the client as is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("message is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("message must be a JSON object with a \"type\" field")]
+    NotObject,
+    #[error("message has no \"type\" field")]
+    MissingType,
+    #[error("\"type\" must be a string")]
+    TypeNotString,
+    #[error("unknown message type \"{0}\": expected subscribe, unsubscribe, request or ping")]
+    UnknownType(String),
+    #[error("\"{0}\" message needs an \"event\" field naming the topic")]
+    MissingEvent(&'static str),
+    #[error("\"event\" must be a string")]
+    EventNotString,
+    #[error("invalid topic name \"{0}\": must match {TOPIC_PATTERN}")]
+    InvalidTopic(String),
+    #[error("binary frames are not supported: send JSON text frames")]
+    Binary,
+}
+
+impl ProtocolError {
+    /// Stable machine-readable code sent beside the text.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProtocolError::NotJson(_) | ProtocolError::NotObject | ProtocolError::Binary => {
+                "bad_message"
+            }
+            ProtocolError::MissingType
+            | ProtocolError::TypeNotString
+            | ProtocolError::UnknownType(_) => "bad_type",
+            ProtocolError::MissingEvent(_) | ProtocolError::EventNotString => "bad_event",
+            ProtocolError::InvalidTopic(_) => "bad_topic",
+        }
+    }
+}
+
+/// Parses one text frame. Unknown extra fields are ignored so that clients
+/// written for other servers keep working.
+pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| ProtocolError::NotJson(e.to_string()))?;
+    let serde_json::Value::Object(obj) = value else {
+        return Err(ProtocolError::NotObject);
+    };
+    let ty = match obj.get("type") {
+        None => return Err(ProtocolError::MissingType),
+        Some(serde_json::Value::String(s)) => s.as_str(),
+        Some(_) => return Err(ProtocolError::TypeNotString),
+    };
+    let event = |kind: &'static str| -> Result<String, ProtocolError> {
+        match obj.get("event") {
+            None | Some(serde_json::Value::Null) => Err(ProtocolError::MissingEvent(kind)),
+            Some(serde_json::Value::String(s)) if valid_topic(s) => Ok(s.clone()),
+            Some(serde_json::Value::String(s)) => {
+                Err(ProtocolError::InvalidTopic(truncate(s, 140)))
+            }
+            Some(_) => Err(ProtocolError::EventNotString),
+        }
+    };
+    match ty {
+        "subscribe" => Ok(ClientMessage::Subscribe {
+            event: event("subscribe")?,
+        }),
+        "unsubscribe" => Ok(ClientMessage::Unsubscribe {
+            event: event("unsubscribe")?,
+        }),
+        "request" => Ok(ClientMessage::Request {
+            event: event("request")?,
+        }),
+        "ping" => Ok(ClientMessage::Ping),
+        other => Err(ProtocolError::UnknownType(truncate(other, 64))),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+// === server → client ===
+
+/// A message the server sends on the native protocol. Serialized with
+/// [`ServerMessage::to_json`]; publications use [`event_frame`] instead so
+/// that they are serialized once for all subscribers.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerMessage<'a> {
+    Connected {
+        #[serde(rename = "clientId")]
+        client_id: &'a str,
+        timestamp: String,
+        message: &'a str,
+    },
+    Subscribed {
+        event: &'a str,
+        timestamp: String,
+    },
+    Unsubscribed {
+        event: &'a str,
+        timestamp: String,
+    },
+    Response {
+        event: &'a str,
+        data: &'a RawValue,
+        timestamp: String,
+    },
+    Pong {
+        timestamp: String,
+    },
+    Error {
+        error: String,
+        code: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        event: Option<&'a str>,
+        timestamp: String,
+    },
+}
+
+impl ServerMessage<'_> {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server messages always serialize")
+    }
+}
+
+#[derive(Serialize)]
+struct EventFrame<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    data: &'a RawValue,
+    timestamp: &'a str,
+}
+
+/// The native `event` frame of a publication: `topic` is present only when it
+/// differs from the event name.
+pub fn event_frame(topic: &str, event: &str, data: &RawValue, timestamp: &str) -> String {
+    serde_json::to_string(&EventFrame {
+        ty: "event",
+        name: event,
+        topic: (topic != event).then_some(topic),
+        data,
+        timestamp,
+    })
+    .expect("event frames always serialize")
+}
+
+// === publisher envelope ===
+
+/// What a publisher puts on `{prefix}:t:{topic}`: `{"event": "...", "data": ...}`.
+/// `event` defaults to the topic. `v` is reserved for future versions.
+#[derive(Debug, Deserialize)]
+pub struct Envelope {
+    #[serde(default)]
+    pub v: Option<u32>,
+    #[serde(default)]
+    pub event: Option<String>,
+    pub data: Box<RawValue>,
+}
+
+/// Why a publisher payload was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("payload is not a JSON object with a \"data\" field: {0}")]
+    NotJson(String),
+    #[error("unsupported envelope version {0}: this node understands version 1")]
+    Version(u32),
+    #[error("invalid event name \"{0}\": must match {TOPIC_PATTERN}")]
+    InvalidEvent(String),
+}
+
+/// A validated publication as carried between nodes.
+#[derive(Debug, Clone)]
+pub struct ParsedEnvelope {
+    pub event: Option<String>,
+    pub data: Arc<RawValue>,
+}
+
+pub fn parse_envelope(payload: &[u8]) -> Result<ParsedEnvelope, EnvelopeError> {
+    let env: Envelope =
+        serde_json::from_slice(payload).map_err(|e| EnvelopeError::NotJson(e.to_string()))?;
+    if let Some(v) = env.v
+        && v != 1
+    {
+        return Err(EnvelopeError::Version(v));
+    }
+    if let Some(event) = &env.event
+        && !valid_topic(event)
+    {
+        return Err(EnvelopeError::InvalidEvent(truncate(event, 140)));
+    }
+    Ok(ParsedEnvelope {
+        event: env.event,
+        data: Arc::from(env.data),
+    })
+}
+
+/// Encodes an envelope the way this node's own publishers do.
+pub fn encode_envelope(event: &str, data: &RawValue) -> String {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        v: u32,
+        event: &'a str,
+        data: &'a RawValue,
+    }
+    serde_json::to_string(&Out { v: 1, event, data }).expect("envelopes always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_client_message() {
+        assert_eq!(
+            parse_client_message(r#"{"type":"subscribe","event":"ticker"}"#),
+            Ok(ClientMessage::Subscribe {
+                event: "ticker".into()
+            })
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"unsubscribe","event":"a.b:c/d-e_f"}"#),
+            Ok(ClientMessage::Unsubscribe {
+                event: "a.b:c/d-e_f".into()
+            })
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"request","event":"x","extra":1}"#),
+            Ok(ClientMessage::Request { event: "x".into() })
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"ping"}"#),
+            Ok(ClientMessage::Ping)
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_messages_with_reasons() {
+        let cases = [
+            ("nope", "bad_message"),
+            ("[1,2]", "bad_message"),
+            ("{}", "bad_type"),
+            (r#"{"type":5}"#, "bad_type"),
+            (r#"{"type":"shout"}"#, "bad_type"),
+            (r#"{"type":"subscribe"}"#, "bad_event"),
+            (r#"{"type":"subscribe","event":7}"#, "bad_event"),
+            (r#"{"type":"subscribe","event":"has space"}"#, "bad_topic"),
+            (r#"{"type":"subscribe","event":""}"#, "bad_topic"),
+        ];
+        for (input, code) in cases {
+            let err = parse_client_message(input).unwrap_err();
+            assert_eq!(err.code(), code, "{input}: {err}");
+        }
+        let long = format!(r#"{{"type":"subscribe","event":"{}"}}"#, "a".repeat(129));
+        assert!(matches!(
+            parse_client_message(&long),
+            Err(ProtocolError::InvalidTopic(_))
+        ));
+    }
+
+    #[test]
+    fn event_frame_adds_topic_only_when_different() {
+        let data = RawValue::from_string(r#"{"n":1}"#.into()).unwrap();
+        let same = event_frame("news", "news", &data, "T");
+        assert_eq!(
+            same,
+            r#"{"type":"event","name":"news","data":{"n":1},"timestamp":"T"}"#
+        );
+        let diff = event_frame("device", "settings", &data, "T");
+        assert!(diff.contains(r#""topic":"device""#));
+    }
+
+    #[test]
+    fn envelopes() {
+        let e = parse_envelope(br#"{"event":"news","data":{"n":1}}"#).unwrap();
+        assert_eq!(e.event.as_deref(), Some("news"));
+        assert_eq!(e.data.get(), r#"{"n":1}"#);
+        let e = parse_envelope(br#"{"data":null}"#).unwrap();
+        assert_eq!(e.event, None);
+        assert_eq!(e.data.get(), "null");
+        assert!(parse_envelope(b"garbage{").is_err());
+        assert!(parse_envelope(br#"{"event":"x"}"#).is_err());
+        assert!(parse_envelope(br#"{"event":"bad name","data":1}"#).is_err());
+        assert!(parse_envelope(br#"{"v":2,"data":1}"#).is_err());
+        assert!(parse_envelope(br#"[1]"#).is_err());
+        let round = encode_envelope("e", &RawValue::from_string("[1]".into()).unwrap());
+        let e = parse_envelope(round.as_bytes()).unwrap();
+        assert_eq!(e.data.get(), "[1]");
+    }
+
+    #[test]
+    fn timestamps_are_iso8601_utc() {
+        let t = timestamp();
+        assert!(t.ends_with('Z') && t.contains('T'), "{t}");
+    }
+}
