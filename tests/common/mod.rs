@@ -1,0 +1,462 @@
+//! Test harness: real `switchboard` processes, a private `redis-server`, and
+//! small WebSocket / HTTP / RESP clients.
+//!
+//! Nodes start on port 0 and report their address in the "listening on" log
+//! line; nothing here sleeps to wait for start-up. Every process is killed on
+//! drop, and its log is printed when the test is failing.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A unique Redis prefix per test.
+pub fn prefix(name: &str) -> String {
+    format!("t{}{}", std::process::id(), name.replace(['/', ' '], "_"))
+}
+
+// === redis-server ===
+
+/// A private `redis-server` on a free loopback port, killed on drop.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Redis {
+        let dir = std::env::temp_dir().join(format!("sb-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--logfile",
+                dir.join("redis.log").to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        let redis = Redis {
+            child: Some(child),
+            port,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(v) = redis.try_cmd(&["PING"])
+                && v == "+PONG"
+            {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on {port} did not answer PING");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends one command; returns the first line of the reply.
+    pub fn cmd(&self, args: &[&str]) -> String {
+        self.try_cmd(args).expect("redis command")
+    }
+
+    pub fn try_cmd(&self, args: &[&str]) -> std::io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+        }
+        s.write_all(req.as_bytes())?;
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end().to_string();
+        if let Some(len) = line.strip_prefix('$') {
+            let len: i64 = len.parse().unwrap_or(-1);
+            if len < 0 {
+                return Ok("(nil)".into());
+            }
+            let mut buf = vec![0; len as usize + 2];
+            reader.read_exact(&mut buf)?;
+            return Ok(String::from_utf8_lossy(&buf[..len as usize]).into_owned());
+        }
+        Ok(line)
+    }
+
+    pub fn publish(&self, channel: &str, payload: &str) -> i64 {
+        let r = self.cmd(&["PUBLISH", channel, payload]);
+        r.trim_start_matches(':').parse().unwrap_or(-1)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- redis-server :{} log ---\n{}", self.port, self.log());
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// === switchboard node ===
+
+/// A `switchboard` process.
+pub struct Node {
+    child: Child,
+    pub addr: String,
+    pub name: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Node {
+    /// Starts a node with `env` (on top of HOST=127.0.0.1, PORT=0, no mock
+    /// events) and waits for its "listening on" line.
+    pub fn start(name: &str, env: &[(&str, &str)]) -> Node {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOST", "127.0.0.1")
+            .env("PORT", "0")
+            .env("NODE_ID", name)
+            .env("WEBSOCKET_MOCK_EVENTS", "[]")
+            .env("RUST_LOG", "info")
+            .env("SHUTDOWN_GRACE_MS", "5000");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start switchboard");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(i) = line.find("listening on http://")
+                    && let Some(tx) = tx.take()
+                {
+                    let rest = &line[i + "listening on http://".len()..];
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "node {name} did not start:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        Node {
+            child,
+            addr,
+            name: name.to_string(),
+            log,
+        }
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {}", self.pid());
+    }
+
+    /// SIGKILL, and wait for the process.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        http(&self.addr, "GET", path, None, &[])
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        http(&self.addr, "POST", path, Some(body), &[])
+    }
+
+    /// `GET /api/health` as JSON.
+    pub fn health(&self) -> Value {
+        self.get("/api/health").1
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- node {} ({}) log ---\n{}", self.name, self.addr, self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 50 ms until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// === HTTP ===
+
+/// A minimal HTTP/1.1 request; returns the status and the body as JSON
+/// (`Value::String` when it is not JSON).
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
+    let (status, text) = http_text(addr, method, path, body, headers);
+    let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, json)
+}
+
+pub fn http_text(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let body = body.unwrap_or("");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+// === WebSocket client ===
+
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A native-protocol client.
+pub struct Client {
+    pub ws: WsStream,
+    pub client_id: String,
+}
+
+/// What ended a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Closed {
+    Code(u16),
+    NoCode,
+}
+
+impl Client {
+    /// Connects and reads the `connected` message.
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        let mut c = Client {
+            ws,
+            client_id: String::new(),
+        };
+        let hello = c.recv().await;
+        assert_eq!(hello["type"], "connected", "{hello}");
+        c.client_id = hello["clientId"].as_str().unwrap().to_string();
+        c
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::Text(v.to_string().into())).await.unwrap();
+    }
+
+    pub async fn send_text(&mut self, t: &str) {
+        self.ws.send(Message::Text(t.into())).await.unwrap();
+    }
+
+    /// The next JSON message (10 s timeout).
+    pub async fn recv(&mut self) -> Value {
+        self.recv_within(Duration::from_secs(10))
+            .await
+            .expect("timed out waiting for a message")
+    }
+
+    pub async fn recv_within(&mut self, timeout: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?;
+            match msg {
+                Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(f))) => panic!("closed: {f:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("ws error: {e}"),
+                None => panic!("stream ended"),
+            }
+        }
+    }
+
+    /// The next message of type `ty`, skipping events.
+    pub async fn expect(&mut self, ty: &str) -> Value {
+        loop {
+            let m = self.recv().await;
+            if m["type"] == ty {
+                return m;
+            }
+            assert_eq!(m["type"], "event", "expected {ty}, got {m}");
+        }
+    }
+
+    pub async fn subscribe(&mut self, topic: &str) {
+        self.send(serde_json::json!({"type":"subscribe","event":topic}))
+            .await;
+        let m = self.expect("subscribed").await;
+        assert_eq!(m["event"], topic);
+    }
+
+    /// Reads until the server closes; returns the close code.
+    pub async fn closed_within(&mut self, timeout: Duration) -> Option<Closed> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await.ok()? {
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return Some(Closed::Code(u16::from(f.code)));
+                }
+                Some(Ok(Message::Close(None))) | None => return Some(Closed::NoCode),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) => return Some(Closed::NoCode),
+            }
+        }
+    }
+}
+
+pub fn code(c: CloseCode) -> u16 {
+    u16::from(c)
+}
