@@ -6,6 +6,8 @@
 //! `{"success":false,"error":"<sentence>","code":"<code>"}`; 5xx bodies stay
 //! generic and the detail goes to the log.
 
+use std::time::Duration;
+
 use axum::Json as AxumJson;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, Request, State};
@@ -144,7 +146,43 @@ pub async fn health(State(node): State<Node>) -> AxumJson<Value> {
     if let Some(reason) = node.not_ready_reason() {
         body["reason"] = json!(reason);
     }
+    if let Ok(Ok(nodes)) = tokio::time::timeout(Duration::from_millis(500), node.cluster()).await {
+        body["nodes"] = json!(nodes);
+    }
     AxumJson(body)
+}
+
+/// `GET /admin/websocket/stats`: cluster-wide figures from the node registry.
+pub async fn stats(State(node): State<Node>) -> Result<AxumJson<Value>, ApiError> {
+    let nodes = tokio::time::timeout(Duration::from_secs(3), node.cluster())
+        .await
+        .map_err(|_| ApiError::Unavailable("node registry did not answer in time".into()))?
+        .map_err(|e| ApiError::Unavailable(format!("node registry unavailable: {e}")))?;
+    let leader = nodes.iter().filter(|n| n.leader).max_by_key(|n| n.epoch);
+    let (leader_id, epoch) = match leader {
+        Some(l) => (json!(l.id), l.epoch),
+        None => (
+            Value::Null,
+            nodes.iter().map(|n| n.epoch).max().unwrap_or(0),
+        ),
+    };
+    Ok(envelope(json!({
+        "enabled": node.config().websocket_enabled,
+        "connectedClients": nodes.iter().map(|n| n.connected_clients).sum::<usize>(),
+        "proxyConnections": nodes.iter().map(|n| n.proxy_connections).sum::<usize>(),
+        "leader": leader_id,
+        "epoch": epoch,
+        "nodes": nodes.iter().map(|n| json!({
+            "id": n.id,
+            "leader": n.leader,
+            "connectedClients": n.connected_clients,
+            "proxyConnections": n.proxy_connections,
+            "topics": n.topics,
+            "subscriptions": n.subscriptions,
+            "version": n.version,
+            "startedAt": n.started_at,
+        })).collect::<Vec<_>>(),
+    })))
 }
 
 // === publish ===

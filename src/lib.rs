@@ -10,6 +10,8 @@
 //! - [`gateway`]: client transports into the hub (native WebSocket).
 //! - [`api`]: HTTP endpoints and the error format.
 //! - [`metrics`]: metric names, recorder, `/metrics`.
+//! - [`registry`]: every live node's announcement, for cluster-wide stats.
+//! - [`redis`]: building fred clients; key and channel names.
 //! - [`node`]: one node's handles wired together, and its drain.
 
 pub mod api;
@@ -22,6 +24,8 @@ pub mod leader;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
+pub mod redis;
+pub mod registry;
 
 use std::time::Instant;
 
@@ -81,6 +85,7 @@ fn admin_routes() -> Router<Node> {
     Router::new()
         .route("/metrics", get(api::metrics))
         .route("/admin/events/{name}", post(api::trigger_event))
+        .route("/admin/websocket/stats", get(api::stats))
 }
 
 fn cors(config: &Config) -> CorsLayer {

@@ -16,17 +16,21 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backplane::memory::MemoryBackplane;
+use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{self, Backplane, Status};
 use crate::config::Config;
 use crate::election::memory::MemoryElection;
+use crate::election::redis::RedisElection;
 use crate::election::{Election, Leadership};
 use crate::hub::Hub;
 use crate::leader;
+use crate::redis::{Keys, Redis, RedisError};
+use crate::registry::{self, MemoryRegistry, NodeInfo, RedisRegistry, Registry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("{0}")]
-    Redis(String),
+    #[error("REDIS_URL: {0}")]
+    Redis(#[from] RedisError),
 }
 
 /// Cheap-to-clone handle to everything a request handler may need.
@@ -39,6 +43,7 @@ struct Inner {
     config: Arc<Config>,
     hub: Hub,
     election: Arc<dyn Election>,
+    registry: Arc<dyn Registry>,
     leadership: watch::Receiver<Leadership>,
     backplane_status: watch::Receiver<Status>,
     /// Cancelled when client sessions must close (after the readiness delay).
@@ -64,11 +69,40 @@ impl Node {
     ) -> Result<Node, BuildError> {
         let config = Arc::new(config);
         let (inbound_tx, inbound_rx) = backplane::inbound_queue();
-        let backplane: Arc<dyn Backplane> = Arc::new(MemoryBackplane::new(inbound_tx));
-        let election: Arc<dyn Election> = Arc::new(MemoryElection::new(config.node_id.clone()));
+        let stop = CancellationToken::new();
+        let (backplane, election, registry): (
+            Arc<dyn Backplane>,
+            Arc<dyn Election>,
+            Arc<dyn Registry>,
+        ) = match &config.redis_url {
+            None => (
+                Arc::new(MemoryBackplane::new(inbound_tx)),
+                Arc::new(MemoryElection::new(config.node_id.clone())),
+                Arc::new(MemoryRegistry::default()),
+            ),
+            Some(url) => {
+                let redis = Redis::connect(url)?;
+                let keys = Keys::new(&config.redis_prefix);
+                (
+                    RedisBackplane::start(
+                        url,
+                        keys.clone(),
+                        redis.clone(),
+                        inbound_tx,
+                        stop.clone(),
+                    )?,
+                    Arc::new(RedisElection::start(
+                        redis.clone(),
+                        keys.clone(),
+                        &config.node_id,
+                        config.leader_lease,
+                    )),
+                    Arc::new(RedisRegistry::new(redis, keys)),
+                )
+            }
+        };
         let hub = Hub::new(backplane.clone());
         hub.spawn_dispatcher(inbound_rx);
-        let stop = CancellationToken::new();
         leader::spawn(
             leader::Duties {
                 hub: hub.clone(),
@@ -77,13 +111,14 @@ impl Node {
             election.watch(),
             stop.clone(),
         );
-        Ok(Node {
+        let node = Node {
             inner: Arc::new(Inner {
                 leadership: election.watch(),
                 backplane_status: backplane.status(),
                 config,
                 hub,
                 election,
+                registry,
                 shutdown: CancellationToken::new(),
                 stop,
                 draining: AtomicBool::new(false),
@@ -93,7 +128,9 @@ impl Node {
                 started_at: SystemTime::now(),
                 started: Instant::now(),
             }),
-        })
+        };
+        tokio::spawn(announce_loop(node.clone()));
+        Ok(node)
     }
 
     pub fn config(&self) -> &Arc<Config> {
@@ -106,6 +143,38 @@ impl Node {
 
     pub fn election(&self) -> &Arc<dyn Election> {
         &self.inner.election
+    }
+
+    pub fn registry(&self) -> &Arc<dyn Registry> {
+        &self.inner.registry
+    }
+
+    /// What this node would announce about itself now.
+    pub fn info(&self) -> NodeInfo {
+        let leadership = self.leadership();
+        NodeInfo {
+            id: self.inner.config.node_id.clone(),
+            leader: leadership.leader,
+            epoch: leadership.epoch,
+            connected_clients: self.connections(),
+            proxy_connections: 0,
+            topics: self.hub().topic_count(),
+            subscriptions: self.hub().subscription_count(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: humantime::format_rfc3339_millis(self.inner.started_at).to_string(),
+            updated_at: crate::protocol::timestamp(),
+        }
+    }
+
+    /// Every live node, with this node's own entry fresh rather than as last
+    /// announced.
+    pub async fn cluster(&self) -> Result<Vec<NodeInfo>, RedisError> {
+        let me = self.info();
+        let mut nodes = self.inner.registry.nodes().await?;
+        nodes.retain(|n| n.id != me.id);
+        nodes.push(me);
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
     }
 
     pub fn leadership(&self) -> Leadership {
@@ -204,5 +273,24 @@ impl Node {
             );
         }
         self.inner.stop.cancel();
+        self.inner
+            .registry
+            .withdraw(&self.inner.config.node_id)
+            .await;
+    }
+}
+
+/// Announces this node in the registry until the node stops.
+async fn announce_loop(node: Node) {
+    let stop = node.inner.stop.clone();
+    let mut tick = tokio::time::interval(registry::ANNOUNCE_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Err(e) = node.inner.registry.announce(node.info()).await {
+            tracing::debug!(cause = %e, "node announcement failed");
+        }
     }
 }

@@ -38,7 +38,8 @@ async fn subscribe_receive_request_ping_unsubscribe() {
     let r = c.expect("response").await;
     assert_eq!(r["event"], "quiet");
     assert_eq!(r["data"], json!({"q":true}));
-    c.send(json!({"type":"request","event":"nothing-here"})).await;
+    c.send(json!({"type":"request","event":"nothing-here"}))
+        .await;
     let r = c.expect("error").await;
     assert!(r["error"].as_str().unwrap().contains("nothing-here"), "{r}");
 
@@ -91,14 +92,22 @@ async fn path_topic_and_http_publish_reach_only_that_topic() {
     let e = news.expect("event").await;
     assert_eq!(e["name"], "breaking");
     assert_eq!(e["topic"], "news");
-    assert!(other.recv_within(Duration::from_millis(500)).await.is_none());
+    assert!(
+        other
+            .recv_within(Duration::from_millis(500))
+            .await
+            .is_none()
+    );
 
     let (status, body) = node.post("/api/publish", r#"{"data":{"n":1}}"#);
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("topic"), "{body}");
     let (status, body) = node.post("/api/publish", r#"{"topic":"bad topic","data":1}"#);
     assert_eq!(status, 400);
-    assert!(body["error"].as_str().unwrap().contains("bad topic"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("bad topic"),
+        "{body}"
+    );
     assert_eq!(node.post("/api/publish", "{not json").0, 400);
     // an invalid topic in the path is refused before the upgrade
     assert_eq!(node.get("/ws/bad%20topic").0, 400);
@@ -118,7 +127,10 @@ async fn malformed_frames_get_errors_and_oversize_frames_close_1009() {
         (r#"{"type":"dance"}"#, "unknown message type"),
         (r#"{"type":"subscribe"}"#, "\"event\""),
         (r#"{"type":"subscribe","event":42}"#, "must be a string"),
-        (r#"{"type":"subscribe","event":"no spaces allowed"}"#, "invalid topic"),
+        (
+            r#"{"type":"subscribe","event":"no spaces allowed"}"#,
+            "invalid topic",
+        ),
     ];
     for (frame, expected) in cases {
         c.send_text(frame).await;
@@ -127,7 +139,9 @@ async fn malformed_frames_get_errors_and_oversize_frames_close_1009() {
         assert!(text.contains(expected), "{frame}: {text}");
         assert!(e["timestamp"].is_string());
     }
-    c.ws.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    c.ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
     let e = c.expect("error").await;
     assert!(e["error"].as_str().unwrap().contains("binary"));
     // still works
@@ -159,7 +173,10 @@ async fn subscriptions_are_idempotent_and_limited() {
     assert!(e["error"].as_str().unwrap().contains("limit"), "{e}");
     node.post("/api/publish", r#"{"topic":"a","data":1}"#);
     c.expect("event").await;
-    assert!(c.recv_within(Duration::from_millis(300)).await.is_none(), "one delivery per topic");
+    assert!(
+        c.recv_within(Duration::from_millis(300)).await.is_none(),
+        "one delivery per topic"
+    );
     let health = node.health();
     assert_eq!(health["subscriptions"], 2);
 }
@@ -170,7 +187,10 @@ fn invalid_configuration_stops_start_up_with_exit_64() {
     let out = std::process::Command::new(common::BIN)
         .env_clear()
         .env("PORT", port.to_string())
-        .env("WEBSOCKET_MOCK_EVENTS", r#"[{"name":"ticker","interval":"often"}]"#)
+        .env(
+            "WEBSOCKET_MOCK_EVENTS",
+            r#"[{"name":"ticker","interval":"often"}]"#,
+        )
         .env("WEBSOCKET_HEARTBEAT_INTERVAL", "-5")
         .output()
         .unwrap();
@@ -211,10 +231,7 @@ async fn three_hundred_clients_receive_all_fifty_publications() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_and_others_are_not_delayed() {
-    let node = Node::start(
-        "core-slow",
-        &[("WEBSOCKET_MAX_PAYLOAD", "1048576")],
-    );
+    let node = Node::start("core-slow", &[("WEBSOCKET_MAX_PAYLOAD", "1048576")]);
     // The slow client subscribes, then is never read until the end.
     let mut slow = Client::connect(&node.ws_url("/ws/bulk")).await;
     slow.expect("subscribed").await;
@@ -262,7 +279,10 @@ async fn a_client_that_stops_reading_is_closed_and_others_are_not_delayed() {
         slow.closed_within(Duration::from_secs(20)).await,
         Some(Closed::Code(1013))
     );
-    assert!(eventually(Duration::from_secs(5), || node.health()["connections"] == 10));
+    assert!(eventually(
+        Duration::from_secs(5),
+        || node.health()["connections"] == 10
+    ));
 }
 
 #[tokio::test]
@@ -270,14 +290,22 @@ async fn silent_peer_is_closed_after_two_heartbeats() {
     let node = Node::start("core-heartbeat", &[("WEBSOCKET_HEARTBEAT_INTERVAL", "200")]);
     // A client that never reads never answers pings.
     let _silent = Client::connect(&node.ws_url("/ws")).await;
-    assert!(eventually(Duration::from_secs(1), || node.health()["connections"] == 1));
+    assert!(eventually(
+        Duration::from_secs(1),
+        || node.health()["connections"] == 1
+    ));
     assert!(
         eventually(Duration::from_secs(3), || node.health()["connections"] == 0),
         "silent peer closed"
     );
     // A client that reads (and so answers pings) stays.
     let mut alive = Client::connect(&node.ws_url("/ws")).await;
-    assert!(alive.recv_within(Duration::from_millis(1000)).await.is_none());
+    assert!(
+        alive
+            .recv_within(Duration::from_millis(1000))
+            .await
+            .is_none()
+    );
     alive.send(json!({"type":"ping"})).await;
     alive.expect("pong").await;
 }

@@ -26,4 +26,7 @@ pub trait Election: Send + Sync + 'static {
     fn current_leader(&self) -> BoxFuture<'_, Option<String>>;
     /// Gives the lease up (on shutdown) so another node takes over at once.
     fn resign(&self) -> BoxFuture<'_, ()>;
+    /// Records an epoch seen elsewhere (persisted device state), so the next
+    /// lease this node takes is numbered above it.
+    fn observe_epoch(&self, _epoch: u64) {}
 }

@@ -201,10 +201,7 @@ impl Node {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
-                panic!(
-                    "node {name} did not start:\n{}",
-                    log.lock().unwrap()
-                );
+                panic!("node {name} did not start:\n{}", log.lock().unwrap());
             }
         };
         Node {
@@ -270,7 +267,12 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- node {} ({}) log ---\n{}", self.name, self.addr, self.log());
+            eprintln!(
+                "--- node {} ({}) log ---\n{}",
+                self.name,
+                self.addr,
+                self.log()
+            );
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -339,7 +341,10 @@ pub fn http_text(
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()
@@ -395,7 +400,10 @@ impl Client {
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::Text(v.to_string().into())).await.unwrap();
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_text(&mut self, t: &str) {
@@ -412,7 +420,9 @@ impl Client {
     pub async fn recv_within(&mut self, timeout: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?;
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
             match msg {
                 Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
                 Some(Ok(Message::Close(f))) => panic!("closed: {f:?}"),
@@ -445,7 +455,10 @@ impl Client {
     pub async fn closed_within(&mut self, timeout: Duration) -> Option<Closed> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            match tokio::time::timeout_at(deadline, self.ws.next()).await.ok()? {
+            match tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?
+            {
                 Some(Ok(Message::Close(Some(f)))) => {
                     return Some(Closed::Code(u16::from(f.code)));
                 }

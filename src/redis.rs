@@ -1,0 +1,235 @@
+//! The small Redis helper: builds fred clients the one right way (reconnect
+//! policy, timeouts, large pub/sub buffer) and names every key and channel.
+//!
+//! Besides `backplane/redis.rs` and `election/redis.rs`, only this module
+//! imports fred; the node registry and the device store reach Redis through
+//! [`Redis`].
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::scripts::Script;
+
+/// Keys and channels under one prefix (`REDIS_PREFIX`, default `switchboard`).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// `{prefix}:t:` — the start of every topic channel.
+    pub fn topic_prefix(&self) -> String {
+        format!("{}:t:", self.prefix)
+    }
+
+    /// `{prefix}:t:{topic}` — where publishers `PUBLISH`.
+    pub fn topic(&self, topic: &str) -> String {
+        format!("{}:t:{topic}", self.prefix)
+    }
+
+    pub fn leader(&self) -> String {
+        format!("{}:leader", self.prefix)
+    }
+
+    pub fn epoch(&self) -> String {
+        format!("{}:epoch", self.prefix)
+    }
+
+    pub fn device(&self) -> String {
+        format!("{}:device", self.prefix)
+    }
+
+    pub fn node(&self, id: &str) -> String {
+        format!("{}:node:{id}", self.prefix)
+    }
+
+    pub fn node_pattern(&self) -> String {
+        format!("{}:node:*", self.prefix)
+    }
+
+    /// Device commands for the leader.
+    pub fn commands(&self) -> String {
+        format!("{}:cmd", self.prefix)
+    }
+
+    /// Replies to device commands forwarded by node `id`.
+    pub fn replies(&self, id: &str) -> String {
+        format!("{}:reply:{id}", self.prefix)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    #[error("redis: no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis: unexpected reply: {0}")]
+    Reply(String),
+}
+
+/// How long a plain command may take before it counts as failed.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Builds a fred config from `url`, with reconnection forever (fred does not
+/// reconnect by default) and bounded command and connect timeouts.
+fn builder(url: &str) -> Result<Builder, RedisError> {
+    let config = Config::from_url(url)?;
+    let mut builder = Builder::from_config(config);
+    builder
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(2);
+            c.internal_command_timeout = Duration::from_secs(2);
+            c.max_command_attempts = 1;
+            // Without this a half-open connection is never noticed.
+            c.unresponsive.max_timeout = Some(Duration::from_secs(3));
+            c.unresponsive.interval = Duration::from_millis(500);
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = COMMAND_TIMEOUT;
+            // fred drops pub/sub messages when this broadcast lags (32 by default).
+            p.broadcast_channel_capacity = 16_384;
+        });
+    Ok(builder)
+}
+
+/// A client for commands (not pub/sub subscriptions).
+#[derive(Clone)]
+pub struct Redis {
+    client: Client,
+}
+
+impl Redis {
+    /// Connects in the background: a node starts (not ready) while Redis is down.
+    pub fn connect(url: &str) -> Result<Redis, RedisError> {
+        let client = builder(url)?.build()?;
+        client.connect();
+        Ok(Redis { client })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Waits up to `timeout` for the first connection.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(timeout, self.client.wait_for_connect()).await,
+            Ok(Ok(()))
+        )
+    }
+
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        within(COMMAND_TIMEOUT, self.client.ping::<String>(None)).await?;
+        Ok(())
+    }
+
+    pub async fn publish(&self, channel: &str, payload: bytes::Bytes) -> Result<i64, RedisError> {
+        within(COMMAND_TIMEOUT, self.client.publish(channel, payload)).await
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<String>, RedisError> {
+        within(COMMAND_TIMEOUT, self.client.get(key)).await
+    }
+
+    pub async fn set_px(&self, key: &str, value: &str, ttl: Duration) -> Result<(), RedisError> {
+        let ms = ttl.as_millis() as i64;
+        within(
+            COMMAND_TIMEOUT,
+            self.client
+                .set::<(), _, _>(key, value, Some(Expiration::PX(ms)), None, false),
+        )
+        .await
+    }
+
+    pub async fn del(&self, key: &str) -> Result<(), RedisError> {
+        within(COMMAND_TIMEOUT, self.client.del::<i64, _>(key)).await?;
+        Ok(())
+    }
+
+    /// Every key matching `pattern` (SCAN, never KEYS) with its value.
+    pub async fn scan_values(&self, pattern: &str) -> Result<Vec<String>, RedisError> {
+        let mut cursor = "0".to_string();
+        let mut keys: Vec<String> = Vec::new();
+        loop {
+            let (next, batch): (String, Vec<String>) = within(
+                COMMAND_TIMEOUT,
+                self.client.custom(
+                    fred::cmd!("SCAN"),
+                    vec![
+                        cursor.clone(),
+                        "MATCH".into(),
+                        pattern.into(),
+                        "COUNT".into(),
+                        "500".into(),
+                    ],
+                ),
+            )
+            .await?;
+            keys.extend(batch);
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values: Vec<Option<String>> = within(COMMAND_TIMEOUT, self.client.mget(keys)).await?;
+        Ok(values.into_iter().flatten().collect())
+    }
+
+    /// Runs a Lua script (EVALSHA, loading it on NOSCRIPT) under `timeout`:
+    /// fred's own command timeout did not apply to EVALSHA while Redis was down.
+    pub async fn eval<R: FromValue>(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+        timeout: Duration,
+    ) -> Result<R, RedisError> {
+        within(
+            timeout,
+            script.evalsha_with_reload(&self.client, keys, args),
+        )
+        .await
+    }
+}
+
+/// Runs a fred future under a hard timeout.
+pub async fn within<T>(
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, fred::error::Error>>,
+) -> Result<T, RedisError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(res) => res.map_err(RedisError::from),
+        Err(_) => Err(RedisError::Timeout(timeout)),
+    }
+}
+
+/// A dedicated subscriber connection, for `backplane/redis.rs`.
+pub fn subscriber(url: &str) -> Result<fred::clients::SubscriberClient, RedisError> {
+    Ok(builder(url)?.build_subscriber_client()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let k = Keys::new("switchboard");
+        assert_eq!(k.topic("news"), "switchboard:t:news");
+        assert_eq!(k.leader(), "switchboard:leader");
+        assert_eq!(k.epoch(), "switchboard:epoch");
+        assert_eq!(k.device(), "switchboard:device");
+        assert_eq!(k.node("a"), "switchboard:node:a");
+    }
+}

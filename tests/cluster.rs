@@ -1,0 +1,293 @@
+//! Several nodes on one private redis-server: cross-node fan-out, external
+//! publishers, one mock stream, leader failover and handover, Redis restart.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Client, Node, Redis, eventually, prefix};
+use serde_json::{Value, json};
+
+fn start_nodes(redis: &Redis, test: &str, n: usize, extra: &[(&str, &str)]) -> Vec<Node> {
+    let url = redis.url();
+    let pfx = prefix(test);
+    (0..n)
+        .map(|i| {
+            let mut env = vec![("REDIS_URL", url.as_str()), ("REDIS_PREFIX", pfx.as_str())];
+            env.extend_from_slice(extra);
+            Node::start(&format!("{test}-{i}"), &env)
+        })
+        .collect()
+}
+
+fn ready(node: &Node) -> bool {
+    node.get("/readyz").0 == 200
+}
+
+fn leaders(nodes: &[&Node]) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| n.health()["leader"] == true)
+        .map(|n| n.name.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_and_http_publishes_reach_every_node_exactly_once() {
+    let redis = Redis::start();
+    let nodes = start_nodes(&redis, "fanout", 3, &[]);
+    for n in &nodes {
+        assert!(
+            eventually(Duration::from_secs(10), || ready(n)),
+            "{} ready",
+            n.name
+        );
+    }
+    let pfx = prefix("fanout");
+    let mut news = Vec::new();
+    for n in &nodes {
+        let mut c = Client::connect(&n.ws_url("/ws")).await;
+        c.subscribe("news").await;
+        news.push(c);
+    }
+    let mut other = Client::connect(&nodes[0].ws_url("/ws/sports")).await;
+    other.expect("subscribed").await;
+
+    // Garbage first: it must reach no one and harm nothing.
+    let channel = format!("{pfx}:t:news");
+    assert_eq!(redis.publish(&channel, "garbage{"), 3, "3 nodes subscribed");
+    redis.publish(&channel, r#"{"event":"news"}"#);
+    redis.publish(&channel, r#"{"event":"bad event name","data":1}"#);
+    redis.publish(&channel, r#"{"event":"news","data":{"n":1}}"#);
+    for c in &mut news {
+        let e = c.expect("event").await;
+        assert_eq!(e["name"], "news");
+        assert_eq!(e["data"], json!({"n":1}));
+    }
+    // Without "event" the topic is the event name.
+    redis.publish(&channel, r#"{"data":{"n":2}}"#);
+    for c in &mut news {
+        assert_eq!(c.expect("event").await["data"], json!({"n":2}));
+    }
+    // HTTP publish on one node reaches the others.
+    let (status, _) = nodes[2].post("/api/publish", r#"{"topic":"news","data":{"n":3}}"#);
+    assert_eq!(status, 202);
+    for c in &mut news {
+        assert_eq!(c.expect("event").await["data"], json!({"n":3}));
+        assert!(
+            c.recv_within(Duration::from_millis(300)).await.is_none(),
+            "exactly once"
+        );
+    }
+    assert!(
+        other
+            .recv_within(Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+    for n in &nodes {
+        assert_eq!(n.health()["status"], "ok", "{} still healthy", n.name);
+    }
+    // Unsubscribing the last local subscriber unsubscribes the node.
+    for c in &mut news {
+        c.send(json!({"type":"unsubscribe","event":"news"})).await;
+        c.expect("unsubscribed").await;
+    }
+    assert!(eventually(Duration::from_secs(3), || redis
+        .publish(&channel, "{}")
+        == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mock_stream_and_failover_after_kill_9() {
+    let redis = Redis::start();
+    let mut nodes = start_nodes(
+        &redis,
+        "failover",
+        3,
+        &[
+            (
+                "WEBSOCKET_MOCK_EVENTS",
+                r#"[{"name":"ticker","interval":500,"data":{}}]"#,
+            ),
+            ("LEADER_LEASE_MS", "3000"),
+        ],
+    );
+    let refs: Vec<&Node> = nodes.iter().collect();
+    assert!(eventually(Duration::from_secs(10), || leaders(&refs).len() == 1));
+    let leader_name = leaders(&refs)[0].clone();
+    let li = nodes.iter().position(|n| n.name == leader_name).unwrap();
+    let watcher_i = (li + 1) % 3;
+
+    let mut c = Client::connect(&nodes[watcher_i].ws_url("/ws/ticker")).await;
+    c.expect("subscribed").await;
+    c.expect("event").await;
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        if c.recv_within(Duration::from_millis(100)).await.is_some() {
+            n += 1;
+        }
+    }
+    assert!(
+        (4..=8).contains(&n),
+        "{n} ticker events in 3 s: one stream at 2/s"
+    );
+
+    nodes[li].kill9();
+    let killed = Instant::now();
+    // Events resume within 7 s, from exactly one new leader.
+    loop {
+        if c.recv_within(Duration::from_millis(200)).await.is_some()
+            && killed.elapsed() > Duration::from_millis(600)
+        {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(7),
+            "events resumed in 7 s"
+        );
+    }
+    let survivors: Vec<&Node> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != li)
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(leaders(&survivors).len(), 1);
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(2) {
+        if c.recv_within(Duration::from_millis(100)).await.is_some() {
+            n += 1;
+        }
+    }
+    assert!(
+        (2..=6).contains(&n),
+        "{n} events in 2 s after failover: one stream"
+    );
+    let epochs: Vec<u64> = survivors
+        .iter()
+        .map(|n| n.health()["epoch"].as_u64().unwrap())
+        .collect();
+    assert!(
+        epochs.iter().any(|e| *e >= 2),
+        "fencing epoch rose: {epochs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_leader_hands_over_within_a_second() {
+    let redis = Redis::start();
+    let mut nodes = start_nodes(&redis, "handover", 3, &[]);
+    let refs: Vec<&Node> = nodes.iter().collect();
+    assert!(eventually(Duration::from_secs(10), || leaders(&refs).len() == 1));
+    let leader_name = leaders(&refs)[0].clone();
+    let li = nodes.iter().position(|n| n.name == leader_name).unwrap();
+    nodes[li].signal("TERM");
+    let sent = Instant::now();
+    let others: Vec<&Node> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != li)
+        .map(|(_, n)| n)
+        .collect();
+    assert!(
+        eventually(Duration::from_millis(1000), || leaders(&others).len() == 1),
+        "new leader within 1 s"
+    );
+    eprintln!("handover took {:?}", sent.elapsed());
+    let status = nodes[li].wait_exit(Duration::from_secs(8)).expect("exited");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_and_restart() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let nodes = start_nodes(&redis, "outage", 2, &[]);
+    for n in &nodes {
+        assert!(eventually(Duration::from_secs(10), || ready(n)));
+    }
+    let mut clients = Vec::new();
+    for n in &nodes {
+        let mut c = Client::connect(&n.ws_url("/ws/news")).await;
+        c.expect("subscribed").await;
+        clients.push(c);
+    }
+    redis.kill();
+    let killed = Instant::now();
+    for n in &nodes {
+        assert!(
+            eventually(
+                Duration::from_secs(5).saturating_sub(killed.elapsed()),
+                || !ready(n)
+            ),
+            "{} not ready within 5 s",
+            n.name
+        );
+        let health = n.health();
+        assert_eq!(health["status"], "degraded");
+        assert!(
+            health["reason"].as_str().unwrap().contains("Redis"),
+            "{health}"
+        );
+        let (status, body) = n.post("/api/publish", r#"{"topic":"news","data":1}"#);
+        assert_eq!(status, 503, "{body}");
+    }
+    for c in &mut clients {
+        c.send(json!({"type":"ping"})).await;
+        c.expect("pong").await;
+    }
+
+    let redis = Redis::start_on(port);
+    let back = Instant::now();
+    for n in &nodes {
+        assert!(
+            eventually(
+                Duration::from_secs(8).saturating_sub(back.elapsed()),
+                || ready(n)
+            ),
+            "{} ready again within 8 s",
+            n.name
+        );
+    }
+    let channel = format!("{}:t:news", prefix("outage"));
+    assert_eq!(
+        redis.publish(&channel, r#"{"data":"after"}"#),
+        2,
+        "both nodes resubscribed"
+    );
+    for c in &mut clients {
+        assert_eq!(c.expect("event").await["data"], "after");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_and_cluster_stats() {
+    let redis = Redis::start();
+    let nodes = start_nodes(&redis, "stats", 3, &[]);
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(Client::connect(&nodes[1].ws_url("/ws")).await);
+    }
+    clients.push(Client::connect(&nodes[2].ws_url("/ws")).await);
+    // Asked on the node with no clients, the totals are cluster-wide.
+    let stats = |n: &Node| -> Value { n.get("/admin/websocket/stats").1 };
+    assert!(
+        eventually(
+            Duration::from_secs(6),
+            || stats(&nodes[0])["data"]["connectedClients"] == 4
+        ),
+        "{}",
+        stats(&nodes[0])
+    );
+    let s = stats(&nodes[0]);
+    assert_eq!(s["success"], true);
+    assert_eq!(s["data"]["nodes"].as_array().unwrap().len(), 3);
+    assert!(s["data"]["leader"].is_string());
+    assert!(s["meta"]["requestId"].is_string());
+    let health = nodes[0].health();
+    assert_eq!(health["nodes"].as_array().unwrap().len(), 3);
+    assert_eq!(health["backplane"], "redis");
+}
