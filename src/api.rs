@@ -265,3 +265,70 @@ pub async fn metrics(State(node): State<Node>) -> Response {
 pub async fn not_found() -> ApiError {
     ApiError::NotFound("no such endpoint".into())
 }
+
+// === device ===
+
+use crate::device::CommandError;
+
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
+        match e {
+            CommandError::Invalid(m) => ApiError::BadRequest(m),
+            CommandError::Unavailable(m) => ApiError::Unavailable(m),
+        }
+    }
+}
+
+/// Validates on this node, has the leader apply it, answers with the state
+/// after it was persisted.
+async fn device_command(node: &Node, kind: &str, body: &Value) -> Result<Response, ApiError> {
+    let command = node.device().parse(kind, body)?;
+    let state = node.device().submit(command).await?;
+    Ok(envelope(state.to_json()).into_response())
+}
+
+/// `POST /api/switch {"app"}`
+pub async fn switch(
+    State(node): State<Node>,
+    Json(body): Json<Value>,
+) -> Result<Response, ApiError> {
+    device_command(&node, "switch", &body).await
+}
+
+/// `POST /api/config {"app"?, "config"}`
+pub async fn config(
+    State(node): State<Node>,
+    Json(body): Json<Value>,
+) -> Result<Response, ApiError> {
+    device_command(&node, "config", &body).await
+}
+
+/// `POST /api/carousel {"enabled", "apps"}`
+pub async fn carousel(
+    State(node): State<Node>,
+    Json(body): Json<Value>,
+) -> Result<Response, ApiError> {
+    device_command(&node, "carousel", &body).await
+}
+
+/// `POST /api/settings {"brightness"}`
+pub async fn settings(
+    State(node): State<Node>,
+    Json(body): Json<Value>,
+) -> Result<Response, ApiError> {
+    device_command(&node, "settings", &body).await
+}
+
+/// `GET /api/state`: this node's cached copy; no Redis round trip.
+pub async fn state(State(node): State<Node>) -> AxumJson<Value> {
+    let mut data = node.device().state().to_json();
+    if let Some(driver) = node.device().driver_health() {
+        data["driver"] = json!(driver);
+    }
+    envelope(data)
+}
+
+/// `GET /api/apps`
+pub async fn apps(State(node): State<Node>) -> AxumJson<Value> {
+    envelope(node.device().state().event("apps_list"))
+}

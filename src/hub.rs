@@ -54,6 +54,8 @@ pub struct Publication {
     pub event: Arc<str>,
     pub data: Arc<RawValue>,
     pub received_at: Instant,
+    /// Fencing epoch, on device state published by the leader.
+    pub epoch: Option<u64>,
     timestamp: String,
     native: OnceLock<Utf8Bytes>,
 }
@@ -70,6 +72,7 @@ impl Publication {
             event,
             data,
             received_at,
+            epoch: None,
             timestamp: protocol::timestamp(),
             native: OnceLock::new(),
         }
@@ -254,7 +257,18 @@ impl Hub {
         event: &str,
         data: &RawValue,
     ) -> Result<(), BackplaneError> {
-        let payload = protocol::encode_envelope(event, data);
+        self.publish_fenced(topic, event, data, None).await
+    }
+
+    /// Like [`Hub::publish`], with the leader's fencing epoch in the envelope.
+    pub async fn publish_fenced(
+        &self,
+        topic: &str,
+        event: &str,
+        data: &RawValue,
+        epoch: Option<u64>,
+    ) -> Result<(), BackplaneError> {
+        let payload = protocol::encode_envelope(event, data, epoch);
         let res = self.inner.backplane.publish(topic, payload.into()).await;
         match &res {
             Ok(()) => metrics::counter!(m::BACKPLANE_PUBLISHES).increment(1),
@@ -280,7 +294,8 @@ impl Hub {
             Some(e) if *e != *topic => Arc::from(e),
             _ => topic.clone(),
         };
-        let publication = Publication::new(topic, event, env.data, inbound.received_at);
+        let mut publication = Publication::new(topic, event, env.data, inbound.received_at);
+        publication.epoch = env.epoch;
         self.fan_out(&publication);
     }
 
@@ -288,7 +303,7 @@ impl Hub {
     pub fn fan_out(&self, publication: &Publication) {
         // Per-transport counts, summed here so the metric is touched once per
         // publication, not once per delivery.
-        let mut queued: [(&'static str, u64); 2] = [("", 0); 2];
+        let mut queued: [(&'static str, u64); 3] = [("", 0); 3];
         {
             let topics = self.inner.topics.read().unwrap();
             let Some(subs) = topics.get(&publication.topic) else {
@@ -302,7 +317,7 @@ impl Hub {
                         .find(|(name, _)| *name == t || name.is_empty())
                     {
                         Some(slot) => *slot = (t, slot.1 + 1),
-                        None => queued[1].1 += 1,
+                        None => queued[2].1 += 1,
                     }
                 }
             }

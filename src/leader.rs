@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MockEvent;
+use crate::device::Device;
 use crate::election::Leadership;
 use crate::hub::Hub;
 use crate::metrics as m;
@@ -16,6 +17,8 @@ use crate::metrics as m;
 pub struct Duties {
     pub hub: Hub,
     pub mock_events: Vec<MockEvent>,
+    /// The device driver and carousel; `None` in tests of the timers alone.
+    pub device: Option<Device>,
 }
 
 /// Runs `duties` whenever `leadership` says this node leads, until `stop`.
@@ -34,7 +37,7 @@ pub fn spawn(
                 (true, false) => {
                     tracing::info!(epoch = now.epoch, "leader duties started");
                     let token = stop.child_token();
-                    start(&duties, &token);
+                    start(&duties, now.epoch, &token);
                     running = Some(token);
                 }
                 (false, true) => {
@@ -54,7 +57,11 @@ pub fn spawn(
     })
 }
 
-fn start(duties: &Duties, token: &CancellationToken) {
+fn start(duties: &Duties, epoch: u64, token: &CancellationToken) {
+    if let Some(device) = duties.device.clone() {
+        let token = token.clone();
+        tokio::spawn(async move { device.lead(epoch, token).await });
+    }
     for event in &duties.mock_events {
         if let Some(interval) = event.interval {
             tokio::spawn(mock_timer(
@@ -119,6 +126,7 @@ mod tests {
                 interval: Some(Duration::from_millis(100)),
                 data: RawValue::from_string("{}".into()).unwrap(),
             }],
+            device: None,
         };
         let task = spawn(duties, lead_rx, stop.clone());
 

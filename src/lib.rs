@@ -6,8 +6,9 @@
 //! - [`hub`]: topic → local subscribers; the one fan-out of a node.
 //! - [`backplane`]: publish/subscribe between nodes (`memory`, `redis`).
 //! - [`election`]: who leads, with which fencing epoch (`memory`, `redis`).
-//! - [`leader`]: duties that run only on the leader (mock-event timers).
-//! - [`gateway`]: client transports into the hub (native WebSocket).
+//! - [`leader`]: duties that run only on the leader (device driver, carousel, mock-event timers).
+//! - [`device`]: LED board state, command validation, drivers, fenced persistence, command forwarding.
+//! - [`gateway`]: client transports into the hub (native WebSocket, Socket.IO).
 //! - [`api`]: HTTP endpoints and the error format.
 //! - [`metrics`]: metric names, recorder, `/metrics`.
 //! - [`registry`]: every live node's announcement, for cluster-wide stats.
@@ -17,6 +18,7 @@
 pub mod api;
 pub mod backplane;
 pub mod config;
+pub mod device;
 pub mod election;
 pub mod gateway;
 pub mod hub;
@@ -48,6 +50,12 @@ pub fn app(node: Node) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/api/publish", post(api::publish))
+        .route("/api/switch", post(api::switch))
+        .route("/api/config", post(api::config))
+        .route("/api/carousel", post(api::carousel))
+        .route("/api/settings", post(api::settings))
+        .route("/api/state", get(api::state))
+        .route("/api/apps", get(api::apps))
         .layer(axum::extract::DefaultBodyLimit::max(config.max_payload));
     if config.websocket_enabled {
         let path = &config.websocket_path;
@@ -66,8 +74,16 @@ pub fn app(node: Node) -> Router {
     if config.admin_port.is_none() {
         router = router.merge(admin_routes());
     }
+    let mut router = router.fallback(api::not_found);
+    if config.socketio_enabled {
+        let (layer, io) = gateway::socketio::layer(&node);
+        node.set_socketio(io);
+        router = router.layer(layer).layer(middleware::from_fn_with_state(
+            node.clone(),
+            gateway::check_socketio_origin,
+        ));
+    }
     router
-        .fallback(api::not_found)
         .layer(cors(&config))
         .layer(middleware::from_fn(track_http))
         .with_state(node)

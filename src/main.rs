@@ -12,7 +12,12 @@ use tokio_util::sync::CancellationToken;
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    let config = match config::parse_args(std::env::args().skip(1), config::ProcessEnv) {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let healthcheck = args.first().is_some_and(|a| a == "healthcheck");
+    if healthcheck {
+        args.remove(0);
+    }
+    let config = match config::parse_args(args, config::ProcessEnv) {
         Ok(Command::Help) => {
             print!("{}", config::help());
             return ExitCode::SUCCESS;
@@ -29,6 +34,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if healthcheck {
+        return probe(&config);
+    }
     init_tracing(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -124,5 +132,37 @@ async fn shutdown_signal() -> &'static str {
     tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
+    }
+}
+
+/// `switchboard healthcheck`: exits 0 when this machine's node answers
+/// `GET /healthz` with 200 (for container HEALTHCHECKs without curl).
+fn probe(config: &Config) -> ExitCode {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(3);
+    let host = if config.host.is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        config.host
+    };
+    let addr = std::net::SocketAddr::new(host, config.port);
+    let result = (|| -> std::io::Result<bool> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        Ok(head.starts_with(b"HTTP/1.1 200"))
+    })();
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("switchboard healthcheck: {addr} answered, but not 200");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("switchboard healthcheck: {addr}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

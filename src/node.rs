@@ -19,6 +19,9 @@ use crate::backplane::memory::MemoryBackplane;
 use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{self, Backplane, Status};
 use crate::config::Config;
+use crate::device::bus::{CommandBus, NoBus, RedisBus};
+use crate::device::store::{DeviceStore, MemoryStore, RedisStore};
+use crate::device::{self, Device};
 use crate::election::memory::MemoryElection;
 use crate::election::redis::RedisElection;
 use crate::election::{Election, Leadership};
@@ -33,6 +36,58 @@ pub enum BuildError {
     Redis(#[from] RedisError),
 }
 
+/// The parts that differ between embedded and cluster mode.
+struct Backends {
+    backplane: Arc<dyn Backplane>,
+    election: Arc<dyn Election>,
+    registry: Arc<dyn Registry>,
+    store: Arc<dyn DeviceStore>,
+    bus: Arc<dyn CommandBus>,
+}
+
+/// The only place that looks at `REDIS_URL`: memory implementations for one
+/// embedded node, Redis ones for a cluster.
+fn backends(
+    config: &Config,
+    inbound_tx: tokio::sync::mpsc::Sender<backplane::Inbound>,
+    requests_tx: tokio::sync::mpsc::Sender<device::Request>,
+    stop: CancellationToken,
+) -> Result<Backends, BuildError> {
+    let Some(url) = &config.redis_url else {
+        return Ok(Backends {
+            backplane: Arc::new(MemoryBackplane::new(inbound_tx)),
+            election: Arc::new(MemoryElection::new(config.node_id.clone())),
+            registry: Arc::new(MemoryRegistry::default()),
+            store: Arc::new(MemoryStore::default()),
+            bus: Arc::new(NoBus),
+        });
+    };
+    let redis = Redis::connect(url)?;
+    let keys = Keys::new(&config.redis_prefix);
+    let election = Arc::new(RedisElection::start(
+        redis.clone(),
+        keys.clone(),
+        &config.node_id,
+        config.leader_lease,
+    ));
+    let bus = RedisBus::start(
+        url,
+        redis.clone(),
+        keys.clone(),
+        config.node_id.clone(),
+        election.watch(),
+        requests_tx,
+        stop.clone(),
+    )?;
+    Ok(Backends {
+        backplane: RedisBackplane::start(url, keys.clone(), redis.clone(), inbound_tx, stop)?,
+        election,
+        registry: Arc::new(RedisRegistry::new(redis.clone(), keys.clone())),
+        store: Arc::new(RedisStore::new(redis, keys)),
+        bus,
+    })
+}
+
 /// Cheap-to-clone handle to everything a request handler may need.
 #[derive(Clone)]
 pub struct Node {
@@ -44,6 +99,7 @@ struct Inner {
     hub: Hub,
     election: Arc<dyn Election>,
     registry: Arc<dyn Registry>,
+    device: Device,
     leadership: watch::Receiver<Leadership>,
     backplane_status: watch::Receiver<Status>,
     /// Cancelled when client sessions must close (after the readiness delay).
@@ -56,6 +112,8 @@ struct Inner {
     sessions: TaskTracker,
     connections: AtomicUsize,
     metrics: Option<PrometheusHandle>,
+    /// Set when the router mounts Socket.IO; closed on drain.
+    socketio: std::sync::OnceLock<socketioxide::SocketIo>,
     started_at: SystemTime,
     started: Instant,
 }
@@ -70,43 +128,32 @@ impl Node {
         let config = Arc::new(config);
         let (inbound_tx, inbound_rx) = backplane::inbound_queue();
         let stop = CancellationToken::new();
-        let (backplane, election, registry): (
-            Arc<dyn Backplane>,
-            Arc<dyn Election>,
-            Arc<dyn Registry>,
-        ) = match &config.redis_url {
-            None => (
-                Arc::new(MemoryBackplane::new(inbound_tx)),
-                Arc::new(MemoryElection::new(config.node_id.clone())),
-                Arc::new(MemoryRegistry::default()),
-            ),
-            Some(url) => {
-                let redis = Redis::connect(url)?;
-                let keys = Keys::new(&config.redis_prefix);
-                (
-                    RedisBackplane::start(
-                        url,
-                        keys.clone(),
-                        redis.clone(),
-                        inbound_tx,
-                        stop.clone(),
-                    )?,
-                    Arc::new(RedisElection::start(
-                        redis.clone(),
-                        keys.clone(),
-                        &config.node_id,
-                        config.leader_lease,
-                    )),
-                    Arc::new(RedisRegistry::new(redis, keys)),
-                )
-            }
-        };
+        let requests = device::request_queue();
+        let Backends {
+            backplane,
+            election,
+            registry,
+            store,
+            bus,
+        } = backends(&config, inbound_tx, requests.0.clone(), stop.clone())?;
         let hub = Hub::new(backplane.clone());
         hub.spawn_dispatcher(inbound_rx);
+        let device = Device::new(device::Parts {
+            apps: config.device_apps.clone(),
+            store,
+            bus,
+            requests,
+            hub: hub.clone(),
+            election: election.clone(),
+            driver: config.device_driver.clone(),
+            timeout: config.command_timeout,
+        });
+        device.spawn_cache(stop.clone());
         leader::spawn(
             leader::Duties {
                 hub: hub.clone(),
                 mock_events: config.mock_events.clone(),
+                device: Some(device.clone()),
             },
             election.watch(),
             stop.clone(),
@@ -119,12 +166,14 @@ impl Node {
                 hub,
                 election,
                 registry,
+                device,
                 shutdown: CancellationToken::new(),
                 stop,
                 draining: AtomicBool::new(false),
                 sessions: TaskTracker::new(),
                 connections: AtomicUsize::new(0),
                 metrics,
+                socketio: std::sync::OnceLock::new(),
                 started_at: SystemTime::now(),
                 started: Instant::now(),
             }),
@@ -143,6 +192,10 @@ impl Node {
 
     pub fn election(&self) -> &Arc<dyn Election> {
         &self.inner.election
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.inner.device
     }
 
     pub fn registry(&self) -> &Arc<dyn Registry> {
@@ -201,6 +254,10 @@ impl Node {
         self.inner.draining.load(Ordering::Acquire)
     }
 
+    pub fn set_socketio(&self, io: socketioxide::SocketIo) {
+        let _ = self.inner.socketio.set(io);
+    }
+
     pub fn connection_opened(&self) {
         self.inner.connections.fetch_add(1, Ordering::Relaxed);
     }
@@ -222,9 +279,14 @@ impl Node {
         self.inner.started.elapsed()
     }
 
-    /// The current data of a topic for `request`: the last publication this
-    /// node delivered on it, else the configured mock data.
+    /// The current data of a topic for `request`: the whole device state for
+    /// `device`; else the last publication this node delivered on the topic,
+    /// else the configured mock data.
     pub fn current_data(&self, topic: &str) -> Option<Arc<RawValue>> {
+        if topic == device::state::TOPIC {
+            let json = self.inner.device.state().to_json().to_string();
+            return Some(Arc::from(RawValue::from_string(json).expect("JSON")));
+        }
         if let Some(last) = self.hub().last(topic) {
             return Some(last.data);
         }
@@ -261,6 +323,9 @@ impl Node {
     pub async fn finish_drain(&self, deadline: tokio::time::Instant) {
         self.begin_drain();
         self.inner.shutdown.cancel();
+        if let Some(io) = self.inner.socketio.get() {
+            io.close().await;
+        }
         self.inner.election.resign().await;
         self.inner.sessions.close();
         if tokio::time::timeout_at(deadline, self.inner.sessions.wait())

@@ -207,6 +207,9 @@ pub struct Envelope {
     #[serde(default)]
     pub event: Option<String>,
     pub data: Box<RawValue>,
+    /// Set by the leader on device state: the fencing epoch that wrote it.
+    #[serde(default)]
+    pub epoch: Option<u64>,
 }
 
 /// Why a publisher payload was refused.
@@ -225,6 +228,7 @@ pub enum EnvelopeError {
 pub struct ParsedEnvelope {
     pub event: Option<String>,
     pub data: Arc<RawValue>,
+    pub epoch: Option<u64>,
 }
 
 pub fn parse_envelope(payload: &[u8]) -> Result<ParsedEnvelope, EnvelopeError> {
@@ -243,18 +247,27 @@ pub fn parse_envelope(payload: &[u8]) -> Result<ParsedEnvelope, EnvelopeError> {
     Ok(ParsedEnvelope {
         event: env.event,
         data: Arc::from(env.data),
+        epoch: env.epoch,
     })
 }
 
 /// Encodes an envelope the way this node's own publishers do.
-pub fn encode_envelope(event: &str, data: &RawValue) -> String {
+pub fn encode_envelope(event: &str, data: &RawValue, epoch: Option<u64>) -> String {
     #[derive(Serialize)]
     struct Out<'a> {
         v: u32,
         event: &'a str,
         data: &'a RawValue,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
     }
-    serde_json::to_string(&Out { v: 1, event, data }).expect("envelopes always serialize")
+    serde_json::to_string(&Out {
+        v: 1,
+        event,
+        data,
+        epoch,
+    })
+    .expect("envelopes always serialize")
 }
 
 #[cfg(test)]
@@ -334,9 +347,10 @@ mod tests {
         assert!(parse_envelope(br#"{"event":"bad name","data":1}"#).is_err());
         assert!(parse_envelope(br#"{"v":2,"data":1}"#).is_err());
         assert!(parse_envelope(br#"[1]"#).is_err());
-        let round = encode_envelope("e", &RawValue::from_string("[1]".into()).unwrap());
+        let round = encode_envelope("e", &RawValue::from_string("[1]".into()).unwrap(), Some(7));
         let e = parse_envelope(round.as_bytes()).unwrap();
         assert_eq!(e.data.get(), "[1]");
+        assert_eq!(e.epoch, Some(7));
     }
 
     #[test]

@@ -100,6 +100,15 @@ fn builder(url: &str) -> Result<Builder, RedisError> {
     Ok(builder)
 }
 
+/// A Lua script, run with EVALSHA (loaded on NOSCRIPT).
+pub struct LuaScript(Script);
+
+impl LuaScript {
+    pub fn new(lua: &'static str) -> Self {
+        Self(Script::from_lua(lua))
+    }
+}
+
 /// A client for commands (not pub/sub subscriptions).
 #[derive(Clone)]
 pub struct Redis {
@@ -190,14 +199,14 @@ impl Redis {
     /// fred's own command timeout did not apply to EVALSHA while Redis was down.
     pub async fn eval<R: FromValue>(
         &self,
-        script: &Script,
+        script: &LuaScript,
         keys: Vec<String>,
         args: Vec<String>,
         timeout: Duration,
     ) -> Result<R, RedisError> {
         within(
             timeout,
-            script.evalsha_with_reload(&self.client, keys, args),
+            script.0.evalsha_with_reload(&self.client, keys, args),
         )
         .await
     }
@@ -212,6 +221,60 @@ pub async fn within<T>(
         Ok(res) => res.map_err(RedisError::from),
         Err(_) => Err(RedisError::Timeout(timeout)),
     }
+}
+
+/// Listens on a fixed set of channels (device commands and replies) on a
+/// connection of its own, re-subscribing after every reconnect. Messages
+/// arrive as `(channel, payload)`.
+pub fn listen(
+    url: &str,
+    channels: Vec<String>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>, RedisError> {
+    let client = subscriber(url)?;
+    let mut messages = client.message_rx();
+    let mut reconnects = client.reconnect_rx();
+    client.connect();
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let c = client.clone();
+    let stop2 = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = reconnects.recv() => match r {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // The first connection counts too: this is where we subscribe.
+                        if let Err(e) = within(COMMAND_TIMEOUT, c.subscribe(channels.clone())).await {
+                            tracing::warn!(cause = %e, "subscribing to control channels failed");
+                        }
+                    }
+                    Err(_) => return,
+                },
+                _ = stop2.cancelled() => return,
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! {
+                m = messages.recv() => m,
+                _ = stop.cancelled() => return,
+            };
+            match msg {
+                Ok(m) => {
+                    let payload = m.value.into_bytes().unwrap_or_default();
+                    if tx.send((m.channel.to_string(), payload)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(lost = n, "control channel receiver lagged");
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// A dedicated subscriber connection, for `backplane/redis.rs`.

@@ -17,14 +17,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use fred::types::scripts::Script;
 use futures_util::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Election, Leadership};
-use crate::redis::{Keys, Redis};
+use crate::redis::{Keys, LuaScript, Redis};
 
 const ACQUIRE: &str = r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -76,9 +75,9 @@ struct Inner {
 }
 
 struct Scripts {
-    acquire: Script,
-    renew: Script,
-    release: Script,
+    acquire: LuaScript,
+    renew: LuaScript,
+    release: LuaScript,
 }
 
 impl RedisElection {
@@ -93,9 +92,9 @@ impl RedisElection {
             stop: CancellationToken::new(),
             stopped: Notify::new(),
             scripts: Scripts {
-                acquire: Script::from_lua(ACQUIRE),
-                renew: Script::from_lua(RENEW),
-                release: Script::from_lua(RELEASE),
+                acquire: LuaScript::new(ACQUIRE),
+                renew: LuaScript::new(RENEW),
+                release: LuaScript::new(RELEASE),
             },
         });
         tokio::spawn(run(inner.clone()));

@@ -1,6 +1,7 @@
 //! Client-facing transports. Each is a way into the hub; none fans out by
 //! itself.
 
+pub mod socketio;
 pub mod ws;
 
 use axum::extract::{Request, State};
@@ -39,4 +40,14 @@ pub async fn check_origin(State(node): State<Node>, req: Request, next: Next) ->
         }
     }
     next.run(req).await
+}
+
+/// [`check_origin`] for the Socket.IO endpoint, which is a layer around the
+/// whole router rather than a route.
+pub async fn check_socketio_origin(State(node): State<Node>, req: Request, next: Next) -> Response {
+    if req.uri().path().starts_with("/socket.io") {
+        check_origin(State(node), req, next).await
+    } else {
+        next.run(req).await
+    }
 }

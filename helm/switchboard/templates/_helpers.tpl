@@ -1,0 +1,215 @@
+{{/*
+Names and labels.
+*/}}
+{{- define "switchboard.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "switchboard.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "switchboard.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "switchboard.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "switchboard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "switchboard.labels" -}}
+helm.sh/chart: {{ include "switchboard.chart" . }}
+{{ include "switchboard.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: switchboard
+{{- end }}
+
+{{- define "switchboard.redis.fullname" -}}
+{{- printf "%s-redis" (include "switchboard.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "switchboard.redis.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "switchboard.name" . }}-redis
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "switchboard.redis.labels" -}}
+helm.sh/chart: {{ include "switchboard.chart" . }}
+{{ include "switchboard.redis.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.redis.image.tag | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: redis
+app.kubernetes.io/part-of: switchboard
+{{- end }}
+
+{{- define "switchboard.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "switchboard.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret the pods read: the user's existingSecret or the chart's.
+*/}}
+{{- define "switchboard.secretName" -}}
+{{- .Values.existingSecret | default (include "switchboard.fullname" .) }}
+{{- end }}
+
+{{/*
+One config value as an env var string. Lists of objects and maps become JSON
+(WEBSOCKET_MOCK_EVENTS), other lists are joined with commas (DEVICE_APPS,
+CORS_ALLOWED_ORIGINS), numbers are printed as integers (YAML numbers arrive as
+float64 and would otherwise print as 1.048576e+07).
+Call with (list KEY VALUE).
+*/}}
+{{- define "switchboard.envValue" -}}
+{{- $key := index . 0 }}
+{{- $v := index . 1 }}
+{{- if kindIs "string" $v }}
+{{- $v }}
+{{- else if or (kindIs "map" $v) (eq $key "WEBSOCKET_MOCK_EVENTS") }}
+{{- toJson $v }}
+{{- else if kindIs "slice" $v }}
+{{- join "," $v }}
+{{- else if kindIs "float64" $v }}
+{{- int64 $v }}
+{{- else }}
+{{- toString $v }}
+{{- end }}
+{{- end }}
+
+{{/*
+The config map without unset (null or "") entries: the settings actually passed.
+*/}}
+{{- define "switchboard.effectiveConfig" -}}
+{{- $out := dict }}
+{{- range $k, $v := .Values.config }}
+{{- if not (or (kindIs "invalid" $v) (and (kindIs "string" $v) (eq $v ""))) }}
+{{- $_ := set $out $k (include "switchboard.envValue" (list $k $v)) }}
+{{- end }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/* Integer value of a config key, or the given default when unset. (list . KEY DEFAULT) */}}
+{{- define "switchboard.configInt" -}}
+{{- $root := index . 0 }}
+{{- $v := index $root.Values.config (index . 1) }}
+{{- if or (kindIs "invalid" $v) (eq (toString $v) "") }}
+{{- index . 2 }}
+{{- else }}
+{{- $v | int64 }}
+{{- end }}
+{{- end }}
+
+{{- define "switchboard.port" -}}
+{{- include "switchboard.configInt" (list . "PORT" 8080) }}
+{{- end }}
+
+{{/* The admin port, or "" when ADMIN_PORT is unset. */}}
+{{- define "switchboard.adminPort" -}}
+{{- $v := .Values.config.ADMIN_PORT }}
+{{- if not (or (kindIs "invalid" $v) (eq (toString $v) "")) }}
+{{- $v | int64 }}
+{{- end }}
+{{- end }}
+
+{{/* True (non-empty) when the pods get a REDIS_URL. */}}
+{{- define "switchboard.hasRedis" -}}
+{{- if or .Values.redis.enabled .Values.redis.url .Values.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/* REDIS_URL the chart writes into its own Secret ("" when none). */}}
+{{- define "switchboard.redisUrl" -}}
+{{- if .Values.redis.enabled }}
+{{- $host := printf "%s.%s.svc:6379" (include "switchboard.redis.fullname" .) .Release.Namespace }}
+{{- if .Values.redis.auth.password }}
+{{- printf "redis://:%s@%s" (urlquery .Values.redis.auth.password | replace "+" "%20") $host }}
+{{- else }}
+{{- printf "redis://%s" $host }}
+{{- end }}
+{{- else if .Values.redis.url }}
+{{- .Values.redis.url }}
+{{- end }}
+{{- end }}
+
+{{/* Data of the chart-managed Secret, as YAML (empty when there is none). */}}
+{{- define "switchboard.secretData" -}}
+{{- $out := dict }}
+{{- if not .Values.existingSecret }}
+{{- range $k, $v := .Values.secrets }}
+{{- if $v }}
+{{- $_ := set $out $k (toString $v) }}
+{{- end }}
+{{- end }}
+{{- $url := include "switchboard.redisUrl" . }}
+{{- if $url }}
+{{- $_ := set $out "REDIS_URL" $url }}
+{{- end }}
+{{- if and .Values.redis.enabled .Values.redis.auth.password }}
+{{- $_ := set $out "REDIS_PASSWORD" .Values.redis.auth.password }}
+{{- end }}
+{{- end }}
+{{- if $out }}{{ toYaml $out }}{{ end }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: long enough for the preStop sleep, the
+readiness delay and the whole drain, plus slack.
+*/}}
+{{- define "switchboard.minGracePeriod" -}}
+{{- $grace := include "switchboard.configInt" (list . "SHUTDOWN_GRACE_MS" 10000) | int64 }}
+{{- $delay := include "switchboard.configInt" (list . "SHUTDOWN_READINESS_DELAY_MS" 0) | int64 }}
+{{- $preStop := .Values.lifecycle.preStopSleepSeconds | int64 }}
+{{- add $preStop (div (add $grace $delay 999) 1000) 5 }}
+{{- end }}
+
+{{/*
+Rules the schema cannot express. Fails the render with a readable message.
+*/}}
+{{- define "switchboard.validate" -}}
+{{- $grace := include "switchboard.configInt" (list . "SHUTDOWN_GRACE_MS" 10000) | int64 }}
+{{- $delay := include "switchboard.configInt" (list . "SHUTDOWN_READINESS_DELAY_MS" 0) | int64 }}
+{{- if and (gt $grace 0) (ge $delay $grace) }}
+{{- fail (printf "config.SHUTDOWN_READINESS_DELAY_MS=%d must be shorter than config.SHUTDOWN_GRACE_MS=%d" $delay $grace) }}
+{{- end }}
+{{- $admin := include "switchboard.adminPort" . }}
+{{- if and $admin (eq $admin (include "switchboard.port" .)) }}
+{{- fail "config.ADMIN_PORT must differ from config.PORT" }}
+{{- end }}
+{{- if and .Values.redis.enabled .Values.redis.url }}
+{{- fail "set either redis.enabled=true (in-chart Redis) or redis.url (external Redis), not both" }}
+{{- end }}
+{{- if and .Values.existingSecret (or .Values.redis.url .Values.redis.auth.password) }}
+{{- fail "with existingSecret, put REDIS_URL (and REDIS_PASSWORD) in that Secret and leave redis.url and redis.auth.password empty" }}
+{{- end }}
+{{- if .Values.existingSecret }}
+{{- range $k, $v := .Values.secrets }}
+{{- if $v }}
+{{- fail (printf "secrets.%s is ignored with existingSecret: put %s in that Secret instead" $k $k) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (not (include "switchboard.hasRedis" .)) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
+{{- fail "more than one replica needs a shared Redis: set redis.enabled=true, redis.url, or existingSecret with REDIS_URL (or replicaCount=1 for a single embedded node)" }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.terminationGracePeriodSeconds) }}
+{{- $min := include "switchboard.minGracePeriod" . | int64 }}
+{{- if lt (int64 .Values.terminationGracePeriodSeconds) $min }}
+{{- fail (printf "terminationGracePeriodSeconds=%d is too short: needs at least %d (preStop sleep + SHUTDOWN_GRACE_MS + SHUTDOWN_READINESS_DELAY_MS + 5 s)" (int64 .Values.terminationGracePeriodSeconds) $min) }}
+{{- end }}
+{{- end }}
+{{- end }}

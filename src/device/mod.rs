@@ -1,0 +1,376 @@
+//! The LED board: its state, the commands that change it, the driver that
+//! shows it, and where it is persisted.
+//!
+//! Any node accepts a command and validates it against its cached copy; the
+//! leader applies it (locally, or forwarded over the [`bus`]), persists the
+//! result fenced by its epoch, drives the hardware, and publishes the
+//! changed events on topic `device`. Every node's cache follows that topic
+//! like any other subscriber, so reads and the initial state of a new client
+//! never wait for Redis.
+
+pub mod bus;
+pub mod driver;
+pub mod state;
+pub mod store;
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::election::{Election, Leadership};
+use crate::hub::{ConnId, Delivery, Hub, Publication, Subscriber};
+use crate::metrics as m;
+use bus::CommandBus;
+use driver::DriverHealth;
+use state::{Command, DeviceState, EVENTS, TOPIC};
+use store::{DeviceStore, StoreError};
+
+/// The hub id of a node's own cache subscription to `device`.
+const CACHE_ID: ConnId = 0;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommandError {
+    /// The command breaks a rule; nothing changed.
+    #[error("{0}")]
+    Invalid(String),
+    /// No leader could apply it now.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A command on its way to the leader.
+pub struct Request {
+    pub command: Command,
+    pub reply: oneshot::Sender<Result<DeviceState, CommandError>>,
+}
+
+/// Cheap-to-clone handle to this node's view of the device.
+#[derive(Clone)]
+pub struct Device {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// std RwLock: read by handlers, written by the cache feed; no `.await`
+    /// under it.
+    cache: RwLock<DeviceState>,
+    store: Arc<dyn DeviceStore>,
+    bus: Arc<dyn CommandBus>,
+    requests_tx: mpsc::Sender<Request>,
+    /// Taken by the leader duty for the length of its term.
+    requests_rx: tokio::sync::Mutex<mpsc::Receiver<Request>>,
+    hub: Hub,
+    election: Arc<dyn Election>,
+    leadership: watch::Receiver<Leadership>,
+    driver_name: String,
+    driver_health: Mutex<Option<DriverHealth>>,
+    timeout: Duration,
+}
+
+/// What a [`Device`] is built from.
+pub struct Parts {
+    pub apps: Vec<String>,
+    pub store: Arc<dyn DeviceStore>,
+    pub bus: Arc<dyn CommandBus>,
+    pub requests: (mpsc::Sender<Request>, mpsc::Receiver<Request>),
+    pub hub: Hub,
+    pub election: Arc<dyn Election>,
+    pub driver: String,
+    pub timeout: Duration,
+}
+
+/// The queue of commands for this node's leader duty.
+pub fn request_queue() -> (mpsc::Sender<Request>, mpsc::Receiver<Request>) {
+    mpsc::channel(256)
+}
+
+impl Device {
+    pub fn new(parts: Parts) -> Device {
+        Device {
+            inner: Arc::new(Inner {
+                cache: RwLock::new(DeviceState::initial(&parts.apps)),
+                store: parts.store,
+                bus: parts.bus,
+                requests_tx: parts.requests.0,
+                requests_rx: tokio::sync::Mutex::new(parts.requests.1),
+                hub: parts.hub,
+                leadership: parts.election.watch(),
+                election: parts.election,
+                driver_name: parts.driver,
+                driver_health: Mutex::new(None),
+                timeout: parts.timeout,
+            }),
+        }
+    }
+
+    /// Loads the persisted state into the cache and follows topic `device`.
+    /// Retries in the background while Redis is unreachable.
+    pub fn spawn_cache(&self, stop: CancellationToken) {
+        let device = self.clone();
+        tokio::spawn(async move {
+            let mut loaded = false;
+            let mut subscribed = false;
+            while !(loaded && subscribed) {
+                if !loaded {
+                    match device.inner.store.load().await {
+                        Ok(Some(s)) => {
+                            device.inner.election.observe_epoch(s.epoch);
+                            device.merge_apps_into_cache(s);
+                            loaded = true;
+                        }
+                        Ok(None) => loaded = true,
+                        Err(e) => tracing::debug!(cause = %e, "device state not loaded yet"),
+                    }
+                }
+                if !subscribed {
+                    let feed: Arc<dyn Subscriber> = Arc::new(CacheFeed(device.clone()));
+                    subscribed = device
+                        .inner
+                        .hub
+                        .subscribe(TOPIC, CACHE_ID, feed)
+                        .await
+                        .is_ok();
+                }
+                if !(loaded && subscribed) {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        });
+    }
+
+    /// Takes a loaded state, keeping this node's configured app list.
+    fn merge_apps_into_cache(&self, mut s: DeviceState) {
+        let apps = self.inner.cache.read().unwrap().apps.clone();
+        for app in &apps {
+            s.configs
+                .entry(app.clone())
+                .or_insert_with(|| state::default_config(app));
+        }
+        s.apps = apps;
+        if !s.apps.contains(&s.current_app) {
+            s.current_app = s.apps[0].clone();
+        }
+        *self.inner.cache.write().unwrap() = s;
+    }
+
+    /// This node's cached copy of the state.
+    pub fn state(&self) -> DeviceState {
+        self.inner.cache.read().unwrap().clone()
+    }
+
+    /// The driver's health when this node leads.
+    pub fn driver_health(&self) -> Option<DriverHealth> {
+        self.inner.driver_health.lock().unwrap().clone()
+    }
+
+    /// Validates a REST body for `kind` (switch, config, carousel, settings)
+    /// against the cached state.
+    pub fn parse(&self, kind: &str, body: &Value) -> Result<Command, CommandError> {
+        state::parse_command(kind, body, &self.inner.cache.read().unwrap())
+            .map_err(|e| CommandError::Invalid(e.0))
+    }
+
+    /// Has the leader apply `command`; returns the new state once persisted.
+    pub async fn submit(&self, command: Command) -> Result<DeviceState, CommandError> {
+        let start = Instant::now();
+        let name = command.name();
+        let leading = self.inner.leadership.borrow().leader;
+        let result = if leading {
+            self.submit_local(command).await
+        } else {
+            self.inner.bus.forward(command, self.inner.timeout).await
+        };
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(CommandError::Invalid(_)) => "invalid",
+            Err(CommandError::Unavailable(_)) => "unavailable",
+        };
+        metrics::histogram!(m::COMMAND_SECONDS, "command" => name, "outcome" => outcome)
+            .record(start.elapsed().as_secs_f64());
+        if let Ok(state) = &result {
+            // Read-your-writes on this node; the published events say the same.
+            *self.inner.cache.write().unwrap() = state.clone();
+        }
+        result
+    }
+
+    /// Queues `command` for this node's leader duty.
+    pub async fn submit_local(&self, command: Command) -> Result<DeviceState, CommandError> {
+        let (tx, rx) = oneshot::channel();
+        let no_leader = || {
+            CommandError::Unavailable(
+                "no leader is available to apply the command; try again".into(),
+            )
+        };
+        self.inner
+            .requests_tx
+            .send_timeout(Request { command, reply: tx }, self.inner.timeout)
+            .await
+            .map_err(|_| no_leader())?;
+        match tokio::time::timeout(self.inner.timeout, rx).await {
+            Ok(Ok(res)) => res,
+            _ => Err(CommandError::Unavailable(format!(
+                "no leader applied the command within {} ms",
+                self.inner.timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// The leader duty: load or re-seed the state, drive the hardware, apply
+    /// commands, rotate the carousel. Returns when `token` is cancelled or a
+    /// newer leader fences this one out.
+    pub async fn lead(&self, epoch: u64, token: CancellationToken) {
+        let mut requests = tokio::select! {
+            r = self.inner.requests_rx.lock() => r,
+            _ = token.cancelled() => return,
+        };
+        let mut state = match self.inner.store.load().await {
+            Ok(Some(s)) => {
+                self.inner.election.observe_epoch(s.epoch);
+                self.merge_apps_into_cache(s);
+                self.state()
+            }
+            Ok(None) => {
+                tracing::info!("no persisted device state; seeding it from this node's copy");
+                self.state()
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, "device state not loaded; using this node's copy");
+                self.state()
+            }
+        };
+        state.epoch = epoch;
+        match self.inner.store.save(&state, epoch).await {
+            Err(StoreError::Fenced { .. }) => {
+                tracing::warn!(epoch, "a newer leader exists; not leading the device");
+                return;
+            }
+            Err(e) => tracing::warn!(cause = %e, "device state not persisted"),
+            Ok(()) => {}
+        }
+        let mut driver = driver::make(&self.inner.driver_name);
+        self.drive(driver.as_mut(), &state);
+        self.publish(&state, &EVENTS).await;
+        let mut next_rotation = rotation_deadline(&state);
+
+        loop {
+            let (command, reply) = tokio::select! {
+                _ = token.cancelled() => break,
+                req = requests.recv() => match req {
+                    Some(r) => (r.command, Some(r.reply)),
+                    None => break,
+                },
+                _ = sleep_until_opt(next_rotation) => (Command::Rotate, None),
+            };
+            let res = match state.apply(&command) {
+                Err(e) => Err(CommandError::Invalid(e.0)),
+                Ok((mut next, changed)) => {
+                    next.epoch = epoch;
+                    match self.inner.store.save(&next, epoch).await {
+                        Ok(()) => {
+                            let carousel_changed = next.carousel != state.carousel;
+                            state = next;
+                            self.drive(driver.as_mut(), &state);
+                            self.publish(&state, &changed).await;
+                            if carousel_changed || matches!(command, Command::Rotate) {
+                                next_rotation = rotation_deadline(&state);
+                            }
+                            Ok(state.clone())
+                        }
+                        Err(StoreError::Fenced { .. }) => {
+                            tracing::warn!(epoch, "fenced out by a newer leader");
+                            if let Some(reply) = reply {
+                                let _ = reply.send(Err(CommandError::Unavailable(
+                                    "leadership changed; try again".into(),
+                                )));
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            if matches!(command, Command::Rotate) {
+                                next_rotation = Some(Instant::now() + Duration::from_secs(1));
+                            }
+                            Err(CommandError::Unavailable(format!(
+                                "state not persisted: {e}"
+                            )))
+                        }
+                    }
+                }
+            };
+            if let Some(reply) = reply {
+                let _ = reply.send(res);
+            }
+        }
+        *self.inner.driver_health.lock().unwrap() = None;
+    }
+
+    fn drive(&self, driver: &mut dyn driver::Driver, state: &DeviceState) {
+        if let Err(e) = driver.apply(state) {
+            tracing::error!(cause = %e, "driver failed to apply the state");
+        }
+        *self.inner.driver_health.lock().unwrap() = Some(driver.health());
+    }
+
+    /// Publishes `events` of `state` on topic `device`, carrying the epoch.
+    async fn publish(&self, state: &DeviceState, events: &[&'static str]) {
+        for event in events {
+            let data = RawValue::from_string(state.event(event).to_string()).expect("JSON");
+            if let Err(e) = self
+                .inner
+                .hub
+                .publish_fenced(TOPIC, event, &data, Some(state.epoch))
+                .await
+            {
+                tracing::warn!(event, cause = %e, "device event not published");
+            }
+        }
+    }
+}
+
+fn rotation_deadline(state: &DeviceState) -> Option<Instant> {
+    let c = &state.carousel;
+    if !c.enabled || c.apps.is_empty() {
+        return None;
+    }
+    let secs = c.apps.get(c.current_index).map_or(1, |e| e.duration.max(1));
+    Some(Instant::now() + Duration::from_secs(secs as u64))
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Keeps a node's cache in step with topic `device`.
+struct CacheFeed(Device);
+
+impl Subscriber for CacheFeed {
+    fn deliver(&self, p: &Publication) -> Delivery {
+        if let Some(epoch) = p.epoch {
+            self.0.inner.election.observe_epoch(epoch);
+        }
+        if EVENTS.contains(&&*p.event)
+            && let Ok(data) = serde_json::from_str::<Value>(p.data.get())
+        {
+            let mut cache = self.0.inner.cache.write().unwrap();
+            cache.absorb(&p.event, &data);
+            if let Some(epoch) = p.epoch {
+                cache.epoch = cache.epoch.max(epoch);
+            }
+        }
+        Delivery::Queued
+    }
+
+    fn transport(&self) -> &'static str {
+        "internal"
+    }
+}

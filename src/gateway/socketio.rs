@@ -1,0 +1,253 @@
+//! Socket.IO v5 at `/socket.io/` (socketioxide, local adapter only).
+//!
+//! A Socket.IO socket is one more kind of hub subscriber: rooms are topics,
+//! and publications reach sockets through our backplane and hub, never
+//! through socketioxide's adapters. On connect a socket follows topic
+//! `device` and receives the four state events. Handlers are registered in
+//! a connect middleware, which socketioxide awaits before it acknowledges
+//! the connection, so a client that emits right after connecting is never
+//! lost (CRATE-NOTES: connect-handler race).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+use socketioxide::extract::{AckSender, SocketRef, State, TryData};
+use socketioxide::handler::ConnectHandler;
+use socketioxide::layer::SocketIoLayer;
+use socketioxide::socket::DisconnectReason;
+use socketioxide::{SendError, SocketError, SocketIo, TransportType};
+
+use crate::device::state::{EVENTS, TOPIC};
+use crate::hub::{ConnId, Delivery, Publication, Subscriber};
+use crate::metrics as m;
+use crate::node::Node;
+use crate::protocol::{self, TOPIC_PATTERN};
+
+/// Packets a socket may have queued before it counts as a slow consumer.
+const SOCKET_BUFFER: usize = 4096;
+
+/// Builds the layer to mount on the router and the handle used at shutdown.
+pub fn layer(node: &Node) -> (SocketIoLayer, SocketIo) {
+    let config = node.config();
+    let (layer, io) = SocketIo::builder()
+        .ping_interval(config.socketio_ping_interval)
+        .ping_timeout(config.socketio_ping_timeout)
+        .max_payload(config.max_payload as u64)
+        .ws_max_message_size(config.max_payload)
+        .ws_max_frame_size(config.max_payload)
+        .ws_read_buffer_size(4 * 1024)
+        .max_buffer_size(SOCKET_BUFFER)
+        .transports([TransportType::Polling, TransportType::Websocket])
+        .with_state(node.clone())
+        .build_layer();
+    io.ns("/", on_connect.with(register));
+    (layer, io)
+}
+
+/// Per-socket state, kept in the socket's extensions.
+struct Session {
+    id: ConnId,
+    topics: Mutex<HashSet<String>>,
+}
+
+/// Connect middleware: runs before the CONNECT ack.
+async fn register(
+    socket: SocketRef,
+    State(node): State<Node>,
+) -> Result<(), std::convert::Infallible> {
+    socket.extensions.insert(Arc::new(Session {
+        id: rand::random(),
+        topics: Mutex::new(HashSet::new()),
+    }));
+    socket.on("subscribe", on_subscribe);
+    socket.on("unsubscribe", on_unsubscribe);
+    socket.on("request_state", on_request_state);
+    socket.on_disconnect(on_disconnect);
+    metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::SOCKETIO).increment(1.0);
+    metrics::counter!(m::CONNECTIONS_OPENED, "transport" => m::transport::SOCKETIO).increment(1);
+    node.connection_opened();
+    Ok(())
+}
+
+fn session(socket: &SocketRef) -> Arc<Session> {
+    socket
+        .extensions
+        .get::<Arc<Session>>()
+        .expect("registered at connect")
+}
+
+async fn on_connect(socket: SocketRef, State(node): State<Node>) {
+    if let Err(e) = join(&socket, &node, TOPIC).await {
+        emit_error(&socket, None, &e);
+    }
+    send_state(&socket, &node);
+}
+
+fn send_state(socket: &SocketRef, node: &Node) {
+    let state = node.device().state();
+    for event in EVENTS {
+        let _ = socket.emit(event, &state.event(event));
+    }
+}
+
+async fn join(socket: &SocketRef, node: &Node, topic: &str) -> Result<(), String> {
+    let s = session(socket);
+    if !s.topics.lock().unwrap().contains(topic)
+        && s.topics.lock().unwrap().len() >= node.config().max_subscriptions
+    {
+        return Err(format!(
+            "subscription limit of {} topics per connection reached",
+            node.config().max_subscriptions
+        ));
+    }
+    let sub: Arc<dyn Subscriber> = Arc::new(SocketSubscriber {
+        socket: socket.clone(),
+        kicked: AtomicBool::new(false),
+    });
+    node.hub()
+        .subscribe(topic, s.id, sub)
+        .await
+        .map_err(|e| format!("could not subscribe to \"{topic}\": {e}"))?;
+    s.topics.lock().unwrap().insert(topic.to_string());
+    Ok(())
+}
+
+/// `subscribe` takes a topic name, or `{"topic": …}` / `{"event": …}`.
+fn topic_arg(data: &Result<Value, socketioxide::ParserError>) -> Result<String, String> {
+    let v = data
+        .as_ref()
+        .map_err(|e| format!("could not read the message: {e}"))?;
+    let name = match v {
+        Value::String(s) => Some(s.as_str()),
+        Value::Object(o) => o
+            .get("topic")
+            .or_else(|| o.get("event"))
+            .and_then(Value::as_str),
+        _ => None,
+    }
+    .ok_or_else(|| "expected a topic name, or {\"topic\": \"name\"}".to_string())?;
+    if protocol::valid_topic(name) {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "invalid topic name \"{name}\": must match {TOPIC_PATTERN}"
+        ))
+    }
+}
+
+async fn on_subscribe(
+    socket: SocketRef,
+    State(node): State<Node>,
+    TryData(data): TryData<Value>,
+    ack: AckSender,
+) {
+    metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => "subscribe")
+        .increment(1);
+    let res = match topic_arg(&data) {
+        Ok(topic) => join(&socket, &node, &topic).await.map(|_| topic),
+        Err(e) => Err(e),
+    };
+    reply(&socket, ack, res);
+}
+
+async fn on_unsubscribe(
+    socket: SocketRef,
+    State(node): State<Node>,
+    TryData(data): TryData<Value>,
+    ack: AckSender,
+) {
+    metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => "unsubscribe")
+        .increment(1);
+    let res = match topic_arg(&data) {
+        Ok(topic) => {
+            let s = session(&socket);
+            let was = s.topics.lock().unwrap().remove(&topic);
+            if was {
+                node.hub().unsubscribe(&topic, s.id).await;
+            }
+            Ok(topic)
+        }
+        Err(e) => Err(e),
+    };
+    reply(&socket, ack, res);
+}
+
+async fn on_request_state(socket: SocketRef, State(node): State<Node>, ack: AckSender) {
+    metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => "request_state")
+        .increment(1);
+    send_state(&socket, &node);
+    let _ = ack.send(&json!({"ok": true}));
+}
+
+fn reply(socket: &SocketRef, ack: AckSender, res: Result<String, String>) {
+    match res {
+        Ok(topic) => {
+            let _ = ack.send(&json!({"ok": true, "topic": topic}));
+        }
+        Err(e) => {
+            let _ = ack.send(&json!({"ok": false, "error": e}));
+            emit_error(socket, None, &e);
+        }
+    }
+}
+
+fn emit_error(socket: &SocketRef, topic: Option<&str>, message: &str) {
+    let _ = socket.emit("error", &json!({"message": message, "topic": topic}));
+}
+
+async fn on_disconnect(socket: SocketRef, State(node): State<Node>, reason: DisconnectReason) {
+    let s = session(&socket);
+    let topics: Vec<String> = s.topics.lock().unwrap().drain().collect();
+    for topic in topics {
+        node.hub().unsubscribe(&topic, s.id).await;
+    }
+    let reason = match reason {
+        DisconnectReason::ServerNSDisconnect => m::reason::SLOW_CONSUMER,
+        DisconnectReason::ClosingServer => m::reason::SHUTDOWN,
+        DisconnectReason::HeartbeatTimeout => m::reason::HEARTBEAT,
+        DisconnectReason::PacketParsingError => m::reason::ERROR,
+        _ => m::reason::CLIENT,
+    };
+    metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::SOCKETIO).decrement(1.0);
+    metrics::counter!(m::CONNECTIONS_CLOSED, "transport" => m::transport::SOCKETIO, "reason" => reason)
+        .increment(1);
+    node.connection_closed();
+}
+
+/// One socket as a hub subscriber of one topic.
+struct SocketSubscriber {
+    socket: SocketRef,
+    kicked: AtomicBool,
+}
+
+impl Subscriber for SocketSubscriber {
+    fn deliver(&self, p: &Publication) -> Delivery {
+        match self.socket.emit(&*p.event, &*p.data) {
+            Ok(()) => Delivery::Queued,
+            Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                // Slow consumer: the same policy as native clients.
+                if !self.kicked.swap(true, Ordering::AcqRel) {
+                    metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => m::transport::SOCKETIO)
+                        .increment(1);
+                    let socket = self.socket.clone();
+                    // Not under the hub's lock: disconnecting runs our handler.
+                    tokio::spawn(async move {
+                        let _ = socket.disconnect();
+                    });
+                }
+                Delivery::Overflow
+            }
+            Err(SendError::Socket(SocketError::Closed)) => Delivery::Closed,
+            Err(e) => {
+                tracing::warn!(cause = %e, "socket.io emit failed");
+                Delivery::Closed
+            }
+        }
+    }
+
+    fn transport(&self) -> &'static str {
+        m::transport::SOCKETIO
+    }
+}
