@@ -52,6 +52,10 @@ pub mod names {
     pub const SHUTDOWN_READINESS_DELAY_MS: &str = "SHUTDOWN_READINESS_DELAY_MS";
     pub const SHUTDOWN_DRAIN_MS: &str = "SHUTDOWN_DRAIN_MS";
     pub const SHUTDOWN_CLOSE_CODE: &str = "SHUTDOWN_CLOSE_CODE";
+    pub const WEBSOCKET_PROXY_ENABLED: &str = "WEBSOCKET_PROXY_ENABLED";
+    pub const WEBSOCKET_PROXY_ROUTES: &str = "WEBSOCKET_PROXY_ROUTES";
+    pub const WEBSOCKET_PROXY_FORWARD_HEADERS: &str = "WEBSOCKET_PROXY_FORWARD_HEADERS";
+    pub const WEBSOCKET_PROXY_CONNECT_TIMEOUT_MS: &str = "WEBSOCKET_PROXY_CONNECT_TIMEOUT_MS";
 
     /// Every name above, for `--help` and to reject unknown flags.
     pub const ALL: &[&str] = &[
@@ -84,6 +88,10 @@ pub mod names {
         SHUTDOWN_READINESS_DELAY_MS,
         SHUTDOWN_DRAIN_MS,
         SHUTDOWN_CLOSE_CODE,
+        WEBSOCKET_PROXY_ENABLED,
+        WEBSOCKET_PROXY_ROUTES,
+        WEBSOCKET_PROXY_FORWARD_HEADERS,
+        WEBSOCKET_PROXY_CONNECT_TIMEOUT_MS,
     ];
 
     /// Settings whose values must never be printed, not even in an error.
@@ -304,6 +312,24 @@ impl Origins {
     }
 }
 
+/// One entry of `WEBSOCKET_PROXY_ROUTES`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyRoute {
+    pub name: String,
+    /// `ws://` or `wss://` URL of the upstream.
+    pub url: String,
+}
+
+/// The WebSocket proxy settings.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub enabled: bool,
+    pub routes: Vec<ProxyRoute>,
+    /// Request headers copied to the upstream handshake.
+    pub forward_headers: Vec<String>,
+    pub connect_timeout: Duration,
+}
+
 /// The parsed, validated settings of one node.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -338,6 +364,7 @@ pub struct Config {
     pub shutdown_readiness_delay: Duration,
     pub shutdown_drain: Duration,
     pub shutdown_close_code: u16,
+    pub proxy: ProxyConfig,
 }
 
 /// The demo events served when `WEBSOCKET_MOCK_EVENTS` is not set.
@@ -495,6 +522,29 @@ impl Config {
             "1012" => Ok(Some(1012)),
             _ => Err("expected 1001 (going away) or 1012 (service restart)".into()),
         });
+        let proxy_enabled = p.parse(names::WEBSOCKET_PROXY_ENABLED, "false", parse_bool);
+        let proxy_routes = p.parse(names::WEBSOCKET_PROXY_ROUTES, "", parse_proxy_routes);
+        let proxy_forward = p.parse(
+            names::WEBSOCKET_PROXY_FORWARD_HEADERS,
+            "Authorization,Cookie",
+            |v| {
+                let list: Vec<String> = v
+                    .split(',')
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+                    .collect();
+                match list.iter().find(|h| {
+                    !h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                }) {
+                    Some(bad) => Err(format!("`{bad}` is not a header name")),
+                    None => Ok(list),
+                }
+            },
+        );
+        let proxy_timeout = p.parse(names::WEBSOCKET_PROXY_CONNECT_TIMEOUT_MS, "5000", |v| {
+            parse_ms(v, 100, 120_000)
+        });
 
         if !p.errors.is_empty() {
             return Err(ConfigErrors(p.errors));
@@ -568,6 +618,12 @@ impl Config {
             shutdown_readiness_delay,
             shutdown_drain,
             shutdown_close_code,
+            proxy: ProxyConfig {
+                enabled: proxy_enabled.unwrap(),
+                routes: proxy_routes.unwrap(),
+                forward_headers: proxy_forward.unwrap(),
+                connect_timeout: proxy_timeout.unwrap(),
+            },
         })
     }
 
@@ -708,6 +764,57 @@ fn parse_origins(v: &str) -> Result<Origins, String> {
         ));
     }
     Ok(Origins::List(list))
+}
+
+/// `name:ws://host:port/path,name2:wss://…`
+fn parse_proxy_routes(v: &str) -> Result<Vec<ProxyRoute>, String> {
+    let mut routes: Vec<ProxyRoute> = Vec::new();
+    for entry in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let Some((name, url)) = entry.split_once(':') else {
+            return Err(format!(
+                "entry \"{entry}\" must be name:ws://host[:port]/path"
+            ));
+        };
+        let name = name.trim();
+        let url = url.trim();
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
+            return Err(format!(
+                "entry \"{entry}\": route name must be 1 to 64 characters from A-Z a-z 0-9 _ - ."
+            ));
+        }
+        let rest = url
+            .strip_prefix("ws://")
+            .or_else(|| url.strip_prefix("wss://"))
+            .ok_or_else(|| format!("entry \"{entry}\": upstream must be a ws:// or wss:// URL"))?;
+        let host = rest.split(['/', '?']).next().unwrap_or("");
+        let host_ok = !host.is_empty()
+            && !host.contains(['@', ' '])
+            && host.rsplit_once(':').is_none_or(|(h, port)| {
+                !h.is_empty()
+                    && (h.ends_with(']') || !h.contains(':'))
+                    && port.parse::<u16>().is_ok()
+            });
+        if !host_ok || url.parse::<axum::http::Uri>().is_err() {
+            return Err(format!(
+                "entry \"{entry}\": upstream URL has no valid host[:port]"
+            ));
+        }
+        if routes.iter().any(|r| r.name == name) {
+            return Err(format!(
+                "entry \"{entry}\": route name \"{name}\" appears twice"
+            ));
+        }
+        routes.push(ProxyRoute {
+            name: name.to_string(),
+            url: url.to_string(),
+        });
+    }
+    Ok(routes)
 }
 
 #[derive(Deserialize)]
@@ -861,6 +968,32 @@ mod tests {
         };
         assert_eq!(err.0.len(), 2);
         assert!(err.to_string().contains("--nope=1 is not valid"));
+    }
+
+    #[test]
+    fn proxy_routes() {
+        let c = config(&[(
+            "WEBSOCKET_PROXY_ROUTES",
+            "echo:ws://127.0.0.1:9000/feed, prices:wss://feed.example.com/v1?x=1",
+        )])
+        .unwrap();
+        assert_eq!(c.proxy.routes.len(), 2);
+        assert_eq!(c.proxy.routes[1].url, "wss://feed.example.com/v1?x=1");
+        assert_eq!(c.proxy.forward_headers, vec!["Authorization", "Cookie"]);
+        for bad in [
+            "nocolon",
+            "a:http://x",
+            "a:ws://",
+            "a:ws://host:99999/x",
+            "bad name:ws://h",
+            "a:ws://h,a:ws://g",
+        ] {
+            let err = config(&[("WEBSOCKET_PROXY_ROUTES", bad)]).unwrap_err();
+            assert!(
+                err.to_string().contains("WEBSOCKET_PROXY_ROUTES="),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`leader`]: duties that run only on the leader (device driver, carousel, mock-event timers).
 //! - [`device`]: LED board state, command validation, drivers, fenced persistence, command forwarding.
 //! - [`gateway`]: client transports into the hub (native WebSocket, Socket.IO).
+//! - [`proxy`]: `WEBSOCKET_PATH/proxy/{name}` to configured upstream feeds.
 //! - [`api`]: HTTP endpoints and the error format.
 //! - [`metrics`]: metric names, recorder, `/metrics`.
 //! - [`registry`]: every live node's announcement, for cluster-wide stats.
@@ -26,6 +27,7 @@ pub mod leader;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
+pub mod proxy;
 pub mod redis;
 pub mod registry;
 

@@ -111,6 +111,7 @@ struct Inner {
     /// Every client session, so the drain can wait for them.
     sessions: TaskTracker,
     connections: AtomicUsize,
+    proxy_connections: AtomicUsize,
     metrics: Option<PrometheusHandle>,
     /// Set when the router mounts Socket.IO; closed on drain.
     socketio: std::sync::OnceLock<socketioxide::SocketIo>,
@@ -172,6 +173,7 @@ impl Node {
                 draining: AtomicBool::new(false),
                 sessions: TaskTracker::new(),
                 connections: AtomicUsize::new(0),
+                proxy_connections: AtomicUsize::new(0),
                 metrics,
                 socketio: std::sync::OnceLock::new(),
                 started_at: SystemTime::now(),
@@ -210,7 +212,7 @@ impl Node {
             leader: leadership.leader,
             epoch: leadership.epoch,
             connected_clients: self.connections(),
-            proxy_connections: 0,
+            proxy_connections: self.inner.proxy_connections.load(Ordering::Relaxed),
             topics: self.hub().topic_count(),
             subscriptions: self.hub().subscription_count(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -256,6 +258,11 @@ impl Node {
 
     pub fn set_socketio(&self, io: socketioxide::SocketIo) {
         let _ = self.inner.socketio.set(io);
+    }
+
+    /// Open proxied connections on this node.
+    pub fn proxy_counter(&self) -> &AtomicUsize {
+        &self.inner.proxy_connections
     }
 
     pub fn connection_opened(&self) {

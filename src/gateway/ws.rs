@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
@@ -51,12 +52,22 @@ pub async fn upgrade(State(node): State<Node>, ws: WebSocketUpgrade) -> Response
     accept(node, ws, None)
 }
 
-/// `GET WEBSOCKET_PATH/{topic}`: subscribes to `topic` right after `connected`.
+/// `GET WEBSOCKET_PATH/{topic}`: subscribes to `topic` right after
+/// `connected`. `WEBSOCKET_PATH/proxy/{name}` is the proxy, so a topic whose
+/// name starts with `proxy/` can only be subscribed with a message.
 pub async fn upgrade_topic(
     State(node): State<Node>,
     Path(topic): Path<String>,
-    ws: WebSocketUpgrade,
+    headers: axum::http::HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    if let Some(name) = topic.strip_prefix("proxy/") {
+        return crate::proxy::upgrade(node, name, &headers, ws).await;
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
     if !protocol::valid_topic(&topic) {
         return ApiError::BadRequest(
             ProtocolError::InvalidTopic(topic.chars().take(140).collect()).to_string(),

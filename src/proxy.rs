@@ -1,0 +1,239 @@
+//! `WEBSOCKET_PATH/proxy/{name}`: pumps frames between a browser and one of
+//! the configured upstream WebSocket feeds, so pages reach them through one
+//! origin with our Origin rule and limits.
+//!
+//! Only upstreams named in `WEBSOCKET_PROXY_ROUTES` are reachable: there is
+//! no way to name a URL from the client (no open proxy). The upstream is
+//! connected *before* the client's upgrade is accepted, so an unknown route
+//! is a 404 and an unreachable or slow upstream is a 502 or 504 — a client
+//! never sees `proxy_connected` for a feed that is not there.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{self, CloseFrame, WebSocket, WebSocketUpgrade};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, protocol::WebSocketConfig};
+
+use crate::api::ApiError;
+use crate::config::ProxyRoute;
+use crate::metrics as m;
+use crate::node::Node;
+use crate::protocol;
+
+type Upstream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// `GET WEBSOCKET_PATH/proxy/{name}` (routed by the topic-path handler).
+pub async fn upgrade(
+    node: Node,
+    name: &str,
+    headers: &HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let config = node.config().clone();
+    if !config.proxy.enabled {
+        return ApiError::NotFound("the WebSocket proxy is not enabled".into()).into_response();
+    }
+    let Some(route) = config.proxy.routes.iter().find(|r| r.name == name).cloned() else {
+        return ApiError::NotFound(format!(
+            "no proxy route named \"{}\"",
+            name.chars().take(64).collect::<String>()
+        ))
+        .into_response();
+    };
+    if node.is_draining() {
+        return ApiError::Unavailable("node is shutting down".into()).into_response();
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let upstream = match connect(&route, headers, &config.proxy.forward_headers, &node).await {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
+    };
+    let max = config.max_payload;
+    let guard = node.sessions().token();
+    ws.read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            pump(node, socket, upstream, route).await;
+            drop(guard);
+        })
+}
+
+async fn connect(
+    route: &ProxyRoute,
+    headers: &HeaderMap,
+    forward: &[String],
+    node: &Node,
+) -> Result<Upstream, ApiError> {
+    let mut request = route
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| ApiError::Internal(format!("proxy route {}: {e}", route.name)))?;
+    for name in forward {
+        for value in headers.get_all(name.as_str()) {
+            if let Ok(header) = tungstenite::http::HeaderName::from_bytes(name.as_bytes()) {
+                request.headers_mut().append(header, value.clone());
+            }
+        }
+    }
+    let max = node.config().max_payload;
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let timeout = node.config().proxy.connect_timeout;
+    match tokio::time::timeout(
+        timeout,
+        tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true),
+    )
+    .await
+    {
+        Ok(Ok((upstream, _))) => Ok(upstream),
+        Ok(Err(e)) => {
+            tracing::warn!(route = %route.name, cause = %e, "proxy upstream unreachable");
+            Err(ApiError::BadGateway(format!(
+                "upstream of proxy route \"{}\" is unreachable",
+                route.name
+            )))
+        }
+        Err(_) => Err(ApiError::GatewayTimeout(format!(
+            "upstream of proxy route \"{}\" did not answer within {} ms",
+            route.name,
+            timeout.as_millis()
+        ))),
+    }
+}
+
+/// Counts an open proxied connection for as long as it lives.
+struct Counted(Node);
+
+impl Counted {
+    fn new(node: Node) -> Self {
+        node.proxy_counter().fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(m::PROXY_CONNECTIONS).increment(1.0);
+        metrics::counter!(m::CONNECTIONS_OPENED, "transport" => m::transport::PROXY).increment(1);
+        Counted(node)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.proxy_counter().fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(m::PROXY_CONNECTIONS).decrement(1.0);
+        metrics::counter!(m::CONNECTIONS_CLOSED, "transport" => m::transport::PROXY, "reason" => m::reason::CLIENT)
+            .increment(1);
+    }
+}
+
+async fn pump(node: Node, client: WebSocket, upstream: Upstream, route: ProxyRoute) {
+    let _counted = Counted::new(node.clone());
+    let (mut client_tx, mut client_rx) = client.split();
+    let (mut up_tx, mut up_rx) = upstream.split();
+    let client_id = format!("{:016x}", rand::random::<u64>());
+    let hello = serde_json::json!({
+        "type": "proxy_connected",
+        "clientId": client_id,
+        "routeName": route.name,
+        "timestamp": protocol::timestamp(),
+    });
+    if client_tx
+        .send(ws::Message::Text(hello.to_string().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let heartbeat = node.config().heartbeat_interval;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    let shutdown = node.shutdown_token();
+    loop {
+        tokio::select! {
+            msg = client_rx.next() => match msg {
+                Some(Ok(ws::Message::Text(t))) => {
+                    if up_tx.send(tungstenite::Message::Text(t.as_str().into())).await.is_err() { break; }
+                }
+                Some(Ok(ws::Message::Binary(b))) => {
+                    if up_tx.send(tungstenite::Message::Binary(b)).await.is_err() { break; }
+                }
+                Some(Ok(ws::Message::Ping(_) | ws::Message::Pong(_))) => {}
+                Some(Ok(ws::Message::Close(frame))) => {
+                    let frame = frame.map(|f| tungstenite::protocol::CloseFrame {
+                        code: f.code.into(),
+                        reason: f.reason.as_str().into(),
+                    });
+                    let _ = up_tx.send(tungstenite::Message::Close(frame)).await;
+                    break;
+                }
+                Some(Err(_)) | None => {
+                    let _ = up_tx.send(tungstenite::Message::Close(None)).await;
+                    break;
+                }
+            },
+            msg = up_rx.next() => match msg {
+                Some(Ok(tungstenite::Message::Text(t))) => {
+                    if client_tx.send(ws::Message::Text(t.as_str().into())).await.is_err() { break; }
+                }
+                Some(Ok(tungstenite::Message::Binary(b))) => {
+                    if client_tx.send(ws::Message::Binary(b)).await.is_err() { break; }
+                }
+                Some(Ok(tungstenite::Message::Close(frame))) => {
+                    let frame = frame.map(|f| CloseFrame {
+                        code: f.code.into(),
+                        reason: f.reason.as_str().into(),
+                    });
+                    let _ = client_tx.send(ws::Message::Close(frame)).await;
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(route = %route.name, cause = %e, "proxy upstream failed");
+                    let _ = client_tx
+                        .send(ws::Message::Close(Some(CloseFrame {
+                            code: 1011,
+                            reason: "upstream failed".into(),
+                        })))
+                        .await;
+                    break;
+                }
+                None => {
+                    let _ = client_tx
+                        .send(ws::Message::Close(Some(CloseFrame {
+                            code: 1011,
+                            reason: "upstream closed the connection".into(),
+                        })))
+                        .await;
+                    break;
+                }
+            },
+            _ = ping.tick() => {
+                // Keeps both legs alive through idle timeouts of load balancers.
+                let a = client_tx.send(ws::Message::Ping(Default::default())).await;
+                let b = up_tx.send(tungstenite::Message::Ping(Default::default())).await;
+                if a.is_err() || b.is_err() { break; }
+            }
+            _ = shutdown.cancelled() => {
+                let code = node.config().shutdown_close_code;
+                let _ = client_tx
+                    .send(ws::Message::Close(Some(CloseFrame { code, reason: "server shutting down".into() })))
+                    .await;
+                let _ = up_tx.send(tungstenite::Message::Close(None)).await;
+                break;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = client_tx.close().await;
+        let _ = up_tx.close().await;
+    })
+    .await;
+}

@@ -1,0 +1,207 @@
+//! The WebSocket proxy against a local echo upstream.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Closed, Node};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+/// An upstream that echoes frames, reports the Authorization header it got,
+/// and closes with 4001 when asked to.
+async fn echo_server() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut auth = String::new();
+                let cb = |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                          resp| {
+                    auth = req
+                        .headers()
+                        .get("authorization")
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_default();
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    match msg {
+                        Message::Text(t) if t.as_str() == "close-4001" => {
+                            let _ = ws
+                                .send(Message::Close(Some(CloseFrame {
+                                    code: 4001.into(),
+                                    reason: "upstream says bye".into(),
+                                })))
+                                .await;
+                            break;
+                        }
+                        Message::Text(t) if t.as_str() == "auth?" => {
+                            let _ = ws.send(Message::Text(auth.clone().into())).await;
+                        }
+                        Message::Text(_) | Message::Binary(_) => {
+                            let _ = ws.send(msg).await;
+                        }
+                        Message::Close(_) => break,
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(node: &Node, route: &str) -> Ws {
+    let url = node.ws_url(&format!("/ws/proxy/{route}"));
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        url.as_str(),
+    )
+    .unwrap();
+    req.headers_mut()
+        .insert("authorization", "Bearer abc".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let Some(Ok(Message::Text(hello))) = ws.next().await else {
+        panic!("no proxy_connected")
+    };
+    let hello: Value = serde_json::from_str(&hello).unwrap();
+    assert_eq!(hello["type"], "proxy_connected");
+    assert_eq!(hello["routeName"], route);
+    assert!(hello["clientId"].is_string() && hello["timestamp"].is_string());
+    ws
+}
+
+fn proxy_connections(node: &Node) -> u64 {
+    node.get("/admin/websocket/stats").1["data"]["proxyConnections"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_round_trip_and_close_codes_propagate() {
+    let (upstream, _task) = echo_server().await;
+    let routes = format!("echo:ws://{upstream}/feed,dead:ws://127.0.0.1:1/x");
+    let node = Node::start(
+        "proxy",
+        &[
+            ("WEBSOCKET_PROXY_ENABLED", "true"),
+            ("WEBSOCKET_PROXY_ROUTES", &routes),
+        ],
+    );
+    let mut ws = open(&node, "echo").await;
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::Text("hello".into())
+    );
+    ws.send(Message::Binary(vec![0, 1, 2, 255].into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::Binary(vec![0, 1, 2, 255].into())
+    );
+    ws.send(Message::Text("auth?".into())).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::Text("Bearer abc".into())
+    );
+    assert_eq!(proxy_connections(&node), 1);
+    ws.send(Message::Text("close-4001".into())).await.unwrap();
+    let mut client = common::Client {
+        ws,
+        client_id: String::new(),
+    };
+    assert_eq!(
+        client.closed_within(Duration::from_secs(5)).await,
+        Some(Closed::Code(4001))
+    );
+
+    // Unknown route: 404 before the upgrade. Unreachable upstream: 502.
+    let start = Instant::now();
+    assert_eq!(node.get("/ws/proxy/nope").0, 404);
+    let err = tokio_tungstenite::connect_async(node.ws_url("/ws/proxy/dead")).await;
+    let status = match err {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        other => panic!("expected an HTTP refusal, got {other:?}"),
+    };
+    assert_eq!(status, 502);
+    assert!(start.elapsed() < Duration::from_secs(5));
+
+    // 200 connect/disconnect cycles leave nothing counted.
+    for _ in 0..200 {
+        let mut ws = open(&node, "echo").await;
+        ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    assert!(common::eventually(
+        Duration::from_secs(5),
+        || proxy_connections(&node) == 0
+    ));
+    let _one = open(&node, "echo").await;
+    assert!(common::eventually(
+        Duration::from_secs(2),
+        || proxy_connections(&node) == 1
+    ));
+}
+
+#[tokio::test]
+async fn an_upstream_that_does_not_answer_times_out_with_504() {
+    // Accepts TCP but never completes the WebSocket handshake.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let routes = format!("slow:ws://{}/x", silent.local_addr().unwrap());
+    let node = Node::start(
+        "proxy-slow",
+        &[
+            ("WEBSOCKET_PROXY_ENABLED", "true"),
+            ("WEBSOCKET_PROXY_ROUTES", &routes),
+            ("WEBSOCKET_PROXY_CONNECT_TIMEOUT_MS", "500"),
+        ],
+    );
+    let start = Instant::now();
+    match tokio_tungstenite::connect_async(node.ws_url("/ws/proxy/slow")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 504)
+        }
+        other => panic!("expected 504, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn disabled_proxy_is_404_and_bad_routes_stop_start_up() {
+    let node = Node::start(
+        "proxy-off",
+        &[("WEBSOCKET_PROXY_ROUTES", "a:ws://127.0.0.1:9/x")],
+    );
+    assert_eq!(node.get("/ws/proxy/a").0, 404);
+    let out = std::process::Command::new(common::BIN)
+        .env_clear()
+        .env("PORT", "0")
+        .env("WEBSOCKET_PROXY_ENABLED", "true")
+        .env(
+            "WEBSOCKET_PROXY_ROUTES",
+            "good:ws://h:1/x,broken:http://h/x",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("WEBSOCKET_PROXY_ROUTES") && err.contains("broken"),
+        "{err}"
+    );
+}
