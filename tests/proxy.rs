@@ -1,5 +1,8 @@
 //! The WebSocket proxy against a local echo upstream.
 
+// tungstenite's handshake callback must return its (large) error response type.
+#![allow(clippy::result_large_err)]
+
 mod common;
 
 use std::time::{Duration, Instant};
