@@ -2,7 +2,8 @@
 //! project's error format (`ApiError`), used by every handler.
 //!
 //! Successful JSON answers use the envelope the seed tools expect:
-//! `{"success":true,"data":…,"meta":{"timestamp","requestId"}}`. Errors are
+//! `{"success":true,"data":…,"meta":{"timestamp","requestId"}}`, except the
+//! probes and `/api/health`, whose flat shape monitoring tools read. Errors are
 //! `{"success":false,"error":"<sentence>","code":"<code>"}`; 5xx bodies stay
 //! generic and the detail goes to the log.
 
@@ -27,7 +28,15 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    TooLarge(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -43,7 +52,11 @@ impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             ApiError::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
@@ -62,11 +75,18 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        (
+        let mut res = (
             status,
             AxumJson(json!({"success": false, "error": message, "code": code})),
         )
-            .into_response()
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            res.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        res
     }
 }
 
@@ -80,6 +100,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match AxumJson::<T>::from_request(req, state).await {
             Ok(AxumJson(v)) => Ok(Json(v)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(
+                ApiError::TooLarge("request body is larger than HTTP_BODY_LIMIT allows".into()),
+            ),
             Err(rejection) => Err(ApiError::BadRequest(rejection_text(&rejection))),
         }
     }
@@ -264,9 +287,52 @@ pub async fn metrics(State(node): State<Node>) -> Response {
     }
 }
 
+// === endpoint tokens ===
+
+/// `API_TOKEN` on commands and publishing, when configured.
+pub async fn require_api_token(
+    State(node): State<Node>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    check_token(node.config().api_token.as_ref(), "API", req, next).await
+}
+
+/// `ADMIN_TOKEN` on `/admin/*`, when configured.
+pub async fn require_admin_token(
+    State(node): State<Node>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    check_token(node.config().admin_token.as_ref(), "admin", req, next).await
+}
+
+async fn check_token(
+    expected: Option<&crate::auth::Secret>,
+    kind: &str,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(expected) = expected {
+        let ok = crate::auth::bearer(req.headers()).is_some_and(|t| expected.matches(&t));
+        if !ok {
+            return ApiError::Unauthorized(format!(
+                "this endpoint needs the {kind} token as Authorization: Bearer <token>"
+            ))
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
 /// Any other path.
 pub async fn not_found() -> ApiError {
     ApiError::NotFound("no such endpoint".into())
+}
+
+/// A known path with the wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed("this endpoint does not take that method".into())
 }
 
 // === device ===

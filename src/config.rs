@@ -13,11 +13,13 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::auth::{Authenticator, KeySource, Pattern, Secret};
 use crate::protocol;
 
 /// Every environment variable this crate reads. The names are a contract with
@@ -56,6 +58,20 @@ pub mod names {
     pub const WEBSOCKET_PROXY_ROUTES: &str = "WEBSOCKET_PROXY_ROUTES";
     pub const WEBSOCKET_PROXY_FORWARD_HEADERS: &str = "WEBSOCKET_PROXY_FORWARD_HEADERS";
     pub const WEBSOCKET_PROXY_CONNECT_TIMEOUT_MS: &str = "WEBSOCKET_PROXY_CONNECT_TIMEOUT_MS";
+    pub const AUTH_JWT_SECRET: &str = "AUTH_JWT_SECRET";
+    pub const AUTH_JWT_PUBLIC_KEY_FILE: &str = "AUTH_JWT_PUBLIC_KEY_FILE";
+    pub const AUTH_JWT_AUDIENCE: &str = "AUTH_JWT_AUDIENCE";
+    pub const AUTH_JWT_ISSUER: &str = "AUTH_JWT_ISSUER";
+    pub const AUTH_PUBLIC_TOPICS: &str = "AUTH_PUBLIC_TOPICS";
+    pub const API_TOKEN: &str = "API_TOKEN";
+    pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
+    pub const WEBSOCKET_RATE_LIMIT: &str = "WEBSOCKET_RATE_LIMIT";
+    pub const WEBSOCKET_RATE_BURST: &str = "WEBSOCKET_RATE_BURST";
+    pub const MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
+    pub const HTTP_BODY_LIMIT: &str = "HTTP_BODY_LIMIT";
+    pub const HTTP_REQUEST_TIMEOUT_MS: &str = "HTTP_REQUEST_TIMEOUT_MS";
+    pub const WEBSOCKET_HANDSHAKE_TIMEOUT_MS: &str = "WEBSOCKET_HANDSHAKE_TIMEOUT_MS";
+    pub const REDIS_CA_FILE: &str = "REDIS_CA_FILE";
 
     /// Every name above, for `--help` and to reject unknown flags.
     pub const ALL: &[&str] = &[
@@ -92,10 +108,24 @@ pub mod names {
         WEBSOCKET_PROXY_ROUTES,
         WEBSOCKET_PROXY_FORWARD_HEADERS,
         WEBSOCKET_PROXY_CONNECT_TIMEOUT_MS,
+        AUTH_JWT_SECRET,
+        AUTH_JWT_PUBLIC_KEY_FILE,
+        AUTH_JWT_AUDIENCE,
+        AUTH_JWT_ISSUER,
+        AUTH_PUBLIC_TOPICS,
+        API_TOKEN,
+        ADMIN_TOKEN,
+        WEBSOCKET_RATE_LIMIT,
+        WEBSOCKET_RATE_BURST,
+        MAX_CONNECTIONS,
+        HTTP_BODY_LIMIT,
+        HTTP_REQUEST_TIMEOUT_MS,
+        WEBSOCKET_HANDSHAKE_TIMEOUT_MS,
+        REDIS_CA_FILE,
     ];
 
     /// Settings whose values must never be printed, not even in an error.
-    pub const SECRET: &[&str] = &[];
+    pub const SECRET: &[&str] = &[AUTH_JWT_SECRET, API_TOKEN, ADMIN_TOKEN];
 }
 
 /// Where setting values come from. Returning `None` means "not set".
@@ -365,6 +395,25 @@ pub struct Config {
     pub shutdown_drain: Duration,
     pub shutdown_close_code: u16,
     pub proxy: ProxyConfig,
+    /// Client token checks (open when no JWT key is configured).
+    pub auth: Authenticator,
+    pub api_token: Option<Secret>,
+    pub admin_token: Option<Secret>,
+    /// Client messages per second per connection; `None` = unlimited.
+    pub rate_limit: Option<RateLimit>,
+    /// Client connections per node; `None` = unlimited.
+    pub max_connections: Option<usize>,
+    pub http_body_limit: usize,
+    pub http_request_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub redis_ca_file: Option<PathBuf>,
+}
+
+/// `WEBSOCKET_RATE_LIMIT` / `WEBSOCKET_RATE_BURST`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: f64,
 }
 
 /// The demo events served when `WEBSOCKET_MOCK_EVENTS` is not set.
@@ -545,16 +594,135 @@ impl Config {
         let proxy_timeout = p.parse(names::WEBSOCKET_PROXY_CONNECT_TIMEOUT_MS, "5000", |v| {
             parse_ms(v, 100, 120_000)
         });
+        let secret = p.optional(names::AUTH_JWT_SECRET, |v| {
+            if v.len() < 16 {
+                Err("must be at least 16 characters".into())
+            } else {
+                Ok(Secret::new(v.to_string()))
+            }
+        });
+        let key_file = p.optional(names::AUTH_JWT_PUBLIC_KEY_FILE, |v| {
+            std::fs::read(v).map_err(|e| format!("cannot read the file: {e}"))
+        });
+        let audience = p.optional(names::AUTH_JWT_AUDIENCE, |v| Ok(v.to_string()));
+        let issuer = p.optional(names::AUTH_JWT_ISSUER, |v| Ok(v.to_string()));
+        let public_topics = p.parse(names::AUTH_PUBLIC_TOPICS, "", |v| {
+            let list: Vec<&str> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .collect();
+            match list
+                .iter()
+                .find(|t| !protocol::valid_topic(&t.replace('*', "a")))
+            {
+                Some(bad) => Err(format!(
+                    "`{bad}` is not a topic pattern ({} with * wildcards)",
+                    protocol::TOPIC_PATTERN
+                )),
+                None => Ok(list.into_iter().map(Pattern::new).collect::<Vec<_>>()),
+            }
+        });
+        let token = |v: &str| {
+            if v.len() < 16 {
+                Err("must be at least 16 characters".to_string())
+            } else {
+                Ok(Secret::new(v.to_string()))
+            }
+        };
+        let api_token = p.optional(names::API_TOKEN, token);
+        let admin_token = p.optional(names::ADMIN_TOKEN, token);
+        let rate = p.parse(names::WEBSOCKET_RATE_LIMIT, "100", |v| {
+            parse_range(v, 0, 1_000_000)
+        });
+        let burst = p.optional(names::WEBSOCKET_RATE_BURST, |v| {
+            parse_range(v, 1, 10_000_000)
+        });
+        let max_connections = p.parse(names::MAX_CONNECTIONS, "0", |v| {
+            parse_range(v, 0, 10_000_000)
+        });
+        let http_body_limit = p.parse(names::HTTP_BODY_LIMIT, "1048576", |v| {
+            parse_range(v, 1024, 1 << 30)
+        });
+        let http_request_timeout = p.parse(names::HTTP_REQUEST_TIMEOUT_MS, "30000", |v| {
+            parse_ms(v, 100, 3_600_000)
+        });
+        let handshake_timeout = p.parse(names::WEBSOCKET_HANDSHAKE_TIMEOUT_MS, "10000", |v| {
+            parse_ms(v, 100, 600_000)
+        });
+        let redis_ca_file = p.optional(names::REDIS_CA_FILE, |v| {
+            let path = PathBuf::from(v);
+            std::fs::metadata(&path)
+                .map(|_| path)
+                .map_err(|e| format!("cannot read the file: {e}"))
+        });
 
         if !p.errors.is_empty() {
             return Err(ConfigErrors(p.errors));
         }
+        let auth = match (secret.unwrap(), key_file.unwrap()) {
+            (None, None) => Authenticator::open(),
+            (Some(_), Some(_)) => {
+                return Err(ConfigErrors(vec![ConfigError::new(
+                    names::AUTH_JWT_PUBLIC_KEY_FILE,
+                    "(set)",
+                    &format!(
+                        "set either {} or {}, not both",
+                        names::AUTH_JWT_SECRET,
+                        names::AUTH_JWT_PUBLIC_KEY_FILE
+                    ),
+                )]));
+            }
+            (Some(secret), None) => Authenticator::new(
+                KeySource::Secret(&secret),
+                audience.as_ref().unwrap().as_deref(),
+                issuer.as_ref().unwrap().as_deref(),
+                public_topics.clone().unwrap(),
+            )
+            .expect("HS256 keys always build"),
+            (None, Some(pem)) => match Authenticator::new(
+                KeySource::PublicKeyPem(&pem),
+                audience.as_ref().unwrap().as_deref(),
+                issuer.as_ref().unwrap().as_deref(),
+                public_topics.clone().unwrap(),
+            ) {
+                Ok(a) => a,
+                Err(why) => {
+                    let path = src.get(names::AUTH_JWT_PUBLIC_KEY_FILE).unwrap_or_default();
+                    return Err(ConfigErrors(vec![ConfigError::new(
+                        names::AUTH_JWT_PUBLIC_KEY_FILE,
+                        &path,
+                        &why,
+                    )]));
+                }
+            },
+        };
+        let rate = rate.unwrap();
+        let rate_limit = (rate > 0).then(|| RateLimit {
+            per_second: rate as f64,
+            burst: burst.unwrap().map_or(2.0 * rate as f64, |b| b as f64),
+        });
         let shutdown_grace = shutdown_grace.unwrap();
         let redis_url = redis_url.unwrap();
         let mut errors = Vec::new();
         // Cross-field rules.
         let shutdown_readiness_delay = shutdown_readiness_delay.unwrap();
-        if shutdown_readiness_delay >= shutdown_grace && !shutdown_grace.is_zero() {
+        if let Some(Some(drain)) = shutdown_drain
+            && shutdown_readiness_delay + drain > shutdown_grace
+        {
+            errors.push(ConfigError::new(
+                names::SHUTDOWN_DRAIN_MS,
+                &drain.as_millis().to_string(),
+                &format!(
+                    "{} + {} must not exceed {}={}",
+                    names::SHUTDOWN_READINESS_DELAY_MS,
+                    names::SHUTDOWN_DRAIN_MS,
+                    names::SHUTDOWN_GRACE_MS,
+                    shutdown_grace.as_millis()
+                ),
+            ));
+        }
+        if !shutdown_readiness_delay.is_zero() && shutdown_readiness_delay >= shutdown_grace {
             errors.push(ConfigError::new(
                 names::SHUTDOWN_READINESS_DELAY_MS,
                 &shutdown_readiness_delay.as_millis().to_string(),
@@ -624,6 +792,15 @@ impl Config {
                 forward_headers: proxy_forward.unwrap(),
                 connect_timeout: proxy_timeout.unwrap(),
             },
+            auth,
+            api_token: api_token.unwrap(),
+            admin_token: admin_token.unwrap(),
+            rate_limit,
+            max_connections: Some(max_connections.unwrap()).filter(|n| *n > 0),
+            http_body_limit: http_body_limit.unwrap(),
+            http_request_timeout: http_request_timeout.unwrap(),
+            handshake_timeout: handshake_timeout.unwrap(),
+            redis_ca_file: redis_ca_file.unwrap(),
         })
     }
 
@@ -994,6 +1171,16 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn secrets_are_never_echoed_in_errors() {
+        let err = config(&[("API_TOKEN", "short"), ("AUTH_JWT_SECRET", "tiny")]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("API_TOKEN=<redacted> is not valid"), "{text}");
+        assert!(!text.contains("short") && !text.contains("tiny"), "{text}");
+        let c = config(&[("ADMIN_TOKEN", "0123456789abcdef0123")]).unwrap();
+        assert!(!format!("{c:?}").contains("0123456789abcdef0123"));
     }
 
     #[test]

@@ -26,6 +26,15 @@ use crate::protocol;
 /// Identifies one connection on this node.
 pub type ConnId = u64;
 
+/// The id of the node's own subscribers (the device cache): not counted as
+/// client subscriptions. Client ids come from [`new_conn_id`], never 0.
+pub const INTERNAL: ConnId = 0;
+
+/// A random connection id, never [`INTERNAL`].
+pub fn new_conn_id() -> ConnId {
+    rand::random::<u64>().max(1)
+}
+
 /// How many topics keep their last publication for `request`.
 const LAST_PUBLICATIONS: usize = 10_000;
 
@@ -195,7 +204,9 @@ impl Hub {
             }
             return Err(e.into());
         }
-        self.inner.subscriptions.fetch_add(1, Ordering::Relaxed);
+        if id != INTERNAL {
+            self.inner.subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
         self.update_gauges();
         Ok(Subscribed::New)
     }
@@ -215,7 +226,7 @@ impl Hub {
             }
             (removed, now_empty)
         };
-        if removed {
+        if removed && id != INTERNAL {
             self.inner.subscriptions.fetch_sub(1, Ordering::Relaxed);
             self.update_gauges();
         }
@@ -236,6 +247,7 @@ impl Hub {
         self.inner.topics.read().unwrap().len()
     }
 
+    /// Client subscriptions (connection × topic), internal ones excluded.
     pub fn subscription_count(&self) -> usize {
         self.inner.subscriptions.load(Ordering::Relaxed)
     }

@@ -1,6 +1,7 @@
 //! Switchboard: a horizontally scaled realtime broadcast service.
 //!
 //! # Layout
+//! - [`auth`]: client tokens (JWT), topic permissions, endpoint tokens.
 //! - [`config`]: every setting (env vars, flags, env file) and its validation.
 //! - [`protocol`]: wire types of the native JSON protocol and the publisher envelope.
 //! - [`hub`]: topic → local subscribers; the one fan-out of a node.
@@ -17,6 +18,7 @@
 //! - [`node`]: one node's handles wired together, and its drain.
 
 pub mod api;
+pub mod auth;
 pub mod backplane;
 pub mod config;
 pub mod device;
@@ -39,6 +41,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::timeout::TimeoutLayer;
 
 pub use config::Config;
 pub use node::Node;
@@ -47,18 +50,32 @@ pub use node::Node;
 /// set, the admin endpoints and `/metrics`.
 pub fn app(node: Node) -> Router {
     let config = node.config().clone();
-    let mut router = Router::new()
+    let open = Router::new()
         .route("/api/health", get(api::health))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
+        .route("/api/state", get(api::state))
+        .route("/api/apps", get(api::apps));
+    // Commands and publishing: `API_TOKEN` when configured.
+    let commands = Router::new()
         .route("/api/publish", post(api::publish))
         .route("/api/switch", post(api::switch))
         .route("/api/config", post(api::config))
         .route("/api/carousel", post(api::carousel))
         .route("/api/settings", post(api::settings))
-        .route("/api/state", get(api::state))
-        .route("/api/apps", get(api::apps))
-        .layer(axum::extract::DefaultBodyLimit::max(config.max_payload));
+        .route_layer(middleware::from_fn_with_state(
+            node.clone(),
+            api::require_api_token,
+        ));
+    let mut router = open.merge(commands);
+    if config.admin_port.is_none() {
+        router = router.merge(admin_routes(&node));
+    }
+    // Plain HTTP only: WebSocket and Socket.IO long-polls stay open by design.
+    let mut router = router.layer(TimeoutLayer::with_status_code(
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        config.http_request_timeout,
+    ));
     if config.websocket_enabled {
         let path = &config.websocket_path;
         let ws = Router::new()
@@ -73,10 +90,10 @@ pub fn app(node: Node) -> Router {
             ));
         router = router.merge(ws);
     }
-    if config.admin_port.is_none() {
-        router = router.merge(admin_routes());
-    }
-    let mut router = router.fallback(api::not_found);
+    let mut router = router
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(config.http_body_limit));
     if config.socketio_enabled {
         let (layer, io) = gateway::socketio::layer(&node);
         node.set_socketio(io);
@@ -93,17 +110,83 @@ pub fn app(node: Node) -> Router {
 
 /// The admin router served on `ADMIN_PORT` when it is set.
 pub fn admin_app(node: Node) -> Router {
-    admin_routes()
+    let timeout = node.config().http_request_timeout;
+    admin_routes(&node)
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
         .layer(middleware::from_fn(track_http))
         .with_state(node)
 }
 
-fn admin_routes() -> Router<Node> {
-    Router::new()
-        .route("/metrics", get(api::metrics))
+/// `/metrics` stays open (keep it internal with `ADMIN_PORT`); `/admin/*`
+/// takes `ADMIN_TOKEN` when configured.
+fn admin_routes(node: &Node) -> Router<Node> {
+    let admin = Router::new()
         .route("/admin/events/{name}", post(api::trigger_event))
         .route("/admin/websocket/stats", get(api::stats))
+        .route_layer(middleware::from_fn_with_state(
+            node.clone(),
+            api::require_admin_token,
+        ));
+    Router::new()
+        .route("/metrics", get(api::metrics))
+        .merge(admin)
+}
+
+/// Serves `router` on `listener` until `stop`, dropping clients that do not
+/// finish sending request headers (a WebSocket handshake included) within
+/// `handshake_timeout`: slow or half-open handshakes cannot pile up.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    handshake_timeout: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(handshake_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not die.
+                    tracing::warn!(cause = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper::service::service_fn({
+            let router = router.clone();
+            move |req: hyper::Request<hyper::body::Incoming>| {
+                let router = router.clone();
+                async move {
+                    use tower::ServiceExt;
+                    router.oneshot(req.map(axum::body::Body::new)).await
+                }
+            }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    graceful.shutdown().await;
 }
 
 fn cors(config: &Config) -> CorsLayer {
@@ -123,7 +206,17 @@ async fn track_http(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().as_str().to_string();
+    // A fixed set: a client-chosen method string must not make a new series.
+    let method = match *req.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::OPTIONS => "OPTIONS",
+        axum::http::Method::HEAD => "HEAD",
+        axum::http::Method::PATCH => "PATCH",
+        _ => "other",
+    };
     let start = Instant::now();
     let res = next.run(req).await;
     let status = res.status().as_u16().to_string();

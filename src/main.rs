@@ -92,6 +92,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let local = listener.local_addr()?;
+    if let Some(redis) = node.config().redis_url_redacted() {
+        tracing::info!(redis = %redis, prefix = %node.config().redis_prefix, "using the Redis backplane");
+    }
     tracing::info!(
         node = %node.config().node_id,
         backplane = node.hub().backplane().kind(),
@@ -99,19 +102,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let stop_accepting = CancellationToken::new();
-    let serve = tokio::spawn(
-        axum::serve(listener, app(node.clone()))
-            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
-            .into_future(),
-    );
+    let handshake_timeout = node.config().handshake_timeout;
+    let serve = tokio::spawn(switchboard::serve(
+        listener,
+        app(node.clone()),
+        handshake_timeout,
+        stop_accepting.clone(),
+    ));
     if let Some(admin) = admin_listener {
         tracing::info!("admin listening on http://{}", admin.local_addr()?);
-        let stop = stop_accepting.clone();
-        tokio::spawn(
-            axum::serve(admin, admin_app(node.clone()))
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .into_future(),
-        );
+        tokio::spawn(switchboard::serve(
+            admin,
+            admin_app(node.clone()),
+            handshake_timeout,
+            stop_accepting.clone(),
+        ));
     }
 
     let signal = shutdown_signal().await;

@@ -62,6 +62,9 @@ fn backends(
             bus: Arc::new(NoBus),
         });
     };
+    if let Some(ca) = &config.redis_ca_file {
+        crate::redis::set_ca_file(ca.clone());
+    }
     let redis = Redis::connect(url)?;
     let keys = Keys::new(&config.redis_prefix);
     let election = Arc::new(RedisElection::start(
@@ -273,7 +276,12 @@ impl Node {
         self.inner.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Open client connections on this node (all transports).
+    /// Every client connection, proxied ones included (for `MAX_CONNECTIONS`).
+    pub fn total_connections(&self) -> usize {
+        self.connections() + self.inner.proxy_connections.load(Ordering::Relaxed)
+    }
+
+    /// Open client connections on this node (native and Socket.IO).
     pub fn connections(&self) -> usize {
         self.inner.connections.load(Ordering::Relaxed)
     }

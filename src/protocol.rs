@@ -31,12 +31,24 @@ pub fn timestamp() -> String {
 // === client → server ===
 
 /// A message a native client may send.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum ClientMessage {
-    Subscribe { event: String },
-    Unsubscribe { event: String },
-    Request { event: String },
+    Subscribe {
+        event: String,
+    },
+    Unsubscribe {
+        event: String,
+    },
+    Request {
+        event: String,
+    },
     Ping,
+    /// Publish to topic `event` (allowed only by a token's `publish` claim).
+    Publish {
+        event: String,
+        name: Option<String>,
+        data: Box<RawValue>,
+    },
 }
 
 /// Why a client frame was rejected. The text is sent to the client as is.
@@ -50,7 +62,9 @@ pub enum ProtocolError {
     MissingType,
     #[error("\"type\" must be a string")]
     TypeNotString,
-    #[error("unknown message type \"{0}\": expected subscribe, unsubscribe, request or ping")]
+    #[error(
+        "unknown message type \"{0}\": expected subscribe, unsubscribe, request, ping or publish"
+    )]
     UnknownType(String),
     #[error("\"{0}\" message needs an \"event\" field naming the topic")]
     MissingEvent(&'static str),
@@ -60,6 +74,10 @@ pub enum ProtocolError {
     InvalidTopic(String),
     #[error("binary frames are not supported: send JSON text frames")]
     Binary,
+    #[error("\"publish\" message needs a \"data\" field")]
+    MissingData,
+    #[error("invalid event name \"{0}\": must match {TOPIC_PATTERN}")]
+    InvalidName(String),
 }
 
 impl ProtocolError {
@@ -74,6 +92,7 @@ impl ProtocolError {
             | ProtocolError::UnknownType(_) => "bad_type",
             ProtocolError::MissingEvent(_) | ProtocolError::EventNotString => "bad_event",
             ProtocolError::InvalidTopic(_) => "bad_topic",
+            ProtocolError::MissingData | ProtocolError::InvalidName(_) => "bad_message",
         }
     }
 }
@@ -112,6 +131,23 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
             event: event("request")?,
         }),
         "ping" => Ok(ClientMessage::Ping),
+        "publish" => {
+            let event = event("publish")?;
+            let name = match obj.get("name") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(n)) if valid_topic(n) => Some(n.clone()),
+                Some(other) => {
+                    return Err(ProtocolError::InvalidName(truncate(
+                        &other.to_string(),
+                        140,
+                    )));
+                }
+            };
+            let data = obj.get("data").ok_or(ProtocolError::MissingData)?;
+            let data = serde_json::value::to_raw_value(data)
+                .map_err(|e| ProtocolError::NotJson(e.to_string()))?;
+            Ok(ClientMessage::Publish { event, name, data })
+        }
         other => Err(ProtocolError::UnknownType(truncate(other, 64))),
     }
 }
@@ -276,26 +312,28 @@ mod tests {
 
     #[test]
     fn parses_every_client_message() {
-        assert_eq!(
+        assert!(matches!(
             parse_client_message(r#"{"type":"subscribe","event":"ticker"}"#),
-            Ok(ClientMessage::Subscribe {
-                event: "ticker".into()
-            })
-        );
-        assert_eq!(
+            Ok(ClientMessage::Subscribe { event }) if event == "ticker"
+        ));
+        assert!(matches!(
             parse_client_message(r#"{"type":"unsubscribe","event":"a.b:c/d-e_f"}"#),
-            Ok(ClientMessage::Unsubscribe {
-                event: "a.b:c/d-e_f".into()
-            })
-        );
-        assert_eq!(
+            Ok(ClientMessage::Unsubscribe { event }) if event == "a.b:c/d-e_f"
+        ));
+        assert!(matches!(
             parse_client_message(r#"{"type":"request","event":"x","extra":1}"#),
-            Ok(ClientMessage::Request { event: "x".into() })
-        );
-        assert_eq!(
+            Ok(ClientMessage::Request { event }) if event == "x"
+        ));
+        assert!(matches!(
             parse_client_message(r#"{"type":"ping"}"#),
             Ok(ClientMessage::Ping)
-        );
+        ));
+        assert!(matches!(
+            parse_client_message(r#"{"type":"publish","event":"chat","data":{"m":1}}"#),
+            Ok(ClientMessage::Publish { event, name: None, data })
+                if event == "chat" && data.get() == r#"{"m":1}"#
+        ));
+        assert!(parse_client_message(r#"{"type":"publish","event":"chat"}"#).is_err());
     }
 
     #[test]
@@ -320,6 +358,41 @@ mod tests {
             parse_client_message(&long),
             Err(ProtocolError::InvalidTopic(_))
         ));
+    }
+
+    proptest::proptest! {
+        /// Whatever a client sends, parsing answers Ok or a typed error, never panics.
+        #[test]
+        fn client_parser_never_panics(s in ".*") {
+            let _ = parse_client_message(&s);
+        }
+
+        #[test]
+        fn client_parser_survives_mutated_messages(
+            ty in proptest::sample::select(vec!["subscribe", "unsubscribe", "request", "ping", "publish", "", "x"]),
+            event in proptest::option::of(".{0,200}"),
+            data in proptest::option::of(".{0,50}"),
+        ) {
+            let msg = serde_json::json!({"type": ty, "event": event, "data": data, "name": event});
+            let _ = parse_client_message(&msg.to_string());
+        }
+
+        #[test]
+        fn envelope_parser_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = parse_envelope(&bytes);
+        }
+
+        #[test]
+        fn envelope_parser_survives_mutated_envelopes(
+            event in proptest::option::of(".{0,200}"),
+            v in proptest::option::of(0u32..4),
+            epoch in proptest::option::of(proptest::num::u64::ANY),
+        ) {
+            let msg = serde_json::json!({"event": event, "v": v, "epoch": epoch, "data": {"x": event}});
+            if let Ok(env) = parse_envelope(msg.to_string().as_bytes()) {
+                proptest::prop_assert!(env.event.as_deref().is_none_or(valid_topic));
+            }
+        }
     }
 
     #[test]

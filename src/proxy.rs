@@ -32,6 +32,7 @@ pub async fn upgrade(
     node: Node,
     name: &str,
     headers: &HeaderMap,
+    query: Option<&str>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let config = node.config().clone();
@@ -45,8 +46,8 @@ pub async fn upgrade(
         ))
         .into_response();
     };
-    if node.is_draining() {
-        return ApiError::Unavailable("node is shutting down".into()).into_response();
+    if let Err(refusal) = crate::gateway::ws::admit(&node, headers, query) {
+        return refusal.into_response();
     }
     let ws = match ws {
         Ok(ws) => ws,

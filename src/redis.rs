@@ -77,10 +77,55 @@ pub enum RedisError {
 /// How long a plain command may take before it counts as failed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The CA certificate(s) that sign the Redis server's TLS certificate, for
+/// `rediss://` URLs (`REDIS_CA_FILE`); set once at start-up.
+static CA_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Trusts the PEM certificates in `path` (besides the system roots) for
+/// `rediss://` connections made after this call.
+pub fn set_ca_file(path: std::path::PathBuf) {
+    let _ = CA_FILE.set(path);
+}
+
+fn tls_with_ca(path: &std::path::Path) -> Result<fred::types::config::TlsConfig, RedisError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let tls_err = |m: String| RedisError::Reply(format!("REDIS_CA_FILE: {m}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs_or_empty() {
+        let _ = roots.add(cert);
+    }
+    let certs = CertificateDer::pem_file_iter(path).map_err(|e| tls_err(e.to_string()))?;
+    let mut n = 0;
+    for cert in certs {
+        roots
+            .add(cert.map_err(|e| tls_err(e.to_string()))?)
+            .map_err(|e| tls_err(e.to_string()))?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(tls_err("no PEM certificate in the file".into()));
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(fred::types::config::TlsConnector::from(config).into())
+}
+
+/// The system roots, when any can be read: the CA file is what matters.
+fn rustls_native_certs_or_empty() -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    rustls_native_certs::load_native_certs().certs
+}
+
 /// Builds a fred config from `url`, with reconnection forever (fred does not
 /// reconnect by default) and bounded command and connect timeouts.
 fn builder(url: &str) -> Result<Builder, RedisError> {
-    let config = Config::from_url(url)?;
+    let mut config = Config::from_url(url)?;
+    if url.starts_with("rediss://")
+        && let Some(path) = CA_FILE.get()
+    {
+        config.tls = Some(tls_with_ca(path)?);
+    }
     let mut builder = Builder::from_config(config);
     builder
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
@@ -110,9 +155,15 @@ impl LuaScript {
 }
 
 /// A client for commands (not pub/sub subscriptions).
+///
+/// Every command fails fast while the connection is down: fred would
+/// otherwise keep it queued and send it after Redis returns, long after the
+/// caller was told it failed (a publish answered 503 would still be
+/// delivered, a device command applied twice).
 #[derive(Clone)]
 pub struct Redis {
     client: Client,
+    options: Options,
 }
 
 impl Redis {
@@ -120,11 +171,18 @@ impl Redis {
     pub fn connect(url: &str) -> Result<Redis, RedisError> {
         let client = builder(url)?.build()?;
         client.connect();
-        Ok(Redis { client })
+        let options = Options {
+            fail_fast: true,
+            timeout: Some(COMMAND_TIMEOUT),
+            max_attempts: Some(1),
+            ..Default::default()
+        };
+        Ok(Redis { client, options })
     }
 
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// The client with fail-fast options, for every command.
+    fn c(&self) -> fred::clients::WithOptions<Client> {
+        self.client.with_options(&self.options)
     }
 
     /// Waits up to `timeout` for the first connection.
@@ -136,30 +194,30 @@ impl Redis {
     }
 
     pub async fn ping(&self) -> Result<(), RedisError> {
-        within(COMMAND_TIMEOUT, self.client.ping::<String>(None)).await?;
+        within(COMMAND_TIMEOUT, self.c().ping::<String>(None)).await?;
         Ok(())
     }
 
     pub async fn publish(&self, channel: &str, payload: bytes::Bytes) -> Result<i64, RedisError> {
-        within(COMMAND_TIMEOUT, self.client.publish(channel, payload)).await
+        within(COMMAND_TIMEOUT, self.c().publish(channel, payload)).await
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<String>, RedisError> {
-        within(COMMAND_TIMEOUT, self.client.get(key)).await
+        within(COMMAND_TIMEOUT, self.c().get(key)).await
     }
 
     pub async fn set_px(&self, key: &str, value: &str, ttl: Duration) -> Result<(), RedisError> {
         let ms = ttl.as_millis() as i64;
         within(
             COMMAND_TIMEOUT,
-            self.client
+            self.c()
                 .set::<(), _, _>(key, value, Some(Expiration::PX(ms)), None, false),
         )
         .await
     }
 
     pub async fn del(&self, key: &str) -> Result<(), RedisError> {
-        within(COMMAND_TIMEOUT, self.client.del::<i64, _>(key)).await?;
+        within(COMMAND_TIMEOUT, self.c().del::<i64, _>(key)).await?;
         Ok(())
     }
 
@@ -170,7 +228,7 @@ impl Redis {
         loop {
             let (next, batch): (String, Vec<String>) = within(
                 COMMAND_TIMEOUT,
-                self.client.custom(
+                self.c().custom(
                     fred::cmd!("SCAN"),
                     vec![
                         cursor.clone(),
@@ -191,7 +249,7 @@ impl Redis {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let values: Vec<Option<String>> = within(COMMAND_TIMEOUT, self.client.mget(keys)).await?;
+        let values: Vec<Option<String>> = within(COMMAND_TIMEOUT, self.c().mget(keys)).await?;
         Ok(values.into_iter().flatten().collect())
     }
 
@@ -204,11 +262,20 @@ impl Redis {
         args: Vec<String>,
         timeout: Duration,
     ) -> Result<R, RedisError> {
-        within(
-            timeout,
-            script.0.evalsha_with_reload(&self.client, keys, args),
-        )
-        .await
+        let mut argv: Vec<String> = Vec::with_capacity(2 + keys.len() + args.len());
+        argv.push(script.0.sha1().to_string());
+        argv.push(keys.len().to_string());
+        argv.extend(keys);
+        argv.extend(args);
+        let client = self.c();
+        let evalsha = || client.custom(fred::cmd!("EVALSHA"), argv.clone());
+        match within(timeout, evalsha()).await {
+            Err(RedisError::Redis(e)) if e.details().starts_with("NOSCRIPT") => {
+                within(timeout, script.0.load(&self.client)).await?;
+                within(timeout, evalsha()).await
+            }
+            other => other,
+        }
     }
 }
 

@@ -110,11 +110,7 @@ async fn metrics_parse_and_move_as_clients_connect_and_messages_flow() {
     );
     assert_eq!(delta("switchboard_backplane_publishes_total"), 5.0);
     assert!(delta("switchboard_client_messages_total") >= 6.0);
-    assert_eq!(
-        metric(&after, "switchboard_subscriptions"),
-        3.0 + 1.0,
-        "3 clients + device cache"
-    );
+    assert_eq!(after.get("switchboard_subscriptions"), Some(&3.0));
     assert_eq!(after.get("switchboard_leader"), Some(&1.0));
     assert!(metric(&after, "switchboard_fanout_seconds_count") >= 5.0);
     assert!(

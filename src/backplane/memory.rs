@@ -21,6 +21,7 @@ pub struct MemoryBackplane {
 
 impl MemoryBackplane {
     pub fn new(inbound: mpsc::Sender<Inbound>) -> Self {
+        metrics::gauge!(crate::metrics::BACKPLANE_CONNECTED).set(1.0);
         Self {
             inbound,
             subscribed: Mutex::new(HashSet::new()),

@@ -22,15 +22,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::election::{Election, Leadership};
-use crate::hub::{ConnId, Delivery, Hub, Publication, Subscriber};
+use crate::hub::{Delivery, Hub, INTERNAL, Publication, Subscriber};
 use crate::metrics as m;
 use bus::CommandBus;
 use driver::DriverHealth;
 use state::{Command, DeviceState, EVENTS, TOPIC};
 use store::{DeviceStore, StoreError};
-
-/// The hub id of a node's own cache subscription to `device`.
-const CACHE_ID: ConnId = 0;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CommandError {
@@ -131,7 +128,7 @@ impl Device {
                     subscribed = device
                         .inner
                         .hub
-                        .subscribe(TOPIC, CACHE_ID, feed)
+                        .subscribe(TOPIC, INTERNAL, feed)
                         .await
                         .is_ok();
                 }
@@ -358,7 +355,7 @@ impl Subscriber for CacheFeed {
         if let Some(epoch) = p.epoch {
             self.0.inner.election.observe_epoch(epoch);
         }
-        if EVENTS.contains(&&*p.event)
+        if (EVENTS.contains(&&*p.event) || &*p.event == state::APP_CONFIGS)
             && let Ok(data) = serde_json::from_str::<Value>(p.data.get())
         {
             let mut cache = self.0.inner.cache.write().unwrap();

@@ -13,6 +13,10 @@ use serde_json::{Map, Value, json};
 /// receives them.
 pub const EVENTS: [&str; 4] = ["apps_list", "current_app", "settings", "carousel_config"];
 
+/// Also on topic `device`: every app's config, published when the config of
+/// an app that is not on screen changes (so every node's copy stays whole).
+pub const APP_CONFIGS: &str = "app_configs";
+
 /// The topic that carries device state changes.
 pub const TOPIC: &str = "device";
 
@@ -144,6 +148,9 @@ impl DeviceState {
                 next.configs.insert(app.clone(), Value::Object(merged));
                 if *app == self.current_app {
                     changed.push("current_app");
+                } else {
+                    // Not on screen: tell the other nodes' caches anyway.
+                    changed.push("app_configs");
                 }
             }
             Command::Carousel { enabled, apps } => {
@@ -215,6 +222,7 @@ impl DeviceState {
                 json!({"app": self.current_app, "config": self.config_of(&self.current_app)})
             }
             "settings" => json!({"brightness": self.settings.brightness}),
+            "app_configs" => json!({"configs": self.configs}),
             "carousel_config" => json!({
                 "enabled": self.carousel.enabled,
                 "apps": self.carousel.apps,
@@ -260,6 +268,15 @@ impl DeviceState {
                     self.current_app = app.to_string();
                     if data["config"].is_object() {
                         self.configs.insert(app.to_string(), data["config"].clone());
+                    }
+                }
+            }
+            "app_configs" => {
+                if let Some(configs) = data["configs"].as_object() {
+                    for (app, config) in configs {
+                        if config.is_object() {
+                            self.configs.insert(app.clone(), config.clone());
+                        }
                     }
                 }
             }
@@ -530,10 +547,14 @@ mod tests {
         )
         .unwrap();
         let (s, changed) = s.apply(&cmd).unwrap();
-        assert!(
-            changed.is_empty(),
-            "not the current app: no current_app event"
+        assert_eq!(
+            changed,
+            vec!["app_configs"],
+            "not on screen: no current_app event"
         );
+        let mut cache = state();
+        cache.absorb("app_configs", &s.event("app_configs"));
+        assert_eq!(cache.configs["scroll_text"]["text"], "hi");
         assert_eq!(s.configs["scroll_text"]["text"], "hi");
         assert_eq!(s.configs["scroll_text"]["speed"], 50);
         let (s, _) = s

@@ -11,6 +11,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use socketioxide::extract::{AckSender, SocketRef, State, TryData};
@@ -19,7 +20,9 @@ use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::DisconnectReason;
 use socketioxide::{SendError, SocketError, SocketIo, TransportType};
 
+use crate::auth::Identity;
 use crate::device::state::{EVENTS, TOPIC};
+use crate::gateway::ws::TokenBucket;
 use crate::hub::{ConnId, Delivery, Publication, Subscriber};
 use crate::metrics as m;
 use crate::node::Node;
@@ -50,20 +53,64 @@ pub fn layer(node: &Node) -> (SocketIoLayer, SocketIo) {
 struct Session {
     id: ConnId,
     topics: Mutex<HashSet<String>>,
+    identity: Identity,
+    bucket: Option<Mutex<TokenBucket>>,
 }
 
-/// Connect middleware: runs before the CONNECT ack.
+impl Session {
+    /// The per-connection rate limit; past it the socket gets an `error`
+    /// event and is disconnected.
+    fn within_rate(&self, socket: &SocketRef) -> bool {
+        let Some(bucket) = &self.bucket else {
+            return true;
+        };
+        if bucket.lock().unwrap().take() {
+            return true;
+        }
+        emit_error(socket, None, "rate limit exceeded; disconnecting");
+        let s = socket.clone();
+        tokio::spawn(async move {
+            let _ = s.disconnect();
+        });
+        false
+    }
+}
+
+/// Connect middleware: runs before the CONNECT ack. A refusal here reaches
+/// the client as `connect_error` with the message.
 async fn register(
     socket: SocketRef,
     State(node): State<Node>,
-) -> Result<(), std::convert::Infallible> {
+    TryData(auth): TryData<Value>,
+) -> Result<(), String> {
+    if let Some(max) = node.config().max_connections
+        && node.total_connections() >= max
+    {
+        return Err(format!("this node is at its limit of {max} connections"));
+    }
+    let parts = socket.req_parts();
+    let token = auth
+        .ok()
+        .and_then(|a| a.get("token").and_then(Value::as_str).map(String::from))
+        .or_else(|| crate::auth::token_from(&parts.headers, parts.uri.query()));
+    let identity = node
+        .config()
+        .auth
+        .authenticate(token.as_deref())
+        .map_err(|e| e.to_string())?;
     socket.extensions.insert(Arc::new(Session {
-        id: rand::random(),
+        id: crate::hub::new_conn_id(),
         topics: Mutex::new(HashSet::new()),
+        identity,
+        bucket: node
+            .config()
+            .rate_limit
+            .map(|l| Mutex::new(TokenBucket::new(l))),
     }));
     socket.on("subscribe", on_subscribe);
     socket.on("unsubscribe", on_unsubscribe);
     socket.on("request_state", on_request_state);
+    socket.on("publish", on_publish);
     socket.on_disconnect(on_disconnect);
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::SOCKETIO).increment(1.0);
     metrics::counter!(m::CONNECTIONS_OPENED, "transport" => m::transport::SOCKETIO).increment(1);
@@ -79,6 +126,9 @@ fn session(socket: &SocketRef) -> Arc<Session> {
 }
 
 async fn on_connect(socket: SocketRef, State(node): State<Node>) {
+    if !session(&socket).identity.may_subscribe(TOPIC) {
+        return;
+    }
     if let Err(e) = join(&socket, &node, TOPIC).await {
         emit_error(&socket, None, &e);
     }
@@ -94,6 +144,9 @@ fn send_state(socket: &SocketRef, node: &Node) {
 
 async fn join(socket: &SocketRef, node: &Node, topic: &str) -> Result<(), String> {
     let s = session(socket);
+    if !s.identity.may_subscribe(topic) {
+        return Err(format!("not allowed to subscribe to \"{topic}\""));
+    }
     if !s.topics.lock().unwrap().contains(topic)
         && s.topics.lock().unwrap().len() >= node.config().max_subscriptions
     {
@@ -145,11 +198,14 @@ async fn on_subscribe(
 ) {
     metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => "subscribe")
         .increment(1);
+    if !session(&socket).within_rate(&socket) {
+        return;
+    }
     let res = match topic_arg(&data) {
         Ok(topic) => join(&socket, &node, &topic).await.map(|_| topic),
         Err(e) => Err(e),
     };
-    reply(&socket, ack, res);
+    reply(&socket, ack, res, named_topic(&data).as_deref());
 }
 
 async fn on_unsubscribe(
@@ -160,6 +216,9 @@ async fn on_unsubscribe(
 ) {
     metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => "unsubscribe")
         .increment(1);
+    if !session(&socket).within_rate(&socket) {
+        return;
+    }
     let res = match topic_arg(&data) {
         Ok(topic) => {
             let s = session(&socket);
@@ -171,25 +230,78 @@ async fn on_unsubscribe(
         }
         Err(e) => Err(e),
     };
-    reply(&socket, ack, res);
+    reply(&socket, ack, res, named_topic(&data).as_deref());
 }
 
 async fn on_request_state(socket: SocketRef, State(node): State<Node>, ack: AckSender) {
     metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => "request_state")
         .increment(1);
+    if !session(&socket).within_rate(&socket) {
+        return;
+    }
     send_state(&socket, &node);
     let _ = ack.send(&json!({"ok": true}));
 }
 
-fn reply(socket: &SocketRef, ack: AckSender, res: Result<String, String>) {
+/// `publish` with `{"topic", "event"?, "data"}`, allowed by a token's
+/// `publish` claim only.
+async fn on_publish(
+    socket: SocketRef,
+    State(node): State<Node>,
+    TryData(data): TryData<Value>,
+    ack: AckSender,
+) {
+    metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => "publish")
+        .increment(1);
+    let s = session(&socket);
+    if !s.within_rate(&socket) {
+        return;
+    }
+    let res = async {
+        let topic = topic_arg(&data)?;
+        let v = data.as_ref().map_err(|e| e.to_string())?;
+        if !s.identity.may_publish(&topic) {
+            return Err(format!("not allowed to publish to \"{topic}\""));
+        }
+        let event = match v.get("event") {
+            None | Some(Value::Null) => topic.clone(),
+            Some(Value::String(e)) if protocol::valid_topic(e) => e.clone(),
+            Some(_) => return Err(format!("event must be a name matching {TOPIC_PATTERN}")),
+        };
+        let payload = v.get("data").ok_or("publish needs a \"data\" field")?;
+        let raw = serde_json::value::to_raw_value(payload).map_err(|e| e.to_string())?;
+        node.hub()
+            .publish(&topic, &event, &raw)
+            .await
+            .map_err(|e| format!("publication not accepted: {e}"))?;
+        Ok(topic)
+    }
+    .await;
+    reply(&socket, ack, res, named_topic(&data).as_deref());
+}
+
+fn reply(socket: &SocketRef, ack: AckSender, res: Result<String, String>, topic: Option<&str>) {
     match res {
         Ok(topic) => {
             let _ = ack.send(&json!({"ok": true, "topic": topic}));
         }
         Err(e) => {
-            let _ = ack.send(&json!({"ok": false, "error": e}));
-            emit_error(socket, None, &e);
+            let _ = ack.send(&json!({"ok": false, "error": e, "topic": topic}));
+            emit_error(socket, topic, &e);
         }
+    }
+}
+
+/// The topic named in a message, when it can be read, for error reports.
+fn named_topic(data: &Result<Value, socketioxide::ParserError>) -> Option<String> {
+    match data.as_ref().ok()? {
+        Value::String(s) => Some(s.chars().take(140).collect()),
+        Value::Object(o) => o
+            .get("topic")
+            .or_else(|| o.get("event"))
+            .and_then(Value::as_str)
+            .map(|s| s.chars().take(140).collect()),
+        _ => None,
     }
 }
 
@@ -216,6 +328,22 @@ async fn on_disconnect(socket: SocketRef, State(node): State<Node>, reason: Disc
     node.connection_closed();
 }
 
+/// Disconnects a slow socket. socketioxide queues the disconnect packet like
+/// any other, so it is refused while the queue is full: retry until it fits
+/// or the socket is gone (the Engine.IO heartbeat ends a client that reads
+/// nothing at all). Not under the hub's lock: disconnecting runs our handler.
+async fn kick(socket: SocketRef) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while socket.connected() && tokio::time::Instant::now() < deadline {
+        match socket.clone().disconnect() {
+            Err(SocketError::InternalChannelFull) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ => return,
+        }
+    }
+}
+
 /// One socket as a hub subscriber of one topic.
 struct SocketSubscriber {
     socket: SocketRef,
@@ -224,6 +352,10 @@ struct SocketSubscriber {
 
 impl Subscriber for SocketSubscriber {
     fn deliver(&self, p: &Publication) -> Delivery {
+        if self.kicked.load(Ordering::Acquire) {
+            // Being disconnected as a slow consumer: nothing more is queued.
+            return Delivery::Overflow;
+        }
         match self.socket.emit(&*p.event, &*p.data) {
             Ok(()) => Delivery::Queued,
             Err(SendError::Socket(SocketError::InternalChannelFull)) => {
@@ -231,11 +363,7 @@ impl Subscriber for SocketSubscriber {
                 if !self.kicked.swap(true, Ordering::AcqRel) {
                     metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => m::transport::SOCKETIO)
                         .increment(1);
-                    let socket = self.socket.clone();
-                    // Not under the hub's lock: disconnecting runs our handler.
-                    tokio::spawn(async move {
-                        let _ = socket.disconnect();
-                    });
+                    tokio::spawn(kick(self.socket.clone()));
                 }
                 Delivery::Overflow
             }

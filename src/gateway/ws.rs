@@ -13,13 +13,15 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{Notify, mpsc};
 
 use crate::api::ApiError;
+use crate::auth::{self, Identity};
+use crate::config::RateLimit;
 use crate::hub::{ConnId, Delivery, Publication, Subscribed, Subscriber};
 use crate::metrics as m;
 use crate::node::Node;
@@ -48,8 +50,39 @@ const READ_BUFFER: usize = 4 * 1024;
 const WRITE_BUFFER: usize = 4 * 1024;
 
 /// `GET WEBSOCKET_PATH`
-pub async fn upgrade(State(node): State<Node>, ws: WebSocketUpgrade) -> Response {
-    accept(node, ws, None)
+pub async fn upgrade(
+    State(node): State<Node>,
+    headers: axum::http::HeaderMap,
+    RawQuery(query): RawQuery,
+    ws: WebSocketUpgrade,
+) -> Response {
+    match admit(&node, &headers, query.as_deref()) {
+        Ok(identity) => accept(node, ws, identity, None),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// Checks the connection limit and the client's token before an upgrade.
+pub fn admit(
+    node: &Node,
+    headers: &axum::http::HeaderMap,
+    query: Option<&str>,
+) -> Result<Identity, ApiError> {
+    if node.is_draining() {
+        return Err(ApiError::Unavailable("node is shutting down".into()));
+    }
+    if let Some(max) = node.config().max_connections
+        && node.total_connections() >= max
+    {
+        return Err(ApiError::Unavailable(format!(
+            "this node is at its limit of {max} connections; try another node or later"
+        )));
+    }
+    let token = auth::token_from(headers, query);
+    node.config()
+        .auth
+        .authenticate(token.as_deref())
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))
 }
 
 /// `GET WEBSOCKET_PATH/{topic}`: subscribes to `topic` right after
@@ -59,10 +92,11 @@ pub async fn upgrade_topic(
     State(node): State<Node>,
     Path(topic): Path<String>,
     headers: axum::http::HeaderMap,
+    RawQuery(query): RawQuery,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if let Some(name) = topic.strip_prefix("proxy/") {
-        return crate::proxy::upgrade(node, name, &headers, ws).await;
+        return crate::proxy::upgrade(node, name, &headers, query.as_deref(), ws).await;
     }
     let ws = match ws {
         Ok(ws) => ws,
@@ -74,13 +108,18 @@ pub async fn upgrade_topic(
         )
         .into_response();
     }
-    accept(node, ws, Some(topic))
+    let identity = match admit(&node, &headers, query.as_deref()) {
+        Ok(identity) => identity,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if !identity.may_subscribe(&topic) {
+        return ApiError::Forbidden(format!("not allowed to subscribe to \"{topic}\""))
+            .into_response();
+    }
+    accept(node, ws, identity, Some(topic))
 }
 
-fn accept(node: Node, ws: WebSocketUpgrade, topic: Option<String>) -> Response {
-    if node.is_draining() {
-        return ApiError::Unavailable("node is shutting down".into()).into_response();
-    }
+fn accept(node: Node, ws: WebSocketUpgrade, identity: Identity, topic: Option<String>) -> Response {
     let max = node.config().max_payload;
     let guard = node.sessions().token();
     ws.read_buffer_size(READ_BUFFER)
@@ -89,7 +128,7 @@ fn accept(node: Node, ws: WebSocketUpgrade, topic: Option<String>) -> Response {
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            run(node, socket, topic).await;
+            run(node, socket, identity, topic).await;
             drop(guard);
         })
 }
@@ -187,9 +226,9 @@ impl Subscriber for Outbox {
 
 // === session ===
 
-async fn run(node: Node, socket: WebSocket, initial_topic: Option<String>) {
+async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: Option<String>) {
     let config = node.config().clone();
-    let id: ConnId = rand::random();
+    let id: ConnId = crate::hub::new_conn_id();
     let client_id = format!("{id:016x}");
     let (tx, rx) = mpsc::channel(config.client_queue_messages);
     let outbox = Arc::new(Outbox {
@@ -230,6 +269,8 @@ async fn run(node: Node, socket: WebSocket, initial_topic: Option<String>) {
         id,
         outbox: outbox.clone(),
         topics: HashSet::new(),
+        identity,
+        bucket: config.rate_limit.map(TokenBucket::new),
     };
     if let Some(topic) = initial_topic {
         session.subscribe(topic).await;
@@ -275,11 +316,17 @@ async fn read_loop(
         last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         match msg {
             Some(Ok(Message::Text(text))) => {
+                if !session.within_rate() {
+                    return;
+                }
                 let kind = session.handle_text(text.as_str()).await;
                 metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::WS, "type" => kind)
                     .increment(1);
             }
             Some(Ok(Message::Binary(_))) => {
+                if !session.within_rate() {
+                    return;
+                }
                 metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::WS, "type" => "invalid")
                     .increment(1);
                 session.outbox.error(&ProtocolError::Binary, None);
@@ -309,9 +356,60 @@ struct Session {
     outbox: Arc<Outbox>,
     /// Topics this connection is subscribed to; owned by the reader.
     topics: HashSet<String>,
+    identity: Identity,
+    bucket: Option<TokenBucket>,
+}
+
+/// Per-connection message rate limit; owned by the reader, so no locking.
+pub struct TokenBucket {
+    limit: RateLimit,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(limit: RateLimit) -> Self {
+        TokenBucket {
+            limit,
+            tokens: limit.burst,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes one token; false when the client is over its rate.
+    pub fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.limit.per_second;
+        self.tokens = (self.tokens + refill).min(self.limit.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Session {
+    /// Applies the rate limit: past it, an `error` and close 1008.
+    fn within_rate(&mut self) -> bool {
+        let Some(bucket) = &mut self.bucket else {
+            return true;
+        };
+        if bucket.take() {
+            return true;
+        }
+        let limit = bucket.limit.per_second;
+        self.outbox.error_text(
+            format!("rate limit of {limit} messages per second exceeded; closing"),
+            "rate_limited",
+            None,
+        );
+        self.outbox.close.request(close::POLICY);
+        false
+    }
+
     /// Handles one text frame; returns the message type for metrics.
     async fn handle_text(&mut self, text: &str) -> &'static str {
         match protocol::parse_client_message(text) {
@@ -350,6 +448,27 @@ impl Session {
                 });
                 "ping"
             }
+            Ok(ClientMessage::Publish { event, name, data }) => {
+                if !self.identity.may_publish(&event) {
+                    self.outbox.error_text(
+                        format!("not allowed to publish to \"{event}\""),
+                        "forbidden",
+                        Some(&event),
+                    );
+                } else if let Err(e) = self
+                    .node
+                    .hub()
+                    .publish(&event, name.as_deref().unwrap_or(&event), &data)
+                    .await
+                {
+                    self.outbox.error_text(
+                        format!("publication not accepted: {e}"),
+                        "unavailable",
+                        Some(&event),
+                    );
+                }
+                "publish"
+            }
             Err(err) => {
                 self.outbox.error(&err, None);
                 "invalid"
@@ -358,6 +477,14 @@ impl Session {
     }
 
     async fn subscribe(&mut self, topic: String) {
+        if !self.identity.may_subscribe(&topic) {
+            self.outbox.error_text(
+                format!("not allowed to subscribe to \"{topic}\""),
+                "forbidden",
+                Some(&topic),
+            );
+            return;
+        }
         let limit = self.node.config().max_subscriptions;
         if !self.topics.contains(&topic) && self.topics.len() >= limit {
             self.outbox.error_text(

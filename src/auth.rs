@@ -1,0 +1,389 @@
+//! Who may connect, subscribe, publish and call endpoints.
+//!
+//! Client authentication is off unless `AUTH_JWT_SECRET` (HS256) or
+//! `AUTH_JWT_PUBLIC_KEY_FILE` (RS256/ES256) is set. A token comes from the
+//! `token` query parameter, an `Authorization: Bearer` header, or the
+//! Socket.IO handshake `auth.token`. Its `topics` claim (patterns with `*`)
+//! limits subscriptions; its `publish` claim lists the topics the client may
+//! publish to from its socket. Endpoint tokens (`API_TOKEN`, `ADMIN_TOKEN`)
+//! are compared in constant time and never open each other's endpoints.
+
+use std::fmt;
+
+use axum::http::HeaderMap;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+/// A secret setting: never printed, not even by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Secret(s)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Constant-time comparison: the time taken does not depend on where
+    /// the first differing byte is.
+    pub fn matches(&self, candidate: &str) -> bool {
+        let a = self.0.as_bytes();
+        let b = candidate.as_bytes();
+        let mut diff = (a.len() != b.len()) as u8;
+        for (i, x) in a.iter().enumerate() {
+            diff |= x ^ b.get(i).copied().unwrap_or(0);
+        }
+        diff == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A topic pattern: `*` matches any run of characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    pub fn new(p: &str) -> Self {
+        Pattern(p.to_string())
+    }
+
+    pub fn matches(&self, topic: &str) -> bool {
+        glob(self.0.as_bytes(), topic.as_bytes())
+    }
+}
+
+fn glob(p: &[u8], t: &[u8]) -> bool {
+    // Iterative wildcard match with backtracking to the last `*`.
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == b'*')
+}
+
+fn any_match(patterns: &[Pattern], topic: &str) -> bool {
+    patterns.iter().any(|p| p.matches(topic))
+}
+
+/// What an authenticated (or anonymous) client may do.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub subject: Option<String>,
+    /// `None`: any topic.
+    topics: Option<Vec<Pattern>>,
+    publish: Vec<Pattern>,
+    public: Vec<Pattern>,
+}
+
+impl Identity {
+    pub fn may_subscribe(&self, topic: &str) -> bool {
+        any_match(&self.public, topic) || self.topics.as_ref().is_none_or(|t| any_match(t, topic))
+    }
+
+    pub fn may_publish(&self, topic: &str) -> bool {
+        any_match(&self.publish, topic)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("a token is required: pass ?token=…, an Authorization: Bearer header, or auth.token")]
+    Missing,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    topics: Option<Vec<String>>,
+    #[serde(default)]
+    publish: Option<Vec<String>>,
+}
+
+/// Checks client tokens. Built from the configuration at start-up.
+#[derive(Clone)]
+pub struct Authenticator {
+    verifier: Option<(DecodingKey, Validation)>,
+    public: Vec<Pattern>,
+}
+
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("enabled", &self.verifier.is_some())
+            .field("public", &self.public)
+            .finish()
+    }
+}
+
+/// How tokens are verified.
+pub enum KeySource<'a> {
+    Secret(&'a Secret),
+    /// PEM of an RSA or EC public key.
+    PublicKeyPem(&'a [u8]),
+}
+
+impl Authenticator {
+    /// Authentication off: everyone may subscribe to anything, nobody publishes.
+    pub fn open() -> Self {
+        Authenticator {
+            verifier: None,
+            public: Vec::new(),
+        }
+    }
+
+    pub fn new(
+        key: KeySource<'_>,
+        audience: Option<&str>,
+        issuer: Option<&str>,
+        public: Vec<Pattern>,
+    ) -> Result<Self, String> {
+        let (key, algorithms) = match key {
+            KeySource::Secret(s) => (
+                DecodingKey::from_secret(s.expose().as_bytes()),
+                vec![Algorithm::HS256],
+            ),
+            KeySource::PublicKeyPem(pem) => {
+                if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+                    (k, vec![Algorithm::RS256])
+                } else if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+                    (k, vec![Algorithm::ES256])
+                } else {
+                    return Err("not a PEM RSA or EC (P-256) public key".into());
+                }
+            }
+        };
+        let mut validation = Validation::new(algorithms[0]);
+        validation.algorithms = algorithms;
+        // `exp` and `nbf` are checked when present, with no leeway.
+        validation.required_spec_claims.clear();
+        validation.validate_nbf = true;
+        validation.leeway = 0;
+        match audience {
+            Some(a) => validation.set_audience(&[a]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(i) = issuer {
+            validation.set_issuer(&[i]);
+        }
+        Ok(Authenticator {
+            verifier: Some((key, validation)),
+            public,
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.verifier.is_some()
+    }
+
+    /// Checks `token`. Without one, a client is let in only when public
+    /// topics are configured, and may then subscribe to those alone.
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Identity, AuthError> {
+        let Some((key, validation)) = &self.verifier else {
+            return Ok(Identity {
+                subject: None,
+                topics: None,
+                publish: Vec::new(),
+                public: Vec::new(),
+            });
+        };
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            if self.public.is_empty() {
+                return Err(AuthError::Missing);
+            }
+            return Ok(Identity {
+                subject: None,
+                topics: Some(Vec::new()),
+                publish: Vec::new(),
+                public: self.public.clone(),
+            });
+        };
+        let data = jsonwebtoken::decode::<Claims>(token, key, validation)
+            .map_err(|e| AuthError::Invalid(describe(&e)))?;
+        let c = data.claims;
+        Ok(Identity {
+            subject: c.sub,
+            topics: c
+                .topics
+                .map(|t| t.iter().map(|p| Pattern::new(p)).collect()),
+            publish: c
+                .publish
+                .unwrap_or_default()
+                .iter()
+                .map(|p| Pattern::new(p))
+                .collect(),
+            public: self.public.clone(),
+        })
+    }
+}
+
+fn describe(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match e.kind() {
+        K::ExpiredSignature => "the token has expired".into(),
+        K::ImmatureSignature => "the token is not valid yet (nbf)".into(),
+        K::InvalidSignature => "the signature does not verify".into(),
+        K::InvalidAudience => "wrong audience (aud)".into(),
+        K::InvalidIssuer => "wrong issuer (iss)".into(),
+        K::InvalidAlgorithm => "algorithm not accepted".into(),
+        _ => "malformed token".into(),
+    }
+}
+
+/// The client token of an HTTP handshake: `token` query parameter first,
+/// then `Authorization: Bearer`.
+pub fn token_from(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    if let Some(q) = query {
+        for pair in q.split('&') {
+            if let Some(v) = pair.strip_prefix("token=") {
+                return Some(v.to_string());
+            }
+        }
+    }
+    bearer(headers)
+}
+
+/// The value of `Authorization: Bearer …`.
+pub fn bearer(headers: &HeaderMap) -> Option<String> {
+    let h = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, value) = h.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| value.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use serde_json::json;
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn token(claims: serde_json::Value, secret: &str) -> String {
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn auth() -> Authenticator {
+        Authenticator::new(
+            KeySource::Secret(&Secret::new("s3cret".into())),
+            None,
+            None,
+            Vec::new(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn patterns() {
+        let p = Pattern::new("news.*");
+        assert!(p.matches("news.sports"));
+        assert!(p.matches("news."));
+        assert!(!p.matches("news"));
+        assert!(!p.matches("admin"));
+        assert!(Pattern::new("*").matches("anything"));
+        assert!(Pattern::new("a*b*c").matches("aXbYc"));
+        assert!(!Pattern::new("a*b*c").matches("aXbY"));
+        assert!(Pattern::new("exact").matches("exact"));
+    }
+
+    #[test]
+    fn tokens_are_checked() {
+        let a = auth();
+        assert_eq!(a.authenticate(None).unwrap_err(), AuthError::Missing);
+        let good = token(
+            json!({"sub":"u","exp": now() + 60, "topics":["news.*"]}),
+            "s3cret",
+        );
+        let id = a.authenticate(Some(&good)).unwrap();
+        assert!(id.may_subscribe("news.sports"));
+        assert!(!id.may_subscribe("admin"));
+        assert!(!id.may_publish("news.sports"));
+        let expired = token(json!({"exp": now() - 10}), "s3cret");
+        assert!(
+            matches!(a.authenticate(Some(&expired)), Err(AuthError::Invalid(m)) if m.contains("expired"))
+        );
+        let forged = token(json!({"exp": now() + 60}), "other");
+        assert!(a.authenticate(Some(&forged)).is_err());
+        let early = token(json!({"nbf": now() + 600}), "s3cret");
+        assert!(a.authenticate(Some(&early)).is_err());
+        assert!(a.authenticate(Some("garbage")).is_err());
+        let open = token(json!({"publish":["chat.*"]}), "s3cret");
+        let id = a.authenticate(Some(&open)).unwrap();
+        assert!(id.may_subscribe("anything"), "no topics claim: any topic");
+        assert!(id.may_publish("chat.room1"));
+    }
+
+    #[test]
+    fn public_topics_admit_anonymous_clients_to_those_only() {
+        let a = Authenticator::new(
+            KeySource::Secret(&Secret::new("k".into())),
+            None,
+            None,
+            vec![Pattern::new("public.*")],
+        )
+        .unwrap();
+        let anon = a.authenticate(None).unwrap();
+        assert!(anon.may_subscribe("public.news"));
+        assert!(!anon.may_subscribe("private"));
+    }
+
+    #[test]
+    fn secrets_compare_and_never_print() {
+        let s = Secret::new("abc".into());
+        assert!(s.matches("abc"));
+        assert!(!s.matches("abd"));
+        assert!(!s.matches("ab"));
+        assert!(!s.matches("abcd"));
+        assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
+    }
+
+    #[test]
+    fn token_sources() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer xyz".parse().unwrap());
+        assert_eq!(token_from(&h, None).as_deref(), Some("xyz"));
+        assert_eq!(
+            token_from(&h, Some("a=1&token=qqq")).as_deref(),
+            Some("qqq")
+        );
+        assert_eq!(token_from(&HeaderMap::new(), Some("a=1")), None);
+    }
+}
