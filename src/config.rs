@@ -1183,6 +1183,29 @@ mod tests {
         assert!(!format!("{c:?}").contains("0123456789abcdef0123"));
     }
 
+    proptest::proptest! {
+        /// Any value of any setting is parsed or refused with an error that
+        /// names it; nothing panics.
+        #[test]
+        fn config_parsing_never_panics(
+            idx in 0..names::ALL.len(),
+            value in ".{0,80}",
+            idx2 in 0..names::ALL.len(),
+            value2 in "[0-9a-z:/,*\\[\\]{}\" -]{0,40}",
+        ) {
+            let name = names::ALL[idx];
+            let name2 = names::ALL[idx2];
+            match config(&[(name, value.as_str()), (name2, value2.as_str())]) {
+                Ok(_) => {}
+                Err(e) => {
+                    for err in &e.0 {
+                        proptest::prop_assert!(names::ALL.contains(&err.name.as_str()), "{err}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn redis_password_is_redacted() {
         assert_eq!(
