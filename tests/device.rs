@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Client, Node, Redis, eventually, prefix};
+use common::{Client, Node, Redis, eventually, interop_script, prefix, python, run_interop};
 use serde_json::{Value, json};
 
 fn nodes(redis: &Redis, test: &str, n: usize, extra: &[(&str, &str)]) -> Vec<Node> {
@@ -42,67 +41,25 @@ fn leader_index(nodes: &[&Node]) -> Option<usize> {
     (leaders.len() == 1).then(|| leaders[0])
 }
 
-fn tools() -> PathBuf {
-    std::env::var_os("SWITCHBOARD_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools"))
-}
-
-fn run_interop(program: PathBuf, args: &[&str]) {
-    assert!(
-        program.exists() || program.file_name().is_some_and(|n| n == "node"),
-        "{} is missing: run ./scripts/test, which installs the interop clients",
-        program.display()
-    );
-    let out = Command::new(&program)
-        .args(args)
-        .env("SWITCHBOARD_TOOLS", tools())
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}{stderr}");
-    assert!(
-        out.status.success(),
-        "interop client failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("OK"));
-}
-
-fn script(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/interop")
-        .join(name)
-        .display()
-        .to_string()
-}
-
 #[test]
 fn official_socketio_clients_across_two_nodes() {
     let redis = Redis::start();
     let n = nodes(&redis, "sio", 2, &[]);
     let a = format!("http://{}", n[0].addr);
     let b = format!("http://{}", n[1].addr);
-    assert!(
-        tools().join("node/node_modules/socket.io-client").exists(),
-        "socket.io-client is not installed in {}: run ./scripts/test",
-        tools().display()
-    );
     // socket.io-client forced to long-polling on node B, commands through A.
+    let node_js = Path::new("node");
     run_interop(
-        PathBuf::from("node"),
-        &[&script("sio_scenario.mjs"), "polling", &b, &a],
+        node_js,
+        &[&interop_script("sio_scenario.mjs"), "polling", &b, &a],
     );
     // socket.io-client over websocket on node A, commands through B.
     run_interop(
-        PathBuf::from("node"),
-        &[&script("sio_scenario.mjs"), "websocket", &a, &b],
+        node_js,
+        &[&interop_script("sio_scenario.mjs"), "websocket", &a, &b],
     );
     // python-socketio AsyncClient on node A, commands through B.
-    run_interop(
-        tools().join("venv/bin/python"),
-        &[&script("sio_scenario.py"), &a, &b],
-    );
+    run_interop(&python(), &[&interop_script("sio_scenario.py"), &a, &b]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

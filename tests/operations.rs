@@ -275,20 +275,13 @@ fn cluster_behind_nginx_serves_native_and_socketio_polling() {
     assert!(nodes.len() >= 2, "the balancer spreads requests: {nodes:?}");
 
     // socket.io-client forced to long-polling, through nginx both ways.
-    let tools = std::env::var_os("SWITCHBOARD_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".tools"));
-    let out = Command::new("node")
-        .arg(root.join("tests/interop/sio_scenario.mjs"))
-        .args(["polling", &url, &url])
-        .env("SWITCHBOARD_TOOLS", &tools)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    common::run_interop(
+        std::path::Path::new("node"),
+        &[
+            &common::interop_script("sio_scenario.mjs"),
+            "polling",
+            &url,
+            &url,
+        ],
     );
-    eprintln!("{text}");
-    assert!(out.status.success(), "{text}");
 }

@@ -3,7 +3,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{Client, Closed, Node, Redis, eventually, http};
@@ -125,28 +124,15 @@ async fn jwt_tokens_origins_and_topic_permissions() {
 #[test]
 fn python_socketio_needs_auth_token() {
     let node = Node::start("sec-sio", &[("AUTH_JWT_SECRET", SECRET)]);
-    let tools = std::env::var_os("SWITCHBOARD_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools"));
-    let python = tools.join("venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} missing: run ./scripts/test",
-        python.display()
-    );
     let good = token(json!({"exp": now() + 600}), SECRET);
-    let out = std::process::Command::new(python)
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/sio_auth.py"))
-        .args([&format!("http://{}", node.addr), &good])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    common::run_interop(
+        &common::python(),
+        &[
+            &common::interop_script("sio_auth.py"),
+            &format!("http://{}", node.addr),
+            &good,
+        ],
     );
-    eprintln!("{text}");
-    assert!(out.status.success(), "{text}");
 }
 
 #[test]

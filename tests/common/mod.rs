@@ -293,6 +293,61 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+// === interop clients ===
+
+/// Where `scripts/test` installed the official clients (`SWITCHBOARD_TOOLS`,
+/// default `.tools/`).
+pub fn tools() -> std::path::PathBuf {
+    std::env::var_os("SWITCHBOARD_TOOLS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools"))
+}
+
+/// A script in `tests/interop/`.
+pub fn interop_script(name: &str) -> String {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interop")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// The Python of the tools venv (python-socketio installed).
+pub fn python() -> std::path::PathBuf {
+    tools().join("venv/bin/python")
+}
+
+/// Runs an interop client to completion; fails the test (showing its output)
+/// unless it exits 0 and says OK.
+pub fn run_interop(program: &std::path::Path, args: &[&str]) {
+    let is_node = program.file_name().is_some_and(|n| n == "node");
+    assert!(
+        is_node || program.exists(),
+        "{} is missing: run ./scripts/test, which installs the interop clients",
+        program.display()
+    );
+    if is_node {
+        assert!(
+            tools().join("node/node_modules/socket.io-client").exists(),
+            "socket.io-client is not installed in {}: run ./scripts/test",
+            tools().display()
+        );
+    }
+    let out = Command::new(program)
+        .args(args)
+        .env("SWITCHBOARD_TOOLS", tools())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}{stderr}");
+    assert!(
+        out.status.success(),
+        "interop client failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("OK"), "{stdout}");
+}
+
 // === HTTP ===
 
 /// A minimal HTTP/1.1 request; returns the status and the body as JSON
