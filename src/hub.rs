@@ -35,6 +35,10 @@ pub fn new_conn_id() -> ConnId {
     rand::random::<u64>().max(1)
 }
 
+/// How long a topic stays subscribed on the backplane after its last local
+/// subscriber left.
+const UNSUBSCRIBE_LINGER: Duration = Duration::from_secs(1);
+
 /// How many topics keep their last publication for `request`.
 const LAST_PUBLICATIONS: usize = 10_000;
 
@@ -220,22 +224,44 @@ impl Hub {
                 return false;
             };
             let removed = subs.remove(&id).is_some();
-            let now_empty = subs.is_empty();
-            if now_empty {
-                topics.remove(topic);
-            }
-            (removed, now_empty)
+            (removed, removed && subs.is_empty())
         };
         if removed && id != INTERNAL {
             self.inner.subscriptions.fetch_sub(1, Ordering::Relaxed);
             self.update_gauges();
         }
-        if now_empty && let Err(e) = self.inner.backplane.unsubscribe(topic).await {
+        if now_empty {
+            // Keep the (empty) entry and the backplane subscription a moment:
+            // a client that reconnects or re-subscribes at once causes no
+            // UNSUBSCRIBE/SUBSCRIBE churn on Redis.
+            let hub = self.clone();
+            let topic = topic.to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(UNSUBSCRIBE_LINGER).await;
+                hub.release_if_empty(&topic).await;
+            });
+        }
+        removed
+    }
+
+    /// Drops an empty topic and its backplane subscription.
+    async fn release_if_empty(&self, topic: &str) {
+        let _guard = self.topic_lock(topic).lock().await;
+        {
+            let mut topics = self.inner.topics.write().unwrap();
+            match topics.get(topic) {
+                Some(subs) if subs.is_empty() => {
+                    topics.remove(topic);
+                }
+                _ => return,
+            }
+        }
+        self.update_gauges();
+        if let Err(e) = self.inner.backplane.unsubscribe(topic).await {
             // Harmless: a stray subscription only brings messages nobody here wants.
             metrics::counter!(m::BACKPLANE_ERRORS, "op" => "unsubscribe").increment(1);
             tracing::warn!(topic, cause = %e, "backplane unsubscribe failed");
         }
-        removed
     }
 
     fn update_gauges(&self) {
@@ -243,8 +269,15 @@ impl Hub {
         metrics::gauge!(m::TOPICS).set(self.topic_count() as f64);
     }
 
+    /// Topics with at least one local subscriber.
     pub fn topic_count(&self) -> usize {
-        self.inner.topics.read().unwrap().len()
+        self.inner
+            .topics
+            .read()
+            .unwrap()
+            .values()
+            .filter(|subs| !subs.is_empty())
+            .count()
     }
 
     /// Client subscriptions (connection × topic), internal ones excluded.
@@ -468,6 +501,64 @@ mod tests {
         assert!(!hub.unsubscribe("t", 1).await);
         assert_eq!(hub.topic_count(), 0);
         assert_eq!(hub.subscription_count(), 0);
+    }
+
+    /// Counts backplane (un)subscribe calls.
+    #[derive(Default)]
+    struct CountingBackplane {
+        subscribes: AtomicUsize,
+        unsubscribes: AtomicUsize,
+    }
+
+    impl Backplane for CountingBackplane {
+        fn kind(&self) -> &'static str {
+            "counting"
+        }
+        fn publish<'a>(
+            &'a self,
+            _: &'a str,
+            _: bytes::Bytes,
+        ) -> futures_util::future::BoxFuture<'a, Result<(), BackplaneError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn subscribe<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> futures_util::future::BoxFuture<'a, Result<(), BackplaneError>> {
+            self.subscribes.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async { Ok(()) })
+        }
+        fn unsubscribe<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> futures_util::future::BoxFuture<'a, Result<(), BackplaneError>> {
+            self.unsubscribes.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async { Ok(()) })
+        }
+        fn status(&self) -> tokio::sync::watch::Receiver<crate::backplane::Status> {
+            tokio::sync::watch::channel(crate::backplane::Status::Connected).1
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quick_resubscribes_cause_no_backplane_churn() {
+        let bp = Arc::new(CountingBackplane::default());
+        let hub = Hub::new(bp.clone());
+        let a: Arc<dyn Subscriber> = Arc::new(Probe::default());
+        for _ in 0..5 {
+            hub.subscribe("t", 1, a.clone()).await.unwrap();
+            hub.unsubscribe("t", 1).await;
+        }
+        assert_eq!(bp.subscribes.load(Ordering::Relaxed), 1);
+        assert_eq!(bp.unsubscribes.load(Ordering::Relaxed), 0);
+        tokio::time::sleep(UNSUBSCRIBE_LINGER * 2).await;
+        assert_eq!(
+            bp.unsubscribes.load(Ordering::Relaxed),
+            1,
+            "released after the linger"
+        );
+        hub.subscribe("t", 1, a).await.unwrap();
+        assert_eq!(bp.subscribes.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
