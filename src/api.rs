@@ -232,6 +232,11 @@ pub async fn publish(
             body.topic.chars().take(140).collect::<String>()
         )));
     }
+    if body.topic == crate::device::state::TOPIC {
+        return Err(ApiError::BadRequest(
+            "topic \"device\" carries device state: change it with /api/switch, /api/config, /api/carousel or /api/settings".into(),
+        ));
+    }
     let event = body.event.unwrap_or_else(|| body.topic.clone());
     if !protocol::valid_topic(&event) {
         return Err(ApiError::BadRequest(format!(

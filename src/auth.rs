@@ -94,6 +94,8 @@ pub struct Identity {
     topics: Option<Vec<Pattern>>,
     publish: Vec<Pattern>,
     public: Vec<Pattern>,
+    /// Admitted without a token because public topics are configured.
+    anonymous: bool,
 }
 
 impl Identity {
@@ -103,6 +105,12 @@ impl Identity {
 
     pub fn may_publish(&self, topic: &str) -> bool {
         any_match(&self.publish, topic)
+    }
+
+    /// Whether the client presented a token (the proxy needs one when
+    /// authentication is on).
+    pub fn anonymous(&self) -> bool {
+        self.anonymous
     }
 }
 
@@ -183,12 +191,18 @@ impl Authenticator {
         validation.required_spec_claims.clear();
         validation.validate_nbf = true;
         validation.leeway = 0;
+        // A configured audience or issuer is required: a token without the
+        // claim is refused, not waved through.
         match audience {
-            Some(a) => validation.set_audience(&[a]),
+            Some(a) => {
+                validation.set_audience(&[a]);
+                validation.required_spec_claims.insert("aud".into());
+            }
             None => validation.validate_aud = false,
         }
         if let Some(i) = issuer {
             validation.set_issuer(&[i]);
+            validation.required_spec_claims.insert("iss".into());
         }
         Ok(Authenticator {
             verifier: Some((key, validation)),
@@ -209,6 +223,7 @@ impl Authenticator {
                 topics: None,
                 publish: Vec::new(),
                 public: Vec::new(),
+                anonymous: false,
             });
         };
         let Some(token) = token.filter(|t| !t.is_empty()) else {
@@ -220,6 +235,7 @@ impl Authenticator {
                 topics: Some(Vec::new()),
                 publish: Vec::new(),
                 public: self.public.clone(),
+                anonymous: true,
             });
         };
         let data = jsonwebtoken::decode::<Claims>(token, key, validation)
@@ -237,6 +253,7 @@ impl Authenticator {
                 .map(|p| Pattern::new(p))
                 .collect(),
             public: self.public.clone(),
+            anonymous: false,
         })
     }
 }
@@ -349,6 +366,30 @@ mod tests {
         let id = a.authenticate(Some(&open)).unwrap();
         assert!(id.may_subscribe("anything"), "no topics claim: any topic");
         assert!(id.may_publish("chat.room1"));
+    }
+
+    #[test]
+    fn configured_audience_and_issuer_are_required() {
+        let a = Authenticator::new(
+            KeySource::Secret(&Secret::new("s3cret".into())),
+            Some("switchboard"),
+            Some("issuer-1"),
+            Vec::new(),
+        )
+        .unwrap();
+        let ok = token(json!({"aud":"switchboard","iss":"issuer-1"}), "s3cret");
+        assert!(a.authenticate(Some(&ok)).is_ok());
+        for claims in [
+            json!({"iss":"issuer-1"}),
+            json!({"aud":"switchboard"}),
+            json!({"aud":"other","iss":"issuer-1"}),
+        ] {
+            assert!(
+                a.authenticate(Some(&token(claims.clone(), "s3cret")))
+                    .is_err(),
+                "{claims}"
+            );
+        }
     }
 
     #[test]

@@ -651,10 +651,17 @@ impl Config {
             parse_ms(v, 100, 600_000)
         });
         let redis_ca_file = p.optional(names::REDIS_CA_FILE, |v| {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
             let path = PathBuf::from(v);
-            std::fs::metadata(&path)
-                .map(|_| path)
-                .map_err(|e| format!("cannot read the file: {e}"))
+            let certs = CertificateDer::pem_file_iter(&path)
+                .map_err(|e| format!("cannot read the file: {e}"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("not a PEM certificate file: {e}"))?;
+            if certs.is_empty() {
+                return Err("no PEM certificate in the file".into());
+            }
+            Ok(path)
         });
 
         if !p.errors.is_empty() {

@@ -46,8 +46,13 @@ pub async fn upgrade(
         ))
         .into_response();
     };
-    if let Err(refusal) = crate::gateway::ws::admit(&node, headers, query) {
-        return refusal.into_response();
+    match crate::gateway::ws::admit(&node, headers, query) {
+        Err(refusal) => return refusal.into_response(),
+        // Public topics admit clients without a token; upstream feeds do not.
+        Ok(identity) if identity.anonymous() => {
+            return ApiError::Unauthorized("the proxy needs a client token".into()).into_response();
+        }
+        Ok(_) => {}
     }
     let ws = match ws {
         Ok(ws) => ws,

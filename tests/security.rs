@@ -5,7 +5,7 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{Client, Closed, Node, Redis, eventually, http};
+use common::{Client, Node, Redis, eventually, http};
 use futures_util::SinkExt;
 use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
@@ -194,10 +194,28 @@ async fn rate_limit_and_connection_limit() {
         }
     }
     let _ = flood.ws.flush().await;
-    assert_eq!(
-        flood.closed_within(Duration::from_secs(5)).await,
-        Some(Closed::Code(1008))
-    );
+    // The client is told why before the close.
+    let mut told = false;
+    loop {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            futures_util::StreamExt::next(&mut flood.ws),
+        )
+        .await
+        .expect("closed within 5 s")
+        {
+            Some(Ok(Message::Text(t))) => {
+                told |= serde_json::from_str::<Value>(&t).unwrap()["code"] == "rate_limited";
+            }
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 1008);
+                break;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("expected close 1008, got {other:?}"),
+        }
+    }
+    assert!(told, "a rate_limited error came before the close");
     let sent = Instant::now();
     calm.send(json!({"type":"ping"})).await;
     calm.expect("pong").await;

@@ -351,18 +351,19 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 struct CacheFeed(Device);
 
 impl Subscriber for CacheFeed {
+    /// Only the leader's publications carry an epoch; anything else on topic
+    /// `device` is not device state and must not change the cache.
     fn deliver(&self, p: &Publication) -> Delivery {
-        if let Some(epoch) = p.epoch {
-            self.0.inner.election.observe_epoch(epoch);
-        }
+        let Some(epoch) = p.epoch else {
+            return Delivery::Queued;
+        };
+        self.0.inner.election.observe_epoch(epoch);
         if (EVENTS.contains(&&*p.event) || &*p.event == state::APP_CONFIGS)
             && let Ok(data) = serde_json::from_str::<Value>(p.data.get())
         {
             let mut cache = self.0.inner.cache.write().unwrap();
             cache.absorb(&p.event, &data);
-            if let Some(epoch) = p.epoch {
-                cache.epoch = cache.epoch.max(epoch);
-            }
+            cache.epoch = cache.epoch.max(epoch);
         }
         Delivery::Queued
     }

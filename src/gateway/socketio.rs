@@ -55,6 +55,8 @@ struct Session {
     topics: Mutex<HashSet<String>>,
     identity: Identity,
     bucket: Option<Mutex<TokenBucket>>,
+    /// Why the server is disconnecting this socket, for the metric.
+    closing: Mutex<Option<&'static str>>,
 }
 
 impl Session {
@@ -68,10 +70,8 @@ impl Session {
             return true;
         }
         emit_error(socket, None, "rate limit exceeded; disconnecting");
-        let s = socket.clone();
-        tokio::spawn(async move {
-            let _ = s.disconnect();
-        });
+        *self.closing.lock().unwrap() = Some(m::reason::POLICY);
+        tokio::spawn(kick(socket.clone()));
         false
     }
 }
@@ -106,6 +106,7 @@ async fn register(
             .config()
             .rate_limit
             .map(|l| Mutex::new(TokenBucket::new(l))),
+        closing: Mutex::new(None),
     }));
     socket.on("subscribe", on_subscribe);
     socket.on("unsubscribe", on_unsubscribe);
@@ -236,7 +237,14 @@ async fn on_unsubscribe(
 async fn on_request_state(socket: SocketRef, State(node): State<Node>, ack: AckSender) {
     metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => "request_state")
         .increment(1);
-    if !session(&socket).within_rate(&socket) {
+    let s = session(&socket);
+    if !s.within_rate(&socket) {
+        return;
+    }
+    if !s.identity.may_subscribe(TOPIC) {
+        let e = format!("not allowed to read \"{TOPIC}\"");
+        let _ = ack.send(&json!({"ok": false, "error": e}));
+        emit_error(&socket, Some(TOPIC), &e);
         return;
     }
     send_state(&socket, &node);
@@ -260,6 +268,11 @@ async fn on_publish(
     let res = async {
         let topic = topic_arg(&data)?;
         let v = data.as_ref().map_err(|e| e.to_string())?;
+        if topic == TOPIC {
+            return Err(
+                "topic \"device\" carries device state: change it with the device commands".into(),
+            );
+        }
         if !s.identity.may_publish(&topic) {
             return Err(format!("not allowed to publish to \"{topic}\""));
         }
@@ -315,8 +328,9 @@ async fn on_disconnect(socket: SocketRef, State(node): State<Node>, reason: Disc
     for topic in topics {
         node.hub().unsubscribe(&topic, s.id).await;
     }
+    let closing = *s.closing.lock().unwrap();
     let reason = match reason {
-        DisconnectReason::ServerNSDisconnect => m::reason::SLOW_CONSUMER,
+        DisconnectReason::ServerNSDisconnect => closing.unwrap_or(m::reason::SERVER),
         DisconnectReason::ClosingServer => m::reason::SHUTDOWN,
         DisconnectReason::HeartbeatTimeout => m::reason::HEARTBEAT,
         DisconnectReason::PacketParsingError => m::reason::ERROR,
@@ -363,6 +377,12 @@ impl Subscriber for SocketSubscriber {
                 if !self.kicked.swap(true, Ordering::AcqRel) {
                     metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => m::transport::SOCKETIO)
                         .increment(1);
+                    if let Some(s) = self.socket.extensions.get::<Arc<Session>>() {
+                        s.closing
+                            .lock()
+                            .unwrap()
+                            .get_or_insert(m::reason::SLOW_CONSUMER);
+                    }
                     tokio::spawn(kick(self.socket.clone()));
                 }
                 Delivery::Overflow

@@ -427,6 +427,14 @@ impl Session {
                 });
                 "unsubscribe"
             }
+            Ok(ClientMessage::Request { event }) if !self.identity.may_subscribe(&event) => {
+                self.outbox.error_text(
+                    format!("not allowed to read \"{event}\""),
+                    "forbidden",
+                    Some(&event),
+                );
+                "request"
+            }
             Ok(ClientMessage::Request { event }) => {
                 match self.node.current_data(&event) {
                     Some(data) => self.outbox.send(&ServerMessage::Response {
@@ -449,7 +457,14 @@ impl Session {
                 "ping"
             }
             Ok(ClientMessage::Publish { event, name, data }) => {
-                if !self.identity.may_publish(&event) {
+                if event == crate::device::state::TOPIC {
+                    self.outbox.error_text(
+                        "topic \"device\" carries device state: change it with the device commands"
+                            .into(),
+                        "forbidden",
+                        Some(&event),
+                    );
+                } else if !self.identity.may_publish(&event) {
                     self.outbox.error_text(
                         format!("not allowed to publish to \"{event}\""),
                         "forbidden",
@@ -573,6 +588,17 @@ async fn write_loop(mut w: Writer) {
             }
         }
     };
+    // What was queued before the close (an `error` explaining it, say) goes
+    // out first, unless the queue is the problem.
+    if code != close::TRY_AGAIN_LATER && code != close::INTERNAL {
+        let pending = async {
+            while let Ok(frame) = w.rx.try_recv() {
+                w.sink.feed(Message::Text(frame)).await?;
+            }
+            w.sink.flush().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), pending).await;
+    }
     let reason = match code {
         close::TRY_AGAIN_LATER => "slow consumer: message queue full",
         close::TOO_BIG => "message too big",

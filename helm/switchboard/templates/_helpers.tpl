@@ -92,7 +92,42 @@ Call with (list KEY VALUE).
 {{- end }}
 
 {{/*
-The config map without unset (null or "") entries: the settings actually passed.
+The files of `files:` that are in use, as a YAML map by values key. Each has
+the setting it feeds (env), the volume name, the mount directory, the file
+name inside it, and where it comes from (source: pem, secret or configMap;
+ref: the Secret/ConfigMap name; key: the key in it).
+*/}}
+{{- define "switchboard.files" -}}
+{{- $specs := dict
+  "jwtPublicKey" (dict "env" "AUTH_JWT_PUBLIC_KEY_FILE" "volume" "jwt-public-key" "dir" "/etc/switchboard/jwt" "file" "public.pem" "chartKey" "jwt-public-key.pem")
+  "redisCa" (dict "env" "REDIS_CA_FILE" "volume" "redis-ca" "dir" "/etc/switchboard/redis-ca" "file" "ca.crt" "chartKey" "redis-ca.pem") }}
+{{- $out := dict }}
+{{- range $name, $spec := $specs }}
+{{- $f := index $.Values.files $name | default dict }}
+{{- $source := "" }}
+{{- $ref := "" }}
+{{- $key := $f.key | default $spec.file }}
+{{- if $f.pem }}
+{{- $source = "pem" }}
+{{- $ref = printf "%s-files" (include "switchboard.fullname" $) }}
+{{- $key = $spec.chartKey }}
+{{- else if $f.secret }}
+{{- $source = "secret" }}
+{{- $ref = $f.secret }}
+{{- else if $f.configMap }}
+{{- $source = "configMap" }}
+{{- $ref = $f.configMap }}
+{{- end }}
+{{- if $source }}
+{{- $_ := set $out $name (merge (dict "source" $source "ref" $ref "key" $key "path" (printf "%s/%s" $spec.dir $spec.file)) $spec) }}
+{{- end }}
+{{- end }}
+{{- if $out }}{{ toYaml $out }}{{ end }}
+{{- end }}
+
+{{/*
+The config map without unset (null or "") entries: the settings actually
+passed, plus the paths of the files mounted from `files:`.
 */}}
 {{- define "switchboard.effectiveConfig" -}}
 {{- $out := dict }}
@@ -100,6 +135,9 @@ The config map without unset (null or "") entries: the settings actually passed.
 {{- if not (or (kindIs "invalid" $v) (and (kindIs "string" $v) (eq $v ""))) }}
 {{- $_ := set $out $k (include "switchboard.envValue" (list $k $v)) }}
 {{- end }}
+{{- end }}
+{{- range $_, $f := (include "switchboard.files" . | fromYaml) }}
+{{- $_ := set $out $f.env $f.path }}
 {{- end }}
 {{- toYaml $out }}
 {{- end }}
@@ -202,6 +240,25 @@ Rules the schema cannot express. Fails the render with a readable message.
 {{- fail (printf "secrets.%s is ignored with existingSecret: put %s in that Secret instead" $k $k) }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- range $name, $f := .Values.files }}
+{{- $sources := 0 }}
+{{- range list "pem" "secret" "configMap" }}
+{{- if index $f . }}{{ $sources = add1 $sources }}{{ end }}
+{{- end }}
+{{- if gt $sources 1 }}
+{{- fail (printf "files.%s: set one of pem, secret or configMap, not several" $name) }}
+{{- end }}
+{{- end }}
+{{- range $_, $f := (include "switchboard.files" . | fromYaml) }}
+{{- $v := index $.Values.config $f.env }}
+{{- if not (or (kindIs "invalid" $v) (eq (toString $v) "")) }}
+{{- fail (printf "config.%s is set by the chart when files.* provides the file: leave config.%s null" $f.env $f.env) }}
+{{- end }}
+{{- end }}
+{{- $publicKey := or (.Values.files.jwtPublicKey.pem) (.Values.files.jwtPublicKey.secret) (.Values.files.jwtPublicKey.configMap) (.Values.config.AUTH_JWT_PUBLIC_KEY_FILE) }}
+{{- if and $publicKey .Values.secrets.AUTH_JWT_SECRET }}
+{{- fail "set either secrets.AUTH_JWT_SECRET (HS256) or a public key (files.jwtPublicKey / config.AUTH_JWT_PUBLIC_KEY_FILE), not both: the binary refuses both" }}
 {{- end }}
 {{- if and (not (include "switchboard.hasRedis" .)) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
 {{- fail "more than one replica needs a shared Redis: set redis.enabled=true, redis.url, or existingSecret with REDIS_URL (or replicaCount=1 for a single embedded node)" }}
