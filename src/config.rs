@@ -1025,6 +1025,12 @@ fn parse_mock_events(v: &str) -> Result<Vec<MockEvent>, String> {
                 protocol::TOPIC_PATTERN
             ));
         }
+        if e.name == crate::device::state::TOPIC {
+            return Err(format!(
+                "entry {i}: \"{}\" is reserved for the device state",
+                e.name
+            ));
+        }
         if !seen.insert(e.name.clone()) {
             return Err(format!("entry {i}: name `{}` appears twice", e.name));
         }
