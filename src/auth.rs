@@ -267,7 +267,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
         K::InvalidAudience => "wrong audience (aud)".into(),
         K::InvalidIssuer => "wrong issuer (iss)".into(),
         K::InvalidAlgorithm => "algorithm not accepted".into(),
-        K::MissingRequiredClaim(c) => format!("the required claim `{c}` is missing"),
+        K::MissingRequiredClaim(c) => format!("the required claim {c} is missing"),
         _ => "malformed token".into(),
     }
 }
