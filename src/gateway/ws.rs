@@ -551,14 +551,18 @@ async fn write_loop(mut w: Writer) {
     // Armed on shutdown: each connection closes at its own point in the drain
     // window so that clients do not all reconnect in one burst.
     let close_at = tokio::time::sleep(Duration::from_secs(86_400 * 365));
-    tokio::pin!(close_at);
+    // Created once, not per loop turn: registering a waiter costs a lock.
+    let outbox = w.outbox.clone();
+    let close_requested = outbox.close.notify.notified();
+    let shutdown_started = shutdown.cancelled();
+    tokio::pin!(close_at, close_requested, shutdown_started);
     let mut draining = false;
 
     let code = loop {
         tokio::select! {
             biased;
-            _ = w.outbox.close.notify.notified() => break w.outbox.close.code(),
-            _ = shutdown.cancelled(), if !draining => {
+            _ = &mut close_requested => break w.outbox.close.code(),
+            _ = &mut shutdown_started, if !draining => {
                 draining = true;
                 let window = config.shutdown_drain.as_millis() as u64;
                 let offset = if window == 0 { 0 } else { w.id % window };
