@@ -80,15 +80,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let readiness_delay = config.shutdown_readiness_delay;
 
     let node = Node::build(config, Some(metrics)).await?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr} (PORT)"))?;
+    let listener = bind(addr).with_context(|| format!("binding {addr} (PORT)"))?;
     let admin_listener = match admin_addr {
-        Some(a) => Some(
-            TcpListener::bind(a)
-                .await
-                .with_context(|| format!("binding {a} (ADMIN_PORT)"))?,
-        ),
+        Some(a) => Some(bind(a).with_context(|| format!("binding {a} (ADMIN_PORT)"))?),
         None => None,
     };
     let local = listener.local_addr()?;
@@ -129,6 +123,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let _ = tokio::time::timeout_at(deadline, serve).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds with a listen backlog of 4096: the standard library's 128
+/// overflows when thousands of clients reconnect at once (their final ACKs
+/// are dropped and they retry a second later).
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Waits for SIGINT or SIGTERM (Kubernetes sends SIGTERM to start a graceful

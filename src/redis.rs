@@ -119,7 +119,11 @@ fn rustls_native_certs_or_empty() -> Vec<rustls::pki_types::CertificateDer<'stat
 
 /// Builds a fred config from `url`, with reconnection forever (fred does not
 /// reconnect by default) and bounded command and connect timeouts.
-fn builder(url: &str) -> Result<Builder, RedisError> {
+///
+/// `pubsub_capacity` sizes fred's notification channels: every client has
+/// several and each preallocates its capacity, so only the backplane's
+/// subscriber, which must absorb bursts, gets a large one.
+fn builder(url: &str, pubsub_capacity: usize) -> Result<Builder, RedisError> {
     let mut config = Config::from_url(url)?;
     if url.starts_with("rediss://")
         && let Some(path) = CA_FILE.get()
@@ -140,7 +144,7 @@ fn builder(url: &str) -> Result<Builder, RedisError> {
         .with_performance_config(|p| {
             p.default_command_timeout = COMMAND_TIMEOUT;
             // fred drops pub/sub messages when this broadcast lags (32 by default).
-            p.broadcast_channel_capacity = 16_384;
+            p.broadcast_channel_capacity = pubsub_capacity;
         });
     Ok(builder)
 }
@@ -169,7 +173,7 @@ pub struct Redis {
 impl Redis {
     /// Connects in the background: a node starts (not ready) while Redis is down.
     pub fn connect(url: &str) -> Result<Redis, RedisError> {
-        let client = builder(url)?.build()?;
+        let client = builder(url, 32)?.build()?;
         client.connect();
         let options = Options {
             fail_fast: true,
@@ -298,7 +302,7 @@ pub fn listen(
     channels: Vec<String>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>, RedisError> {
-    let client = subscriber(url)?;
+    let client = subscriber(url, 256)?;
     let mut messages = client.message_rx();
     let mut reconnects = client.reconnect_rx();
     client.connect();
@@ -345,8 +349,11 @@ pub fn listen(
 }
 
 /// A dedicated subscriber connection, for `backplane/redis.rs`.
-pub fn subscriber(url: &str) -> Result<fred::clients::SubscriberClient, RedisError> {
-    Ok(builder(url)?.build_subscriber_client()?)
+pub fn subscriber(
+    url: &str,
+    capacity: usize,
+) -> Result<fred::clients::SubscriberClient, RedisError> {
+    Ok(builder(url, capacity)?.build_subscriber_client()?)
 }
 
 #[cfg(test)]

@@ -43,7 +43,10 @@ impl RedisBackplane {
         inbound: mpsc::Sender<Inbound>,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, RedisError> {
-        let subscriber = crate::redis::subscriber(url)?;
+        // fred drops pub/sub messages when this broadcast lags (32 by
+        // default); our loop moves each one on at once, so this only has to
+        // absorb scheduling hiccups.
+        let subscriber = crate::redis::subscriber(url, 8_192)?;
         // Take the receivers before connecting so that no event is missed.
         let messages = subscriber.message_rx();
         let reconnects = subscriber.reconnect_rx();

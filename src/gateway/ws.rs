@@ -6,9 +6,10 @@
 //! when it is full the connection is closed with 1013 (the slow-consumer
 //! policy, see `docs/protocol.md`) and the fan-out moves on without waiting.
 
-use std::collections::HashSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -16,8 +17,9 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::api::ApiError;
 use crate::auth::{self, Identity};
@@ -42,8 +44,6 @@ pub mod close {
 /// How long one flush to a client may take before the client is treated as
 /// dead (its queue then fills and the slow-consumer policy closes it).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Frames written per flush at most, so one busy connection's batch stays small.
-const MAX_BATCH: usize = 256;
 /// tungstenite read/write buffer sizes: small, because each idle connection
 /// keeps its read buffer allocated (CRATE-NOTES: ~5 KiB RSS at 4 KiB).
 const READ_BUFFER: usize = 4 * 1024;
@@ -158,33 +158,86 @@ impl CloseSignal {
     }
 }
 
-/// The producer side of one connection's queue.
-struct Outbox {
-    tx: mpsc::Sender<Utf8Bytes>,
-    queued_bytes: AtomicUsize,
+/// One connection's send queue, bounded in frames and in bytes.
+///
+/// A `VecDeque` under a std `Mutex` (held for a push or a swap, never across
+/// `.await`) rather than a channel: it allocates nothing until used and
+/// gives its memory back after a burst, and the writer takes everything
+/// queued in one swap and is woken only when the queue turns non-empty.
+struct Queue {
+    inner: Mutex<Queued>,
+    waker: AtomicWaker,
+    max_frames: usize,
     max_bytes: usize,
+}
+
+#[derive(Default)]
+struct Queued {
+    frames: VecDeque<Utf8Bytes>,
+    bytes: usize,
+    closed: bool,
+}
+
+impl Queue {
+    fn push(&self, frame: Utf8Bytes) -> Delivery {
+        let len = frame.len();
+        let mut q = self.inner.lock().unwrap();
+        if q.closed {
+            return Delivery::Closed;
+        }
+        // A single frame larger than the byte bound still goes to an empty queue.
+        if q.frames.len() >= self.max_frames || (q.bytes > 0 && q.bytes + len > self.max_bytes) {
+            return Delivery::Overflow;
+        }
+        let wake = q.frames.is_empty();
+        q.frames.push_back(frame);
+        q.bytes += len;
+        drop(q);
+        if wake {
+            self.waker.wake();
+        }
+        Delivery::Queued
+    }
+
+    /// Moves everything queued into `batch` (which must be empty).
+    fn take(&self, batch: &mut VecDeque<Utf8Bytes>) -> bool {
+        let mut q = self.inner.lock().unwrap();
+        if q.frames.is_empty() {
+            return false;
+        }
+        std::mem::swap(&mut q.frames, batch);
+        q.bytes = 0;
+        true
+    }
+
+    fn poll_take(&self, cx: &mut Context<'_>, batch: &mut VecDeque<Utf8Bytes>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.take(batch) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// No more frames are accepted; what is queued is dropped.
+    fn close(&self) {
+        let mut q = self.inner.lock().unwrap();
+        q.closed = true;
+        q.frames = VecDeque::new();
+    }
+}
+
+/// The producer side of one connection: its queue and its close signal.
+struct Outbox {
+    queue: Queue,
     close: CloseSignal,
 }
 
 impl Outbox {
     fn push(&self, frame: Utf8Bytes) -> Delivery {
-        let len = frame.len();
-        let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
-        // A single frame larger than the byte bound still goes to an empty queue.
-        if before > 0 && before + len > self.max_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            return self.overflow();
-        }
-        match self.tx.try_send(frame) {
-            Ok(()) => Delivery::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-                self.overflow()
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-                Delivery::Closed
-            }
+        match self.queue.push(frame) {
+            Delivery::Overflow => self.overflow(),
+            other => other,
         }
     }
 
@@ -230,11 +283,13 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
     let config = node.config().clone();
     let id: ConnId = crate::hub::new_conn_id();
     let client_id = format!("{id:016x}");
-    let (tx, rx) = mpsc::channel(config.client_queue_messages);
     let outbox = Arc::new(Outbox {
-        tx,
-        queued_bytes: AtomicUsize::new(0),
-        max_bytes: config.client_queue_bytes,
+        queue: Queue {
+            inner: Mutex::new(Queued::default()),
+            waker: AtomicWaker::new(),
+            max_frames: config.client_queue_messages,
+            max_bytes: config.client_queue_bytes,
+        },
         close: CloseSignal {
             code: AtomicU16::new(0),
             notify: Notify::new(),
@@ -256,7 +311,6 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
 
     let mut writer = tokio::spawn(write_loop(Writer {
         sink,
-        rx,
         outbox: outbox.clone(),
         node: node.clone(),
         id,
@@ -534,7 +588,6 @@ impl Session {
 
 struct Writer {
     sink: SplitSink<WebSocket, Message>,
-    rx: mpsc::Receiver<Utf8Bytes>,
     outbox: Arc<Outbox>,
     node: Node,
     id: ConnId,
@@ -557,6 +610,7 @@ async fn write_loop(mut w: Writer) {
     let shutdown_started = shutdown.cancelled();
     tokio::pin!(close_at, close_requested, shutdown_started);
     let mut draining = false;
+    let mut batch = VecDeque::new();
 
     let code = loop {
         tokio::select! {
@@ -572,9 +626,9 @@ async fn write_loop(mut w: Writer) {
                 w.outbox.close.request(config.shutdown_close_code);
                 break w.outbox.close.code();
             }
-            frame = w.rx.recv() => {
-                let Some(frame) = frame else { break close::NORMAL };
-                if !write_batch(&mut w, frame).await {
+            () = std::future::poll_fn(|cx| outbox.queue.poll_take(cx, &mut batch)) => {
+                if !write_batch(&mut w, &mut batch).await {
+                    outbox.queue.close();
                     return;
                 }
             }
@@ -594,15 +648,16 @@ async fn write_loop(mut w: Writer) {
     };
     // What was queued before the close (an `error` explaining it, say) goes
     // out first, unless the queue is the problem.
-    if code != close::TRY_AGAIN_LATER && code != close::INTERNAL {
+    if code != close::TRY_AGAIN_LATER && code != close::INTERNAL && outbox.queue.take(&mut batch) {
         let pending = async {
-            while let Ok(frame) = w.rx.try_recv() {
+            for frame in batch.drain(..) {
                 w.sink.feed(Message::Text(frame)).await?;
             }
             w.sink.flush().await
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), pending).await;
     }
+    outbox.queue.close();
     let reason = match code {
         close::TRY_AGAIN_LATER => "slow consumer: message queue full",
         close::TOO_BIG => "message too big",
@@ -619,22 +674,19 @@ async fn write_loop(mut w: Writer) {
     let _ = tokio::time::timeout(Duration::from_secs(2), w.sink.send(frame)).await;
 }
 
-/// Writes `first` and whatever else is queued, flushing once. Returns false
-/// when the connection is unusable.
-async fn write_batch(w: &mut Writer, first: Utf8Bytes) -> bool {
-    let mut bytes = first.len();
+/// Writes the whole batch and flushes once. Returns false when the
+/// connection is unusable.
+async fn write_batch(w: &mut Writer, batch: &mut VecDeque<Utf8Bytes>) -> bool {
     let work = async {
-        w.sink.feed(Message::Text(first)).await?;
-        let mut n = 1;
-        while n < MAX_BATCH {
-            let Ok(frame) = w.rx.try_recv() else { break };
-            bytes += frame.len();
+        for frame in batch.drain(..) {
             w.sink.feed(Message::Text(frame)).await?;
-            n += 1;
         }
         w.sink.flush().await
     };
     let ok = matches!(tokio::time::timeout(WRITE_TIMEOUT, work).await, Ok(Ok(())));
-    w.outbox.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    // Give back what a burst grew; an idle connection keeps almost nothing.
+    if batch.capacity() > 64 {
+        *batch = VecDeque::new();
+    }
     ok
 }

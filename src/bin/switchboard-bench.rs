@@ -1,0 +1,779 @@
+//! `switchboard-bench`: the load generator of `scripts/bench`.
+//!
+//! Opens N WebSocket connections (native protocol or Socket.IO) round-robin
+//! over the target nodes, subscribes them to one topic, publishes through
+//! Redis `PUBLISH` (the publisher contract) and measures what arrives:
+//! delivered/expected per connection (loss, duplicates), deliveries per
+//! second, latency from the publisher's clock, the connect rate, and the CPU
+//! time and RSS of the server processes. Prints a table on stderr and one
+//! JSON line on stdout. Run `switchboard-bench --help`.
+//!
+//! Layout:
+//! - this file: command line, the coordinator (spawns workers, publishes,
+//!   samples `/proc`, merges and prints the results);
+//! - `switchboard_bench/worker.rs`: a worker process holding a share of the
+//!   connections on a single-threaded runtime;
+//! - `switchboard_bench/ws.rs`: the minimal allocation-free WebSocket client;
+//! - `switchboard_bench/publish.rs`: the RESP publisher;
+//! - `switchboard_bench/hist.rs`: the latency histogram;
+//! - `switchboard_bench/procfs.rs`: `/proc` samples and `RLIMIT_NOFILE`;
+//! - `switchboard_bench/report.rs`: the table, targets and Markdown.
+
+#[path = "switchboard_bench/hist.rs"]
+mod hist;
+#[path = "switchboard_bench/procfs.rs"]
+mod procfs;
+#[path = "switchboard_bench/publish.rs"]
+mod publish;
+#[path = "switchboard_bench/report.rs"]
+mod report;
+#[path = "switchboard_bench/worker.rs"]
+mod worker;
+#[path = "switchboard_bench/ws.rs"]
+mod ws;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+
+use hist::Hist;
+use procfs::Sample;
+use report::{Expect, Outcome};
+use worker::{Protocol, ReadyLine, WorkerConfig, WorkerReport};
+
+/// Connections per source address before another 127.0.0.x is used (the
+/// ephemeral port range holds ~28,000 per address).
+const PER_SOURCE: usize = 25_000;
+/// Descriptors a worker keeps for itself besides its connections.
+const FD_HEADROOM: u64 = 200;
+
+const USAGE: &str = "\
+switchboard-bench: load generator for Switchboard nodes
+
+USAGE
+  switchboard-bench <idle|connect|fanout|maxrate> --target HOST:PORT[,…] [OPTIONS]
+  switchboard-bench report FILE.jsonl     Markdown tables of recorded results
+  switchboard-bench free-port             print a free TCP port on 127.0.0.1
+  switchboard-bench wait-ready [--timeout 60s] URL…
+                                          wait until each URL (http://host:port/path)
+                                          answers 200
+
+SCENARIOS
+  idle     hold N subscribed connections for --hold, report server RSS per connection
+  connect  open N connections as fast as allowed, report the connect rate
+  fanout   publish --rate events/s for --duration (default 200/s for 10s)
+  maxrate  publish --events as fast as the publisher goes (default 5000)
+
+OPTIONS
+  --protocol native|socketio   wire protocol (default native; Socket.IO is EIO=4 websocket)
+  --target ADDR[,ADDR…]        nodes, used round-robin (repeatable)
+  --connections N              default 1000
+  --topic NAME                 default bench-<random>
+  --event NAME                 event name in the envelope (default tick)
+  --subscribe / --no-subscribe subscribe each connection (default: yes, except connect)
+  --subscribe-via message|path native: a subscribe message (default) or /ws/<topic>
+  --redis HOST:PORT            Redis to PUBLISH on (fanout, maxrate)
+  --prefix P                   REDIS_PREFIX of the nodes (default switchboard)
+  --rate N                     events per second, 0 = as fast as possible
+  --duration D                 fanout length (default 10s); events = rate × duration
+  --events N                   number of events (overrides --duration)
+  --pad BYTES                  padding string in each event (default 32)
+  --workers N                  worker processes (default: as few as RLIMIT_NOFILE allows)
+  --concurrency N              handshakes in flight per worker (default 256)
+  --connect-rate N             connection attempts per second in total (default unlimited)
+  --sources IP[,IP…]           source addresses (default: one more 127.0.0.x per 25,000)
+  --hold D                     idle: how long to hold before measuring (default 5s)
+  --connect-timeout D          per-connection handshake limit (default 60s)
+  --drain-idle D               stop waiting after D without a delivery (default 3s)
+  --drain-max D                stop waiting D after publishing ended (default 30s)
+  --max-time D                 hard limit of the whole run (default 180s)
+  --quiet-wait D               first wait up to D until the machine is quiet: less than
+                               --quiet-cores (default 0.25) CPUs busy over one second
+  --pid [NAME=]PID             a server process: CPU and RSS (repeatable)
+  --watch-pid [NAME=]PID       another process to report, e.g. Redis (repeatable)
+  --label NAME                 scenario name in the output (default: the mode)
+  --out FILE                   append the JSON line to FILE
+  --expect-p99-ms X            targets, reported as met or missed (never change the run)
+  --expect-deliveries-per-s X
+  --expect-rss-per-conn-bytes X
+  --expect-connect-per-s X
+
+OUTPUT
+  A table on stderr and one JSON line on stdout. Exit status 1 when anything
+  was lost (failed or closed connections, missing or duplicate events).
+
+ENVIRONMENT
+  BENCH_TRACE=PATH             each worker writes \"<seq> <latency µs>\" for every
+                               delivery to PATH.<worker pid> (for timelines)
+";
+
+/// Microseconds since the Unix epoch: the clock of the `ts` field.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("__worker") => {
+            worker::main(args.get(1).map(String::as_str).unwrap_or("{}")).map(|_| ExitCode::SUCCESS)
+        }
+        Some("free-port") => free_port().map(|p| {
+            println!("{p}");
+            ExitCode::SUCCESS
+        }),
+        Some("wait-ready") => wait_ready(&args[1..]).map(|_| ExitCode::SUCCESS),
+        Some("report") => match args.get(1) {
+            Some(file) => report::markdown(file).map(|md| {
+                print!("{md}");
+                ExitCode::SUCCESS
+            }),
+            None => Err(anyhow::anyhow!("report needs a FILE.jsonl")),
+        },
+        Some("idle" | "connect" | "fanout" | "maxrate") => {
+            Opts::parse(&args).and_then(|o| coordinate(&o))
+        }
+        Some("-h" | "--help" | "help") => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => {
+            eprint!("{USAGE}");
+            Ok(ExitCode::from(64))
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("switchboard-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// === command line ===
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Idle,
+    Connect,
+    Fanout,
+    Maxrate,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Idle => "idle",
+            Mode::Connect => "connect",
+            Mode::Fanout => "fanout",
+            Mode::Maxrate => "maxrate",
+        }
+    }
+
+    fn publishes(self) -> bool {
+        matches!(self, Mode::Fanout | Mode::Maxrate)
+    }
+}
+
+struct Opts {
+    mode: Mode,
+    protocol: Protocol,
+    targets: Vec<SocketAddr>,
+    connections: usize,
+    topic: String,
+    event: String,
+    subscribe: bool,
+    subscribe_via_path: bool,
+    redis: Option<SocketAddr>,
+    prefix: String,
+    rate: f64,
+    events: u64,
+    pad: usize,
+    workers: Option<usize>,
+    concurrency: usize,
+    connect_rate: f64,
+    sources: Vec<IpAddr>,
+    hold: Duration,
+    connect_timeout: Duration,
+    drain_idle: Duration,
+    drain_max: Duration,
+    max_time: Duration,
+    quiet_wait: Duration,
+    quiet_cores: f64,
+    pids: Vec<(String, u32)>,
+    watch_pids: Vec<(String, u32)>,
+    label: String,
+    out: Option<String>,
+    expect: Expect,
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> anyhow::Result<Opts> {
+        let mode = match args[0].as_str() {
+            "idle" => Mode::Idle,
+            "connect" => Mode::Connect,
+            "fanout" => Mode::Fanout,
+            _ => Mode::Maxrate,
+        };
+        let mut o = Opts {
+            mode,
+            protocol: Protocol::Native,
+            targets: Vec::new(),
+            connections: 1000,
+            topic: format!("bench-{:08x}", rand::random::<u32>()),
+            event: "tick".into(),
+            subscribe: mode != Mode::Connect,
+            subscribe_via_path: false,
+            redis: None,
+            prefix: "switchboard".into(),
+            rate: if mode == Mode::Maxrate { 0.0 } else { 200.0 },
+            events: 0,
+            pad: 32,
+            workers: None,
+            concurrency: 256,
+            connect_rate: 0.0,
+            sources: Vec::new(),
+            hold: Duration::from_secs(if mode == Mode::Idle { 5 } else { 0 }),
+            connect_timeout: Duration::from_secs(60),
+            drain_idle: Duration::from_secs(3),
+            drain_max: Duration::from_secs(30),
+            max_time: Duration::from_secs(180),
+            quiet_wait: Duration::ZERO,
+            quiet_cores: 0.25,
+            pids: Vec::new(),
+            watch_pids: Vec::new(),
+            label: mode.name().into(),
+            out: None,
+            expect: Expect::default(),
+        };
+        let mut duration = Duration::from_secs(10);
+        let mut events: Option<u64> = None;
+        let mut i = 1;
+        while i < args.len() {
+            let arg = &args[i];
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
+                _ => (arg.as_str(), None),
+            };
+            i += 1;
+            let mut value = || -> anyhow::Result<String> {
+                if let Some(v) = &inline {
+                    return Ok(v.clone());
+                }
+                let v = args
+                    .get(i)
+                    .with_context(|| format!("{name} needs a value"))?;
+                i += 1;
+                Ok(v.clone())
+            };
+            let bad = |v: &str, why: &str| anyhow::anyhow!("{name} {v} is not valid: {why}");
+            match name {
+                "--protocol" => {
+                    o.protocol = match value()?.as_str() {
+                        "native" => Protocol::Native,
+                        "socketio" | "socket.io" => Protocol::Socketio,
+                        v => return Err(bad(v, "expected native or socketio")),
+                    }
+                }
+                "--target" => {
+                    for t in value()?.split(',').filter(|t| !t.is_empty()) {
+                        o.targets
+                            .push(resolve(t).map_err(|e| bad(t, &e.to_string()))?);
+                    }
+                }
+                "--connections" => o.connections = num(&value()?, name)?,
+                "--topic" => o.topic = value()?,
+                "--event" => o.event = value()?,
+                "--subscribe" => o.subscribe = true,
+                "--no-subscribe" => o.subscribe = false,
+                "--subscribe-via" => {
+                    o.subscribe_via_path = match value()?.as_str() {
+                        "message" => false,
+                        "path" => true,
+                        v => return Err(bad(v, "expected message or path")),
+                    }
+                }
+                "--redis" => {
+                    let v = value()?;
+                    let v = v
+                        .strip_prefix("redis://")
+                        .unwrap_or(&v)
+                        .trim_end_matches('/');
+                    o.redis = Some(resolve(v).map_err(|e| bad(v, &e.to_string()))?);
+                }
+                "--prefix" => o.prefix = value()?,
+                "--rate" => o.rate = num(&value()?, name)?,
+                "--duration" => duration = dur(&value()?, name)?,
+                "--events" => events = Some(num(&value()?, name)?),
+                "--pad" => o.pad = num(&value()?, name)?,
+                "--workers" => o.workers = Some(num::<usize>(&value()?, name)?.max(1)),
+                "--concurrency" => o.concurrency = num(&value()?, name)?,
+                "--connect-rate" => o.connect_rate = num(&value()?, name)?,
+                "--sources" => {
+                    for s in value()?.split(',').filter(|s| !s.is_empty()) {
+                        o.sources
+                            .push(s.parse().map_err(|_| bad(s, "not an IP address"))?);
+                    }
+                }
+                "--hold" => o.hold = dur(&value()?, name)?,
+                "--connect-timeout" => o.connect_timeout = dur(&value()?, name)?,
+                "--drain-idle" => o.drain_idle = dur(&value()?, name)?,
+                "--drain-max" => o.drain_max = dur(&value()?, name)?,
+                "--max-time" => o.max_time = dur(&value()?, name)?,
+                "--quiet-wait" => o.quiet_wait = dur(&value()?, name)?,
+                "--quiet-cores" => o.quiet_cores = num(&value()?, name)?,
+                "--pid" => o.pids.push(named_pid(&value()?, name)?),
+                "--watch-pid" => o.watch_pids.push(named_pid(&value()?, name)?),
+                "--label" => o.label = value()?,
+                "--out" => o.out = Some(value()?),
+                "--expect-p99-ms" => o.expect.p99_ms = Some(num(&value()?, name)?),
+                "--expect-deliveries-per-s" => {
+                    o.expect.deliveries_per_s = Some(num(&value()?, name)?)
+                }
+                "--expect-rss-per-conn-bytes" => {
+                    o.expect.rss_per_conn_bytes = Some(num(&value()?, name)?)
+                }
+                "--expect-connect-per-s" => o.expect.connect_per_s = Some(num(&value()?, name)?),
+                _ => bail!("unknown option {arg} (see --help)"),
+            }
+        }
+        if o.targets.is_empty() {
+            bail!("--target HOST:PORT is required");
+        }
+        if o.connections == 0 {
+            bail!("--connections must be at least 1");
+        }
+        if mode.publishes() {
+            if o.redis.is_none() {
+                bail!(
+                    "{} publishes through Redis: --redis HOST:PORT is required",
+                    mode.name()
+                );
+            }
+            if !o.subscribe {
+                bail!("{} needs subscribed connections", mode.name());
+            }
+            o.events = match (events, mode) {
+                (Some(n), _) => n,
+                (None, Mode::Maxrate) => 5000,
+                (None, _) if o.rate > 0.0 => (o.rate * duration.as_secs_f64()).round() as u64,
+                (None, _) => bail!("--rate 0 needs --events"),
+            };
+        }
+        Ok(o)
+    }
+}
+
+fn num<T: std::str::FromStr>(v: &str, name: &str) -> anyhow::Result<T> {
+    v.replace('_', "")
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{name} {v} is not valid: expected a number"))
+}
+
+fn dur(v: &str, name: &str) -> anyhow::Result<Duration> {
+    humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("{name} {v} is not valid: {e}"))
+}
+
+fn named_pid(v: &str, name: &str) -> anyhow::Result<(String, u32)> {
+    let (label, pid) = match v.split_once('=') {
+        Some((l, p)) => (l.to_string(), p),
+        None => (format!("pid {v}"), v),
+    };
+    Ok((label, num(pid, name)?))
+}
+
+fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
+    addr.to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other("no address"))
+}
+
+// === small subcommands ===
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `wait-ready [--timeout D] URL…`: GET each URL until it answers 200.
+fn wait_ready(args: &[String]) -> anyhow::Result<()> {
+    let mut timeout = Duration::from_secs(60);
+    let mut urls = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--timeout" {
+            timeout = dur(it.next().context("--timeout needs a value")?, "--timeout")?;
+        } else {
+            urls.push(a.clone());
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    for url in urls {
+        let rest = url
+            .strip_prefix("http://")
+            .with_context(|| format!("{url}: only http:// URLs"))?;
+        let (host, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let addr = resolve(host)?;
+        loop {
+            let ok = (|| -> std::io::Result<bool> {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                write!(
+                    s,
+                    "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                )?;
+                let mut line = String::new();
+                BufReader::new(s).read_line(&mut line)?;
+                Ok(line.starts_with("HTTP/1.1 200"))
+            })()
+            .unwrap_or(false);
+            if ok {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{url} did not answer 200 within {}",
+                    humantime::format_duration(timeout)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+// === coordinator ===
+
+/// Waits (at most `limit`) until other processes keep less than `cores` CPUs
+/// busy over a one-second window; returns the last window's busy CPUs. The
+/// benchmark shares the machine, so this is recorded with every result.
+fn wait_quiet(limit: Duration, cores: f64) -> f64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let before = procfs::machine_busy_s();
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs(1));
+        let busy = (procfs::machine_busy_s() - before) / t.elapsed().as_secs_f64();
+        if busy < cores || Instant::now() >= deadline {
+            if busy >= cores && !limit.is_zero() {
+                eprintln!(
+                    "switchboard-bench: warning: the machine is busy ({busy:.2} CPUs) before the run"
+                );
+            }
+            return busy;
+        }
+    }
+}
+
+struct WorkerProc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl WorkerProc {
+    fn read_line(&mut self, what: &str) -> anyhow::Result<String> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            let status = self.child.wait()?;
+            bail!("a worker ended ({status}) before reporting {what}");
+        }
+        Ok(line)
+    }
+
+    fn tell(&mut self, line: &str) {
+        if let Some(stdin) = &mut self.stdin {
+            let _ = writeln!(stdin, "{line}");
+            let _ = stdin.flush();
+        }
+    }
+}
+
+/// `/proc` samples of every watched process at one moment.
+type Samples = Vec<Sample>;
+
+fn sample_all(pids: &[(String, u32)]) -> Samples {
+    pids.iter().map(|(_, pid)| procfs::sample(*pid)).collect()
+}
+
+fn coordinate(o: &Opts) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let hard_stop = o.max_time;
+    std::thread::spawn(move || {
+        std::thread::sleep(hard_stop);
+        eprintln!("switchboard-bench: --max-time reached, exiting");
+        std::process::exit(2);
+    });
+
+    let (soft, hard) = procfs::raise_nofile();
+    let per_worker_fds = soft.saturating_sub(FD_HEADROOM).max(1) as usize;
+    let workers = o
+        .workers
+        .unwrap_or(o.connections.div_ceil(per_worker_fds))
+        .clamp(1, o.connections);
+    let per_worker = o.connections.div_ceil(workers);
+    if per_worker as u64 + FD_HEADROOM > soft {
+        eprintln!(
+            "switchboard-bench: warning: {per_worker} connections per worker with RLIMIT_NOFILE {soft}"
+        );
+    }
+    let sources = if o.sources.is_empty() && o.connections > PER_SOURCE {
+        (0..o.connections.div_ceil(PER_SOURCE))
+            .map(|k| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + k as u8)))
+            .collect()
+    } else {
+        o.sources.clone()
+    };
+
+    let background_before = wait_quiet(o.quiet_wait, o.quiet_cores);
+    let all_pids: Vec<(String, u32)> = o.pids.iter().chain(&o.watch_pids).cloned().collect();
+    let at_start = (procfs::machine_busy_s(), sample_all(&all_pids));
+
+    // Workers: each takes a contiguous range of global connection indexes.
+    let exe = std::env::current_exe()?;
+    let mut procs = Vec::new();
+    let mut first = 0;
+    for _ in 0..workers {
+        let count = per_worker.min(o.connections - first);
+        if count == 0 {
+            break;
+        }
+        let cfg = WorkerConfig {
+            protocol: o.protocol,
+            targets: o.targets.clone(),
+            sources: sources.clone(),
+            first,
+            count,
+            topic: o.topic.clone(),
+            event: o.event.clone(),
+            subscribe: o.subscribe,
+            subscribe_via_path: o.subscribe_via_path,
+            concurrency: o.concurrency,
+            connect_rate: o.connect_rate / workers as f64,
+            connect_timeout_ms: o.connect_timeout.as_millis() as u64,
+            drain_idle_ms: o.drain_idle.as_millis() as u64,
+            drain_max_ms: o.drain_max.as_millis() as u64,
+            max_time_ms: o.max_time.as_millis() as u64,
+        };
+        let mut child = Command::new(&exe)
+            .arg("__worker")
+            .arg(serde_json::to_string(&cfg)?)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting a worker process")?;
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
+        procs.push(WorkerProc {
+            child,
+            stdin,
+            stdout,
+        });
+        first += count;
+    }
+
+    let result = drive(o, &mut procs, &all_pids, at_start);
+    // Whatever happened, the workers end: EOF on stdin stops them, and they
+    // have their own time limit; then they are killed.
+    for p in &mut procs {
+        p.stdin = None;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for p in &mut procs {
+        loop {
+            match p.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = p.child.kill();
+                    let _ = p.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+    let (reports, phases, publish) = result?;
+    let machine_busy_s = phases.busy_end - phases.busy_start;
+
+    // === merge ===
+    let mut total = WorkerReport {
+        first_start_us: u64::MAX,
+        first_recv_us: u64::MAX,
+        min_per_conn: u64::MAX,
+        ..Default::default()
+    };
+    let mut open = Hist::default();
+    let mut latency = Hist::default();
+    let mut gen_cpu = procfs::sample(std::process::id()).cpu_s;
+    let mut gen_rss = 0;
+    for r in &reports {
+        total.connections += r.connections;
+        total.opened += r.opened;
+        total.ready += r.ready;
+        total.failed += r.failed;
+        for (k, v) in &r.fail_reasons {
+            *total.fail_reasons.entry(k.clone()).or_default() += v;
+        }
+        total.closed_early += r.closed_early;
+        for (k, v) in &r.close_reasons {
+            *total.close_reasons.entry(k.clone()).or_default() += v;
+        }
+        total.received += r.received;
+        total.unique += r.unique;
+        total.duplicates += r.duplicates;
+        total.unexpected += r.unexpected;
+        total.missing += r.missing;
+        total.complete += r.complete;
+        total.min_per_conn = total.min_per_conn.min(r.min_per_conn);
+        total.max_per_conn = total.max_per_conn.max(r.max_per_conn);
+        total.first_start_us = total.first_start_us.min(r.first_start_us);
+        total.last_open_us = total.last_open_us.max(r.last_open_us);
+        total.last_ready_us = total.last_ready_us.max(r.last_ready_us);
+        total.first_recv_us = total.first_recv_us.min(r.first_recv_us);
+        total.last_recv_us = total.last_recv_us.max(r.last_recv_us);
+        open.merge(&r.open_us);
+        latency.merge(&r.latency_us);
+        gen_cpu += r.cpu_s;
+        gen_rss += r.rss_kb;
+    }
+    let published = publish.as_ref().map_or(0, |p| p.events);
+    // A connection that never became ready missed every event.
+    total.missing += published * total.failed as u64;
+    if total.failed > 0 && published > 0 {
+        total.min_per_conn = 0;
+    }
+
+    let outcome = Outcome {
+        label: o.label.clone(),
+        mode: o.mode.name(),
+        protocol: o.protocol,
+        targets: o.targets.clone(),
+        sources: sources.clone(),
+        workers: procs.len(),
+        nofile: (soft, hard),
+        topic: o.topic.clone(),
+        pad: o.pad,
+        rate: o.rate,
+        total,
+        open,
+        latency,
+        publish,
+        pids: all_pids.clone(),
+        servers: o.pids.len(),
+        phases,
+        generator_cpu_s: gen_cpu,
+        machine_busy_s,
+        background_before,
+        generator_rss_kb: gen_rss,
+        wall_s: started.elapsed().as_secs_f64(),
+        expect: o.expect.clone(),
+    };
+    let json = outcome.to_json();
+    eprint!("{}", outcome.table());
+    let line = serde_json::to_string(&json)?;
+    println!("{line}");
+    if let Some(path) = &o.out {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {path}"))?;
+        writeln!(f, "{line}")?;
+    }
+    Ok(if outcome.lossless() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `/proc` samples at the phase boundaries: start, all ready, after the
+/// hold or the publication and drain.
+pub struct Phases {
+    pub start: Samples,
+    pub ready: Samples,
+    pub end: Samples,
+    /// Machine-wide busy CPU seconds at `start` and `end`.
+    pub busy_start: f64,
+    pub busy_end: f64,
+}
+
+type Driven = (Vec<WorkerReport>, Phases, Option<publish::PublishReport>);
+
+fn drive(
+    o: &Opts,
+    procs: &mut [WorkerProc],
+    pids: &[(String, u32)],
+    (busy_start, at_start): (f64, Samples),
+) -> anyhow::Result<Driven> {
+    let mut ready = 0;
+    let mut failed = 0;
+    for p in procs.iter_mut() {
+        let line = p.read_line("readiness")?;
+        let r: ReadyLine =
+            serde_json::from_str(&line).with_context(|| format!("worker said {line:?}"))?;
+        ready += r.ready;
+        failed += r.failed;
+    }
+    if failed > 0 {
+        eprintln!("switchboard-bench: {failed} connections failed, {ready} ready");
+    }
+    let at_ready = sample_all(pids);
+
+    let mut at_hold = None;
+    let publish = if o.mode.publishes() && ready > 0 {
+        let plan = publish::Plan {
+            redis: o.redis.context("no --redis")?,
+            channel: format!("{}:t:{}", o.prefix, o.topic),
+            event: o.event.clone(),
+            events: o.events,
+            rate: o.rate,
+            pad: o.pad,
+        };
+        let r = publish::run(&plan).context("publishing")?;
+        for p in procs.iter_mut() {
+            p.tell(&format!("drain {}", r.events));
+        }
+        Some(r)
+    } else {
+        std::thread::sleep(o.hold);
+        at_hold = Some((procfs::machine_busy_s(), sample_all(pids)));
+        for p in procs.iter_mut() {
+            p.tell("drain 0");
+        }
+        None
+    };
+    // Workers report once drained and keep their connections open until
+    // their stdin closes, so this sample still sees every connection.
+    let mut reports = Vec::new();
+    for p in procs.iter_mut() {
+        let line = p.read_line("results")?;
+        reports.push(
+            serde_json::from_str::<WorkerReport>(&line)
+                .with_context(|| format!("worker said {line:?}"))?,
+        );
+    }
+    let (busy_end, at_end) =
+        at_hold.unwrap_or_else(|| (procfs::machine_busy_s(), sample_all(pids)));
+    Ok((
+        reports,
+        Phases {
+            start: at_start,
+            ready: at_ready,
+            end: at_end,
+            busy_start,
+            busy_end,
+        },
+        publish,
+    ))
+}

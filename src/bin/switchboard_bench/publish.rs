@@ -1,0 +1,129 @@
+//! The publisher: `PUBLISH {prefix}:t:{topic} {"event":…,"data":{"seq","ts","pad"}}`
+//! spoken in RESP over one blocking TCP connection (the publisher contract),
+//! on its own thread so that its timing does not depend on the generator.
+//!
+//! Every event due by now is written in one pipelined batch and the batch's
+//! replies are read before the next one: at a fixed rate that is one event
+//! per write; as fast as possible it is [`MAX_BATCH`] per write.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::now_us;
+
+/// Commands in flight at most (as-fast-as-possible mode).
+const MAX_BATCH: u64 = 128;
+
+pub struct Plan {
+    pub redis: SocketAddr,
+    pub channel: String,
+    pub event: String,
+    pub events: u64,
+    /// Events per second; 0 = as fast as possible.
+    pub rate: f64,
+    pub pad: usize,
+}
+
+#[derive(Serialize, Default, Clone)]
+pub struct PublishReport {
+    pub events: u64,
+    pub errors: u64,
+    pub first_us: u64,
+    pub last_us: u64,
+    pub seconds: f64,
+    pub rate: f64,
+    /// The most a fixed-rate schedule fell behind, ms.
+    pub max_behind_ms: f64,
+    /// Subscribed Redis clients per PUBLISH reply (the nodes that listen).
+    pub receivers_min: i64,
+    pub receivers_max: i64,
+}
+
+pub fn run(plan: &Plan) -> anyhow::Result<PublishReport> {
+    let stream = TcpStream::connect_timeout(&plan.redis, Duration::from_secs(5))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let pad = "x".repeat(plan.pad);
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut line = String::new();
+    let mut payload = String::with_capacity(plan.pad + 128);
+    let mut r = PublishReport {
+        receivers_min: i64::MAX,
+        receivers_max: i64::MIN,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let mut seq = 0u64;
+    r.first_us = now_us();
+    while seq < plan.events {
+        let due = if plan.rate > 0.0 {
+            let elapsed = start.elapsed().as_secs_f64();
+            let due_total = ((elapsed * plan.rate).floor() as u64 + 1).min(plan.events);
+            if due_total <= seq {
+                let next = Duration::from_secs_f64(seq as f64 / plan.rate);
+                std::thread::sleep(next.saturating_sub(start.elapsed()));
+                continue;
+            }
+            let behind = elapsed - seq as f64 / plan.rate;
+            r.max_behind_ms = r.max_behind_ms.max(behind * 1000.0);
+            due_total - seq
+        } else {
+            (plan.events - seq).min(MAX_BATCH)
+        };
+        buf.clear();
+        let ts = now_us();
+        for s in seq..seq + due {
+            payload.clear();
+            write!(
+                payload,
+                r#"{{"event":"{}","data":{{"seq":{s},"ts":{ts},"pad":"{pad}"}}}}"#,
+                plan.event
+            )?;
+            write!(
+                buf,
+                "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{}\r\n${}\r\n{}\r\n",
+                plan.channel.len(),
+                plan.channel,
+                payload.len(),
+                payload
+            )?;
+        }
+        writer.write_all(&buf)?;
+        for _ in 0..due {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                anyhow::bail!("Redis closed the connection");
+            }
+            match line
+                .strip_prefix(':')
+                .and_then(|v| v.trim().parse::<i64>().ok())
+            {
+                Some(n) => {
+                    r.receivers_min = r.receivers_min.min(n);
+                    r.receivers_max = r.receivers_max.max(n);
+                }
+                None => r.errors += 1,
+            }
+        }
+        seq += due;
+    }
+    r.last_us = now_us();
+    r.events = seq;
+    r.seconds = start.elapsed().as_secs_f64();
+    r.rate = if r.seconds > 0.0 {
+        seq as f64 / r.seconds
+    } else {
+        0.0
+    };
+    if seq == 0 {
+        r.receivers_min = 0;
+        r.receivers_max = 0;
+    }
+    Ok(r)
+}

@@ -1,0 +1,578 @@
+//! Results: the JSON line, the readable table, target checks, and the
+//! Markdown tables `scripts/bench` puts into `docs/benchmarks.md`.
+//!
+//! Targets only label a result as met or missed; they never change how a
+//! scenario runs.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use serde_json::{Value, json};
+
+use super::Phases;
+use super::hist::Hist;
+use super::publish::PublishReport;
+use super::worker::{Protocol, WorkerReport};
+
+#[derive(Clone, Default)]
+pub struct Expect {
+    pub p99_ms: Option<f64>,
+    pub deliveries_per_s: Option<f64>,
+    pub rss_per_conn_bytes: Option<f64>,
+    pub connect_per_s: Option<f64>,
+}
+
+pub struct Outcome {
+    pub label: String,
+    pub mode: &'static str,
+    pub protocol: Protocol,
+    pub targets: Vec<SocketAddr>,
+    pub sources: Vec<IpAddr>,
+    pub workers: usize,
+    pub nofile: (u64, u64),
+    pub topic: String,
+    pub pad: usize,
+    pub rate: f64,
+    pub total: WorkerReport,
+    pub open: Hist,
+    pub latency: Hist,
+    pub publish: Option<PublishReport>,
+    /// Watched processes; the first `servers` of them are Switchboard nodes.
+    pub pids: Vec<(String, u32)>,
+    pub servers: usize,
+    pub phases: Phases,
+    pub generator_cpu_s: f64,
+    pub generator_rss_kb: u64,
+    /// CPU seconds the whole machine was busy from start to end.
+    pub machine_busy_s: f64,
+    /// CPUs busy (by anything) in the second before the run.
+    pub background_before: f64,
+    pub wall_s: f64,
+    pub expect: Expect,
+}
+
+fn ms(us: u64) -> f64 {
+    (us as f64 / 10.0).round() / 100.0
+}
+
+fn secs(us: u64) -> f64 {
+    us as f64 / 1e6
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (v * f).round() / f
+}
+
+impl Outcome {
+    pub fn lossless(&self) -> bool {
+        let t = &self.total;
+        t.failed == 0
+            && t.ready == t.connections
+            && t.closed_early == 0
+            && t.missing == 0
+            && t.duplicates == 0
+            && t.unexpected == 0
+    }
+
+    fn published(&self) -> u64 {
+        self.publish.as_ref().map_or(0, |p| p.events)
+    }
+
+    fn expected(&self) -> u64 {
+        self.published() * self.total.connections as u64
+    }
+
+    fn open_seconds(&self) -> f64 {
+        secs(
+            self.total
+                .last_open_us
+                .saturating_sub(self.total.first_start_us),
+        )
+    }
+
+    fn open_per_s(&self) -> f64 {
+        let s = self.open_seconds();
+        if s > 0.0 {
+            self.total.opened as f64 / s
+        } else {
+            0.0
+        }
+    }
+
+    fn ready_seconds(&self) -> f64 {
+        secs(
+            self.total
+                .last_ready_us
+                .saturating_sub(self.total.first_start_us),
+        )
+    }
+
+    fn delivery_seconds(&self) -> f64 {
+        match &self.publish {
+            Some(p) if self.total.received > 0 => {
+                secs(self.total.last_recv_us.saturating_sub(p.first_us))
+            }
+            _ => 0.0,
+        }
+    }
+
+    fn deliveries_per_s(&self) -> f64 {
+        let s = self.delivery_seconds();
+        if s > 0.0 {
+            self.total.received as f64 / s
+        } else {
+            0.0
+        }
+    }
+
+    /// Server RSS growth per ready connection, bytes: from before connecting
+    /// to after the hold (idle) or to all ready (other modes).
+    fn rss_per_conn_bytes(&self) -> f64 {
+        let after = if self.mode == "idle" {
+            &self.phases.end
+        } else {
+            &self.phases.ready
+        };
+        let n = self.servers.min(after.len()).min(self.phases.start.len());
+        if n == 0 || self.total.ready == 0 {
+            return 0.0;
+        }
+        let before: u64 = self.phases.start[..n].iter().map(|s| s.rss_kb).sum();
+        let after: u64 = after[..n].iter().map(|s| s.rss_kb).sum();
+        (after as f64 - before as f64) * 1024.0 / self.total.ready as f64
+    }
+
+    fn server_cpu_run(&self) -> f64 {
+        (0..self.servers.min(self.phases.end.len()))
+            .map(|i| self.phases.end[i].cpu_s - self.phases.ready[i].cpu_s)
+            .sum()
+    }
+
+    /// CPU seconds used during the run by processes that are neither
+    /// watched nor the generator (other work on the machine).
+    fn other_cpu_s(&self) -> f64 {
+        let watched: f64 = (0..self.phases.end.len())
+            .map(|i| self.phases.end[i].cpu_s - self.phases.start[i].cpu_s)
+            .sum();
+        (self.machine_busy_s - watched - self.generator_cpu_s).max(0.0)
+    }
+
+    fn checks(&self) -> Vec<(String, String, bool)> {
+        let mut c = Vec::new();
+        let t = &self.total;
+        if self.publish.is_some() {
+            c.push((
+                "nothing lost".to_string(),
+                format!(
+                    "{}/{} delivered, {} missing, {} duplicates, {} closed early, {} failed",
+                    t.unique,
+                    self.expected(),
+                    t.missing,
+                    t.duplicates,
+                    t.closed_early,
+                    t.failed
+                ),
+                self.lossless(),
+            ));
+        } else {
+            c.push((
+                "every connection ready".to_string(),
+                format!(
+                    "{}/{} ready, {} failed, {} closed early",
+                    t.ready, t.connections, t.failed, t.closed_early
+                ),
+                self.lossless(),
+            ));
+        }
+        if let Some(x) = self.expect.p99_ms {
+            let p99 = ms(self.latency.quantile(0.99));
+            c.push((format!("p99 ≤ {x} ms"), format!("{p99} ms"), p99 <= x));
+        }
+        if let Some(x) = self.expect.deliveries_per_s {
+            let v = self.deliveries_per_s();
+            c.push((
+                format!("≥ {} deliveries/s", thousands(x)),
+                format!("{} /s", thousands(v)),
+                v >= x,
+            ));
+        }
+        if let Some(x) = self.expect.rss_per_conn_bytes {
+            let v = self.rss_per_conn_bytes();
+            c.push((
+                format!("≤ {} bytes RSS per connection", thousands(x)),
+                format!("{} bytes", thousands(v)),
+                v <= x,
+            ));
+        }
+        if let Some(x) = self.expect.connect_per_s {
+            let v = self.open_per_s();
+            c.push((
+                format!("≥ {} connections/s", thousands(x)),
+                format!("{} /s", thousands(v)),
+                v >= x,
+            ));
+        }
+        c
+    }
+
+    pub fn to_json(&self) -> Value {
+        let t = &self.total;
+        let lat = &self.latency;
+        let servers: Vec<Value> = self
+            .pids
+            .iter()
+            .enumerate()
+            .map(|(i, (name, pid))| {
+                let (s, r, e) = (
+                    self.phases.start[i],
+                    self.phases.ready[i],
+                    self.phases.end[i],
+                );
+                json!({
+                    "name": name,
+                    "pid": pid,
+                    "server": i < self.servers,
+                    "cpu_s_connect": round(r.cpu_s - s.cpu_s, 2),
+                    "cpu_s_run": round(e.cpu_s - r.cpu_s, 2),
+                    "rss_kb_start": s.rss_kb,
+                    "rss_kb_ready": r.rss_kb,
+                    "rss_kb_end": e.rss_kb,
+                    "hwm_kb": e.hwm_kb,
+                })
+            })
+            .collect();
+        let checks: Vec<Value> = self
+            .checks()
+            .into_iter()
+            .map(|(target, measured, met)| json!({"target": target, "measured": measured, "met": met}))
+            .collect();
+        json!({
+            "scenario": self.label,
+            "mode": self.mode,
+            "protocol": self.protocol,
+            "connections": t.connections,
+            "targets": self.targets,
+            "sources": self.sources,
+            "workers": self.workers,
+            "nofile": self.nofile.0,
+            "topic": self.topic,
+            "connect": {
+                "opened": t.opened,
+                "ready": t.ready,
+                "failed": t.failed,
+                "fail_reasons": t.fail_reasons,
+                "open_seconds": round(self.open_seconds(), 3),
+                "open_per_s": self.open_per_s().round(),
+                "ready_seconds": round(self.ready_seconds(), 3),
+                "handshake_ms": {
+                    "p50": ms(self.open.quantile(0.5)),
+                    "p99": ms(self.open.quantile(0.99)),
+                    "max": ms(self.open.max()),
+                },
+            },
+            "publish": self.publish.as_ref().map(|p| json!({
+                "events": p.events,
+                "rate_target": self.rate,
+                "rate": p.rate.round(),
+                "seconds": round(p.seconds, 3),
+                "pad_bytes": self.pad,
+                "errors": p.errors,
+                "max_behind_ms": round(p.max_behind_ms, 2),
+                "redis_receivers_min": p.receivers_min,
+                "redis_receivers_max": p.receivers_max,
+            })),
+            "delivery": {
+                "expected": self.expected(),
+                "unique": t.unique,
+                "received": t.received,
+                "missing": t.missing,
+                "duplicates": t.duplicates,
+                "unexpected": t.unexpected,
+                "closed_early": t.closed_early,
+                "close_reasons": t.close_reasons,
+                "complete_connections": t.complete,
+                "min_per_conn": t.min_per_conn,
+                "max_per_conn": t.max_per_conn,
+                "seconds": round(self.delivery_seconds(), 3),
+                "per_s": self.deliveries_per_s().round(),
+                "latency_ms": {
+                    "p50": ms(lat.quantile(0.5)),
+                    "p90": ms(lat.quantile(0.9)),
+                    "p99": ms(lat.quantile(0.99)),
+                    "p999": ms(lat.quantile(0.999)),
+                    "max": ms(lat.max()),
+                    "mean": round(lat.mean() / 1000.0, 2),
+                },
+            },
+            "processes": servers,
+            "rss_per_conn_bytes": self.rss_per_conn_bytes().round(),
+            "server_cpu_s_run": round(self.server_cpu_run(), 2),
+            "generator": {
+                "cpu_s": round(self.generator_cpu_s, 2),
+                "rss_kb": self.generator_rss_kb,
+            },
+            "machine": {
+                "busy_cpu_s": round(self.machine_busy_s, 2),
+                "other_cpu_s": round(self.other_cpu_s(), 2),
+                "background_cpus_before": round(self.background_before, 2),
+            },
+            "lossless": self.lossless(),
+            "checks": checks,
+            "wall_s": round(self.wall_s, 2),
+            "unix_time": super::now_us() / 1_000_000,
+        })
+    }
+
+    pub fn table(&self) -> String {
+        let t = &self.total;
+        let mut s = String::new();
+        let proto = match self.protocol {
+            Protocol::Native => "native",
+            Protocol::Socketio => "socket.io",
+        };
+        let _ = writeln!(
+            s,
+            "\n== {} ({}, {}): {} connections → {} node(s), {} worker(s), RLIMIT_NOFILE {}",
+            self.label,
+            self.mode,
+            proto,
+            t.connections,
+            self.targets.len(),
+            self.workers,
+            self.nofile.0
+        );
+        let _ = writeln!(
+            s,
+            "  connect    {}/{} ready ({} failed{}) in {:.2} s; opened at {}/s; handshake p50 {} ms p99 {} ms max {} ms",
+            t.ready,
+            t.connections,
+            t.failed,
+            reasons(&t.fail_reasons),
+            self.ready_seconds(),
+            thousands(self.open_per_s()),
+            ms(self.open.quantile(0.5)),
+            ms(self.open.quantile(0.99)),
+            ms(self.open.max()),
+        );
+        if let Some(p) = &self.publish {
+            let _ = writeln!(
+                s,
+                "  publish    {} events in {:.3} s ({}/s, target {}), pad {} B, Redis receivers {}..{}, errors {}",
+                p.events,
+                p.seconds,
+                thousands(p.rate),
+                if self.rate > 0.0 {
+                    format!("{}/s", thousands(self.rate))
+                } else {
+                    "max".into()
+                },
+                self.pad,
+                p.receivers_min,
+                p.receivers_max,
+                p.errors
+            );
+            let _ = writeln!(
+                s,
+                "  delivery   {}/{} ({} missing, {} duplicates, {} unexpected, {} closed early{}) in {:.3} s = {} deliveries/s",
+                thousands(t.unique as f64),
+                thousands(self.expected() as f64),
+                t.missing,
+                t.duplicates,
+                t.unexpected,
+                t.closed_early,
+                reasons(&t.close_reasons),
+                self.delivery_seconds(),
+                thousands(self.deliveries_per_s()),
+            );
+            let l = &self.latency;
+            let _ = writeln!(
+                s,
+                "  latency    p50 {} ms  p90 {} ms  p99 {} ms  p99.9 {} ms  max {} ms",
+                ms(l.quantile(0.5)),
+                ms(l.quantile(0.9)),
+                ms(l.quantile(0.99)),
+                ms(l.quantile(0.999)),
+                ms(l.max())
+            );
+        } else if t.closed_early > 0 {
+            let _ = writeln!(
+                s,
+                "  closed     {} early{}",
+                t.closed_early,
+                reasons(&t.close_reasons)
+            );
+        }
+        for (i, (name, pid)) in self.pids.iter().enumerate() {
+            let (a, r, e) = (
+                self.phases.start[i],
+                self.phases.ready[i],
+                self.phases.end[i],
+            );
+            let _ = writeln!(
+                s,
+                "  {:<10} pid {pid}: cpu {:.2} s connecting, {:.2} s after; rss {:.1} → {:.1} → {:.1} MiB (peak {:.1})",
+                name,
+                r.cpu_s - a.cpu_s,
+                e.cpu_s - r.cpu_s,
+                a.rss_kb as f64 / 1024.0,
+                r.rss_kb as f64 / 1024.0,
+                e.rss_kb as f64 / 1024.0,
+                e.hwm_kb as f64 / 1024.0,
+            );
+        }
+        if self.servers > 0 {
+            let _ = writeln!(
+                s,
+                "  memory     server RSS per connection {} bytes",
+                thousands(self.rss_per_conn_bytes())
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  generator  cpu {:.2} s, rss {:.1} MiB; wall {:.1} s",
+            self.generator_cpu_s,
+            self.generator_rss_kb as f64 / 1024.0,
+            self.wall_s
+        );
+        let _ = writeln!(
+            s,
+            "  machine    busy {:.2} CPU s during the run, {:.2} s of it by other processes; {:.2} CPUs busy before",
+            self.machine_busy_s,
+            self.other_cpu_s(),
+            self.background_before
+        );
+        for (target, measured, met) in self.checks() {
+            let _ = writeln!(
+                s,
+                "  target     {target}: {} ({measured})",
+                if met { "met" } else { "MISSED" }
+            );
+        }
+        s
+    }
+}
+
+fn reasons(r: &std::collections::BTreeMap<String, usize>) -> String {
+    if r.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = r.iter().map(|(k, v)| format!("{v}× {k}")).collect();
+    format!(": {}", parts.join(", "))
+}
+
+/// `1234567.8` → `1,234,568`.
+pub fn thousands(v: f64) -> String {
+    let n = v.round() as i128;
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+// === Markdown ===
+
+/// Two Markdown tables (results, targets) from a file of JSON lines.
+pub fn markdown(path: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    let rows: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let mut s = String::new();
+    s.push_str(
+        "| Scenario | Protocol | Connections | Events | Delivered / expected | Lost | Dup. | Closed early | Deliveries/s | p50 ms | p90 ms | p99 ms | max ms | Opened/s | Server RSS/conn | Server CPU s | Generator CPU s | Other CPU s |\n",
+    );
+    s.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    for r in &rows {
+        let f = |p: &str| r.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
+        let published = r.pointer("/publish/events").and_then(Value::as_u64);
+        let has_pub = published.is_some();
+        let dash = |v: String| if has_pub { v } else { "–".into() };
+        let cpu: f64 = r
+            .get("processes")
+            .and_then(Value::as_array)
+            .map(|ps| {
+                ps.iter()
+                    .filter(|p| p["server"].as_bool() == Some(true))
+                    .map(|p| {
+                        p["cpu_s_connect"].as_f64().unwrap_or(0.0)
+                            + p["cpu_s_run"].as_f64().unwrap_or(0.0)
+                    })
+                    .sum()
+            })
+            .unwrap_or(0.0);
+        let rate = match r.pointer("/publish/rate_target").and_then(Value::as_f64) {
+            Some(x) if x > 0.0 => format!(" @ {}/s", thousands(x)),
+            Some(_) => " @ max".into(),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} B | {:.1} | {:.1} | {:.1} |",
+            r["scenario"].as_str().unwrap_or("?"),
+            r["protocol"].as_str().unwrap_or("?"),
+            thousands(f("/connections")),
+            published.map_or("–".into(), |e| format!("{}{rate}", thousands(e as f64))),
+            dash(format!(
+                "{} / {}",
+                thousands(f("/delivery/unique")),
+                thousands(f("/delivery/expected"))
+            )),
+            dash(thousands(f("/delivery/missing"))),
+            dash(thousands(f("/delivery/duplicates"))),
+            thousands(f("/delivery/closed_early")),
+            dash(thousands(f("/delivery/per_s"))),
+            dash(f("/delivery/latency_ms/p50").to_string()),
+            dash(f("/delivery/latency_ms/p90").to_string()),
+            dash(f("/delivery/latency_ms/p99").to_string()),
+            dash(f("/delivery/latency_ms/max").to_string()),
+            thousands(f("/connect/open_per_s")),
+            thousands(f("/rss_per_conn_bytes")),
+            cpu,
+            f("/generator/cpu_s"),
+            f("/machine/other_cpu_s"),
+        );
+    }
+    s.push_str("\n| Scenario | Target | Measured | Result |\n|---|---|---|---|\n");
+    for r in &rows {
+        for c in r["checks"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                r["scenario"].as_str().unwrap_or("?"),
+                c["target"].as_str().unwrap_or("?"),
+                c["measured"].as_str().unwrap_or("?"),
+                if c["met"].as_bool() == Some(true) {
+                    "met"
+                } else {
+                    "**missed**"
+                }
+            );
+        }
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thousands;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(1_234_567.8), "1,234,568");
+        assert_eq!(thousands(-1234.0), "-1,234");
+    }
+}
