@@ -99,7 +99,7 @@ pub fn app(node: Node) -> Router {
         node.set_socketio(io);
         router = router.layer(layer).layer(middleware::from_fn_with_state(
             node.clone(),
-            gateway::check_socketio_origin,
+            gateway::socketio_guard,
         ));
     }
     router

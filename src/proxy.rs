@@ -64,7 +64,7 @@ pub async fn upgrade(
     };
     let max = config.max_payload;
     let guard = node.sessions().token();
-    ws.read_buffer_size(4 * 1024)
+    ws.read_buffer_size(crate::gateway::ws::READ_BUFFER)
         .write_buffer_size(4 * 1024)
         .max_message_size(max)
         .max_frame_size(max)

@@ -42,12 +42,22 @@ pub async fn check_origin(State(node): State<Node>, req: Request, next: Next) ->
     next.run(req).await
 }
 
-/// [`check_origin`] for the Socket.IO endpoint, which is a layer around the
-/// whole router rather than a route.
-pub async fn check_socketio_origin(State(node): State<Node>, req: Request, next: Next) -> Response {
-    if req.uri().path().starts_with("/socket.io") {
-        check_origin(State(node), req, next).await
-    } else {
-        next.run(req).await
+/// In front of the Socket.IO layer (which wraps the whole router rather
+/// than being a route): [`check_origin`], and request headers copied out of
+/// hyper's connection read buffer. socketioxide keeps each socket's
+/// handshake headers for its whole life, and header values are slices of
+/// that 16 KiB buffer, so without the copy every socket pins one.
+pub async fn socketio_guard(State(node): State<Node>, mut req: Request, next: Next) -> Response {
+    if !req.uri().path().starts_with("/socket.io") {
+        return next.run(req).await;
     }
+    for value in req.headers_mut().values_mut() {
+        if let Ok(owned) = axum::http::HeaderValue::from_bytes(value.as_bytes()) {
+            *value = owned;
+        }
+    }
+    if let Ok(uri) = req.uri().to_string().parse() {
+        *req.uri_mut() = uri;
+    }
+    check_origin(State(node), req, next).await
 }

@@ -40,7 +40,7 @@ pub fn layer(node: &Node) -> (SocketIoLayer, SocketIo) {
         .max_payload(config.max_payload as u64)
         .ws_max_message_size(config.max_payload)
         .ws_max_frame_size(config.max_payload)
-        .ws_read_buffer_size(4 * 1024)
+        .ws_read_buffer_size(crate::gateway::ws::READ_BUFFER)
         .max_buffer_size(SOCKET_BUFFER)
         .transports([TransportType::Polling, TransportType::Websocket])
         .with_state(node.clone())
