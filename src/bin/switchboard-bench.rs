@@ -89,7 +89,7 @@ OPTIONS
   --connect-timeout D          per-connection handshake limit (default 60s)
   --drain-idle D               stop waiting after D without a delivery (default 3s)
   --drain-max D                stop waiting D after publishing ended (default 30s)
-  --max-time D                 hard limit of the whole run (default 180s)
+  --max-time D                 hard limit of the run after --quiet-wait (default 180s)
   --quiet-wait D               first wait up to D until the machine is quiet: less than
                                --quiet-cores (default 0.25) CPUs busy over one second
   --pid [NAME=]PID             a server process: CPU and RSS (repeatable)
@@ -506,6 +506,7 @@ fn sample_all(pids: &[(String, u32)]) -> Samples {
 }
 
 fn coordinate(o: &Opts) -> anyhow::Result<ExitCode> {
+    let background_before = wait_quiet(o.quiet_wait, o.quiet_cores);
     let started = Instant::now();
     let hard_stop = o.max_time;
     std::thread::spawn(move || {
@@ -534,7 +535,6 @@ fn coordinate(o: &Opts) -> anyhow::Result<ExitCode> {
         o.sources.clone()
     };
 
-    let background_before = wait_quiet(o.quiet_wait, o.quiet_cores);
     let all_pids: Vec<(String, u32)> = o.pids.iter().chain(&o.watch_pids).cloned().collect();
     let at_start = (procfs::machine_busy_s(), sample_all(&all_pids));
 
