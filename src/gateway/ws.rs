@@ -36,13 +36,14 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
-    pub const INTERNAL: u16 = 1011;
+    /// The peer was silent for two heartbeat intervals.
+    pub const HEARTBEAT_TIMEOUT: u16 = 1011;
     pub const RESTART: u16 = 1012;
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
-/// How long one flush to a client may take before the client is treated as
-/// dead (its queue then fills and the slow-consumer policy closes it).
+/// How long one flush to a client may take; past it the connection is
+/// dropped as dead.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// tungstenite read/write buffer sizes. Every idle connection keeps its read
 /// buffer allocated (CRATE-NOTES: ~5 KiB RSS at 4 KiB, ~2 KiB at 1 KiB), and
@@ -347,7 +348,7 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
         close::TOO_BIG => m::reason::TOO_BIG,
         close::GOING_AWAY | close::RESTART => m::reason::SHUTDOWN,
         close::POLICY => m::reason::POLICY,
-        close::INTERNAL => m::reason::HEARTBEAT,
+        close::HEARTBEAT_TIMEOUT => m::reason::HEARTBEAT,
         _ => m::reason::CLIENT,
     };
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::WS).decrement(1.0);
@@ -638,7 +639,7 @@ async fn write_loop(mut w: Writer) {
                 let silent_ms = (w.started.elapsed().as_millis() as u64)
                     .saturating_sub(w.last_seen.load(Ordering::Relaxed));
                 if silent_ms > 2 * heartbeat.as_millis() as u64 {
-                    w.outbox.close.request(close::INTERNAL);
+                    w.outbox.close.request(close::HEARTBEAT_TIMEOUT);
                     break w.outbox.close.code();
                 }
                 let ping = tokio::time::timeout(WRITE_TIMEOUT, w.sink.send(Message::Ping(Default::default())));
@@ -650,7 +651,10 @@ async fn write_loop(mut w: Writer) {
     };
     // What was queued before the close (an `error` explaining it, say) goes
     // out first, unless the queue is the problem.
-    if code != close::TRY_AGAIN_LATER && code != close::INTERNAL && outbox.queue.take(&mut batch) {
+    if code != close::TRY_AGAIN_LATER
+        && code != close::HEARTBEAT_TIMEOUT
+        && outbox.queue.take(&mut batch)
+    {
         let pending = async {
             for frame in batch.drain(..) {
                 w.sink.feed(Message::Text(frame)).await?;
@@ -665,7 +669,7 @@ async fn write_loop(mut w: Writer) {
         close::TOO_BIG => "message too big",
         close::GOING_AWAY => "server going away",
         close::RESTART => "server restarting, reconnect",
-        close::INTERNAL => "heartbeat timeout",
+        close::HEARTBEAT_TIMEOUT => "heartbeat timeout",
         close::POLICY => "policy violation",
         _ => "",
     };
