@@ -119,6 +119,15 @@ async fn register(
     Ok(())
 }
 
+/// Counts a client message and applies the rate limit; `None` when the
+/// socket is over it (it is then being disconnected).
+fn accept_message(socket: &SocketRef, kind: &'static str) -> Option<Arc<Session>> {
+    metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => kind)
+        .increment(1);
+    let s = session(socket);
+    s.within_rate(socket).then_some(s)
+}
+
 fn session(socket: &SocketRef) -> Arc<Session> {
     socket
         .extensions
@@ -197,9 +206,7 @@ async fn on_subscribe(
     TryData(data): TryData<Value>,
     ack: AckSender,
 ) {
-    metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => "subscribe")
-        .increment(1);
-    if !session(&socket).within_rate(&socket) {
+    if accept_message(&socket, "subscribe").is_none() {
         return;
     }
     let res = match topic_arg(&data) {
@@ -215,14 +222,11 @@ async fn on_unsubscribe(
     TryData(data): TryData<Value>,
     ack: AckSender,
 ) {
-    metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => "unsubscribe")
-        .increment(1);
-    if !session(&socket).within_rate(&socket) {
+    let Some(s) = accept_message(&socket, "unsubscribe") else {
         return;
-    }
+    };
     let res = match topic_arg(&data) {
         Ok(topic) => {
-            let s = session(&socket);
             let was = s.topics.lock().unwrap().remove(&topic);
             if was {
                 node.hub().unsubscribe(&topic, s.id).await;
@@ -235,12 +239,9 @@ async fn on_unsubscribe(
 }
 
 async fn on_request_state(socket: SocketRef, State(node): State<Node>, ack: AckSender) {
-    metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => "request_state")
-        .increment(1);
-    let s = session(&socket);
-    if !s.within_rate(&socket) {
+    let Some(s) = accept_message(&socket, "request_state") else {
         return;
-    }
+    };
     if !s.identity.may_subscribe(TOPIC) {
         let e = format!("not allowed to read \"{TOPIC}\"");
         let _ = ack.send(&json!({"ok": false, "error": e}));
@@ -259,12 +260,9 @@ async fn on_publish(
     TryData(data): TryData<Value>,
     ack: AckSender,
 ) {
-    metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => "publish")
-        .increment(1);
-    let s = session(&socket);
-    if !s.within_rate(&socket) {
+    let Some(s) = accept_message(&socket, "publish") else {
         return;
-    }
+    };
     let res = async {
         let topic = topic_arg(&data)?;
         let v = data.as_ref().map_err(|e| e.to_string())?;
