@@ -116,10 +116,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let signal = shutdown_signal().await;
     let deadline = tokio::time::Instant::now() + grace;
     tracing::info!(signal, "draining");
+    // From here `/readyz` answers 503 and new WebSocket / Socket.IO clients
+    // are refused with 503, but the port stays open until the clients are
+    // drained: probes and in-flight HTTP keep getting answers.
     node.begin_drain();
     tokio::time::sleep(readiness_delay).await;
-    stop_accepting.cancel();
     node.finish_drain(deadline).await;
+    stop_accepting.cancel();
     let _ = tokio::time::timeout_at(deadline, serve).await;
     tracing::info!("stopped");
     Ok(())

@@ -94,7 +94,18 @@ async fn metrics_parse_and_move_as_clients_connect_and_messages_flow() {
         c.send_text("oops").await;
         c.expect("error").await;
     }
-    let after = scrape();
+    // The dispatcher counts a publication's deliveries right after queueing
+    // them, so the clients can be a moment ahead of the counters.
+    let mut after = scrape();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&after, "switchboard_deliveries_total{transport=\"ws\"}")
+        - metric(&before, "switchboard_deliveries_total{transport=\"ws\"}")
+        < 15.0
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        after = scrape();
+    }
     let delta = |name: &str| metric(&after, name) - metric(&before, name);
     assert_eq!(
         metric(&after, "switchboard_connections{transport=\"ws\"}"),
@@ -121,7 +132,7 @@ async fn metrics_parse_and_move_as_clients_connect_and_messages_flow() {
         "HTTP requests by matched route"
     );
     drop(clients);
-    assert!(eventually(Duration::from_secs(3), || {
+    assert!(eventually(Duration::from_secs(10), || {
         metric(&scrape(), "switchboard_connections{transport=\"ws\"}") == 0.0
     }));
 }
@@ -174,9 +185,16 @@ async fn rolling_restart_closes_every_client_with_1012_spread_over_the_drain() {
         eventually(Duration::from_secs(1), || node.get("/readyz").0 == 503),
         "/readyz is 503 within 1 s"
     );
-    // Still serving its clients during the readiness delay.
+    // Still serving its clients during the readiness delay...
     clients[0].send(json!({"type":"ping"})).await;
     clients[0].expect("pong").await;
+    // ...while probes answer 503 and new WebSocket clients are refused.
+    assert_eq!(node.get("/readyz").0, 503);
+    let refused = tokio_tungstenite::connect_async(node.ws_url("/ws")).await;
+    assert!(
+        matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 503),
+        "{refused:?}"
+    );
 
     let mut tasks = Vec::new();
     for mut c in clients {

@@ -83,6 +83,9 @@ async fn register(
     State(node): State<Node>,
     TryData(auth): TryData<Value>,
 ) -> Result<(), String> {
+    if node.is_draining() {
+        return Err("node is shutting down; connect again".into());
+    }
     if let Some(max) = node.config().max_connections
         && node.total_connections() >= max
     {
