@@ -407,6 +407,8 @@ pub struct Config {
     pub http_request_timeout: Duration,
     pub handshake_timeout: Duration,
     pub redis_ca_file: Option<PathBuf>,
+    /// Accepted but weak settings, logged at start-up (never with values).
+    pub warnings: Vec<String>,
 }
 
 /// `WEBSOCKET_RATE_LIMIT` / `WEBSOCKET_RATE_BURST`.
@@ -594,13 +596,7 @@ impl Config {
         let proxy_timeout = p.parse(names::WEBSOCKET_PROXY_CONNECT_TIMEOUT_MS, "5000", |v| {
             parse_ms(v, 100, 120_000)
         });
-        let secret = p.optional(names::AUTH_JWT_SECRET, |v| {
-            if v.len() < 16 {
-                Err("must be at least 16 characters".into())
-            } else {
-                Ok(Secret::new(v.to_string()))
-            }
-        });
+        let secret = p.optional(names::AUTH_JWT_SECRET, secret_value);
         let key_file = p.optional(names::AUTH_JWT_PUBLIC_KEY_FILE, |v| {
             std::fs::read(v).map_err(|e| format!("cannot read the file: {e}"))
         });
@@ -623,13 +619,7 @@ impl Config {
                 None => Ok(list.into_iter().map(Pattern::new).collect::<Vec<_>>()),
             }
         });
-        let token = |v: &str| {
-            if v.len() < 16 {
-                Err("must be at least 16 characters".to_string())
-            } else {
-                Ok(Secret::new(v.to_string()))
-            }
-        };
+        let token = secret_value;
         let api_token = p.optional(names::API_TOKEN, token);
         let admin_token = p.optional(names::ADMIN_TOKEN, token);
         let rate = p.parse(names::WEBSOCKET_RATE_LIMIT, "100", |v| {
@@ -704,6 +694,20 @@ impl Config {
                 }
             },
         };
+        let mut warnings = Vec::new();
+        for (name, value) in [
+            (names::AUTH_JWT_SECRET, src.get(names::AUTH_JWT_SECRET)),
+            (names::API_TOKEN, src.get(names::API_TOKEN)),
+            (names::ADMIN_TOKEN, src.get(names::ADMIN_TOKEN)),
+        ] {
+            if let Some(v) = value.filter(|v| !v.trim().is_empty())
+                && v.trim().len() < 16
+            {
+                warnings.push(format!(
+                    "{name} is shorter than 16 characters: use a long random value in production"
+                ));
+            }
+        }
         let rate = rate.unwrap();
         let rate_limit = (rate > 0).then(|| RateLimit {
             per_second: rate as f64,
@@ -808,6 +812,7 @@ impl Config {
             http_request_timeout: http_request_timeout.unwrap(),
             handshake_timeout: handshake_timeout.unwrap(),
             redis_ca_file: redis_ca_file.unwrap(),
+            warnings,
         })
     }
 
@@ -901,6 +906,15 @@ impl Parser<'_> {
             },
         }
     }
+}
+
+/// A token or key: any length is accepted (short ones draw a warning), but
+/// not one that could never be sent in an `Authorization` header.
+fn secret_value(v: &str) -> Result<Secret, String> {
+    if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain spaces or control characters".into());
+    }
+    Ok(Secret::new(v.to_string()))
 }
 
 fn parse_bool(v: &str) -> Result<bool, String> {
@@ -1188,10 +1202,17 @@ mod tests {
 
     #[test]
     fn secrets_are_never_echoed_in_errors() {
-        let err = config(&[("API_TOKEN", "short"), ("AUTH_JWT_SECRET", "tiny")]).unwrap_err();
+        let err =
+            config(&[("API_TOKEN", "has space"), ("AUTH_JWT_SECRET", "tab\there")]).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("API_TOKEN=<redacted> is not valid"), "{text}");
-        assert!(!text.contains("short") && !text.contains("tiny"), "{text}");
+        assert!(
+            !text.contains("has space") && !text.contains("there"),
+            "{text}"
+        );
+        let c = config(&[("API_TOKEN", "short")]).unwrap();
+        assert_eq!(c.warnings.len(), 1, "short tokens work, with a warning");
+        assert!(!c.warnings[0].contains("short\""));
         let c = config(&[("ADMIN_TOKEN", "0123456789abcdef0123")]).unwrap();
         assert!(!format!("{c:?}").contains("0123456789abcdef0123"));
     }

@@ -38,6 +38,9 @@ fn main() -> ExitCode {
         return probe(&config);
     }
     init_tracing(&config);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     // Two rustls crypto providers are linked (fred's and tokio-tungstenite's
     // dependencies); rustls needs to be told which one to use.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
