@@ -757,11 +757,15 @@ impl Config {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        // A single node with nobody to take its clients says "going away";
-        // in a cluster the clients should reconnect to another node at once.
-        let shutdown_close_code = shutdown_close_code
-            .unwrap()
-            .unwrap_or(if redis_url.is_some() { 1012 } else { 1001 });
+        // A bare single node with nobody to take its clients says "going
+        // away". In a cluster, or behind a load balancer (which is what a
+        // readiness delay is for), the clients should reconnect at once and
+        // will reach another node: "service restart".
+        let behind_others = redis_url.is_some() || !shutdown_readiness_delay.is_zero();
+        let shutdown_close_code =
+            shutdown_close_code
+                .unwrap()
+                .unwrap_or(if behind_others { 1012 } else { 1001 });
         // Spread the closes over a quarter of the grace period by default so
         // that a rolling restart does not make every client reconnect at once.
         let shutdown_drain = shutdown_drain
@@ -1092,6 +1096,10 @@ mod tests {
         assert_eq!(c.mock_events[0].interval, Some(Duration::from_secs(2)));
         assert_eq!(c.max_payload, 10 * 1024 * 1024);
         assert_eq!(c.shutdown_close_code, 1001);
+        let cluster = config(&[("REDIS_URL", "redis://127.0.0.1:6390")]).unwrap();
+        assert_eq!(cluster.shutdown_close_code, 1012);
+        let balanced = config(&[("SHUTDOWN_READINESS_DELAY_MS", "1000")]).unwrap();
+        assert_eq!(balanced.shutdown_close_code, 1012);
         assert!(c.redis_url.is_none());
         assert!(c.node_id.len() > 7);
     }
