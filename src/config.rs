@@ -820,16 +820,6 @@ impl Config {
         })
     }
 
-    /// A configuration for in-process tests: loopback, port 0, no timers.
-    pub fn for_tests() -> Config {
-        let mut map = HashMap::new();
-        map.insert(names::HOST.to_string(), "127.0.0.1".to_string());
-        map.insert(names::PORT.to_string(), "0".to_string());
-        map.insert(names::NODE_ID.to_string(), "test-node".to_string());
-        map.insert(names::WEBSOCKET_MOCK_EVENTS.to_string(), "[]".to_string());
-        Config::from_source(&map).expect("test defaults are valid")
-    }
-
     /// The Redis URL with any password replaced, for logs and health output.
     pub fn redis_url_redacted(&self) -> Option<String> {
         self.redis_url.as_deref().map(redact_url)

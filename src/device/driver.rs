@@ -173,6 +173,8 @@ mod tests {
         d.apply(&s).unwrap();
         let clock_lit = d.health().lit_pixels.unwrap();
         assert_eq!(clock_lit, 2 * WIDTH + 2 * HEIGHT - 4);
+        // white at brightness 75, in the corner of the clock's frame
+        assert_eq!(d.frame()[0], [191, 191, 191]);
         let (dark, _) = s.apply(&Command::Settings { brightness: 0 }).unwrap();
         d.apply(&dark).unwrap();
         assert_eq!(d.health().lit_pixels, Some(0), "brightness 0 is dark");
