@@ -160,12 +160,14 @@ async fn join(socket: &SocketRef, node: &Node, topic: &str) -> Result<(), String
     if !s.identity.may_subscribe(topic) {
         return Err(format!("not allowed to subscribe to \"{topic}\""));
     }
-    if !s.topics.lock().unwrap().contains(topic)
-        && s.topics.lock().unwrap().len() >= node.config().max_subscriptions
-    {
+    let limit = node.config().max_subscriptions;
+    let at_limit = {
+        let topics = s.topics.lock().unwrap();
+        !topics.contains(topic) && topics.len() >= limit
+    };
+    if at_limit {
         return Err(format!(
-            "subscription limit of {} topics per connection reached",
-            node.config().max_subscriptions
+            "subscription limit of {limit} topics per connection reached"
         ));
     }
     let sub: Arc<dyn Subscriber> = Arc::new(SocketSubscriber {
