@@ -114,6 +114,11 @@ fn rejection_text(rejection: &JsonRejection) -> String {
         JsonRejection::MissingJsonContentType(_) => {
             "expected a JSON body with Content-Type: application/json".into()
         }
+        // serde_json stops at 128 levels: anything that deep is past
+        // MAX_DATA_DEPTH as well, and gets the same sentence.
+        other if other.body_text().contains("recursion limit exceeded") => {
+            protocol::TOO_DEEP.into()
+        }
         other => other.body_text(),
     }
 }
@@ -237,6 +242,9 @@ pub async fn publish(
         return Err(ApiError::BadRequest(
             "topic \"device\" carries device state: change it with /api/switch, /api/config, /api/carousel or /api/settings".into(),
         ));
+    }
+    if protocol::json_depth_exceeds(body.data.get(), protocol::MAX_DATA_DEPTH) {
+        return Err(ApiError::BadRequest(protocol::TOO_DEEP.into()));
     }
     let event = body.event.unwrap_or_else(|| body.topic.clone());
     if !protocol::valid_topic(&event) {

@@ -9,6 +9,7 @@
 //! are compared in constant time and never open each other's endpoints.
 
 use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -101,6 +102,10 @@ pub struct Identity {
     public: Vec<Pattern>,
     /// Admitted without a token because public topics are configured.
     anonymous: bool,
+    /// The token's `exp` in Unix milliseconds, when it has one.
+    expires_at: Option<u64>,
+    /// `AUTH_JWT_LEEWAY_MS`: how long after `exp` the connection is closed.
+    leeway: Duration,
 }
 
 impl Identity {
@@ -117,6 +122,25 @@ impl Identity {
     pub fn anonymous(&self) -> bool {
         self.anonymous
     }
+
+    /// The token's `exp` in Unix milliseconds (`None`: it never expires).
+    pub fn expires_at(&self) -> Option<u64> {
+        self.expires_at
+    }
+
+    /// How long from now until the connection must be closed for an
+    /// expired token (`exp` + leeway); `None` when the token has no `exp`.
+    pub fn time_left(&self) -> Option<Duration> {
+        let deadline = self.expires_at? + self.leeway.as_millis() as u64;
+        Some(Duration::from_millis(deadline.saturating_sub(unix_ms())))
+    }
+}
+
+/// Now, in Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -135,6 +159,11 @@ struct Claims {
     topics: Option<Vec<String>>,
     #[serde(default)]
     publish: Option<Vec<String>>,
+    /// NumericDate: seconds, possibly with a fraction.
+    #[serde(default)]
+    exp: Option<f64>,
+    #[serde(default)]
+    nbf: Option<f64>,
 }
 
 /// Checks client tokens. Built from the configuration at start-up.
@@ -142,6 +171,8 @@ struct Claims {
 pub struct Authenticator {
     verifier: Option<(DecodingKey, Validation)>,
     public: Vec<Pattern>,
+    /// Clock skew allowed on `exp` and `nbf` (`AUTH_JWT_LEEWAY_MS`).
+    leeway: Duration,
 }
 
 impl fmt::Debug for Authenticator {
@@ -149,6 +180,7 @@ impl fmt::Debug for Authenticator {
         f.debug_struct("Authenticator")
             .field("enabled", &self.verifier.is_some())
             .field("public", &self.public)
+            .field("leeway", &self.leeway)
             .finish()
     }
 }
@@ -166,7 +198,15 @@ impl Authenticator {
         Authenticator {
             verifier: None,
             public: Vec::new(),
+            leeway: Duration::ZERO,
         }
+    }
+
+    /// Allows `leeway` of clock skew on `exp` and `nbf`, at connect, at
+    /// refresh and for the expiry timer.
+    pub fn with_leeway(mut self, leeway: Duration) -> Self {
+        self.leeway = leeway;
+        self
     }
 
     pub fn new(
@@ -192,9 +232,12 @@ impl Authenticator {
         };
         let mut validation = Validation::new(algorithms[0]);
         validation.algorithms = algorithms;
-        // `exp` and `nbf` are checked when present, with no leeway.
+        // `exp` and `nbf` are checked when present, by `authenticate` with
+        // millisecond precision and `AUTH_JWT_LEEWAY_MS` (jsonwebtoken's
+        // leeway is whole seconds).
         validation.required_spec_claims.clear();
-        validation.validate_nbf = true;
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.leeway = 0;
         // A configured audience or issuer is required: a token without the
         // claim is refused, not waved through.
@@ -212,6 +255,7 @@ impl Authenticator {
         Ok(Authenticator {
             verifier: Some((key, validation)),
             public,
+            leeway: Duration::ZERO,
         })
     }
 
@@ -229,6 +273,8 @@ impl Authenticator {
                 publish: Vec::new(),
                 public: Vec::new(),
                 anonymous: false,
+                expires_at: None,
+                leeway: self.leeway,
             });
         };
         let Some(token) = token.filter(|t| !t.is_empty()) else {
@@ -241,11 +287,28 @@ impl Authenticator {
                 publish: Vec::new(),
                 public: self.public.clone(),
                 anonymous: true,
+                expires_at: None,
+                leeway: self.leeway,
             });
         };
         let data = jsonwebtoken::decode::<Claims>(token, key, validation)
             .map_err(|e| AuthError::Invalid(describe(&e)))?;
         let c = data.claims;
+        let now = unix_ms() as f64;
+        let leeway = self.leeway.as_millis() as f64;
+        let expires_at = c.exp.map(|exp| (exp * 1000.0).max(0.0) as u64);
+        if let Some(exp) = expires_at
+            && now >= exp as f64 + leeway
+        {
+            return Err(AuthError::Invalid("the token has expired".into()));
+        }
+        if let Some(nbf) = c.nbf
+            && nbf * 1000.0 > now + leeway
+        {
+            return Err(AuthError::Invalid(
+                "the token is not valid yet (nbf)".into(),
+            ));
+        }
         Ok(Identity {
             subject: c.sub,
             topics: c
@@ -259,6 +322,8 @@ impl Authenticator {
                 .collect(),
             public: self.public.clone(),
             anonymous: false,
+            expires_at,
+            leeway: self.leeway,
         })
     }
 }
@@ -372,6 +437,29 @@ mod tests {
         let id = a.authenticate(Some(&open)).unwrap();
         assert!(id.may_subscribe("anything"), "no topics claim: any topic");
         assert!(id.may_publish("chat.room1"));
+    }
+
+    #[test]
+    fn expiry_and_leeway() {
+        let ms = unix_ms();
+        let a = auth();
+        let id = a
+            .authenticate(Some(&token(json!({"exp": now() + 60}), "s3cret")))
+            .unwrap();
+        assert_eq!(id.expires_at(), Some((now() + 60) * 1000));
+        let left = id.time_left().unwrap();
+        assert!(left > Duration::from_secs(58) && left <= Duration::from_secs(60));
+        let never = a.authenticate(Some(&token(json!({}), "s3cret"))).unwrap();
+        assert_eq!(never.time_left(), None);
+        // Expired 2 s ago: refused without leeway, accepted with 5 s.
+        let stale = token(json!({"exp": ms / 1000 - 2}), "s3cret");
+        assert!(a.authenticate(Some(&stale)).is_err());
+        let lenient = auth().with_leeway(Duration::from_secs(5));
+        let id = lenient.authenticate(Some(&stale)).unwrap();
+        assert!(id.time_left().unwrap() <= Duration::from_secs(3));
+        let early = token(json!({"nbf": ms / 1000 + 2}), "s3cret");
+        assert!(a.authenticate(Some(&early)).is_err());
+        assert!(lenient.authenticate(Some(&early)).is_ok());
     }
 
     #[test]

@@ -63,6 +63,7 @@ pub mod names {
     pub const AUTH_JWT_AUDIENCE: &str = "AUTH_JWT_AUDIENCE";
     pub const AUTH_JWT_ISSUER: &str = "AUTH_JWT_ISSUER";
     pub const AUTH_PUBLIC_TOPICS: &str = "AUTH_PUBLIC_TOPICS";
+    pub const AUTH_JWT_LEEWAY_MS: &str = "AUTH_JWT_LEEWAY_MS";
     pub const API_TOKEN: &str = "API_TOKEN";
     pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
     pub const WEBSOCKET_RATE_LIMIT: &str = "WEBSOCKET_RATE_LIMIT";
@@ -70,6 +71,7 @@ pub mod names {
     pub const MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
     pub const HTTP_BODY_LIMIT: &str = "HTTP_BODY_LIMIT";
     pub const HTTP_REQUEST_TIMEOUT_MS: &str = "HTTP_REQUEST_TIMEOUT_MS";
+    pub const HTTP_MAX_HEADER_BYTES: &str = "HTTP_MAX_HEADER_BYTES";
     pub const WEBSOCKET_HANDSHAKE_TIMEOUT_MS: &str = "WEBSOCKET_HANDSHAKE_TIMEOUT_MS";
     pub const REDIS_CA_FILE: &str = "REDIS_CA_FILE";
     pub const HISTORY_TOPICS: &str = "HISTORY_TOPICS";
@@ -116,6 +118,7 @@ pub mod names {
         AUTH_JWT_AUDIENCE,
         AUTH_JWT_ISSUER,
         AUTH_PUBLIC_TOPICS,
+        AUTH_JWT_LEEWAY_MS,
         API_TOKEN,
         ADMIN_TOKEN,
         WEBSOCKET_RATE_LIMIT,
@@ -123,6 +126,7 @@ pub mod names {
         MAX_CONNECTIONS,
         HTTP_BODY_LIMIT,
         HTTP_REQUEST_TIMEOUT_MS,
+        HTTP_MAX_HEADER_BYTES,
         WEBSOCKET_HANDSHAKE_TIMEOUT_MS,
         REDIS_CA_FILE,
         HISTORY_TOPICS,
@@ -411,6 +415,8 @@ pub struct Config {
     pub max_connections: Option<usize>,
     pub http_body_limit: usize,
     pub http_request_timeout: Duration,
+    /// Request line plus headers, in bytes; more is answered 431.
+    pub http_max_header_bytes: usize,
     pub handshake_timeout: Duration,
     pub redis_ca_file: Option<PathBuf>,
     /// Which topics keep a history (offsets, recovery, gap repair).
@@ -627,6 +633,7 @@ impl Config {
         });
         let audience = p.optional(names::AUTH_JWT_AUDIENCE, |v| Ok(v.to_string()));
         let issuer = p.optional(names::AUTH_JWT_ISSUER, |v| Ok(v.to_string()));
+        let leeway = p.parse(names::AUTH_JWT_LEEWAY_MS, "0", |v| parse_ms(v, 0, 600_000));
         let public_topics = p.parse(names::AUTH_PUBLIC_TOPICS, "", parse_topic_patterns);
         let token = secret_value;
         let api_token = p.optional(names::API_TOKEN, token);
@@ -652,6 +659,10 @@ impl Config {
         });
         let http_request_timeout = p.parse(names::HTTP_REQUEST_TIMEOUT_MS, "30000", |v| {
             parse_ms(v, 100, 3_600_000)
+        });
+        // hyper refuses buffers under 8 KiB.
+        let http_max_header_bytes = p.parse(names::HTTP_MAX_HEADER_BYTES, "16384", |v| {
+            parse_range(v, 8192, 1 << 20)
         });
         let handshake_timeout = p.parse(names::WEBSOCKET_HANDSHAKE_TIMEOUT_MS, "10000", |v| {
             parse_ms(v, 100, 600_000)
@@ -709,7 +720,8 @@ impl Config {
                     )]));
                 }
             },
-        };
+        }
+        .with_leeway(leeway.unwrap());
         let mut warnings = Vec::new();
         for (name, value) in [
             (names::AUTH_JWT_SECRET, src.get(names::AUTH_JWT_SECRET)),
@@ -830,6 +842,7 @@ impl Config {
             max_connections: Some(max_connections.unwrap()).filter(|n| *n > 0),
             http_body_limit: http_body_limit.unwrap(),
             http_request_timeout: http_request_timeout.unwrap(),
+            http_max_header_bytes: http_max_header_bytes.unwrap(),
             handshake_timeout: handshake_timeout.unwrap(),
             redis_ca_file: redis_ca_file.unwrap(),
             history: HistoryConfig {
@@ -1060,6 +1073,10 @@ struct RawMockEvent {
 }
 
 fn parse_mock_events(v: &str) -> Result<Vec<MockEvent>, String> {
+    // The array is level 1, each entry level 2, its `data` level 3.
+    if protocol::json_depth_exceeds(v, protocol::MAX_DATA_DEPTH + 2) {
+        return Err(format!("an entry's data: {}", protocol::TOO_DEEP));
+    }
     let raw: Vec<RawMockEvent> = serde_json::from_str(v).map_err(|e| {
         format!("expected a JSON array of {{\"name\",\"interval\" (ms),\"data\"}} objects: {e}")
     })?;
@@ -1095,6 +1112,9 @@ fn parse_mock_events(v: &str) -> Result<Vec<MockEvent>, String> {
         let data = e
             .data
             .unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"));
+        if protocol::json_depth_exceeds(data.get(), protocol::MAX_DATA_DEPTH) {
+            return Err(format!("entry {i} ({}): {}", e.name, protocol::TOO_DEEP));
+        }
         events.push(MockEvent {
             name: e.name,
             interval,
@@ -1168,6 +1188,37 @@ mod tests {
         ] {
             assert!(config(&[("WEBSOCKET_MOCK_EVENTS", bad)]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn deep_mock_event_data_stops_start_up() {
+        let nested = |d: usize| format!("{}{}", "[".repeat(d), "]".repeat(d));
+        let ok = format!(r#"[{{"name":"a","data":{}}}]"#, nested(64));
+        assert!(config(&[("WEBSOCKET_MOCK_EVENTS", &ok)]).is_ok());
+        for depth in [65, 5000] {
+            let deep = format!(r#"[{{"name":"a","data":{}}}]"#, nested(depth));
+            let err = config(&[("WEBSOCKET_MOCK_EVENTS", &deep)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("WEBSOCKET_MOCK_EVENTS="), "{err}");
+            assert!(err.contains("nested too deeply"), "{err}");
+        }
+    }
+
+    #[test]
+    fn new_limits_are_validated() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.http_max_header_bytes, 16384);
+        for (name, bad) in [
+            ("HTTP_MAX_HEADER_BYTES", "100"),
+            ("HTTP_MAX_HEADER_BYTES", "x"),
+            ("AUTH_JWT_LEEWAY_MS", "-1"),
+            ("AUTH_JWT_LEEWAY_MS", "600001"),
+        ] {
+            let err = config(&[(name, bad)]).unwrap_err().to_string();
+            assert!(err.contains(&format!("{name}={bad} is not valid")), "{err}");
+        }
+        assert!(config(&[("AUTH_JWT_LEEWAY_MS", "1500")]).is_ok());
     }
 
     #[test]

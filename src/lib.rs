@@ -13,6 +13,7 @@
 //! - [`gateway`]: client transports into the hub (native WebSocket, Socket.IO).
 //! - [`proxy`]: `WEBSOCKET_PATH/proxy/{name}` to configured upstream feeds.
 //! - [`api`]: HTTP endpoints and the error format.
+//! - [`lingering`]: closing accepted connections without a TCP reset (drain until the peer's EOF).
 //! - [`metrics`]: metric names, recorder, `/metrics`.
 //! - [`registry`]: every live node's announcement, for cluster-wide stats.
 //! - [`redis`]: building fred clients; key and channel names.
@@ -28,6 +29,7 @@ pub mod gateway;
 pub mod history;
 pub mod hub;
 pub mod leader;
+pub mod lingering;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
@@ -142,11 +144,15 @@ fn admin_routes(node: &Node) -> Router<Node> {
 
 /// Serves `router` on `listener` until `stop`, dropping clients that do not
 /// finish sending request headers (a WebSocket handshake included) within
-/// `handshake_timeout`: slow or half-open handshakes cannot pile up.
+/// `handshake_timeout`: slow or half-open handshakes cannot pile up. A
+/// request line plus headers over `max_header_bytes` is answered 431 by
+/// hyper. Every connection closes with a [`lingering`] drain, and `serve`
+/// returns only when those drains are over.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     handshake_timeout: std::time::Duration,
+    max_header_bytes: usize,
     stop: tokio_util::sync::CancellationToken,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -155,7 +161,12 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(handshake_timeout);
+        .header_read_timeout(handshake_timeout)
+        .max_buf_size(max_header_bytes.max(8192));
+    builder
+        .http2()
+        .max_header_list_size(max_header_bytes.try_into().unwrap_or(u32::MAX));
+    let lingering = tokio_util::task::TaskTracker::new();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, _) = tokio::select! {
@@ -182,7 +193,10 @@ pub async fn serve(
             }
         });
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(
+                TokioIo::new(lingering::Lingering::new(stream, lingering.clone())),
+                service,
+            )
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
@@ -190,6 +204,8 @@ pub async fn serve(
         });
     }
     graceful.shutdown().await;
+    lingering.close();
+    lingering.wait().await;
 }
 
 fn cors(config: &Config) -> CorsLayer {

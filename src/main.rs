@@ -100,10 +100,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let stop_accepting = CancellationToken::new();
     let handshake_timeout = node.config().handshake_timeout;
+    let max_header_bytes = node.config().http_max_header_bytes;
     let serve = tokio::spawn(switchboard::serve(
         listener,
         app(node.clone()),
         handshake_timeout,
+        max_header_bytes,
         stop_accepting.clone(),
     ));
     if let Some(admin) = admin_listener {
@@ -112,6 +114,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             admin,
             admin_app(node.clone()),
             handshake_timeout,
+            max_header_bytes,
             stop_accepting.clone(),
         ));
     }

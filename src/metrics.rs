@@ -52,6 +52,7 @@ pub mod reason {
     pub const HEARTBEAT: &str = "heartbeat_timeout";
     pub const TOO_BIG: &str = "message_too_big";
     pub const POLICY: &str = "policy";
+    pub const TOKEN_EXPIRED: &str = "token_expired";
     /// Closed by the server for a reason not listed here.
     pub const SERVER: &str = "server";
     pub const ERROR: &str = "error";

@@ -23,6 +23,52 @@ pub fn valid_topic(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_.:/-".contains(&b))
 }
 
+/// How deeply publication `data` may nest arrays and objects: `data` that
+/// is itself an array or object is level 1, so `[[1]]` has depth 2 and a
+/// scalar has depth 0. Deeper data is refused at every entry point (REST,
+/// native and Socket.IO `publish`, Redis publishers, mock events), so that
+/// no subscriber's JSON parser has to choke on it.
+pub const MAX_DATA_DEPTH: usize = 64;
+
+/// The sentence every entry point answers deeper data with.
+pub const TOO_DEEP: &str =
+    "data is nested too deeply: at most 64 levels of arrays and objects are allowed";
+
+/// Whether the JSON text `raw` nests arrays and objects deeper than `max`
+/// levels. One pass over the bytes, no recursion and no allocation, so it is
+/// safe on hostile input of any depth; brackets inside strings (escapes
+/// included) do not count. It does not validate the JSON: run it before a
+/// parser (serde_json gives up at 128 levels with a less helpful message).
+pub fn json_depth_exceeds(raw: impl AsRef<[u8]>, max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in raw.as_ref() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// ISO-8601 UTC with milliseconds, such as `2026-11-22T10:00:00.123Z`.
 pub fn timestamp() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
@@ -51,6 +97,10 @@ pub enum ClientMessage {
         name: Option<String>,
         data: Box<RawValue>,
     },
+    /// Replace the connection's token before it expires.
+    Refresh {
+        token: String,
+    },
 }
 
 /// A client's position in a history topic: the last offset it received in
@@ -73,7 +123,7 @@ pub enum ProtocolError {
     #[error("\"type\" must be a string")]
     TypeNotString,
     #[error(
-        "unknown message type \"{0}\": expected subscribe, unsubscribe, request, ping or publish"
+        "unknown message type \"{0}\": expected subscribe, unsubscribe, request, ping, publish or refresh"
     )]
     UnknownType(String),
     #[error("\"{0}\" message needs an \"event\" field naming the topic")]
@@ -90,6 +140,10 @@ pub enum ProtocolError {
     InvalidName(String),
     #[error("\"since\" must be an object {{\"offset\": <integer ≥ 0>, \"epoch\": \"<string>\"}}")]
     InvalidSince,
+    #[error("{TOO_DEEP}")]
+    TooDeep,
+    #[error("\"refresh\" message needs a \"token\" field with the new token")]
+    MissingToken,
 }
 
 impl ProtocolError {
@@ -106,7 +160,9 @@ impl ProtocolError {
             ProtocolError::InvalidTopic(_) => "bad_topic",
             ProtocolError::MissingData
             | ProtocolError::InvalidName(_)
-            | ProtocolError::InvalidSince => "bad_message",
+            | ProtocolError::InvalidSince
+            | ProtocolError::TooDeep
+            | ProtocolError::MissingToken => "bad_message",
         }
     }
 }
@@ -114,6 +170,10 @@ impl ProtocolError {
 /// Parses one text frame. Unknown extra fields are ignored so that clients
 /// written for other servers keep working.
 pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> {
+    // The message object is level 1, its `data` level 2.
+    if json_depth_exceeds(text, MAX_DATA_DEPTH + 1) {
+        return Err(ProtocolError::TooDeep);
+    }
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| ProtocolError::NotJson(e.to_string()))?;
     let serde_json::Value::Object(obj) = value else {
@@ -166,6 +226,12 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
                 .map_err(|e| ProtocolError::NotJson(e.to_string()))?;
             Ok(ClientMessage::Publish { event, name, data })
         }
+        "refresh" => match obj.get("token") {
+            Some(serde_json::Value::String(t)) if !t.is_empty() => {
+                Ok(ClientMessage::Refresh { token: t.clone() })
+            }
+            _ => Err(ProtocolError::MissingToken),
+        },
         other => Err(ProtocolError::UnknownType(truncate(other, 64))),
     }
 }
@@ -223,6 +289,15 @@ pub enum ServerMessage<'a> {
     },
     Unsubscribed {
         event: &'a str,
+        /// Set when the server unsubscribed the client (`permission revoked`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+        timestamp: String,
+    },
+    /// The answer to `refresh`: the new token's `exp` in Unix milliseconds.
+    Refreshed {
+        #[serde(rename = "expiresAt")]
+        expires_at: Option<u64>,
         timestamp: String,
     },
     Response {
@@ -330,6 +405,8 @@ pub enum EnvelopeError {
     InvalidEvent(String),
     #[error("\"offset\" and \"epoch\" must come together")]
     HalfPosition,
+    #[error("{TOO_DEEP}")]
+    TooDeep,
 }
 
 /// A validated publication as carried between nodes.
@@ -343,6 +420,10 @@ pub struct ParsedEnvelope {
 }
 
 pub fn parse_envelope(payload: &[u8]) -> Result<ParsedEnvelope, EnvelopeError> {
+    // The envelope object is level 1, its `data` level 2.
+    if json_depth_exceeds(payload, MAX_DATA_DEPTH + 1) {
+        return Err(EnvelopeError::TooDeep);
+    }
     let env: Envelope =
         serde_json::from_slice(payload).map_err(|e| EnvelopeError::NotJson(e.to_string()))?;
     if let Some(v) = env.v
@@ -527,6 +608,107 @@ mod tests {
         let e = parse_envelope(br#"{"offset":3,"epoch":"ab","data":1}"#).unwrap();
         assert_eq!(e.position, Some((3, "ab".to_string())));
         assert!(parse_envelope(br#"{"offset":3,"data":1}"#).is_err());
+    }
+
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn depth_scanner() {
+        assert!(!json_depth_exceeds("1", 0));
+        assert!(json_depth_exceeds("[]", 0));
+        assert!(!json_depth_exceeds(r#"{"a":[1,{"b":2}]}"#, 3));
+        assert!(json_depth_exceeds(r#"{"a":[1,{"b":2}]}"#, 2));
+        // Brackets in strings, escaped quotes included, do not count.
+        assert!(!json_depth_exceeds(r#"["[[[[\"[[[", "\\"]"#, 1));
+        assert!(json_depth_exceeds(r#"["\\", [[]]]"#, 2));
+        assert!(!json_depth_exceeds(nested(64), MAX_DATA_DEPTH));
+        assert!(json_depth_exceeds(nested(65), MAX_DATA_DEPTH));
+        assert!(json_depth_exceeds(nested(100_000), MAX_DATA_DEPTH));
+    }
+
+    #[test]
+    fn deep_data_is_refused_everywhere_with_one_sentence() {
+        let ok = format!(r#"{{"type":"publish","event":"t","data":{}}}"#, nested(64));
+        assert!(parse_client_message(&ok).is_ok());
+        for depth in [65, 200, 50_000] {
+            let deep = format!(
+                r#"{{"type":"publish","event":"t","data":{}}}"#,
+                nested(depth)
+            );
+            let err = parse_client_message(&deep).unwrap_err();
+            assert_eq!(err, ProtocolError::TooDeep);
+            assert_eq!(err.code(), "bad_message");
+            assert_eq!(err.to_string(), TOO_DEEP);
+            let env = format!(r#"{{"event":"t","data":{}}}"#, nested(depth));
+            assert_eq!(
+                parse_envelope(env.as_bytes()).unwrap_err(),
+                EnvelopeError::TooDeep
+            );
+        }
+        let env = format!(r#"{{"event":"t","data":{}}}"#, nested(64));
+        assert!(parse_envelope(env.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn refresh_messages() {
+        assert!(matches!(
+            parse_client_message(r#"{"type":"refresh","token":"abc"}"#),
+            Ok(ClientMessage::Refresh { token }) if token == "abc"
+        ));
+        for bad in [
+            r#"{"type":"refresh"}"#,
+            r#"{"type":"refresh","token":""}"#,
+            r#"{"type":"refresh","token":5}"#,
+        ] {
+            assert_eq!(
+                parse_client_message(bad).unwrap_err(),
+                ProtocolError::MissingToken
+            );
+        }
+    }
+
+    fn value_depth(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::Array(a) => 1 + a.iter().map(value_depth).max().unwrap_or(0),
+            serde_json::Value::Object(o) => 1 + o.values().map(value_depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            "[\\[\\]{}\"\\\\a-z]{0,8}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(12, 64, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[\\[{\"a-z]{0,4}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// The scanner agrees with the depth of the parsed value, whatever
+        /// brackets and quotes the strings hold.
+        #[test]
+        fn depth_scanner_agrees_with_the_parsed_value(v in json_value(), slack in 0usize..3) {
+            let text = v.to_string();
+            let depth = value_depth(&v);
+            proptest::prop_assert!(!json_depth_exceeds(&text, depth));
+            proptest::prop_assert_eq!(json_depth_exceeds(&text, depth.saturating_sub(slack)), slack > 0 && depth > 0);
+        }
+
+        #[test]
+        fn depth_scanner_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512), max in 0usize..8) {
+            let _ = json_depth_exceeds(&bytes, max);
+        }
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub async fn upgrade(
         ))
         .into_response();
     };
-    match crate::gateway::ws::admit(&node, headers, query) {
+    match crate::gateway::admission::admit(&node, headers, query) {
         Err(refusal) => return refusal.into_response(),
         // Public topics admit clients without a token; upstream feeds do not.
         Ok(identity) if identity.anonymous() => {
@@ -64,7 +64,7 @@ pub async fn upgrade(
     };
     let max = config.max_payload;
     let guard = node.sessions().token();
-    ws.read_buffer_size(crate::gateway::ws::READ_BUFFER)
+    ws.read_buffer_size(crate::gateway::admission::READ_BUFFER)
         .write_buffer_size(4 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
@@ -141,11 +141,15 @@ impl Drop for Counted {
     }
 }
 
+/// Close codes the proxy sends to the client itself.
+const HEARTBEAT_TIMEOUT: u16 = 1011;
+
 async fn pump(node: Node, client: WebSocket, upstream: Upstream, route: ProxyRoute) {
     let _counted = Counted::new(node.clone());
     let (mut client_tx, mut client_rx) = client.split();
     let (mut up_tx, mut up_rx) = upstream.split();
-    let client_id = format!("{:016x}", rand::random::<u64>());
+    let id = rand::random::<u64>();
+    let client_id = format!("{id:016x}");
     let hello = serde_json::json!({
         "type": "proxy_connected",
         "clientId": client_id,
@@ -159,30 +163,46 @@ async fn pump(node: Node, client: WebSocket, upstream: Upstream, route: ProxyRou
     {
         return;
     }
-    let heartbeat = node.config().heartbeat_interval;
+    let config = node.config().clone();
+    let heartbeat = config.heartbeat_interval;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The client leg's last frame of any kind (a Pong included).
+    let mut last_seen = tokio::time::Instant::now();
     let shutdown = node.shutdown_token();
+    let shutdown_started = shutdown.cancelled();
+    // Armed on shutdown at this connection's point of the drain window, as
+    // for native connections, so that clients do not reconnect in one burst.
+    let close_at = tokio::time::sleep(Duration::from_secs(86_400 * 365));
+    tokio::pin!(shutdown_started, close_at);
+    let mut draining = false;
+    // What the client is told when the proxy itself ends the connection;
+    // `None` when the close came from one of the legs.
+    let mut closing: Option<(u16, &'static str)> = None;
     loop {
         tokio::select! {
-            msg = client_rx.next() => match msg {
-                Some(Ok(ws::Message::Text(t))) => {
-                    if up_tx.send(tungstenite::Message::Text(t.as_str().into())).await.is_err() { break; }
-                }
-                Some(Ok(ws::Message::Binary(b))) => {
-                    if up_tx.send(tungstenite::Message::Binary(b)).await.is_err() { break; }
-                }
-                Some(Ok(ws::Message::Ping(_) | ws::Message::Pong(_))) => {}
-                Some(Ok(ws::Message::Close(frame))) => {
-                    let frame = frame.map(|f| tungstenite::protocol::CloseFrame {
-                        code: f.code.into(),
-                        reason: f.reason.as_str().into(),
-                    });
-                    let _ = up_tx.send(tungstenite::Message::Close(frame)).await;
-                    break;
-                }
-                Some(Err(_)) | None => {
-                    let _ = up_tx.send(tungstenite::Message::Close(None)).await;
-                    break;
+            msg = client_rx.next() => {
+                last_seen = tokio::time::Instant::now();
+                match msg {
+                    Some(Ok(ws::Message::Text(t))) => {
+                        if up_tx.send(tungstenite::Message::Text(t.as_str().into())).await.is_err() { break; }
+                    }
+                    Some(Ok(ws::Message::Binary(b))) => {
+                        if up_tx.send(tungstenite::Message::Binary(b)).await.is_err() { break; }
+                    }
+                    Some(Ok(ws::Message::Ping(_) | ws::Message::Pong(_))) => {}
+                    Some(Ok(ws::Message::Close(frame))) => {
+                        let frame = frame.map(|f| tungstenite::protocol::CloseFrame {
+                            code: f.code.into(),
+                            reason: f.reason.as_str().into(),
+                        });
+                        let _ = up_tx.send(tungstenite::Message::Close(frame)).await;
+                        break;
+                    }
+                    Some(Err(_)) | None => {
+                        let _ = up_tx.send(tungstenite::Message::Close(None)).await;
+                        break;
+                    }
                 }
             },
             msg = up_rx.next() => match msg {
@@ -193,6 +213,7 @@ async fn pump(node: Node, client: WebSocket, upstream: Upstream, route: ProxyRou
                     if client_tx.send(ws::Message::Binary(b)).await.is_err() { break; }
                 }
                 Some(Ok(tungstenite::Message::Close(frame))) => {
+                    // The upstream's own close, forwarded as it came.
                     let frame = frame.map(|f| CloseFrame {
                         code: f.code.into(),
                         reason: f.reason.as_str().into(),
@@ -203,43 +224,63 @@ async fn pump(node: Node, client: WebSocket, upstream: Upstream, route: ProxyRou
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     tracing::debug!(route = %route.name, cause = %e, "proxy upstream failed");
-                    let _ = client_tx
-                        .send(ws::Message::Close(Some(CloseFrame {
-                            code: 1011,
-                            reason: "upstream failed".into(),
-                        })))
-                        .await;
+                    closing = Some((1011, "upstream failed"));
                     break;
                 }
                 None => {
-                    let _ = client_tx
-                        .send(ws::Message::Close(Some(CloseFrame {
-                            code: 1011,
-                            reason: "upstream closed the connection".into(),
-                        })))
-                        .await;
+                    closing = Some((1011, "upstream closed the connection"));
                     break;
                 }
             },
             _ = ping.tick() => {
+                // Two silent intervals: the client is gone (the native rule).
+                if last_seen.elapsed() > 2 * heartbeat {
+                    closing = Some((HEARTBEAT_TIMEOUT, "heartbeat timeout"));
+                    break;
+                }
                 // Keeps both legs alive through idle timeouts of load balancers.
                 let a = client_tx.send(ws::Message::Ping(Default::default())).await;
                 let b = up_tx.send(tungstenite::Message::Ping(Default::default())).await;
                 if a.is_err() || b.is_err() { break; }
             }
-            _ = shutdown.cancelled() => {
-                let code = node.config().shutdown_close_code;
-                let _ = client_tx
-                    .send(ws::Message::Close(Some(CloseFrame { code, reason: "server shutting down".into() })))
-                    .await;
-                let _ = up_tx.send(tungstenite::Message::Close(None)).await;
+            _ = &mut shutdown_started, if !draining => {
+                draining = true;
+                let window = config.shutdown_drain.as_millis() as u64;
+                let offset = if window == 0 { 0 } else { id % window };
+                close_at.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(offset));
+            }
+            _ = &mut close_at => {
+                closing = Some((config.shutdown_close_code, "server shutting down"));
                 break;
             }
         }
     }
+    if let Some((code, reason)) = closing {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = client_tx
+                .send(ws::Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                })))
+                .await;
+            let _ = up_tx
+                .send(tungstenite::Message::Close(Some(
+                    tungstenite::protocol::CloseFrame {
+                        code: tungstenite::protocol::frame::coding::CloseCode::Away,
+                        reason: "client leg closed".into(),
+                    },
+                )))
+                .await;
+        })
+        .await;
+    }
+    // Flush both legs, then wait (bounded) for the upstream's answer to our
+    // Close: a WebSocket client lets the server close the TCP connection
+    // first. The client leg drains itself when dropped (`lingering`).
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = client_tx.close().await;
         let _ = up_tx.close().await;
+        while let Some(Ok(_)) = up_rx.next().await {}
     })
     .await;
 }

@@ -1,6 +1,7 @@
 //! Client-facing transports. Each is a way into the hub; none fans out by
 //! itself.
 
+pub mod admission;
 pub mod socketio;
 pub mod ws;
 

@@ -19,6 +19,8 @@ use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::DisconnectReason;
 use socketioxide::{SendError, SocketError, SocketIo, TransportType};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
 use crate::device::state::{EVENTS, TOPIC};
@@ -41,7 +43,7 @@ pub fn layer(node: &Node) -> (SocketIoLayer, SocketIo) {
         .max_payload(config.max_payload as u64)
         .ws_max_message_size(config.max_payload)
         .ws_max_frame_size(config.max_payload)
-        .ws_read_buffer_size(crate::gateway::ws::READ_BUFFER)
+        .ws_read_buffer_size(crate::gateway::admission::READ_BUFFER)
         .max_buffer_size(SOCKET_BUFFER)
         .transports([TransportType::Polling, TransportType::Websocket])
         .with_state(node.clone())
@@ -54,13 +56,26 @@ pub fn layer(node: &Node) -> (SocketIoLayer, SocketIo) {
 struct Session {
     id: ConnId,
     topics: Mutex<HashSet<String>>,
-    identity: Identity,
+    /// Replaced by a `refresh`.
+    identity: Mutex<Identity>,
+    /// Wakes the expiry timer after a `refresh`.
+    refreshed: Notify,
+    /// Cancelled when the socket is gone.
+    gone: CancellationToken,
     bucket: Option<Mutex<TokenBucket>>,
     /// Why the server is disconnecting this socket, for the metric.
     closing: Mutex<Option<&'static str>>,
 }
 
 impl Session {
+    fn may_subscribe(&self, topic: &str) -> bool {
+        self.identity.lock().unwrap().may_subscribe(topic)
+    }
+
+    fn may_publish(&self, topic: &str) -> bool {
+        self.identity.lock().unwrap().may_publish(topic)
+    }
+
     /// The per-connection rate limit; past it the socket gets an `error`
     /// event and is disconnected.
     fn within_rate(&self, socket: &SocketRef) -> bool {
@@ -102,20 +117,25 @@ async fn register(
         .auth
         .authenticate(token.as_deref())
         .map_err(|e| e.to_string())?;
-    socket.extensions.insert(Arc::new(Session {
+    let s = Arc::new(Session {
         id: crate::hub::new_conn_id(),
         topics: Mutex::new(HashSet::new()),
-        identity,
+        identity: Mutex::new(identity),
+        refreshed: Notify::new(),
+        gone: CancellationToken::new(),
         bucket: node
             .config()
             .rate_limit
             .map(|l| Mutex::new(TokenBucket::new(l))),
         closing: Mutex::new(None),
-    }));
+    });
+    socket.extensions.insert(s.clone());
+    tokio::spawn(expire_when_due(socket.clone(), s));
     socket.on("subscribe", on_subscribe);
     socket.on("unsubscribe", on_unsubscribe);
     socket.on("request_state", on_request_state);
     socket.on("publish", on_publish);
+    socket.on("refresh", on_refresh);
     socket.on_disconnect(on_disconnect);
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::SOCKETIO).increment(1.0);
     metrics::counter!(m::CONNECTIONS_OPENED, "transport" => m::transport::SOCKETIO).increment(1);
@@ -140,7 +160,7 @@ fn session(socket: &SocketRef) -> Arc<Session> {
 }
 
 async fn on_connect(socket: SocketRef, State(node): State<Node>) {
-    if !session(&socket).identity.may_subscribe(TOPIC) {
+    if !session(&socket).may_subscribe(TOPIC) {
         return;
     }
     let request = SubscribeRequest {
@@ -180,7 +200,7 @@ async fn join(
 ) -> Result<(), String> {
     let s = session(socket);
     let topic = request.topic.as_str();
-    if !s.identity.may_subscribe(topic) {
+    if !s.may_subscribe(topic) {
         return Err(format!("not allowed to subscribe to \"{topic}\""));
     }
     let limit = node.config().max_subscriptions;
@@ -328,7 +348,7 @@ async fn on_request_state(socket: SocketRef, State(node): State<Node>, ack: AckS
     let Some(s) = accept_message(&socket, "request_state") else {
         return;
     };
-    if !s.identity.may_subscribe(TOPIC) {
+    if !s.may_subscribe(TOPIC) {
         let e = format!("not allowed to read \"{TOPIC}\"");
         let _ = ack.send(&json!({"ok": false, "error": e}));
         emit_error(&socket, Some(TOPIC), &e);
@@ -357,7 +377,7 @@ async fn on_publish(
                 "topic \"device\" carries device state: change it with the device commands".into(),
             );
         }
-        if !s.identity.may_publish(&topic) {
+        if !s.may_publish(&topic) {
             return Err(format!("not allowed to publish to \"{topic}\""));
         }
         let event = match v.get("event") {
@@ -367,6 +387,9 @@ async fn on_publish(
         };
         let payload = v.get("data").ok_or("publish needs a \"data\" field")?;
         let raw = serde_json::value::to_raw_value(payload).map_err(|e| e.to_string())?;
+        if protocol::json_depth_exceeds(raw.get(), protocol::MAX_DATA_DEPTH) {
+            return Err(protocol::TOO_DEEP.into());
+        }
         node.hub()
             .publish(&topic, &event, &raw)
             .await
@@ -406,8 +429,108 @@ fn emit_error(socket: &SocketRef, topic: Option<&str>, message: &str) {
     let _ = socket.emit("error", &json!({"message": message, "topic": topic}));
 }
 
+/// `refresh` with the new token (a string or `{"token": …}`): the same
+/// rules as the native `refresh`. Ack `{"ok": true, "expiresAt": ms|null}`
+/// or `{"ok": false, "error": …}` (plus an `error` event, code `bad_token`).
+async fn on_refresh(
+    socket: SocketRef,
+    State(node): State<Node>,
+    TryData(data): TryData<Value>,
+    ack: AckSender,
+) {
+    let Some(s) = accept_message(&socket, "refresh") else {
+        return;
+    };
+    let token = match &data {
+        Ok(Value::String(t)) => Some(t.as_str()),
+        Ok(Value::Object(o)) => o.get("token").and_then(Value::as_str),
+        _ => None,
+    }
+    .filter(|t| !t.is_empty());
+    let identity = match token {
+        None => Err("refresh needs the new token, as a string or {\"token\": \"…\"}".to_string()),
+        Some(t) => node
+            .config()
+            .auth
+            .authenticate(Some(t))
+            .map_err(|e| format!("refresh refused, the current token still applies: {e}")),
+    };
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(e) => {
+            let _ = ack.send(&json!({"ok": false, "error": e}));
+            let _ = socket.emit(
+                "error",
+                &json!({"message": e, "code": "bad_token", "topic": null}),
+            );
+            return;
+        }
+    };
+    let expires_at = identity.expires_at();
+    let lost: Vec<String> = s
+        .topics
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| !identity.may_subscribe(t))
+        .cloned()
+        .collect();
+    *s.identity.lock().unwrap() = identity;
+    s.refreshed.notify_one();
+    for topic in lost {
+        let was = s.topics.lock().unwrap().remove(&topic);
+        if was {
+            node.hub().unsubscribe(&topic, s.id).await;
+            let _ = socket.emit(
+                "unsubscribed",
+                &json!({"topic": topic, "reason": "permission revoked"}),
+            );
+        }
+    }
+    let _ = ack.send(&json!({"ok": true, "expiresAt": expires_at}));
+}
+
+/// Disconnects the socket when its token expires (`exp` + leeway) unless a
+/// `refresh` moved the deadline: an `error` event with code
+/// `token_expired` first, then the disconnect (`io server disconnect`).
+async fn expire_when_due(socket: SocketRef, s: Arc<Session>) {
+    loop {
+        let left = s.identity.lock().unwrap().time_left();
+        let due = async {
+            match left {
+                Some(left) => tokio::time::sleep(left).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = due => {
+                let left = s.identity.lock().unwrap().time_left();
+                if left.is_some_and(|l| l.is_zero()) {
+                    break;
+                }
+            }
+            _ = s.refreshed.notified() => {}
+            _ = s.gone.cancelled() => return,
+        }
+    }
+    let _ = socket.emit(
+        "error",
+        &json!({
+            "message": "the token has expired: send a refresh before it expires, or connect again with a new token",
+            "code": "token_expired",
+            "topic": null,
+        }),
+    );
+    s.closing
+        .lock()
+        .unwrap()
+        .get_or_insert(m::reason::TOKEN_EXPIRED);
+    kick(socket).await;
+}
+
 async fn on_disconnect(socket: SocketRef, State(node): State<Node>, reason: DisconnectReason) {
     let s = session(&socket);
+    s.gone.cancel();
     let topics: Vec<String> = s.topics.lock().unwrap().drain().collect();
     for topic in topics {
         node.hub().unsubscribe(&topic, s.id).await;

@@ -23,8 +23,9 @@ use serde_json::value::RawValue;
 use tokio::sync::Notify;
 
 use crate::api::ApiError;
-use crate::auth::{self, Identity};
+use crate::auth::Identity;
 use crate::config::RateLimit;
+use crate::gateway::admission::{READ_BUFFER, admit};
 use crate::history::GapRange;
 use crate::hub::{ConnId, Delivery, Outcome, Publication, PublishError, Subscribed, Subscriber};
 use crate::metrics as m;
@@ -42,16 +43,14 @@ pub mod close {
     pub const HEARTBEAT_TIMEOUT: u16 = 1011;
     pub const RESTART: u16 = 1012;
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The token expired without a `refresh` (application range 3000–3999).
+    pub const TOKEN_EXPIRED: u16 = 3000;
 }
 
 /// How long one flush to a client may take; past it the connection is
 /// dropped as dead.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// tungstenite read/write buffer sizes. Every idle connection keeps its read
-/// buffer allocated (CRATE-NOTES: ~5 KiB RSS at 4 KiB, ~2 KiB at 1 KiB), and
-/// clients send little, so reads use 1 KiB chunks; a large frame only takes
-/// more reads. Writes batch up to 4 KiB before a `send`.
-pub const READ_BUFFER: usize = 1024;
+/// Writes batch up to 4 KiB before a `send` (reads: [`READ_BUFFER`]).
 const WRITE_BUFFER: usize = 4 * 1024;
 
 /// `GET WEBSOCKET_PATH`
@@ -65,29 +64,6 @@ pub async fn upgrade(
         Ok(identity) => accept(node, ws, identity, None),
         Err(refusal) => refusal.into_response(),
     }
-}
-
-/// Checks the connection limit and the client's token before an upgrade.
-pub fn admit(
-    node: &Node,
-    headers: &axum::http::HeaderMap,
-    query: Option<&str>,
-) -> Result<Identity, ApiError> {
-    if node.is_draining() {
-        return Err(ApiError::Unavailable("node is shutting down".into()));
-    }
-    if let Some(max) = node.config().max_connections
-        && node.total_connections() >= max
-    {
-        return Err(ApiError::Unavailable(format!(
-            "this node is at its limit of {max} connections; try another node or later"
-        )));
-    }
-    let token = auth::token_from(headers, query);
-    node.config()
-        .auth
-        .authenticate(token.as_deref())
-        .map_err(|e| ApiError::Unauthorized(e.to_string()))
 }
 
 /// `GET WEBSOCKET_PATH/{topic}`: subscribes to `topic` right after
@@ -352,6 +328,9 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
     read_loop(&mut session, stream, &mut writer, started, &last_seen).await;
 
     // The reader is done: let the writer send its close frame and finish.
+    // The socket is dropped with the writer's half; `Lingering` then
+    // half-closes it and drains what the client still sends, so the close
+    // frame is not lost to a TCP reset.
     outbox.close.request(close::NORMAL);
     if !writer.is_finished() {
         let _ = tokio::time::timeout(WRITE_TIMEOUT, &mut writer).await;
@@ -366,6 +345,7 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
         close::GOING_AWAY | close::RESTART => m::reason::SHUTDOWN,
         close::POLICY => m::reason::POLICY,
         close::HEARTBEAT_TIMEOUT => m::reason::HEARTBEAT,
+        close::TOKEN_EXPIRED => m::reason::TOKEN_EXPIRED,
         _ => m::reason::CLIENT,
     };
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::WS).decrement(1.0);
@@ -381,11 +361,18 @@ async fn read_loop(
     started: Instant,
     last_seen: &AtomicU64,
 ) {
+    // Armed while the token has an `exp`; a `refresh` moves it.
+    let expiry = tokio::time::sleep(session.identity.time_left().unwrap_or(FOREVER));
+    tokio::pin!(expiry);
     loop {
         let msg = tokio::select! {
             msg = stream.next() => msg,
             // The writer closed the connection (slow consumer, shutdown, heartbeat).
             _ = &mut *writer => return,
+            _ = &mut expiry, if session.identity.expires_at().is_some() => {
+                session.expire();
+                return;
+            }
         };
         last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         match msg {
@@ -394,6 +381,10 @@ async fn read_loop(
                     return;
                 }
                 let kind = session.handle_text(text.as_str()).await;
+                if kind == "refresh" {
+                    let left = session.identity.time_left().unwrap_or(FOREVER);
+                    expiry.as_mut().reset(tokio::time::Instant::now() + left);
+                }
                 metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::WS, "type" => kind)
                     .increment(1);
             }
@@ -416,6 +407,9 @@ async fn read_loop(
         }
     }
 }
+
+/// A deadline that never comes, for timers that are not armed.
+const FOREVER: Duration = Duration::from_secs(86_400 * 365);
 
 fn is_too_big(err: axum::Error) -> bool {
     use tokio_tungstenite::tungstenite::Error as WsError;
@@ -466,6 +460,53 @@ impl TokenBucket {
 }
 
 impl Session {
+    /// The token expired without a refresh: an `error`, then close 3000.
+    fn expire(&self) {
+        self.outbox.error_text(
+            "the token has expired: send a refresh before it expires, or connect again with a new token".into(),
+            "token_expired",
+            None,
+        );
+        self.outbox.close.request(close::TOKEN_EXPIRED);
+    }
+
+    /// `refresh`: a valid token replaces the connection's permissions and
+    /// expiry; topics it no longer allows are unsubscribed. An invalid one
+    /// changes nothing.
+    async fn refresh(&mut self, token: &str) {
+        let identity = match self.node.config().auth.authenticate(Some(token)) {
+            Ok(identity) => identity,
+            Err(e) => {
+                self.outbox.error_text(
+                    format!("refresh refused, the current token still applies: {e}"),
+                    "bad_token",
+                    None,
+                );
+                return;
+            }
+        };
+        let lost: Vec<String> = self
+            .topics
+            .iter()
+            .filter(|t| !identity.may_subscribe(t))
+            .cloned()
+            .collect();
+        self.identity = identity;
+        for topic in lost {
+            self.topics.remove(&topic);
+            self.node.hub().unsubscribe(&topic, self.id).await;
+            self.outbox.send(&ServerMessage::Unsubscribed {
+                event: &topic,
+                reason: Some("permission revoked"),
+                timestamp: protocol::timestamp(),
+            });
+        }
+        self.outbox.send(&ServerMessage::Refreshed {
+            expires_at: self.identity.expires_at(),
+            timestamp: protocol::timestamp(),
+        });
+    }
+
     /// Applies the rate limit: past it, an `error` and close 1008.
     fn within_rate(&mut self) -> bool {
         let Some(bucket) = &mut self.bucket else {
@@ -497,6 +538,7 @@ impl Session {
                 }
                 self.outbox.send(&ServerMessage::Unsubscribed {
                     event: &event,
+                    reason: None,
                     timestamp: protocol::timestamp(),
                 });
                 "unsubscribe"
@@ -512,6 +554,10 @@ impl Session {
             Ok(ClientMessage::Request { event }) => {
                 self.request(&event).await;
                 "request"
+            }
+            Ok(ClientMessage::Refresh { token }) => {
+                self.refresh(&token).await;
+                "refresh"
             }
             Ok(ClientMessage::Ping) => {
                 self.outbox.send(&ServerMessage::Pong {
@@ -756,6 +802,7 @@ async fn write_loop(mut w: Writer) {
         close::RESTART => "server restarting, reconnect",
         close::HEARTBEAT_TIMEOUT => "heartbeat timeout",
         close::POLICY => "policy violation",
+        close::TOKEN_EXPIRED => "token expired",
         _ => "",
     };
     let frame = Message::Close(Some(CloseFrame {

@@ -26,9 +26,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
-/// The deepest nesting of arrays and objects a publication's `data` may have
-/// on the history path; the same rule is checked by the Redis function.
-pub const MAX_DEPTH: usize = 64;
+/// The deepest nesting of `data` the Redis function accepts: the node's own
+/// rule for every source.
+pub use crate::protocol::MAX_DATA_DEPTH as MAX_DEPTH;
 
 /// Where a topic's history stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,37 +114,6 @@ pub fn new_epoch() -> Arc<str> {
         .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
         .collect();
     Arc::from(s)
-}
-
-/// Whether `raw` JSON nests arrays/objects deeper than `max` levels (a
-/// scalar is depth 0, `[1]` depth 1). Scans bytes, never recurses.
-pub fn deeper_than(raw: &str, max: usize) -> bool {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for b in raw.bytes() {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > max {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    false
 }
 
 // === sequencing ===
@@ -291,18 +260,6 @@ mod tests {
     }
 
     #[test]
-    fn depth_counts_nesting_outside_strings() {
-        assert!(!deeper_than("1", 0));
-        assert!(deeper_than("[1]", 0));
-        assert!(!deeper_than(r#"{"a":[1,{"b":2}]}"#, 3));
-        assert!(deeper_than(r#"{"a":[1,{"b":2}]}"#, 2));
-        assert!(!deeper_than(r#"["[[[[\"]]]]"]"#, 1));
-        let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
-        assert!(deeper_than(&deep, MAX_DEPTH));
-        assert!(!deeper_than(&deep[1..deep.len() - 1], MAX_DEPTH));
-    }
-
-    #[test]
     fn sequence_verdicts() {
         let mut s = Sequence {
             epoch: e("a"),
@@ -403,14 +360,6 @@ mod tests {
             }
             let expected: Vec<u64> = (since + 1..=last_live.max(top)).collect();
             prop_assert_eq!(seen, expected);
-        }
-
-        #[test]
-        fn depth_scan_agrees_with_serde(depth in 0usize..100, wrap_string in any::<bool>()) {
-            let mut s = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
-            if wrap_string { s = format!("{{\"k\":\"[[[\",\"v\":{s}}}"); }
-            let real = depth + usize::from(wrap_string);
-            prop_assert_eq!(deeper_than(&s, MAX_DEPTH), real > MAX_DEPTH);
         }
     }
 }
