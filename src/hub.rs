@@ -669,19 +669,14 @@ impl Hub {
         let hub = self.clone();
         let every = (self.inner.history_config.ttl / 3).min(Duration::from_secs(60));
         tokio::spawn(async move {
-            let mut status = hub.inner.backplane.status();
-            let mut was_connected = status.borrow().is_connected();
+            let mut restorations = hub.inner.backplane.restorations();
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    changed = status.changed() => {
+                    changed = restorations.changed() => {
                         if changed.is_err() { return; }
-                        let connected = status.borrow_and_update().is_connected();
-                        let reconnected = connected && !was_connected;
-                        was_connected = connected;
-                        if !reconnected { continue; }
-                        tracing::info!("backplane reconnected: checking history topics for gaps");
+                        tracing::info!("backplane subscriptions restored: checking history topics for gaps");
                     }
                     _ = stop.cancelled() => return,
                 }
@@ -1217,6 +1212,9 @@ mod tests {
         }
         fn status(&self) -> tokio::sync::watch::Receiver<crate::backplane::Status> {
             tokio::sync::watch::channel(crate::backplane::Status::Connected).1
+        }
+        fn restorations(&self) -> tokio::sync::watch::Receiver<u64> {
+            tokio::sync::watch::channel(0).1
         }
     }
 

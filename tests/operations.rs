@@ -77,6 +77,12 @@ async fn metrics_parse_and_move_as_clients_connect_and_messages_flow() {
         assert_eq!(status, 200);
         parse_prometheus(&text)
     };
+    // The leader publishes the device state (four events) once it leads;
+    // start counting after that.
+    assert!(eventually(Duration::from_secs(5), || metric(
+        &scrape(),
+        "switchboard_backplane_publishes_total"
+    ) >= 4.0));
     let before = scrape();
     let mut clients = Vec::new();
     for _ in 0..3 {

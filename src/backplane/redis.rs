@@ -32,6 +32,7 @@ pub struct RedisBackplane {
     publisher: Redis,
     subscriber: SubscriberClient,
     status: watch::Sender<Status>,
+    restorations: watch::Sender<u64>,
 }
 
 impl RedisBackplane {
@@ -58,6 +59,7 @@ impl RedisBackplane {
             status: watch::Sender::new(Status::Disconnected {
                 reason: "connecting to Redis".into(),
             }),
+            restorations: watch::Sender::new(0),
         });
         tokio::spawn(receive_loop(
             messages,
@@ -122,6 +124,10 @@ impl Backplane for RedisBackplane {
 
     fn status(&self) -> watch::Receiver<Status> {
         self.status.subscribe()
+    }
+
+    fn restorations(&self) -> watch::Receiver<u64> {
+        self.restorations.subscribe()
     }
 }
 
@@ -188,6 +194,7 @@ async fn restore_on_reconnect(
                     let n = backplane.subscriber.tracked_channels().len();
                     tracing::info!(channels = n, "backplane subscriptions restored");
                     restored.store(true, Ordering::Release);
+                    backplane.restorations.send_modify(|n| *n += 1);
                     nudge.notify_one();
                     break;
                 }

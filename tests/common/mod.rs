@@ -85,6 +85,16 @@ impl Redis {
         panic!("redis-server on {port} did not answer PING");
     }
 
+    /// A handle to a server started elsewhere (another thread's), for
+    /// commands only: dropping it stops nothing.
+    pub fn connect_existing(port: u16) -> Redis {
+        Redis {
+            child: None,
+            port,
+            dir: std::path::PathBuf::new(),
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
@@ -118,6 +128,47 @@ impl Redis {
         Ok(line)
     }
 
+    /// Sends one command whose reply is an array of bulk strings and
+    /// integers (such as `FCALL switchboard_publish`); `Err` with the text of
+    /// an error reply.
+    pub fn call(&self, args: &[&str]) -> Result<Vec<String>, String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+        }
+        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        reader.read_line(&mut line).map_err(|e| e.to_string())?;
+        let line = line.trim_end().to_string();
+        if let Some(err) = line.strip_prefix('-') {
+            return Err(err.to_string());
+        }
+        let n: usize = line
+            .strip_prefix('*')
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("not an array reply: {line}"))?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut item = String::new();
+            reader.read_line(&mut item).map_err(|e| e.to_string())?;
+            let item = item.trim_end();
+            if let Some(i) = item.strip_prefix(':') {
+                out.push(i.to_string());
+            } else if let Some(len) = item.strip_prefix('$') {
+                let len: usize = len.parse().map_err(|_| item.to_string())?;
+                let mut buf = vec![0; len + 2];
+                reader.read_exact(&mut buf).map_err(|e| e.to_string())?;
+                out.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+            } else {
+                return Err(format!("unexpected array item: {item}"));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn publish(&self, channel: &str, payload: &str) -> i64 {
         let r = self.cmd(&["PUBLISH", channel, payload]);
         r.trim_start_matches(':').parse().unwrap_or(-1)
@@ -138,6 +189,9 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
+        if self.child.is_none() && self.dir.as_os_str().is_empty() {
+            return;
+        }
         if std::thread::panicking() {
             eprintln!("--- redis-server :{} log ---\n{}", self.port, self.log());
         }
