@@ -12,6 +12,7 @@
 //! - [`gateway`]: client transports into the hub (native WebSocket, Socket.IO).
 //! - [`proxy`]: `WEBSOCKET_PATH/proxy/{name}` to configured upstream feeds.
 //! - [`api`]: HTTP endpoints and the error format.
+//! - [`dashboard`]: the live dashboard page at `/` (assets compiled in) and `GET /api/frame`.
 //! - [`metrics`]: metric names, recorder, `/metrics`.
 //! - [`registry`]: every live node's announcement, for cluster-wide stats.
 //! - [`redis`]: building fred clients; key and channel names.
@@ -21,6 +22,7 @@ pub mod api;
 pub mod auth;
 pub mod backplane;
 pub mod config;
+pub mod dashboard;
 pub mod device;
 pub mod election;
 pub mod gateway;
@@ -55,7 +57,8 @@ pub fn app(node: Node) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/api/state", get(api::state))
-        .route("/api/apps", get(api::apps));
+        .route("/api/apps", get(api::apps))
+        .route("/api/frame", get(dashboard::frame));
     // Commands and publishing: `API_TOKEN` when configured.
     let commands = Router::new()
         .route("/api/publish", post(api::publish))
@@ -68,6 +71,9 @@ pub fn app(node: Node) -> Router {
             api::require_api_token,
         ));
     let mut router = open.merge(commands);
+    if config.dashboard_enabled {
+        router = router.merge(dashboard::routes());
+    }
     if config.admin_port.is_none() {
         router = router.merge(admin_routes(&node));
     }
