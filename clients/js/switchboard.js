@@ -153,6 +153,7 @@ export class Switchboard extends Emitter {
     if (this.state === "connected") {
       this._settleConnect(null);
     } else if (this.state !== "connecting" && !this._reconnectTimer) {
+      this._attempt = 0;
       this._open();
     }
     return waiter;

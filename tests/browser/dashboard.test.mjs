@@ -171,3 +171,30 @@ test(
     await page.locator('#preview[data-app="scroll_text"]').waitFor({ timeout: 2000 });
   }),
 );
+
+test(
+  "with API_TOKEN and ADMIN_TOKEN the page asks for them and keeps them in sessionStorage only",
+  scoped(async (s) => {
+    const apiToken = "api-token-for-the-browser-test";
+    const adminToken = "admin-token-for-the-browser-test";
+    const node = await s.node("dash-tokens", { API_TOKEN: apiToken, ADMIN_TOKEN: adminToken });
+    const { context, record } = await browser(s);
+    const page = await open(context, record, node);
+    await page.locator("#tokens").waitFor({ state: "visible", timeout: 5000 });
+    assert.equal(await page.locator("#cluster-totals").textContent(), "", "no admin call without the token");
+    await page.getByLabel("API token").fill(apiToken);
+    await page.getByLabel("Admin token").fill(adminToken);
+    await page.getByRole("button", { name: "Use tokens" }).click();
+    await page.getByRole("button", { name: "scroll_text", exact: true }).click();
+    await page.locator('#apps button[data-app="scroll_text"][aria-pressed="true"]').waitFor({ timeout: 3000 });
+    assert.equal((await node.get("/api/state")).body.data.current_app, "scroll_text");
+    await page.locator("#cluster-totals", { hasText: "leader dash-tokens" }).waitFor({ timeout: 5000 });
+    const storage = await page.evaluate(() => ({
+      session: Object.keys(sessionStorage).sort(),
+      local: Object.keys(localStorage),
+      cookies: document.cookie,
+    }));
+    assert.deepEqual(storage, { session: ["switchboard.adminToken", "switchboard.apiToken"], local: [], cookies: "" });
+    assert.deepEqual(record.badResponses, [], "no request was refused");
+  }),
+);
