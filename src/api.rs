@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use axum::Json as AxumJson;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Path, Request, State};
-use axum::http::StatusCode;
+use axum::extract::{FromRequest, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use crate::hub::PublishError;
 use crate::node::Node;
 use crate::protocol::{self, TOPIC_PATTERN};
 
@@ -244,15 +245,111 @@ pub async fn publish(
             event.chars().take(140).collect::<String>()
         )));
     }
-    node.hub()
+    let position = node
+        .hub()
         .publish(&body.topic, &event, &body.data)
         .await
-        .map_err(|e| ApiError::Unavailable(format!("publication not accepted: {e}")))?;
-    Ok((
-        StatusCode::ACCEPTED,
-        envelope(json!({"topic": body.topic, "event": event})),
-    )
-        .into_response())
+        .map_err(|e| match e {
+            PublishError::Refused(why) => {
+                ApiError::BadRequest(format!("publication not accepted: {why}"))
+            }
+            PublishError::Unavailable(why) => {
+                ApiError::Unavailable(format!("publication not accepted: {why}"))
+            }
+        })?;
+    let mut data = json!({"topic": body.topic, "event": event});
+    if let Some(p) = position {
+        data["offset"] = json!(p.offset);
+        data["epoch"] = json!(&*p.epoch);
+    }
+    Ok((StatusCode::ACCEPTED, envelope(data)).into_response())
+}
+
+/// `GET /api/history/{topic}?since=N&limit=M`: stored publications of a
+/// history topic after offset `since` (default 0), at most `limit` (default
+/// 100, at most `HISTORY_SIZE`). Needs read permission on the topic (a
+/// client token, as for subscribing).
+pub async fn history(
+    State(node): State<Node>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<AxumJson<Value>, ApiError> {
+    if !protocol::valid_topic(&topic) {
+        return Err(ApiError::BadRequest(format!(
+            "invalid topic \"{}\": must match {TOPIC_PATTERN}",
+            topic.chars().take(140).collect::<String>()
+        )));
+    }
+    let token = crate::auth::token_from(&headers, query.as_deref());
+    let identity = node
+        .config()
+        .auth
+        .authenticate(token.as_deref())
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+    if !identity.may_subscribe(&topic) {
+        return Err(ApiError::Forbidden(format!(
+            "not allowed to read \"{topic}\""
+        )));
+    }
+    if !node.hub().is_history(&topic) {
+        return Err(ApiError::NotFound(format!(
+            "\"{topic}\" keeps no history (HISTORY_TOPICS)"
+        )));
+    }
+    let mut since = 0u64;
+    let mut limit = 100usize;
+    for (key, value) in query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+    {
+        match key {
+            "since" => {
+                since = value.parse().map_err(|_| {
+                    ApiError::BadRequest(format!("since={value} is not an offset (an integer ≥ 0)"))
+                })?
+            }
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=node.hub().history_size()).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(format!(
+                            "limit={value} must be an integer from 1 to {} (HISTORY_SIZE)",
+                            node.hub().history_size()
+                        ))
+                    })?
+            }
+            _ => {}
+        }
+    }
+    let range = node
+        .hub()
+        .history()
+        .read(&topic, since, limit)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("history unavailable: {e}")))?;
+    let publications: Vec<Value> = range
+        .entries
+        .iter()
+        .filter_map(|stored| {
+            let env = protocol::parse_envelope(&stored.payload).ok()?;
+            Some(json!({
+                "offset": stored.offset,
+                "event": env.event.unwrap_or_else(|| topic.clone()),
+                "data": serde_json::from_str::<Value>(env.data.get()).ok()?,
+            }))
+        })
+        .collect();
+    Ok(envelope(json!({
+        "topic": topic,
+        "epoch": &*range.epoch,
+        "offset": range.top,
+        "publications": publications,
+    })))
 }
 
 // === admin ===

@@ -58,6 +58,11 @@ impl Pattern {
     pub fn matches(&self, topic: &str) -> bool {
         glob(self.0.as_bytes(), topic.as_bytes())
     }
+
+    /// The pattern as configured.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 fn glob(p: &[u8], t: &[u8]) -> bool {

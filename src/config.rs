@@ -73,6 +73,9 @@ pub mod names {
     pub const HTTP_REQUEST_TIMEOUT_MS: &str = "HTTP_REQUEST_TIMEOUT_MS";
     pub const WEBSOCKET_HANDSHAKE_TIMEOUT_MS: &str = "WEBSOCKET_HANDSHAKE_TIMEOUT_MS";
     pub const REDIS_CA_FILE: &str = "REDIS_CA_FILE";
+    pub const HISTORY_TOPICS: &str = "HISTORY_TOPICS";
+    pub const HISTORY_SIZE: &str = "HISTORY_SIZE";
+    pub const HISTORY_TTL_MS: &str = "HISTORY_TTL_MS";
 
     /// Every name above, for `--help` and to reject unknown flags.
     pub const ALL: &[&str] = &[
@@ -124,6 +127,9 @@ pub mod names {
         HTTP_REQUEST_TIMEOUT_MS,
         WEBSOCKET_HANDSHAKE_TIMEOUT_MS,
         REDIS_CA_FILE,
+        HISTORY_TOPICS,
+        HISTORY_SIZE,
+        HISTORY_TTL_MS,
     ];
 
     /// Settings whose values must never be printed, not even in an error.
@@ -411,8 +417,27 @@ pub struct Config {
     pub http_request_timeout: Duration,
     pub handshake_timeout: Duration,
     pub redis_ca_file: Option<PathBuf>,
+    /// Which topics keep a history (offsets, recovery, gap repair).
+    pub history: HistoryConfig,
     /// Accepted but weak settings, logged at start-up (never with values).
     pub warnings: Vec<String>,
+}
+
+/// `HISTORY_TOPICS` / `HISTORY_SIZE` / `HISTORY_TTL_MS`.
+#[derive(Debug, Clone)]
+pub struct HistoryConfig {
+    /// Topic patterns (`*` wildcard) whose publications get offsets and are kept.
+    pub topics: Vec<Pattern>,
+    /// Publications kept per topic.
+    pub size: usize,
+    /// How long a topic's history lives after its last publication.
+    pub ttl: Duration,
+}
+
+impl HistoryConfig {
+    pub fn covers(&self, topic: &str) -> bool {
+        self.topics.iter().any(|p| p.matches(topic))
+    }
 }
 
 /// `WEBSOCKET_RATE_LIMIT` / `WEBSOCKET_RATE_BURST`.
@@ -607,26 +632,17 @@ impl Config {
         });
         let audience = p.optional(names::AUTH_JWT_AUDIENCE, |v| Ok(v.to_string()));
         let issuer = p.optional(names::AUTH_JWT_ISSUER, |v| Ok(v.to_string()));
-        let public_topics = p.parse(names::AUTH_PUBLIC_TOPICS, "", |v| {
-            let list: Vec<&str> = v
-                .split(',')
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .collect();
-            match list
-                .iter()
-                .find(|t| !protocol::valid_topic(&t.replace('*', "a")))
-            {
-                Some(bad) => Err(format!(
-                    "`{bad}` is not a topic pattern ({} with * wildcards)",
-                    protocol::TOPIC_PATTERN
-                )),
-                None => Ok(list.into_iter().map(Pattern::new).collect::<Vec<_>>()),
-            }
-        });
+        let public_topics = p.parse(names::AUTH_PUBLIC_TOPICS, "", parse_topic_patterns);
         let token = secret_value;
         let api_token = p.optional(names::API_TOKEN, token);
         let admin_token = p.optional(names::ADMIN_TOKEN, token);
+        let history_topics = p.parse(names::HISTORY_TOPICS, "*", parse_topic_patterns);
+        let history_size = p.parse(names::HISTORY_SIZE, "1000", |v| {
+            parse_range(v, 1, 1_000_000)
+        });
+        let history_ttl = p.parse(names::HISTORY_TTL_MS, "600000", |v| {
+            parse_ms(v, 1_000, 30 * 86_400_000)
+        });
         let rate = p.parse(names::WEBSOCKET_RATE_LIMIT, "100", |v| {
             parse_range(v, 0, 1_000_000)
         });
@@ -822,6 +838,11 @@ impl Config {
             http_request_timeout: http_request_timeout.unwrap(),
             handshake_timeout: handshake_timeout.unwrap(),
             redis_ca_file: redis_ca_file.unwrap(),
+            history: HistoryConfig {
+                topics: history_topics.unwrap(),
+                size: history_size.unwrap(),
+                ttl: history_ttl.unwrap(),
+            },
             warnings,
         })
     }
@@ -922,6 +943,25 @@ fn parse_bool(v: &str) -> Result<bool, String> {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),
         _ => Err("expected true or false".into()),
+    }
+}
+
+/// A comma-separated list of topic patterns (`*` wildcards); empty entries are ignored.
+fn parse_topic_patterns(v: &str) -> Result<Vec<Pattern>, String> {
+    let list: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    match list
+        .iter()
+        .find(|t| !protocol::valid_topic(&t.replace('*', "a")))
+    {
+        Some(bad) => Err(format!(
+            "`{bad}` is not a topic pattern ({} with * wildcards)",
+            protocol::TOPIC_PATTERN
+        )),
+        None => Ok(list.into_iter().map(Pattern::new).collect()),
     }
 }
 

@@ -8,6 +8,15 @@
 //!
 //! The hub subscribes to a topic on the backplane when the topic gets its
 //! first local subscriber and unsubscribes after its last one leaves.
+//!
+//! History topics add order and repair. One dispatcher task handles every
+//! publication and every ordering-sensitive step in sequence: it keeps the
+//! node's last delivered offset per topic ([`Sequence`]), fills a hole from
+//! history before the publication that revealed it (or announces it as a
+//! gap when history no longer has it), and opens a new subscriber's gate:
+//! a subscriber of a history topic receives nothing until its `subscribed`
+//! answer and any replay have been queued, then what was held meanwhile,
+//! through its [`Seam`] (no duplicate, nothing out of order).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -17,11 +26,16 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::backplane::{Backplane, BackplaneError, Inbound};
+use crate::config::HistoryConfig;
+use crate::history::{
+    self, GapRange, History, HistoryError, Position, Range, Seam, Sequence, Stored, Verdict,
+};
 use crate::metrics as m;
-use crate::protocol;
+use crate::protocol::{self, Since};
 
 /// Identifies one connection on this node.
 pub type ConnId = u64;
@@ -42,6 +56,16 @@ const UNSUBSCRIBE_LINGER: Duration = Duration::from_secs(1);
 /// How many topics keep their last publication for `request`.
 const LAST_PUBLICATIONS: usize = 10_000;
 
+/// Publications of a history topic held while its first subscriber's gate
+/// opens (a Redis round trip); past this the oldest are dropped and repaired
+/// from history like any other hole.
+const PENDING_LIMIT: usize = 65_536;
+
+/// How long a consistency check waits between reading a topic's top and
+/// comparing it with what was delivered, so that publications still in
+/// flight on the pub/sub connection are not taken for lost ones.
+const CHECK_SETTLE: Duration = Duration::from_millis(500);
+
 /// Outcome of handing a publication to one subscriber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
@@ -53,10 +77,12 @@ pub enum Delivery {
 }
 
 /// Something that receives publications: a native connection, a Socket.IO
-/// socket. `deliver` must not block: it queues or applies the slow-consumer
-/// policy and returns.
+/// socket. `deliver` and `gap` must not block: they queue or apply the
+/// slow-consumer policy and return.
 pub trait Subscriber: Send + Sync {
     fn deliver(&self, publication: &Publication) -> Delivery;
+    /// Publications `gap.from..=gap.to` of a history topic are lost.
+    fn gap(&self, topic: &str, gap: &GapRange) -> Delivery;
     /// The `transport` label of this subscriber's deliveries.
     fn transport(&self) -> &'static str;
 }
@@ -68,7 +94,11 @@ pub struct Publication {
     pub data: Arc<RawValue>,
     pub received_at: Instant,
     /// Fencing epoch, on device state published by the leader.
-    pub epoch: Option<u64>,
+    pub fence: Option<u64>,
+    /// History topics: the publication's offset …
+    pub offset: Option<u64>,
+    /// … in this epoch of the topic's history.
+    pub epoch: Option<Arc<str>>,
     timestamp: String,
     native: OnceLock<Utf8Bytes>,
 }
@@ -85,17 +115,41 @@ impl Publication {
             event,
             data,
             received_at,
+            fence: None,
+            offset: None,
             epoch: None,
             timestamp: protocol::timestamp(),
             native: OnceLock::new(),
         }
     }
 
+    /// A publication from a parsed envelope; the event defaults to the topic.
+    fn from_envelope(topic: Arc<str>, env: protocol::ParsedEnvelope, received_at: Instant) -> Self {
+        let event: Arc<str> = match env.event {
+            Some(e) if *e != *topic => Arc::from(e),
+            _ => topic.clone(),
+        };
+        let mut p = Publication::new(topic, event, env.data, received_at);
+        p.fence = env.fence;
+        if let Some((offset, epoch)) = env.position {
+            p.offset = Some(offset);
+            p.epoch = Some(Arc::from(epoch));
+        }
+        p
+    }
+
     /// The native-protocol `event` frame, serialized on first use and then
     /// shared by every native subscriber.
     pub fn native_frame(&self) -> &Utf8Bytes {
         self.native.get_or_init(|| {
-            protocol::event_frame(&self.topic, &self.event, &self.data, &self.timestamp).into()
+            protocol::event_frame(
+                &self.topic,
+                &self.event,
+                &self.data,
+                self.offset,
+                &self.timestamp,
+            )
+            .into()
         })
     }
 }
@@ -104,6 +158,18 @@ impl Publication {
 pub enum HubError {
     #[error("could not subscribe on the backplane: {0}")]
     Backplane(#[from] BackplaneError),
+    #[error("could not read the topic's history: {0}")]
+    History(#[from] HistoryError),
+}
+
+/// Why a publication was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0}")]
+    Unavailable(String),
+    /// Refused by the history function (bad envelope); the text says why.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Whether a subscribe call added a subscription.
@@ -113,19 +179,59 @@ pub enum Subscribed {
     Already,
 }
 
+/// What a new subscriber is told before anything else on its topic.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// History topics: the topic's top offset and epoch when it subscribed.
+    pub position: Option<Position>,
+    /// When it asked for `since`: whether everything it missed follows.
+    pub recovered: Option<bool>,
+}
+
+/// Called once, before any publication of the topic reaches the new
+/// subscriber: the place to queue its `subscribed` answer.
+pub type Announce = Box<dyn FnOnce(&Outcome) + Send>;
+
 /// Cheap-to-clone handle to the hub.
 #[derive(Clone)]
 pub struct Hub {
     inner: Arc<Inner>,
 }
 
-type Subscribers = HashMap<ConnId, Arc<dyn Subscriber>>;
+/// One local subscriber of a topic. `gate` is set on history topics.
+struct Member {
+    sub: Arc<dyn Subscriber>,
+    gate: Option<Arc<Gate>>,
+}
+
+type Members = HashMap<ConnId, Member>;
+
+/// Holds a history subscriber's publications until its `subscribed` answer
+/// and replay are queued, then filters through its seam. Only the dispatcher
+/// task touches it (fan-out and opening), so the lock is never contended.
+struct Gate {
+    state: Mutex<GateState>,
+}
+
+enum GateState {
+    Closed(Vec<Item>),
+    Open(Seam),
+}
+
+/// What the fan-out hands to subscribers.
+#[derive(Clone)]
+enum Item {
+    Pub(Arc<Publication>),
+    Gap(Arc<str>, Arc<GapRange>),
+}
 
 struct Inner {
     backplane: Arc<dyn Backplane>,
+    history: Arc<dyn History>,
+    history_config: HistoryConfig,
     /// std RwLock: never held across `.await`. Fan-out holds the read side
     /// while it queues (non-blocking) to each subscriber.
-    topics: RwLock<HashMap<Arc<str>, Subscribers>>,
+    topics: RwLock<HashMap<Arc<str>, Members>>,
     /// Striped async locks, one stripe per topic hash: they order the hub
     /// entry change and the backplane (un)subscribe of one topic, so a
     /// last-leave UNSUBSCRIBE can never overtake a first-join SUBSCRIBE.
@@ -137,6 +243,26 @@ struct Inner {
     subscriptions: AtomicUsize,
     delivered: AtomicU64,
     invalid: InvalidLog,
+    /// Steps that must run in order with the publications, on the dispatcher.
+    control: mpsc::Sender<Control>,
+    control_rx: Mutex<Option<mpsc::Receiver<Control>>>,
+}
+
+/// Work for the dispatcher besides publications.
+enum Control {
+    /// Opens member `id`'s gate on `topic` with what its history read found.
+    Open {
+        topic: Arc<str>,
+        id: ConnId,
+        range: Range,
+        since: Option<Since>,
+        announce: Announce,
+        done: oneshot::Sender<Option<bool>>,
+    },
+    /// Compares the topic's delivered offset with a top read a moment ago.
+    Check { topic: Arc<str>, range: Range },
+    /// The topic left the hub: forget its sequence.
+    Release { topic: Arc<str> },
 }
 
 /// The last publication seen on a topic.
@@ -147,11 +273,18 @@ pub struct LastPublication {
 }
 
 impl Hub {
-    pub fn new(backplane: Arc<dyn Backplane>) -> Self {
+    pub fn new(
+        backplane: Arc<dyn Backplane>,
+        history: Arc<dyn History>,
+        history_config: HistoryConfig,
+    ) -> Self {
         let topic_locks = (0..64).map(|_| tokio::sync::Mutex::new(())).collect();
+        let (control, control_rx) = mpsc::channel(4096);
         Self {
             inner: Arc::new(Inner {
                 backplane,
+                history,
+                history_config,
                 topics: RwLock::new(HashMap::new()),
                 topic_locks,
                 hasher: RandomState::new(),
@@ -159,6 +292,8 @@ impl Hub {
                 subscriptions: AtomicUsize::new(0),
                 delivered: AtomicU64::new(0),
                 invalid: InvalidLog::default(),
+                control,
+                control_rx: Mutex::new(Some(control_rx)),
             }),
         }
     }
@@ -167,51 +302,128 @@ impl Hub {
         &self.inner.backplane
     }
 
+    pub fn history(&self) -> &Arc<dyn History> {
+        &self.inner.history
+    }
+
+    /// Whether `topic` keeps a history (`HISTORY_TOPICS`).
+    pub fn is_history(&self, topic: &str) -> bool {
+        self.inner.history_config.covers(topic)
+    }
+
+    /// `HISTORY_SIZE`: the most a read of one topic can return.
+    pub fn history_size(&self) -> usize {
+        self.inner.history_config.size
+    }
+
     fn topic_lock(&self, topic: &str) -> &tokio::sync::Mutex<()> {
         let i = self.inner.hasher.hash_one(topic) as usize % self.inner.topic_locks.len();
         &self.inner.topic_locks[i]
     }
 
-    /// Adds `subscriber` to `topic`. Returns once publications on the topic
-    /// will reach it; on a backplane error nothing is left behind.
+    /// Adds `subscriber` to `topic`. `announce` runs before any publication
+    /// of the topic reaches it. On a history topic, `since` asks for what it
+    /// missed; the call returns once that replay is queued. On a backplane
+    /// or history error nothing is left behind.
     pub async fn subscribe(
         &self,
         topic: &str,
         id: ConnId,
         subscriber: Arc<dyn Subscriber>,
+        since: Option<Since>,
+        announce: Announce,
     ) -> Result<Subscribed, HubError> {
-        let _guard = self.topic_lock(topic).lock().await;
+        let history = self.is_history(topic);
         let first = {
-            let mut topics = self.inner.topics.write().unwrap();
-            match topics.get_mut(topic) {
-                Some(subs) => {
-                    if subs.contains_key(&id) {
-                        return Ok(Subscribed::Already);
+            let _guard = self.topic_lock(topic).lock().await;
+            let first = {
+                let mut topics = self.inner.topics.write().unwrap();
+                let member = Member {
+                    sub: subscriber,
+                    gate: history.then(|| {
+                        Arc::new(Gate {
+                            state: Mutex::new(GateState::Closed(Vec::new())),
+                        })
+                    }),
+                };
+                match topics.get_mut(topic) {
+                    Some(subs) if subs.contains_key(&id) => None,
+                    Some(subs) => {
+                        subs.insert(id, member);
+                        Some(false)
                     }
-                    subs.insert(id, subscriber);
-                    false
+                    None => {
+                        topics.insert(Arc::from(topic), HashMap::from([(id, member)]));
+                        Some(true)
+                    }
                 }
-                None => {
-                    topics.insert(Arc::from(topic), HashMap::from([(id, subscriber)]));
-                    true
+            };
+            let Some(first) = first else {
+                drop(_guard);
+                let position = match history {
+                    true => Some(self.inner.history.read(topic, 0, 0).await?.position()),
+                    false => None,
+                };
+                announce(&Outcome {
+                    position,
+                    recovered: None,
+                });
+                return Ok(Subscribed::Already);
+            };
+            if first && let Err(e) = self.inner.backplane.subscribe(topic).await {
+                metrics::counter!(m::BACKPLANE_ERRORS, "op" => "subscribe").increment(1);
+                let mut topics = self.inner.topics.write().unwrap();
+                if let Some(subs) = topics.get_mut(topic) {
+                    subs.remove(&id);
+                    if subs.is_empty() {
+                        topics.remove(topic);
+                    }
                 }
+                return Err(e.into());
             }
+            first
         };
-        if first && let Err(e) = self.inner.backplane.subscribe(topic).await {
-            metrics::counter!(m::BACKPLANE_ERRORS, "op" => "subscribe").increment(1);
-            let mut topics = self.inner.topics.write().unwrap();
-            if let Some(subs) = topics.get_mut(topic) {
-                subs.remove(&id);
-                if subs.is_empty() {
-                    topics.remove(topic);
-                }
-            }
-            return Err(e.into());
-        }
+        let _ = first;
         if id != INTERNAL {
             self.inner.subscriptions.fetch_add(1, Ordering::Relaxed);
         }
         self.update_gauges();
+        if !history {
+            announce(&Outcome {
+                position: None,
+                recovered: None,
+            });
+            return Ok(Subscribed::New);
+        }
+        let read = match &since {
+            Some(s) => {
+                self.inner
+                    .history
+                    .read(topic, s.offset, self.history_size())
+                    .await
+            }
+            None => self.inner.history.read(topic, 0, 0).await,
+        };
+        let range = match read {
+            Ok(range) => range,
+            Err(e) => {
+                self.unsubscribe(topic, id).await;
+                return Err(e.into());
+            }
+        };
+        let (done, opened) = oneshot::channel();
+        let open = Control::Open {
+            topic: Arc::from(topic),
+            id,
+            range,
+            since,
+            announce,
+            done,
+        };
+        if self.inner.control.send(open).await.is_err() {
+            return Err(HubError::Backplane(BackplaneError::Closed));
+        }
+        let _ = opened.await;
         Ok(Subscribed::New)
     }
 
@@ -256,6 +468,17 @@ impl Hub {
                 _ => return,
             }
         }
+        if self.is_history(topic) {
+            // Sent under the topic lock: it reaches the dispatcher before the
+            // gate of a later first subscriber.
+            let _ = self
+                .inner
+                .control
+                .send(Control::Release {
+                    topic: Arc::from(topic),
+                })
+                .await;
+        }
         self.update_gauges();
         if let Err(e) = self.inner.backplane.unsubscribe(topic).await {
             // Harmless: a stray subscription only brings messages nobody here wants.
@@ -295,13 +518,26 @@ impl Hub {
         self.inner.last.lock().unwrap().get(topic).cloned()
     }
 
-    /// Publishes through the backplane (never delivered locally by a shortcut).
+    /// The newest publication of a history topic, from history (right on
+    /// every node, subscribed or not).
+    pub async fn latest(&self, topic: &str) -> Result<Option<Publication>, HistoryError> {
+        let range = self.inner.history.latest(topic).await?;
+        Ok(range
+            .entries
+            .into_iter()
+            .next()
+            .and_then(|s| stored_publication(topic, &s)))
+    }
+
+    /// Publishes through the backplane (never delivered locally by a
+    /// shortcut); on a history topic through the history's atomic
+    /// append-and-publish, and the publication's position is returned.
     pub async fn publish(
         &self,
         topic: &str,
         event: &str,
         data: &RawValue,
-    ) -> Result<(), BackplaneError> {
+    ) -> Result<Option<Position>, PublishError> {
         self.publish_fenced(topic, event, data, None).await
     }
 
@@ -311,52 +547,64 @@ impl Hub {
         topic: &str,
         event: &str,
         data: &RawValue,
-        epoch: Option<u64>,
-    ) -> Result<(), BackplaneError> {
-        let payload = protocol::encode_envelope(event, data, epoch);
-        let res = self.inner.backplane.publish(topic, payload.into()).await;
+        fence: Option<u64>,
+    ) -> Result<Option<Position>, PublishError> {
+        let payload = protocol::encode_envelope(event, data, fence);
+        let res = if self.is_history(topic) {
+            self.inner
+                .history
+                .publish(topic, payload)
+                .await
+                .map(Some)
+                .map_err(|e| match e {
+                    HistoryError::Refused(why) => PublishError::Refused(why),
+                    other => PublishError::Unavailable(other.to_string()),
+                })
+        } else {
+            self.inner
+                .backplane
+                .publish(topic, payload.into())
+                .await
+                .map(|()| None)
+                .map_err(|e| PublishError::Unavailable(e.to_string()))
+        };
         match &res {
-            Ok(()) => metrics::counter!(m::BACKPLANE_PUBLISHES).increment(1),
+            Ok(_) => metrics::counter!(m::BACKPLANE_PUBLISHES).increment(1),
             Err(_) => metrics::counter!(m::BACKPLANE_ERRORS, "op" => "publish").increment(1),
         }
         res
     }
 
-    /// Parses one backplane message and fans it out. Invalid payloads are
-    /// counted and logged (rate limited) and reach no one.
-    pub fn dispatch(&self, inbound: Inbound) {
-        metrics::counter!(m::BACKPLANE_RECEIVED).increment(1);
-        let env = match protocol::parse_envelope(&inbound.payload) {
-            Ok(env) => env,
-            Err(e) => {
-                metrics::counter!(m::INVALID_PUBLICATIONS).increment(1);
-                self.inner.invalid.log(&inbound.topic, &e);
-                return;
-            }
-        };
-        let topic: Arc<str> = Arc::from(inbound.topic);
-        let event: Arc<str> = match env.event {
-            Some(e) if *e != *topic => Arc::from(e),
-            _ => topic.clone(),
-        };
-        let mut publication = Publication::new(topic, event, env.data, inbound.received_at);
-        publication.epoch = env.epoch;
-        self.fan_out(&publication);
-    }
-
-    /// Hands `publication` to every local subscriber of its topic.
-    pub fn fan_out(&self, publication: &Publication) {
+    /// Hands `item` to every local subscriber of its topic.
+    fn fan_out(&self, item: &Item) {
         // Per-transport counts, summed here so the metric is touched once per
         // publication, not once per delivery.
         let mut queued: [(&'static str, u64); 3] = [("", 0); 3];
+        let topic = match item {
+            Item::Pub(p) => &p.topic,
+            Item::Gap(t, _) => t,
+        };
         {
             let topics = self.inner.topics.read().unwrap();
-            let Some(subs) = topics.get(&publication.topic) else {
+            let Some(subs) = topics.get(topic) else {
                 return;
             };
-            for sub in subs.values() {
-                if sub.deliver(publication) == Delivery::Queued {
-                    let t = sub.transport();
+            for member in subs.values() {
+                let delivery = match &member.gate {
+                    None => hand(&*member.sub, item, None),
+                    Some(gate) => {
+                        let mut state = gate.state.lock().unwrap();
+                        match &mut *state {
+                            GateState::Closed(held) => {
+                                held.push(item.clone());
+                                continue;
+                            }
+                            GateState::Open(seam) => hand(&*member.sub, item, Some(seam)),
+                        }
+                    }
+                };
+                if delivery == Some(Delivery::Queued) && matches!(item, Item::Pub(_)) {
+                    let t = member.sub.transport();
                     match queued
                         .iter_mut()
                         .find(|(name, _)| *name == t || name.is_empty())
@@ -367,6 +615,9 @@ impl Hub {
                 }
             }
         }
+        let Item::Pub(publication) = item else {
+            return;
+        };
         for (transport, n) in queued {
             if n > 0 {
                 self.inner.delivered.fetch_add(n, Ordering::Relaxed);
@@ -391,14 +642,383 @@ impl Hub {
         );
     }
 
-    /// Drains the backplane's inbound queue until it closes.
-    pub fn spawn_dispatcher(&self, mut rx: mpsc::Receiver<Inbound>) -> tokio::task::JoinHandle<()> {
+    /// Runs the dispatcher: every publication from the backplane's queue and
+    /// every ordering-sensitive step, one at a time, until the queue closes.
+    pub fn spawn_dispatcher(&self, rx: mpsc::Receiver<Inbound>) -> tokio::task::JoinHandle<()> {
+        let control = self
+            .inner
+            .control_rx
+            .lock()
+            .unwrap()
+            .take()
+            .expect("one dispatcher per hub");
+        let dispatcher = Dispatcher {
+            hub: self.clone(),
+            sequences: HashMap::new(),
+            pending: HashMap::new(),
+        };
+        tokio::spawn(dispatcher.run(rx, control))
+    }
+
+    /// Keeps history topics honest: after every backplane reconnect, and every
+    /// `HISTORY_TTL_MS / 3` (at most a minute), compares each subscribed
+    /// history topic's top with what this node delivered and repairs the
+    /// difference. The reads also keep the topics' epochs alive while they
+    /// have subscribers.
+    pub fn spawn_checker(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         let hub = self.clone();
+        let every = (self.inner.history_config.ttl / 3).min(Duration::from_secs(60));
         tokio::spawn(async move {
-            while let Some(inbound) = rx.recv().await {
-                hub.dispatch(inbound);
+            let mut status = hub.inner.backplane.status();
+            let mut was_connected = status.borrow().is_connected();
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = status.changed() => {
+                        if changed.is_err() { return; }
+                        let connected = status.borrow_and_update().is_connected();
+                        let reconnected = connected && !was_connected;
+                        was_connected = connected;
+                        if !reconnected { continue; }
+                        tracing::info!("backplane reconnected: checking history topics for gaps");
+                    }
+                    _ = stop.cancelled() => return,
+                }
+                hub.check_all(&stop).await;
             }
         })
+    }
+
+    async fn check_all(&self, stop: &CancellationToken) {
+        let topics: Vec<Arc<str>> = {
+            let topics = self.inner.topics.read().unwrap();
+            topics
+                .keys()
+                .filter(|t| self.is_history(t))
+                .cloned()
+                .collect()
+        };
+        let mut reads = Vec::with_capacity(topics.len());
+        for topic in topics {
+            match self.inner.history.read(&topic, 0, 0).await {
+                Ok(range) => reads.push((topic, range)),
+                Err(e) => tracing::debug!(%topic, cause = %e, "history check read failed"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CHECK_SETTLE) => {}
+            _ = stop.cancelled() => return,
+        }
+        for (topic, range) in reads {
+            if self
+                .inner
+                .control
+                .send(Control::Check { topic, range })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// The gate of member `id` of `topic`, with its subscriber.
+    fn gated(&self, topic: &str, id: ConnId) -> Option<(Arc<dyn Subscriber>, Arc<Gate>)> {
+        let topics = self.inner.topics.read().unwrap();
+        let member = topics.get(topic)?.get(&id)?;
+        Some((member.sub.clone(), member.gate.clone()?))
+    }
+
+    fn has_topic(&self, topic: &str) -> bool {
+        self.inner.topics.read().unwrap().contains_key(topic)
+    }
+}
+
+/// Hands one item to one subscriber, through its seam when it has one.
+/// `None` when the seam filtered it out.
+fn hand(sub: &dyn Subscriber, item: &Item, seam: Option<&mut Seam>) -> Option<Delivery> {
+    match item {
+        Item::Pub(p) => {
+            if let (Some(seam), Some(offset), Some(epoch)) = (seam, p.offset, &p.epoch)
+                && !seam.admit(epoch, offset)
+            {
+                return None;
+            }
+            Some(sub.deliver(p))
+        }
+        Item::Gap(topic, gap) => match seam {
+            Some(seam) => seam.admit_gap(gap).map(|g| sub.gap(topic, &g)),
+            None => Some(sub.gap(topic, gap)),
+        },
+    }
+}
+
+/// A stored history entry as a publication (`None` if it does not parse,
+/// which the history function's own checks rule out).
+fn stored_publication(topic: &str, stored: &Stored) -> Option<Publication> {
+    let env = protocol::parse_envelope(&stored.payload).ok()?;
+    Some(Publication::from_envelope(
+        Arc::from(topic),
+        env,
+        Instant::now(),
+    ))
+}
+
+// === dispatcher ===
+
+/// The one task that fans out publications and keeps history order.
+struct Dispatcher {
+    hub: Hub,
+    /// Last delivered offset per subscribed history topic.
+    sequences: HashMap<Arc<str>, Sequence>,
+    /// Publications of history topics whose first gate has not opened yet.
+    pending: HashMap<Arc<str>, Vec<Arc<Publication>>>,
+}
+
+impl Dispatcher {
+    async fn run(
+        mut self,
+        mut inbound: mpsc::Receiver<Inbound>,
+        mut control: mpsc::Receiver<Control>,
+    ) {
+        loop {
+            tokio::select! {
+                biased;
+                c = control.recv() => match c {
+                    Some(c) => self.control(c).await,
+                    None => return,
+                },
+                msg = inbound.recv() => match msg {
+                    Some(msg) => self.publication(msg).await,
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// Parses one backplane message and fans it out. Invalid payloads are
+    /// counted and logged (rate limited) and reach no one.
+    async fn publication(&mut self, inbound: Inbound) {
+        metrics::counter!(m::BACKPLANE_RECEIVED).increment(1);
+        let env = match protocol::parse_envelope(&inbound.payload) {
+            Ok(env) => env,
+            Err(e) => {
+                metrics::counter!(m::INVALID_PUBLICATIONS).increment(1);
+                self.hub.inner.invalid.log(&inbound.topic, &e);
+                return;
+            }
+        };
+        let topic: Arc<str> = Arc::from(inbound.topic);
+        let p = Arc::new(Publication::from_envelope(topic, env, inbound.received_at));
+        if p.offset.is_none() || !self.hub.is_history(&p.topic) {
+            // Plain PUBLISH (at most once, no offset) or a topic this node
+            // keeps no history for.
+            self.hub.fan_out(&Item::Pub(p));
+            return;
+        }
+        if !self.sequences.contains_key(&p.topic) {
+            if self.hub.has_topic(&p.topic) {
+                let pending = self.pending.entry(p.topic.clone()).or_default();
+                if pending.len() >= PENDING_LIMIT {
+                    pending.remove(0);
+                }
+                pending.push(p);
+            }
+            return;
+        }
+        self.sequenced(p).await;
+    }
+
+    /// Delivers a history publication in order, repairing what came before it.
+    async fn sequenced(&mut self, p: Arc<Publication>) {
+        let (Some(offset), Some(epoch)) = (p.offset, p.epoch.clone()) else {
+            return;
+        };
+        let Some(seq) = self.sequences.get_mut(&p.topic) else {
+            return;
+        };
+        match seq.advance(&epoch, offset) {
+            Verdict::Duplicate => return,
+            Verdict::Next => {}
+            Verdict::Missing { from, to } => self.fill(&p.topic, &epoch, from, to, None).await,
+            Verdict::Reset { previous, to } => {
+                self.fill(&p.topic, &epoch, 1, to, Some(previous)).await
+            }
+        }
+        self.hub.fan_out(&Item::Pub(p));
+    }
+
+    /// Delivers offsets `from..=to` of `epoch` from history, in order, and
+    /// announces the ones history no longer has. With `previous`, the topic's
+    /// epoch changed: that is announced first, even when nothing is missing.
+    async fn fill(
+        &mut self,
+        topic: &Arc<str>,
+        epoch: &Arc<str>,
+        from: u64,
+        to: u64,
+        mut previous: Option<Arc<str>>,
+    ) {
+        let mut next = from;
+        if from <= to {
+            let limit = usize::try_from(to - from + 1).unwrap_or(usize::MAX);
+            match self.hub.inner.history.read(topic, from - 1, limit).await {
+                Ok(range) if range.epoch == *epoch => {
+                    let mut repaired = 0u64;
+                    for stored in range.entries.iter().filter(|s| s.offset <= to) {
+                        if stored.offset < next {
+                            continue;
+                        }
+                        if stored.offset > next || previous.is_some() {
+                            self.gap(topic, epoch, next, stored.offset - 1, previous.take());
+                        }
+                        if let Some(p) = stored_publication(topic, stored) {
+                            self.hub.fan_out(&Item::Pub(Arc::new(p)));
+                            repaired += 1;
+                        }
+                        next = stored.offset + 1;
+                    }
+                    if repaired > 0 {
+                        metrics::counter!(m::HISTORY_REPAIRS).increment(1);
+                        metrics::counter!(m::HISTORY_REPAIRED).increment(repaired);
+                        tracing::info!(%topic, from, to, repaired, "repaired a gap from history");
+                    }
+                }
+                Ok(_) => tracing::warn!(%topic, "history epoch changed during a repair"),
+                Err(e) => tracing::warn!(%topic, cause = %e, "gap repair failed"),
+            }
+        }
+        if next <= to || previous.is_some() {
+            self.gap(topic, epoch, next, to, previous);
+        }
+    }
+
+    /// Announces lost offsets to every subscriber of `topic`.
+    fn gap(
+        &self,
+        topic: &Arc<str>,
+        epoch: &Arc<str>,
+        from: u64,
+        to: u64,
+        previous: Option<Arc<str>>,
+    ) {
+        metrics::counter!(m::HISTORY_GAPS).increment(1);
+        tracing::warn!(%topic, from, to, %epoch, reset = previous.is_some(), "announcing a gap that history cannot repair");
+        let gap = GapRange {
+            from,
+            to,
+            epoch: epoch.clone(),
+            previous_epoch: previous,
+        };
+        self.hub.fan_out(&Item::Gap(topic.clone(), Arc::new(gap)));
+    }
+
+    async fn control(&mut self, control: Control) {
+        match control {
+            Control::Open {
+                topic,
+                id,
+                range,
+                since,
+                announce,
+                done,
+            } => {
+                if !self.sequences.contains_key(&topic) {
+                    self.sequences.insert(
+                        topic.clone(),
+                        Sequence {
+                            epoch: range.epoch.clone(),
+                            last: range.top,
+                        },
+                    );
+                    for p in self.pending.remove(&topic).unwrap_or_default() {
+                        self.sequenced(p).await;
+                    }
+                }
+                let recovered = self.open(&topic, id, &range, since.as_ref(), announce);
+                let _ = done.send(recovered);
+            }
+            Control::Check { topic, range } => {
+                let Some(seq) = self.sequences.get(&topic) else {
+                    return;
+                };
+                if seq.epoch == range.epoch {
+                    if range.top > seq.last {
+                        let from = seq.last + 1;
+                        self.sequences.get_mut(&topic).unwrap().last = range.top;
+                        self.fill(&topic, &range.epoch, from, range.top, None).await;
+                    }
+                } else {
+                    let previous = seq.epoch.clone();
+                    self.sequences.insert(
+                        topic.clone(),
+                        Sequence {
+                            epoch: range.epoch.clone(),
+                            last: range.top,
+                        },
+                    );
+                    self.fill(&topic, &range.epoch, 1, range.top, Some(previous))
+                        .await;
+                }
+            }
+            Control::Release { topic } => {
+                self.sequences.remove(&topic);
+                self.pending.remove(&topic);
+            }
+        }
+    }
+
+    /// Opens a member's gate: its announcement, its replay, then what was
+    /// held meanwhile through its seam. Returns `recovered`.
+    fn open(
+        &self,
+        topic: &Arc<str>,
+        id: ConnId,
+        range: &Range,
+        since: Option<&Since>,
+        announce: Announce,
+    ) -> Option<bool> {
+        let Some((sub, gate)) = self.hub.gated(topic, id) else {
+            return None; // Left before its gate opened.
+        };
+        let replay = since.and_then(|s| history::recover(s.offset, &s.epoch, range));
+        let recovered = since.map(|_| replay.is_some());
+        if let Some(r) = recovered {
+            let result = if r { "recovered" } else { "unrecoverable" };
+            metrics::counter!(m::HISTORY_RECOVERIES, "result" => result).increment(1);
+        }
+        announce(&Outcome {
+            position: Some(range.position()),
+            recovered,
+        });
+        let mut seam = Seam {
+            epoch: range.epoch.clone(),
+            threshold: range.top,
+        };
+        let mut replayed = 0u64;
+        for stored in replay.unwrap_or_default() {
+            if let Some(p) = stored_publication(topic, stored)
+                && sub.deliver(&p) == Delivery::Queued
+            {
+                replayed += 1;
+            }
+        }
+        if replayed > 0 {
+            self.hub
+                .inner
+                .delivered
+                .fetch_add(replayed, Ordering::Relaxed);
+            metrics::counter!(m::DELIVERIES, "transport" => sub.transport()).increment(replayed);
+        }
+        let mut state = gate.state.lock().unwrap();
+        if let GateState::Closed(held) = &mut *state {
+            for item in std::mem::take(held) {
+                hand(&*sub, &item, Some(&mut seam));
+            }
+        }
+        *state = GateState::Open(seam);
+        recovered
     }
 }
 
@@ -429,11 +1049,34 @@ impl InvalidLog {
     }
 }
 
+/// A hub on the embedded backplane and history, for unit tests elsewhere.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use crate::backplane::inbound_queue;
     use crate::backplane::memory::MemoryBackplane;
+    use crate::history::memory::MemoryHistory;
+
+    /// `history` lists the `HISTORY_TOPICS` patterns.
+    pub fn hub(history: &[&str]) -> (Hub, mpsc::Receiver<Inbound>) {
+        let (tx, rx) = inbound_queue();
+        let backplane: Arc<dyn Backplane> = Arc::new(MemoryBackplane::new(tx));
+        let config = HistoryConfig {
+            topics: history
+                .iter()
+                .map(|p| crate::auth::Pattern::new(p))
+                .collect(),
+            size: 100,
+            ttl: Duration::from_secs(60),
+        };
+        let store = Arc::new(MemoryHistory::new(backplane.clone(), &config));
+        (Hub::new(backplane, store, config), rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
     use std::sync::atomic::AtomicBool;
 
     #[derive(Default)]
@@ -453,31 +1096,63 @@ mod tests {
                 .push(p.native_frame().to_string());
             Delivery::Queued
         }
+        fn gap(&self, topic: &str, g: &GapRange) -> Delivery {
+            self.frames
+                .lock()
+                .unwrap()
+                .push(format!("gap {topic} {}..{}", g.from, g.to));
+            Delivery::Queued
+        }
         fn transport(&self) -> &'static str {
             "test"
         }
     }
 
-    fn hub() -> (Hub, mpsc::Receiver<Inbound>) {
-        let (tx, rx) = inbound_queue();
-        (Hub::new(Arc::new(MemoryBackplane::new(tx))), rx)
+    impl Probe {
+        fn offsets(&self) -> Vec<u64> {
+            self.frames
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|f| serde_json::from_str::<serde_json::Value>(f).ok())
+                .filter_map(|v| v["offset"].as_u64())
+                .collect()
+        }
     }
 
     fn raw(s: &str) -> Box<RawValue> {
         RawValue::from_string(s.to_string()).unwrap()
     }
 
+    fn quiet() -> Announce {
+        Box::new(|_| {})
+    }
+
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
     #[tokio::test]
     async fn publish_reaches_subscribers_of_the_topic_only() {
-        let (hub, mut rx) = hub();
+        let (hub, rx) = testing::hub(&[]);
+        hub.spawn_dispatcher(rx);
         let a = Arc::new(Probe::default());
         let b = Arc::new(Probe::default());
-        hub.subscribe("news", 1, a.clone()).await.unwrap();
-        hub.subscribe("other", 2, b.clone()).await.unwrap();
-        hub.publish("news", "news", &raw(r#"{"n":1}"#))
+        hub.subscribe("news", 1, a.clone(), None, quiet())
             .await
             .unwrap();
-        hub.dispatch(rx.recv().await.unwrap());
+        hub.subscribe("other", 2, b.clone(), None, quiet())
+            .await
+            .unwrap();
+        assert_eq!(
+            hub.publish("news", "news", &raw(r#"{"n":1}"#))
+                .await
+                .unwrap(),
+            None
+        );
+        settle().await;
         assert_eq!(a.frames.lock().unwrap().len(), 1);
         assert!(a.frames.lock().unwrap()[0].contains(r#""data":{"n":1}"#));
         assert!(b.frames.lock().unwrap().is_empty());
@@ -486,14 +1161,19 @@ mod tests {
 
     #[tokio::test]
     async fn subscribe_is_idempotent_and_unsubscribe_cleans_up() {
-        let (hub, _rx) = hub();
+        let (hub, rx) = testing::hub(&[]);
+        hub.spawn_dispatcher(rx);
         let a = Arc::new(Probe::default());
         assert_eq!(
-            hub.subscribe("t", 1, a.clone()).await.unwrap(),
+            hub.subscribe("t", 1, a.clone(), None, quiet())
+                .await
+                .unwrap(),
             Subscribed::New
         );
         assert_eq!(
-            hub.subscribe("t", 1, a.clone()).await.unwrap(),
+            hub.subscribe("t", 1, a.clone(), None, quiet())
+                .await
+                .unwrap(),
             Subscribed::Already
         );
         assert_eq!(hub.subscription_count(), 1);
@@ -543,10 +1223,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn quick_resubscribes_cause_no_backplane_churn() {
         let bp = Arc::new(CountingBackplane::default());
-        let hub = Hub::new(bp.clone());
+        let config = HistoryConfig {
+            topics: vec![],
+            size: 1,
+            ttl: Duration::from_secs(1),
+        };
+        let store = Arc::new(crate::history::memory::MemoryHistory::new(
+            bp.clone(),
+            &config,
+        ));
+        let hub = Hub::new(bp.clone(), store, config);
         let a: Arc<dyn Subscriber> = Arc::new(Probe::default());
         for _ in 0..5 {
-            hub.subscribe("t", 1, a.clone()).await.unwrap();
+            hub.subscribe("t", 1, a.clone(), None, quiet())
+                .await
+                .unwrap();
             hub.unsubscribe("t", 1).await;
         }
         assert_eq!(bp.subscribes.load(Ordering::Relaxed), 1);
@@ -557,32 +1248,44 @@ mod tests {
             1,
             "released after the linger"
         );
-        hub.subscribe("t", 1, a).await.unwrap();
+        hub.subscribe("t", 1, a, None, quiet()).await.unwrap();
         assert_eq!(bp.subscribes.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
     async fn publishing_to_a_topic_without_subscribers_reaches_no_one() {
-        let (hub, mut rx) = hub();
+        let (hub, mut rx) = testing::hub(&[]);
         hub.publish("nobody", "nobody", &raw("1")).await.unwrap();
         assert!(rx.try_recv().is_err());
     }
 
     #[tokio::test]
     async fn invalid_payloads_reach_no_one_and_a_full_subscriber_does_not_stop_others() {
-        let (hub, _rx) = hub();
+        let (hub, tx) = {
+            let (tx, rx) = crate::backplane::inbound_queue();
+            let (hub, _unused) = testing::hub(&[]);
+            hub.spawn_dispatcher(rx);
+            (hub, tx)
+        };
         let slow = Arc::new(Probe::default());
         slow.full.store(true, Ordering::Relaxed);
         let ok = Arc::new(Probe::default());
-        hub.subscribe("t", 1, slow.clone()).await.unwrap();
-        hub.subscribe("t", 2, ok.clone()).await.unwrap();
+        hub.subscribe("t", 1, slow.clone(), None, quiet())
+            .await
+            .unwrap();
+        hub.subscribe("t", 2, ok.clone(), None, quiet())
+            .await
+            .unwrap();
         for payload in [&b"garbage{"[..], br#"{"event":"t"}"#, br#"{"data":1}"#] {
-            hub.dispatch(Inbound {
+            tx.send(Inbound {
                 topic: "t".into(),
                 payload: bytes::Bytes::copy_from_slice(payload),
                 received_at: Instant::now(),
-            });
+            })
+            .await
+            .unwrap();
         }
+        settle().await;
         assert_eq!(ok.frames.lock().unwrap().len(), 1);
         assert_eq!(hub.delivered(), 1);
     }
@@ -593,5 +1296,124 @@ mod tests {
         let f1 = p.native_frame().clone();
         let f2 = p.native_frame().clone();
         assert_eq!(f1.as_str().as_ptr(), f2.as_str().as_ptr());
+    }
+
+    #[tokio::test]
+    async fn history_subscribers_are_announced_first_then_recover_then_go_live() {
+        let (hub, rx) = testing::hub(&["h.*"]);
+        hub.spawn_dispatcher(rx);
+        // A first subscriber keeps the topic subscribed on the backplane.
+        let first = Arc::new(Probe::default());
+        let told = Arc::new(Mutex::new(None));
+        let t = told.clone();
+        hub.subscribe(
+            "h.x",
+            1,
+            first.clone(),
+            None,
+            Box::new(move |o| {
+                *t.lock().unwrap() = Some(o.clone());
+            }),
+        )
+        .await
+        .unwrap();
+        let before = told.lock().unwrap().clone().unwrap();
+        assert_eq!(before.position.as_ref().unwrap().offset, 0);
+        assert_eq!(before.recovered, None);
+        for i in 1..=5 {
+            let p = hub
+                .publish("h.x", "h.x", &raw(&i.to_string()))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(p.offset, i);
+            assert_eq!(
+                p.epoch,
+                before.position.as_ref().unwrap().epoch,
+                "announced epoch"
+            );
+        }
+        settle().await;
+        assert_eq!(first.offsets(), [1, 2, 3, 4, 5]);
+        // A client that saw up to 2 recovers 3..5, then receives live ones.
+        let late = Arc::new(Probe::default());
+        let since = Since {
+            offset: 2,
+            epoch: before.position.unwrap().epoch.to_string(),
+        };
+        let l = late.clone();
+        hub.subscribe(
+            "h.x",
+            2,
+            late.clone(),
+            Some(since),
+            Box::new(move |o| {
+                l.frames
+                    .lock()
+                    .unwrap()
+                    .push(format!("subscribed {:?}", o.recovered));
+            }),
+        )
+        .await
+        .unwrap();
+        hub.publish("h.x", "h.x", &raw("6")).await.unwrap();
+        settle().await;
+        assert_eq!(late.frames.lock().unwrap()[0], "subscribed Some(true)");
+        assert_eq!(late.offsets(), [3, 4, 5, 6]);
+        // A wrong epoch is not recoverable: nothing replayed, live continues.
+        let lost = Arc::new(Probe::default());
+        let since = Since {
+            offset: 1,
+            epoch: "other".into(),
+        };
+        let l = lost.clone();
+        hub.subscribe(
+            "h.x",
+            3,
+            lost.clone(),
+            Some(since),
+            Box::new(move |o| {
+                l.frames
+                    .lock()
+                    .unwrap()
+                    .push(format!("subscribed {:?}", o.recovered));
+            }),
+        )
+        .await
+        .unwrap();
+        hub.publish("h.x", "h.x", &raw("7")).await.unwrap();
+        settle().await;
+        assert_eq!(lost.frames.lock().unwrap()[0], "subscribed Some(false)");
+        assert_eq!(lost.offsets(), [7]);
+        assert_eq!(first.offsets(), [1, 2, 3, 4, 5, 6, 7]);
+    }
+
+    #[tokio::test]
+    async fn a_hole_in_the_offsets_is_repaired_from_history_before_the_next_one() {
+        let (tx, rx) = crate::backplane::inbound_queue();
+        let (hub, _unused) = testing::hub(&["*"]);
+        hub.spawn_dispatcher(rx);
+        let a = Arc::new(Probe::default());
+        hub.subscribe("t", 1, a.clone(), None, quiet())
+            .await
+            .unwrap();
+        // Publish 1..4 into history; the "network" delivers only 1 and 4.
+        let mut payloads = Vec::new();
+        for i in 1..=4 {
+            hub.publish("t", "t", &raw(&i.to_string())).await.unwrap();
+            let r = hub.history().read("t", i - 1, 1).await.unwrap();
+            payloads.push(r.entries[0].payload.clone());
+        }
+        for i in [0usize, 3] {
+            tx.send(Inbound {
+                topic: "t".into(),
+                payload: payloads[i].clone(),
+                received_at: Instant::now(),
+            })
+            .await
+            .unwrap();
+        }
+        settle().await;
+        assert_eq!(a.offsets(), [1, 2, 3, 4]);
     }
 }

@@ -92,8 +92,6 @@ async fn mock_timer(hub: Hub, event: MockEvent, interval: Duration, token: Cance
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backplane::inbound_queue;
-    use crate::backplane::memory::MemoryBackplane;
     use crate::hub::{Delivery, Publication, Subscriber};
     use serde_json::value::RawValue;
     use std::sync::Arc;
@@ -105,6 +103,9 @@ mod tests {
             self.0.fetch_add(1, Ordering::Relaxed);
             Delivery::Queued
         }
+        fn gap(&self, _: &str, _: &crate::history::GapRange) -> Delivery {
+            Delivery::Queued
+        }
         fn transport(&self) -> &'static str {
             "test"
         }
@@ -112,11 +113,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn timers_run_only_while_leading() {
-        let (tx, rx) = inbound_queue();
-        let hub = Hub::new(Arc::new(MemoryBackplane::new(tx)));
+        let (hub, rx) = crate::hub::testing::hub(&[]);
         hub.spawn_dispatcher(rx);
         let count = Arc::new(Count(AtomicUsize::new(0)));
-        hub.subscribe("tick", 1, count.clone()).await.unwrap();
+        hub.subscribe("tick", 1, count.clone(), None, Box::new(|_| {}))
+            .await
+            .unwrap();
         let (lead_tx, lead_rx) = watch::channel(Leadership::default());
         let stop = CancellationToken::new();
         let duties = Duties {

@@ -4,7 +4,8 @@
 //! - [`auth`]: client tokens (JWT), topic permissions, endpoint tokens.
 //! - [`config`]: every setting (env vars, flags, env file) and its validation.
 //! - [`protocol`]: wire types of the native JSON protocol and the publisher envelope.
-//! - [`hub`]: topic → local subscribers; the one fan-out of a node.
+//! - [`hub`]: topic → local subscribers; the one fan-out of a node, in history order with gap repair.
+//! - [`history`]: per-topic offsets and epochs, the atomic append-and-publish, range reads (`memory`, `redis`).
 //! - [`backplane`]: publish/subscribe between nodes (`memory`, `redis`).
 //! - [`election`]: who leads, with which fencing epoch (`memory`, `redis`).
 //! - [`leader`]: duties that run only on the leader (device driver, carousel, mock-event timers).
@@ -26,6 +27,7 @@ pub mod dashboard;
 pub mod device;
 pub mod election;
 pub mod gateway;
+pub mod history;
 pub mod hub;
 pub mod leader;
 pub mod metrics;
@@ -58,7 +60,8 @@ pub fn app(node: Node) -> Router {
         .route("/readyz", get(api::readyz))
         .route("/api/state", get(api::state))
         .route("/api/apps", get(api::apps))
-        .route("/api/frame", get(dashboard::frame));
+        .route("/api/frame", get(dashboard::frame))
+        .route("/api/history/{*topic}", get(api::history));
     // Commands and publishing: `API_TOKEN` when configured.
     let commands = Router::new()
         .route("/api/publish", post(api::publish))

@@ -28,6 +28,14 @@ pub const COMMAND_SECONDS: &str = "switchboard_command_seconds";
 pub const HTTP_REQUESTS: &str = "switchboard_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "switchboard_http_request_duration_seconds";
 pub const PROXY_CONNECTIONS: &str = "switchboard_proxy_connections";
+/// Gaps this node filled from history (one per repair).
+pub const HISTORY_REPAIRS: &str = "switchboard_history_repairs_total";
+/// Publications delivered by those repairs.
+pub const HISTORY_REPAIRED: &str = "switchboard_history_repaired_publications_total";
+/// Holes history could not fill, announced to subscribers as `gap`.
+pub const HISTORY_GAPS: &str = "switchboard_history_gaps_total";
+/// Client recoveries on subscribe, by `result` (`recovered`, `unrecoverable`).
+pub const HISTORY_RECOVERIES: &str = "switchboard_history_recoveries_total";
 
 /// Transport label values.
 pub mod transport {
@@ -142,4 +150,20 @@ fn describe() {
         "HTTP request latency, by matched route."
     );
     describe_gauge!(PROXY_CONNECTIONS, "Open proxied WebSocket connections.");
+    describe_counter!(
+        HISTORY_REPAIRS,
+        "Gaps in a history topic this node filled from history before delivering on."
+    );
+    describe_counter!(
+        HISTORY_REPAIRED,
+        "Publications delivered by gap repairs from history."
+    );
+    describe_counter!(
+        HISTORY_GAPS,
+        "Holes history could not fill, announced to subscribers as gap."
+    );
+    describe_counter!(
+        HISTORY_RECOVERIES,
+        "Client recoveries on subscribe with since, by result."
+    );
 }

@@ -25,6 +25,9 @@ use crate::device::{self, Device};
 use crate::election::memory::MemoryElection;
 use crate::election::redis::RedisElection;
 use crate::election::{Election, Leadership};
+use crate::history::History;
+use crate::history::memory::MemoryHistory;
+use crate::history::redis::RedisHistory;
 use crate::hub::Hub;
 use crate::leader;
 use crate::redis::{Keys, Redis, RedisError};
@@ -39,6 +42,7 @@ pub enum BuildError {
 /// The parts that differ between embedded and cluster mode.
 struct Backends {
     backplane: Arc<dyn Backplane>,
+    history: Arc<dyn History>,
     election: Arc<dyn Election>,
     registry: Arc<dyn Registry>,
     store: Arc<dyn DeviceStore>,
@@ -54,8 +58,10 @@ fn backends(
     stop: CancellationToken,
 ) -> Result<Backends, BuildError> {
     let Some(url) = &config.redis_url else {
+        let backplane: Arc<dyn Backplane> = Arc::new(MemoryBackplane::new(inbound_tx));
         return Ok(Backends {
-            backplane: Arc::new(MemoryBackplane::new(inbound_tx)),
+            history: Arc::new(MemoryHistory::new(backplane.clone(), &config.history)),
+            backplane,
             election: Arc::new(MemoryElection::new(config.node_id.clone())),
             registry: Arc::new(MemoryRegistry::default()),
             store: Arc::new(MemoryStore::default()),
@@ -83,6 +89,7 @@ fn backends(
         stop.clone(),
     )?;
     Ok(Backends {
+        history: RedisHistory::start(redis.clone(), keys.clone(), &config.history, stop.clone()),
         backplane: RedisBackplane::start(url, keys.clone(), redis.clone(), inbound_tx, stop)?,
         election,
         registry: Arc::new(RedisRegistry::new(redis.clone(), keys.clone())),
@@ -135,13 +142,15 @@ impl Node {
         let requests = device::request_queue();
         let Backends {
             backplane,
+            history,
             election,
             registry,
             store,
             bus,
         } = backends(&config, inbound_tx, requests.0.clone(), stop.clone())?;
-        let hub = Hub::new(backplane.clone());
+        let hub = Hub::new(backplane.clone(), history, config.history.clone());
         hub.spawn_dispatcher(inbound_rx);
+        hub.spawn_checker(stop.clone());
         let device = Device::new(device::Parts {
             apps: config.device_apps.clone(),
             store,

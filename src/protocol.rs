@@ -35,6 +35,8 @@ pub fn timestamp() -> String {
 pub enum ClientMessage {
     Subscribe {
         event: String,
+        /// Where the client stopped: recover what it missed since then.
+        since: Option<Since>,
     },
     Unsubscribe {
         event: String,
@@ -49,6 +51,14 @@ pub enum ClientMessage {
         name: Option<String>,
         data: Box<RawValue>,
     },
+}
+
+/// A client's position in a history topic: the last offset it received in
+/// the topic's epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    pub offset: u64,
+    pub epoch: String,
 }
 
 /// Why a client frame was rejected. The text is sent to the client as is.
@@ -78,6 +88,8 @@ pub enum ProtocolError {
     MissingData,
     #[error("invalid event name \"{0}\": must match {TOPIC_PATTERN}")]
     InvalidName(String),
+    #[error("\"since\" must be an object {{\"offset\": <integer ≥ 0>, \"epoch\": \"<string>\"}}")]
+    InvalidSince,
 }
 
 impl ProtocolError {
@@ -92,7 +104,9 @@ impl ProtocolError {
             | ProtocolError::UnknownType(_) => "bad_type",
             ProtocolError::MissingEvent(_) | ProtocolError::EventNotString => "bad_event",
             ProtocolError::InvalidTopic(_) => "bad_topic",
-            ProtocolError::MissingData | ProtocolError::InvalidName(_) => "bad_message",
+            ProtocolError::MissingData
+            | ProtocolError::InvalidName(_)
+            | ProtocolError::InvalidSince => "bad_message",
         }
     }
 }
@@ -123,6 +137,10 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
     match ty {
         "subscribe" => Ok(ClientMessage::Subscribe {
             event: event("subscribe")?,
+            since: match obj.get("since") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(parse_since(v)?),
+            },
         }),
         "unsubscribe" => Ok(ClientMessage::Unsubscribe {
             event: event("unsubscribe")?,
@@ -149,6 +167,19 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
             Ok(ClientMessage::Publish { event, name, data })
         }
         other => Err(ProtocolError::UnknownType(truncate(other, 64))),
+    }
+}
+
+/// `{"offset": N, "epoch": "E"}`.
+pub fn parse_since(v: &serde_json::Value) -> Result<Since, ProtocolError> {
+    let offset = v.get("offset").and_then(serde_json::Value::as_u64);
+    let epoch = v.get("epoch").and_then(serde_json::Value::as_str);
+    match (offset, epoch) {
+        (Some(offset), Some(epoch)) if epoch.len() <= 64 => Ok(Since {
+            offset,
+            epoch: epoch.to_string(),
+        }),
+        _ => Err(ProtocolError::InvalidSince),
     }
 }
 
@@ -179,6 +210,15 @@ pub enum ServerMessage<'a> {
     },
     Subscribed {
         event: &'a str,
+        /// History topics: the topic's current top offset (0 before the first publication).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// History topics: the epoch of the topic's history.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        /// Present when the client sent `since`: whether everything it missed follows.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
         timestamp: String,
     },
     Unsubscribed {
@@ -188,6 +228,22 @@ pub enum ServerMessage<'a> {
     Response {
         event: &'a str,
         data: &'a RawValue,
+        /// History topics: the offset of the publication answered.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        timestamp: String,
+    },
+    /// Publications `from..=to` of `epoch` on topic `event` are lost and will
+    /// not be delivered; the subscription continues after `to`.
+    Gap {
+        event: &'a str,
+        from: u64,
+        to: u64,
+        epoch: &'a str,
+        /// Set when the topic's history was reset (Redis lost it): the client's
+        /// position in the previous epoch is void.
+        #[serde(rename = "previousEpoch", skip_serializing_if = "Option::is_none")]
+        previous_epoch: Option<&'a str>,
         timestamp: String,
     },
     Pong {
@@ -216,17 +272,26 @@ struct EventFrame<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     topic: Option<&'a str>,
     data: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
     timestamp: &'a str,
 }
 
 /// The native `event` frame of a publication: `topic` is present only when it
-/// differs from the event name.
-pub fn event_frame(topic: &str, event: &str, data: &RawValue, timestamp: &str) -> String {
+/// differs from the event name, `offset` only on history topics.
+pub fn event_frame(
+    topic: &str,
+    event: &str,
+    data: &RawValue,
+    offset: Option<u64>,
+    timestamp: &str,
+) -> String {
     serde_json::to_string(&EventFrame {
         ty: "event",
         name: event,
         topic: (topic != event).then_some(topic),
         data,
+        offset,
         timestamp,
     })
     .expect("event frames always serialize")
@@ -245,7 +310,13 @@ pub struct Envelope {
     pub data: Box<RawValue>,
     /// Set by the leader on device state: the fencing epoch that wrote it.
     #[serde(default)]
-    pub epoch: Option<u64>,
+    pub fence: Option<u64>,
+    /// History topics: assigned by the history publish (`switchboard_publish`).
+    #[serde(default)]
+    pub offset: Option<u64>,
+    /// History topics: the epoch of the topic's history, with `offset`.
+    #[serde(default)]
+    pub epoch: Option<String>,
 }
 
 /// Why a publisher payload was refused.
@@ -257,6 +328,8 @@ pub enum EnvelopeError {
     Version(u32),
     #[error("invalid event name \"{0}\": must match {TOPIC_PATTERN}")]
     InvalidEvent(String),
+    #[error("\"offset\" and \"epoch\" must come together")]
+    HalfPosition,
 }
 
 /// A validated publication as carried between nodes.
@@ -264,7 +337,9 @@ pub enum EnvelopeError {
 pub struct ParsedEnvelope {
     pub event: Option<String>,
     pub data: Arc<RawValue>,
-    pub epoch: Option<u64>,
+    pub fence: Option<u64>,
+    /// Offset and epoch, on publications of a history topic.
+    pub position: Option<(u64, String)>,
 }
 
 pub fn parse_envelope(payload: &[u8]) -> Result<ParsedEnvelope, EnvelopeError> {
@@ -280,28 +355,34 @@ pub fn parse_envelope(payload: &[u8]) -> Result<ParsedEnvelope, EnvelopeError> {
     {
         return Err(EnvelopeError::InvalidEvent(truncate(event, 140)));
     }
+    let position = match (env.offset, env.epoch) {
+        (Some(offset), Some(epoch)) => Some((offset, epoch)),
+        (None, None) => None,
+        _ => return Err(EnvelopeError::HalfPosition),
+    };
     Ok(ParsedEnvelope {
         event: env.event,
         data: Arc::from(env.data),
-        epoch: env.epoch,
+        fence: env.fence,
+        position,
     })
 }
 
 /// Encodes an envelope the way this node's own publishers do.
-pub fn encode_envelope(event: &str, data: &RawValue, epoch: Option<u64>) -> String {
+pub fn encode_envelope(event: &str, data: &RawValue, fence: Option<u64>) -> String {
     #[derive(Serialize)]
     struct Out<'a> {
         v: u32,
         event: &'a str,
         data: &'a RawValue,
         #[serde(skip_serializing_if = "Option::is_none")]
-        epoch: Option<u64>,
+        fence: Option<u64>,
     }
     serde_json::to_string(&Out {
         v: 1,
         event,
         data,
-        epoch,
+        fence,
     })
     .expect("envelopes always serialize")
 }
@@ -314,7 +395,7 @@ mod tests {
     fn parses_every_client_message() {
         assert!(matches!(
             parse_client_message(r#"{"type":"subscribe","event":"ticker"}"#),
-            Ok(ClientMessage::Subscribe { event }) if event == "ticker"
+            Ok(ClientMessage::Subscribe { event, since: None }) if event == "ticker"
         ));
         assert!(matches!(
             parse_client_message(r#"{"type":"unsubscribe","event":"a.b:c/d-e_f"}"#),
@@ -334,6 +415,23 @@ mod tests {
                 if event == "chat" && data.get() == r#"{"m":1}"#
         ));
         assert!(parse_client_message(r#"{"type":"publish","event":"chat"}"#).is_err());
+        assert!(matches!(
+            parse_client_message(r#"{"type":"subscribe","event":"t","since":{"offset":4,"epoch":"e1"}}"#),
+            Ok(ClientMessage::Subscribe { since: Some(Since { offset: 4, epoch }), .. }) if epoch == "e1"
+        ));
+        for bad in [
+            r#"{"offset":-1,"epoch":"e"}"#,
+            r#"{"offset":1}"#,
+            r#"5"#,
+            r#"{"offset":"1","epoch":"e"}"#,
+        ] {
+            let msg = format!(r#"{{"type":"subscribe","event":"t","since":{bad}}}"#);
+            assert_eq!(
+                parse_client_message(&msg).unwrap_err(),
+                ProtocolError::InvalidSince,
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -386,9 +484,10 @@ mod tests {
         fn envelope_parser_survives_mutated_envelopes(
             event in proptest::option::of(".{0,200}"),
             v in proptest::option::of(0u32..4),
-            epoch in proptest::option::of(proptest::num::u64::ANY),
+            fence in proptest::option::of(proptest::num::u64::ANY),
+            offset in proptest::option::of(proptest::num::u64::ANY),
         ) {
-            let msg = serde_json::json!({"event": event, "v": v, "epoch": epoch, "data": {"x": event}});
+            let msg = serde_json::json!({"event": event, "v": v, "fence": fence, "offset": offset, "epoch": "e", "data": {"x": event}});
             if let Ok(env) = parse_envelope(msg.to_string().as_bytes()) {
                 proptest::prop_assert!(env.event.as_deref().is_none_or(valid_topic));
             }
@@ -398,13 +497,14 @@ mod tests {
     #[test]
     fn event_frame_adds_topic_only_when_different() {
         let data = RawValue::from_string(r#"{"n":1}"#.into()).unwrap();
-        let same = event_frame("news", "news", &data, "T");
+        let same = event_frame("news", "news", &data, None, "T");
         assert_eq!(
             same,
             r#"{"type":"event","name":"news","data":{"n":1},"timestamp":"T"}"#
         );
-        let diff = event_frame("device", "settings", &data, "T");
+        let diff = event_frame("device", "settings", &data, Some(7), "T");
         assert!(diff.contains(r#""topic":"device""#));
+        assert!(diff.contains(r#""offset":7"#));
     }
 
     #[test]
@@ -423,7 +523,10 @@ mod tests {
         let round = encode_envelope("e", &RawValue::from_string("[1]".into()).unwrap(), Some(7));
         let e = parse_envelope(round.as_bytes()).unwrap();
         assert_eq!(e.data.get(), "[1]");
-        assert_eq!(e.epoch, Some(7));
+        assert_eq!(e.fence, Some(7));
+        let e = parse_envelope(br#"{"offset":3,"epoch":"ab","data":1}"#).unwrap();
+        assert_eq!(e.position, Some((3, "ab".to_string())));
+        assert!(parse_envelope(br#"{"offset":3,"data":1}"#).is_err());
     }
 
     #[test]

@@ -53,6 +53,11 @@ impl Keys {
         format!("{}:node:*", self.prefix)
     }
 
+    /// The key prefix itself (`REDIS_PREFIX`), passed to the history functions.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Device commands for the leader.
     pub fn commands(&self) -> String {
         format!("{}:cmd", self.prefix)
@@ -280,6 +285,78 @@ impl Redis {
             }
             other => other,
         }
+    }
+}
+
+/// One element of a function's array reply: integers as their decimal text.
+fn reply_bytes(v: Value) -> Result<bytes::Bytes, RedisError> {
+    match v {
+        Value::Integer(i) => Ok(bytes::Bytes::from(i.to_string())),
+        Value::String(s) => Ok(s.into_inner()),
+        Value::Bytes(b) => Ok(b),
+        Value::Null => Ok(bytes::Bytes::new()),
+        other => Err(RedisError::Reply(format!("{:?}", other.kind()))),
+    }
+}
+
+impl Redis {
+    /// `FCALL function 1 key args…` under the command timeout; the array
+    /// reply as bytes.
+    pub async fn fcall(
+        &self,
+        function: &str,
+        key: &str,
+        args: &[&str],
+    ) -> Result<Vec<bytes::Bytes>, RedisError> {
+        let mut argv: Vec<String> = Vec::with_capacity(3 + args.len());
+        argv.push(function.to_string());
+        argv.push("1".into());
+        argv.push(key.to_string());
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let reply: Value =
+            within(COMMAND_TIMEOUT, self.c().custom(fred::cmd!("FCALL"), argv)).await?;
+        match reply {
+            Value::Array(items) => items.into_iter().map(reply_bytes).collect(),
+            other => Err(RedisError::Reply(format!("{:?}", other.kind()))),
+        }
+    }
+
+    /// `FUNCTION LOAD REPLACE code`.
+    pub async fn function_load(&self, code: &str) -> Result<(), RedisError> {
+        let _: Value = within(
+            COMMAND_TIMEOUT,
+            self.c().custom(
+                fred::cmd!("FUNCTION"),
+                vec!["LOAD".to_string(), "REPLACE".into(), code.to_string()],
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Notified on every (re)connection of this client's connection, from now
+    /// on; the first notification is immediate when it is connected already.
+    pub fn connections(&self) -> tokio::sync::mpsc::Receiver<()> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut events = self.client.reconnect_rx();
+        if self.client.is_connected() {
+            let _ = tx.try_send(());
+        }
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // A full channel already holds a pending notification.
+                        if tx.is_closed() {
+                            return;
+                        }
+                        let _ = tx.try_send(());
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        rx
     }
 }
 

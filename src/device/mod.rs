@@ -128,7 +128,7 @@ impl Device {
                     subscribed = device
                         .inner
                         .hub
-                        .subscribe(TOPIC, INTERNAL, feed)
+                        .subscribe(TOPIC, INTERNAL, feed, None, Box::new(|_| {}))
                         .await
                         .is_ok();
                 }
@@ -354,7 +354,7 @@ impl Subscriber for CacheFeed {
     /// Only the leader's publications carry an epoch; anything else on topic
     /// `device` is not device state and must not change the cache.
     fn deliver(&self, p: &Publication) -> Delivery {
-        let Some(epoch) = p.epoch else {
+        let Some(epoch) = p.fence else {
             return Delivery::Queued;
         };
         self.0.inner.election.observe_epoch(epoch);
@@ -365,6 +365,12 @@ impl Subscriber for CacheFeed {
             cache.absorb(&p.event, &data);
             cache.epoch = cache.epoch.max(epoch);
         }
+        Delivery::Queued
+    }
+
+    /// Lost device events are not repaired by replaying them here: the
+    /// cache follows the state the leader persisted, which later events carry.
+    fn gap(&self, _topic: &str, _gap: &crate::history::GapRange) -> Delivery {
         Delivery::Queued
     }
 

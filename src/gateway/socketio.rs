@@ -23,10 +23,11 @@ use socketioxide::{SendError, SocketError, SocketIo, TransportType};
 use crate::auth::Identity;
 use crate::device::state::{EVENTS, TOPIC};
 use crate::gateway::ws::TokenBucket;
-use crate::hub::{ConnId, Delivery, Publication, Subscriber};
+use crate::history::GapRange;
+use crate::hub::{Announce, ConnId, Delivery, Outcome, Publication, Subscriber};
 use crate::metrics as m;
 use crate::node::Node;
-use crate::protocol::{self, TOPIC_PATTERN};
+use crate::protocol::{self, Since, TOPIC_PATTERN};
 
 /// Packets a socket may have queued before it counts as a slow consumer.
 const SOCKET_BUFFER: usize = 4096;
@@ -142,7 +143,12 @@ async fn on_connect(socket: SocketRef, State(node): State<Node>) {
     if !session(&socket).identity.may_subscribe(TOPIC) {
         return;
     }
-    if let Err(e) = join(&socket, &node, TOPIC).await {
+    let request = SubscribeRequest {
+        topic: TOPIC.to_string(),
+        positions: false,
+        since: None,
+    };
+    if let Err(e) = join(&socket, &node, request, Box::new(|_| {})).await {
         emit_error(&socket, None, &e);
     }
     send_state(&socket, &node);
@@ -155,8 +161,25 @@ fn send_state(socket: &SocketRef, node: &Node) {
     }
 }
 
-async fn join(socket: &SocketRef, node: &Node, topic: &str) -> Result<(), String> {
+/// What a `subscribe` event asks for.
+struct SubscribeRequest {
+    topic: String,
+    /// Subscribed with the object form `{topic, offset?, epoch?}`: history
+    /// publications carry a second argument `{topic, offset}`. The plain
+    /// string form keeps one-argument events (python-socketio handlers with
+    /// one parameter raise `TypeError` on a second one).
+    positions: bool,
+    since: Option<Since>,
+}
+
+async fn join(
+    socket: &SocketRef,
+    node: &Node,
+    request: SubscribeRequest,
+    announce: Announce,
+) -> Result<(), String> {
     let s = session(socket);
+    let topic = request.topic.as_str();
     if !s.identity.may_subscribe(topic) {
         return Err(format!("not allowed to subscribe to \"{topic}\""));
     }
@@ -173,13 +196,38 @@ async fn join(socket: &SocketRef, node: &Node, topic: &str) -> Result<(), String
     let sub: Arc<dyn Subscriber> = Arc::new(SocketSubscriber {
         socket: socket.clone(),
         kicked: AtomicBool::new(false),
+        positions: request.positions,
     });
     node.hub()
-        .subscribe(topic, s.id, sub)
+        .subscribe(topic, s.id, sub, request.since, announce)
         .await
         .map_err(|e| format!("could not subscribe to \"{topic}\": {e}"))?;
     s.topics.lock().unwrap().insert(topic.to_string());
     Ok(())
+}
+
+/// `subscribe` takes a topic name, or `{"topic": …, "offset"?: N, "epoch"?: E}`
+/// (or the older `{"event": …}`).
+fn subscribe_arg(
+    data: &Result<Value, socketioxide::ParserError>,
+) -> Result<SubscribeRequest, String> {
+    let topic = topic_arg(data)?;
+    let Ok(Value::Object(o)) = data else {
+        return Ok(SubscribeRequest {
+            topic,
+            positions: false,
+            since: None,
+        });
+    };
+    let since = match (o.get("offset"), o.get("epoch")) {
+        (None | Some(Value::Null), None | Some(Value::Null)) => None,
+        _ => Some(protocol::parse_since(&Value::Object(o.clone())).map_err(|e| e.to_string())?),
+    };
+    Ok(SubscribeRequest {
+        topic,
+        positions: o.contains_key("topic"),
+        since,
+    })
 }
 
 /// `subscribe` takes a topic name, or `{"topic": …}` / `{"event": …}`.
@@ -205,6 +253,20 @@ fn topic_arg(data: &Result<Value, socketioxide::ParserError>) -> Result<String, 
     }
 }
 
+/// The ack of a successful `subscribe`: on history topics with the topic's
+/// offset and epoch, and `recovered` when the client sent a position.
+fn subscribe_ack(topic: &str, outcome: &Outcome) -> Value {
+    let mut ack = json!({"ok": true, "topic": topic});
+    if let Some(p) = &outcome.position {
+        ack["offset"] = json!(p.offset);
+        ack["epoch"] = json!(&*p.epoch);
+    }
+    if let Some(r) = outcome.recovered {
+        ack["recovered"] = json!(r);
+    }
+    ack
+}
+
 async fn on_subscribe(
     socket: SocketRef,
     State(node): State<Node>,
@@ -214,11 +276,30 @@ async fn on_subscribe(
     if accept_message(&socket, "subscribe").is_none() {
         return;
     }
-    let res = match topic_arg(&data) {
-        Ok(topic) => join(&socket, &node, &topic).await.map(|_| topic),
-        Err(e) => Err(e),
+    let request = match subscribe_arg(&data) {
+        Ok(r) => r,
+        Err(e) => return reply(&socket, ack, Err(e), named_topic(&data).as_deref()),
     };
-    reply(&socket, ack, res, named_topic(&data).as_deref());
+    // The ack goes out when the hub announces the subscription: before any
+    // missed publication is emitted.
+    let ack = Arc::new(Mutex::new(Some(ack)));
+    let topic = request.topic.clone();
+    let announce = {
+        let ack = ack.clone();
+        let topic = topic.clone();
+        Box::new(move |outcome: &Outcome| {
+            if let Some(ack) = ack.lock().unwrap().take() {
+                let _ = ack.send(&subscribe_ack(&topic, outcome));
+            }
+        })
+    };
+    if let Err(e) = join(&socket, &node, request, announce).await {
+        let pending = ack.lock().unwrap().take();
+        match pending {
+            Some(ack) => reply(&socket, ack, Err(e), Some(&topic)),
+            None => emit_error(&socket, Some(&topic), &e),
+        }
+    }
 }
 
 async fn on_unsubscribe(
@@ -365,6 +446,8 @@ async fn kick(socket: SocketRef) {
 struct SocketSubscriber {
     socket: SocketRef,
     kicked: AtomicBool,
+    /// Subscribed with the object form: history publications carry `{topic, offset}`.
+    positions: bool,
 }
 
 impl Subscriber for SocketSubscriber {
@@ -373,7 +456,37 @@ impl Subscriber for SocketSubscriber {
             // Being disconnected as a slow consumer: nothing more is queued.
             return Delivery::Overflow;
         }
-        match self.socket.emit(&*p.event, &*p.data) {
+        let sent = match p.offset {
+            Some(offset) if self.positions => self.socket.emit(
+                &*p.event,
+                &(&*p.data, json!({"topic": &*p.topic, "offset": offset})),
+            ),
+            _ => self.socket.emit(&*p.event, &*p.data),
+        };
+        self.sent(sent)
+    }
+
+    fn gap(&self, topic: &str, gap: &GapRange) -> Delivery {
+        if self.kicked.load(Ordering::Acquire) {
+            return Delivery::Overflow;
+        }
+        let mut body =
+            json!({"topic": topic, "from": gap.from, "to": gap.to, "epoch": &*gap.epoch});
+        if let Some(previous) = &gap.previous_epoch {
+            body["previousEpoch"] = json!(&**previous);
+        }
+        self.sent(self.socket.emit("gap", &body))
+    }
+
+    fn transport(&self) -> &'static str {
+        m::transport::SOCKETIO
+    }
+}
+
+impl SocketSubscriber {
+    /// Applies the slow-consumer policy to the result of one emit.
+    fn sent(&self, sent: Result<(), SendError>) -> Delivery {
+        match sent {
             Ok(()) => Delivery::Queued,
             Err(SendError::Socket(SocketError::InternalChannelFull)) => {
                 // Slow consumer: the same policy as native clients.
@@ -396,9 +509,5 @@ impl Subscriber for SocketSubscriber {
                 Delivery::Closed
             }
         }
-    }
-
-    fn transport(&self) -> &'static str {
-        m::transport::SOCKETIO
     }
 }

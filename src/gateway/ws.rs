@@ -19,15 +19,17 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
 use tokio::sync::Notify;
 
 use crate::api::ApiError;
 use crate::auth::{self, Identity};
 use crate::config::RateLimit;
-use crate::hub::{ConnId, Delivery, Publication, Subscribed, Subscriber};
+use crate::history::GapRange;
+use crate::hub::{ConnId, Delivery, Outcome, Publication, PublishError, Subscribed, Subscriber};
 use crate::metrics as m;
 use crate::node::Node;
-use crate::protocol::{self, ClientMessage, ProtocolError, ServerMessage};
+use crate::protocol::{self, ClientMessage, ProtocolError, ServerMessage, Since};
 
 /// Close codes this gateway sends. 1000–1015 are standard; see
 /// `docs/protocol.md` for which ones mean "reconnect".
@@ -275,6 +277,21 @@ impl Subscriber for Outbox {
         self.push(publication.native_frame().clone())
     }
 
+    fn gap(&self, topic: &str, gap: &GapRange) -> Delivery {
+        self.push(
+            ServerMessage::Gap {
+                event: topic,
+                from: gap.from,
+                to: gap.to,
+                epoch: &gap.epoch,
+                previous_epoch: gap.previous_epoch.as_deref(),
+                timestamp: protocol::timestamp(),
+            }
+            .to_json()
+            .into(),
+        )
+    }
+
     fn transport(&self) -> &'static str {
         m::transport::WS
     }
@@ -330,7 +347,7 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
         bucket: config.rate_limit.map(TokenBucket::new),
     };
     if let Some(topic) = initial_topic {
-        session.subscribe(topic).await;
+        session.subscribe(topic, None).await;
     }
     read_loop(&mut session, stream, &mut writer, started, &last_seen).await;
 
@@ -470,8 +487,8 @@ impl Session {
     /// Handles one text frame; returns the message type for metrics.
     async fn handle_text(&mut self, text: &str) -> &'static str {
         match protocol::parse_client_message(text) {
-            Ok(ClientMessage::Subscribe { event }) => {
-                self.subscribe(event).await;
+            Ok(ClientMessage::Subscribe { event, since }) => {
+                self.subscribe(event, since).await;
                 "subscribe"
             }
             Ok(ClientMessage::Unsubscribe { event }) => {
@@ -493,18 +510,7 @@ impl Session {
                 "request"
             }
             Ok(ClientMessage::Request { event }) => {
-                match self.node.current_data(&event) {
-                    Some(data) => self.outbox.send(&ServerMessage::Response {
-                        event: &event,
-                        data: &data,
-                        timestamp: protocol::timestamp(),
-                    }),
-                    None => self.outbox.error_text(
-                        format!("no data for \"{event}\": nothing has been published on it yet"),
-                        "no_data",
-                        Some(&event),
-                    ),
-                }
+                self.request(&event).await;
                 "request"
             }
             Ok(ClientMessage::Ping) => {
@@ -533,9 +539,13 @@ impl Session {
                     .publish(&event, name.as_deref().unwrap_or(&event), &data)
                     .await
                 {
+                    let code = match e {
+                        PublishError::Refused(_) => "bad_message",
+                        PublishError::Unavailable(_) => "unavailable",
+                    };
                     self.outbox.error_text(
                         format!("publication not accepted: {e}"),
-                        "unavailable",
+                        code,
                         Some(&event),
                     );
                 }
@@ -548,7 +558,7 @@ impl Session {
         }
     }
 
-    async fn subscribe(&mut self, topic: String) {
+    async fn subscribe(&mut self, topic: String, since: Option<Since>) {
         if !self.identity.may_subscribe(&topic) {
             self.outbox.error_text(
                 format!("not allowed to subscribe to \"{topic}\""),
@@ -566,13 +576,49 @@ impl Session {
             );
             return;
         }
+        // Topic `device` is state, not a log: a client that comes back gets
+        // the current state instead of a replay, and is told it recovered.
+        let device = topic == crate::device::state::TOPIC;
+        let (since, state_recovery) = match since {
+            Some(_) if device => (None, true),
+            other => (other, false),
+        };
         let sub: Arc<dyn Subscriber> = self.outbox.clone();
-        match self.node.hub().subscribe(&topic, self.id, sub).await {
+        let outbox = self.outbox.clone();
+        let node = self.node.clone();
+        let name = topic.clone();
+        let announce = Box::new(move |outcome: &Outcome| {
+            let position = outcome.position.as_ref();
+            outbox.send(&ServerMessage::Subscribed {
+                event: &name,
+                offset: position.map(|p| p.offset),
+                epoch: position.map(|p| &*p.epoch),
+                recovered: if state_recovery {
+                    Some(true)
+                } else {
+                    outcome.recovered
+                },
+                timestamp: protocol::timestamp(),
+            });
+            if state_recovery {
+                let state = node.device().state();
+                for event in crate::device::state::EVENTS {
+                    let data = RawValue::from_string(state.event(event).to_string())
+                        .expect("device events are JSON");
+                    outbox.push(
+                        protocol::event_frame(&name, event, &data, None, &protocol::timestamp())
+                            .into(),
+                    );
+                }
+            }
+        });
+        match self
+            .node
+            .hub()
+            .subscribe(&topic, self.id, sub, since, announce)
+            .await
+        {
             Ok(Subscribed::New | Subscribed::Already) => {
-                self.outbox.send(&ServerMessage::Subscribed {
-                    event: &topic,
-                    timestamp: protocol::timestamp(),
-                });
                 self.topics.insert(topic);
             }
             Err(err) => {
@@ -583,6 +629,45 @@ impl Session {
                     Some(&topic),
                 );
             }
+        }
+    }
+
+    /// Answers `request`: the device state, the newest publication of a
+    /// history topic (from history, right on any node), else the last one
+    /// this node delivered or the configured mock data.
+    async fn request(&mut self, event: &str) {
+        if event != crate::device::state::TOPIC && self.node.hub().is_history(event) {
+            match self.node.hub().latest(event).await {
+                Ok(Some(p)) => {
+                    return self.outbox.send(&ServerMessage::Response {
+                        event,
+                        data: &p.data,
+                        offset: p.offset,
+                        timestamp: protocol::timestamp(),
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return self.outbox.error_text(
+                        format!("could not read \"{event}\": {e}"),
+                        "unavailable",
+                        Some(event),
+                    );
+                }
+            }
+        }
+        match self.node.current_data(event) {
+            Some(data) => self.outbox.send(&ServerMessage::Response {
+                event,
+                data: &data,
+                offset: None,
+                timestamp: protocol::timestamp(),
+            }),
+            None => self.outbox.error_text(
+                format!("no data for \"{event}\": nothing has been published on it yet"),
+                "no_data",
+                Some(event),
+            ),
         }
     }
 }

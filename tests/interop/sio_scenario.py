@@ -23,7 +23,7 @@ async def main(here: str, there: str) -> None:
     sio = socketio.AsyncClient(reconnection=False)
 
     @sio.on("*")
-    async def any_event(event, data=None):
+    async def any_event(event, data=None, *_position):
         seen.append((event, data, time.monotonic()))
 
     async def wait_for(pred, timeout, what):

@@ -167,7 +167,52 @@ passed, plus the paths of the files mounted from `files:`.
 
 {{/* True (non-empty) when the pods get a REDIS_URL. */}}
 {{- define "switchboard.hasRedis" -}}
-{{- if or .Values.redis.enabled .Values.redis.url .Values.existingSecret }}true{{ end }}
+{{- if or .Values.redis.enabled .Values.redis.url .Values.existingSecret .Values.externalRedis.mode }}true{{ end }}
+{{- end }}
+
+{{/*
+REDIS_URL built from externalRedis ("" when mode is unset), in the forms the
+fred client parses:
+  redis[s]://[user:pass@]host:port[/db]
+  redis[s]-cluster://[user:pass@]host:port?node=host:port&node=...
+  redis[s]-sentinel://[user:pass@]host:port[/db]?node=host:port&sentinelServiceName=NAME
+    [&sentinelUsername=USER&sentinelPassword=PASS]
+Passwords are never in it: it holds $(REDIS_PASSWORD) and
+$(REDIS_SENTINEL_PASSWORD), which Kubernetes expands from the env vars the
+Deployment defines just before REDIS_URL (secretKeyRef).
+*/}}
+{{- define "switchboard.externalRedisUrl" -}}
+{{- $r := .Values.externalRedis }}
+{{- if $r.mode }}
+{{- $scheme := ternary "rediss" "redis" (eq (toString $r.tls) "true") }}
+{{- if ne $r.mode "standalone" }}{{ $scheme = printf "%s-%s" $scheme $r.mode }}{{ end }}
+{{- $user := "" }}
+{{- if $r.username }}{{ $user = urlquery $r.username | replace "+" "%20" }}{{ end }}
+{{- $auth := "" }}
+{{- if $r.password.existingSecret }}
+{{- $auth = printf "%s:$(REDIS_PASSWORD)@" $user }}
+{{- else if $user }}
+{{- $auth = printf "%s@" $user }}
+{{- end }}
+{{- $hosts := $r.hosts }}
+{{- $db := "" }}
+{{- if and (ne $r.mode "cluster") (not (kindIs "invalid" $r.database)) (ne (toString $r.database) "") }}
+{{- $db = printf "/%d" (int64 $r.database) }}
+{{- end }}
+{{- $query := list }}
+{{- range rest $hosts }}{{ $query = append $query (printf "node=%s" .) }}{{ end }}
+{{- if eq $r.mode "sentinel" }}
+{{- $query = append $query (printf "sentinelServiceName=%s" (urlquery $r.sentinel.serviceName)) }}
+{{- if $r.sentinel.username }}
+{{- $query = append $query (printf "sentinelUsername=%s" (urlquery $r.sentinel.username)) }}
+{{- end }}
+{{- if $r.sentinel.password.existingSecret }}
+{{- $query = append $query "sentinelPassword=$(REDIS_SENTINEL_PASSWORD)" }}
+{{- end }}
+{{- end }}
+{{- printf "%s://%s%s%s" $scheme $auth (first $hosts) $db }}
+{{- if $query }}?{{ join "&" $query }}{{ end }}
+{{- end }}
 {{- end }}
 
 {{/* REDIS_URL the chart writes into its own Secret ("" when none). */}}
@@ -227,6 +272,9 @@ Rules the schema cannot express. Fails the render with a readable message.
 {{- $admin := include "switchboard.adminPort" . }}
 {{- if and $admin (eq $admin (include "switchboard.port" .)) }}
 {{- fail "config.ADMIN_PORT must differ from config.PORT" }}
+{{- end }}
+{{- if and .Values.externalRedis.mode (or .Values.redis.enabled .Values.redis.url) }}
+{{- fail "externalRedis.mode builds REDIS_URL: set redis.enabled=false and leave redis.url empty" }}
 {{- end }}
 {{- if and .Values.redis.enabled .Values.redis.url }}
 {{- fail "set either redis.enabled=true (in-chart Redis) or redis.url (external Redis), not both" }}

@@ -1,0 +1,213 @@
+//! History of one embedded node: a bounded ring per topic, in memory.
+//!
+//! Same semantics as Redis: offsets without holes, an epoch per topic that
+//! is new whenever the topic's history is lost (here: a new process, or the
+//! topic idle past `HISTORY_TTL_MS`), data kept `HISTORY_TTL_MS` after the
+//! last publication, the epoch kept alive while the topic is read.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+
+use super::{History, HistoryError, Position, Range, Stored};
+use crate::backplane::Backplane;
+use crate::config::HistoryConfig;
+
+pub struct MemoryHistory {
+    backplane: Arc<dyn Backplane>,
+    size: usize,
+    ttl: Duration,
+    /// An async lock: a publication is appended and handed to the backplane
+    /// under it, so offsets reach the hub in order. Only publishers of this
+    /// one embedded node take it; the backplane send does not wait unless the
+    /// hub's inbound queue is full.
+    topics: tokio::sync::Mutex<Topics>,
+}
+
+#[derive(Default)]
+struct Topics {
+    map: HashMap<String, Ring>,
+    swept: Option<Instant>,
+}
+
+struct Ring {
+    epoch: Arc<str>,
+    top: u64,
+    entries: VecDeque<Stored>,
+    /// When the stored publications expire (`HISTORY_TTL_MS` after the last one).
+    data_until: Instant,
+    /// When the epoch and top expire (extended by reads too).
+    meta_until: Instant,
+}
+
+impl MemoryHistory {
+    pub fn new(backplane: Arc<dyn Backplane>, config: &HistoryConfig) -> Self {
+        Self {
+            backplane,
+            size: config.size,
+            ttl: config.ttl,
+            topics: tokio::sync::Mutex::new(Topics::default()),
+        }
+    }
+}
+
+impl Topics {
+    /// The topic's ring, new (with a new epoch) when it never existed or expired.
+    fn ring(&mut self, topic: &str, now: Instant, ttl: Duration) -> &mut Ring {
+        if self
+            .swept
+            .is_none_or(|t| now.duration_since(t) > Duration::from_secs(60))
+        {
+            self.map.retain(|_, r| r.meta_until > now);
+            self.swept = Some(now);
+        }
+        let ring = self.map.entry(topic.to_string()).or_insert_with(|| Ring {
+            epoch: super::new_epoch(),
+            top: 0,
+            entries: VecDeque::new(),
+            data_until: now + ttl,
+            meta_until: now + ttl,
+        });
+        if ring.meta_until <= now {
+            *ring = Ring {
+                epoch: super::new_epoch(),
+                top: 0,
+                entries: VecDeque::new(),
+                data_until: now + ttl,
+                meta_until: now + ttl,
+            };
+        }
+        if ring.data_until <= now {
+            ring.entries.clear();
+        }
+        ring.meta_until = ring.meta_until.max(now + ttl);
+        ring
+    }
+}
+
+impl History for MemoryHistory {
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        envelope: String,
+    ) -> BoxFuture<'a, Result<Position, HistoryError>> {
+        Box::pin(async move {
+            let mut topics = self.topics.lock().await;
+            let now = Instant::now();
+            let ring = topics.ring(topic, now, self.ttl);
+            let offset = ring.top + 1;
+            let payload = Bytes::from(super::stamp(&envelope, offset, &ring.epoch));
+            let position = Position {
+                offset,
+                epoch: ring.epoch.clone(),
+            };
+            ring.top = offset;
+            ring.data_until = now + self.ttl;
+            if ring.entries.len() >= self.size {
+                ring.entries.pop_front();
+            }
+            ring.entries.push_back(Stored {
+                offset,
+                payload: payload.clone(),
+            });
+            self.backplane
+                .publish(topic, payload)
+                .await
+                .map_err(|e| HistoryError::Unavailable(e.to_string()))?;
+            Ok(position)
+        })
+    }
+
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        since: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Range, HistoryError>> {
+        Box::pin(async move {
+            let mut topics = self.topics.lock().await;
+            let ring = topics.ring(topic, Instant::now(), self.ttl);
+            let entries = ring
+                .entries
+                .iter()
+                .filter(|e| e.offset > since)
+                .take(limit)
+                .cloned()
+                .collect();
+            Ok(Range {
+                epoch: ring.epoch.clone(),
+                top: ring.top,
+                entries,
+            })
+        })
+    }
+
+    fn latest<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Range, HistoryError>> {
+        Box::pin(async move {
+            let mut topics = self.topics.lock().await;
+            let ring = topics.ring(topic, Instant::now(), self.ttl);
+            Ok(Range {
+                epoch: ring.epoch.clone(),
+                top: ring.top,
+                entries: ring.entries.back().cloned().into_iter().collect(),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::inbound_queue;
+    use crate::backplane::memory::MemoryBackplane;
+
+    fn history(
+        size: usize,
+    ) -> (
+        MemoryHistory,
+        tokio::sync::mpsc::Receiver<crate::backplane::Inbound>,
+    ) {
+        let (tx, rx) = inbound_queue();
+        let bp = Arc::new(MemoryBackplane::new(tx));
+        let config = HistoryConfig {
+            topics: vec![],
+            size,
+            ttl: Duration::from_secs(60),
+        };
+        (MemoryHistory::new(bp, &config), rx)
+    }
+
+    #[tokio::test]
+    async fn offsets_count_up_and_the_ring_is_bounded() {
+        let (h, _rx) = history(3);
+        let first = h.read("t", 0, 10).await.unwrap();
+        assert_eq!(first.top, 0);
+        for i in 1..=5u64 {
+            let p = h.publish("t", format!(r#"{{"data":{i}}}"#)).await.unwrap();
+            assert_eq!(p.offset, i);
+            assert_eq!(
+                p.epoch, first.epoch,
+                "the epoch announced before the first publication"
+            );
+        }
+        let r = h.read("t", 0, 10).await.unwrap();
+        assert_eq!(r.top, 5);
+        assert_eq!(
+            r.entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
+        assert!(super::super::recover(1, &first.epoch, &r).is_none());
+        assert_eq!(super::super::recover(2, &first.epoch, &r).unwrap().len(), 3);
+        let latest = h.latest("t").await.unwrap();
+        assert_eq!(latest.entries[0].offset, 5);
+        assert!(
+            std::str::from_utf8(&latest.entries[0].payload)
+                .unwrap()
+                .contains(r#""data":5"#)
+        );
+        assert_ne!(h.read("other", 0, 1).await.unwrap().epoch, first.epoch);
+    }
+}
