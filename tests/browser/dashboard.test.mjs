@@ -133,6 +133,11 @@ test(
     await pageB.locator('#inspector-log li[data-topic="inspect-me"][data-kind="subscribed"]').waitFor({ timeout: 5000 });
     redis.cli("PUBLISH", `${prefix}:t:inspect-me`, JSON.stringify({ event: "x", data: { v: 42 } }));
     await pageB.locator('#inspector-log li[data-kind="event"]', { hasText: '"v":42' }).waitFor({ timeout: 3000 });
+    // With history, FCALL publishes with an offset, which the inspector shows.
+    const [offset] = redis
+      .cli("FCALL", "switchboard_publish", "1", "inspect-me", JSON.stringify({ event: "y", data: { v: 43 } }), prefix)
+      .split("\n");
+    await pageB.locator('#inspector-log li[data-kind="event"]', { hasText: `y #${offset} {"v":43}` }).waitFor({ timeout: 3000 });
     // …and one made with the page's own publish form on page A.
     await pageA.getByLabel("Publish topic").fill("inspect-me");
     await pageA.getByLabel("Data (JSON)").fill('{"from":"page A"}');
