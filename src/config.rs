@@ -50,6 +50,7 @@ pub mod names {
     pub const SOCKETIO_ENABLED: &str = "SOCKETIO_ENABLED";
     pub const SOCKETIO_PING_INTERVAL: &str = "SOCKETIO_PING_INTERVAL";
     pub const SOCKETIO_PING_TIMEOUT: &str = "SOCKETIO_PING_TIMEOUT";
+    pub const DASHBOARD_ENABLED: &str = "DASHBOARD_ENABLED";
     pub const SHUTDOWN_GRACE_MS: &str = "SHUTDOWN_GRACE_MS";
     pub const SHUTDOWN_READINESS_DELAY_MS: &str = "SHUTDOWN_READINESS_DELAY_MS";
     pub const SHUTDOWN_DRAIN_MS: &str = "SHUTDOWN_DRAIN_MS";
@@ -105,6 +106,7 @@ pub mod names {
         SOCKETIO_ENABLED,
         SOCKETIO_PING_INTERVAL,
         SOCKETIO_PING_TIMEOUT,
+        DASHBOARD_ENABLED,
         SHUTDOWN_GRACE_MS,
         SHUTDOWN_READINESS_DELAY_MS,
         SHUTDOWN_DRAIN_MS,
@@ -398,6 +400,8 @@ pub struct Config {
     pub device_apps: Vec<String>,
     pub device_driver: String,
     pub socketio_enabled: bool,
+    /// Serve the live dashboard at `/` (and its assets under `/assets/`).
+    pub dashboard_enabled: bool,
     pub socketio_ping_interval: Duration,
     pub socketio_ping_timeout: Duration,
     pub shutdown_grace: Duration,
@@ -580,6 +584,7 @@ impl Config {
             _ => Err("expected simulated or log".into()),
         });
         let socketio_enabled = p.parse(names::SOCKETIO_ENABLED, "true", parse_bool);
+        let dashboard_enabled = p.parse(names::DASHBOARD_ENABLED, "true", parse_bool);
         let socketio_ping_interval = p.parse(names::SOCKETIO_PING_INTERVAL, "25000", |v| {
             parse_ms(v, 100, 3_600_000)
         });
@@ -823,6 +828,7 @@ impl Config {
             device_apps: device_apps.unwrap(),
             device_driver: device_driver.unwrap(),
             socketio_enabled: socketio_enabled.unwrap(),
+            dashboard_enabled: dashboard_enabled.unwrap(),
             socketio_ping_interval: socketio_ping_interval.unwrap(),
             socketio_ping_timeout: socketio_ping_timeout.unwrap(),
             shutdown_grace,
@@ -1167,6 +1173,19 @@ mod tests {
         assert!(text.contains("PORT=99999 is not valid"));
         assert!(text.contains("WEBSOCKET_MOCK_EVENTS={nope is not valid"));
         assert!(text.contains("LOG_FORMAT=xml is not valid"));
+    }
+
+    #[test]
+    fn dashboard_is_on_by_default_and_a_boolean() {
+        assert!(config(&[]).unwrap().dashboard_enabled);
+        assert!(
+            !config(&[("DASHBOARD_ENABLED", "false")])
+                .unwrap()
+                .dashboard_enabled
+        );
+        let err = config(&[("DASHBOARD_ENABLED", "maybe")]).unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert!(err.to_string().contains("DASHBOARD_ENABLED=maybe"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! - [`gateway`]: client transports into the hub (native WebSocket, Socket.IO).
 //! - [`proxy`]: `WEBSOCKET_PATH/proxy/{name}` to configured upstream feeds.
 //! - [`api`]: HTTP endpoints and the error format.
+//! - [`dashboard`]: the live dashboard page at `/` (assets compiled in) and `GET /api/frame`.
 //! - [`lingering`]: closing accepted connections without a TCP reset (drain until the peer's EOF).
 //! - [`metrics`]: metric names, recorder, `/metrics`.
 //! - [`registry`]: every live node's announcement, for cluster-wide stats.
@@ -23,6 +24,7 @@ pub mod api;
 pub mod auth;
 pub mod backplane;
 pub mod config;
+pub mod dashboard;
 pub mod device;
 pub mod election;
 pub mod gateway;
@@ -60,6 +62,7 @@ pub fn app(node: Node) -> Router {
         .route("/readyz", get(api::readyz))
         .route("/api/state", get(api::state))
         .route("/api/apps", get(api::apps))
+        .route("/api/frame", get(dashboard::frame))
         .route("/api/history/{*topic}", get(api::history));
     // Commands and publishing: `API_TOKEN` when configured.
     let commands = Router::new()
@@ -73,6 +76,9 @@ pub fn app(node: Node) -> Router {
             api::require_api_token,
         ));
     let mut router = open.merge(commands);
+    if config.dashboard_enabled {
+        router = router.merge(dashboard::routes());
+    }
     if config.admin_port.is_none() {
         router = router.merge(admin_routes(&node));
     }

@@ -107,46 +107,54 @@ fn color(config: &serde_json::Value, brightness: u8) -> [u8; 3] {
     c.map(|v| (v as u32 * brightness as u32 / 100) as u8)
 }
 
-impl Driver for SimulatedDriver {
-    fn apply(&mut self, state: &DeviceState) -> Result<(), DriverError> {
-        let config = state.config_of(&state.current_app);
-        let c = color(&config, state.settings.brightness);
-        self.frame.fill([0; 3]);
-        match state.current_app.as_str() {
-            "clock" => {
-                // A frame around the edge and a bar for the time of day.
-                for x in 0..WIDTH {
-                    self.frame[x] = c;
-                    self.frame[(HEIGHT - 1) * WIDTH + x] = c;
-                }
-                for y in 0..HEIGHT {
-                    self.frame[y * WIDTH] = c;
-                    self.frame[y * WIDTH + WIDTH - 1] = c;
-                }
+/// The 64×32 RGB frame the simulated driver shows for `state`, row by row.
+/// Pure, so any node can render a preview of the board from its copy of the
+/// state (`GET /api/frame`) without holding the driver.
+pub fn render(state: &DeviceState) -> Vec<[u8; 3]> {
+    let mut frame = vec![[0u8; 3]; WIDTH * HEIGHT];
+    let config = state.config_of(&state.current_app);
+    let c = color(&config, state.settings.brightness);
+    match state.current_app.as_str() {
+        "clock" => {
+            // A frame around the edge.
+            for x in 0..WIDTH {
+                frame[x] = c;
+                frame[(HEIGHT - 1) * WIDTH + x] = c;
             }
-            "scroll_text" => {
-                let len = config["text"].as_str().map_or(0, |t| t.chars().count());
-                for x in 0..(len * 6).min(WIDTH) {
-                    for y in 12..20 {
-                        self.frame[y * WIDTH + x] = c;
-                    }
-                }
+            for y in 0..HEIGHT {
+                frame[y * WIDTH] = c;
+                frame[y * WIDTH + WIDTH - 1] = c;
             }
-            "stars" => {
-                let density = config["density"].as_u64().unwrap_or(50) as usize;
-                for (i, p) in self.frame.iter_mut().enumerate() {
-                    // Deterministic scatter: same config, same sky.
-                    if (i * 2_654_435_761) % 1000 < density * 3 {
-                        *p = c;
-                    }
-                }
-            }
-            _ => {
-                for y in 0..HEIGHT {
-                    self.frame[y * WIDTH + WIDTH / 2] = c;
+        }
+        "scroll_text" => {
+            let len = config["text"].as_str().map_or(0, |t| t.chars().count());
+            for x in 0..(len * 6).min(WIDTH) {
+                for y in 12..20 {
+                    frame[y * WIDTH + x] = c;
                 }
             }
         }
+        "stars" => {
+            let density = config["density"].as_u64().unwrap_or(50) as usize;
+            for (i, p) in frame.iter_mut().enumerate() {
+                // Deterministic scatter: same config, same sky.
+                if (i * 2_654_435_761) % 1000 < density * 3 {
+                    *p = c;
+                }
+            }
+        }
+        _ => {
+            for y in 0..HEIGHT {
+                frame[y * WIDTH + WIDTH / 2] = c;
+            }
+        }
+    }
+    frame
+}
+
+impl Driver for SimulatedDriver {
+    fn apply(&mut self, state: &DeviceState) -> Result<(), DriverError> {
+        self.frame = render(state);
         self.applied += 1;
         Ok(())
     }
@@ -186,5 +194,10 @@ mod tests {
         d.apply(&stars).unwrap();
         assert_ne!(d.health().lit_pixels, Some(clock_lit));
         assert_eq!(d.health().applied, 3);
+        assert_eq!(
+            render(&stars),
+            d.frame(),
+            "the driver shows what render draws"
+        );
     }
 }

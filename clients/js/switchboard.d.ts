@@ -1,0 +1,157 @@
+// Type declarations of @switchboard/client (switchboard.js). See docs/client.md.
+
+export declare const VERSION: string;
+
+/** Delay in ms before reconnect attempt `attempt` (0-based): full jitter in [minDelay, min(maxDelay, minDelay·2^(attempt+1))]. */
+export declare function backoff(
+  attempt: number,
+  minDelay: number,
+  maxDelay: number,
+  random?: () => number,
+): number;
+
+export type ConnectionState = "idle" | "connecting" | "connected" | "disconnected" | "closed";
+
+export interface WebSocketLike {
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((ev: any) => void) | null;
+  onmessage: ((ev: { data: any }) => void) | null;
+  onclose: ((ev: { code: number; reason: string }) => void) | null;
+  onerror: ((ev: any) => void) | null;
+}
+
+export interface SwitchboardOptions {
+  /** WebSocket constructor; required in Node 20 (e.g. `import WebSocket from "ws"`). Default: globalThis.WebSocket. */
+  WebSocket?: new (url: string) => WebSocketLike;
+  /** A fixed client token (sent as the `token` query parameter). */
+  token?: string | null;
+  /** Called before every (re)connect; its token wins over `token`. After a token refusal the client reconnects only when this returns a different token. */
+  getToken?: () => string | null | undefined | Promise<string | null | undefined>;
+  /** Backoff floor in ms (default 500). */
+  minDelay?: number;
+  /** Backoff ceiling in ms (default 30000). */
+  maxDelay?: number;
+  /** ms between client `ping` messages (default 25000). */
+  pingInterval?: number;
+  /** A connection silent this long after a ping is dropped and reconnected (default 10000). */
+  pingTimeout?: number;
+  /** A socket that is not `connected` within this is dropped (default 10000). */
+  connectTimeout?: number;
+  /** `request`, `refresh` and `ping` reject after this (default 10000). */
+  requestTimeout?: number;
+  /** Random source for the jitter (tests). */
+  random?: () => number;
+}
+
+export interface DisconnectInfo {
+  code: number;
+  reason: string;
+  /** HTTP status of a refused handshake, when the WebSocket implementation tells it (`ws` does, browsers do not). */
+  status?: number | null;
+  wasConnected?: boolean;
+  byClient?: boolean;
+  willReconnect: boolean;
+  /** ms until the next attempt, when `willReconnect`. */
+  delay?: number;
+}
+
+export interface EventMeta {
+  name: string;
+  topic: string;
+  /** Position in the topic's history (history topics only), else null. */
+  offset: number | null;
+  epoch: string | null;
+  timestamp: string;
+}
+
+export interface SubscribedInfo {
+  offset: number | null;
+  epoch: string | null;
+  recovered?: boolean;
+  resubscribed: boolean;
+}
+
+export interface RecoveredInfo {
+  from: number;
+  to: number;
+  epoch: string;
+}
+
+export interface GapInfo {
+  from: number;
+  to: number;
+  epoch: string;
+}
+
+export interface UnrecoverableInfo {
+  reason: string;
+  previousEpoch: string | null;
+  previousOffset: number | null;
+  epoch: string | null;
+  offset: number | null;
+  from?: number;
+  to?: number;
+}
+
+export interface SwitchboardError extends Error {
+  code: string;
+  topic?: string;
+  frame: any;
+}
+
+type Listener<T> = (arg: T) => void;
+
+export declare class Subscription {
+  readonly topic: string;
+  readonly state: "pending" | "subscribed" | "unsubscribed";
+  /** Offset of the last publication seen (history topics), else null. */
+  readonly offset: number | null;
+  readonly epoch: string | null;
+  /** Resolves on the first `subscribed`; rejects when the server refuses the subscription. */
+  readonly ready: Promise<Subscription>;
+  unsubscribe(): void;
+  on(event: "subscribed", fn: Listener<SubscribedInfo>): this;
+  on(event: "recovered", fn: Listener<RecoveredInfo>): this;
+  on(event: "gap", fn: Listener<GapInfo>): this;
+  on(event: "unrecoverable", fn: Listener<UnrecoverableInfo>): this;
+  on(event: "unsubscribed", fn: Listener<{ reason: string }>): this;
+  on(event: "error", fn: Listener<SwitchboardError>): this;
+  off(event: string, fn?: Listener<any>): this;
+  once(event: string, fn: Listener<any>): this;
+}
+
+export declare class Switchboard {
+  constructor(url: string, options?: SwitchboardOptions);
+  readonly url: string;
+  readonly state: ConnectionState;
+  /** Server-assigned id of the current connection. */
+  readonly clientId: string | null;
+  token: string | null;
+  connect(): Promise<Switchboard>;
+  close(code?: number, reason?: string): void;
+  subscribe(topic: string, handler?: (data: any, meta: EventMeta) => void): Subscription;
+  /** Throws when not connected. The server sends no acknowledgement. */
+  publish(topic: string, data: any, options?: { name?: string }): void;
+  request(topic: string): Promise<{ data: any; offset: number | null; timestamp: string }>;
+  refresh(token: string): Promise<{ expiresAt: number | null | undefined }>;
+  /** Round-trip time in ms. */
+  ping(): Promise<number>;
+  on(event: "connecting", fn: Listener<{ attempt: number }>): this;
+  on(event: "connected", fn: Listener<{ clientId: string | null; reconnected: boolean }>): this;
+  on(event: "disconnected", fn: Listener<DisconnectInfo>): this;
+  on(event: "event", fn: Listener<EventMeta & { data: any }>): this;
+  on(event: "recovered", fn: Listener<RecoveredInfo & { topic: string }>): this;
+  on(event: "gap", fn: Listener<GapInfo & { topic: string }>): this;
+  on(event: "unrecoverable", fn: Listener<UnrecoverableInfo & { topic: string }>): this;
+  on(event: "unsubscribed", fn: Listener<{ topic: string; reason: string }>): this;
+  on(event: "refreshed", fn: Listener<{ expiresAt: number | null }>): this;
+  on(event: "token_expired", fn: Listener<any>): this;
+  on(event: "duplicate", fn: Listener<EventMeta>): this;
+  on(event: "message", fn: Listener<any>): this;
+  on(event: "error", fn: Listener<SwitchboardError | { code: string; error: string }>): this;
+  off(event: string, fn?: Listener<any>): this;
+  once(event: string, fn: Listener<any>): this;
+}
+
+export default Switchboard;

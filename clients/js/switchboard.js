@@ -1,0 +1,738 @@
+// @switchboard/client: the official client of Switchboard's native WebSocket
+// protocol (docs/protocol.md). One ES module, no runtime dependencies; runs in
+// browsers and in Node 20 (pass `WebSocket` from the `ws` package there).
+// API and recovery semantics: docs/client.md.
+
+export const VERSION = "0.1.0";
+
+/** Close codes after which the client reconnects (when it did not close itself). */
+const RECONNECT_CODES = new Set([1000, 1001, 1005, 1006, 1011, 1012, 1013, 1014]);
+/** Close code and reason the server sends when a client token expires. */
+const TOKEN_EXPIRED = 3000;
+/** Close code this client uses when it drops a silent or stuck connection. */
+const LIVENESS = 4000;
+
+const DEFAULTS = {
+  minDelay: 500,
+  maxDelay: 30000,
+  pingInterval: 25000,
+  pingTimeout: 10000,
+  connectTimeout: 10000,
+  requestTimeout: 10000,
+};
+
+/** A tiny event emitter: `on`, `off`, `once`. Listener errors never break the client. */
+class Emitter {
+  constructor() {
+    this._listeners = new Map();
+  }
+
+  on(event, fn) {
+    if (!this._listeners.has(event)) this._listeners.set(event, new Set());
+    this._listeners.get(event).add(fn);
+    return this;
+  }
+
+  off(event, fn) {
+    const set = this._listeners.get(event);
+    if (set) {
+      if (fn) set.delete(fn);
+      else set.clear();
+    }
+    return this;
+  }
+
+  once(event, fn) {
+    const wrapper = (arg) => {
+      this.off(event, wrapper);
+      fn(arg);
+    };
+    return this.on(event, wrapper);
+  }
+
+  _emit(event, arg) {
+    const set = this._listeners.get(event);
+    if (!set) return;
+    for (const fn of [...set]) {
+      try {
+        fn(arg);
+      } catch (err) {
+        setTimeout(() => {
+          throw err;
+        });
+      }
+    }
+  }
+}
+
+/**
+ * The backoff before reconnect attempt `attempt` (0 for the first): full
+ * jitter between `minDelay` and a cap that doubles per attempt up to
+ * `maxDelay`, so a crowd of clients cut off together spreads its returns.
+ */
+export function backoff(attempt, minDelay, maxDelay, random = Math.random) {
+  const cap = Math.min(maxDelay, minDelay * 2 ** (attempt + 1));
+  return Math.round(minDelay + random() * Math.max(0, cap - minDelay));
+}
+
+/** One `subscribe()` call: its handler, its events and the topic's position. */
+export class Subscription extends Emitter {
+  constructor(client, topic, handler) {
+    super();
+    this.client = client;
+    this.topic = topic;
+    this.handler = handler;
+    /** @type {"pending"|"subscribed"|"unsubscribed"} */
+    this.state = "pending";
+    this.ready = new Promise((resolve, reject) => {
+      this._resolveReady = resolve;
+      this._rejectReady = reject;
+    });
+    // Nobody has to await `ready`.
+    this.ready.catch(() => {});
+  }
+
+  /** Offset of the last publication seen on the topic (history topics), else null. */
+  get offset() {
+    return this.client._topics.get(this.topic)?.offset ?? this._lastOffset ?? null;
+  }
+
+  /** History epoch of the topic, else null. */
+  get epoch() {
+    return this.client._topics.get(this.topic)?.epoch ?? this._lastEpoch ?? null;
+  }
+
+  unsubscribe() {
+    this.client._unsubscribe(this);
+  }
+}
+
+/** A client of the native protocol. See docs/client.md. */
+export class Switchboard extends Emitter {
+  /**
+   * @param {string} url `ws(s)://host/ws` (http(s) and, in a browser, relative URLs work too)
+   * @param {object} [options]
+   */
+  constructor(url, options = {}) {
+    super();
+    this.url = url;
+    this.options = { ...DEFAULTS, ...options };
+    this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof this.WebSocket !== "function") {
+      throw new TypeError(
+        "no WebSocket implementation: pass options.WebSocket (Node 20: the `ws` package)",
+      );
+    }
+    this.token = options.token ?? null;
+    /** @type {"idle"|"connecting"|"connected"|"disconnected"|"closed"} */
+    this.state = "idle";
+    this.clientId = null;
+    this._random = options.random ?? Math.random;
+    this._socket = null;
+    this._attempt = 0;
+    this._everConnected = false;
+    this._closedByUser = false;
+    this._timers = new Set();
+    this._reconnectTimer = null;
+    this._pingTimer = null;
+    this._connectWaiters = [];
+    /** topic → {offset, epoch, subs: Set<Subscription>, confirmed, dropping} */
+    this._topics = new Map();
+    /** topic → [{kind, resolve, reject, timer}] in the order sent */
+    this._pending = new Map();
+    this._refreshes = [];
+    this._pings = [];
+  }
+
+  // === connection ===
+
+  /** Starts connecting (and reconnecting); resolves once `connected`. */
+  connect() {
+    this._closedByUser = false;
+    const waiter = new Promise((resolve, reject) => this._connectWaiters.push({ resolve, reject }));
+    if (this.state === "connected") {
+      this._settleConnect(null);
+    } else if (this.state !== "connecting" && !this._reconnectTimer) {
+      this._attempt = 0;
+      this._open();
+    }
+    return waiter;
+  }
+
+  /** Closes for good: no reconnect until `connect()` is called again. */
+  close(code = 1000, reason = "") {
+    this._closedByUser = true;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    const socket = this._socket;
+    if (socket) {
+      this._teardown(socket);
+      try {
+        socket.close(code, reason);
+      } catch {
+        socket.close();
+      }
+    }
+    const wasOpen = this.state === "connected" || this.state === "connecting";
+    this._setState("closed");
+    this._failPending(new Error("client closed"));
+    this._settleConnect(new Error("client closed"));
+    if (wasOpen) {
+      this._emit("disconnected", { code, reason, byClient: true, willReconnect: false });
+    }
+  }
+
+  async _open() {
+    this._setState("connecting");
+    this._emit("connecting", { attempt: this._attempt });
+    let token = this.token;
+    if (this.options.getToken) {
+      try {
+        token = (await this.options.getToken()) ?? null;
+      } catch (err) {
+        this._emit("error", { code: "token", error: `getToken failed: ${err?.message ?? err}` });
+      }
+      if (this._closedByUser) return;
+      this.token = token;
+    }
+    this._lastTokenUsed = token;
+    let socket;
+    try {
+      socket = new this.WebSocket(this._socketUrl(token));
+    } catch (err) {
+      this._settleConnect(err);
+      this._setState("closed");
+      this._emit("disconnected", { code: 0, reason: String(err?.message ?? err), willReconnect: false });
+      return;
+    }
+    this._socket = socket;
+    this._opened = false;
+    this._handshakeStatus = null;
+    this._connectTimer = setTimeout(
+      () => this._drop(socket, LIVENESS, "connect timeout"),
+      this.options.connectTimeout,
+    );
+    socket.onopen = () => {
+      this._opened = true;
+    };
+    socket.onmessage = (ev) => this._onMessage(ev.data);
+    socket.onerror = (ev) => {
+      // `ws` says "Unexpected server response: 401"; browsers hide the status.
+      const m = /Unexpected server response: (\d+)/.exec(String(ev?.message ?? ev?.error?.message ?? ""));
+      if (m) this._handshakeStatus = Number(m[1]);
+    };
+    socket.onclose = (ev) => {
+      if (this._socket !== socket) return;
+      this._teardown(socket);
+      this._closed(ev.code, ev.reason ?? "");
+    };
+  }
+
+  _socketUrl(token) {
+    let base = this.url;
+    if (typeof location !== "undefined" && !/^[a-z]+:\/\//i.test(base)) {
+      base = new URL(base, location.href).toString();
+    }
+    const url = new URL(base);
+    if (url.protocol === "http:") url.protocol = "ws:";
+    if (url.protocol === "https:") url.protocol = "wss:";
+    if (token) url.searchParams.set("token", token);
+    return url.toString();
+  }
+
+  /** Detaches a socket's handlers and timers. */
+  _teardown(socket) {
+    socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
+    if (this._socket === socket) this._socket = null;
+    clearTimeout(this._connectTimer);
+    clearInterval(this._pingTimer);
+    this._pingTimer = null;
+  }
+
+  /** Gives up on a silent or stuck socket at once (its close handshake may never end). */
+  _drop(socket, code, reason) {
+    if (this._socket !== socket) return;
+    this._teardown(socket);
+    try {
+      socket.close(code, reason);
+    } catch {
+      /* already closing */
+    }
+    this._closed(code, reason);
+  }
+
+  _closed(code, reason) {
+    const wasConnected = this.state === "connected";
+    this.clientId = null;
+    this._failPending(new Error(`disconnected (${code}${reason ? ` ${reason}` : ""})`));
+    for (const t of this._topics.values()) t.confirmed = false;
+    if (this._closedByUser) return;
+    const status = this._opened ? null : this._handshakeStatus;
+    const refused = status === 401 || status === 403 || code === TOKEN_EXPIRED;
+    let retry = RECONNECT_CODES.has(code) || code === LIVENESS;
+    if (refused) retry = false;
+    const info = { code, reason, status, wasConnected };
+    if (refused && this.options.getToken) {
+      // Stop unless getToken() has a token other than the refused one.
+      this._setState("disconnected");
+      Promise.resolve()
+        .then(() => this.options.getToken())
+        .then(
+          (t) => t ?? null,
+          () => null,
+        )
+        .then((next) => {
+          if (this._closedByUser) return;
+          if (next && next !== this._lastTokenUsed) {
+            this.token = next;
+            this._scheduleReconnect(info);
+          } else {
+            this._stop(info);
+          }
+        });
+      return;
+    }
+    if (retry) this._scheduleReconnect(info);
+    else this._stop(info);
+  }
+
+  _scheduleReconnect(info) {
+    const delay = backoff(this._attempt, this.options.minDelay, this.options.maxDelay, this._random);
+    this._attempt += 1;
+    this._setState("disconnected");
+    this._emit("disconnected", { ...info, willReconnect: true, delay });
+    this._reconnectTimer = setTimeout(() => {
+      this._reconnectTimer = null;
+      if (!this._closedByUser) this._open();
+    }, delay);
+  }
+
+  _stop(info) {
+    this._setState("closed");
+    this._emit("disconnected", { ...info, willReconnect: false });
+    this._settleConnect(
+      Object.assign(new Error(`connection refused or closed for good (${info.status ?? info.code} ${info.reason})`), info),
+    );
+  }
+
+  _setState(state) {
+    this.state = state;
+  }
+
+  _settleConnect(err) {
+    const waiters = this._connectWaiters;
+    this._connectWaiters = [];
+    for (const w of waiters) (err ? w.reject(err) : w.resolve(this));
+  }
+
+  _send(message) {
+    if (!this._socket || this.state !== "connected") {
+      throw new Error(`not connected (state ${this.state})`);
+    }
+    this._socket.send(JSON.stringify(message));
+  }
+
+  // === liveness ===
+
+  _startLiveness() {
+    clearInterval(this._pingTimer);
+    const socket = this._socket;
+    this._pingTimer = setInterval(() => {
+      if (this._socket !== socket || this.state !== "connected") return;
+      const sentAt = Date.now();
+      try {
+        socket.send(JSON.stringify({ type: "ping" }));
+      } catch {
+        return;
+      }
+      const t = setTimeout(() => {
+        this._timers.delete(t);
+        if (this._lastSeen < sentAt) {
+          this._drop(socket, LIVENESS, `no answer to ping within ${this.options.pingTimeout} ms`);
+        }
+      }, this.options.pingTimeout);
+      this._timers.add(t);
+    }, this.options.pingInterval);
+  }
+
+  /** Sends `{"type":"ping"}`; resolves with the round-trip time in ms. */
+  ping() {
+    const start = Date.now();
+    return this._op(null, "ping", () => this._send({ type: "ping" }), this._pings).then(() => Date.now() - start);
+  }
+
+  // === subscriptions ===
+
+  /**
+   * Subscribes to `topic`; `handler(data, meta)` gets every publication.
+   * Survives reconnects: the topic is subscribed again with `since`.
+   */
+  subscribe(topic, handler = () => {}) {
+    const sub = new Subscription(this, topic, handler);
+    let t = this._topics.get(topic);
+    if (!t) {
+      t = { offset: null, epoch: null, subs: new Set(), confirmed: false, recovering: false, resubscribing: false };
+      this._topics.set(topic, t);
+      t.subs.add(sub);
+      if (this.state === "connected") this._sendSubscribe(topic, t);
+    } else {
+      t.subs.add(sub);
+      if (t.confirmed) this._confirm(sub, { offset: t.offset, epoch: t.epoch });
+    }
+    return sub;
+  }
+
+  _sendSubscribe(topic, t) {
+    const msg = { type: "subscribe", event: topic };
+    t.recovering = t.epoch != null && t.offset != null;
+    if (t.recovering) msg.since = { offset: t.offset, epoch: t.epoch };
+    this._pendingPush(topic, { kind: "subscribe" });
+    try {
+      this._send(msg);
+    } catch {
+      /* sent again on connect */
+    }
+  }
+
+  _unsubscribe(sub) {
+    const t = this._topics.get(sub.topic);
+    sub.state = "unsubscribed";
+    sub._lastOffset = t?.offset;
+    sub._lastEpoch = t?.epoch;
+    if (!t || !t.subs.delete(sub) || t.subs.size > 0) return;
+    this._topics.delete(sub.topic);
+    if (this.state === "connected") {
+      try {
+        this._send({ type: "unsubscribe", event: sub.topic });
+      } catch {
+        /* the connection is gone: nothing to undo */
+      }
+    }
+  }
+
+  _confirm(sub, info) {
+    const first = sub.state === "pending";
+    sub.state = "subscribed";
+    sub._emit("subscribed", info);
+    if (first) sub._resolveReady(sub);
+  }
+
+  // === publish, request, refresh ===
+
+  /** Publishes `data` on `topic` (the token needs a `publish` claim). No acknowledgement. */
+  publish(topic, data, { name } = {}) {
+    const msg = { type: "publish", event: topic, data: data === undefined ? null : data };
+    if (name) msg.name = name;
+    this._send(msg);
+  }
+
+  /** The topic's current data: resolves with `{data, offset, timestamp}`. */
+  request(topic) {
+    return this._op(topic, "request", () => this._send({ type: "request", event: topic }));
+  }
+
+  /** Sends a new token; resolves with `{expiresAt}` once the server took it. */
+  refresh(token) {
+    if (this.state !== "connected") {
+      this.token = token;
+      return Promise.resolve({ expiresAt: undefined, applied: "on next connect" });
+    }
+    return this._op(null, "refresh", () => this._send({ type: "refresh", token }), this._refreshes).then(
+      (frame) => {
+        this.token = token;
+        return { expiresAt: frame.expiresAt ?? null };
+      },
+    );
+  }
+
+  _op(topic, kind, send, queue) {
+    return new Promise((resolve, reject) => {
+      const op = { kind, resolve, reject };
+      op.timer = setTimeout(() => {
+        this._removeOp(topic, op, queue);
+        reject(new Error(`${kind}${topic ? ` ${topic}` : ""}: no answer within ${this.options.requestTimeout} ms`));
+      }, this.options.requestTimeout);
+      if (queue) queue.push(op);
+      else this._pendingPush(topic, op);
+      try {
+        send();
+      } catch (err) {
+        this._removeOp(topic, op, queue);
+        clearTimeout(op.timer);
+        reject(err);
+      }
+    });
+  }
+
+  _pendingPush(topic, op) {
+    if (!this._pending.has(topic)) this._pending.set(topic, []);
+    this._pending.get(topic).push(op);
+  }
+
+  _removeOp(topic, op, queue) {
+    const list = queue ?? this._pending.get(topic);
+    const i = list ? list.indexOf(op) : -1;
+    if (i >= 0) list.splice(i, 1);
+  }
+
+  /** Takes the oldest pending operation of `kind` on `topic`. */
+  _take(topic, kind) {
+    const list = this._pending.get(topic);
+    if (!list) return null;
+    const i = list.findIndex((op) => op.kind === kind);
+    if (i < 0) return null;
+    const [op] = list.splice(i, 1);
+    if (list.length === 0) this._pending.delete(topic);
+    clearTimeout(op.timer);
+    return op;
+  }
+
+  _failPending(err) {
+    for (const [, list] of this._pending) {
+      for (const op of list) {
+        clearTimeout(op.timer);
+        op.reject?.(err);
+      }
+    }
+    this._pending.clear();
+    for (const queue of [this._refreshes, this._pings]) {
+      for (const op of queue.splice(0)) {
+        clearTimeout(op.timer);
+        op.reject(err);
+      }
+    }
+    for (const t of this._timers) clearTimeout(t);
+    this._timers.clear();
+  }
+
+  // === incoming frames ===
+
+  _onMessage(raw) {
+    this._lastSeen = Date.now();
+    let msg;
+    try {
+      msg = JSON.parse(typeof raw === "string" ? raw : String(raw));
+    } catch {
+      return;
+    }
+    this._emit("message", msg);
+    switch (msg.type) {
+      case "connected":
+        return this._onConnected(msg);
+      case "subscribed":
+        return this._onSubscribed(msg);
+      case "unsubscribed":
+        return this._onUnsubscribed(msg);
+      case "event":
+        return this._onEvent(msg);
+      case "gap":
+        return this._onGap(msg);
+      case "response": {
+        const op = this._take(msg.event, "request");
+        op?.resolve({ data: msg.data, offset: msg.offset ?? null, timestamp: msg.timestamp });
+        return;
+      }
+      case "refreshed": {
+        const op = this._refreshes.shift();
+        if (op) {
+          clearTimeout(op.timer);
+          op.resolve(msg);
+        }
+        this._emit("refreshed", msg);
+        return;
+      }
+      case "pong": {
+        const op = this._pings.shift();
+        if (op) {
+          clearTimeout(op.timer);
+          op.resolve(msg);
+        }
+        return;
+      }
+      case "error":
+        return this._onError(msg);
+      default:
+        return;
+    }
+  }
+
+  _onConnected(msg) {
+    clearTimeout(this._connectTimer);
+    this.clientId = msg.clientId ?? null;
+    const reconnected = this._everConnected;
+    this._everConnected = true;
+    this._attempt = 0;
+    this._setState("connected");
+    this._startLiveness();
+    this._emit("connected", { clientId: this.clientId, reconnected });
+    this._settleConnect(null);
+    for (const [topic, t] of this._topics) {
+      if (this.state !== "connected") break;
+      // Only a topic that was subscribed before can have missed something.
+      t.resubscribing = reconnected && t.everConfirmed === true;
+      this._sendSubscribe(topic, t);
+    }
+  }
+
+  _onSubscribed(msg) {
+    const topic = msg.event;
+    this._take(topic, "subscribe");
+    const t = this._topics.get(topic);
+    if (!t) return;
+    const hasHistory = typeof msg.epoch === "string";
+    const previous = { offset: t.offset, epoch: t.epoch };
+    const wasRecovering = t.recovering;
+    t.recovering = false;
+    t.confirmed = true;
+    const resubscribe = t.resubscribing === true;
+    t.everConfirmed = true;
+    let outcome = null;
+    if (wasRecovering && msg.recovered === true && msg.epoch === previous.epoch) {
+      // Missed publications follow as ordinary events; the offset moves with them.
+      outcome = ["recovered", { from: previous.offset, to: msg.offset, epoch: msg.epoch }];
+    } else {
+      if (hasHistory) {
+        t.epoch = msg.epoch;
+        t.offset = typeof msg.offset === "number" ? msg.offset : null;
+      } else {
+        t.epoch = null;
+        t.offset = null;
+      }
+      if (resubscribe) {
+        const reason = !hasHistory
+          ? "the topic keeps no history: publications during the disconnect may be lost"
+          : previous.epoch !== msg.epoch && previous.epoch != null
+            ? "the topic's history was reset (new epoch)"
+            : "the missed publications are no longer in the history";
+        outcome = [
+          "unrecoverable",
+          { reason, previousEpoch: previous.epoch, previousOffset: previous.offset, epoch: t.epoch, offset: t.offset },
+        ];
+      }
+    }
+    const info = { offset: t.offset, epoch: t.epoch, recovered: msg.recovered, resubscribed: resubscribe };
+    for (const sub of [...t.subs]) {
+      this._confirm(sub, info);
+      if (outcome) sub._emit(outcome[0], outcome[1]);
+    }
+    if (outcome) this._emit(outcome[0], { topic, ...outcome[1] });
+  }
+
+  _onUnsubscribed(msg) {
+    const topic = msg.event;
+    const t = this._topics.get(topic);
+    // Only a drop the server decided on (a narrower token) reaches this far:
+    // our own unsubscribe already forgot the topic.
+    if (!t || !msg.reason) return;
+    this._topics.delete(topic);
+    for (const sub of t.subs) {
+      sub.state = "unsubscribed";
+      sub._lastOffset = t.offset;
+      sub._lastEpoch = t.epoch;
+      sub._emit("unsubscribed", { reason: msg.reason });
+      sub._rejectReady(new Error(msg.reason));
+    }
+    this._emit("unsubscribed", { topic, reason: msg.reason });
+  }
+
+  _onEvent(msg) {
+    const topic = msg.topic ?? msg.name;
+    const t = this._topics.get(topic);
+    const meta = { name: msg.name, topic, offset: msg.offset ?? null, timestamp: msg.timestamp };
+    if (t && typeof msg.offset === "number" && t.epoch != null) {
+      // At most once per offset: a replay can overlap with live delivery.
+      if (t.offset != null && msg.offset <= t.offset) {
+        this._emit("duplicate", meta);
+        return;
+      }
+      t.offset = msg.offset;
+    }
+    meta.epoch = t?.epoch ?? null;
+    this._emit("event", { ...meta, data: msg.data });
+    if (!t) return;
+    for (const sub of [...t.subs]) {
+      try {
+        sub.handler(msg.data, meta);
+      } catch (err) {
+        setTimeout(() => {
+          throw err;
+        });
+      }
+    }
+  }
+
+  _onGap(msg) {
+    const topic = msg.event;
+    const t = this._topics.get(topic);
+    if (!t) return;
+    let name;
+    let info;
+    if (t.epoch == null || msg.epoch === t.epoch) {
+      name = "gap";
+      info = { from: msg.from, to: msg.to, epoch: msg.epoch };
+      t.epoch = msg.epoch ?? t.epoch;
+      if (t.offset == null || msg.to > t.offset) t.offset = msg.to;
+    } else {
+      name = "unrecoverable";
+      info = {
+        reason: "the topic's history was reset (new epoch)",
+        previousEpoch: t.epoch,
+        previousOffset: t.offset,
+        epoch: msg.epoch,
+        offset: msg.to,
+        from: msg.from,
+        to: msg.to,
+      };
+      t.epoch = msg.epoch;
+      t.offset = msg.to;
+    }
+    for (const sub of [...t.subs]) sub._emit(name, info);
+    this._emit(name, { topic, ...info });
+  }
+
+  _onError(msg) {
+    const topic = msg.event;
+    const code = msg.code;
+    const text = String(msg.error ?? "");
+    const err = Object.assign(new Error(text || code), { code, topic, frame: msg });
+    if (code === "token_expired") {
+      this._emit("token_expired", msg);
+    }
+    let op = null;
+    if (topic != null) {
+      let kind = null;
+      if (code === "no_data") kind = "request";
+      else if (code === "subscription_limit") kind = "subscribe";
+      else if (/subscribe/.test(text)) kind = "subscribe";
+      else if (/\bread\b/.test(text)) kind = "request";
+      else if (/publish|publication|carries device state/.test(text)) kind = "publish";
+      if (kind === null) {
+        const list = this._pending.get(topic);
+        kind = list?.[0]?.kind ?? null;
+      }
+      if (kind === "subscribe") {
+        op = this._take(topic, "subscribe");
+        const t = this._topics.get(topic);
+        if (t && !t.confirmed) {
+          // The server did not subscribe us: forget the topic.
+          this._topics.delete(topic);
+          for (const sub of t.subs) {
+            sub.state = "unsubscribed";
+            sub._emit("error", err);
+            sub._rejectReady(err);
+          }
+        }
+      } else if (kind === "request") {
+        op = this._take(topic, "request");
+        op?.reject(err);
+      }
+    } else if (this._refreshes.length && code !== "rate_limited" && code !== "token_expired") {
+      op = this._refreshes.shift();
+      clearTimeout(op.timer);
+      op.reject(err);
+    }
+    if (!op || op.kind === "subscribe") this._emit("error", err);
+  }
+}
+
+export default Switchboard;

@@ -1,0 +1,296 @@
+// The client against a scripted server that speaks the documented protocol
+// (docs/protocol.md, including the history contract): duplicates, gaps,
+// epoch changes, `since` on resubscribe, liveness, close-code policy. These
+// run without a switchboard binary; client.test.mjs runs against real nodes.
+
+import test from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import path from "node:path";
+
+import { Switchboard, backoff, VERSION } from "../switchboard.js";
+import { ROOT, requireTool, nextEvent, eventually } from "./harness.mjs";
+
+const WebSocket = requireTool("ws");
+const { WebSocketServer } = WebSocket;
+
+/** A server whose every connection is handed to `onConnection(socket, frames)`. */
+async function fakeServer(onConnection) {
+  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+  await new Promise((r) => wss.once("listening", r));
+  const connections = [];
+  wss.on("connection", (socket, req) => {
+    const conn = { socket, url: req.url, frames: [], waiters: [] };
+    connections.push(conn);
+    socket.on("message", (raw) => {
+      const m = JSON.parse(String(raw));
+      conn.frames.push(m);
+      for (const w of conn.waiters.splice(0)) w();
+    });
+    conn.send = (m) => socket.send(JSON.stringify({ timestamp: new Date().toISOString(), ...m }));
+    conn.next = async (type) => {
+      for (;;) {
+        const i = conn.frames.findIndex((f) => f.type === type);
+        if (i >= 0) return conn.frames.splice(i, 1)[0];
+        await new Promise((r) => conn.waiters.push(r));
+      }
+    };
+    onConnection(conn);
+  });
+  return {
+    url: `ws://127.0.0.1:${wss.address().port}/ws`,
+    connections,
+    close: () => new Promise((r) => wss.close(r)),
+    terminateAll: () => wss.clients.forEach((c) => c.terminate()),
+  };
+}
+
+const hello = (conn) => conn.send({ type: "connected", clientId: `c${Math.random()}`.slice(0, 10) });
+
+test("versions: package.json, VERSION and Cargo.toml agree", () => {
+  const cargo = readFileSync(path.join(ROOT, "Cargo.toml"), "utf8");
+  const serverVersion = /^version\s*=\s*"([^"]+)"/m.exec(cargo)[1];
+  const pkg = JSON.parse(readFileSync(path.join(ROOT, "clients/js/package.json"), "utf8"));
+  assert.equal(pkg.name, "@switchboard/client");
+  assert.equal(pkg.version, serverVersion);
+  assert.equal(VERSION, serverVersion);
+});
+
+test("backoff: full jitter within [min, min(max, min·2^(n+1))]", () => {
+  for (let n = 0; n < 12; n++) {
+    const cap = Math.min(30000, 500 * 2 ** (n + 1));
+    assert.equal(backoff(n, 500, 30000, () => 0), 500);
+    assert.equal(backoff(n, 500, 30000, () => 1), cap);
+    for (let i = 0; i < 50; i++) {
+      const d = backoff(n, 500, 30000);
+      assert.ok(d >= 500 && d <= cap, `attempt ${n}: ${d}`);
+    }
+  }
+});
+
+test("history contract: duplicates dropped, gaps reported, epoch change is unrecoverable, since on resubscribe", async () => {
+  const server = await fakeServer(async (conn) => {
+    hello(conn);
+    const sub = await conn.next("subscribe");
+    if (!sub.since) {
+      conn.send({ type: "subscribed", event: "news", offset: 10, epoch: "e1" });
+      for (const [offset, n] of [[11, 1], [12, 2], [12, 2], [11, 1], [13, 3]]) {
+        conn.send({ type: "event", name: "news", data: { n }, offset });
+      }
+      conn.send({ type: "gap", event: "news", from: 14, to: 16, epoch: "e1" });
+      conn.send({ type: "event", name: "news", data: { n: 17 }, offset: 17 });
+      conn.send({ type: "event", name: "headline", topic: "news", data: { n: 18 }, offset: 18 });
+      await conn.next("ping").catch(() => {});
+    } else if (sub.since.epoch === "e1") {
+      // Second connection: recover 19..20, then live 21.
+      conn.send({ type: "subscribed", event: "news", offset: 20, epoch: "e1", recovered: true });
+      conn.send({ type: "event", name: "news", data: { n: 19 }, offset: 19 });
+      conn.send({ type: "event", name: "news", data: { n: 20 }, offset: 20 });
+      conn.send({ type: "event", name: "news", data: { n: 20 }, offset: 20 });
+      conn.send({ type: "event", name: "news", data: { n: 21 }, offset: 21 });
+      conn.send({ type: "gap", event: "news", from: 3, to: 4, epoch: "e2", previousEpoch: "e1" });
+      conn.send({ type: "event", name: "news", data: { n: 5 }, offset: 5 });
+    }
+  });
+  const client = new Switchboard(server.url, { WebSocket, minDelay: 20, maxDelay: 50 });
+  try {
+    const seen = [];
+    const marks = [];
+    const sub = client.subscribe("news", (data, meta) => seen.push([data.n, meta.offset, meta.name]));
+    sub.on("gap", (g) => marks.push(["gap", g.from, g.to, g.epoch]));
+    sub.on("recovered", (r) => marks.push(["recovered", r.from, r.to]));
+    sub.on("unrecoverable", (u) => marks.push(["unrecoverable", u.previousEpoch, u.epoch, u.offset]));
+    await client.connect();
+    await sub.ready;
+    await eventually(() => seen.length === 5, 3000, "first five events");
+    assert.deepEqual(seen, [
+      [1, 11, "news"],
+      [2, 12, "news"],
+      [3, 13, "news"],
+      [17, 17, "news"],
+      [18, 18, "headline"],
+    ]);
+    assert.deepEqual(marks, [["gap", 14, 16, "e1"]]);
+    assert.equal(sub.offset, 18);
+    assert.equal(sub.epoch, "e1");
+
+    // The server restarts: the client resubscribes with since.
+    server.connections[0].socket.close(1012, "service restart");
+    await eventually(() => seen.length === 9, 5000, "recovered events");
+    const resub = server.connections[1].url;
+    assert.match(resub, /^\/ws/);
+    assert.deepEqual(seen.slice(5), [
+      [19, 19, "news"],
+      [20, 20, "news"],
+      [21, 21, "news"],
+      [5, 5, "news"],
+    ]);
+    assert.deepEqual(marks.slice(1), [
+      ["recovered", 18, 20],
+      ["unrecoverable", "e1", "e2", 4],
+    ]);
+    assert.equal(sub.epoch, "e2");
+    assert.equal(sub.offset, 5);
+  } finally {
+    client.close();
+    await server.close();
+  }
+});
+
+test("history contract: the subscribe frame carries since; recovered:false is unrecoverable", async () => {
+  let subscribes = [];
+  const server = await fakeServer(async (conn) => {
+    hello(conn);
+    const sub = await conn.next("subscribe");
+    subscribes.push(sub);
+    if (!sub.since) {
+      conn.send({ type: "subscribed", event: "t", offset: 0, epoch: "A" });
+      conn.send({ type: "event", name: "t", data: 1, offset: 1 });
+    } else {
+      conn.send({ type: "subscribed", event: "t", offset: 900, epoch: "A", recovered: false });
+      conn.send({ type: "event", name: "t", data: 901, offset: 901 });
+    }
+  });
+  const client = new Switchboard(server.url, { WebSocket, minDelay: 10, maxDelay: 20 });
+  try {
+    const got = [];
+    const sub = client.subscribe("t", (d) => got.push(d));
+    await client.connect();
+    await eventually(() => got.length === 1);
+    const lost = nextEvent(sub, "unrecoverable");
+    server.terminateAll(); // 1006
+    const u = await lost;
+    assert.deepEqual(subscribes[1], { type: "subscribe", event: "t", since: { offset: 1, epoch: "A" } });
+    assert.equal(u.offset, 900);
+    await eventually(() => got.length === 2);
+    assert.deepEqual(got, [1, 901]);
+  } finally {
+    client.close();
+    await server.close();
+  }
+});
+
+test("a topic without history: resubscribe after reconnect is reported unrecoverable", async () => {
+  const server = await fakeServer(async (conn) => {
+    hello(conn);
+    await conn.next("subscribe");
+    conn.send({ type: "subscribed", event: "plain" });
+  });
+  const client = new Switchboard(server.url, { WebSocket, minDelay: 10, maxDelay: 20 });
+  try {
+    const sub = client.subscribe("plain");
+    const states = [];
+    sub.on("subscribed", (s) => states.push(s.resubscribed));
+    await client.connect();
+    await sub.ready;
+    const lost = nextEvent(sub, "unrecoverable");
+    server.connections[0].socket.close(1011, "heartbeat timeout");
+    const u = await lost;
+    assert.match(u.reason, /no history/);
+    assert.deepEqual(states, [false, true]);
+    assert.deepEqual(server.connections[1].frames.length, 0, "subscribe consumed, nothing else sent");
+  } finally {
+    client.close();
+    await server.close();
+  }
+});
+
+test("liveness: a connection that stops answering pings is dropped and reconnected", async () => {
+  const server = await fakeServer((conn) => {
+    hello(conn); // and never answer anything
+  });
+  const client = new Switchboard(server.url, { WebSocket, minDelay: 10, maxDelay: 20, pingInterval: 100, pingTimeout: 150 });
+  try {
+    await client.connect();
+    const d = await nextEvent(client, "disconnected", 3000);
+    assert.equal(d.code, 4000);
+    assert.match(d.reason, /no answer to ping/);
+    assert.equal(d.willReconnect, true);
+    await nextEvent(client, "connected", 3000);
+    assert.equal(server.connections.length, 2);
+  } finally {
+    client.close();
+    await server.close();
+  }
+});
+
+test("close codes: 1008 and 3000 stop; 1013 reconnects; close() is final", async () => {
+  const codes = [1013, 1008];
+  const server = await fakeServer((conn) => {
+    hello(conn);
+    const code = codes.shift();
+    if (code) setTimeout(() => conn.socket.close(code, "scripted"), 30);
+  });
+  const client = new Switchboard(server.url, { WebSocket, minDelay: 10, maxDelay: 20 });
+  try {
+    const events = [];
+    client.on("disconnected", (d) => events.push([d.code, d.willReconnect]));
+    await client.connect();
+    await eventually(() => client.state === "closed", 3000, "stop on 1008");
+    assert.deepEqual(events, [
+      [1013, true],
+      [1008, false],
+    ]);
+    assert.equal(server.connections.length, 2);
+  } finally {
+    client.close();
+    await server.close();
+  }
+
+  // 3000 "token expired": stop, unless getToken has a new token.
+  let n = 0;
+  const server2 = await fakeServer((conn) => {
+    hello(conn);
+    if (n++ === 0) setTimeout(() => conn.socket.close(3000, "token expired"), 30);
+  });
+  const tokens = ["t1", "t2"];
+  const client2 = new Switchboard(server2.url, { WebSocket, minDelay: 10, maxDelay: 20, getToken: () => tokens.shift() ?? "t2" });
+  try {
+    await client2.connect();
+    await eventually(() => server2.connections.length === 2, 3000, "reconnect with a new token");
+    assert.match(server2.connections[0].url, /token=t1/);
+    assert.match(server2.connections[1].url, /token=t2/);
+    client2.close();
+    assert.equal(client2.state, "closed");
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(server2.connections.length, 2, "no reconnect after close()");
+  } finally {
+    client2.close();
+    await server2.close();
+  }
+});
+
+test("request, refresh and server-side unsubscribe", async () => {
+  const server = await fakeServer(async (conn) => {
+    hello(conn);
+    for (;;) {
+      await new Promise((r) => conn.waiters.push(r));
+      for (const f of conn.frames.splice(0)) {
+        if (f.type === "request" && f.event === "a") conn.send({ type: "response", event: "a", data: { v: 1 }, offset: 7 });
+        if (f.type === "request" && f.event === "b") conn.send({ type: "error", error: "no data for \"b\"", code: "no_data", event: "b" });
+        if (f.type === "refresh") conn.send({ type: "refreshed", expiresAt: 1234 });
+        if (f.type === "subscribe") {
+          conn.send({ type: "subscribed", event: f.event });
+          conn.send({ type: "unsubscribed", event: f.event, reason: "the new token does not allow this topic" });
+        }
+      }
+    }
+  });
+  const client = new Switchboard(server.url, { WebSocket });
+  try {
+    await client.connect();
+    const r = await client.request("a");
+    assert.deepEqual(r.data, { v: 1 });
+    assert.equal(r.offset, 7);
+    await assert.rejects(client.request("b"), (e) => e.code === "no_data");
+    assert.deepEqual(await client.refresh("new"), { expiresAt: 1234 });
+    assert.equal(client.token, "new");
+    const sub = client.subscribe("secret");
+    const gone = await nextEvent(sub, "unsubscribed");
+    assert.match(gone.reason, /does not allow/);
+    assert.equal(sub.state, "unsubscribed");
+  } finally {
+    client.close();
+    await server.close();
+  }
+});
