@@ -537,11 +537,7 @@ impl Config {
         let cors_allowed_origins = p.parse(names::CORS_ALLOWED_ORIGINS, "*", parse_origins);
         let origin_allow_missing = p.parse(names::ORIGIN_ALLOW_MISSING, "true", parse_bool);
         let redis_url = p.optional(names::REDIS_URL, |v| {
-            if v.starts_with("redis://") || v.starts_with("rediss://") {
-                Ok(v.to_string())
-            } else {
-                Err("expected a redis:// or rediss:// URL".into())
-            }
+            crate::redis::check_url(v).map(|_| v.to_string())
         });
         let redis_prefix = p.parse(names::REDIS_PREFIX, "switchboard", |v| {
             if !v.is_empty()
@@ -868,6 +864,7 @@ impl Config {
 
 /// Replaces the password of `scheme://user:password@host` with `***`.
 pub fn redact_url(url: &str) -> String {
+    let url = &redact_query(url);
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -875,6 +872,17 @@ pub fn redact_url(url: &str) -> String {
         Some((userinfo, host)) => {
             let user = userinfo.split_once(':').map_or("", |(u, _)| u);
             format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// Replaces `sentinelPassword=…` in a URL's query.
+fn redact_query(url: &str) -> String {
+    match url.split_once("sentinelPassword=") {
+        Some((head, tail)) => {
+            let rest = tail.find('&').map_or("", |i| &tail[i..]);
+            format!("{head}sentinelPassword=***{rest}")
         }
         None => url.to_string(),
     }

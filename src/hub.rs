@@ -686,7 +686,7 @@ impl Hub {
     }
 
     async fn check_all(&self, stop: &CancellationToken) {
-        let topics: Vec<Arc<str>> = {
+        let mut pending: Vec<Arc<str>> = {
             let topics = self.inner.topics.read().unwrap();
             topics
                 .keys()
@@ -694,28 +694,50 @@ impl Hub {
                 .cloned()
                 .collect()
         };
-        let mut reads = Vec::with_capacity(topics.len());
-        for topic in topics {
-            match self.inner.history.read(&topic, 0, 0).await {
-                Ok(range) => reads.push((topic, range)),
-                Err(e) => tracing::debug!(%topic, cause = %e, "history check read failed"),
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(CHECK_SETTLE) => {}
-            _ = stop.cancelled() => return,
-        }
-        for (topic, range) in reads {
-            if self
-                .inner
-                .control
-                .send(Control::Check { topic, range })
-                .await
-                .is_err()
-            {
+        // Right after a reconnect the command connection may still be on its
+        // way back: retry what could not be read for a while.
+        for attempt in 0..20 {
+            if pending.is_empty() {
                 return;
             }
+            if attempt > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(CHECK_SETTLE) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+            let mut reads = Vec::with_capacity(pending.len());
+            let mut failed = Vec::new();
+            for topic in pending {
+                match self.inner.history.read(&topic, 0, 0).await {
+                    Ok(range) => reads.push((topic, range)),
+                    Err(e) => {
+                        tracing::debug!(%topic, cause = %e, "history check read failed");
+                        failed.push(topic);
+                    }
+                }
+            }
+            pending = failed;
+            tokio::select! {
+                _ = tokio::time::sleep(CHECK_SETTLE) => {}
+                _ = stop.cancelled() => return,
+            }
+            for (topic, range) in reads {
+                if self
+                    .inner
+                    .control
+                    .send(Control::Check { topic, range })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
         }
+        tracing::warn!(
+            topics = pending.len(),
+            "history check: topics could not be read; next check later"
+        );
     }
 
     /// The gate of member `id` of `topic`, with its subscriber.

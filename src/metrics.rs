@@ -19,6 +19,8 @@ pub const BACKPLANE_PUBLISHES: &str = "switchboard_backplane_publishes_total";
 pub const BACKPLANE_RECEIVED: &str = "switchboard_backplane_received_total";
 pub const BACKPLANE_ERRORS: &str = "switchboard_backplane_errors_total";
 pub const BACKPLANE_LAGGED: &str = "switchboard_backplane_lagged_messages_total";
+/// Probes of the node's own subscriptions that did not come back in time.
+pub const BACKPLANE_PROBE_FAILURES: &str = "switchboard_backplane_probe_failures_total";
 pub const BACKPLANE_CONNECTED: &str = "switchboard_backplane_connected";
 pub const INVALID_PUBLICATIONS: &str = "switchboard_invalid_publications_total";
 pub const LEADER: &str = "switchboard_leader";
@@ -151,6 +153,10 @@ fn describe() {
         "HTTP request latency, by matched route."
     );
     describe_gauge!(PROXY_CONNECTIONS, "Open proxied WebSocket connections.");
+    describe_counter!(
+        BACKPLANE_PROBE_FAILURES,
+        "Self-probes of a backplane subscription that did not come back in time (a deaf subscription, resubscribed)."
+    );
     describe_counter!(
         HISTORY_REPAIRS,
         "Gaps in a history topic this node filled from history before delivering on."

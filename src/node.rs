@@ -72,7 +72,7 @@ fn backends(
         crate::redis::set_ca_file(ca.clone());
     }
     let redis = Redis::connect(url)?;
-    let keys = Keys::new(&config.redis_prefix);
+    let keys = Keys::new(&config.redis_prefix, redis.mode());
     let election = Arc::new(RedisElection::start(
         redis.clone(),
         keys.clone(),
@@ -90,7 +90,14 @@ fn backends(
     )?;
     Ok(Backends {
         history: RedisHistory::start(redis.clone(), keys.clone(), &config.history, stop.clone()),
-        backplane: RedisBackplane::start(url, keys.clone(), redis.clone(), inbound_tx, stop)?,
+        backplane: RedisBackplane::start(
+            url,
+            keys.clone(),
+            &config.node_id,
+            redis.clone(),
+            inbound_tx,
+            stop,
+        )?,
         election,
         registry: Arc::new(RedisRegistry::new(redis.clone(), keys.clone())),
         store: Arc::new(RedisStore::new(redis, keys)),

@@ -10,47 +10,117 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 
+/// How the nodes reach Redis, from the form of `REDIS_URL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `redis://` or `rediss://`: one server.
+    Standalone,
+    /// `redis-cluster://` or `rediss-cluster://`: a Redis Cluster; topics
+    /// travel over sharded pub/sub.
+    Cluster,
+    /// `redis-sentinel://` or `rediss-sentinel://`: the primary named by
+    /// `sentinelServiceName`, followed through failovers.
+    Sentinel,
+}
+
+/// Checks a `REDIS_URL` the way the nodes will read it; the error says what
+/// form was expected.
+pub fn check_url(url: &str) -> Result<Mode, String> {
+    const FORMS: &str = "expected redis://host:port, rediss://…, \
+        redis-cluster://host:port?node=host:port&node=…, or \
+        redis-sentinel://host:port?node=host:port&sentinelServiceName=NAME";
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    let mode = match scheme {
+        "redis" | "rediss" => Mode::Standalone,
+        "redis-cluster" | "rediss-cluster" => Mode::Cluster,
+        "redis-sentinel" | "rediss-sentinel" => Mode::Sentinel,
+        _ => return Err(FORMS.into()),
+    };
+    if mode == Mode::Sentinel && !url.contains("sentinelServiceName=") {
+        return Err(
+            "a redis-sentinel:// URL needs ?sentinelServiceName=NAME (the primary's name)".into(),
+        );
+    }
+    Config::from_url(url).map_err(|e| format!("{FORMS}: {}", e.details()))?;
+    Ok(mode)
+}
+
 /// Keys and channels under one prefix (`REDIS_PREFIX`, default `switchboard`).
+///
+/// On a Redis Cluster every key one script touches must live in one slot,
+/// and a sharded channel published from a script must share the slot of its
+/// keys. So in cluster mode the node's own keys carry the prefix as a hash
+/// tag (`{switchboard}:leader`, …) and topic channels the topic
+/// (`switchboard:t:{news}`), like the history keys always do. A single
+/// server keeps the plain names.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    cluster: bool,
 }
 
 impl Keys {
-    pub fn new(prefix: &str) -> Self {
+    pub fn new(prefix: &str, mode: Mode) -> Self {
         Self {
             prefix: prefix.to_string(),
+            cluster: mode == Mode::Cluster,
         }
     }
 
-    /// `{prefix}:t:` — the start of every topic channel.
-    pub fn topic_prefix(&self) -> String {
-        format!("{}:t:", self.prefix)
+    /// Whether topics travel over sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`).
+    pub fn sharded(&self) -> bool {
+        self.cluster
     }
 
-    /// `{prefix}:t:{topic}` — where publishers `PUBLISH`.
+    /// The start of the node's own key names: `{prefix}` tagged in cluster mode.
+    fn own(&self) -> String {
+        if self.cluster {
+            format!("{{{}}}", self.prefix)
+        } else {
+            self.prefix.clone()
+        }
+    }
+
+    /// The channel of a topic: `{prefix}:t:{topic}` (`{prefix}:t:{{topic}}` in
+    /// cluster mode) — where publishers `PUBLISH` (`SPUBLISH`).
     pub fn topic(&self, topic: &str) -> String {
-        format!("{}:t:{topic}", self.prefix)
+        if self.cluster {
+            format!("{}:t:{{{topic}}}", self.prefix)
+        } else {
+            format!("{}:t:{topic}", self.prefix)
+        }
+    }
+
+    /// The topic a channel carries, if it is a topic channel.
+    pub fn topic_of<'c>(&self, channel: &'c str) -> Option<&'c str> {
+        let rest = channel
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":t:")?;
+        if self.cluster {
+            rest.strip_prefix('{')?.strip_suffix('}')
+        } else {
+            Some(rest)
+        }
     }
 
     pub fn leader(&self) -> String {
-        format!("{}:leader", self.prefix)
+        format!("{}:leader", self.own())
     }
 
     pub fn epoch(&self) -> String {
-        format!("{}:epoch", self.prefix)
+        format!("{}:epoch", self.own())
     }
 
     pub fn device(&self) -> String {
-        format!("{}:device", self.prefix)
+        format!("{}:device", self.own())
     }
 
     pub fn node(&self, id: &str) -> String {
-        format!("{}:node:{id}", self.prefix)
+        format!("{}:node:{id}", self.own())
     }
 
     pub fn node_pattern(&self) -> String {
-        format!("{}:node:*", self.prefix)
+        format!("{}:node:*", self.own())
     }
 
     /// The key prefix itself (`REDIS_PREFIX`), passed to the history functions.
@@ -66,6 +136,16 @@ impl Keys {
     /// Replies to device commands forwarded by node `id`.
     pub fn replies(&self, id: &str) -> String {
         format!("{}:reply:{id}", self.prefix)
+    }
+
+    /// A channel this node publishes probes on and listens to, to prove its
+    /// subscriber connection still receives; `tag` places it on a shard.
+    pub fn probe(&self, node: &str, tag: u32) -> String {
+        if self.cluster {
+            format!("{}:probe:{node}:{{p{tag}}}", self.prefix)
+        } else {
+            format!("{}:probe:{node}", self.prefix)
+        }
     }
 }
 
@@ -141,7 +221,7 @@ fn builder(url: &str, pubsub_capacity: usize) -> Result<Builder, RedisError> {
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);
             c.internal_command_timeout = Duration::from_secs(2);
-            c.max_command_attempts = 1;
+            c.max_command_attempts = if url.contains("-cluster://") { 4 } else { 1 };
             // Without this a half-open connection is never noticed.
             c.unresponsive.max_timeout = Some(Duration::from_secs(3));
             c.unresponsive.interval = Duration::from_millis(500);
@@ -173,20 +253,32 @@ impl LuaScript {
 pub struct Redis {
     client: Client,
     options: Options,
+    mode: Mode,
 }
 
 impl Redis {
     /// Connects in the background: a node starts (not ready) while Redis is down.
     pub fn connect(url: &str) -> Result<Redis, RedisError> {
+        let mode = check_url(url).map_err(RedisError::Reply)?;
         let client = builder(url, 32)?.build()?;
         client.connect();
         let options = Options {
             fail_fast: true,
             timeout: Some(COMMAND_TIMEOUT),
-            max_attempts: Some(1),
+            // A cluster answers MOVED/ASK while slots move, and each
+            // redirection costs fred an attempt.
+            max_attempts: Some(if mode == Mode::Cluster { 4 } else { 1 }),
             ..Default::default()
         };
-        Ok(Redis { client, options })
+        Ok(Redis {
+            client,
+            options,
+            mode,
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     /// The client with fail-fast options, for every command.
@@ -209,6 +301,11 @@ impl Redis {
 
     pub async fn publish(&self, channel: &str, payload: bytes::Bytes) -> Result<i64, RedisError> {
         within(COMMAND_TIMEOUT, self.c().publish(channel, payload)).await
+    }
+
+    /// `SPUBLISH`: sharded pub/sub, routed to the channel's slot.
+    pub async fn spublish(&self, channel: &str, payload: bytes::Bytes) -> Result<i64, RedisError> {
+        within(COMMAND_TIMEOUT, self.c().spublish(channel, payload)).await
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<String>, RedisError> {
@@ -235,10 +332,19 @@ impl Redis {
         let mut cursor = "0".to_string();
         let mut keys: Vec<String> = Vec::new();
         loop {
+            // In cluster mode every key of `pattern` shares one slot (hash
+            // tag): scan the node that owns it.
+            let scan = match self.mode {
+                Mode::Cluster => fred::cmd!(
+                    "SCAN",
+                    hash: fred::types::ClusterHash::Custom(fred::util::redis_keyslot(pattern.as_bytes()))
+                ),
+                _ => fred::cmd!("SCAN"),
+            };
             let (next, batch): (String, Vec<String>) = within(
                 COMMAND_TIMEOUT,
                 self.c().custom(
-                    fred::cmd!("SCAN"),
+                    scan,
                     vec![
                         cursor.clone(),
                         "MATCH".into(),
@@ -277,11 +383,20 @@ impl Redis {
         argv.extend(keys);
         argv.extend(args);
         let client = self.c();
-        let evalsha = || client.custom(fred::cmd!("EVALSHA"), argv.clone());
-        match within(timeout, evalsha()).await {
+        // Routed by the first key (the SHA comes first), so a cluster sends
+        // it to the slot's owner.
+        let hash = fred::types::ClusterHash::Offset(2);
+        match within(
+            timeout,
+            client.custom(fred::cmd!("EVALSHA", hash: hash.clone()), argv.clone()),
+        )
+        .await
+        {
             Err(RedisError::Redis(e)) if e.details().starts_with("NOSCRIPT") => {
-                within(timeout, script.0.load(&self.client)).await?;
-                within(timeout, evalsha()).await
+                // EVAL caches the script on the server that runs it (in a
+                // cluster, the one that owns the keys).
+                argv[0] = script.0.lua().map(|l| l.to_string()).unwrap_or_default();
+                within(timeout, client.custom(fred::cmd!("EVAL", hash: hash), argv)).await
             }
             other => other,
         }
@@ -321,16 +436,36 @@ impl Redis {
         }
     }
 
-    /// `FUNCTION LOAD REPLACE code`.
+    /// `FUNCTION LOAD REPLACE code`, on every primary of a cluster
+    /// (replicas copy it from their primary).
     pub async fn function_load(&self, code: &str) -> Result<(), RedisError> {
-        let _: Value = within(
-            COMMAND_TIMEOUT,
-            self.c().custom(
-                fred::cmd!("FUNCTION"),
-                vec!["LOAD".to_string(), "REPLACE".into(), code.to_string()],
-            ),
-        )
-        .await?;
+        let args = vec!["LOAD".to_string(), "REPLACE".into(), code.to_string()];
+        if self.mode != Mode::Cluster {
+            let _: Value = within(
+                COMMAND_TIMEOUT,
+                self.c().custom(fred::cmd!("FUNCTION"), args),
+            )
+            .await?;
+            return Ok(());
+        }
+        within(COMMAND_TIMEOUT, self.client.sync_cluster()).await?;
+        let primaries = self
+            .client
+            .cached_cluster_state()
+            .map(|s| s.unique_primary_nodes())
+            .unwrap_or_default();
+        if primaries.is_empty() {
+            return Err(RedisError::Reply("the cluster has no primary".into()));
+        }
+        for server in primaries {
+            let _: Value = within(
+                COMMAND_TIMEOUT,
+                self.client
+                    .with_cluster_node(server)
+                    .custom(fred::cmd!("FUNCTION"), args.clone()),
+            )
+            .await?;
+        }
         Ok(())
     }
 
@@ -438,12 +573,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cluster_names_share_slots() {
+        let k = Keys::new("sb", Mode::Cluster);
+        assert_eq!(k.topic("news"), "sb:t:{news}");
+        assert_eq!(k.topic_of("sb:t:{news}"), Some("news"));
+        assert_eq!(k.topic_of("sb:probe:x"), None);
+        let slot = |key: &str| fred::util::redis_keyslot(key.as_bytes());
+        assert_eq!(slot(&k.leader()), slot(&k.epoch()));
+        assert_eq!(slot(&k.device()), slot(&k.epoch()));
+        assert_eq!(slot(&k.node("a")), slot(&k.epoch()));
+        assert_eq!(slot(&k.topic("news")), slot("sb:history:{news}"));
+        assert_eq!(
+            check_url("redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001"),
+            Ok(Mode::Cluster)
+        );
+        assert_eq!(
+            check_url("redis-sentinel://127.0.0.1:26379?sentinelServiceName=main"),
+            Ok(Mode::Sentinel)
+        );
+        assert!(check_url("redis-sentinel://127.0.0.1:26379").is_err());
+        assert!(check_url("http://x").is_err());
+        assert!(check_url("redis-cluster://").is_err());
+    }
+
+    #[test]
     fn names() {
-        let k = Keys::new("switchboard");
+        let k = Keys::new("switchboard", Mode::Standalone);
         assert_eq!(k.topic("news"), "switchboard:t:news");
         assert_eq!(k.leader(), "switchboard:leader");
         assert_eq!(k.epoch(), "switchboard:epoch");
         assert_eq!(k.device(), "switchboard:device");
         assert_eq!(k.node("a"), "switchboard:node:a");
+        assert_eq!(k.topic_of("switchboard:t:a/b"), Some("a/b"));
     }
 }

@@ -260,7 +260,7 @@ async fn a_write_with_an_older_epoch_is_rejected_by_redis() {
     let redis = Redis::start();
     let conn = Conn::connect(&redis.url()).unwrap();
     assert!(conn.wait_connected(Duration::from_secs(5)).await);
-    let keys = Keys::new(&prefix("fence"));
+    let keys = Keys::new(&prefix("fence"), switchboard::redis::Mode::Standalone);
     let store = RedisStore::new(conn, keys);
     let mut s = DeviceState::initial(&["clock".into()]);
     s.epoch = 5;

@@ -1,6 +1,18 @@
 //! The Redis backplane: `PUBLISH {prefix}:t:{topic}` on a command connection,
 //! and a dedicated subscriber connection that is subscribed to exactly the
-//! topics with local subscribers.
+//! topics with local subscribers. On a Redis Cluster topics travel over
+//! sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE` on `{prefix}:t:{{topic}}`), so a
+//! topic only loads the shard that owns its slot.
+//!
+//! A subscription can go deaf while its connection looks fine: Redis drops
+//! sharded subscriptions of a slot that moved (it sends `sunsubscribe`,
+//! which fred discards), and a failover can leave a connection to a node
+//! that no longer serves. So the node probes itself: every second it
+//! publishes on a probe channel of its own on every shard and expects it
+//! back; a probe that does not return within [`PROBE_DEADLINE`] marks the
+//! node not ready, is counted, and everything is subscribed again. In
+//! cluster mode the slot layout is also compared every second, and a change
+//! resubscribes at once. Each restoration lets the hub repair gaps.
 //!
 //! fred pitfalls handled here (see CRATE-NOTES): reconnection is configured
 //! in `crate::redis`; subscriptions are restored by our own reconnect
@@ -8,13 +20,14 @@
 //! broadcast into our own queue at once by a loop that counts lag instead of
 //! ending on it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::clients::SubscriberClient;
-use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+use fred::interfaces::{ClientLike, ClusterInterface, EventInterface, PubsubInterface};
 use futures_util::future::BoxFuture;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Notify, mpsc, watch};
@@ -26,13 +39,30 @@ use crate::redis::{COMMAND_TIMEOUT, Keys, Redis, RedisError, within};
 
 /// How often the connection health is checked.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the node probes its own subscriptions.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a probe may take to come back before the subscription counts
+/// as deaf.
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(3);
 
 pub struct RedisBackplane {
     keys: Keys,
+    node_id: String,
     publisher: Redis,
     subscriber: SubscriberClient,
     status: watch::Sender<Status>,
     restorations: watch::Sender<u64>,
+    /// Probe channel → its last probe sent and last one received.
+    probes: Mutex<HashMap<String, Probe>>,
+    /// Set while a deaf subscription is being restored: the node is not ready.
+    deaf: AtomicBool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    sent: u64,
+    sent_at: Instant,
+    received: u64,
 }
 
 impl RedisBackplane {
@@ -40,6 +70,7 @@ impl RedisBackplane {
     pub fn start(
         url: &str,
         keys: Keys,
+        node_id: &str,
         publisher: Redis,
         inbound: mpsc::Sender<Inbound>,
         stop: CancellationToken,
@@ -53,17 +84,20 @@ impl RedisBackplane {
         let reconnects = subscriber.reconnect_rx();
         subscriber.connect();
         let backplane = Arc::new(Self {
-            keys: keys.clone(),
+            keys,
+            node_id: node_id.to_string(),
             publisher,
             subscriber,
             status: watch::Sender::new(Status::Disconnected {
                 reason: "connecting to Redis".into(),
             }),
             restorations: watch::Sender::new(0),
+            probes: Mutex::new(HashMap::new()),
+            deaf: AtomicBool::new(false),
         });
         tokio::spawn(receive_loop(
+            backplane.clone(),
             messages,
-            keys.topic_prefix(),
             inbound,
             stop.clone(),
         ));
@@ -76,8 +110,124 @@ impl RedisBackplane {
             nudge.clone(),
             stop.clone(),
         ));
-        tokio::spawn(monitor(backplane.clone(), restored, nudge, stop));
+        tokio::spawn(monitor(
+            backplane.clone(),
+            restored.clone(),
+            nudge,
+            stop.clone(),
+        ));
+        tokio::spawn(probe_loop(backplane.clone(), restored, stop));
         Ok(backplane)
+    }
+
+    async fn subscribe_channel(&self, channel: String) -> Result<(), RedisError> {
+        if self.keys.sharded() {
+            within(COMMAND_TIMEOUT, self.subscriber.ssubscribe(channel)).await
+        } else {
+            within(COMMAND_TIMEOUT, self.subscriber.subscribe(channel)).await
+        }
+    }
+
+    async fn unsubscribe_channel(&self, channel: String) -> Result<(), RedisError> {
+        if self.keys.sharded() {
+            within(COMMAND_TIMEOUT, self.subscriber.sunsubscribe(channel)).await
+        } else {
+            within(COMMAND_TIMEOUT, self.subscriber.unsubscribe(channel)).await
+        }
+    }
+
+    /// Subscribes again to every channel, routed by the current slot layout
+    /// (a slot that moved is served by its new owner), and tells the hub to
+    /// repair what was missed.
+    async fn resubscribe(&self) -> Result<(), RedisError> {
+        if self.keys.sharded() {
+            within(COMMAND_TIMEOUT, self.subscriber.sync_cluster()).await?;
+        }
+        self.resubscribe_tracked().await?;
+        self.restorations.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Subscribes again to every channel fred tracks. fred's own
+    /// `resubscribe_all` sends an empty `PSUBSCRIBE`, which a cluster refuses.
+    async fn resubscribe_tracked(&self) -> Result<(), RedisError> {
+        let channels: Vec<String> = self
+            .subscriber
+            .tracked_channels()
+            .into_iter()
+            .map(|c| c.to_string())
+            .collect();
+        if !channels.is_empty() {
+            within(COMMAND_TIMEOUT, self.subscriber.subscribe(channels)).await?;
+        }
+        let mut by_slot: HashMap<u16, Vec<String>> = HashMap::new();
+        for c in self.subscriber.tracked_shard_channels() {
+            by_slot
+                .entry(fred::util::redis_keyslot(c.as_bytes()))
+                .or_default()
+                .push(c.to_string());
+        }
+        for channels in by_slot.into_values() {
+            within(COMMAND_TIMEOUT, self.subscriber.ssubscribe(channels)).await?;
+        }
+        Ok(())
+    }
+
+    /// Records a probe that came back; true when `channel` is one of ours.
+    fn probe_returned(&self, channel: &str, payload: &[u8]) -> bool {
+        let mut probes = self.probes.lock().unwrap();
+        let Some(probe) = probes.get_mut(channel) else {
+            return false;
+        };
+        if let Some(n) = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|p| p.parse().ok())
+        {
+            probe.received = probe.received.max(n);
+        }
+        true
+    }
+
+    /// The probe channels for the current layout: one for a single server,
+    /// one per primary in a cluster (a tag whose slot that primary serves).
+    fn probe_channels(&self) -> Vec<String> {
+        if !self.keys.sharded() {
+            return vec![self.keys.probe(&self.node_id, 0)];
+        }
+        let Some(state) = self.subscriber.cached_cluster_state() else {
+            return Vec::new();
+        };
+        let mut channels = Vec::new();
+        for primary in state.unique_primary_nodes() {
+            let owns = |slot: u16| {
+                state
+                    .slots()
+                    .iter()
+                    .any(|r| r.primary == primary && (r.start..=r.end).contains(&slot))
+            };
+            if let Some(tag) = (0..100_000u32).find(|t| {
+                owns(fred::util::redis_keyslot(
+                    self.keys.probe(&self.node_id, *t).as_bytes(),
+                ))
+            }) {
+                channels.push(self.keys.probe(&self.node_id, tag));
+            }
+        }
+        channels
+    }
+
+    /// The slot layout as comparable data: (start, end, primary) per range.
+    fn layout(&self) -> Vec<(u16, u16, String)> {
+        let Some(state) = self.subscriber.cached_cluster_state() else {
+            return Vec::new();
+        };
+        let mut layout: Vec<_> = state
+            .slots()
+            .iter()
+            .map(|r| (r.start, r.end, r.primary.to_string()))
+            .collect();
+        layout.sort();
+        layout
     }
 }
 
@@ -92,33 +242,30 @@ impl Backplane for RedisBackplane {
         payload: Bytes,
     ) -> BoxFuture<'a, Result<(), BackplaneError>> {
         Box::pin(async move {
-            self.publisher
-                .publish(&self.keys.topic(topic), payload)
-                .await
-                .map(|_| ())
+            let channel = self.keys.topic(topic);
+            let sent = if self.keys.sharded() {
+                self.publisher.spublish(&channel, payload).await
+            } else {
+                self.publisher.publish(&channel, payload).await
+            };
+            sent.map(|_| ())
                 .map_err(|e| BackplaneError::Unavailable(e.to_string()))
         })
     }
 
     fn subscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BackplaneError>> {
         Box::pin(async move {
-            within(
-                COMMAND_TIMEOUT,
-                self.subscriber.subscribe(self.keys.topic(topic)),
-            )
-            .await
-            .map_err(|e| BackplaneError::Unavailable(e.to_string()))
+            self.subscribe_channel(self.keys.topic(topic))
+                .await
+                .map_err(|e| BackplaneError::Unavailable(e.to_string()))
         })
     }
 
     fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BackplaneError>> {
         Box::pin(async move {
-            within(
-                COMMAND_TIMEOUT,
-                self.subscriber.unsubscribe(self.keys.topic(topic)),
-            )
-            .await
-            .map_err(|e| BackplaneError::Unavailable(e.to_string()))
+            self.unsubscribe_channel(self.keys.topic(topic))
+                .await
+                .map_err(|e| BackplaneError::Unavailable(e.to_string()))
         })
     }
 
@@ -134,8 +281,8 @@ impl Backplane for RedisBackplane {
 /// Moves every message into the hub's queue at once. Never ends on lag:
 /// lost messages are counted and logged.
 async fn receive_loop(
+    backplane: Arc<RedisBackplane>,
     mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
-    topic_prefix: String,
     inbound: mpsc::Sender<Inbound>,
     stop: CancellationToken,
 ) {
@@ -147,11 +294,12 @@ async fn receive_loop(
         match msg {
             Ok(msg) => {
                 let received_at = Instant::now();
-                let Some(topic) = msg.channel.strip_prefix(topic_prefix.as_str()) else {
+                let payload = msg.value.into_bytes().unwrap_or_default();
+                let Some(topic) = backplane.keys.topic_of(&msg.channel) else {
+                    backplane.probe_returned(&msg.channel, &payload);
                     continue;
                 };
                 let topic = topic.to_string();
-                let payload = msg.value.into_bytes().unwrap_or_default();
                 let item = Inbound {
                     topic,
                     payload,
@@ -189,7 +337,7 @@ async fn restore_on_reconnect(
             Err(RecvError::Closed) => return,
         }
         loop {
-            match within(COMMAND_TIMEOUT, backplane.subscriber.resubscribe_all()).await {
+            match backplane.resubscribe_tracked().await {
                 Ok(()) => {
                     let n = backplane.subscriber.tracked_channels().len();
                     tracing::info!(channels = n, "backplane subscriptions restored");
@@ -235,6 +383,10 @@ async fn monitor(
             Status::Disconnected {
                 reason: "restoring Redis subscriptions".into(),
             }
+        } else if backplane.deaf.load(Ordering::Acquire) {
+            Status::Disconnected {
+                reason: "a backplane subscription stopped receiving; subscribing again".into(),
+            }
         } else {
             match tokio::time::timeout(Duration::from_secs(1), backplane.publisher.ping()).await {
                 Ok(Ok(())) => Status::Connected,
@@ -262,6 +414,133 @@ async fn monitor(
             match &status {
                 Status::Connected => tracing::info!("backplane connected"),
                 Status::Disconnected { reason } => tracing::warn!(reason, "backplane not ready"),
+            }
+        }
+    }
+}
+
+/// Probes the node's own subscriptions every [`PROBE_INTERVAL`] (see the
+/// module docs) and, in cluster mode, follows the slot layout.
+async fn probe_loop(
+    backplane: Arc<RedisBackplane>,
+    restored: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut layout = Vec::new();
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if !backplane.subscriber.is_connected() || !restored.load(Ordering::Acquire) {
+            // Reconnecting: `restore_on_reconnect` resubscribes; probes
+            // restart from scratch afterwards.
+            backplane.probes.lock().unwrap().clear();
+            continue;
+        }
+        if backplane.keys.sharded() {
+            if within(COMMAND_TIMEOUT, backplane.subscriber.sync_cluster())
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            let now = backplane.layout();
+            if !layout.is_empty() && now != layout {
+                tracing::info!("cluster slot layout changed: subscribing again on the new owners");
+                if let Err(e) = backplane.resubscribe().await {
+                    tracing::warn!(cause = %e, "resubscribing after a layout change failed");
+                    continue;
+                }
+            }
+            layout = now;
+        }
+        // Keep exactly the probe channels of the current layout subscribed.
+        let wanted = backplane.probe_channels();
+        let (new, stale): (Vec<String>, Vec<String>) = {
+            let probes = backplane.probes.lock().unwrap();
+            (
+                wanted
+                    .iter()
+                    .filter(|c| !probes.contains_key(*c))
+                    .cloned()
+                    .collect(),
+                probes
+                    .keys()
+                    .filter(|c| !wanted.contains(c))
+                    .cloned()
+                    .collect(),
+            )
+        };
+        for channel in stale {
+            backplane.probes.lock().unwrap().remove(&channel);
+            let _ = backplane.unsubscribe_channel(channel).await;
+        }
+        for channel in new {
+            if backplane.subscribe_channel(channel.clone()).await.is_ok() {
+                backplane.probes.lock().unwrap().insert(
+                    channel,
+                    Probe {
+                        sent: 0,
+                        sent_at: Instant::now(),
+                        received: 0,
+                    },
+                );
+            }
+        }
+        // A probe that did not come back in time: deaf.
+        let late: Vec<String> = backplane
+            .probes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| p.received < p.sent && p.sent_at.elapsed() > PROBE_DEADLINE)
+            .map(|(c, _)| c.clone())
+            .collect();
+        if !late.is_empty() {
+            metrics::counter!(m::BACKPLANE_PROBE_FAILURES).increment(late.len() as u64);
+            tracing::warn!(channels = ?late, "backplane probe did not come back: subscribing again");
+            backplane.deaf.store(true, Ordering::Release);
+            if let Err(e) = backplane.resubscribe().await {
+                tracing::warn!(cause = %e, "resubscribing a deaf backplane failed; retrying");
+            }
+            backplane.probes.lock().unwrap().clear();
+            continue;
+        }
+        if backplane
+            .probes
+            .lock()
+            .unwrap()
+            .values()
+            .all(|p| p.received == p.sent)
+        {
+            backplane.deaf.store(false, Ordering::Release);
+        }
+        // Send the next round; a probe still in flight keeps its send time.
+        seq += 1;
+        let channels: Vec<String> = backplane
+            .probes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| p.received == p.sent)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for channel in channels {
+            let payload = Bytes::from(seq.to_string());
+            let sent = if backplane.keys.sharded() {
+                backplane.publisher.spublish(&channel, payload).await
+            } else {
+                backplane.publisher.publish(&channel, payload).await
+            };
+            if sent.is_ok()
+                && let Some(p) = backplane.probes.lock().unwrap().get_mut(&channel)
+            {
+                p.sent = seq;
+                p.sent_at = Instant::now();
             }
         }
     }

@@ -20,8 +20,8 @@ use super::{History, HistoryError, Position, Range, Stored};
 use crate::config::HistoryConfig;
 use crate::redis::{Keys, Redis, RedisError};
 
-/// The library, with `__SIZE__`, `__TTL__`, `__MAX_DEPTH__` and
-/// `__PATTERNS__` filled in from the loading node's settings.
+/// The library, with `__SIZE__`, `__TTL__`, `__MAX_DEPTH__`, `__PATTERNS__`
+/// and `__SHARDED__` filled in from the loading node's settings.
 const LIBRARY: &str = r#"#!lua name=switchboard
 -- Switchboard history functions (src/history/redis.rs). Every node loads this
 -- library with FUNCTION LOAD REPLACE at start and after each reconnect; the
@@ -31,6 +31,9 @@ local SIZE = __SIZE__
 local TTL = __TTL__
 local MAX_DEPTH = __MAX_DEPTH__
 local PATTERNS = { __PATTERNS__ }
+-- On a Redis Cluster publications go out with SPUBLISH on a channel that
+-- carries the topic as a hash tag, in the slot of the topic's keys.
+local SHARDED = __SHARDED__
 
 local function fail(msg)
   return redis.error_reply('ERR ' .. msg)
@@ -58,7 +61,9 @@ end
 
 local function names(topic, prefix)
   local tag = '{' .. topic .. '}'
-  return prefix .. ':history:' .. tag, prefix .. ':history-meta:' .. tag, prefix .. ':t:' .. topic
+  local channel = prefix .. ':t:' .. topic
+  if SHARDED then channel = prefix .. ':t:' .. tag end
+  return prefix .. ':history:' .. tag, prefix .. ':history-meta:' .. tag, channel
 end
 
 local function b36(n)
@@ -134,7 +139,11 @@ local function publish(keys, args)
   end
   redis.call('PEXPIRE', stream, TTL)
   redis.call('PEXPIRE', meta, TTL)
-  redis.call('PUBLISH', channel, payload)
+  if SHARDED then
+    redis.call('SPUBLISH', channel, payload)
+  else
+    redis.call('PUBLISH', channel, payload)
+  end
   return {offset, epoch}
 end
 
@@ -166,8 +175,8 @@ redis.register_function('switchboard_publish', publish)
 redis.register_function('switchboard_history', history)
 "#;
 
-/// The library text for `config`.
-pub fn library(config: &HistoryConfig) -> String {
+/// The library text for `config`; `sharded` on a Redis Cluster.
+pub fn library(config: &HistoryConfig, sharded: bool) -> String {
     let patterns: Vec<String> = config
         .topics
         .iter()
@@ -190,6 +199,7 @@ pub fn library(config: &HistoryConfig) -> String {
         .replace("__TTL__", &config.ttl.as_millis().to_string())
         .replace("__MAX_DEPTH__", &super::MAX_DEPTH.to_string())
         .replace("__PATTERNS__", &patterns.join(", "))
+        .replace("__SHARDED__", if sharded { "true" } else { "false" })
 }
 
 pub struct RedisHistory {
@@ -207,9 +217,9 @@ impl RedisHistory {
         stop: CancellationToken,
     ) -> Arc<Self> {
         let history = Arc::new(Self {
+            library: library(config, keys.sharded()),
             redis,
             keys,
-            library: library(config),
         });
         let h = history.clone();
         let mut connections = h.redis.connections();
@@ -353,7 +363,8 @@ mod tests {
             size: 10,
             ttl: std::time::Duration::from_secs(5),
         };
-        let lib = library(&config);
+        let lib = library(&config, false);
+        assert!(lib.contains("local SHARDED = false\n"));
         assert!(lib.contains("local SIZE = 10\n"));
         assert!(lib.contains("local TTL = 5000\n"));
         assert!(lib.contains("local PATTERNS = { '^.*$', '^news%.a%-b.*$' }"));

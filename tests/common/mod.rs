@@ -47,6 +47,11 @@ impl Redis {
     }
 
     pub fn start_on(port: u16) -> Redis {
+        Self::start_with(port, &[])
+    }
+
+    /// Starts a server with `extra` arguments (e.g. cluster mode, replicaof).
+    pub fn start_with(port: u16, extra: &[&str]) -> Redis {
         let dir = std::env::temp_dir().join(format!("sb-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new("redis-server")
@@ -64,6 +69,7 @@ impl Redis {
                 "--logfile",
                 dir.join("redis.log").to_str().unwrap(),
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -197,6 +203,273 @@ impl Drop for Redis {
         }
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// === Redis Cluster and Sentinel topologies ===
+
+/// A Redis Cluster of `primaries` primaries with `replicas` replicas each,
+/// on free loopback ports; every server is killed on drop.
+pub struct RedisCluster {
+    pub servers: Vec<Redis>,
+}
+
+impl RedisCluster {
+    pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
+        let servers: Vec<Redis> = (0..primaries * (1 + replicas))
+            .map(|_| {
+                let port = free_port();
+                let conf = format!("nodes-{port}.conf");
+                Redis::start_with(
+                    port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &conf,
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--cluster-replica-validity-factor",
+                        "0",
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = servers
+            .iter()
+            .map(|r| format!("127.0.0.1:{}", r.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { servers };
+        assert!(
+            eventually(Duration::from_secs(20), || cluster.servers.iter().all(
+                |r| r
+                    .try_cmd(&["CLUSTER", "INFO"])
+                    .is_ok_and(|i| i.contains("cluster_state:ok"))
+            ) && cluster.primaries().len()
+                == primaries),
+            "the cluster never became ok"
+        );
+        // Replicas copy their primary a moment after the cluster forms; a
+        // failover before that would lose everything.
+        assert!(
+            eventually(Duration::from_secs(20), || cluster.servers.iter().all(
+                |r| {
+                    r.try_cmd(&["INFO", "replication"]).is_ok_and(|i| {
+                        i.contains("role:master") || i.contains("master_link_status:up")
+                    })
+                }
+            )),
+            "the replicas never synced"
+        );
+        cluster
+    }
+
+    /// `redis-cluster://first?node=second&node=…`
+    pub fn url(&self) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.servers[0].port);
+        for (i, r) in self.servers.iter().enumerate().skip(1) {
+            url.push(if i == 1 { '?' } else { '&' });
+            url.push_str(&format!("node=127.0.0.1:{}", r.port));
+        }
+        url
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.servers.iter().map(|r| r.port).collect()
+    }
+
+    /// Ports of the primaries that serve slots.
+    pub fn primaries(&self) -> Vec<u16> {
+        cluster_nodes(&self.ports())
+            .into_iter()
+            .filter(|(_, p, slots)| *p && !slots.is_empty())
+            .map(|(port, _, _)| port)
+            .collect()
+    }
+
+    /// The server that is primary for `key`'s slot now.
+    pub fn owner(&self, key: &str) -> Option<&Redis> {
+        let port = cluster_owner(&self.ports(), key)?;
+        self.servers.iter().find(|r| r.port == port)
+    }
+
+    /// SIGKILLs the server on `port`.
+    pub fn kill(&mut self, port: u16) {
+        if let Some(r) = self.servers.iter_mut().find(|r| r.port == port) {
+            r.kill();
+        }
+    }
+}
+
+/// One line of `CLUSTER NODES`: port, whether it is a live primary, slot ranges.
+pub type ClusterNode = (u16, bool, Vec<(u16, u16)>);
+
+/// A live server's view of `CLUSTER NODES`.
+pub fn cluster_nodes(ports: &[u16]) -> Vec<ClusterNode> {
+    for port in ports {
+        let Ok(text) = Redis::connect_existing(*port).try_cmd(&["CLUSTER", "NODES"]) else {
+            continue;
+        };
+        if !text.contains("myself") {
+            continue;
+        }
+        return text
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let port: u16 = f
+                    .get(1)?
+                    .split('@')
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                let flags = f.get(2)?;
+                let primary = flags.contains("master") && !flags.contains("fail");
+                let slots = f[8.min(f.len())..]
+                    .iter()
+                    .filter(|s| !s.starts_with('['))
+                    .filter_map(|s| match s.split_once('-') {
+                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                        None => s.parse().ok().map(|a| (a, a)),
+                    })
+                    .collect();
+                Some((port, primary, slots))
+            })
+            .collect();
+    }
+    Vec::new()
+}
+
+/// The port of the live primary that serves `key`'s slot, asked of any of `ports`.
+pub fn cluster_owner(ports: &[u16], key: &str) -> Option<u16> {
+    let slot: u16 = ports
+        .iter()
+        .find_map(|p| {
+            Redis::connect_existing(*p)
+                .try_cmd(&["CLUSTER", "KEYSLOT", key])
+                .ok()
+        })?
+        .trim_start_matches(':')
+        .parse()
+        .ok()?;
+    cluster_nodes(ports)
+        .into_iter()
+        .find_map(|(port, primary, slots)| {
+            (primary && slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))).then_some(port)
+        })
+}
+
+/// A primary, one replica and three sentinels (quorum 2) watching it as
+/// `main`; every process is killed on drop.
+pub struct RedisSentinel {
+    pub primary: Redis,
+    pub replica: Redis,
+    pub sentinels: Vec<Redis>,
+}
+
+impl RedisSentinel {
+    pub const NAME: &'static str = "main";
+
+    pub fn start() -> RedisSentinel {
+        let primary = Redis::start();
+        let replica = Redis::start_with(
+            free_port(),
+            &["--replicaof", "127.0.0.1", &primary.port.to_string()],
+        );
+        let sentinels = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let dir =
+                    std::env::temp_dir().join(format!("sb-sentinel-{}-{port}", std::process::id()));
+                std::fs::create_dir_all(&dir).unwrap();
+                let conf = dir.join("sentinel.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\n\
+                         sentinel monitor {} 127.0.0.1 {} 2\n\
+                         sentinel down-after-milliseconds {} 1000\n\
+                         sentinel failover-timeout {} 5000\n",
+                        dir.display(),
+                        dir.join("redis.log").display(),
+                        Self::NAME,
+                        primary.port,
+                        Self::NAME,
+                        Self::NAME,
+                    ),
+                )
+                .unwrap();
+                let child = Command::new("redis-server")
+                    .arg(&conf)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server --sentinel");
+                let s = Redis {
+                    child: Some(child),
+                    port,
+                    dir,
+                };
+                assert!(
+                    eventually(Duration::from_secs(10), || s
+                        .try_cmd(&["PING"])
+                        .is_ok_and(|v| v == "+PONG")),
+                    "sentinel did not start"
+                );
+                s
+            })
+            .collect();
+        let topology = RedisSentinel {
+            primary,
+            replica,
+            sentinels,
+        };
+        assert!(
+            eventually(Duration::from_secs(15), || topology
+                .replica
+                .try_cmd(&["INFO", "replication"])
+                .is_ok_and(|i| i.contains("master_link_status:up"))),
+            "the replica never synced"
+        );
+        topology
+    }
+
+    /// `redis-sentinel://s1?node=s2&node=s3&sentinelServiceName=main`
+    pub fn url(&self) -> String {
+        format!(
+            "redis-sentinel://127.0.0.1:{}?node=127.0.0.1:{}&node=127.0.0.1:{}&sentinelServiceName={}",
+            self.sentinels[0].port,
+            self.sentinels[1].port,
+            self.sentinels[2].port,
+            Self::NAME
+        )
+    }
+
+    /// The port the sentinels currently name as primary.
+    pub fn primary_port(&self) -> Option<u16> {
+        for s in &self.sentinels {
+            if let Ok(v) = s.call(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", Self::NAME])
+                && let Some(port) = v.get(1).and_then(|p| p.parse().ok())
+            {
+                return Some(port);
+            }
+        }
+        None
     }
 }
 
