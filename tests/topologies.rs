@@ -466,3 +466,99 @@ fn a_wrong_redis_url_form_stops_start_up_naming_redis_url() {
         assert!(err.contains("REDIS_URL"), "{url}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_a_busy_topics_slot_keeps_deliveries_going() {
+    let cluster = RedisCluster::start(3, 0);
+    let url = cluster.url();
+    let pfx = prefix("reshard");
+    // A topic in slot 0: `redis-cli --cluster reshard --cluster-slots 1`
+    // moves a source's lowest slot first.
+    let topic: &'static str = Box::leak(
+        (0..)
+            .map(|i| format!("busy-{i}"))
+            .find(|t| fred::util::redis_keyslot(t.as_bytes()) == 0)
+            .unwrap()
+            .into_boxed_str(),
+    );
+    let a = node("a", &url, &pfx, &[]);
+    let b = node("b", &url, &pfx, &[]);
+    let until = Instant::now() + Duration::from_secs(40);
+    let clients: Vec<Arc<Mutex<Seen>>> = (0..2).map(|_| Arc::default()).collect();
+    for (seen, n) in clients.iter().zip([&a, &b]) {
+        tokio::spawn(watch(n.ws_url("/ws"), topic, seen.clone(), until));
+    }
+    assert!(eventually(
+        Duration::from_secs(5),
+        || a.health()["subscriptions"] == 1 && b.health()["subscriptions"] == 1
+    ));
+    let ports = cluster.ports();
+    let source = cluster.owner(topic).unwrap().port;
+    let target = *cluster.primaries().iter().find(|p| **p != source).unwrap();
+    let id = |port: u16| Redis::connect_existing(port).cmd(&["CLUSTER", "MYID"]);
+    let (from, to) = (id(source), id(target));
+    let publisher = {
+        let pfx = pfx.clone();
+        let ports = ports.clone();
+        std::thread::spawn(move || {
+            publish_at_200(1000, |i| {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline {
+                    if let Some(port) = common::cluster_owner(&ports, topic) {
+                        let r = Redis::connect_existing(port);
+                        if let Ok(at) = fcall(&r, &pfx, topic, json!({"i": i})) {
+                            return Some((at.1, at.0));
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                None
+            })
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "reshard", &format!("127.0.0.1:{source}")])
+        .args(["--cluster-from", &from, "--cluster-to", &to])
+        .args(["--cluster-slots", "1", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "reshard: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || cluster
+            .owner(topic)
+            .is_some_and(|r| r.port == target)),
+        "slot 0 moved to the target"
+    );
+    let acked = tokio::task::spawn_blocking(move || publisher.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        acked.len(),
+        1000,
+        "every publication was taken by the owner of its slot"
+    );
+    let last = acked.keys().last().unwrap().clone();
+    let caught_up = || {
+        clients.iter().all(|s| {
+            let s = s.lock().unwrap();
+            s.offsets.contains(&last) || s.gaps.iter().any(|(e, _, t)| *e == last.0 && *t >= last.1)
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(15), caught_up),
+        "deliveries continued after the slot moved"
+    );
+    account("slot migration", &acked, &clients);
+    for n in [&a, &b] {
+        assert!(
+            n.log().contains("cluster slot layout changed"),
+            "{} followed the slot to its new owner",
+            n.name
+        );
+    }
+}
