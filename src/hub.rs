@@ -1318,6 +1318,31 @@ mod tests {
         assert_eq!(f1.as_str().as_ptr(), f2.as_str().as_ptr());
     }
 
+    /// Subscribes a probe to `h.x` that records its `subscribed` answer first.
+    async fn subscribe_recording(hub: &Hub, id: ConnId, since: Option<(u64, &str)>) -> Arc<Probe> {
+        let probe = Arc::new(Probe::default());
+        let p = probe.clone();
+        let since = since.map(|(offset, epoch)| Since {
+            offset,
+            epoch: epoch.to_string(),
+        });
+        hub.subscribe(
+            "h.x",
+            id,
+            probe.clone(),
+            since,
+            Box::new(move |o| {
+                p.frames
+                    .lock()
+                    .unwrap()
+                    .push(format!("subscribed {:?}", o.recovered));
+            }),
+        )
+        .await
+        .unwrap();
+        probe
+    }
+
     #[tokio::test]
     async fn history_subscribers_are_announced_first_then_recover_then_go_live() {
         let (hub, rx) = testing::hub(&["h.*"]);
@@ -1356,51 +1381,14 @@ mod tests {
         settle().await;
         assert_eq!(first.offsets(), [1, 2, 3, 4, 5]);
         // A client that saw up to 2 recovers 3..5, then receives live ones.
-        let late = Arc::new(Probe::default());
-        let since = Since {
-            offset: 2,
-            epoch: before.position.unwrap().epoch.to_string(),
-        };
-        let l = late.clone();
-        hub.subscribe(
-            "h.x",
-            2,
-            late.clone(),
-            Some(since),
-            Box::new(move |o| {
-                l.frames
-                    .lock()
-                    .unwrap()
-                    .push(format!("subscribed {:?}", o.recovered));
-            }),
-        )
-        .await
-        .unwrap();
+        let epoch = before.position.unwrap().epoch.to_string();
+        let late = subscribe_recording(&hub, 2, Some((2, &epoch))).await;
         hub.publish("h.x", "h.x", &raw("6")).await.unwrap();
         settle().await;
         assert_eq!(late.frames.lock().unwrap()[0], "subscribed Some(true)");
         assert_eq!(late.offsets(), [3, 4, 5, 6]);
         // A wrong epoch is not recoverable: nothing replayed, live continues.
-        let lost = Arc::new(Probe::default());
-        let since = Since {
-            offset: 1,
-            epoch: "other".into(),
-        };
-        let l = lost.clone();
-        hub.subscribe(
-            "h.x",
-            3,
-            lost.clone(),
-            Some(since),
-            Box::new(move |o| {
-                l.frames
-                    .lock()
-                    .unwrap()
-                    .push(format!("subscribed {:?}", o.recovered));
-            }),
-        )
-        .await
-        .unwrap();
+        let lost = subscribe_recording(&hub, 3, Some((1, "other"))).await;
         hub.publish("h.x", "h.x", &raw("7")).await.unwrap();
         settle().await;
         assert_eq!(lost.frames.lock().unwrap()[0], "subscribed Some(false)");

@@ -235,6 +235,45 @@ fn watch_readiness(
     })
 }
 
+/// After a failover or a reshard: both nodes ready again, every client at
+/// the last acknowledged publication, each node seen not ready in between
+/// (when `readiness` watched), then the accounting.
+async fn settle_and_account(
+    label: &str,
+    nodes: [&Node; 2],
+    acked: &BTreeMap<Position, u64>,
+    clients: &[Arc<Mutex<Seen>>],
+    readiness: Option<(
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<Vec<bool>>,
+    )>,
+) {
+    assert!(eventually(Duration::from_secs(20), || nodes
+        .iter()
+        .all(|n| n.health()["backplaneConnected"] == true)));
+    let last = acked.keys().last().unwrap().clone();
+    let caught_up = || {
+        clients.iter().all(|s| {
+            let s = s.lock().unwrap();
+            s.offsets.contains(&last) || s.gaps.iter().any(|(e, _, t)| *e == last.0 && *t >= last.1)
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(15), caught_up),
+        "{label}: every client reached the last acknowledged publication"
+    );
+    if let Some((stop, watcher)) = readiness {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let went_unready = watcher.join().unwrap();
+        println!("{label}: nodes seen not ready meanwhile: {went_unready:?}");
+        assert!(
+            went_unready.iter().all(|r| *r),
+            "{label}: each node reported not ready, then ready again"
+        );
+    }
+    account(label, acked, clients);
+}
+
 /// Every acknowledged publication reached each client exactly once or lies in
 /// a gap it was told about; prints the counts.
 fn account(label: &str, acked: &BTreeMap<Position, u64>, clients: &[Arc<Mutex<Seen>>]) {
@@ -338,30 +377,14 @@ async fn killing_the_cluster_primary_of_a_busy_topic_loses_nothing_silently() {
     let acked = tokio::task::spawn_blocking(move || publisher.join().unwrap())
         .await
         .unwrap();
-    assert!(eventually(
-        Duration::from_secs(15),
-        || a.health()["backplaneConnected"] == true && b.health()["backplaneConnected"] == true
-    ));
-    // Let the last publications and any repair arrive.
-    let last = acked.keys().last().unwrap().clone();
-    let caught_up = || {
-        clients.iter().all(|s| {
-            let s = s.lock().unwrap();
-            s.offsets.contains(&last) || s.gaps.iter().any(|(e, _, t)| *e == last.0 && *t >= last.1)
-        })
-    };
-    assert!(
-        eventually(Duration::from_secs(15), caught_up),
-        "every client reached the last acknowledged publication"
-    );
-    stop_watch.store(true, std::sync::atomic::Ordering::Relaxed);
-    let went_unready = readiness.join().unwrap();
-    println!("cluster failover: nodes seen not ready during the failover: {went_unready:?}");
-    assert!(
-        went_unready.iter().all(|r| *r),
-        "each node reported not ready, then ready again"
-    );
-    account("cluster failover", &acked, &clients);
+    settle_and_account(
+        "cluster failover",
+        [&a, &b],
+        &acked,
+        &clients,
+        Some((stop_watch, readiness)),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,29 +447,14 @@ async fn killing_the_sentinel_primary_loses_nothing_silently() {
     let acked = tokio::task::spawn_blocking(move || publisher.join().unwrap())
         .await
         .unwrap();
-    assert!(eventually(
-        Duration::from_secs(20),
-        || a.health()["backplaneConnected"] == true && b.health()["backplaneConnected"] == true
-    ));
-    let last = acked.keys().last().unwrap().clone();
-    let caught_up = || {
-        clients.iter().all(|s| {
-            let s = s.lock().unwrap();
-            s.offsets.contains(&last) || s.gaps.iter().any(|(e, _, t)| *e == last.0 && *t >= last.1)
-        })
-    };
-    assert!(
-        eventually(Duration::from_secs(15), caught_up),
-        "every client reached the last acknowledged publication"
-    );
-    stop_watch.store(true, std::sync::atomic::Ordering::Relaxed);
-    let went_unready = readiness.join().unwrap();
-    println!("sentinel failover: nodes seen not ready during the failover: {went_unready:?}");
-    assert!(
-        went_unready.iter().all(|r| *r),
-        "each node reported not ready, then ready again"
-    );
-    account("sentinel failover", &acked, &clients);
+    settle_and_account(
+        "sentinel failover",
+        [&a, &b],
+        &acked,
+        &clients,
+        Some((stop_watch, readiness)),
+    )
+    .await;
 }
 
 #[test]
@@ -542,18 +550,7 @@ async fn moving_a_busy_topics_slot_keeps_deliveries_going() {
         1000,
         "every publication was taken by the owner of its slot"
     );
-    let last = acked.keys().last().unwrap().clone();
-    let caught_up = || {
-        clients.iter().all(|s| {
-            let s = s.lock().unwrap();
-            s.offsets.contains(&last) || s.gaps.iter().any(|(e, _, t)| *e == last.0 && *t >= last.1)
-        })
-    };
-    assert!(
-        eventually(Duration::from_secs(15), caught_up),
-        "deliveries continued after the slot moved"
-    );
-    account("slot migration", &acked, &clients);
+    settle_and_account("slot migration", [&a, &b], &acked, &clients, None).await;
     for n in [&a, &b] {
         assert!(
             n.log().contains("cluster slot layout changed"),
