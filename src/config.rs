@@ -287,6 +287,9 @@ impl ConfigError {
     fn new(name: &str, value: &str, why: &str) -> Self {
         let value = if names::SECRET.contains(&name) {
             "<redacted>".to_string()
+        } else if name == names::REDIS_URL {
+            // A URL may carry passwords; a refused one is shown without them.
+            redact_url(value)
         } else {
             value.to_string()
         };
@@ -1363,5 +1366,11 @@ mod tests {
             "redis://user:***@host:6379/0"
         );
         assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        assert_eq!(
+            redact_url("redis-sentinel://u:pw@h:1?sentinelServiceName=m&sentinelPassword=s3&x=1"),
+            "redis-sentinel://u:***@h:1?sentinelServiceName=m&sentinelPassword=***&x=1"
+        );
+        let err = config(&[("REDIS_URL", "http://u:s3cret@h:1")]).unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 }

@@ -1,9 +1,9 @@
 //! The small Redis helper: builds fred clients the one right way (reconnect
 //! policy, timeouts, large pub/sub buffer) and names every key and channel.
 //!
-//! Besides `backplane/redis.rs` and `election/redis.rs`, only this module
-//! imports fred; the node registry and the device store reach Redis through
-//! [`Redis`].
+//! Besides `backplane/redis.rs`, only this module imports fred; the
+//! election, the node registry, the device store and the history reach Redis
+//! through [`Redis`].
 
 use std::time::Duration;
 
@@ -210,7 +210,8 @@ fn rustls_native_certs_or_empty() -> Vec<rustls::pki_types::CertificateDer<'stat
 /// subscriber, which must absorb bursts, gets a large one.
 fn builder(url: &str, pubsub_capacity: usize) -> Result<Builder, RedisError> {
     let mut config = Config::from_url(url)?;
-    if url.starts_with("rediss://")
+    // `rediss://`, `rediss-cluster://`, `rediss-sentinel://`.
+    if url.starts_with("rediss")
         && let Some(path) = CA_FILE.get()
     {
         config.tls = Some(tls_with_ca(path)?);
@@ -383,9 +384,13 @@ impl Redis {
         argv.extend(keys);
         argv.extend(args);
         let client = self.c();
-        // Routed by the first key (the SHA comes first), so a cluster sends
-        // it to the slot's owner.
-        let hash = fred::types::ClusterHash::Offset(2);
+        // Routed by the first key's slot (the SHA comes first, and fred
+        // honours only an explicit slot for custom commands), so a cluster
+        // sends it to the slot's owner at once.
+        let hash = match argv.get(2) {
+            Some(key) => fred::types::ClusterHash::Custom(fred::util::redis_keyslot(key.as_bytes())),
+            None => fred::types::ClusterHash::Random,
+        };
         match within(
             timeout,
             client.custom(fred::cmd!("EVALSHA", hash: hash.clone()), argv.clone()),

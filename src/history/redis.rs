@@ -98,7 +98,9 @@ local function publish(keys, args)
     return fail('invalid topic name: must match ^[A-Za-z0-9_.:/-]{1,128}$')
   end
   if not is_history(topic) then
-    return fail("topic '" .. topic .. "' is not a history topic (HISTORY_TOPICS); publish with PUBLISH " .. prefix .. ':t:' .. topic)
+    local plain = 'PUBLISH ' .. prefix .. ':t:' .. topic
+    if SHARDED then plain = 'SPUBLISH ' .. prefix .. ':t:{' .. topic .. '}' end
+    return fail("topic '" .. topic .. "' is not a history topic (HISTORY_TOPICS); publish with " .. plain)
   end
   if type(envelope) ~= 'string' then
     return fail('usage: FCALL switchboard_publish 1 <topic> <envelope json> [prefix]')
