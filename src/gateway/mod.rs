@@ -2,6 +2,8 @@
 //! itself.
 
 pub mod admission;
+pub mod outbox;
+pub mod sio;
 pub mod socketio;
 pub mod ws;
 
