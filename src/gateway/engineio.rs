@@ -29,7 +29,9 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::gateway::admission::READ_BUFFER;
-use crate::gateway::outbox::{Heartbeat, Outbox, WRITE_BUFFER, WRITE_TIMEOUT, Writer, close, write_loop};
+use crate::gateway::outbox::{
+    Heartbeat, Outbox, WRITE_BUFFER, WRITE_TIMEOUT, Writer, close, write_loop,
+};
 use crate::gateway::sio::{self, Ack, Peer, Session};
 use crate::history::GapRange;
 use crate::hub::{Delivery, Publication, Subscriber};
@@ -198,7 +200,16 @@ async fn run(node: Node, socket: WebSocket, token: Option<String>) {
             // PONG, UPGRADE, NOOP.
             Some(b'3' | b'5' | b'6') => {}
             Some(b'4') => {
-                if !packet(&node, &peer, &outbox, &mut session, &text[1..], token.as_deref()).await {
+                if !packet(
+                    &node,
+                    &peer,
+                    &outbox,
+                    &mut session,
+                    &text[1..],
+                    token.as_deref(),
+                )
+                .await
+                {
                     client_closed = true;
                     break;
                 }
@@ -249,7 +260,10 @@ async fn packet(
         // CONNECT
         "0" => {
             if !ns.is_empty() {
-                push(outbox, format!("44/{ns},{}", json!({"message": "Invalid namespace"})));
+                push(
+                    outbox,
+                    format!("44/{ns},{}", json!({"message": "Invalid namespace"})),
+                );
                 return true;
             }
             if session.is_some() {
@@ -259,7 +273,10 @@ async fn packet(
             let token = sio::auth_token(auth.as_ref()).or_else(|| token.map(String::from));
             match sio::open(node, token.as_deref()) {
                 Ok(s) => {
-                    push(outbox, format!("40{}", json!({"sid": format!("{:016x}", s.id)})));
+                    push(
+                        outbox,
+                        format!("40{}", json!({"sid": format!("{:016x}", s.id)})),
+                    );
                     tokio::spawn(sio::expire_when_due(peer.clone(), s.clone()));
                     sio::connected(peer, &s, node).await;
                     *session = Some(s);
@@ -280,7 +297,11 @@ async fn packet(
             let args: Vec<Value> = match serde_json::from_str(&rest[digits..]) {
                 Ok(Value::Array(args)) if args.first().is_some_and(Value::is_string) => args,
                 _ => {
-                    sio::emit_error(&**peer, None, "could not read the message: not a Socket.IO event");
+                    sio::emit_error(
+                        &**peer,
+                        None,
+                        "could not read the message: not a Socket.IO event",
+                    );
                     return true;
                 }
             };

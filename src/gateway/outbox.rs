@@ -46,7 +46,6 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Writes batch up to 4 KiB before a `send`.
 pub const WRITE_BUFFER: usize = 4 * 1024;
 
-
 /// Asks the writer to close the connection with a code. The first request wins.
 pub struct CloseSignal {
     code: AtomicU16,
@@ -183,7 +182,6 @@ impl Outbox {
     }
 }
 
-
 /// How a connection proves the peer is alive.
 #[derive(Debug, Clone, Copy)]
 pub enum Heartbeat {
@@ -191,7 +189,10 @@ pub enum Heartbeat {
     Ping { interval: Duration },
     /// Engine.IO: a `2` text frame every `interval`, to be answered (`3`,
     /// or anything else) within `timeout`; else close 1011.
-    EngineIo { interval: Duration, timeout: Duration },
+    EngineIo {
+        interval: Duration,
+        timeout: Duration,
+    },
 }
 
 impl Heartbeat {

@@ -99,13 +99,19 @@ async fn register(
     tokio::spawn(sio::expire_when_due(peer(&socket), s));
     socket.on(
         "subscribe",
-        async |socket: SocketRef, State(node): State<Node>, TryData(d): TryData<Value>, a: AckSender| {
+        async |socket: SocketRef,
+               State(node): State<Node>,
+               TryData(d): TryData<Value>,
+               a: AckSender| {
             sio::subscribe(&peer(&socket), &session(&socket), &node, data(d), ack(a)).await;
         },
     );
     socket.on(
         "unsubscribe",
-        async |socket: SocketRef, State(node): State<Node>, TryData(d): TryData<Value>, a: AckSender| {
+        async |socket: SocketRef,
+               State(node): State<Node>,
+               TryData(d): TryData<Value>,
+               a: AckSender| {
             sio::unsubscribe(&peer(&socket), &session(&socket), &node, data(d), ack(a)).await;
         },
     );
@@ -117,13 +123,19 @@ async fn register(
     );
     socket.on(
         "publish",
-        async |socket: SocketRef, State(node): State<Node>, TryData(d): TryData<Value>, a: AckSender| {
+        async |socket: SocketRef,
+               State(node): State<Node>,
+               TryData(d): TryData<Value>,
+               a: AckSender| {
             sio::publish(&peer(&socket), &session(&socket), &node, data(d), ack(a)).await;
         },
     );
     socket.on(
         "refresh",
-        async |socket: SocketRef, State(node): State<Node>, TryData(d): TryData<Value>, a: AckSender| {
+        async |socket: SocketRef,
+               State(node): State<Node>,
+               TryData(d): TryData<Value>,
+               a: AckSender| {
             sio::refresh(&peer(&socket), &session(&socket), &node, data(d), ack(a)).await;
         },
     );
