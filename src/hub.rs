@@ -101,6 +101,9 @@ pub struct Publication {
     pub epoch: Option<Arc<str>>,
     timestamp: String,
     native: OnceLock<Utf8Bytes>,
+    /// The Socket.IO frames (`42[…]`), without and with the position
+    /// argument, for sockets of our own websocket transport.
+    socketio: [OnceLock<Utf8Bytes>; 2],
 }
 
 impl Publication {
@@ -120,6 +123,7 @@ impl Publication {
             epoch: None,
             timestamp: protocol::timestamp(),
             native: OnceLock::new(),
+            socketio: [OnceLock::new(), OnceLock::new()],
         }
     }
 
@@ -136,6 +140,27 @@ impl Publication {
             p.epoch = Some(Arc::from(epoch));
         }
         p
+    }
+
+    /// The Socket.IO EVENT in an Engine.IO MESSAGE, `42["event",data]`
+    /// (with `positions` and an offset: `42["event",data,{"topic","offset"}]`),
+    /// serialized on first use and then shared by every such socket.
+    pub fn socketio_frame(&self, positions: bool) -> &Utf8Bytes {
+        let with = positions && self.offset.is_some();
+        self.socketio[usize::from(with)].get_or_init(|| {
+            let mut frame = String::with_capacity(self.data.get().len() + self.event.len() + 48);
+            frame.push_str("42[");
+            frame.push_str(&serde_json::to_string(&*self.event).expect("strings serialize"));
+            frame.push(',');
+            frame.push_str(self.data.get());
+            if let (true, Some(offset)) = (with, self.offset) {
+                frame.push_str(",{\"topic\":");
+                frame.push_str(&serde_json::to_string(&*self.topic).expect("strings serialize"));
+                frame.push_str(&format!(",\"offset\":{offset}}}"));
+            }
+            frame.push(']');
+            frame.into()
+        })
     }
 
     /// The native-protocol `event` frame, serialized on first use and then

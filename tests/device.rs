@@ -60,6 +60,11 @@ fn official_socketio_clients_across_two_nodes() {
     );
     // python-socketio AsyncClient on node A, commands through B.
     run_interop(&python(), &[&interop_script("sio_scenario.py"), &a, &b]);
+    // python-socketio opening on the websocket transport (the node's own).
+    run_interop(
+        &python(),
+        &[&interop_script("sio_scenario.py"), &b, &a, "websocket"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,14 +125,10 @@ async fn jwt_tokens_origins_and_topic_permissions() {
 fn python_socketio_needs_auth_token() {
     let node = Node::start("sec-sio", &[("AUTH_JWT_SECRET", SECRET)]);
     let good = token(json!({"exp": now() + 600}), SECRET);
-    common::run_interop(
-        &common::python(),
-        &[
-            &common::interop_script("sio_auth.py"),
-            &format!("http://{}", node.addr),
-            &good,
-        ],
-    );
+    let url = format!("http://{}", node.addr);
+    let script = common::interop_script("sio_auth.py");
+    common::run_interop(&common::python(), &[&script, &url, &good]);
+    common::run_interop(&common::python(), &[&script, &url, &good, "websocket"]);
 }
 
 #[test]

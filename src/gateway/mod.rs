@@ -2,6 +2,9 @@
 //! itself.
 
 pub mod admission;
+pub mod engineio;
+pub mod outbox;
+pub mod sio;
 pub mod socketio;
 pub mod ws;
 
@@ -20,6 +23,14 @@ use crate::node::Node;
 /// with the user's cookies. A request without `Origin` comes from a
 /// non-browser client and passes unless `ORIGIN_ALLOW_MISSING=false`.
 pub async fn check_origin(State(node): State<Node>, req: Request, next: Next) -> Response {
+    match origin_refused(&node, &req) {
+        Some(refusal) => refusal,
+        None => next.run(req).await,
+    }
+}
+
+/// The 403 answer when `req`'s `Origin` is not allowed.
+fn origin_refused(node: &Node, req: &Request) -> Option<Response> {
     let config = node.config();
     if let Origins::List(_) = &config.cors_allowed_origins {
         let verdict = match req.headers().get(header::ORIGIN) {
@@ -33,14 +44,16 @@ pub async fn check_origin(State(node): State<Node>, req: Request, next: Next) ->
             },
         };
         if let Err(why) = verdict {
-            return (
-                StatusCode::FORBIDDEN,
-                axum::Json(json!({"success": false, "error": why, "code": "forbidden_origin"})),
-            )
-                .into_response();
+            return Some(
+                (
+                    StatusCode::FORBIDDEN,
+                    axum::Json(json!({"success": false, "error": why, "code": "forbidden_origin"})),
+                )
+                    .into_response(),
+            );
         }
     }
-    next.run(req).await
+    None
 }
 
 /// In front of the Socket.IO layer (which wraps the whole router rather
@@ -60,5 +73,13 @@ pub async fn socketio_guard(State(node): State<Node>, mut req: Request, next: Ne
     if let Ok(uri) = req.uri().to_string().parse() {
         *req.uri_mut() = uri;
     }
-    check_origin(State(node), req, next).await
+    if let Some(refusal) = origin_refused(&node, &req) {
+        return refusal;
+    }
+    // Sockets that open on the websocket transport are ours (engineio.rs);
+    // long-polling and upgrades from it go to socketioxide.
+    if engineio::opens_websocket(&req) {
+        return engineio::upgrade(node, req).await;
+    }
+    next.run(req).await
 }

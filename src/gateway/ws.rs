@@ -6,52 +6,31 @@
 //! when it is full the connection is closed with 1013 (the slow-consumer
 //! policy, see `docs/protocol.md`) and the fan-out moves on without waiting.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::task::AtomicWaker;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
+use futures_util::stream::SplitStream;
 use serde_json::value::RawValue;
-use tokio::sync::Notify;
 
 use crate::api::ApiError;
 use crate::auth::Identity;
 use crate::config::RateLimit;
 use crate::gateway::admission::{READ_BUFFER, admit};
+use crate::gateway::outbox::{Heartbeat, Outbox, WRITE_BUFFER, WRITE_TIMEOUT, Writer, write_loop};
 use crate::history::GapRange;
 use crate::hub::{ConnId, Delivery, Outcome, Publication, PublishError, Subscribed, Subscriber};
 use crate::metrics as m;
 use crate::node::Node;
 use crate::protocol::{self, ClientMessage, ProtocolError, ServerMessage, Since};
 
-/// Close codes this gateway sends. 1000–1015 are standard; see
-/// `docs/protocol.md` for which ones mean "reconnect".
-pub mod close {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
-    /// The peer was silent for two heartbeat intervals.
-    pub const HEARTBEAT_TIMEOUT: u16 = 1011;
-    pub const RESTART: u16 = 1012;
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-    /// The token expired without a `refresh` (application range 3000–3999).
-    pub const TOKEN_EXPIRED: u16 = 3000;
-}
-
-/// How long one flush to a client may take; past it the connection is
-/// dropped as dead.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Writes batch up to 4 KiB before a `send` (reads: [`READ_BUFFER`]).
-const WRITE_BUFFER: usize = 4 * 1024;
+pub use super::outbox::close;
 
 /// `GET WEBSOCKET_PATH`
 pub async fn upgrade(
@@ -114,122 +93,7 @@ fn accept(node: Node, ws: WebSocketUpgrade, identity: Identity, topic: Option<St
         })
 }
 
-// === outbox ===
-
-/// Asks the writer to close the connection with a code. The first request wins.
-struct CloseSignal {
-    code: AtomicU16,
-    notify: Notify,
-}
-
-impl CloseSignal {
-    fn request(&self, code: u16) -> bool {
-        let first = self
-            .code
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if first {
-            self.notify.notify_one();
-        }
-        first
-    }
-
-    fn code(&self) -> u16 {
-        self.code.load(Ordering::Acquire)
-    }
-}
-
-/// One connection's send queue, bounded in frames and in bytes.
-///
-/// A `VecDeque` under a std `Mutex` (held for a push or a swap, never across
-/// `.await`) rather than a channel: it allocates nothing until used and
-/// gives its memory back after a burst, and the writer takes everything
-/// queued in one swap and is woken only when the queue turns non-empty.
-struct Queue {
-    inner: Mutex<Queued>,
-    waker: AtomicWaker,
-    max_frames: usize,
-    max_bytes: usize,
-}
-
-#[derive(Default)]
-struct Queued {
-    frames: VecDeque<Utf8Bytes>,
-    bytes: usize,
-    closed: bool,
-}
-
-impl Queue {
-    fn push(&self, frame: Utf8Bytes) -> Delivery {
-        let len = frame.len();
-        let mut q = self.inner.lock().unwrap();
-        if q.closed {
-            return Delivery::Closed;
-        }
-        // A single frame larger than the byte bound still goes to an empty queue.
-        if q.frames.len() >= self.max_frames || (q.bytes > 0 && q.bytes + len > self.max_bytes) {
-            return Delivery::Overflow;
-        }
-        let wake = q.frames.is_empty();
-        q.frames.push_back(frame);
-        q.bytes += len;
-        drop(q);
-        if wake {
-            self.waker.wake();
-        }
-        Delivery::Queued
-    }
-
-    /// Moves everything queued into `batch` (which must be empty).
-    fn take(&self, batch: &mut VecDeque<Utf8Bytes>) -> bool {
-        let mut q = self.inner.lock().unwrap();
-        if q.frames.is_empty() {
-            return false;
-        }
-        std::mem::swap(&mut q.frames, batch);
-        q.bytes = 0;
-        true
-    }
-
-    fn poll_take(&self, cx: &mut Context<'_>, batch: &mut VecDeque<Utf8Bytes>) -> Poll<()> {
-        self.waker.register(cx.waker());
-        if self.take(batch) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    }
-
-    /// No more frames are accepted; what is queued is dropped.
-    fn close(&self) {
-        let mut q = self.inner.lock().unwrap();
-        q.closed = true;
-        q.frames = VecDeque::new();
-    }
-}
-
-/// The producer side of one connection: its queue and its close signal.
-struct Outbox {
-    queue: Queue,
-    close: CloseSignal,
-}
-
 impl Outbox {
-    fn push(&self, frame: Utf8Bytes) -> Delivery {
-        match self.queue.push(frame) {
-            Delivery::Overflow => self.overflow(),
-            other => other,
-        }
-    }
-
-    fn overflow(&self) -> Delivery {
-        if self.close.request(close::TRY_AGAIN_LATER) {
-            metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => m::transport::WS)
-                .increment(1);
-        }
-        Delivery::Overflow
-    }
-
     fn send(&self, msg: &ServerMessage<'_>) {
         self.push(msg.to_json().into());
     }
@@ -279,18 +143,7 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
     let config = node.config().clone();
     let id: ConnId = crate::hub::new_conn_id();
     let client_id = format!("{id:016x}");
-    let outbox = Arc::new(Outbox {
-        queue: Queue {
-            inner: Mutex::new(Queued::default()),
-            waker: AtomicWaker::new(),
-            max_frames: config.client_queue_messages,
-            max_bytes: config.client_queue_bytes,
-        },
-        close: CloseSignal {
-            code: AtomicU16::new(0),
-            notify: Notify::new(),
-        },
-    });
+    let outbox = Arc::new(Outbox::new(&config, m::transport::WS));
     let started = Instant::now();
     let last_seen = Arc::new(AtomicU64::new(0));
     let (sink, stream) = socket.split();
@@ -312,6 +165,9 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
         id,
         started,
         last_seen: last_seen.clone(),
+        heartbeat: Heartbeat::Ping {
+            interval: config.heartbeat_interval,
+        },
     }));
 
     let mut session = Session {
@@ -716,126 +572,4 @@ impl Session {
             ),
         }
     }
-}
-
-// === writer ===
-
-struct Writer {
-    sink: SplitSink<WebSocket, Message>,
-    outbox: Arc<Outbox>,
-    node: Node,
-    id: ConnId,
-    started: Instant,
-    last_seen: Arc<AtomicU64>,
-}
-
-async fn write_loop(mut w: Writer) {
-    let config = w.node.config().clone();
-    let heartbeat = config.heartbeat_interval;
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let shutdown = w.node.shutdown_token();
-    // Armed on shutdown: each connection closes at its own point in the drain
-    // window so that clients do not all reconnect in one burst.
-    let close_at = tokio::time::sleep(Duration::from_secs(86_400 * 365));
-    // Created once, not per loop turn: registering a waiter costs a lock.
-    let outbox = w.outbox.clone();
-    let close_requested = outbox.close.notify.notified();
-    let shutdown_started = shutdown.cancelled();
-    tokio::pin!(close_at, close_requested, shutdown_started);
-    let mut draining = false;
-    let mut batch = VecDeque::new();
-
-    let code = loop {
-        tokio::select! {
-            biased;
-            _ = &mut close_requested => break w.outbox.close.code(),
-            _ = &mut shutdown_started, if !draining => {
-                draining = true;
-                let window = config.shutdown_drain.as_millis() as u64;
-                let offset = if window == 0 { 0 } else { w.id % window };
-                close_at.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(offset));
-            }
-            _ = &mut close_at => {
-                w.outbox.close.request(config.shutdown_close_code);
-                break w.outbox.close.code();
-            }
-            () = std::future::poll_fn(|cx| outbox.queue.poll_take(cx, &mut batch)) => {
-                if !write_batch(&mut w, &mut batch).await {
-                    outbox.queue.close();
-                    return;
-                }
-            }
-            _ = ticker.tick() => {
-                let silent_ms = (w.started.elapsed().as_millis() as u64)
-                    .saturating_sub(w.last_seen.load(Ordering::Relaxed));
-                if silent_ms > 2 * heartbeat.as_millis() as u64 {
-                    w.outbox.close.request(close::HEARTBEAT_TIMEOUT);
-                    break w.outbox.close.code();
-                }
-                let ping = tokio::time::timeout(WRITE_TIMEOUT, w.sink.send(Message::Ping(Default::default())));
-                if !matches!(ping.await, Ok(Ok(()))) {
-                    return;
-                }
-            }
-        }
-    };
-    // What was queued before the close (an `error` explaining it, say) goes
-    // out first, unless the queue is the problem.
-    if code != close::TRY_AGAIN_LATER
-        && code != close::HEARTBEAT_TIMEOUT
-        && outbox.queue.take(&mut batch)
-    {
-        let pending = async {
-            for frame in batch.drain(..) {
-                w.sink.feed(Message::Text(frame)).await?;
-            }
-            w.sink.flush().await
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), pending).await;
-    }
-    outbox.queue.close();
-    let reason = match code {
-        close::TRY_AGAIN_LATER => "slow consumer: message queue full",
-        close::TOO_BIG => "message too big",
-        close::GOING_AWAY => "server going away",
-        close::RESTART => "server restarting, reconnect",
-        close::HEARTBEAT_TIMEOUT => "heartbeat timeout",
-        close::POLICY => "policy violation",
-        close::TOKEN_EXPIRED => "token expired",
-        _ => "",
-    };
-    let frame = Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.into(),
-    }));
-    let _ = tokio::time::timeout(Duration::from_secs(2), w.sink.send(frame)).await;
-}
-
-/// Writes the whole batch and flushes once. Returns false when the
-/// connection is unusable.
-async fn write_batch(w: &mut Writer, batch: &mut VecDeque<Utf8Bytes>) -> bool {
-    let work = async {
-        for frame in batch.drain(..) {
-            w.sink.feed(Message::Text(frame)).await?;
-        }
-        w.sink.flush().await
-    };
-    let ok = {
-        let mut work = std::pin::pin!(work);
-        // Most batches complete at once; only a write that has to wait arms
-        // the timer (a timer-wheel entry per delivery showed up in profiles).
-        let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
-        match first {
-            Poll::Ready(res) => res.is_ok(),
-            Poll::Pending => {
-                matches!(tokio::time::timeout(WRITE_TIMEOUT, work).await, Ok(Ok(())))
-            }
-        }
-    };
-    // Give back what a burst grew; an idle connection keeps almost nothing.
-    if batch.capacity() > 64 {
-        *batch = VecDeque::new();
-    }
-    ok
 }

@@ -1,6 +1,8 @@
 """Drives the official python-socketio AsyncClient against two Switchboard nodes.
 
-usage: python sio_scenario.py <clientNodeUrl> <otherNodeUrl>
+usage: python sio_scenario.py <clientNodeUrl> <otherNodeUrl> [websocket]
+With "websocket" the client opens on the websocket transport (the node's own
+Engine.IO transport) instead of long-polling with an upgrade.
 Exits 0 when every step held; prints what it checked.
 """
 import asyncio
@@ -41,7 +43,8 @@ async def main(here: str, there: str) -> None:
             async with http.post(there + path, json=body) as r:
                 return r.status, await r.json()
 
-        await sio.connect(here, wait_timeout=5)
+        transports = ["websocket"] if sys.argv[3:] == ["websocket"] else ["polling", "websocket"]
+        await sio.connect(here, transports=transports, wait_timeout=5)
         log("connected", sio.sid, "via", sio.transport())
         for ev in STATE_EVENTS:
             await wait_for(lambda s, ev=ev: s[0] == ev, 5, ev)

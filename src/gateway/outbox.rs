@@ -1,0 +1,346 @@
+//! One client connection's way out: a bounded queue of ready-made text
+//! frames and the writer task that drains it onto the socket.
+//!
+//! Shared by the native protocol (`ws.rs`) and the Socket.IO websocket
+//! transport (`engineio.rs`): both hand the writer frames serialized once per
+//! publication, and both close the same way (what explains the close first,
+//! then the Close frame; `Lingering` drains the rest). When the queue is full
+//! the connection is closed with 1013 (the slow-consumer policy, see
+//! `docs/protocol.md`) and the fan-out moves on without waiting.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+use futures_util::stream::SplitSink;
+use futures_util::task::AtomicWaker;
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::hub::{ConnId, Delivery};
+use crate::metrics as m;
+use crate::node::Node;
+
+/// Close codes this gateway sends. 1000–1015 are standard; see
+/// `docs/protocol.md` for which ones mean "reconnect".
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    /// The peer was silent for two heartbeat intervals.
+    pub const HEARTBEAT_TIMEOUT: u16 = 1011;
+    pub const RESTART: u16 = 1012;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The token expired without a `refresh` (application range 3000–3999).
+    pub const TOKEN_EXPIRED: u16 = 3000;
+}
+
+/// How long one flush to a client may take; past it the connection is
+/// dropped as dead.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Writes batch up to 4 KiB before a `send`.
+pub const WRITE_BUFFER: usize = 4 * 1024;
+
+/// Asks the writer to close the connection with a code. The first request wins.
+pub struct CloseSignal {
+    code: AtomicU16,
+    notify: Notify,
+}
+
+impl CloseSignal {
+    pub fn request(&self, code: u16) -> bool {
+        let first = self
+            .code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if first {
+            self.notify.notify_one();
+        }
+        first
+    }
+
+    pub fn code(&self) -> u16 {
+        self.code.load(Ordering::Acquire)
+    }
+}
+
+/// One connection's send queue, bounded in frames and in bytes.
+///
+/// A `VecDeque` under a std `Mutex` (held for a push or a swap, never across
+/// `.await`) rather than a channel: it allocates nothing until used and
+/// gives its memory back after a burst, and the writer takes everything
+/// queued in one swap and is woken only when the queue turns non-empty.
+struct Queue {
+    inner: Mutex<Queued>,
+    waker: AtomicWaker,
+    max_frames: usize,
+    max_bytes: usize,
+}
+
+#[derive(Default)]
+struct Queued {
+    frames: VecDeque<Utf8Bytes>,
+    bytes: usize,
+    closed: bool,
+}
+
+impl Queue {
+    fn push(&self, frame: Utf8Bytes) -> Delivery {
+        let len = frame.len();
+        let mut q = self.inner.lock().unwrap();
+        if q.closed {
+            return Delivery::Closed;
+        }
+        // A single frame larger than the byte bound still goes to an empty queue.
+        if q.frames.len() >= self.max_frames || (q.bytes > 0 && q.bytes + len > self.max_bytes) {
+            return Delivery::Overflow;
+        }
+        let wake = q.frames.is_empty();
+        q.frames.push_back(frame);
+        q.bytes += len;
+        drop(q);
+        if wake {
+            self.waker.wake();
+        }
+        Delivery::Queued
+    }
+
+    /// Moves everything queued into `batch` (which must be empty).
+    fn take(&self, batch: &mut VecDeque<Utf8Bytes>) -> bool {
+        let mut q = self.inner.lock().unwrap();
+        if q.frames.is_empty() {
+            return false;
+        }
+        std::mem::swap(&mut q.frames, batch);
+        q.bytes = 0;
+        true
+    }
+
+    fn poll_take(&self, cx: &mut Context<'_>, batch: &mut VecDeque<Utf8Bytes>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.take(batch) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// No more frames are accepted; what is queued is dropped.
+    fn close(&self) {
+        let mut q = self.inner.lock().unwrap();
+        q.closed = true;
+        q.frames = VecDeque::new();
+    }
+}
+
+/// The producer side of one connection: its queue and its close signal.
+pub struct Outbox {
+    queue: Queue,
+    pub close: CloseSignal,
+    /// The `transport` label of its metrics.
+    transport: &'static str,
+}
+
+impl Outbox {
+    /// An empty outbox bounded by `WEBSOCKET_CLIENT_QUEUE_MESSAGES` and
+    /// `WEBSOCKET_CLIENT_QUEUE_BYTES`.
+    pub fn new(config: &Config, transport: &'static str) -> Self {
+        Outbox {
+            queue: Queue {
+                inner: Mutex::new(Queued::default()),
+                waker: AtomicWaker::new(),
+                max_frames: config.client_queue_messages,
+                max_bytes: config.client_queue_bytes,
+            },
+            close: CloseSignal {
+                code: AtomicU16::new(0),
+                notify: Notify::new(),
+            },
+            transport,
+        }
+    }
+
+    /// Queues a frame, or applies the slow-consumer policy when full.
+    pub fn push(&self, frame: Utf8Bytes) -> Delivery {
+        match self.queue.push(frame) {
+            Delivery::Overflow => self.overflow(),
+            other => other,
+        }
+    }
+
+    fn overflow(&self) -> Delivery {
+        if self.close.request(close::TRY_AGAIN_LATER) {
+            metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => self.transport)
+                .increment(1);
+        }
+        Delivery::Overflow
+    }
+}
+
+/// How a connection proves the peer is alive.
+#[derive(Debug, Clone, Copy)]
+pub enum Heartbeat {
+    /// WebSocket pings every `interval`; silent for two intervals: close 1011.
+    Ping { interval: Duration },
+    /// Engine.IO: a `2` text frame every `interval`, to be answered (`3`,
+    /// or anything else) within `timeout`; else close 1011.
+    EngineIo {
+        interval: Duration,
+        timeout: Duration,
+    },
+}
+
+impl Heartbeat {
+    fn interval(&self) -> Duration {
+        match self {
+            Heartbeat::Ping { interval } | Heartbeat::EngineIo { interval, .. } => *interval,
+        }
+    }
+
+    /// How long the peer may stay silent.
+    fn silence(&self) -> Duration {
+        match self {
+            Heartbeat::Ping { interval } => *interval * 2,
+            Heartbeat::EngineIo { interval, timeout } => *interval + *timeout,
+        }
+    }
+
+    fn probe(&self) -> Message {
+        match self {
+            Heartbeat::Ping { .. } => Message::Ping(Default::default()),
+            Heartbeat::EngineIo { .. } => Message::Text(Utf8Bytes::from_static("2")),
+        }
+    }
+}
+
+/// The consumer side of one connection: owns the socket's sink.
+pub struct Writer {
+    pub sink: SplitSink<WebSocket, Message>,
+    pub outbox: Arc<Outbox>,
+    pub node: Node,
+    pub id: ConnId,
+    /// `last_seen` counts milliseconds from here.
+    pub started: Instant,
+    /// When the reader last heard from the peer.
+    pub last_seen: Arc<AtomicU64>,
+    pub heartbeat: Heartbeat,
+}
+
+/// Writes what the outbox queues until a close is requested, the node
+/// shuts down (at this connection's point of the drain window) or the peer
+/// goes silent; then the queued explanation and the Close frame.
+pub async fn write_loop(mut w: Writer) {
+    let config = w.node.config().clone();
+    let heartbeat = w.heartbeat.interval();
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let shutdown = w.node.shutdown_token();
+    // Armed on shutdown: each connection closes at its own point in the drain
+    // window so that clients do not all reconnect in one burst.
+    let close_at = tokio::time::sleep(Duration::from_secs(86_400 * 365));
+    // Created once, not per loop turn: registering a waiter costs a lock.
+    let outbox = w.outbox.clone();
+    let close_requested = outbox.close.notify.notified();
+    let shutdown_started = shutdown.cancelled();
+    tokio::pin!(close_at, close_requested, shutdown_started);
+    let mut draining = false;
+    let mut batch = VecDeque::new();
+
+    let code = loop {
+        tokio::select! {
+            biased;
+            _ = &mut close_requested => break w.outbox.close.code(),
+            _ = &mut shutdown_started, if !draining => {
+                draining = true;
+                let window = config.shutdown_drain.as_millis() as u64;
+                let offset = if window == 0 { 0 } else { w.id % window };
+                close_at.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(offset));
+            }
+            _ = &mut close_at => {
+                w.outbox.close.request(config.shutdown_close_code);
+                break w.outbox.close.code();
+            }
+            () = std::future::poll_fn(|cx| outbox.queue.poll_take(cx, &mut batch)) => {
+                if !write_batch(&mut w, &mut batch).await {
+                    outbox.queue.close();
+                    return;
+                }
+            }
+            _ = ticker.tick() => {
+                let silent_ms = (w.started.elapsed().as_millis() as u64)
+                    .saturating_sub(w.last_seen.load(Ordering::Relaxed));
+                if silent_ms > w.heartbeat.silence().as_millis() as u64 {
+                    w.outbox.close.request(close::HEARTBEAT_TIMEOUT);
+                    break w.outbox.close.code();
+                }
+                let ping = tokio::time::timeout(WRITE_TIMEOUT, w.sink.send(w.heartbeat.probe()));
+                if !matches!(ping.await, Ok(Ok(()))) {
+                    return;
+                }
+            }
+        }
+    };
+    // What was queued before the close (an `error` explaining it, say) goes
+    // out first, unless the queue is the problem.
+    if code != close::TRY_AGAIN_LATER
+        && code != close::HEARTBEAT_TIMEOUT
+        && outbox.queue.take(&mut batch)
+    {
+        let pending = async {
+            for frame in batch.drain(..) {
+                w.sink.feed(Message::Text(frame)).await?;
+            }
+            w.sink.flush().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), pending).await;
+    }
+    outbox.queue.close();
+    let reason = match code {
+        close::TRY_AGAIN_LATER => "slow consumer: message queue full",
+        close::TOO_BIG => "message too big",
+        close::GOING_AWAY => "server going away",
+        close::RESTART => "server restarting, reconnect",
+        close::HEARTBEAT_TIMEOUT => "heartbeat timeout",
+        close::POLICY => "policy violation",
+        close::TOKEN_EXPIRED => "token expired",
+        _ => "",
+    };
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = tokio::time::timeout(Duration::from_secs(2), w.sink.send(frame)).await;
+}
+
+/// Writes the whole batch and flushes once. Returns false when the
+/// connection is unusable.
+async fn write_batch(w: &mut Writer, batch: &mut VecDeque<Utf8Bytes>) -> bool {
+    let work = async {
+        for frame in batch.drain(..) {
+            w.sink.feed(Message::Text(frame)).await?;
+        }
+        w.sink.flush().await
+    };
+    let ok = {
+        let mut work = std::pin::pin!(work);
+        // Most batches complete at once; only a write that has to wait arms
+        // the timer (a timer-wheel entry per delivery showed up in profiles).
+        let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+        match first {
+            Poll::Ready(res) => res.is_ok(),
+            Poll::Pending => {
+                matches!(tokio::time::timeout(WRITE_TIMEOUT, work).await, Ok(Ok(())))
+            }
+        }
+    };
+    // Give back what a burst grew; an idle connection keeps almost nothing.
+    if batch.capacity() > 64 {
+        *batch = VecDeque::new();
+    }
+    ok
+}

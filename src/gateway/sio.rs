@@ -1,0 +1,513 @@
+//! What a Socket.IO socket can ask for and what it is told, whichever
+//! transport carries it: socketioxide's (`socketio.rs`: long-polling, and
+//! websocket after an upgrade) or our own websocket transport
+//! (`engineio.rs`: websocket from the first request, publications encoded
+//! once per node). Both hand their sockets to the handlers here through
+//! [`Peer`], so the two behave the same to the letter.
+//!
+//! On connect a socket follows topic `device` and receives the four state
+//! events. Events: `subscribe`, `unsubscribe`, `request_state`, `publish`,
+//! `refresh` (see `docs/protocol.md`).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Identity;
+use crate::device::state::{EVENTS, TOPIC};
+use crate::gateway::ws::TokenBucket;
+use crate::hub::{Announce, ConnId, Outcome, Subscriber};
+use crate::metrics as m;
+use crate::node::Node;
+use crate::protocol::{self, Since, TOPIC_PATTERN};
+
+/// What the handlers need from one socket.
+pub trait Peer: Send + Sync + 'static {
+    /// Queues event `event` with one argument.
+    fn emit(&self, event: &str, data: &Value);
+    /// Disconnects the socket from the server side (`io server disconnect`)
+    /// after what is already queued.
+    fn disconnect(&self);
+    /// A hub subscriber that delivers to this socket; `positions`: history
+    /// publications carry a second argument `{topic, offset}`.
+    fn subscriber(&self, positions: bool) -> Arc<dyn Subscriber>;
+}
+
+/// Sends an event's acknowledgement (a no-op when the client asked for none).
+pub type Ack = Box<dyn FnOnce(Value) + Send>;
+
+/// Per-socket state.
+pub struct Session {
+    pub id: ConnId,
+    topics: Mutex<HashSet<String>>,
+    identity: Mutex<Identity>,
+    /// Wakes the expiry timer after a `refresh`.
+    refreshed: Notify,
+    /// Cancelled when the socket is gone.
+    pub gone: CancellationToken,
+    bucket: Option<Mutex<TokenBucket>>,
+    /// Why the server is disconnecting this socket, for the metric.
+    closing: Mutex<Option<&'static str>>,
+}
+
+impl Session {
+    fn may_subscribe(&self, topic: &str) -> bool {
+        self.identity.lock().unwrap().may_subscribe(topic)
+    }
+
+    fn may_publish(&self, topic: &str) -> bool {
+        self.identity.lock().unwrap().may_publish(topic)
+    }
+
+    /// Records why the server closes the socket (the first reason wins).
+    pub fn closing(&self, reason: &'static str) {
+        self.closing.lock().unwrap().get_or_insert(reason);
+    }
+
+    /// The reason recorded by [`Session::closing`], if any.
+    pub fn closing_reason(&self) -> Option<&'static str> {
+        *self.closing.lock().unwrap()
+    }
+}
+
+/// Admits a new socket: the node must not be draining or full, and the
+/// token (from the CONNECT auth payload, the query or the headers) must be
+/// accepted. The error is the `connect_error` message.
+pub fn open(node: &Node, token: Option<&str>) -> Result<Arc<Session>, String> {
+    if node.is_draining() {
+        return Err("node is shutting down; connect again".into());
+    }
+    if let Some(max) = node.config().max_connections
+        && node.total_connections() >= max
+    {
+        return Err(format!("this node is at its limit of {max} connections"));
+    }
+    let identity = node
+        .config()
+        .auth
+        .authenticate(token)
+        .map_err(|e| e.to_string())?;
+    metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::SOCKETIO).increment(1.0);
+    metrics::counter!(m::CONNECTIONS_OPENED, "transport" => m::transport::SOCKETIO).increment(1);
+    node.connection_opened();
+    Ok(Arc::new(Session {
+        id: crate::hub::new_conn_id(),
+        topics: Mutex::new(HashSet::new()),
+        identity: Mutex::new(identity),
+        refreshed: Notify::new(),
+        gone: CancellationToken::new(),
+        bucket: node
+            .config()
+            .rate_limit
+            .map(|l| Mutex::new(TokenBucket::new(l))),
+        closing: Mutex::new(None),
+    }))
+}
+
+/// The token in a CONNECT auth payload `{"token": "…"}`.
+pub fn auth_token(auth: Option<&Value>) -> Option<String> {
+    auth?.get("token")?.as_str().map(String::from)
+}
+
+/// Counts a client message and applies the rate limit; false when the
+/// socket is over it (it gets an `error` event and is disconnected).
+pub fn accept(peer: &dyn Peer, s: &Session, kind: &'static str) -> bool {
+    metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => kind)
+        .increment(1);
+    let Some(bucket) = &s.bucket else {
+        return true;
+    };
+    if bucket.lock().unwrap().take() {
+        return true;
+    }
+    emit_error(peer, None, "rate limit exceeded; disconnecting");
+    s.closing(m::reason::POLICY);
+    peer.disconnect();
+    false
+}
+
+/// Right after the CONNECT ack: topic `device` and its four state events.
+pub async fn connected(peer: &Arc<dyn Peer>, s: &Session, node: &Node) {
+    if !s.may_subscribe(TOPIC) {
+        return;
+    }
+    let request = SubscribeRequest {
+        topic: TOPIC.to_string(),
+        positions: false,
+        since: None,
+    };
+    if let Err(e) = join(peer, s, node, request, Box::new(|_| {})).await {
+        emit_error(&**peer, None, &e);
+    }
+    send_state(&**peer, node);
+}
+
+fn send_state(peer: &dyn Peer, node: &Node) {
+    let state = node.device().state();
+    for event in EVENTS {
+        peer.emit(event, &state.event(event));
+    }
+}
+
+/// What a `subscribe` event asks for.
+struct SubscribeRequest {
+    topic: String,
+    /// Subscribed with the object form `{topic, offset?, epoch?}`: history
+    /// publications carry a second argument `{topic, offset}`. The plain
+    /// string form keeps one-argument events (python-socketio handlers with
+    /// one parameter raise `TypeError` on a second one).
+    positions: bool,
+    since: Option<Since>,
+}
+
+async fn join(
+    peer: &Arc<dyn Peer>,
+    s: &Session,
+    node: &Node,
+    request: SubscribeRequest,
+    announce: Announce,
+) -> Result<(), String> {
+    let topic = request.topic.as_str();
+    if !s.may_subscribe(topic) {
+        return Err(format!("not allowed to subscribe to \"{topic}\""));
+    }
+    let limit = node.config().max_subscriptions;
+    let at_limit = {
+        let topics = s.topics.lock().unwrap();
+        !topics.contains(topic) && topics.len() >= limit
+    };
+    if at_limit {
+        return Err(format!(
+            "subscription limit of {limit} topics per connection reached"
+        ));
+    }
+    node.hub()
+        .subscribe(
+            topic,
+            s.id,
+            peer.subscriber(request.positions),
+            request.since,
+            announce,
+        )
+        .await
+        .map_err(|e| format!("could not subscribe to \"{topic}\": {e}"))?;
+    s.topics.lock().unwrap().insert(topic.to_string());
+    Ok(())
+}
+
+/// `subscribe` takes a topic name, or `{"topic": …, "offset"?: N, "epoch"?: E}`
+/// (or the older `{"event": …}`).
+fn subscribe_arg(data: &Result<Value, String>) -> Result<SubscribeRequest, String> {
+    let topic = topic_arg(data)?;
+    let Ok(Value::Object(o)) = data else {
+        return Ok(SubscribeRequest {
+            topic,
+            positions: false,
+            since: None,
+        });
+    };
+    let since = match (o.get("offset"), o.get("epoch")) {
+        (None | Some(Value::Null), None | Some(Value::Null)) => None,
+        _ => Some(protocol::parse_since(&Value::Object(o.clone())).map_err(|e| e.to_string())?),
+    };
+    Ok(SubscribeRequest {
+        topic,
+        positions: o.contains_key("topic"),
+        since,
+    })
+}
+
+/// A topic name, or `{"topic": …}` / `{"event": …}`.
+fn topic_arg(data: &Result<Value, String>) -> Result<String, String> {
+    let v = data
+        .as_ref()
+        .map_err(|e| format!("could not read the message: {e}"))?;
+    let name = match v {
+        Value::String(s) => Some(s.as_str()),
+        Value::Object(o) => o
+            .get("topic")
+            .or_else(|| o.get("event"))
+            .and_then(Value::as_str),
+        _ => None,
+    }
+    .ok_or_else(|| "expected a topic name, or {\"topic\": \"name\"}".to_string())?;
+    if protocol::valid_topic(name) {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "invalid topic name \"{name}\": must match {TOPIC_PATTERN}"
+        ))
+    }
+}
+
+/// The ack of a successful `subscribe`: on history topics with the topic's
+/// offset and epoch, and `recovered` when the client sent a position.
+fn subscribe_ack(topic: &str, outcome: &Outcome) -> Value {
+    let mut ack = json!({"ok": true, "topic": topic});
+    if let Some(p) = &outcome.position {
+        ack["offset"] = json!(p.offset);
+        ack["epoch"] = json!(&*p.epoch);
+    }
+    if let Some(r) = outcome.recovered {
+        ack["recovered"] = json!(r);
+    }
+    ack
+}
+
+/// `subscribe`: the ack goes out when the hub announces the subscription,
+/// before any missed publication is emitted.
+pub async fn subscribe(
+    peer: &Arc<dyn Peer>,
+    s: &Session,
+    node: &Node,
+    data: Result<Value, String>,
+    ack: Ack,
+) {
+    if !accept(&**peer, s, "subscribe") {
+        return;
+    }
+    let request = match subscribe_arg(&data) {
+        Ok(r) => r,
+        Err(e) => return reply(&**peer, ack, Err(e), named_topic(&data).as_deref()),
+    };
+    let ack = Arc::new(Mutex::new(Some(ack)));
+    let topic = request.topic.clone();
+    let announce = {
+        let ack = ack.clone();
+        let topic = topic.clone();
+        Box::new(move |outcome: &Outcome| {
+            if let Some(ack) = ack.lock().unwrap().take() {
+                ack(subscribe_ack(&topic, outcome));
+            }
+        })
+    };
+    if let Err(e) = join(peer, s, node, request, announce).await {
+        let pending = ack.lock().unwrap().take();
+        match pending {
+            Some(ack) => reply(&**peer, ack, Err(e), Some(&topic)),
+            None => emit_error(&**peer, Some(&topic), &e),
+        }
+    }
+}
+
+/// `unsubscribe`, same argument forms as `subscribe`.
+pub async fn unsubscribe(
+    peer: &Arc<dyn Peer>,
+    s: &Session,
+    node: &Node,
+    data: Result<Value, String>,
+    ack: Ack,
+) {
+    if !accept(&**peer, s, "unsubscribe") {
+        return;
+    }
+    let res = match topic_arg(&data) {
+        Ok(topic) => {
+            let was = s.topics.lock().unwrap().remove(&topic);
+            if was {
+                node.hub().unsubscribe(&topic, s.id).await;
+            }
+            Ok(topic)
+        }
+        Err(e) => Err(e),
+    };
+    reply(&**peer, ack, res, named_topic(&data).as_deref());
+}
+
+/// `request_state`: the four device events again.
+pub fn request_state(peer: &Arc<dyn Peer>, s: &Session, node: &Node, ack: Ack) {
+    if !accept(&**peer, s, "request_state") {
+        return;
+    }
+    if !s.may_subscribe(TOPIC) {
+        let e = format!("not allowed to read \"{TOPIC}\"");
+        ack(json!({"ok": false, "error": e}));
+        emit_error(&**peer, Some(TOPIC), &e);
+        return;
+    }
+    send_state(&**peer, node);
+    ack(json!({"ok": true}));
+}
+
+/// `publish` with `{"topic", "event"?, "data"}`, allowed by a token's
+/// `publish` claim only.
+pub async fn publish(
+    peer: &Arc<dyn Peer>,
+    s: &Session,
+    node: &Node,
+    data: Result<Value, String>,
+    ack: Ack,
+) {
+    if !accept(&**peer, s, "publish") {
+        return;
+    }
+    let res = async {
+        let topic = topic_arg(&data)?;
+        let v = data.as_ref().map_err(|e| e.to_string())?;
+        if topic == TOPIC {
+            return Err(
+                "topic \"device\" carries device state: change it with the device commands".into(),
+            );
+        }
+        if !s.may_publish(&topic) {
+            return Err(format!("not allowed to publish to \"{topic}\""));
+        }
+        let event = match v.get("event") {
+            None | Some(Value::Null) => topic.clone(),
+            Some(Value::String(e)) if protocol::valid_topic(e) => e.clone(),
+            Some(_) => return Err(format!("event must be a name matching {TOPIC_PATTERN}")),
+        };
+        let payload = v.get("data").ok_or("publish needs a \"data\" field")?;
+        let raw = serde_json::value::to_raw_value(payload).map_err(|e| e.to_string())?;
+        if protocol::json_depth_exceeds(raw.get(), protocol::MAX_DATA_DEPTH) {
+            return Err(protocol::TOO_DEEP.into());
+        }
+        node.hub()
+            .publish(&topic, &event, &raw)
+            .await
+            .map_err(|e| format!("publication not accepted: {e}"))?;
+        Ok(topic)
+    }
+    .await;
+    reply(&**peer, ack, res, named_topic(&data).as_deref());
+}
+
+fn reply(peer: &dyn Peer, ack: Ack, res: Result<String, String>, topic: Option<&str>) {
+    match res {
+        Ok(topic) => ack(json!({"ok": true, "topic": topic})),
+        Err(e) => {
+            ack(json!({"ok": false, "error": e, "topic": topic}));
+            emit_error(peer, topic, &e);
+        }
+    }
+}
+
+/// The topic named in a message, when it can be read, for error reports.
+fn named_topic(data: &Result<Value, String>) -> Option<String> {
+    match data.as_ref().ok()? {
+        Value::String(s) => Some(s.chars().take(140).collect()),
+        Value::Object(o) => o
+            .get("topic")
+            .or_else(|| o.get("event"))
+            .and_then(Value::as_str)
+            .map(|s| s.chars().take(140).collect()),
+        _ => None,
+    }
+}
+
+pub fn emit_error(peer: &dyn Peer, topic: Option<&str>, message: &str) {
+    peer.emit("error", &json!({"message": message, "topic": topic}));
+}
+
+/// `refresh` with the new token (a string or `{"token": …}`): the same
+/// rules as the native `refresh`. Ack `{"ok": true, "expiresAt": ms|null}`
+/// or `{"ok": false, "error": …}` (plus an `error` event, code `bad_token`).
+pub async fn refresh(
+    peer: &Arc<dyn Peer>,
+    s: &Session,
+    node: &Node,
+    data: Result<Value, String>,
+    ack: Ack,
+) {
+    if !accept(&**peer, s, "refresh") {
+        return;
+    }
+    let token = match &data {
+        Ok(Value::String(t)) => Some(t.as_str()),
+        Ok(Value::Object(o)) => o.get("token").and_then(Value::as_str),
+        _ => None,
+    }
+    .filter(|t| !t.is_empty());
+    let identity = match token {
+        None => Err("refresh needs the new token, as a string or {\"token\": \"…\"}".to_string()),
+        Some(t) => node
+            .config()
+            .auth
+            .authenticate(Some(t))
+            .map_err(|e| format!("refresh refused, the current token still applies: {e}")),
+    };
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(e) => {
+            ack(json!({"ok": false, "error": e}));
+            peer.emit(
+                "error",
+                &json!({"message": e, "code": "bad_token", "topic": null}),
+            );
+            return;
+        }
+    };
+    let expires_at = identity.expires_at();
+    let lost: Vec<String> = s
+        .topics
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| !identity.may_subscribe(t))
+        .cloned()
+        .collect();
+    *s.identity.lock().unwrap() = identity;
+    s.refreshed.notify_one();
+    for topic in lost {
+        let was = s.topics.lock().unwrap().remove(&topic);
+        if was {
+            node.hub().unsubscribe(&topic, s.id).await;
+            peer.emit(
+                "unsubscribed",
+                &json!({"topic": topic, "reason": "permission revoked"}),
+            );
+        }
+    }
+    ack(json!({"ok": true, "expiresAt": expires_at}));
+}
+
+/// Disconnects the socket when its token expires (`exp` + leeway) unless a
+/// `refresh` moved the deadline: an `error` event with code
+/// `token_expired` first, then the disconnect (`io server disconnect`).
+pub async fn expire_when_due(peer: Arc<dyn Peer>, s: Arc<Session>) {
+    loop {
+        let left = s.identity.lock().unwrap().time_left();
+        let due = async {
+            match left {
+                Some(left) => tokio::time::sleep(left).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = due => {
+                let left = s.identity.lock().unwrap().time_left();
+                if left.is_some_and(|l| l.is_zero()) {
+                    break;
+                }
+            }
+            _ = s.refreshed.notified() => {}
+            _ = s.gone.cancelled() => return,
+        }
+    }
+    peer.emit(
+        "error",
+        &json!({
+            "message": "the token has expired: send a refresh before it expires, or connect again with a new token",
+            "code": "token_expired",
+            "topic": null,
+        }),
+    );
+    s.closing(m::reason::TOKEN_EXPIRED);
+    peer.disconnect();
+}
+
+/// The socket is gone: leave its topics, count it with `reason`.
+pub async fn disconnected(s: &Session, node: &Node, reason: &'static str) {
+    s.gone.cancel();
+    let topics: Vec<String> = s.topics.lock().unwrap().drain().collect();
+    for topic in topics {
+        node.hub().unsubscribe(&topic, s.id).await;
+    }
+    metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::SOCKETIO).decrement(1.0);
+    metrics::counter!(m::CONNECTIONS_CLOSED, "transport" => m::transport::SOCKETIO, "reason" => reason)
+        .increment(1);
+    node.connection_closed();
+}

@@ -1,0 +1,191 @@
+//! The node's own Engine.IO websocket transport, spoken by hand where the
+//! official clients cannot show it: publications encoded once, the
+//! slow-consumer policy per socket, the Engine.IO heartbeat, refusals.
+//! (The official clients on this transport: tests/device.rs, history.rs,
+//! security.rs, lifecycle.rs.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::Node;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a Socket.IO session on the websocket transport and connects to `/`.
+async fn open(node: &Node, auth: Option<Value>) -> (Ws, Value) {
+    let url = node.ws_url("/socket.io/?EIO=4&transport=websocket");
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let open = text(&mut ws).await;
+    let handshake: Value =
+        serde_json::from_str(open.strip_prefix('0').expect("OPEN first")).unwrap();
+    assert_eq!(handshake["upgrades"], json!([]));
+    let connect = match auth {
+        Some(a) => format!("40{a}"),
+        None => "40".into(),
+    };
+    ws.send(Message::Text(connect.into())).await.unwrap();
+    (ws, handshake)
+}
+
+/// The next text frame, answering Engine.IO pings on the way.
+async fn text(ws: &mut Ws) -> String {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "2" => {
+                ws.send(Message::Text("3".into())).await.unwrap();
+            }
+            Ok(Some(Ok(Message::Text(t)))) => return t.to_string(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no text frame: {other:?}"),
+        }
+    }
+}
+
+/// Reads until a frame starting with `prefix`.
+async fn until(ws: &mut Ws, prefix: &str) -> String {
+    loop {
+        let t = text(ws).await;
+        if t.starts_with(prefix) {
+            return t;
+        }
+    }
+}
+
+async fn subscribe(ws: &mut Ws, topic: &str) -> Value {
+    ws.send(Message::Text(
+        format!(r#"421["subscribe","{topic}"]"#).into(),
+    ))
+    .await
+    .unwrap();
+    let ack = until(ws, "431").await;
+    let ack: Value = serde_json::from_str(&ack[3..]).unwrap();
+    assert_eq!(ack[0]["ok"], true, "{ack}");
+    ack[0].clone()
+}
+
+#[tokio::test]
+async fn engine_io_handshake_events_acks_and_refusals() {
+    let node = Node::start(
+        "eio",
+        &[
+            ("SOCKETIO_PING_INTERVAL", "300"),
+            ("SOCKETIO_PING_TIMEOUT", "300"),
+        ],
+    );
+    let (mut ws, handshake) = open(&node, None).await;
+    assert_eq!(handshake["pingInterval"], 300);
+    assert!(until(&mut ws, "40").await.starts_with("40{\"sid\":"));
+    // The four device events follow the CONNECT ack.
+    assert!(until(&mut ws, "42[\"apps_list\"").await.len() > 20);
+    let ack = subscribe(&mut ws, "news").await;
+    assert_eq!(ack["offset"], 0, "a history topic: {ack}");
+    let (status, _) = node.post("/api/publish", r#"{"topic":"news","data":{"n":1}}"#);
+    assert_eq!(status, 202);
+    assert_eq!(until(&mut ws, "42[\"news\"").await, r#"42["news",{"n":1}]"#);
+    // The object form opts into the position argument.
+    ws.send(Message::Text(r#"422["subscribe",{"topic":"feed"}]"#.into()))
+        .await
+        .unwrap();
+    until(&mut ws, "432").await;
+    node.post("/api/publish", r#"{"topic":"feed","data":5}"#);
+    assert_eq!(
+        until(&mut ws, "42[\"feed\"").await,
+        r#"42["feed",5,{"topic":"feed","offset":1}]"#
+    );
+    // Errors are `error` events; an unknown namespace is refused.
+    ws.send(Message::Text(r#"423["subscribe","bad topic"]"#.into()))
+        .await
+        .unwrap();
+    let nack = until(&mut ws, "433").await;
+    assert!(nack.contains(r#""ok":false"#), "{nack}");
+    ws.send(Message::Text("40/admin,".into())).await.unwrap();
+    assert!(
+        until(&mut ws, "44/admin,")
+            .await
+            .contains("Invalid namespace")
+    );
+    // A client that stops answering pings is closed after interval + timeout.
+    let (mut silent, _) = open(&node, None).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match silent.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+                Some(Ok(_)) => continue,
+                _ => return 0,
+            }
+        }
+    })
+    .await
+    .expect("closed by the heartbeat");
+    assert_eq!(closed, 1011);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_stops_reading_is_closed_alone() {
+    let node = Node::start(
+        "eio-slow",
+        &[
+            ("WEBSOCKET_CLIENT_QUEUE_MESSAGES", "64"),
+            ("HTTP_BODY_LIMIT", "1048576"),
+        ],
+    );
+    let (mut slow, _) = open(&node, None).await;
+    until(&mut slow, "40").await;
+    subscribe(&mut slow, "flood").await;
+    let (mut fast, _) = open(&node, None).await;
+    until(&mut fast, "40").await;
+    subscribe(&mut fast, "flood").await;
+    // `slow` reads nothing from here on; `fast` reads everything.
+    let reader = tokio::spawn(async move {
+        let mut got = 0;
+        while got < 400 {
+            if until(&mut fast, "42[\"flood\"").await.len() > 16_000 {
+                got += 1;
+            }
+        }
+        got
+    });
+    let addr = node.addr.clone();
+    tokio::task::spawn_blocking(move || {
+        let pad = "x".repeat(16_384);
+        for i in 0..400 {
+            let body = json!({"topic": "flood", "data": {"i": i, "pad": pad}}).to_string();
+            let (status, _) = common::http(&addr, "POST", "/api/publish", Some(&body), &[]);
+            assert_eq!(status, 202);
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .unwrap()
+            .unwrap(),
+        400,
+        "the reading socket got everything"
+    );
+    // The stalled one, reading again, finds what was written, then 1013.
+    let code = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match slow.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+                Some(Ok(_)) => continue,
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1013);
+    let (_, metrics) = common::http_text(&node.addr, "GET", "/metrics", None, &[]);
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("switchboard_slow_consumer_disconnects_total{transport=\"socketio\"} 1")),
+        "{metrics}"
+    );
+}
