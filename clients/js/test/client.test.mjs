@@ -1,13 +1,13 @@
 // The client against real `switchboard` processes (and a private
-// redis-server where the test needs a cluster). Tests that need server
-// features still under way (history, token refresh) skip with the reason when
-// the server does not have them; scripts/test prints the skip count.
+// redis-server where the test needs a cluster).
 
 import test from "node:test";
 import assert from "node:assert/strict";
 
 import { Switchboard } from "../switchboard.js";
-import { requireTool, scoped, freePort, eventually, nextEvent, jwt, serverHasHistory, sleep } from "./harness.mjs";
+import { spawn } from "node:child_process";
+
+import { requireTool, scoped, freePort, eventually, nextEvent, jwt, sleep } from "./harness.mjs";
 
 const WebSocket = requireTool("ws");
 const FAST = { WebSocket, minDelay: 100, maxDelay: 1000 };
@@ -183,16 +183,12 @@ test(
 
 test(
   "history: recovery without loss across a node restart (Redis cluster)",
-  scoped(async (s, t) => {
+  scoped(async (s) => {
     const redis = await s.redis();
     const env = { REDIS_URL: redis.url, REDIS_PREFIX: `jsrec${process.pid}`, SHUTDOWN_READINESS_DELAY_MS: "0" };
     const port = await freePort();
     let a = await s.node("js-rec-a", env, { port });
     const b = await s.node("js-rec-b", env);
-    if (!(await serverHasHistory(a))) {
-      t.skip("the server has no history protocol yet (subscribed without epoch)");
-      return;
-    }
     const c = client(s, a.ws);
     const got = [];
     const dups = [];
@@ -230,16 +226,12 @@ test(
 
 test(
   "history: too much missed is unrecoverable; a new epoch is unrecoverable",
-  scoped(async (s, t) => {
+  scoped(async (s) => {
     const redis = await s.redis();
     const env = { REDIS_URL: redis.url, REDIS_PREFIX: `jsunr${process.pid}`, HISTORY_SIZE: "5" };
     const port = await freePort();
     let a = await s.node("js-unr-a", env, { port });
     const b = await s.node("js-unr-b", env);
-    if (!(await serverHasHistory(a))) {
-      t.skip("the server has no history protocol yet (subscribed without epoch)");
-      return;
-    }
     const c = client(s, a.ws);
     const got = [];
     const sub = c.subscribe("news", (d) => got.push(d.n));
@@ -269,22 +261,55 @@ test(
 
 test(
   "token refresh: refresh() resolves on refreshed (issue 15)",
-  scoped(async (s, t) => {
+  scoped(async (s) => {
     const secret = "a-test-secret-of-at-least-32-chars!!";
     const node = await s.node("js-refresh", { AUTH_JWT_SECRET: secret });
     const now = Math.floor(Date.now() / 1000);
     const c = client(s, node.ws, { token: jwt(secret, { sub: "r", exp: now + 60 }) });
     await c.connect();
-    let result;
-    try {
-      result = await c.refresh(jwt(secret, { sub: "r", exp: now + 3600 }));
-    } catch (err) {
-      if (err.code === "bad_type" || err.code === "bad_message") {
-        t.skip(`the server does not know "refresh" yet (${err.code}: ${err.message})`);
-        return;
-      }
-      throw err;
-    }
+    const result = await c.refresh(jwt(secret, { sub: "r", exp: now + 3600 }));
     assert.equal(result.expiresAt, (now + 3600) * 1000);
+  }),
+);
+
+test(
+  "history: a node restarted twice under a 100/s publisher, every offset exactly once",
+  scoped(async (s) => {
+    const redis = await s.redis();
+    const prefix = `jstwice${process.pid}`;
+    const env = { REDIS_URL: redis.url, REDIS_PREFIX: prefix, SHUTDOWN_READINESS_DELAY_MS: "0" };
+    const port = await freePort();
+    let node = await s.node("js-twice-1", env, { port });
+    const c = client(s, node.ws);
+    const seen = new Map();
+    c.subscribe("ticks", (_d, m) => seen.set(m.offset, (seen.get(m.offset) ?? 0) + 1));
+    await c.connect();
+    await eventually(() => c.state === "connected", 5000, "connected");
+    // One redis-cli fed by a pipe publishes with history at 100/s,
+    // independent of the node.
+    const publisher = spawn("redis-cli", ["-p", String(redis.port)], { stdio: ["pipe", "ignore", "ignore"] });
+    s.defer(() => publisher.kill("SIGKILL"));
+    let sent = 0;
+    const timer = setInterval(() => {
+      sent += 1;
+      const env = JSON.stringify({ event: "ticks", data: { n: sent } });
+      publisher.stdin.write(`FCALL switchboard_publish 1 ticks '${env}' ${prefix}\n`);
+    }, 10);
+    s.defer(() => clearInterval(timer));
+    for (let round = 2; round <= 3; round++) {
+      await sleep(1500);
+      await node.stop("SIGTERM");
+      await sleep(300);
+      node = await s.node(`js-twice-${round}`, env, { port });
+    }
+    await sleep(1500);
+    clearInterval(timer);
+    const total = sent;
+    await eventually(() => seen.size >= total, 15000, `all ${total} offsets`);
+    const twice = [...seen].filter(([, n]) => n > 1).map(([o]) => o);
+    const missing = [];
+    for (let o = 1; o <= total; o++) if (!seen.has(o)) missing.push(o);
+    assert.deepEqual({ missing, twice }, { missing: [], twice: [] });
+    assert.equal(seen.size, total);
   }),
 );

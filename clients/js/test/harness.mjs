@@ -216,28 +216,6 @@ export function scoped(body) {
   };
 }
 
-/** Whether this server build has the history protocol (offset/epoch on `subscribed`). */
-export async function serverHasHistory(node) {
-  const WebSocket = requireTool("ws");
-  return new Promise((resolve) => {
-    const ws = new WebSocket(node.ws);
-    const timer = setTimeout(() => {
-      ws.terminate();
-      resolve(false);
-    }, 5000);
-    ws.on("message", (raw) => {
-      const m = JSON.parse(String(raw));
-      if (m.type === "connected") ws.send(JSON.stringify({ type: "subscribe", event: "history-probe" }));
-      if (m.type === "subscribed") {
-        clearTimeout(timer);
-        ws.close();
-        resolve(typeof m.epoch === "string");
-      }
-    });
-    ws.on("error", () => resolve(false));
-  });
-}
-
 /** An HS256 JWT for `claims`, signed with `secret` (tests only). */
 export function jwt(secret, claims) {
   const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
