@@ -11,25 +11,19 @@
 //! Layout:
 //! - this file: command line, the coordinator (spawns workers, publishes,
 //!   samples `/proc`, merges and prints the results);
-//! - `switchboard_bench/worker.rs`: a worker process holding a share of the
+//! - `worker.rs`: a worker process holding a share of the
 //!   connections on a single-threaded runtime;
-//! - `switchboard_bench/ws.rs`: the minimal allocation-free WebSocket client;
-//! - `switchboard_bench/publish.rs`: the RESP publisher;
-//! - `switchboard_bench/hist.rs`: the latency histogram;
-//! - `switchboard_bench/procfs.rs`: `/proc` samples and `RLIMIT_NOFILE`;
-//! - `switchboard_bench/report.rs`: the table, targets and Markdown.
+//! - `ws.rs`: the minimal allocation-free WebSocket client;
+//! - `publish.rs`: the RESP publisher;
+//! - `hist.rs`: the latency histogram;
+//! - `procfs.rs`: `/proc` samples and `RLIMIT_NOFILE`;
+//! - `report.rs`: the table, targets and Markdown.
 
-#[path = "switchboard_bench/hist.rs"]
 mod hist;
-#[path = "switchboard_bench/procfs.rs"]
 mod procfs;
-#[path = "switchboard_bench/publish.rs"]
 mod publish;
-#[path = "switchboard_bench/report.rs"]
 mod report;
-#[path = "switchboard_bench/worker.rs"]
 mod worker;
-#[path = "switchboard_bench/ws.rs"]
 mod ws;
 
 use std::io::{BufRead, BufReader, Write};
