@@ -1,6 +1,10 @@
 //! The publisher: `PUBLISH {prefix}:t:{topic} {"event":…,"data":{"seq","ts","pad"}}`
 //! spoken in RESP over one blocking TCP connection (the publisher contract),
 //! on its own thread so that its timing does not depend on the generator.
+//! For history topics it publishes with
+//! `FCALL switchboard_publish 1 <topic> <envelope> <prefix>` instead (the
+//! history contract, `src/history/redis.rs`) and checks that the offsets it
+//! gets back are consecutive.
 //!
 //! Every event due by now is written in one pipelined batch and the batch's
 //! replies are read before the next one: at a fixed rate that is one event
@@ -21,6 +25,8 @@ const MAX_BATCH: u64 = 128;
 pub struct Plan {
     pub redis: SocketAddr,
     pub channel: String,
+    /// `Some((topic, prefix))`: publish with `FCALL switchboard_publish`.
+    pub history: Option<(String, String)>,
     pub event: String,
     pub events: u64,
     /// Events per second; 0 = as fast as possible.
@@ -41,6 +47,12 @@ pub struct PublishReport {
     /// Subscribed Redis clients per PUBLISH reply (the nodes that listen).
     pub receivers_min: i64,
     pub receivers_max: i64,
+    /// History: the offsets `switchboard_publish` assigned (first, last) and
+    /// the epoch; a reply whose offset did not follow the previous one counts
+    /// as an error.
+    pub first_offset: u64,
+    pub last_offset: u64,
+    pub epoch: String,
 }
 
 pub fn run(plan: &Plan) -> anyhow::Result<PublishReport> {
@@ -85,30 +97,52 @@ pub fn run(plan: &Plan) -> anyhow::Result<PublishReport> {
                 r#"{{"event":"{}","data":{{"seq":{s},"ts":{ts},"pad":"{pad}"}}}}"#,
                 plan.event
             )?;
-            write!(
-                buf,
-                "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{}\r\n${}\r\n{}\r\n",
-                plan.channel.len(),
-                plan.channel,
-                payload.len(),
-                payload
-            )?;
+            match &plan.history {
+                None => write!(
+                    buf,
+                    "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{}\r\n${}\r\n{}\r\n",
+                    plan.channel.len(),
+                    plan.channel,
+                    payload.len(),
+                    payload
+                )?,
+                Some((topic, prefix)) => write!(
+                    buf,
+                    "*6\r\n$5\r\nFCALL\r\n$19\r\nswitchboard_publish\r\n$1\r\n1\r\n\
+                     ${}\r\n{}\r\n${}\r\n{}\r\n${}\r\n{}\r\n",
+                    topic.len(),
+                    topic,
+                    payload.len(),
+                    payload,
+                    prefix.len(),
+                    prefix
+                )?,
+            }
         }
         writer.write_all(&buf)?;
         for _ in 0..due {
-            line.clear();
-            if reader.read_line(&mut line)? == 0 {
-                anyhow::bail!("Redis closed the connection");
-            }
-            match line
-                .strip_prefix(':')
-                .and_then(|v| v.trim().parse::<i64>().ok())
-            {
-                Some(n) => {
+            let reply = read_reply(&mut reader, &mut line)?;
+            match (&plan.history, reply) {
+                (None, Reply::Int(n)) => {
                     r.receivers_min = r.receivers_min.min(n);
                     r.receivers_max = r.receivers_max.max(n);
                 }
-                None => r.errors += 1,
+                (Some(_), Reply::Position(offset, epoch)) => {
+                    if r.last_offset == 0 {
+                        r.first_offset = offset;
+                        r.epoch = epoch;
+                    } else if offset != r.last_offset + 1 || epoch != r.epoch {
+                        r.errors += 1;
+                    }
+                    r.last_offset = offset;
+                }
+                (_, Reply::Error(e)) => {
+                    if r.errors == 0 {
+                        eprintln!("switchboard-bench: Redis refused a publication: {e}");
+                    }
+                    r.errors += 1;
+                }
+                _ => r.errors += 1,
             }
         }
         seq += due;
@@ -121,9 +155,47 @@ pub fn run(plan: &Plan) -> anyhow::Result<PublishReport> {
     } else {
         0.0
     };
-    if seq == 0 {
+    if seq == 0 || plan.history.is_some() {
         r.receivers_min = 0;
         r.receivers_max = 0;
     }
     Ok(r)
+}
+
+/// The replies this publisher expects.
+enum Reply {
+    /// `PUBLISH`: the number of subscribed clients that got it.
+    Int(i64),
+    /// `FCALL switchboard_publish`: `[offset, epoch]`.
+    Position(u64, String),
+    Error(String),
+    Other,
+}
+
+fn read_reply(reader: &mut impl BufRead, line: &mut String) -> anyhow::Result<Reply> {
+    let mut next = |line: &mut String| -> anyhow::Result<()> {
+        line.clear();
+        if reader.read_line(line)? == 0 {
+            anyhow::bail!("Redis closed the connection");
+        }
+        Ok(())
+    };
+    next(line)?;
+    let head = line.trim_end().to_string();
+    Ok(match head.as_bytes().first() {
+        Some(b':') => head[1..].parse().map_or(Reply::Other, Reply::Int),
+        Some(b'-') => Reply::Error(head[1..].to_string()),
+        Some(b'*') if head == "*2" => {
+            next(line)?;
+            let offset = line
+                .trim_end()
+                .strip_prefix(':')
+                .and_then(|v| v.parse().ok());
+            next(line)?; // `$<len>`
+            next(line)?;
+            let epoch = line.trim_end().to_string();
+            offset.map_or(Reply::Other, |o| Reply::Position(o, epoch))
+        }
+        _ => Reply::Other,
+    })
 }

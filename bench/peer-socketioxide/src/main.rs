@@ -183,7 +183,11 @@ async fn register<A: Adapter>(socket: SocketRef<A>) -> Result<(), std::convert::
 
 async fn on_connect<A: Adapter>(_socket: SocketRef<A>) {}
 
-async fn on_subscribe<A: Adapter>(socket: SocketRef<A>, Data(topic): Data<String>, ack: AckSender<A>) {
+async fn on_subscribe<A: Adapter>(
+    socket: SocketRef<A>,
+    Data(topic): Data<String>,
+    ack: AckSender<A>,
+) {
     socket.join(topic.clone());
     let _ = ack.send(&serde_json::json!({"ok": true, "topic": topic}));
 }
