@@ -276,3 +276,18 @@ fn frame(size: usize) -> Vec<u8> {
     f.resize(size, b'x');
     f
 }
+
+#[cfg(test)]
+mod tests {
+    use super::frame;
+
+    #[test]
+    fn frames_have_the_requested_size_and_a_valid_header() {
+        let f = frame(150);
+        assert_eq!(f.len(), 150);
+        assert_eq!(&f[..4], &[0x81, 126, 0, 146]);
+        let f = frame(100);
+        assert_eq!(f.len(), 100);
+        assert_eq!(&f[..2], &[0x81, 98]);
+    }
+}

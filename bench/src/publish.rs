@@ -199,3 +199,30 @@ fn read_reply(reader: &mut impl BufRead, line: &mut String) -> anyhow::Result<Re
         _ => Reply::Other,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replies(text: &str) -> Vec<Reply> {
+        let mut reader = BufReader::new(text.as_bytes());
+        let mut line = String::new();
+        let mut out = Vec::new();
+        while let Ok(r) = read_reply(&mut reader, &mut line) {
+            out.push(r);
+        }
+        out
+    }
+
+    #[test]
+    fn publish_and_fcall_replies() {
+        let r = replies(
+            ":2\r\n*2\r\n:17\r\n$4\r\nk3x9\r\n-ERR topic 'x' is not a history topic\r\n+OK\r\n",
+        );
+        assert!(matches!(r[0], Reply::Int(2)));
+        assert!(matches!(&r[1], Reply::Position(17, e) if e == "k3x9"));
+        assert!(matches!(&r[2], Reply::Error(e) if e.starts_with("ERR topic")));
+        assert!(matches!(r[3], Reply::Other));
+        assert_eq!(r.len(), 4);
+    }
+}
