@@ -135,7 +135,7 @@ impl Outcome {
 
     /// Server CPU time per delivery during the run, µs.
     fn cpu_us_per_delivery(&self) -> f64 {
-        if self.total.received == 0 {
+        if self.total.received == 0 || self.servers == 0 {
             return 0.0;
         }
         self.server_cpu_run() * 1e6 / self.total.received as f64
