@@ -114,3 +114,17 @@ pub fn machine_busy_s() -> f64 {
     // user nice system idle iowait irq softirq steal
     (get(0) + get(1) + get(2) + get(5) + get(6) + get(7)) as f64 / clk_tck()
 }
+
+/// CPU seconds (user + system) of the calling thread so far, from
+/// `/proc/thread-self/stat`; 0 when unavailable.
+pub fn thread_cpu_s() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/thread-self/stat") else {
+        return 0.0;
+    };
+    let Some((_, after)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) as f64 / clk_tck()
+}

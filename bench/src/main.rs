@@ -11,25 +11,21 @@
 //! Layout:
 //! - this file: command line, the coordinator (spawns workers, publishes,
 //!   samples `/proc`, merges and prints the results);
-//! - `switchboard_bench/worker.rs`: a worker process holding a share of the
+//! - `worker.rs`: a worker process holding a share of the
 //!   connections on a single-threaded runtime;
-//! - `switchboard_bench/ws.rs`: the minimal allocation-free WebSocket client;
-//! - `switchboard_bench/publish.rs`: the RESP publisher;
-//! - `switchboard_bench/hist.rs`: the latency histogram;
-//! - `switchboard_bench/procfs.rs`: `/proc` samples and `RLIMIT_NOFILE`;
-//! - `switchboard_bench/report.rs`: the table, targets and Markdown.
+//! - `ws.rs`: the minimal allocation-free WebSocket client;
+//! - `publish.rs`: the RESP publisher;
+//! - `hist.rs`: the latency histogram;
+//! - `procfs.rs`: `/proc` samples and `RLIMIT_NOFILE`;
+//! - `report.rs`: the table, targets and Markdown;
+//! - `probe.rs`: the physical-limit probe (`write(2)` to N loopback sockets).
 
-#[path = "switchboard_bench/hist.rs"]
 mod hist;
-#[path = "switchboard_bench/procfs.rs"]
+mod probe;
 mod procfs;
-#[path = "switchboard_bench/publish.rs"]
 mod publish;
-#[path = "switchboard_bench/report.rs"]
 mod report;
-#[path = "switchboard_bench/worker.rs"]
 mod worker;
-#[path = "switchboard_bench/ws.rs"]
 mod ws;
 
 use std::io::{BufRead, BufReader, Write};
@@ -54,7 +50,10 @@ const USAGE: &str = "\
 switchboard-bench: load generator for Switchboard nodes
 
 USAGE
-  switchboard-bench <idle|connect|fanout|maxrate> --target HOST:PORT[,…] [OPTIONS]
+  switchboard-bench <idle|connect|fanout|maxrate|recovery> --target HOST:PORT[,…] [OPTIONS]
+  switchboard-bench probe [--pairs N] [--rate R] [--duration D] [--size B] [--label L] [--out F]
+                                          CPU per write(2) of one frame to each of N
+                                          loopback sockets (the receiving side drains)
   switchboard-bench report FILE.jsonl     Markdown tables of recorded results
   switchboard-bench free-port             print a free TCP port on 127.0.0.1
   switchboard-bench wait-ready [--timeout 60s] URL…
@@ -66,6 +65,9 @@ SCENARIOS
   connect  open N connections as fast as allowed, report the connect rate
   fanout   publish --rate events/s for --duration (default 200/s for 10s)
   maxrate  publish --events as fast as the publisher goes (default 5000)
+  recovery (history, native) subscribe N, close them all, publish --events (default
+           100) with FCALL, reconnect all at once with since; report the time until
+           every connection has every missed offset, and server and Redis CPU
 
 OPTIONS
   --protocol native|socketio   wire protocol (default native; Socket.IO is EIO=4 websocket)
@@ -77,6 +79,12 @@ OPTIONS
   --subscribe-via message|path native: a subscribe message (default) or /ws/<topic>
   --redis HOST:PORT            Redis to PUBLISH on (fanout, maxrate)
   --prefix P                   REDIS_PREFIX of the nodes (default switchboard)
+  --history                    publish with FCALL switchboard_publish 1 <topic> <envelope>
+                               <prefix> and check the offsets clients receive (native);
+                               the default topic is then hist.<random>
+  --system NAME                what is measured, for the side-by-side table (default:
+                               \"switchboard native\" or \"switchboard socket.io\")
+  --compare NAME               the row of the side-by-side table (default: the label)
   --rate N                     events per second, 0 = as fast as possible
   --duration D                 fanout length (default 10s); events = rate × duration
   --events N                   number of events (overrides --duration)
@@ -136,7 +144,8 @@ fn main() -> ExitCode {
             }),
             None => Err(anyhow::anyhow!("report needs a FILE.jsonl")),
         },
-        Some("idle" | "connect" | "fanout" | "maxrate") => {
+        Some("probe") => probe::main(&args[1..]).map(|_| ExitCode::SUCCESS),
+        Some("idle" | "connect" | "fanout" | "maxrate" | "recovery") => {
             Opts::parse(&args).and_then(|o| coordinate(&o))
         }
         Some("-h" | "--help" | "help") => {
@@ -165,6 +174,7 @@ enum Mode {
     Connect,
     Fanout,
     Maxrate,
+    Recovery,
 }
 
 impl Mode {
@@ -174,11 +184,12 @@ impl Mode {
             Mode::Connect => "connect",
             Mode::Fanout => "fanout",
             Mode::Maxrate => "maxrate",
+            Mode::Recovery => "recovery",
         }
     }
 
     fn publishes(self) -> bool {
-        matches!(self, Mode::Fanout | Mode::Maxrate)
+        matches!(self, Mode::Fanout | Mode::Maxrate | Mode::Recovery)
     }
 }
 
@@ -191,6 +202,7 @@ struct Opts {
     event: String,
     subscribe: bool,
     subscribe_via_path: bool,
+    history: bool,
     redis: Option<SocketAddr>,
     prefix: String,
     rate: f64,
@@ -210,6 +222,8 @@ struct Opts {
     pids: Vec<(String, u32)>,
     watch_pids: Vec<(String, u32)>,
     label: String,
+    system: Option<String>,
+    compare: Option<String>,
     out: Option<String>,
     expect: Expect,
 }
@@ -220,6 +234,7 @@ impl Opts {
             "idle" => Mode::Idle,
             "connect" => Mode::Connect,
             "fanout" => Mode::Fanout,
+            "recovery" => Mode::Recovery,
             _ => Mode::Maxrate,
         };
         let mut o = Opts {
@@ -231,9 +246,14 @@ impl Opts {
             event: "tick".into(),
             subscribe: mode != Mode::Connect,
             subscribe_via_path: false,
+            history: mode == Mode::Recovery,
             redis: None,
             prefix: "switchboard".into(),
-            rate: if mode == Mode::Maxrate { 0.0 } else { 200.0 },
+            rate: if matches!(mode, Mode::Maxrate | Mode::Recovery) {
+                0.0
+            } else {
+                200.0
+            },
             events: 0,
             pad: 32,
             workers: None,
@@ -250,11 +270,14 @@ impl Opts {
             pids: Vec::new(),
             watch_pids: Vec::new(),
             label: mode.name().into(),
+            system: None,
+            compare: None,
             out: None,
             expect: Expect::default(),
         };
         let mut duration = Duration::from_secs(10);
         let mut events: Option<u64> = None;
+        let mut topic: Option<String> = None;
         let mut i = 1;
         while i < args.len() {
             let arg = &args[i];
@@ -289,7 +312,10 @@ impl Opts {
                     }
                 }
                 "--connections" => o.connections = num(&value()?, name)?,
-                "--topic" => o.topic = value()?,
+                "--topic" => topic = Some(value()?),
+                "--history" => o.history = true,
+                "--system" => o.system = Some(value()?),
+                "--compare" => o.compare = Some(value()?),
                 "--event" => o.event = value()?,
                 "--subscribe" => o.subscribe = true,
                 "--no-subscribe" => o.subscribe = false,
@@ -347,6 +373,14 @@ impl Opts {
         if o.targets.is_empty() {
             bail!("--target HOST:PORT is required");
         }
+        o.topic = match topic {
+            Some(t) => t,
+            None if o.history => format!("hist.{:08x}", rand::random::<u32>()),
+            None => o.topic,
+        };
+        if o.history && o.protocol != Protocol::Native {
+            bail!("--history checks offsets on the native protocol only");
+        }
         if o.connections == 0 {
             bail!("--connections must be at least 1");
         }
@@ -363,6 +397,7 @@ impl Opts {
             o.events = match (events, mode) {
                 (Some(n), _) => n,
                 (None, Mode::Maxrate) => 5000,
+                (None, Mode::Recovery) => 100,
                 (None, _) if o.rate > 0.0 => (o.rate * duration.as_secs_f64()).round() as u64,
                 (None, _) => bail!("--rate 0 needs --events"),
             };
@@ -371,13 +406,13 @@ impl Opts {
     }
 }
 
-fn num<T: std::str::FromStr>(v: &str, name: &str) -> anyhow::Result<T> {
+pub(crate) fn num<T: std::str::FromStr>(v: &str, name: &str) -> anyhow::Result<T> {
     v.replace('_', "")
         .parse()
         .map_err(|_| anyhow::anyhow!("{name} {v} is not valid: expected a number"))
 }
 
-fn dur(v: &str, name: &str) -> anyhow::Result<Duration> {
+pub(crate) fn dur(v: &str, name: &str) -> anyhow::Result<Duration> {
     humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("{name} {v} is not valid: {e}"))
 }
 
@@ -456,7 +491,7 @@ fn wait_ready(args: &[String]) -> anyhow::Result<()> {
 /// Waits (at most `limit`) until other processes keep less than `cores` CPUs
 /// busy over a one-second window; returns the last window's busy CPUs. The
 /// benchmark shares the machine, so this is recorded with every result.
-fn wait_quiet(limit: Duration, cores: f64) -> f64 {
+pub(crate) fn wait_quiet(limit: Duration, cores: f64) -> f64 {
     let deadline = Instant::now() + limit;
     loop {
         let before = procfs::machine_busy_s();
@@ -557,6 +592,8 @@ fn coordinate(o: &Opts) -> anyhow::Result<ExitCode> {
             event: o.event.clone(),
             subscribe: o.subscribe,
             subscribe_via_path: o.subscribe_via_path,
+            history: o.history,
+            recover: o.mode == Mode::Recovery,
             concurrency: o.concurrency,
             connect_rate: o.connect_rate / workers as f64,
             connect_timeout_ms: o.connect_timeout.as_millis() as u64,
@@ -602,7 +639,7 @@ fn coordinate(o: &Opts) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let (reports, phases, publish) = result?;
+    let (reports, phases, publish, reconnect_us) = result?;
     let machine_busy_s = phases.busy_end - phases.busy_start;
 
     // === merge ===
@@ -634,6 +671,11 @@ fn coordinate(o: &Opts) -> anyhow::Result<ExitCode> {
         total.unexpected += r.unexpected;
         total.missing += r.missing;
         total.complete += r.complete;
+        total.offset_errors += r.offset_errors;
+        total.disconnected += r.disconnected;
+        total.reconnected += r.reconnected;
+        total.recovered += r.recovered;
+        total.not_recovered += r.not_recovered;
         total.min_per_conn = total.min_per_conn.min(r.min_per_conn);
         total.max_per_conn = total.max_per_conn.max(r.max_per_conn);
         total.first_start_us = total.first_start_us.min(r.first_start_us);
@@ -655,6 +697,17 @@ fn coordinate(o: &Opts) -> anyhow::Result<ExitCode> {
 
     let outcome = Outcome {
         label: o.label.clone(),
+        system: o.system.clone().unwrap_or_else(|| {
+            match (o.protocol, o.history) {
+                (Protocol::Native, false) => "switchboard native",
+                (Protocol::Native, true) => "switchboard native, history",
+                (Protocol::Socketio, _) => "switchboard socket.io",
+            }
+            .into()
+        }),
+        compare: o.compare.clone().unwrap_or_else(|| o.label.clone()),
+        history: o.history,
+        reconnect_us,
         mode: o.mode.name(),
         protocol: o.protocol,
         targets: o.targets.clone(),
@@ -708,7 +761,14 @@ pub struct Phases {
     pub busy_end: f64,
 }
 
-type Driven = (Vec<WorkerReport>, Phases, Option<publish::PublishReport>);
+/// Worker reports, `/proc` phases, the publisher's report, and (recovery)
+/// when the reconnect started.
+type Driven = (
+    Vec<WorkerReport>,
+    Phases,
+    Option<publish::PublishReport>,
+    Option<u64>,
+);
 
 fn drive(
     o: &Opts,
@@ -730,16 +790,21 @@ fn drive(
     }
     let at_ready = sample_all(pids);
 
+    let plan = publish::Plan {
+        // Checked by `Opts::parse` for the modes that publish.
+        redis: o.redis.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 6379))),
+        channel: format!("{}:t:{}", o.prefix, o.topic),
+        history: o.history.then(|| (o.topic.clone(), o.prefix.clone())),
+        event: o.event.clone(),
+        events: o.events,
+        rate: o.rate,
+        pad: o.pad,
+    };
+    if o.mode == Mode::Recovery {
+        return recovery(o, procs, pids, &plan, busy_start, at_start);
+    }
     let mut at_hold = None;
     let publish = if o.mode.publishes() && ready > 0 {
-        let plan = publish::Plan {
-            redis: o.redis.context("no --redis")?,
-            channel: format!("{}:t:{}", o.prefix, o.topic),
-            event: o.event.clone(),
-            events: o.events,
-            rate: o.rate,
-            pad: o.pad,
-        };
         let r = publish::run(&plan).context("publishing")?;
         for p in procs.iter_mut() {
             p.tell(&format!("drain {}", r.events));
@@ -775,5 +840,69 @@ fn drive(
             busy_end,
         },
         publish,
+        None,
+    ))
+}
+
+/// The recovery scenario after every connection is subscribed: close them
+/// all, publish with history while nobody listens, reconnect all at once
+/// with `since`. The "run" phase of the `/proc` samples is the recovery:
+/// from the reconnect until every connection has every missed publication.
+fn recovery(
+    o: &Opts,
+    procs: &mut [WorkerProc],
+    pids: &[(String, u32)],
+    plan: &publish::Plan,
+    busy_start: f64,
+    at_start: Samples,
+) -> anyhow::Result<Driven> {
+    for p in procs.iter_mut() {
+        p.tell("disconnect");
+    }
+    for p in procs.iter_mut() {
+        p.read_line("disconnection")?;
+    }
+    // Let the nodes see the closes and drop the topic before publishing.
+    std::thread::sleep(Duration::from_millis(500));
+    let r = publish::run(plan).context("publishing")?;
+    let at_ready = sample_all(pids);
+    let reconnect_us = now_us();
+    for p in procs.iter_mut() {
+        p.tell(&format!("reconnect {}", r.events));
+    }
+    let mut back = 0;
+    for p in procs.iter_mut() {
+        let line = p.read_line("reconnection")?;
+        let l: ReadyLine =
+            serde_json::from_str(&line).with_context(|| format!("worker said {line:?}"))?;
+        back += l.ready;
+    }
+    if back < o.connections {
+        eprintln!(
+            "switchboard-bench: {back} of {} connections came back",
+            o.connections
+        );
+    }
+    let mut reports = Vec::new();
+    for p in procs.iter_mut() {
+        let line = p.read_line("results")?;
+        reports.push(
+            serde_json::from_str::<WorkerReport>(&line)
+                .with_context(|| format!("worker said {line:?}"))?,
+        );
+    }
+    let busy_end = procfs::machine_busy_s();
+    let at_end = sample_all(pids);
+    Ok((
+        reports,
+        Phases {
+            start: at_start,
+            ready: at_ready,
+            end: at_end,
+            busy_start,
+            busy_end,
+        },
+        Some(r),
+        Some(reconnect_us),
     ))
 }

@@ -24,6 +24,14 @@ pub struct Expect {
 
 pub struct Outcome {
     pub label: String,
+    /// What was measured ("switchboard native", "socketioxide", …) and the
+    /// row of the side-by-side table it belongs to.
+    pub system: String,
+    pub compare: String,
+    /// Published with `FCALL switchboard_publish` (offsets checked).
+    pub history: bool,
+    /// Recovery: when the reconnect started (µs since the epoch).
+    pub reconnect_us: Option<u64>,
     pub mode: &'static str,
     pub protocol: Protocol,
     pub targets: Vec<SocketAddr>,
@@ -73,6 +81,10 @@ impl Outcome {
             && t.missing == 0
             && t.duplicates == 0
             && t.unexpected == 0
+            && t.offset_errors == 0
+            && t.not_recovered == 0
+            && (self.reconnect_us.is_none() || t.reconnected == t.connections)
+            && (!self.history || self.publish.as_ref().is_none_or(|p| p.errors == 0))
     }
 
     fn published(&self) -> u64 {
@@ -108,13 +120,36 @@ impl Outcome {
         )
     }
 
+    /// From the first publication (recovery: from the reconnect) to the
+    /// last delivery.
     fn delivery_seconds(&self) -> f64 {
         match &self.publish {
-            Some(p) if self.total.received > 0 => {
-                secs(self.total.last_recv_us.saturating_sub(p.first_us))
-            }
+            Some(p) if self.total.received > 0 => secs(
+                self.total
+                    .last_recv_us
+                    .saturating_sub(self.reconnect_us.unwrap_or(p.first_us)),
+            ),
             _ => 0.0,
         }
+    }
+
+    /// Server CPU time per delivery during the run, µs.
+    fn cpu_us_per_delivery(&self) -> f64 {
+        if self.total.received == 0 || self.servers == 0 {
+            return 0.0;
+        }
+        self.server_cpu_run() * 1e6 / self.total.received as f64
+    }
+
+    /// CPU seconds of the watched process named `redis` during the run.
+    fn redis_cpu_run(&self) -> f64 {
+        self.pids
+            .iter()
+            .position(|(name, _)| name == "redis")
+            .filter(|&i| i < self.phases.end.len())
+            .map_or(0.0, |i| {
+                self.phases.end[i].cpu_s - self.phases.ready[i].cpu_s
+            })
     }
 
     fn deliveries_per_s(&self) -> f64 {
@@ -162,19 +197,31 @@ impl Outcome {
         let mut c = Vec::new();
         let t = &self.total;
         if self.publish.is_some() {
-            c.push((
-                "nothing lost".to_string(),
-                format!(
-                    "{}/{} delivered, {} missing, {} duplicates, {} closed early, {} failed",
-                    t.unique,
-                    self.expected(),
-                    t.missing,
-                    t.duplicates,
-                    t.closed_early,
-                    t.failed
-                ),
-                self.lossless(),
-            ));
+            let mut measured = format!(
+                "{}/{} delivered, {} missing, {} duplicates, {} closed early, {} failed",
+                t.unique,
+                self.expected(),
+                t.missing,
+                t.duplicates,
+                t.closed_early,
+                t.failed
+            );
+            if self.history {
+                let errors = self.publish.as_ref().map_or(0, |p| p.errors);
+                let _ = write!(
+                    measured,
+                    ", {} offset errors, {errors} publish errors",
+                    t.offset_errors
+                );
+            }
+            if self.reconnect_us.is_some() {
+                let _ = write!(
+                    measured,
+                    ", {}/{} reconnected, {} recovered, {} not recovered",
+                    t.reconnected, t.connections, t.recovered, t.not_recovered
+                );
+            }
+            c.push(("nothing lost".to_string(), measured, self.lossless()));
         } else {
             c.push((
                 "every connection ready".to_string(),
@@ -249,6 +296,9 @@ impl Outcome {
             .collect();
         json!({
             "scenario": self.label,
+            "system": self.system,
+            "compare": self.compare,
+            "history": self.history,
             "mode": self.mode,
             "protocol": self.protocol,
             "connections": t.connections,
@@ -279,6 +329,8 @@ impl Outcome {
                 "pad_bytes": self.pad,
                 "errors": p.errors,
                 "max_behind_ms": round(p.max_behind_ms, 2),
+                "first_offset": p.first_offset,
+                "last_offset": p.last_offset,
                 "redis_receivers_min": p.receivers_min,
                 "redis_receivers_max": p.receivers_max,
             })),
@@ -292,6 +344,7 @@ impl Outcome {
                 "closed_early": t.closed_early,
                 "close_reasons": t.close_reasons,
                 "complete_connections": t.complete,
+                "offset_errors": t.offset_errors,
                 "min_per_conn": t.min_per_conn,
                 "max_per_conn": t.max_per_conn,
                 "seconds": round(self.delivery_seconds(), 3),
@@ -308,6 +361,17 @@ impl Outcome {
             "processes": servers,
             "rss_per_conn_bytes": self.rss_per_conn_bytes().round(),
             "server_cpu_s_run": round(self.server_cpu_run(), 2),
+            "server_cpu_us_per_delivery": round(self.cpu_us_per_delivery(), 3),
+            "redis_cpu_s_run": round(self.redis_cpu_run(), 3),
+            "recovery": self.reconnect_us.map(|_| json!({
+                "disconnected": t.disconnected,
+                "reconnected": t.reconnected,
+                "recovered": t.recovered,
+                "not_recovered": t.not_recovered,
+                "seconds_until_all_live": round(self.delivery_seconds(), 3),
+                "server_cpu_s": round(self.server_cpu_run(), 3),
+                "redis_cpu_s": round(self.redis_cpu_run(), 3),
+            })),
             "generator": {
                 "cpu_s": round(self.generator_cpu_s, 2),
                 "rss_kb": self.generator_rss_kb,
@@ -356,9 +420,17 @@ impl Outcome {
             ms(self.open.max()),
         );
         if let Some(p) = &self.publish {
+            let receivers = if self.history {
+                format!(
+                    "FCALL offsets {}..{} epoch {}",
+                    p.first_offset, p.last_offset, p.epoch
+                )
+            } else {
+                format!("Redis receivers {}..{}", p.receivers_min, p.receivers_max)
+            };
             let _ = writeln!(
                 s,
-                "  publish    {} events in {:.3} s ({}/s, target {}), pad {} B, Redis receivers {}..{}, errors {}",
+                "  publish    {} events in {:.3} s ({}/s, target {}), pad {} B, {receivers}, errors {}",
                 p.events,
                 p.seconds,
                 thousands(p.rate),
@@ -368,8 +440,6 @@ impl Outcome {
                     "max".into()
                 },
                 self.pad,
-                p.receivers_min,
-                p.receivers_max,
                 p.errors
             );
             let _ = writeln!(
@@ -384,6 +454,27 @@ impl Outcome {
                 reasons(&t.close_reasons),
                 self.delivery_seconds(),
                 thousands(self.deliveries_per_s()),
+            );
+            if self.reconnect_us.is_some() {
+                let _ = writeln!(
+                    s,
+                    "  recovery   {}/{} reconnected ({} recovered, {} not); all live {:.3} s after the reconnect; server CPU {:.2} s, Redis CPU {:.3} s",
+                    t.reconnected,
+                    t.connections,
+                    t.recovered,
+                    t.not_recovered,
+                    self.delivery_seconds(),
+                    self.server_cpu_run(),
+                    self.redis_cpu_run(),
+                );
+            }
+            if self.history {
+                let _ = writeln!(s, "  history    {} offset errors", t.offset_errors);
+            }
+            let _ = writeln!(
+                s,
+                "  cpu        {:.3} µs server CPU per delivery",
+                self.cpu_us_per_delivery()
             );
             let l = &self.latency;
             let _ = writeln!(
@@ -480,7 +571,9 @@ pub fn thousands(v: f64) -> String {
 
 // === Markdown ===
 
-/// Two Markdown tables (results, targets) from a file of JSON lines.
+/// The Markdown tables of `scripts/bench` from a file of JSON lines: all
+/// results, the side-by-side comparison (per scenario: Switchboard native,
+/// Switchboard Socket.IO, socketioxide, the probe), recovery, targets.
 pub fn markdown(path: &str) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)?;
     let rows: Vec<Value> = text
@@ -490,27 +583,30 @@ pub fn markdown(path: &str) -> anyhow::Result<String> {
         .collect::<Result<_, _>>()?;
     let mut s = String::new();
     s.push_str(
-        "| Scenario | Protocol | Connections | Events | Delivered / expected | Lost | Dup. | Closed early | Deliveries/s | p50 ms | p90 ms | p99 ms | max ms | Opened/s | Server RSS/conn | Server CPU s | Generator CPU s | Other CPU s |\n",
+        "| Scenario | System | Connections | Events | Delivered / expected | Lost | Dup. | Closed early | Deliveries/s | p50 ms | p90 ms | p99 ms | max ms | Opened/s | Server RSS/conn | Server CPU s | Server CPU µs/delivery | Redis CPU s | Generator CPU s | Other CPU s |\n",
     );
-    s.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    s.push_str(
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
     for r in &rows {
         let f = |p: &str| r.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
+        let probe = r["mode"].as_str() == Some("probe");
         let published = r.pointer("/publish/events").and_then(Value::as_u64);
         let has_pub = published.is_some();
         let dash = |v: String| if has_pub { v } else { "–".into() };
-        let cpu: f64 = r
-            .get("processes")
-            .and_then(Value::as_array)
-            .map(|ps| {
-                ps.iter()
-                    .filter(|p| p["server"].as_bool() == Some(true))
-                    .map(|p| {
-                        p["cpu_s_connect"].as_f64().unwrap_or(0.0)
-                            + p["cpu_s_run"].as_f64().unwrap_or(0.0)
-                    })
-                    .sum()
+        let lat = |p: &str| {
+            if has_pub && !probe {
+                f(p).to_string()
+            } else {
+                "–".into()
+            }
+        };
+        let cpu: f64 = server_processes(r)
+            .map(|p| {
+                p["cpu_s_connect"].as_f64().unwrap_or(0.0) + p["cpu_s_run"].as_f64().unwrap_or(0.0)
             })
-            .unwrap_or(0.0);
+            .sum::<f64>()
+            + if probe { f("/server_cpu_s_run") } else { 0.0 };
         let rate = match r.pointer("/publish/rate_target").and_then(Value::as_f64) {
             Some(x) if x > 0.0 => format!(" @ {}/s", thousands(x)),
             Some(_) => " @ max".into(),
@@ -518,9 +614,9 @@ pub fn markdown(path: &str) -> anyhow::Result<String> {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} B | {:.1} | {:.1} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {:.1} | {:.1} |",
             r["scenario"].as_str().unwrap_or("?"),
-            r["protocol"].as_str().unwrap_or("?"),
+            system(r),
             thousands(f("/connections")),
             published.map_or("–".into(), |e| format!("{}{rate}", thousands(e as f64))),
             dash(format!(
@@ -532,17 +628,108 @@ pub fn markdown(path: &str) -> anyhow::Result<String> {
             dash(thousands(f("/delivery/duplicates"))),
             thousands(f("/delivery/closed_early")),
             dash(thousands(f("/delivery/per_s"))),
-            dash(f("/delivery/latency_ms/p50").to_string()),
-            dash(f("/delivery/latency_ms/p90").to_string()),
-            dash(f("/delivery/latency_ms/p99").to_string()),
-            dash(f("/delivery/latency_ms/max").to_string()),
-            thousands(f("/connect/open_per_s")),
-            thousands(f("/rss_per_conn_bytes")),
+            lat("/delivery/latency_ms/p50"),
+            lat("/delivery/latency_ms/p90"),
+            lat("/delivery/latency_ms/p99"),
+            lat("/delivery/latency_ms/max"),
+            if probe {
+                "–".into()
+            } else {
+                thousands(f("/connect/open_per_s"))
+            },
+            if probe {
+                "–".into()
+            } else {
+                format!("{} B", thousands(f("/rss_per_conn_bytes")))
+            },
             cpu,
+            dash(format!("{:.2}", f("/server_cpu_us_per_delivery"))),
+            if probe {
+                "–".into()
+            } else {
+                format!("{:.2}", f("/redis_cpu_s_run"))
+            },
             f("/generator/cpu_s"),
             f("/machine/other_cpu_s"),
         );
     }
+
+    // Side by side: the rows that delivered something, grouped by scenario.
+    let mut groups: Vec<&str> = Vec::new();
+    for r in &rows {
+        let g = r["compare"]
+            .as_str()
+            .or(r["scenario"].as_str())
+            .unwrap_or("?");
+        if r.pointer("/publish/events").is_some() && r["recovery"].is_null() && !groups.contains(&g)
+        {
+            groups.push(g);
+        }
+    }
+    if !groups.is_empty() {
+        s.push_str(
+            "\n| Scenario | System | Connections | Deliveries/s | p50 ms | p99 ms | Server CPU µs/delivery | Redis CPU s | Other CPU s |\n|---|---|--:|--:|--:|--:|--:|--:|--:|\n",
+        );
+        for g in groups {
+            for r in rows.iter().filter(|r| {
+                r["compare"].as_str().or(r["scenario"].as_str()) == Some(g)
+                    && r.pointer("/publish/events").is_some()
+                    && r["recovery"].is_null()
+            }) {
+                let f = |p: &str| r.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
+                let probe = r["mode"].as_str() == Some("probe");
+                let lat = |p: &str| {
+                    if probe {
+                        "–".into()
+                    } else {
+                        f(p).to_string()
+                    }
+                };
+                let _ = writeln!(
+                    s,
+                    "| {g} | {} | {} | {} | {} | {} | {:.2} | {} | {:.1} |",
+                    system(r),
+                    thousands(f("/connections")),
+                    thousands(f("/delivery/per_s")),
+                    lat("/delivery/latency_ms/p50"),
+                    lat("/delivery/latency_ms/p99"),
+                    f("/server_cpu_us_per_delivery"),
+                    if probe {
+                        "–".into()
+                    } else {
+                        format!("{:.2}", f("/redis_cpu_s_run"))
+                    },
+                    f("/machine/other_cpu_s"),
+                );
+            }
+        }
+    }
+
+    let recoveries: Vec<&Value> = rows.iter().filter(|r| r["recovery"].is_object()).collect();
+    if !recoveries.is_empty() {
+        s.push_str(
+            "\n| Recovery | Connections | Missed publications | Reconnected | `recovered: true` | Offset errors | All live after s | p50 / p99 per connection ms | Server CPU s | Redis CPU s |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        );
+        for r in recoveries {
+            let f = |p: &str| r.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {:.3} | {} / {} | {:.2} | {:.3} |",
+                r["scenario"].as_str().unwrap_or("?"),
+                thousands(f("/connections")),
+                thousands(f("/publish/events")),
+                thousands(f("/recovery/reconnected")),
+                thousands(f("/recovery/recovered")),
+                thousands(f("/delivery/offset_errors")),
+                f("/recovery/seconds_until_all_live"),
+                f("/delivery/latency_ms/p50"),
+                f("/delivery/latency_ms/p99"),
+                f("/recovery/server_cpu_s"),
+                f("/recovery/redis_cpu_s"),
+            );
+        }
+    }
+
     s.push_str("\n| Scenario | Target | Measured | Result |\n|---|---|---|---|\n");
     for r in &rows {
         for c in r["checks"].as_array().into_iter().flatten() {
@@ -561,6 +748,23 @@ pub fn markdown(path: &str) -> anyhow::Result<String> {
         }
     }
     Ok(s)
+}
+
+fn server_processes(r: &Value) -> impl Iterator<Item = &Value> {
+    r.get("processes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|p| p["server"].as_bool() == Some(true))
+}
+
+/// The system column; results written before it existed fall back to the
+/// protocol.
+fn system(r: &Value) -> String {
+    match r["system"].as_str() {
+        Some(v) => v.to_string(),
+        None => format!("switchboard {}", r["protocol"].as_str().unwrap_or("?")),
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,13 @@
 //! everything expected arrived or nothing arrived for `drain_idle_ms`, then
 //! closes its connections and exits. A watchdog ends the process after
 //! `max_time_ms` whatever happens.
+//!
+//! Recovery (`recover`): after `ready`, `disconnect` closes every
+//! connection (the worker answers with another ready line once all are
+//! closed); `reconnect <published>` reconnects them all at once, each
+//! subscribing with `since` = the position its first `subscribed` reported;
+//! the worker prints a ready line when every one is back, then drains as
+//! above without waiting for `drain`.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -57,6 +64,11 @@ pub struct WorkerConfig {
     pub subscribe: bool,
     /// Native only: subscribe with `/ws/<topic>` instead of a message.
     pub subscribe_via_path: bool,
+    /// A history topic: `subscribed` must carry a position and every event
+    /// the offset `position + seq + 1` (the publisher is the topic's only one).
+    pub history: bool,
+    /// The recovery scenario (see the module doc); implies `history`.
+    pub recover: bool,
     pub concurrency: usize,
     /// Connection attempts per second for this worker; 0 = unlimited.
     pub connect_rate: f64,
@@ -96,6 +108,14 @@ pub struct WorkerReport {
     pub missing: u64,
     /// Connections that received every event exactly once.
     pub complete: usize,
+    /// History: events without the expected offset.
+    pub offset_errors: u64,
+    /// Recovery: connections closed by the bench, back and subscribed again,
+    /// and how many `subscribed` said `recovered: true` / not.
+    pub disconnected: usize,
+    pub reconnected: usize,
+    pub recovered: usize,
+    pub not_recovered: usize,
     pub min_per_conn: u64,
     pub max_per_conn: u64,
     pub first_start_us: u64,
@@ -132,6 +152,10 @@ struct Shared {
     close: CancellationToken,
     /// Connections whose counts are in `agg`.
     folded: Cell<usize>,
+    /// Recovery: 0 before `disconnect`, 1 once reconnecting.
+    phase: Cell<u8>,
+    disconnect: CancellationToken,
+    reconnect: CancellationToken,
     handshakes: Semaphore,
 }
 
@@ -196,6 +220,9 @@ async fn run(
         stop: CancellationToken::new(),
         close: CancellationToken::new(),
         folded: Cell::new(0),
+        phase: Cell::new(0),
+        disconnect: CancellationToken::new(),
+        reconnect: CancellationToken::new(),
         cfg,
     });
     let n = shared.cfg.count;
@@ -233,12 +260,17 @@ async fn run(
     }
 
     // Phase 2: wait for `drain <published>` (EOF: nothing was published).
-    let published = match ctl.recv().await {
-        Some(line) => line
-            .strip_prefix("drain ")
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0),
-        None => 0,
+    // Recovery: `disconnect`, then `reconnect <published>`.
+    let published = if shared.cfg.recover {
+        recover(&shared, &mut ctl, &mut tick).await?
+    } else {
+        match ctl.recv().await {
+            Some(line) => line
+                .strip_prefix("drain ")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0),
+            None => 0,
+        }
     };
     shared.published.set(published);
 
@@ -310,6 +342,58 @@ async fn run(
     Ok(())
 }
 
+/// The recovery scenario's middle: close all, wait, reconnect all with
+/// `since`. Returns the number of publications made meanwhile.
+async fn recover(
+    shared: &Shared,
+    ctl: &mut tokio::sync::mpsc::Receiver<String>,
+    tick: &mut tokio::time::Interval,
+) -> anyhow::Result<u64> {
+    let (ready, failed) = {
+        let a = shared.agg.borrow();
+        (a.report.ready, a.report.failed)
+    };
+    if ctl.recv().await.as_deref() != Some("disconnect") {
+        return Ok(0);
+    }
+    shared.disconnect.cancel();
+    loop {
+        tick.tick().await;
+        if shared.agg.borrow().report.disconnected >= ready {
+            break;
+        }
+    }
+    // Connections the server closed before `disconnect` do not come back.
+    let gone = shared.agg.borrow().report.closed_early;
+    print_line(&ReadyLine {
+        ready: shared.agg.borrow().report.disconnected,
+        failed,
+    })?;
+    let published = match ctl.recv().await {
+        Some(line) => line
+            .strip_prefix("reconnect ")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0),
+        None => return Ok(0),
+    };
+    shared.published.set(published);
+    shared.phase.set(1);
+    shared.reconnect.cancel();
+    loop {
+        tick.tick().await;
+        let a = shared.agg.borrow();
+        if a.report.reconnected + (a.report.failed - failed) + gone >= ready {
+            break;
+        }
+    }
+    let a = shared.agg.borrow();
+    print_line(&ReadyLine {
+        ready: a.report.reconnected,
+        failed: a.report.failed,
+    })?;
+    Ok(published)
+}
+
 // === one connection ===
 
 /// What one connection saw; folded into the worker's report at the end.
@@ -324,6 +408,9 @@ struct ConnState {
     /// One bit per sequence number, allocated with the first event.
     seen: Vec<u64>,
     unique: u64,
+    /// History: the position the first `subscribed` reported.
+    base: Option<u64>,
+    epoch: Option<String>,
 }
 
 impl ConnState {
@@ -342,8 +429,34 @@ async fn connection(shared: Rc<Shared>, index: usize, start_at: Option<Instant>)
         started_us: 0,
         seen: Vec::new(),
         unique: 0,
+        base: None,
+        epoch: None,
     };
-    let conn = session(&shared, &mut st, index, start_at).await;
+    let until = if shared.cfg.recover {
+        &shared.disconnect
+    } else {
+        &shared.stop
+    };
+    let mut conn = session(&shared, &mut st, index, start_at, until).await;
+    if shared.cfg.recover {
+        conn = match conn {
+            End::Stopped(mut c) => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), c.close()).await;
+                drop(c);
+                shared.agg.borrow_mut().report.disconnected += 1;
+                shared.reconnect.cancelled().await;
+                st.opened = false;
+                st.subscribed = false;
+                session(&shared, &mut st, index, None, &shared.stop).await
+            }
+            // Closed early by the server: counted, not reconnected.
+            End::Early => {
+                shared.agg.borrow_mut().report.disconnected += 1;
+                End::Early
+            }
+            End::Failed => End::Failed,
+        };
+    }
     // Counts are folded only once `published` is known.
     shared.stop.cancelled().await;
     if !matches!(conn, End::Failed) {
@@ -381,16 +494,17 @@ async fn session(
     st: &mut ConnState,
     index: usize,
     start_at: Option<Instant>,
+    until: &CancellationToken,
 ) -> End {
     let cfg = &shared.cfg;
     let permit = tokio::select! {
         p = shared.handshakes.acquire() => p.ok(),
-        _ = shared.stop.cancelled() => None,
+        _ = until.cancelled() => None,
     };
     if let Some(at) = start_at {
         tokio::time::sleep_until(at).await;
     }
-    if shared.stop.is_cancelled() {
+    if until.is_cancelled() {
         fail(shared, "stopped before connecting");
         return End::Failed;
     }
@@ -422,12 +536,18 @@ async fn session(
         }
     };
     if cfg.protocol == Protocol::Native && cfg.subscribe && !cfg.subscribe_via_path {
-        let msg = format!(r#"{{"type":"subscribe","event":"{}"}}"#, cfg.topic);
+        let msg = match (st.base, &st.epoch) {
+            (Some(offset), Some(epoch)) if shared.phase.get() > 0 => format!(
+                r#"{{"type":"subscribe","event":"{}","since":{{"offset":{offset},"epoch":"{epoch}"}}}}"#,
+                cfg.topic
+            ),
+            _ => format!(r#"{{"type":"subscribe","event":"{}"}}"#, cfg.topic),
+        };
         conn.out.text(msg.as_bytes());
     }
 
     let mut permit = permit;
-    let stop = shared.stop.cancelled();
+    let stop = until.cancelled();
     tokio::pin!(stop);
     let handshake_timeout = tokio::time::sleep_until(handshake_deadline);
     tokio::pin!(handshake_timeout);
@@ -472,7 +592,11 @@ async fn session(
             permit = None;
             let t = now_us();
             let mut a = shared.agg.borrow_mut();
-            a.report.ready += 1;
+            if shared.phase.get() == 0 {
+                a.report.ready += 1;
+            } else {
+                a.report.reconnected += 1;
+            }
             a.report.last_ready_us = a.report.last_ready_us.max(t);
         }
     };
@@ -527,7 +651,14 @@ fn on_message(
     published: u64,
 ) {
     if msg.starts_with(&shared.prefix) {
-        on_event(st, agg, &msg[shared.prefix.len()..], now, published);
+        on_event(
+            &shared.cfg,
+            st,
+            agg,
+            &msg[shared.prefix.len()..],
+            now,
+            published,
+        );
         return;
     }
     match st.protocol {
@@ -536,6 +667,9 @@ fn on_message(
                 opened(st, agg, now);
             } else if msg.starts_with(br#"{"type":"subscribed""#) {
                 st.subscribed = true;
+                if shared.cfg.history {
+                    on_subscribed(shared, st, agg, msg);
+                }
             } else if msg.starts_with(br#"{"type":"error""#) {
                 st.failure = Some(format!("server error: {}", String::from_utf8_lossy(msg)));
             }
@@ -569,6 +703,23 @@ fn on_message(
     }
 }
 
+/// History: the first `subscribed` gives the position to count offsets
+/// from (and to recover from); the one after a reconnect says whether
+/// everything missed follows.
+fn on_subscribed(shared: &Shared, st: &mut ConnState, agg: &mut Agg, msg: &[u8]) {
+    if shared.phase.get() == 0 {
+        st.base = number_after(msg, b"\"offset\":");
+        st.epoch = string_after(msg, b"\"epoch\":\"");
+        if st.base.is_none() || st.epoch.is_none() {
+            st.failure = Some("subscribed without a position: not a history topic".into());
+        }
+    } else if ws::find(msg, br#""recovered":true"#).is_some() {
+        agg.report.recovered += 1;
+    } else {
+        agg.report.not_recovered += 1;
+    }
+}
+
 fn opened(st: &mut ConnState, agg: &mut Agg, now: u64) {
     if st.opened {
         return;
@@ -579,8 +730,16 @@ fn opened(st: &mut ConnState, agg: &mut Agg, now: u64) {
     agg.open.record(now.saturating_sub(st.started_us));
 }
 
-/// A bench event: find `"seq":` and `"ts":` in the text, nothing more.
-fn on_event(st: &mut ConnState, agg: &mut Agg, rest: &[u8], now: u64, published: u64) {
+/// A bench event: find `"seq":` and `"ts":` (and `"offset":` on history
+/// topics) in the text, nothing more.
+fn on_event(
+    cfg: &WorkerConfig,
+    st: &mut ConnState,
+    agg: &mut Agg,
+    rest: &[u8],
+    now: u64,
+    published: u64,
+) {
     let (Some(seq), Some(ts)) = (
         number_after(rest, b"\"seq\":"),
         number_after(rest, b"\"ts\":"),
@@ -592,9 +751,15 @@ fn on_event(st: &mut ConnState, agg: &mut Agg, rest: &[u8], now: u64, published:
     r.received += 1;
     r.first_recv_us = r.first_recv_us.min(now);
     r.last_recv_us = r.last_recv_us.max(now);
-    agg.latency.record(now.saturating_sub(ts));
+    if cfg.history && number_after(rest, b"\"offset\":") != st.base.map(|b| b + seq + 1) {
+        r.offset_errors += 1;
+    }
+    // Recovery: the time since this connection started reconnecting (the
+    // publication is older than the reconnect by design).
+    let from = if cfg.recover { st.started_us } else { ts };
+    agg.latency.record(now.saturating_sub(from));
     if let Some(t) = &mut agg.trace {
-        t.push((seq as u32, now.saturating_sub(ts) as u32));
+        t.push((seq as u32, now.saturating_sub(from) as u32));
     }
     // The count is not known before `drain`, so size the bitset by the
     // sequence numbers seen; bounded because seq < published is checked at
@@ -618,6 +783,14 @@ fn on_event(st: &mut ConnState, agg: &mut Agg, rest: &[u8], now: u64, published:
             agg.report.unexpected += 1;
         }
     }
+}
+
+/// The JSON string (without escapes) right after `key` (which ends with
+/// the opening quote) in `hay`.
+fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
+    let i = ws::find(hay, key)? + key.len();
+    let len = hay[i..].iter().position(|&b| b == b'"' || b == b'\\')?;
+    (hay[i + len] == b'"').then(|| String::from_utf8_lossy(&hay[i..i + len]).into_owned())
 }
 
 /// Parses the unsigned integer right after `key` in `hay`.
@@ -645,5 +818,10 @@ mod tests {
         assert_eq!(number_after(m, b"\"ts\":"), Some(1_700_000_000_123_456));
         assert_eq!(number_after(m, b"\"nope\":"), None);
         assert_eq!(number_after(br#""seq":"x""#, b"\"seq\":"), None);
+        let sub =
+            br#"{"type":"subscribed","event":"hist.a","offset":0,"epoch":"k3x9","timestamp":"t"}"#;
+        assert_eq!(number_after(sub, b"\"offset\":"), Some(0));
+        assert_eq!(string_after(sub, b"\"epoch\":\""), Some("k3x9".into()));
+        assert_eq!(string_after(br#""epoch":"a\"b""#, b"\"epoch\":\""), None);
     }
 }
