@@ -43,6 +43,7 @@ pub mod names {
     pub const ORIGIN_ALLOW_MISSING: &str = "ORIGIN_ALLOW_MISSING";
     pub const REDIS_URL: &str = "REDIS_URL";
     pub const REDIS_PREFIX: &str = "REDIS_PREFIX";
+    pub const REDIS_PUBSUB_BUFFER: &str = "REDIS_PUBSUB_BUFFER";
     pub const LEADER_LEASE_MS: &str = "LEADER_LEASE_MS";
     pub const COMMAND_TIMEOUT_MS: &str = "COMMAND_TIMEOUT_MS";
     pub const DEVICE_APPS: &str = "DEVICE_APPS";
@@ -99,6 +100,7 @@ pub mod names {
         ORIGIN_ALLOW_MISSING,
         REDIS_URL,
         REDIS_PREFIX,
+        REDIS_PUBSUB_BUFFER,
         LEADER_LEASE_MS,
         COMMAND_TIMEOUT_MS,
         DEVICE_APPS,
@@ -398,6 +400,10 @@ pub struct Config {
     pub origin_allow_missing: bool,
     pub redis_url: Option<String>,
     pub redis_prefix: String,
+    /// Publications the Redis client may hold for this node before they are
+    /// moved to the hub; past it they are lost, counted, and on history
+    /// topics repaired.
+    pub redis_pubsub_buffer: usize,
     pub leader_lease: Duration,
     pub command_timeout: Duration,
     pub device_apps: Vec<String>,
@@ -541,6 +547,9 @@ impl Config {
         let origin_allow_missing = p.parse(names::ORIGIN_ALLOW_MISSING, "true", parse_bool);
         let redis_url = p.optional(names::REDIS_URL, |v| {
             crate::redis::check_url(v).map(|_| v.to_string())
+        });
+        let redis_pubsub_buffer = p.parse(names::REDIS_PUBSUB_BUFFER, "8192", |v| {
+            parse_range(v, 16, 1 << 20)
         });
         let redis_prefix = p.parse(names::REDIS_PREFIX, "switchboard", |v| {
             if !v.is_empty()
@@ -822,6 +831,7 @@ impl Config {
             origin_allow_missing: origin_allow_missing.unwrap(),
             redis_url,
             redis_prefix: redis_prefix.unwrap(),
+            redis_pubsub_buffer: redis_pubsub_buffer.unwrap(),
             leader_lease: leader_lease.unwrap(),
             command_timeout: command_timeout.unwrap(),
             device_apps: device_apps.unwrap(),

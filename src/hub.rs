@@ -694,12 +694,12 @@ impl Hub {
         let hub = self.clone();
         let every = (self.inner.history_config.ttl / 3).min(Duration::from_secs(60));
         tokio::spawn(async move {
-            let mut restorations = hub.inner.backplane.restorations();
+            let mut losses = hub.inner.backplane.losses();
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    changed = restorations.changed() => {
+                    changed = losses.changed() => {
                         if changed.is_err() { return; }
                         tracing::info!("backplane subscriptions restored: checking history topics for gaps");
                     }
@@ -1260,7 +1260,7 @@ mod tests {
         fn status(&self) -> tokio::sync::watch::Receiver<crate::backplane::Status> {
             tokio::sync::watch::channel(crate::backplane::Status::Connected).1
         }
-        fn restorations(&self) -> tokio::sync::watch::Receiver<u64> {
+        fn losses(&self) -> tokio::sync::watch::Receiver<u64> {
             tokio::sync::watch::channel(0).1
         }
     }

@@ -95,6 +95,7 @@ fn backends(
             keys.clone(),
             &config.node_id,
             redis.clone(),
+            config.redis_pubsub_buffer,
             inbound_tx,
             stop,
         )?,

@@ -388,7 +388,9 @@ impl Redis {
         // honours only an explicit slot for custom commands), so a cluster
         // sends it to the slot's owner at once.
         let hash = match argv.get(2) {
-            Some(key) => fred::types::ClusterHash::Custom(fred::util::redis_keyslot(key.as_bytes())),
+            Some(key) => {
+                fred::types::ClusterHash::Custom(fred::util::redis_keyslot(key.as_bytes()))
+            }
             None => fred::types::ClusterHash::Random,
         };
         match within(

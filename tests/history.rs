@@ -554,3 +554,63 @@ fn official_socketio_clients_recover_with_offsets() {
         ],
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_lost_by_a_lagging_receiver_are_repaired_too() {
+    let redis = Redis::start();
+    let pfx = prefix("lag");
+    // A tiny buffer between the Redis client and the hub: a burst overflows it.
+    let a = redis_node(
+        "a",
+        &redis,
+        &pfx,
+        &[("REDIS_PUBSUB_BUFFER", "16"), ("HISTORY_SIZE", "5000")],
+    );
+    let mut c = Client::connect(&a.ws_url("/ws")).await;
+    let sub = subscribe_since(&mut c, "burst", None).await;
+    assert_eq!(sub["offset"], 0);
+    const TOTAL: u64 = 3000;
+    // Every FCALL written at once on one connection, replies read after.
+    let port = redis.port;
+    let p = pfx.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut out = String::new();
+        for i in 1..=TOTAL {
+            let env =
+                json!({"event": "burst", "data": {"i": i, "pad": "x".repeat(200)}}).to_string();
+            let args = ["FCALL", "switchboard_publish", "1", "burst", &env, &p];
+            out.push_str(&format!("*{}\r\n", args.len()));
+            for a in args {
+                out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+            }
+        }
+        s.write_all(out.as_bytes()).unwrap();
+        // Each reply is `*2`, `:offset`, `$len`, `epoch`.
+        let mut r = std::io::BufReader::new(s);
+        let mut line = String::new();
+        for _ in 0..TOTAL * 4 {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            assert!(!line.starts_with('-'), "{line}");
+        }
+    })
+    .await
+    .unwrap();
+    let mut expected = 1;
+    while expected <= TOTAL {
+        let m = c.recv().await;
+        assert_eq!(m["type"], "event", "no gap, no other frame: {m}");
+        assert_eq!(m["offset"], expected, "{m}");
+        expected += 1;
+    }
+    let lagged = metric(&a, "switchboard_backplane_lagged_messages_total");
+    let repaired = metric(&a, "switchboard_history_repaired_publications_total");
+    println!(
+        "lagging receiver: {lagged} publications lost in transit, {repaired} repaired from history"
+    );
+    assert!(lagged > 0.0, "the burst overflowed the buffer");
+    assert!(repaired >= lagged, "everything lost was repaired");
+    assert_eq!(metric(&a, "switchboard_history_gaps_total"), 0.0);
+}

@@ -72,7 +72,7 @@ impl Backplane for MemoryBackplane {
     }
 
     /// In memory nothing is ever lost in transit.
-    fn restorations(&self) -> watch::Receiver<u64> {
+    fn losses(&self) -> watch::Receiver<u64> {
         watch::channel(0).1
     }
 }

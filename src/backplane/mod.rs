@@ -71,10 +71,10 @@ pub trait Backplane: Send + Sync + 'static {
     fn subscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BackplaneError>>;
     fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BackplaneError>>;
     fn status(&self) -> watch::Receiver<Status>;
-    /// Counts the times the backplane's subscriptions were (re)established
-    /// after a connection loss; whatever was published meanwhile did not
-    /// arrive, so history topics are checked for gaps on every change.
-    fn restorations(&self) -> watch::Receiver<u64>;
+    /// Counts the times the backplane may have lost publications: its
+    /// subscriptions were (re)established after a connection loss, or its
+    /// receiver lagged. History topics are checked for gaps on every change.
+    fn losses(&self) -> watch::Receiver<u64>;
 }
 
 /// The queue from a backplane to the hub dispatcher.

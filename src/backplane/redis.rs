@@ -51,7 +51,7 @@ pub struct RedisBackplane {
     publisher: Redis,
     subscriber: SubscriberClient,
     status: watch::Sender<Status>,
-    restorations: watch::Sender<u64>,
+    losses: watch::Sender<u64>,
     /// Probe channel → its last probe sent and last one received.
     probes: Mutex<HashMap<String, Probe>>,
     /// Set while a deaf subscription is being restored: the node is not ready.
@@ -72,13 +72,14 @@ impl RedisBackplane {
         keys: Keys,
         node_id: &str,
         publisher: Redis,
+        buffer: usize,
         inbound: mpsc::Sender<Inbound>,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, RedisError> {
         // fred drops pub/sub messages when this broadcast lags (32 by
         // default); our loop moves each one on at once, so this only has to
-        // absorb scheduling hiccups.
-        let subscriber = crate::redis::subscriber(url, 8_192)?;
+        // absorb scheduling hiccups (`REDIS_PUBSUB_BUFFER`).
+        let subscriber = crate::redis::subscriber(url, buffer)?;
         // Take the receivers before connecting so that no event is missed.
         let messages = subscriber.message_rx();
         let reconnects = subscriber.reconnect_rx();
@@ -91,7 +92,7 @@ impl RedisBackplane {
             status: watch::Sender::new(Status::Disconnected {
                 reason: "connecting to Redis".into(),
             }),
-            restorations: watch::Sender::new(0),
+            losses: watch::Sender::new(0),
             probes: Mutex::new(HashMap::new()),
             deaf: AtomicBool::new(false),
         });
@@ -144,7 +145,7 @@ impl RedisBackplane {
             within(COMMAND_TIMEOUT, self.subscriber.sync_cluster()).await?;
         }
         self.resubscribe_tracked().await?;
-        self.restorations.send_modify(|n| *n += 1);
+        self.losses.send_modify(|n| *n += 1);
         Ok(())
     }
 
@@ -273,8 +274,8 @@ impl Backplane for RedisBackplane {
         self.status.subscribe()
     }
 
-    fn restorations(&self) -> watch::Receiver<u64> {
-        self.restorations.subscribe()
+    fn losses(&self) -> watch::Receiver<u64> {
+        self.losses.subscribe()
     }
 }
 
@@ -312,6 +313,8 @@ async fn receive_loop(
             Err(RecvError::Lagged(n)) => {
                 metrics::counter!(m::BACKPLANE_LAGGED).increment(n);
                 tracing::warn!(lost = n, "backplane receiver lagged; messages lost");
+                // History topics repair what was lost, the tail included.
+                backplane.losses.send_modify(|l| *l += 1);
             }
             Err(RecvError::Closed) => return,
         }
@@ -342,7 +345,7 @@ async fn restore_on_reconnect(
                     let n = backplane.subscriber.tracked_channels().len();
                     tracing::info!(channels = n, "backplane subscriptions restored");
                     restored.store(true, Ordering::Release);
-                    backplane.restorations.send_modify(|n| *n += 1);
+                    backplane.losses.send_modify(|n| *n += 1);
                     nudge.notify_one();
                     break;
                 }
