@@ -43,7 +43,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a probe may take to come back before the subscription counts
 /// as deaf.
-pub const PROBE_DEADLINE: Duration = Duration::from_secs(3);
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(5);
 
 pub struct RedisBackplane {
     keys: Keys,
