@@ -49,6 +49,26 @@ pub enum Protocol {
 /// growing a connection's bitset (2 MiB at most).
 const MAX_SEQ: u64 = 1 << 24;
 
+fn one() -> usize {
+    1
+}
+
+/// The topic of connection `index`: `topic` itself, or `topic-<index % topics>`.
+pub fn topic_name(topic: &str, topics: usize, index: usize) -> String {
+    if topics <= 1 {
+        topic.to_string()
+    } else {
+        format!("{topic}-{}", index % topics)
+    }
+}
+
+/// How many of `published` round-robin events topic `k` of `topics` got.
+pub fn share(published: u64, topics: usize, k: usize) -> u64 {
+    let n = topics.max(1) as u64;
+    let k = (k % topics.max(1)) as u64;
+    published / n + u64::from(k < published % n)
+}
+
 /// Everything a worker needs; passed as JSON on its command line.
 #[derive(Serialize, Deserialize, Clone)]
 pub struct WorkerConfig {
@@ -60,6 +80,11 @@ pub struct WorkerConfig {
     pub first: usize,
     pub count: usize,
     pub topic: String,
+    /// Topics the connections spread over: connection `i` subscribes to
+    /// [`topic_name`]`(topic, topics, i)`; the publisher sends event `j` to
+    /// topic `j % topics` with `seq` `j / topics`.
+    #[serde(default = "one")]
+    pub topics: usize,
     pub event: String,
     pub subscribe: bool,
     /// Native only: subscribe with `/ws/<topic>` instead of a message.
@@ -137,6 +162,8 @@ struct Agg {
     open: Hist,
     latency: Hist,
     trace: Option<Vec<(u32, u32)>>,
+    /// Connections ready in phase 0, per topic index.
+    ready_by_topic: Vec<u64>,
 }
 
 struct Shared {
@@ -214,6 +241,7 @@ async fn run(
             open: Hist::default(),
             latency: Hist::default(),
             trace: std::env::var_os("BENCH_TRACE").map(|_| Vec::new()),
+            ready_by_topic: vec![0; cfg.topics.max(1)],
         }),
         published: Cell::new(0),
         prefix,
@@ -276,9 +304,14 @@ async fn run(
 
     // Phase 3: until everything expected has arrived, or nothing arrives for
     // `drain_idle_ms`, or `drain_max_ms` passed.
-    let expected = {
+    let expected: u64 = {
         let a = shared.agg.borrow();
-        published * a.report.ready as u64
+        let topics = shared.cfg.topics;
+        a.ready_by_topic
+            .iter()
+            .enumerate()
+            .map(|(k, &ready)| share(published, topics, k) * ready)
+            .sum()
     };
     let idle = Duration::from_millis(shared.cfg.drain_idle_ms);
     let deadline = Instant::now() + Duration::from_millis(shared.cfg.drain_max_ms);
@@ -411,6 +444,8 @@ struct ConnState {
     /// History: the position the first `subscribed` reported.
     base: Option<u64>,
     epoch: Option<String>,
+    /// The topic this connection subscribes to.
+    topic: String,
 }
 
 impl ConnState {
@@ -431,6 +466,7 @@ async fn connection(shared: Rc<Shared>, index: usize, start_at: Option<Instant>)
         unique: 0,
         base: None,
         epoch: None,
+        topic: topic_name(&shared.cfg.topic, shared.cfg.topics, index),
     };
     let until = if shared.cfg.recover {
         &shared.disconnect
@@ -460,7 +496,7 @@ async fn connection(shared: Rc<Shared>, index: usize, start_at: Option<Instant>)
     // Counts are folded only once `published` is known.
     shared.stop.cancelled().await;
     if !matches!(conn, End::Failed) {
-        let published = shared.published.get();
+        let published = share(shared.published.get(), shared.cfg.topics, index);
         let mut a = shared.agg.borrow_mut();
         let r = &mut a.report;
         r.missing += published.saturating_sub(st.unique);
@@ -516,8 +552,9 @@ async fn session(
     }
     let target = cfg.targets[index % cfg.targets.len()];
     let source = (!cfg.sources.is_empty()).then(|| cfg.sources[index % cfg.sources.len()]);
+    let topic = st.topic.clone();
     let path = match cfg.protocol {
-        Protocol::Native if cfg.subscribe && cfg.subscribe_via_path => format!("/ws/{}", cfg.topic),
+        Protocol::Native if cfg.subscribe && cfg.subscribe_via_path => format!("/ws/{topic}"),
         Protocol::Native => "/ws".to_string(),
         Protocol::Socketio => "/socket.io/?EIO=4&transport=websocket".to_string(),
     };
@@ -538,10 +575,9 @@ async fn session(
     if cfg.protocol == Protocol::Native && cfg.subscribe && !cfg.subscribe_via_path {
         let msg = match (st.base, &st.epoch) {
             (Some(offset), Some(epoch)) if shared.phase.get() > 0 => format!(
-                r#"{{"type":"subscribe","event":"{}","since":{{"offset":{offset},"epoch":"{epoch}"}}}}"#,
-                cfg.topic
+                r#"{{"type":"subscribe","event":"{topic}","since":{{"offset":{offset},"epoch":"{epoch}"}}}}"#,
             ),
-            _ => format!(r#"{{"type":"subscribe","event":"{}"}}"#, cfg.topic),
+            _ => format!(r#"{{"type":"subscribe","event":"{topic}"}}"#),
         };
         conn.out.text(msg.as_bytes());
     }
@@ -574,7 +610,7 @@ async fn session(
         let now = now_us();
         let res = {
             let mut agg = shared.agg.borrow_mut();
-            let published = shared.published.get();
+            let published = share(shared.published.get(), cfg.topics, index);
             conn.drain(|msg, out| on_message(shared, st, &mut agg, msg, out, now, published))
         };
         if let Err(end) = res {
@@ -594,6 +630,7 @@ async fn session(
             let mut a = shared.agg.borrow_mut();
             if shared.phase.get() == 0 {
                 a.report.ready += 1;
+                a.ready_by_topic[index % shared.cfg.topics.max(1)] += 1;
             } else {
                 a.report.reconnected += 1;
             }
@@ -680,7 +717,7 @@ fn on_message(
             [b'4', b'0', ..] => {
                 opened(st, agg, now);
                 if st.subscribe {
-                    let m = format!(r#"421["subscribe","{}"]"#, shared.cfg.topic);
+                    let m = format!(r#"421["subscribe","{}"]"#, st.topic);
                     out.text(m.as_bytes());
                 }
             }
@@ -809,6 +846,20 @@ fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topics_split_round_robin() {
+        assert_eq!(topic_name("b", 1, 7), "b");
+        assert_eq!(topic_name("b", 48, 50), "b-2");
+        for (published, topics) in [(0, 3), (10, 3), (48_000, 48), (5, 48), (7, 1)] {
+            let total: u64 = (0..topics).map(|k| share(published, topics, k)).sum();
+            assert_eq!(total, published);
+        }
+        // Events 0, 3, 6, 9 go to topic 0 (seq 0..4), 1, 4, 7 to topic 1.
+        assert_eq!(share(10, 3, 0), 4);
+        assert_eq!(share(10, 3, 1), 3);
+        assert_eq!(share(10, 3, 4), 3);
+    }
 
     #[test]
     fn numbers_are_found_without_parsing_json() {
