@@ -94,7 +94,14 @@ impl Outcome {
     }
 
     fn expected(&self) -> u64 {
-        self.published() * self.total.connections as u64
+        if self.topics > 1 {
+            // Each connection expects its own topic's share (the workers
+            // counted what each one got and missed; a failed connection
+            // missed its whole share).
+            self.total.unique.saturating_sub(self.total.unexpected) + self.total.missing
+        } else {
+            self.published() * self.total.connections as u64
+        }
     }
 
     fn open_seconds(&self) -> f64 {

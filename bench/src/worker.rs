@@ -53,12 +53,19 @@ fn one() -> usize {
     1
 }
 
-/// The topic of connection `index`: `topic` itself, or `topic-<index % topics>`.
-pub fn topic_name(topic: &str, topics: usize, index: usize) -> String {
+/// The topic index of connection `index` with `targets` nodes:
+/// `(index / targets) % topics`, so that every topic has subscribers on
+/// every node (connection `i` goes to target `i % targets`).
+pub fn topic_index(index: usize, topics: usize, targets: usize) -> usize {
+    (index / targets.max(1)) % topics.max(1)
+}
+
+/// The name of topic `k`: `topic` itself (one topic), or `topic-<k>`.
+pub fn topic_name(topic: &str, topics: usize, k: usize) -> String {
     if topics <= 1 {
         topic.to_string()
     } else {
-        format!("{topic}-{}", index % topics)
+        format!("{topic}-{k}")
     }
 }
 
@@ -80,9 +87,10 @@ pub struct WorkerConfig {
     pub first: usize,
     pub count: usize,
     pub topic: String,
-    /// Topics the connections spread over: connection `i` subscribes to
-    /// [`topic_name`]`(topic, topics, i)`; the publisher sends event `j` to
-    /// topic `j % topics` with `seq` `j / topics`.
+    /// Topics the connections spread over: connection `i` (on target
+    /// `i % targets`) subscribes to topic [`topic_index`]`(i, topics, targets)`;
+    /// the publisher sends event `j` to topic `j % topics` with `seq`
+    /// `j / topics`.
     #[serde(default = "one")]
     pub topics: usize,
     pub event: String,
@@ -444,8 +452,9 @@ struct ConnState {
     /// History: the position the first `subscribed` reported.
     base: Option<u64>,
     epoch: Option<String>,
-    /// The topic this connection subscribes to.
+    /// The topic this connection subscribes to, and its index.
     topic: String,
+    topic_index: usize,
 }
 
 impl ConnState {
@@ -466,8 +475,10 @@ async fn connection(shared: Rc<Shared>, index: usize, start_at: Option<Instant>)
         unique: 0,
         base: None,
         epoch: None,
-        topic: topic_name(&shared.cfg.topic, shared.cfg.topics, index),
+        topic: String::new(),
+        topic_index: topic_index(index, shared.cfg.topics, shared.cfg.targets.len()),
     };
+    st.topic = topic_name(&shared.cfg.topic, shared.cfg.topics, st.topic_index);
     let until = if shared.cfg.recover {
         &shared.disconnect
     } else {
@@ -496,7 +507,7 @@ async fn connection(shared: Rc<Shared>, index: usize, start_at: Option<Instant>)
     // Counts are folded only once `published` is known.
     shared.stop.cancelled().await;
     if !matches!(conn, End::Failed) {
-        let published = share(shared.published.get(), shared.cfg.topics, index);
+        let published = share(shared.published.get(), shared.cfg.topics, st.topic_index);
         let mut a = shared.agg.borrow_mut();
         let r = &mut a.report;
         r.missing += published.saturating_sub(st.unique);
@@ -505,6 +516,11 @@ async fn connection(shared: Rc<Shared>, index: usize, start_at: Option<Instant>)
         }
         r.min_per_conn = r.min_per_conn.min(st.unique);
         r.max_per_conn = r.max_per_conn.max(st.unique);
+    } else if shared.cfg.topics > 1 {
+        // A connection that never became ready missed its topic's share
+        // (with one topic the coordinator counts it: everything published).
+        let published = share(shared.published.get(), shared.cfg.topics, st.topic_index);
+        shared.agg.borrow_mut().report.missing += published;
     }
     shared.folded.set(shared.folded.get() + 1);
     if let End::Stopped(mut conn) = conn {
@@ -610,7 +626,7 @@ async fn session(
         let now = now_us();
         let res = {
             let mut agg = shared.agg.borrow_mut();
-            let published = share(shared.published.get(), cfg.topics, index);
+            let published = share(shared.published.get(), cfg.topics, st.topic_index);
             conn.drain(|msg, out| on_message(shared, st, &mut agg, msg, out, now, published))
         };
         if let Err(end) = res {
@@ -630,7 +646,7 @@ async fn session(
             let mut a = shared.agg.borrow_mut();
             if shared.phase.get() == 0 {
                 a.report.ready += 1;
-                a.ready_by_topic[index % shared.cfg.topics.max(1)] += 1;
+                a.ready_by_topic[st.topic_index] += 1;
             } else {
                 a.report.reconnected += 1;
             }
@@ -849,8 +865,13 @@ mod tests {
 
     #[test]
     fn topics_split_round_robin() {
-        assert_eq!(topic_name("b", 1, 7), "b");
-        assert_eq!(topic_name("b", 48, 50), "b-2");
+        assert_eq!(topic_name("b", 1, 0), "b");
+        assert_eq!(topic_name("b", 48, 2), "b-2");
+        // With 2 nodes, each topic has a connection on each node.
+        assert_eq!(topic_index(4, 48, 2), 2);
+        assert_eq!(topic_index(5, 48, 2), 2);
+        assert_eq!(topic_index(96, 48, 2), 0);
+        assert_eq!(topic_index(7, 1, 2), 0);
         for (published, topics) in [(0, 3), (10, 3), (48_000, 48), (5, 48), (7, 1)] {
             let total: u64 = (0..topics).map(|k| share(published, topics, k)).sum();
             assert_eq!(total, published);
