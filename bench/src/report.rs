@@ -39,6 +39,8 @@ pub struct Outcome {
     pub workers: usize,
     pub nofile: (u64, u64),
     pub topic: String,
+    /// Topics the connections spread over (`--topics`).
+    pub topics: usize,
     pub pad: usize,
     pub rate: f64,
     pub total: WorkerReport,
@@ -92,7 +94,14 @@ impl Outcome {
     }
 
     fn expected(&self) -> u64 {
-        self.published() * self.total.connections as u64
+        if self.topics > 1 {
+            // Each connection expects its own topic's share (the workers
+            // counted what each one got and missed; a failed connection
+            // missed its whole share).
+            self.total.unique.saturating_sub(self.total.unexpected) + self.total.missing
+        } else {
+            self.published() * self.total.connections as u64
+        }
     }
 
     fn open_seconds(&self) -> f64 {
@@ -141,15 +150,22 @@ impl Outcome {
         self.server_cpu_run() * 1e6 / self.total.received as f64
     }
 
-    /// CPU seconds of the watched process named `redis` during the run.
+    /// CPU seconds of the watched processes named `redis` or `redis-<n>`
+    /// (the shards of a cluster) during the run, summed.
     fn redis_cpu_run(&self) -> f64 {
+        self.redis_cpu_per_server().iter().sum()
+    }
+
+    /// CPU seconds of each Redis server during the run, in `--watch-pid` order.
+    fn redis_cpu_per_server(&self) -> Vec<f64> {
         self.pids
             .iter()
-            .position(|(name, _)| name == "redis")
-            .filter(|&i| i < self.phases.end.len())
-            .map_or(0.0, |i| {
-                self.phases.end[i].cpu_s - self.phases.ready[i].cpu_s
+            .enumerate()
+            .filter(|(i, (name, _))| {
+                (name == "redis" || name.starts_with("redis-")) && *i < self.phases.end.len()
             })
+            .map(|(i, _)| self.phases.end[i].cpu_s - self.phases.ready[i].cpu_s)
+            .collect()
     }
 
     fn deliveries_per_s(&self) -> f64 {
@@ -307,6 +323,7 @@ impl Outcome {
             "workers": self.workers,
             "nofile": self.nofile.0,
             "topic": self.topic,
+            "topics": self.topics,
             "connect": {
                 "opened": t.opened,
                 "ready": t.ready,
@@ -333,6 +350,7 @@ impl Outcome {
                 "last_offset": p.last_offset,
                 "redis_receivers_min": p.receivers_min,
                 "redis_receivers_max": p.receivers_max,
+                "shards": p.shards,
             })),
             "delivery": {
                 "expected": self.expected(),
@@ -363,6 +381,11 @@ impl Outcome {
             "server_cpu_s_run": round(self.server_cpu_run(), 2),
             "server_cpu_us_per_delivery": round(self.cpu_us_per_delivery(), 3),
             "redis_cpu_s_run": round(self.redis_cpu_run(), 3),
+            "redis_cpu_s_per_server": self
+                .redis_cpu_per_server()
+                .iter()
+                .map(|&c| round(c, 3))
+                .collect::<Vec<_>>(),
             "recovery": self.reconnect_us.map(|_| json!({
                 "disconnected": t.disconnected,
                 "reconnected": t.reconnected,
@@ -644,11 +667,7 @@ pub fn markdown(path: &str) -> anyhow::Result<String> {
             },
             cpu,
             dash(format!("{:.2}", f("/server_cpu_us_per_delivery"))),
-            if probe {
-                "–".into()
-            } else {
-                format!("{:.2}", f("/redis_cpu_s_run"))
-            },
+            if probe { "–".into() } else { redis_cpu(r) },
             f("/generator/cpu_s"),
             f("/machine/other_cpu_s"),
         );
@@ -694,11 +713,7 @@ pub fn markdown(path: &str) -> anyhow::Result<String> {
                     lat("/delivery/latency_ms/p50"),
                     lat("/delivery/latency_ms/p99"),
                     f("/server_cpu_us_per_delivery"),
-                    if probe {
-                        "–".into()
-                    } else {
-                        format!("{:.2}", f("/redis_cpu_s_run"))
-                    },
+                    if probe { "–".into() } else { redis_cpu(r) },
                     f("/machine/other_cpu_s"),
                 );
             }
@@ -748,6 +763,26 @@ pub fn markdown(path: &str) -> anyhow::Result<String> {
         }
     }
     Ok(s)
+}
+
+/// The Redis CPU cell: the sum, and with several servers (a cluster) each
+/// shard's share, e.g. `0.90 (0.31 + 0.29 + 0.30)`.
+fn redis_cpu(r: &Value) -> String {
+    let sum = r
+        .pointer("/redis_cpu_s_run")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    let per: Vec<f64> = r
+        .pointer("/redis_cpu_s_per_server")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    if per.len() > 1 {
+        let parts: Vec<String> = per.iter().map(|c| format!("{c:.2}")).collect();
+        format!("{sum:.2} ({})", parts.join(" + "))
+    } else {
+        format!("{sum:.2}")
+    }
 }
 
 fn server_processes(r: &Value) -> impl Iterator<Item = &Value> {

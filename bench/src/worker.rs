@@ -49,6 +49,33 @@ pub enum Protocol {
 /// growing a connection's bitset (2 MiB at most).
 const MAX_SEQ: u64 = 1 << 24;
 
+fn one() -> usize {
+    1
+}
+
+/// The topic index of connection `index` with `targets` nodes:
+/// `(index / targets) % topics`, so that every topic has subscribers on
+/// every node (connection `i` goes to target `i % targets`).
+pub fn topic_index(index: usize, topics: usize, targets: usize) -> usize {
+    (index / targets.max(1)) % topics.max(1)
+}
+
+/// The name of topic `k`: `topic` itself (one topic), or `topic-<k>`.
+pub fn topic_name(topic: &str, topics: usize, k: usize) -> String {
+    if topics <= 1 {
+        topic.to_string()
+    } else {
+        format!("{topic}-{k}")
+    }
+}
+
+/// How many of `published` round-robin events topic `k` of `topics` got.
+pub fn share(published: u64, topics: usize, k: usize) -> u64 {
+    let n = topics.max(1) as u64;
+    let k = (k % topics.max(1)) as u64;
+    published / n + u64::from(k < published % n)
+}
+
 /// Everything a worker needs; passed as JSON on its command line.
 #[derive(Serialize, Deserialize, Clone)]
 pub struct WorkerConfig {
@@ -60,6 +87,12 @@ pub struct WorkerConfig {
     pub first: usize,
     pub count: usize,
     pub topic: String,
+    /// Topics the connections spread over: connection `i` (on target
+    /// `i % targets`) subscribes to topic [`topic_index`]`(i, topics, targets)`;
+    /// the publisher sends event `j` to topic `j % topics` with `seq`
+    /// `j / topics`.
+    #[serde(default = "one")]
+    pub topics: usize,
     pub event: String,
     pub subscribe: bool,
     /// Native only: subscribe with `/ws/<topic>` instead of a message.
@@ -137,6 +170,8 @@ struct Agg {
     open: Hist,
     latency: Hist,
     trace: Option<Vec<(u32, u32)>>,
+    /// Connections ready in phase 0, per topic index.
+    ready_by_topic: Vec<u64>,
 }
 
 struct Shared {
@@ -214,6 +249,7 @@ async fn run(
             open: Hist::default(),
             latency: Hist::default(),
             trace: std::env::var_os("BENCH_TRACE").map(|_| Vec::new()),
+            ready_by_topic: vec![0; cfg.topics.max(1)],
         }),
         published: Cell::new(0),
         prefix,
@@ -276,9 +312,14 @@ async fn run(
 
     // Phase 3: until everything expected has arrived, or nothing arrives for
     // `drain_idle_ms`, or `drain_max_ms` passed.
-    let expected = {
+    let expected: u64 = {
         let a = shared.agg.borrow();
-        published * a.report.ready as u64
+        let topics = shared.cfg.topics;
+        a.ready_by_topic
+            .iter()
+            .enumerate()
+            .map(|(k, &ready)| share(published, topics, k) * ready)
+            .sum()
     };
     let idle = Duration::from_millis(shared.cfg.drain_idle_ms);
     let deadline = Instant::now() + Duration::from_millis(shared.cfg.drain_max_ms);
@@ -411,6 +452,9 @@ struct ConnState {
     /// History: the position the first `subscribed` reported.
     base: Option<u64>,
     epoch: Option<String>,
+    /// The topic this connection subscribes to, and its index.
+    topic: String,
+    topic_index: usize,
 }
 
 impl ConnState {
@@ -431,7 +475,10 @@ async fn connection(shared: Rc<Shared>, index: usize, start_at: Option<Instant>)
         unique: 0,
         base: None,
         epoch: None,
+        topic: String::new(),
+        topic_index: topic_index(index, shared.cfg.topics, shared.cfg.targets.len()),
     };
+    st.topic = topic_name(&shared.cfg.topic, shared.cfg.topics, st.topic_index);
     let until = if shared.cfg.recover {
         &shared.disconnect
     } else {
@@ -460,7 +507,7 @@ async fn connection(shared: Rc<Shared>, index: usize, start_at: Option<Instant>)
     // Counts are folded only once `published` is known.
     shared.stop.cancelled().await;
     if !matches!(conn, End::Failed) {
-        let published = shared.published.get();
+        let published = share(shared.published.get(), shared.cfg.topics, st.topic_index);
         let mut a = shared.agg.borrow_mut();
         let r = &mut a.report;
         r.missing += published.saturating_sub(st.unique);
@@ -469,6 +516,11 @@ async fn connection(shared: Rc<Shared>, index: usize, start_at: Option<Instant>)
         }
         r.min_per_conn = r.min_per_conn.min(st.unique);
         r.max_per_conn = r.max_per_conn.max(st.unique);
+    } else if shared.cfg.topics > 1 {
+        // A connection that never became ready missed its topic's share
+        // (with one topic the coordinator counts it: everything published).
+        let published = share(shared.published.get(), shared.cfg.topics, st.topic_index);
+        shared.agg.borrow_mut().report.missing += published;
     }
     shared.folded.set(shared.folded.get() + 1);
     if let End::Stopped(mut conn) = conn {
@@ -516,8 +568,9 @@ async fn session(
     }
     let target = cfg.targets[index % cfg.targets.len()];
     let source = (!cfg.sources.is_empty()).then(|| cfg.sources[index % cfg.sources.len()]);
+    let topic = st.topic.clone();
     let path = match cfg.protocol {
-        Protocol::Native if cfg.subscribe && cfg.subscribe_via_path => format!("/ws/{}", cfg.topic),
+        Protocol::Native if cfg.subscribe && cfg.subscribe_via_path => format!("/ws/{topic}"),
         Protocol::Native => "/ws".to_string(),
         Protocol::Socketio => "/socket.io/?EIO=4&transport=websocket".to_string(),
     };
@@ -538,10 +591,9 @@ async fn session(
     if cfg.protocol == Protocol::Native && cfg.subscribe && !cfg.subscribe_via_path {
         let msg = match (st.base, &st.epoch) {
             (Some(offset), Some(epoch)) if shared.phase.get() > 0 => format!(
-                r#"{{"type":"subscribe","event":"{}","since":{{"offset":{offset},"epoch":"{epoch}"}}}}"#,
-                cfg.topic
+                r#"{{"type":"subscribe","event":"{topic}","since":{{"offset":{offset},"epoch":"{epoch}"}}}}"#,
             ),
-            _ => format!(r#"{{"type":"subscribe","event":"{}"}}"#, cfg.topic),
+            _ => format!(r#"{{"type":"subscribe","event":"{topic}"}}"#),
         };
         conn.out.text(msg.as_bytes());
     }
@@ -574,7 +626,7 @@ async fn session(
         let now = now_us();
         let res = {
             let mut agg = shared.agg.borrow_mut();
-            let published = shared.published.get();
+            let published = share(shared.published.get(), cfg.topics, st.topic_index);
             conn.drain(|msg, out| on_message(shared, st, &mut agg, msg, out, now, published))
         };
         if let Err(end) = res {
@@ -594,6 +646,7 @@ async fn session(
             let mut a = shared.agg.borrow_mut();
             if shared.phase.get() == 0 {
                 a.report.ready += 1;
+                a.ready_by_topic[st.topic_index] += 1;
             } else {
                 a.report.reconnected += 1;
             }
@@ -680,7 +733,7 @@ fn on_message(
             [b'4', b'0', ..] => {
                 opened(st, agg, now);
                 if st.subscribe {
-                    let m = format!(r#"421["subscribe","{}"]"#, shared.cfg.topic);
+                    let m = format!(r#"421["subscribe","{}"]"#, st.topic);
                     out.text(m.as_bytes());
                 }
             }
@@ -809,6 +862,25 @@ fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topics_split_round_robin() {
+        assert_eq!(topic_name("b", 1, 0), "b");
+        assert_eq!(topic_name("b", 48, 2), "b-2");
+        // With 2 nodes, each topic has a connection on each node.
+        assert_eq!(topic_index(4, 48, 2), 2);
+        assert_eq!(topic_index(5, 48, 2), 2);
+        assert_eq!(topic_index(96, 48, 2), 0);
+        assert_eq!(topic_index(7, 1, 2), 0);
+        for (published, topics) in [(0, 3), (10, 3), (48_000, 48), (5, 48), (7, 1)] {
+            let total: u64 = (0..topics).map(|k| share(published, topics, k)).sum();
+            assert_eq!(total, published);
+        }
+        // Events 0, 3, 6, 9 go to topic 0 (seq 0..4), 1, 4, 7 to topic 1.
+        assert_eq!(share(10, 3, 0), 4);
+        assert_eq!(share(10, 3, 1), 3);
+        assert_eq!(share(10, 3, 4), 3);
+    }
 
     #[test]
     fn numbers_are_found_without_parsing_json() {
