@@ -548,7 +548,7 @@ impl Config {
         let redis_url = p.optional(names::REDIS_URL, |v| {
             crate::redis::check_url(v).map(|_| v.to_string())
         });
-        let redis_pubsub_buffer = p.parse(names::REDIS_PUBSUB_BUFFER, "8192", |v| {
+        let redis_pubsub_buffer = p.parse(names::REDIS_PUBSUB_BUFFER, "65536", |v| {
             parse_range(v, 16, 1 << 20)
         });
         let redis_prefix = p.parse(names::REDIS_PREFIX, "switchboard", |v| {
