@@ -175,8 +175,9 @@ async fn carousel_rotates_once_per_interval_on_every_node() {
     }
     for t in tasks {
         let apps = t.await.unwrap();
-        // stars at once, then about one switch a second
-        assert!((4..=6).contains(&apps.len()), "{apps:?}");
+        // stars at once, then about one switch a second: five in 4.5 s,
+        // one fewer when a loaded machine delays the first ones.
+        assert!((3..=6).contains(&apps.len()), "{apps:?}");
         for pair in apps.windows(2) {
             assert_ne!(pair[0], pair[1], "alternates: {apps:?}");
         }

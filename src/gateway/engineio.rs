@@ -200,16 +200,17 @@ async fn run(node: Node, socket: WebSocket, token: Option<String>) {
             // PONG, UPGRADE, NOOP.
             Some(b'3' | b'5' | b'6') => {}
             Some(b'4') => {
-                if !packet(
+                // Boxed: what a packet may await stays out of every idle
+                // socket's task.
+                let handled = packet(
                     &node,
                     &peer,
                     &outbox,
                     &mut session,
                     &text[1..],
                     token.as_deref(),
-                )
-                .await
-                {
+                );
+                if !Box::pin(handled).await {
                     client_closed = true;
                     break;
                 }

@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -179,7 +179,7 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
         bucket: config.rate_limit.map(TokenBucket::new),
     };
     if let Some(topic) = initial_topic {
-        session.subscribe(topic, None).await;
+        Box::pin(session.subscribe(topic, None)).await;
     }
     read_loop(&mut session, stream, &mut writer, started, &last_seen).await;
 
@@ -217,15 +217,26 @@ async fn read_loop(
     started: Instant,
     last_seen: &AtomicU64,
 ) {
-    // Armed while the token has an `exp`; a `refresh` moves it.
-    let expiry = tokio::time::sleep(session.identity.time_left().unwrap_or(FOREVER));
-    tokio::pin!(expiry);
+    // Armed while the token has an `exp`; a `refresh` moves it. Boxed, and
+    // only then: an idle connection's task stays small.
+    let armed = |s: &Session| {
+        s.identity
+            .time_left()
+            .map(|left| Box::pin(tokio::time::sleep(left)))
+    };
+    let mut expiry = armed(session);
     loop {
+        let expired = async {
+            match expiry.as_mut() {
+                Some(sleep) => sleep.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
         let msg = tokio::select! {
             msg = stream.next() => msg,
             // The writer closed the connection (slow consumer, shutdown, heartbeat).
             _ = &mut *writer => return,
-            _ = &mut expiry, if session.identity.expires_at().is_some() => {
+            _ = expired => {
                 session.expire();
                 return;
             }
@@ -236,10 +247,12 @@ async fn read_loop(
                 if !session.within_rate() {
                     return;
                 }
-                let kind = session.handle_text(text.as_str()).await;
+                // Boxed: what a message may await (subscribe, request,
+                // publish) would otherwise be part of every idle
+                // connection's task.
+                let kind = Box::pin(session.handle_text(text.as_str())).await;
                 if kind == "refresh" {
-                    let left = session.identity.time_left().unwrap_or(FOREVER);
-                    expiry.as_mut().reset(tokio::time::Instant::now() + left);
+                    expiry = armed(session);
                 }
                 metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::WS, "type" => kind)
                     .increment(1);
@@ -263,9 +276,6 @@ async fn read_loop(
         }
     }
 }
-
-/// A deadline that never comes, for timers that are not armed.
-const FOREVER: Duration = Duration::from_secs(86_400 * 365);
 
 fn is_too_big(err: axum::Error) -> bool {
     use tokio_tungstenite::tungstenite::Error as WsError;
