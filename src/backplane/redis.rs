@@ -339,6 +339,13 @@ async fn restore_on_reconnect(
             Ok(_) | Err(RecvError::Lagged(_)) => {}
             Err(RecvError::Closed) => return,
         }
+        // Not ready from this (re)connection until its subscriptions are
+        // back. Set here, by the event, not by a poll of the connection
+        // state: a poll that sees a short drop after the restore (a
+        // cluster client reconnecting to one node) would leave the node
+        // "restoring" for good.
+        restored.store(false, Ordering::Release);
+        nudge.notify_one();
         loop {
             match backplane.resubscribe_tracked().await {
                 Ok(()) => {
@@ -378,7 +385,6 @@ async fn monitor(
             _ = stop.cancelled() => return,
         }
         let status = if !backplane.subscriber.is_connected() {
-            restored.store(false, Ordering::Release);
             Status::Disconnected {
                 reason: "Redis subscriber connection is down".into(),
             }
