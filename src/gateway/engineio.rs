@@ -28,10 +28,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::gateway::admission::READ_BUFFER;
-use crate::gateway::outbox::{
-    Heartbeat, Outbox, WRITE_BUFFER, WRITE_TIMEOUT, Writer, close, write_loop,
-};
+use crate::gateway::outbox::{self, Heartbeat, Outbox, WRITE_TIMEOUT, Writer, close, write_loop};
 use crate::gateway::sio::{self, Ack, Peer, Session};
 use crate::history::GapRange;
 use crate::hub::{Delivery, Publication, Subscriber};
@@ -65,17 +62,8 @@ pub async fn upgrade(node: Node, req: Request) -> Response {
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
     };
-    let max = node.config().max_payload;
-    let guard = node.sessions().token();
-    ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(max.saturating_mul(2).max(1 << 20))
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            run(node, socket, token).await;
-            drop(guard);
-        })
+    let n = node.clone();
+    outbox::upgrade(&n, ws, move |socket| run(node, socket, token))
 }
 
 /// `42["event",data]`: a Socket.IO EVENT in an Engine.IO MESSAGE.

@@ -14,13 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
 use futures_util::SinkExt;
 use futures_util::stream::SplitSink;
 use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::gateway::admission::READ_BUFFER;
 use crate::hub::{ConnId, Delivery};
 use crate::metrics as m;
 use crate::node::Node;
@@ -40,11 +42,33 @@ pub mod close {
     pub const TOKEN_EXPIRED: u16 = 3000;
 }
 
+/// Upgrades a client connection with the buffer sizes and limits every
+/// client connection uses (`READ_BUFFER`, `WRITE_BUFFER`,
+/// `WEBSOCKET_MAX_PAYLOAD`) and runs `session` on it, counted among the
+/// node's sessions so that the drain waits for it.
+pub fn upgrade<F, Fut>(node: &Node, ws: WebSocketUpgrade, session: F) -> Response
+where
+    F: FnOnce(WebSocket) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let max = node.config().max_payload;
+    let guard = node.sessions().token();
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(max.saturating_mul(2).max(1 << 20))
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            session(socket).await;
+            drop(guard);
+        })
+}
+
 /// How long one flush to a client may take; past it the connection is
 /// dropped as dead.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Writes batch up to 4 KiB before a `send`.
-pub const WRITE_BUFFER: usize = 4 * 1024;
+const WRITE_BUFFER: usize = 4 * 1024;
 
 /// Asks the writer to close the connection with a code. The first request wins.
 pub struct CloseSignal {

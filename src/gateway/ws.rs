@@ -22,8 +22,8 @@ use serde_json::value::RawValue;
 use crate::api::ApiError;
 use crate::auth::Identity;
 use crate::config::RateLimit;
-use crate::gateway::admission::{READ_BUFFER, admit};
-use crate::gateway::outbox::{Heartbeat, Outbox, WRITE_BUFFER, WRITE_TIMEOUT, Writer, write_loop};
+use crate::gateway::admission::admit;
+use crate::gateway::outbox::{self, Heartbeat, Outbox, WRITE_TIMEOUT, Writer, write_loop};
 use crate::history::GapRange;
 use crate::hub::{ConnId, Delivery, Outcome, Publication, PublishError, Subscribed, Subscriber};
 use crate::metrics as m;
@@ -80,17 +80,8 @@ pub async fn upgrade_topic(
 }
 
 fn accept(node: Node, ws: WebSocketUpgrade, identity: Identity, topic: Option<String>) -> Response {
-    let max = node.config().max_payload;
-    let guard = node.sessions().token();
-    ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(max.saturating_mul(2).max(1 << 20))
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            run(node, socket, identity, topic).await;
-            drop(guard);
-        })
+    let n = node.clone();
+    outbox::upgrade(&n, ws, move |socket| run(node, socket, identity, topic))
 }
 
 impl Outbox {
