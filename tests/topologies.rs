@@ -195,6 +195,24 @@ async fn watch(url: String, topic: &'static str, seen: Arc<Mutex<Seen>>, until: 
 
 type Position = (String, u64);
 
+/// Four clients following `news` until `until`, two on each node, once
+/// every one is subscribed.
+fn watch_news(nodes: [&Node; 2], until: Instant) -> Vec<Arc<Mutex<Seen>>> {
+    let clients: Vec<Arc<Mutex<Seen>>> = (0..4).map(|_| Arc::default()).collect();
+    for (i, seen) in clients.iter().enumerate() {
+        tokio::spawn(watch(
+            nodes[i % 2].ws_url("/ws"),
+            "news",
+            seen.clone(),
+            until,
+        ));
+    }
+    assert!(eventually(Duration::from_secs(5), || nodes
+        .iter()
+        .all(|n| n.health()["subscriptions"] == 2)));
+    clients
+}
+
 /// Publishes `total` times at 200/s through `publish` (which retries on its
 /// own until the new primary answers); returns (epoch, offset) → publication
 /// number of what was acknowledged.
@@ -328,15 +346,7 @@ async fn killing_the_cluster_primary_of_a_busy_topic_loses_nothing_silently() {
     let a = node("a", &url, &pfx, &[]);
     let b = node("b", &url, &pfx, &[]);
     let until = Instant::now() + Duration::from_secs(40);
-    let clients: Vec<Arc<Mutex<Seen>>> = (0..4).map(|_| Arc::default()).collect();
-    for (i, seen) in clients.iter().enumerate() {
-        let n = if i % 2 == 0 { &a } else { &b };
-        tokio::spawn(watch(n.ws_url("/ws"), "news", seen.clone(), until));
-    }
-    assert!(eventually(
-        Duration::from_secs(5),
-        || a.health()["subscriptions"] == 2 && b.health()["subscriptions"] == 2
-    ));
+    let clients = watch_news([&a, &b], until);
 
     let ports = cluster.ports();
     let victim = cluster.owner("news").unwrap().port;
@@ -395,15 +405,7 @@ async fn killing_the_sentinel_primary_loses_nothing_silently() {
     let a = node("a", &url, &pfx, &[]);
     let b = node("b", &url, &pfx, &[]);
     let until = Instant::now() + Duration::from_secs(45);
-    let clients: Vec<Arc<Mutex<Seen>>> = (0..4).map(|_| Arc::default()).collect();
-    for (i, seen) in clients.iter().enumerate() {
-        let n = if i % 2 == 0 { &a } else { &b };
-        tokio::spawn(watch(n.ws_url("/ws"), "news", seen.clone(), until));
-    }
-    assert!(eventually(
-        Duration::from_secs(5),
-        || a.health()["subscriptions"] == 2 && b.health()["subscriptions"] == 2
-    ));
+    let clients = watch_news([&a, &b], until);
     let sentinel_ports: Vec<u16> = sentinel.sentinels.iter().map(|s| s.port).collect();
     let publisher = {
         let pfx = pfx.clone();
