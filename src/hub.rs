@@ -6,6 +6,13 @@
 //! queue. A subscriber whose queue is full applies the slow-consumer policy
 //! itself (it closes); the fan-out never waits for anyone.
 //!
+//! A topic's subscribers are split into slices by connection id, one slice
+//! per tokio worker thread, and each slice is fanned out by a task of its
+//! own, so a big topic is queued to its subscribers by every core at once.
+//! A connection belongs to one slice for good and each slice takes the
+//! dispatcher's items in order, so every connection still sees its topics'
+//! publications in the order the dispatcher handled them.
+//!
 //! The hub subscribes to a topic on the backplane when the topic gets its
 //! first local subscriber and unsubscribes after its last one leaves.
 //!
@@ -229,7 +236,55 @@ struct Member {
     gate: Option<Arc<Gate>>,
 }
 
-type Members = HashMap<ConnId, Member>;
+/// A topic's local subscribers, split into the hub's fan-out slices by
+/// connection id (see the module docs).
+struct Members {
+    slices: Box<[HashMap<ConnId, Member>]>,
+}
+
+impl Members {
+    fn new(slices: usize) -> Self {
+        Self {
+            slices: (0..slices.max(1)).map(|_| HashMap::new()).collect(),
+        }
+    }
+
+    fn slice(&self, id: ConnId) -> usize {
+        (id % self.slices.len() as u64) as usize
+    }
+
+    fn get(&self, id: ConnId) -> Option<&Member> {
+        self.slices[self.slice(id)].get(&id)
+    }
+
+    fn contains(&self, id: ConnId) -> bool {
+        self.get(id).is_some()
+    }
+
+    fn insert(&mut self, id: ConnId, member: Member) {
+        let i = self.slice(id);
+        self.slices[i].insert(id, member);
+    }
+
+    fn remove(&mut self, id: ConnId) -> Option<Member> {
+        let i = self.slice(id);
+        self.slices[i].remove(&id)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.slices.iter().all(HashMap::is_empty)
+    }
+}
+
+/// One item on its way through the slices; the last slice done with it
+/// records the fan-out latency.
+struct Work {
+    item: Item,
+    left: AtomicUsize,
+}
+
+/// Items a slice task may have queued before the dispatcher waits for it.
+const SLICE_QUEUE: usize = 1024;
 
 /// Holds a history subscriber's publications until its `subscribed` answer
 /// and replay are queued, then filters through its seam. Only the dispatcher
@@ -268,6 +323,8 @@ struct Inner {
     subscriptions: AtomicUsize,
     delivered: AtomicU64,
     invalid: InvalidLog,
+    /// Fan-out slices per topic (the worker thread count).
+    slices: usize,
     /// Steps that must run in order with the publications, on the dispatcher.
     control: mpsc::Sender<Control>,
     control_rx: Mutex<Option<mpsc::Receiver<Control>>>,
@@ -298,10 +355,26 @@ pub struct LastPublication {
 }
 
 impl Hub {
+    /// A hub with one fan-out slice per worker thread of the current tokio
+    /// runtime (`TOKIO_WORKER_THREADS`; one outside a runtime).
     pub fn new(
         backplane: Arc<dyn Backplane>,
         history: Arc<dyn History>,
         history_config: HistoryConfig,
+    ) -> Self {
+        let workers = tokio::runtime::Handle::try_current()
+            .map(|h| h.metrics().num_workers())
+            .unwrap_or(1);
+        Self::with_slices(backplane, history, history_config, workers)
+    }
+
+    /// A hub whose topics are fanned out in `slices` parallel slices (one:
+    /// by the dispatcher itself).
+    pub fn with_slices(
+        backplane: Arc<dyn Backplane>,
+        history: Arc<dyn History>,
+        history_config: HistoryConfig,
+        slices: usize,
     ) -> Self {
         let topic_locks = (0..64).map(|_| tokio::sync::Mutex::new(())).collect();
         let (control, control_rx) = mpsc::channel(4096);
@@ -317,6 +390,7 @@ impl Hub {
                 subscriptions: AtomicUsize::new(0),
                 delivered: AtomicU64::new(0),
                 invalid: InvalidLog::default(),
+                slices: slices.max(1),
                 control,
                 control_rx: Mutex::new(Some(control_rx)),
             }),
@@ -372,13 +446,15 @@ impl Hub {
                     }),
                 };
                 match topics.get_mut(topic) {
-                    Some(subs) if subs.contains_key(&id) => None,
+                    Some(subs) if subs.contains(id) => None,
                     Some(subs) => {
                         subs.insert(id, member);
                         Some(false)
                     }
                     None => {
-                        topics.insert(Arc::from(topic), HashMap::from([(id, member)]));
+                        let mut subs = Members::new(self.inner.slices);
+                        subs.insert(id, member);
+                        topics.insert(Arc::from(topic), subs);
                         Some(true)
                     }
                 }
@@ -399,7 +475,7 @@ impl Hub {
                 metrics::counter!(m::BACKPLANE_ERRORS, "op" => "subscribe").increment(1);
                 let mut topics = self.inner.topics.write().unwrap();
                 if let Some(subs) = topics.get_mut(topic) {
-                    subs.remove(&id);
+                    subs.remove(id);
                     if subs.is_empty() {
                         topics.remove(topic);
                     }
@@ -460,7 +536,7 @@ impl Hub {
             let Some(subs) = topics.get_mut(topic) else {
                 return false;
             };
-            let removed = subs.remove(&id).is_some();
+            let removed = subs.remove(id).is_some();
             (removed, removed && subs.is_empty())
         };
         if removed && id != INTERNAL {
@@ -600,10 +676,12 @@ impl Hub {
         res
     }
 
-    /// Hands `item` to every local subscriber of its topic.
-    fn fan_out(&self, item: &Item) {
+    /// Hands `item` to the local subscribers of its topic in fan-out slice
+    /// `slice`. Runs on that slice's task only (or on the dispatcher when the
+    /// hub has one slice), which is what keeps each connection in order.
+    fn deliver_slice(&self, slice: usize, item: &Item) {
         // Per-transport counts, summed here so the metric is touched once per
-        // publication, not once per delivery.
+        // publication and slice, not once per delivery.
         let mut queued: [(&'static str, u64); 3] = [("", 0); 3];
         let topic = match item {
             Item::Pub(p) => &p.topic,
@@ -614,7 +692,7 @@ impl Hub {
             let Some(subs) = topics.get(topic) else {
                 return;
             };
-            for member in subs.values() {
+            for member in subs.slices[slice].values() {
                 let delivery = match &member.gate {
                     None => hand(&*member.sub, item, None),
                     Some(gate) => {
@@ -640,17 +718,24 @@ impl Hub {
                 }
             }
         }
-        let Item::Pub(publication) = item else {
-            return;
-        };
         for (transport, n) in queued {
             if n > 0 {
                 self.inner.delivered.fetch_add(n, Ordering::Relaxed);
                 metrics::counter!(m::DELIVERIES, "transport" => transport).increment(n);
             }
         }
-        metrics::histogram!(m::FANOUT_SECONDS)
-            .record(publication.received_at.elapsed().as_secs_f64());
+    }
+
+    /// Every slice has handed `item` out.
+    fn fanned_out(&self, item: &Item) {
+        if let Item::Pub(publication) = item {
+            metrics::histogram!(m::FANOUT_SECONDS)
+                .record(publication.received_at.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Keeps `publication` as its topic's last one, for `request`.
+    fn remember(&self, publication: &Publication) {
         let mut last = self.inner.last.lock().unwrap();
         if last.len() >= LAST_PUBLICATIONS
             && !last.contains_key(&publication.topic)
@@ -677,12 +762,37 @@ impl Hub {
             .unwrap()
             .take()
             .expect("one dispatcher per hub");
+        let slices = match self.inner.slices {
+            1 => Vec::new(),
+            n => (0..n)
+                .map(|slice| {
+                    let (tx, rx) = mpsc::channel(SLICE_QUEUE);
+                    tokio::spawn(self.clone().serve_slice(slice, rx));
+                    tx
+                })
+                .collect(),
+        };
         let dispatcher = Dispatcher {
             hub: self.clone(),
+            slices,
             sequences: HashMap::new(),
             pending: HashMap::new(),
         };
         tokio::spawn(dispatcher.run(rx, control))
+    }
+
+    /// One fan-out slice: the dispatcher's items, in its order, to the
+    /// slice's share of each topic. Ends with the dispatcher.
+    async fn serve_slice(self, slice: usize, mut rx: mpsc::Receiver<Arc<Work>>) {
+        let mut batch = Vec::with_capacity(64);
+        while rx.recv_many(&mut batch, 64).await > 0 {
+            for work in batch.drain(..) {
+                self.deliver_slice(slice, &work.item);
+                if work.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    self.fanned_out(&work.item);
+                }
+            }
+        }
     }
 
     /// Keeps history topics honest: after every backplane reconnect, and every
@@ -768,7 +878,7 @@ impl Hub {
     /// The gate of member `id` of `topic`, with its subscriber.
     fn gated(&self, topic: &str, id: ConnId) -> Option<(Arc<dyn Subscriber>, Arc<Gate>)> {
         let topics = self.inner.topics.read().unwrap();
-        let member = topics.get(topic)?.get(&id)?;
+        let member = topics.get(topic)?.get(id)?;
         Some((member.sub.clone(), member.gate.clone()?))
     }
 
@@ -812,6 +922,9 @@ fn stored_publication(topic: &str, stored: &Stored) -> Option<Publication> {
 /// The one task that fans out publications and keeps history order.
 struct Dispatcher {
     hub: Hub,
+    /// The slice tasks' queues; empty when the hub has one slice, which the
+    /// dispatcher then serves itself.
+    slices: Vec<mpsc::Sender<Arc<Work>>>,
     /// Last delivered offset per subscribed history topic.
     sequences: HashMap<Arc<str>, Sequence>,
     /// Publications of history topics whose first gate has not opened yet.
@@ -839,6 +952,26 @@ impl Dispatcher {
         }
     }
 
+    /// Hands `item` to every local subscriber of its topic, through the
+    /// slices. Waits only when a slice is `SLICE_QUEUE` items behind.
+    async fn fan_out(&self, item: Item) {
+        if let Item::Pub(p) = &item {
+            self.hub.remember(p);
+        }
+        if self.slices.is_empty() {
+            self.hub.deliver_slice(0, &item);
+            self.hub.fanned_out(&item);
+            return;
+        }
+        let work = Arc::new(Work {
+            item,
+            left: AtomicUsize::new(self.slices.len()),
+        });
+        for slice in &self.slices {
+            let _ = slice.send(work.clone()).await;
+        }
+    }
+
     /// Parses one backplane message and fans it out. Invalid payloads are
     /// counted and logged (rate limited) and reach no one.
     async fn publication(&mut self, inbound: Inbound) {
@@ -856,7 +989,7 @@ impl Dispatcher {
         if p.offset.is_none() || !self.hub.is_history(&p.topic) {
             // Plain PUBLISH (at most once, no offset) or a topic this node
             // keeps no history for.
-            self.hub.fan_out(&Item::Pub(p));
+            self.fan_out(Item::Pub(p)).await;
             return;
         }
         if !self.sequences.contains_key(&p.topic) {
@@ -888,7 +1021,7 @@ impl Dispatcher {
                 self.fill(&p.topic, &epoch, 1, to, Some(previous)).await
             }
         }
-        self.hub.fan_out(&Item::Pub(p));
+        self.fan_out(Item::Pub(p)).await;
     }
 
     /// Delivers offsets `from..=to` of `epoch` from history, in order, and
@@ -913,10 +1046,11 @@ impl Dispatcher {
                             continue;
                         }
                         if stored.offset > next || previous.is_some() {
-                            self.gap(topic, epoch, next, stored.offset - 1, previous.take());
+                            self.gap(topic, epoch, next, stored.offset - 1, previous.take())
+                                .await;
                         }
                         if let Some(p) = stored_publication(topic, stored) {
-                            self.hub.fan_out(&Item::Pub(Arc::new(p)));
+                            self.fan_out(Item::Pub(Arc::new(p))).await;
                             repaired += 1;
                         }
                         next = stored.offset + 1;
@@ -932,12 +1066,12 @@ impl Dispatcher {
             }
         }
         if next <= to || previous.is_some() {
-            self.gap(topic, epoch, next, to, previous);
+            self.gap(topic, epoch, next, to, previous).await;
         }
     }
 
     /// Announces lost offsets to every subscriber of `topic`.
-    fn gap(
+    async fn gap(
         &self,
         topic: &Arc<str>,
         epoch: &Arc<str>,
@@ -953,7 +1087,7 @@ impl Dispatcher {
             epoch: epoch.clone(),
             previous_epoch: previous,
         };
-        self.hub.fan_out(&Item::Gap(topic.clone(), Arc::new(gap)));
+        self.fan_out(Item::Gap(topic.clone(), Arc::new(gap))).await;
     }
 
     async fn control(&mut self, control: Control) {
@@ -1101,6 +1235,16 @@ pub(crate) mod testing {
 
     /// `history` lists the `HISTORY_TOPICS` patterns.
     pub fn hub(history: &[&str]) -> (Hub, mpsc::Receiver<Inbound>) {
+        build(history, 1, 100)
+    }
+
+    /// Like [`hub`], fanned out in `slices` parallel slices, keeping 1,000
+    /// publications per history topic.
+    pub fn sliced(history: &[&str], slices: usize) -> (Hub, mpsc::Receiver<Inbound>) {
+        build(history, slices, 1000)
+    }
+
+    fn build(history: &[&str], slices: usize, size: usize) -> (Hub, mpsc::Receiver<Inbound>) {
         let (tx, rx) = inbound_queue();
         let backplane: Arc<dyn Backplane> = Arc::new(MemoryBackplane::new(tx));
         let config = HistoryConfig {
@@ -1108,11 +1252,11 @@ pub(crate) mod testing {
                 .iter()
                 .map(|p| crate::auth::Pattern::new(p))
                 .collect(),
-            size: 100,
+            size,
             ttl: Duration::from_secs(60),
         };
         let store = Arc::new(MemoryHistory::new(backplane.clone(), &config));
-        (Hub::new(backplane, store, config), rx)
+        (Hub::with_slices(backplane, store, config, slices), rx)
     }
 }
 
@@ -1448,5 +1592,115 @@ mod tests {
         }
         settle().await;
         assert_eq!(a.offsets(), [1, 2, 3, 4]);
+    }
+
+    /// Waits (real time) until `done` holds, for tests on a multi-thread runtime.
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The `n` field of each plain event a probe received, in order.
+    fn numbers(probe: &Probe) -> Vec<u64> {
+        probe
+            .frames
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|f| serde_json::from_str::<serde_json::Value>(f).ok())
+            .filter_map(|v| v["data"]["n"].as_u64())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sliced_fan_out_keeps_each_connection_in_order_across_topics() {
+        let (hub, rx) = testing::sliced(&[], 3);
+        hub.spawn_dispatcher(rx);
+        let probes: Vec<Arc<Probe>> = (0..60).map(|_| Arc::new(Probe::default())).collect();
+        for (i, probe) in probes.iter().enumerate() {
+            let id = i as ConnId + 1;
+            hub.subscribe("a", id, probe.clone(), None, quiet())
+                .await
+                .unwrap();
+            if i % 2 == 0 {
+                hub.subscribe("b", id, probe.clone(), None, quiet())
+                    .await
+                    .unwrap();
+            }
+        }
+        // One publisher alternating two topics: a connection on both sees
+        // them in publishing order, whichever slice it is in.
+        for n in 0..400u64 {
+            let topic = if n % 2 == 0 { "a" } else { "b" };
+            hub.publish(topic, topic, &raw(&format!(r#"{{"n":{n}}}"#)))
+                .await
+                .unwrap();
+        }
+        eventually("every delivery", || hub.delivered() == 60 * 200 + 30 * 200).await;
+        for (i, probe) in probes.iter().enumerate() {
+            let expected: Vec<u64> = (0..400).filter(|n| i % 2 == 0 || n % 2 == 0).collect();
+            assert_eq!(numbers(probe), expected, "connection {i}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sliced_history_subscribers_joining_mid_stream_miss_nothing_and_repeat_nothing() {
+        let (hub, rx) = testing::sliced(&["h.*"], 2);
+        hub.spawn_dispatcher(rx);
+        let first = subscribe_recording(&hub, 1, None).await;
+        let (all_joined, mut joined_rx) = tokio::sync::watch::channel(false);
+        let publisher = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                for n in 1..=300u64 {
+                    if n == 201 {
+                        // The last ones are published after everyone joined.
+                        joined_rx.wait_for(|j| *j).await.unwrap();
+                    }
+                    let p = hub
+                        .publish("h.x", "h.x", &raw(&n.to_string()))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(p.offset, n);
+                    if n % 25 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        };
+        // Subscribers join while it publishes: half of them with `since`
+        // (offset 0 of the topic's epoch: everything), half from now on.
+        let epoch = hub.history().read("h.x", 0, 0).await.unwrap().epoch;
+        let mut joined = Vec::new();
+        for id in 2..=41u64 {
+            let since = (id % 2 == 0).then_some((0, &*epoch));
+            joined.push(subscribe_recording(&hub, id, since).await);
+            tokio::task::yield_now().await;
+        }
+        all_joined.send(true).unwrap();
+        publisher.await.unwrap();
+        eventually("every subscriber at offset 300", || {
+            first.offsets().last() == Some(&300)
+                && joined.iter().all(|p| p.offsets().last() == Some(&300))
+        })
+        .await;
+        assert_eq!(first.offsets(), (1..=300).collect::<Vec<_>>());
+        for (i, probe) in joined.iter().enumerate() {
+            let offsets = probe.offsets();
+            let start = offsets[0];
+            assert_eq!(
+                offsets,
+                (start..=300).collect::<Vec<_>>(),
+                "subscriber {i}: consecutive, once each"
+            );
+            if i % 2 == 0 {
+                assert_eq!(start, 1, "subscriber {i} recovered from offset 0");
+                assert_eq!(probe.frames.lock().unwrap()[0], "subscribed Some(true)");
+            }
+        }
     }
 }

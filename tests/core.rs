@@ -192,12 +192,17 @@ fn invalid_configuration_stops_start_up_with_exit_64() {
             r#"[{"name":"ticker","interval":"often"}]"#,
         )
         .env("WEBSOCKET_HEARTBEAT_INTERVAL", "-5")
+        .env("TOKIO_WORKER_THREADS", "all")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("WEBSOCKET_MOCK_EVENTS="), "{err}");
     assert!(err.contains("WEBSOCKET_HEARTBEAT_INTERVAL=-5"), "{err}");
+    assert!(
+        err.contains("TOKIO_WORKER_THREADS=all is not valid"),
+        "{err}"
+    );
     // nothing was bound
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
 }
@@ -221,6 +226,46 @@ async fn three_hundred_clients_receive_all_fifty_publications() {
             for i in 0..50 {
                 let e = c.expect("event").await;
                 assert_eq!(e["data"], i, "in order, none missing");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Three worker threads: each topic is fanned out in three parallel slices.
+/// A client on two topics still gets their publications in publishing order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliced_fan_out_keeps_every_client_in_publishing_order_across_topics() {
+    let node = Node::start("core-slices", &[("TOKIO_WORKER_THREADS", "3")]);
+    let mut clients = Vec::new();
+    for i in 0..200 {
+        let mut c = Client::connect(&node.ws_url("/ws")).await;
+        c.subscribe("even").await;
+        if i % 2 == 0 {
+            c.subscribe("odd").await;
+        }
+        clients.push(c);
+    }
+    for n in 0..60 {
+        let topic = if n % 2 == 0 { "even" } else { "odd" };
+        let (status, _) = node.post(
+            "/api/publish",
+            &format!(r#"{{"topic":"{topic}","data":{n}}}"#),
+        );
+        assert_eq!(status, 202);
+    }
+    let mut tasks = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let both = i % 2 == 0;
+            for n in (0..60).filter(|n| both || n % 2 == 0) {
+                let e = c.expect("event").await;
+                assert_eq!(
+                    e["data"], n,
+                    "client {i}: in publishing order, none missing"
+                );
             }
         }));
     }
