@@ -96,6 +96,9 @@ fn init_tracing(config: &Config) {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Installed before the port is bound: a SIGTERM that arrives as soon as
+    // clients can connect must drain them, not kill the process (1006).
+    let signals = ShutdownSignals::install().context("installing signal handlers")?;
     let metrics = switchboard::metrics::install().context("installing the metrics recorder")?;
     switchboard::metrics::spawn_upkeep(metrics.clone());
     let addr = std::net::SocketAddr::new(config.host, config.port);
@@ -142,7 +145,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
 
-    let signal = shutdown_signal().await;
+    let signal = signals.recv().await;
     let deadline = tokio::time::Instant::now() + grace;
     tracing::info!(signal, "draining");
     // From here `/readyz` answers 503 and new WebSocket / Socket.IO clients
@@ -171,15 +174,28 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Waits for SIGINT or SIGTERM (Kubernetes sends SIGTERM to start a graceful
-/// shutdown).
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGINT and SIGTERM (Kubernetes sends SIGTERM to start a graceful
+/// shutdown), caught from the moment they are installed.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the first of them.
+    async fn recv(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 
