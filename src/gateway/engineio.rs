@@ -18,8 +18,6 @@
 //! acknowledgements of client events; the server never asks for acks.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use axum::extract::FromRequest;
 use axum::extract::Request;
@@ -28,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::gateway::outbox::{self, Heartbeat, Outbox, WRITE_TIMEOUT, Writer, close, write_loop};
+use crate::gateway::outbox::{self, Heartbeat, Outbox, WRITE_TIMEOUT, Writer, close};
 use crate::gateway::sio::{self, Ack, Peer, Session};
 use crate::history::GapRange;
 use crate::hub::{Delivery, Publication, Subscriber};
@@ -140,21 +138,12 @@ async fn run(node: Node, socket: WebSocket, token: Option<String>) {
         "maxPayload": config.max_payload,
     });
     outbox.push(format!("0{open}").into());
-    let started = Instant::now();
-    let last_seen = Arc::new(AtomicU64::new(0));
     let (sink, mut stream) = socket.split();
-    let mut writer = tokio::spawn(write_loop(Writer {
-        sink,
-        outbox: outbox.clone(),
-        node: node.clone(),
-        id,
-        started,
-        last_seen: last_seen.clone(),
-        heartbeat: Heartbeat::EngineIo {
-            interval: config.socketio_ping_interval,
-            timeout: config.socketio_ping_timeout,
-        },
-    }));
+    let heartbeat = Heartbeat::EngineIo {
+        interval: config.socketio_ping_interval,
+        timeout: config.socketio_ping_timeout,
+    };
+    let (mut writer, liveness) = Writer::spawn(sink, &outbox, &node, id, heartbeat);
     let peer: Arc<dyn Peer> = Arc::new(WsPeer {
         outbox: outbox.clone(),
     });
@@ -167,7 +156,7 @@ async fn run(node: Node, socket: WebSocket, token: Option<String>) {
             // heartbeat, server disconnect).
             _ = &mut writer => break,
         };
-        last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        liveness.heard();
         let text = match msg {
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Binary(_))) => {

@@ -242,23 +242,72 @@ impl Heartbeat {
     }
 }
 
+/// When a connection's peer was last heard from: the reader marks it on
+/// every frame, the writer's heartbeat closes a peer silent for too long.
+#[derive(Clone)]
+pub struct Liveness {
+    started: Instant,
+    /// Milliseconds after `started`.
+    last_seen: Arc<AtomicU64>,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last_seen: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The peer sent something just now.
+    pub fn heard(&self) {
+        self.last_seen
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_seen.load(Ordering::Relaxed)))
+    }
+}
+
 /// The consumer side of one connection: owns the socket's sink.
 pub struct Writer {
-    pub sink: SplitSink<WebSocket, Message>,
-    pub outbox: Arc<Outbox>,
-    pub node: Node,
-    pub id: ConnId,
-    /// `last_seen` counts milliseconds from here.
-    pub started: Instant,
-    /// When the reader last heard from the peer.
-    pub last_seen: Arc<AtomicU64>,
-    pub heartbeat: Heartbeat,
+    sink: SplitSink<WebSocket, Message>,
+    outbox: Arc<Outbox>,
+    node: Node,
+    id: ConnId,
+    liveness: Liveness,
+    heartbeat: Heartbeat,
+}
+
+impl Writer {
+    /// Starts connection `id`'s writer task on `sink`, draining `outbox`;
+    /// the reader marks the returned [`Liveness`] whenever the peer speaks.
+    pub fn spawn(
+        sink: SplitSink<WebSocket, Message>,
+        outbox: &Arc<Outbox>,
+        node: &Node,
+        id: ConnId,
+        heartbeat: Heartbeat,
+    ) -> (tokio::task::JoinHandle<()>, Liveness) {
+        let liveness = Liveness::new();
+        let writer = Writer {
+            sink,
+            outbox: outbox.clone(),
+            node: node.clone(),
+            id,
+            liveness: liveness.clone(),
+            heartbeat,
+        };
+        (tokio::spawn(write_loop(writer)), liveness)
+    }
 }
 
 /// Writes what the outbox queues until a close is requested, the node
 /// shuts down (at this connection's point of the drain window) or the peer
 /// goes silent; then the queued explanation and the Close frame.
-pub async fn write_loop(mut w: Writer) {
+async fn write_loop(mut w: Writer) {
     let config = w.node.config().clone();
     let heartbeat = w.heartbeat.interval();
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
@@ -296,9 +345,7 @@ pub async fn write_loop(mut w: Writer) {
                 }
             }
             _ = ticker.tick() => {
-                let silent_ms = (w.started.elapsed().as_millis() as u64)
-                    .saturating_sub(w.last_seen.load(Ordering::Relaxed));
-                if silent_ms > w.heartbeat.silence().as_millis() as u64 {
+                if w.liveness.silent_for() > w.heartbeat.silence() {
                     w.outbox.close.request(close::HEARTBEAT_TIMEOUT);
                     break w.outbox.close.code();
                 }

@@ -8,7 +8,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -23,7 +22,7 @@ use crate::api::ApiError;
 use crate::auth::Identity;
 use crate::config::RateLimit;
 use crate::gateway::admission::admit;
-use crate::gateway::outbox::{self, Heartbeat, Outbox, WRITE_TIMEOUT, Writer, write_loop};
+use crate::gateway::outbox::{self, Heartbeat, Liveness, Outbox, WRITE_TIMEOUT, Writer};
 use crate::history::GapRange;
 use crate::hub::{ConnId, Delivery, Outcome, Publication, PublishError, Subscribed, Subscriber};
 use crate::metrics as m;
@@ -135,8 +134,6 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
     let id: ConnId = crate::hub::new_conn_id();
     let client_id = format!("{id:016x}");
     let outbox = Arc::new(Outbox::new(&config, m::transport::WS));
-    let started = Instant::now();
-    let last_seen = Arc::new(AtomicU64::new(0));
     let (sink, stream) = socket.split();
 
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::WS).increment(1.0);
@@ -149,17 +146,10 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
         message: "Connected to Switchboard",
     });
 
-    let mut writer = tokio::spawn(write_loop(Writer {
-        sink,
-        outbox: outbox.clone(),
-        node: node.clone(),
-        id,
-        started,
-        last_seen: last_seen.clone(),
-        heartbeat: Heartbeat::Ping {
-            interval: config.heartbeat_interval,
-        },
-    }));
+    let heartbeat = Heartbeat::Ping {
+        interval: config.heartbeat_interval,
+    };
+    let (mut writer, liveness) = Writer::spawn(sink, &outbox, &node, id, heartbeat);
 
     let mut session = Session {
         node: node.clone(),
@@ -172,7 +162,7 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
     if let Some(topic) = initial_topic {
         Box::pin(session.subscribe(topic, None)).await;
     }
-    read_loop(&mut session, stream, &mut writer, started, &last_seen).await;
+    read_loop(&mut session, stream, &mut writer, &liveness).await;
 
     // The reader is done: let the writer send its close frame and finish.
     // The socket is dropped with the writer's half; `Lingering` then
@@ -205,8 +195,7 @@ async fn read_loop(
     session: &mut Session,
     mut stream: SplitStream<WebSocket>,
     writer: &mut tokio::task::JoinHandle<()>,
-    started: Instant,
-    last_seen: &AtomicU64,
+    liveness: &Liveness,
 ) {
     // Armed while the token has an `exp`; a `refresh` moves it. Boxed, and
     // only then: an idle connection's task stays small.
@@ -232,7 +221,7 @@ async fn read_loop(
                 return;
             }
         };
-        last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        liveness.heard();
         match msg {
             Some(Ok(Message::Text(text))) => {
                 if !session.within_rate() {
