@@ -39,6 +39,7 @@ pub mod names {
     pub const WEBSOCKET_MAX_SUBSCRIPTIONS: &str = "WEBSOCKET_MAX_SUBSCRIPTIONS";
     pub const WEBSOCKET_CLIENT_QUEUE_BYTES: &str = "WEBSOCKET_CLIENT_QUEUE_BYTES";
     pub const WEBSOCKET_CLIENT_QUEUE_MESSAGES: &str = "WEBSOCKET_CLIENT_QUEUE_MESSAGES";
+    pub const WEBSOCKET_FLUSH_INTERVAL_MS: &str = "WEBSOCKET_FLUSH_INTERVAL_MS";
     pub const CORS_ALLOWED_ORIGINS: &str = "CORS_ALLOWED_ORIGINS";
     pub const ORIGIN_ALLOW_MISSING: &str = "ORIGIN_ALLOW_MISSING";
     pub const REDIS_URL: &str = "REDIS_URL";
@@ -96,6 +97,7 @@ pub mod names {
         WEBSOCKET_MAX_SUBSCRIPTIONS,
         WEBSOCKET_CLIENT_QUEUE_BYTES,
         WEBSOCKET_CLIENT_QUEUE_MESSAGES,
+        WEBSOCKET_FLUSH_INTERVAL_MS,
         CORS_ALLOWED_ORIGINS,
         ORIGIN_ALLOW_MISSING,
         REDIS_URL,
@@ -394,6 +396,9 @@ pub struct Config {
     pub max_subscriptions: usize,
     pub client_queue_bytes: usize,
     pub client_queue_messages: usize,
+    /// Least time between two writes to one client; what is queued meanwhile
+    /// goes out in one write. Zero: every frame is written as it comes.
+    pub websocket_flush_interval: Duration,
     pub cors_allowed_origins: Origins,
     /// Whether a WebSocket handshake without `Origin` (non-browser clients)
     /// passes an explicit allow-list.
@@ -542,6 +547,9 @@ impl Config {
         });
         let client_queue_messages = p.parse(names::WEBSOCKET_CLIENT_QUEUE_MESSAGES, "16384", |v| {
             parse_range(v, 16, 1 << 20)
+        });
+        let websocket_flush_interval = p.parse(names::WEBSOCKET_FLUSH_INTERVAL_MS, "5", |v| {
+            parse_ms(v, 0, 1000)
         });
         let cors_allowed_origins = p.parse(names::CORS_ALLOWED_ORIGINS, "*", parse_origins);
         let origin_allow_missing = p.parse(names::ORIGIN_ALLOW_MISSING, "true", parse_bool);
@@ -827,6 +835,7 @@ impl Config {
             max_subscriptions: max_subscriptions.unwrap(),
             client_queue_bytes: client_queue_bytes.unwrap(),
             client_queue_messages: client_queue_messages.unwrap(),
+            websocket_flush_interval: websocket_flush_interval.unwrap(),
             cors_allowed_origins: cors_allowed_origins.unwrap(),
             origin_allow_missing: origin_allow_missing.unwrap(),
             redis_url,

@@ -286,6 +286,38 @@ struct Work {
 /// Items a slice task may have queued before the dispatcher waits for it.
 const SLICE_QUEUE: usize = 1024;
 
+/// How a hub fans out.
+#[derive(Debug, Clone, Copy)]
+pub struct Fanout {
+    /// Parallel slices, each served by a task of its own.
+    pub slices: usize,
+    /// `WEBSOCKET_FLUSH_INTERVAL_MS`: a slice hands publications to its
+    /// subscribers at most once per interval, so that a busy topic's
+    /// connections get several frames per wake-up and per write. The first
+    /// publication after a quiet interval goes at once; zero: every
+    /// publication goes at once.
+    pub flush_interval: Duration,
+}
+
+impl Fanout {
+    /// One slice per worker thread of the current tokio runtime
+    /// (`TOKIO_WORKER_THREADS`; one outside a runtime).
+    pub fn per_worker(flush_interval: Duration) -> Self {
+        let slices = tokio::runtime::Handle::try_current()
+            .map(|h| h.metrics().num_workers())
+            .unwrap_or(1);
+        Self {
+            slices,
+            flush_interval,
+        }
+    }
+
+    /// Whether the dispatcher can fan out itself: one slice, no batching.
+    fn inline(&self) -> bool {
+        self.slices <= 1 && self.flush_interval.is_zero()
+    }
+}
+
 /// Holds a history subscriber's publications until its `subscribed` answer
 /// and replay are queued, then filters through its seam. Only the dispatcher
 /// task touches it (fan-out and opening), so the lock is never contended.
@@ -303,6 +335,15 @@ enum GateState {
 enum Item {
     Pub(Arc<Publication>),
     Gap(Arc<str>, Arc<GapRange>),
+}
+
+impl Item {
+    fn topic(&self) -> &Arc<str> {
+        match self {
+            Item::Pub(p) => &p.topic,
+            Item::Gap(t, _) => t,
+        }
+    }
 }
 
 struct Inner {
@@ -323,8 +364,7 @@ struct Inner {
     subscriptions: AtomicUsize,
     delivered: AtomicU64,
     invalid: InvalidLog,
-    /// Fan-out slices per topic (the worker thread count).
-    slices: usize,
+    fanout: Fanout,
     /// Steps that must run in order with the publications, on the dispatcher.
     control: mpsc::Sender<Control>,
     control_rx: Mutex<Option<mpsc::Receiver<Control>>>,
@@ -356,25 +396,25 @@ pub struct LastPublication {
 
 impl Hub {
     /// A hub with one fan-out slice per worker thread of the current tokio
-    /// runtime (`TOKIO_WORKER_THREADS`; one outside a runtime).
+    /// runtime, handing out every publication at once.
     pub fn new(
         backplane: Arc<dyn Backplane>,
         history: Arc<dyn History>,
         history_config: HistoryConfig,
     ) -> Self {
-        let workers = tokio::runtime::Handle::try_current()
-            .map(|h| h.metrics().num_workers())
-            .unwrap_or(1);
-        Self::with_slices(backplane, history, history_config, workers)
+        Self::with_fanout(
+            backplane,
+            history,
+            history_config,
+            Fanout::per_worker(Duration::ZERO),
+        )
     }
 
-    /// A hub whose topics are fanned out in `slices` parallel slices (one:
-    /// by the dispatcher itself).
-    pub fn with_slices(
+    pub fn with_fanout(
         backplane: Arc<dyn Backplane>,
         history: Arc<dyn History>,
         history_config: HistoryConfig,
-        slices: usize,
+        fanout: Fanout,
     ) -> Self {
         let topic_locks = (0..64).map(|_| tokio::sync::Mutex::new(())).collect();
         let (control, control_rx) = mpsc::channel(4096);
@@ -390,7 +430,10 @@ impl Hub {
                 subscriptions: AtomicUsize::new(0),
                 delivered: AtomicU64::new(0),
                 invalid: InvalidLog::default(),
-                slices: slices.max(1),
+                fanout: Fanout {
+                    slices: fanout.slices.max(1),
+                    ..fanout
+                },
                 control,
                 control_rx: Mutex::new(Some(control_rx)),
             }),
@@ -452,7 +495,7 @@ impl Hub {
                         Some(false)
                     }
                     None => {
-                        let mut subs = Members::new(self.inner.slices);
+                        let mut subs = Members::new(self.inner.fanout.slices);
                         subs.insert(id, member);
                         topics.insert(Arc::from(topic), subs);
                         Some(true)
@@ -676,44 +719,50 @@ impl Hub {
         res
     }
 
-    /// Hands `item` to the local subscribers of its topic in fan-out slice
-    /// `slice`. Runs on that slice's task only (or on the dispatcher when the
-    /// hub has one slice), which is what keeps each connection in order.
-    fn deliver_slice(&self, slice: usize, item: &Item) {
+    /// Hands `items` (in order) to the local subscribers of their topics in
+    /// fan-out slice `slice`. Runs on that slice's task only (or on the
+    /// dispatcher when it fans out itself), which is what keeps each
+    /// connection in order. Consecutive items of one topic go to one
+    /// subscriber after another, so each connection's writer finds them
+    /// queued together.
+    fn deliver_slice(&self, slice: usize, items: &[&Item]) {
         // Per-transport counts, summed here so the metric is touched once per
-        // publication and slice, not once per delivery.
+        // batch and slice, not once per delivery.
         let mut queued: [(&'static str, u64); 3] = [("", 0); 3];
-        let topic = match item {
-            Item::Pub(p) => &p.topic,
-            Item::Gap(t, _) => t,
-        };
-        {
+        let mut rest = items;
+        while let Some(first) = rest.first() {
+            let topic = first.topic();
+            let n = rest.iter().take_while(|i| i.topic() == topic).count();
+            let (group, tail) = rest.split_at(n);
+            rest = tail;
             let topics = self.inner.topics.read().unwrap();
             let Some(subs) = topics.get(topic) else {
-                return;
+                continue;
             };
             for member in subs.slices[slice].values() {
-                let delivery = match &member.gate {
-                    None => hand(&*member.sub, item, None),
-                    Some(gate) => {
-                        let mut state = gate.state.lock().unwrap();
-                        match &mut *state {
-                            GateState::Closed(held) => {
-                                held.push(item.clone());
-                                continue;
+                for &item in group {
+                    let delivery = match &member.gate {
+                        None => hand(&*member.sub, item, None),
+                        Some(gate) => {
+                            let mut state = gate.state.lock().unwrap();
+                            match &mut *state {
+                                GateState::Closed(held) => {
+                                    held.push(item.clone());
+                                    continue;
+                                }
+                                GateState::Open(seam) => hand(&*member.sub, item, Some(seam)),
                             }
-                            GateState::Open(seam) => hand(&*member.sub, item, Some(seam)),
                         }
-                    }
-                };
-                if delivery == Some(Delivery::Queued) && matches!(item, Item::Pub(_)) {
-                    let t = member.sub.transport();
-                    match queued
-                        .iter_mut()
-                        .find(|(name, _)| *name == t || name.is_empty())
-                    {
-                        Some(slot) => *slot = (t, slot.1 + 1),
-                        None => queued[2].1 += 1,
+                    };
+                    if delivery == Some(Delivery::Queued) && matches!(item, Item::Pub(_)) {
+                        let t = member.sub.transport();
+                        match queued
+                            .iter_mut()
+                            .find(|(name, _)| *name == t || name.is_empty())
+                        {
+                            Some(slot) => *slot = (t, slot.1 + 1),
+                            None => queued[2].1 += 1,
+                        }
                     }
                 }
             }
@@ -762,9 +811,10 @@ impl Hub {
             .unwrap()
             .take()
             .expect("one dispatcher per hub");
-        let slices = match self.inner.slices {
-            1 => Vec::new(),
-            n => (0..n)
+        let fanout = self.inner.fanout;
+        let slices = match fanout.inline() {
+            true => Vec::new(),
+            false => (0..fanout.slices)
                 .map(|slice| {
                     let (tx, rx) = mpsc::channel(SLICE_QUEUE);
                     tokio::spawn(self.clone().serve_slice(slice, rx));
@@ -782,12 +832,30 @@ impl Hub {
     }
 
     /// One fan-out slice: the dispatcher's items, in its order, to the
-    /// slice's share of each topic. Ends with the dispatcher.
+    /// slice's share of each topic, at most once per flush interval. Ends
+    /// with the dispatcher.
     async fn serve_slice(self, slice: usize, mut rx: mpsc::Receiver<Arc<Work>>) {
+        let interval = self.inner.fanout.flush_interval;
         let mut batch = Vec::with_capacity(64);
-        while rx.recv_many(&mut batch, 64).await > 0 {
+        let mut handed_at: Option<tokio::time::Instant> = None;
+        while rx.recv_many(&mut batch, SLICE_QUEUE).await > 0 {
+            if !interval.is_zero() {
+                if let Some(due) = handed_at.map(|at| at + interval)
+                    && tokio::time::Instant::now() < due
+                {
+                    tokio::time::sleep_until(due).await;
+                    while batch.len() < SLICE_QUEUE
+                        && let Ok(work) = rx.try_recv()
+                    {
+                        batch.push(work);
+                    }
+                }
+                handed_at = Some(tokio::time::Instant::now());
+            }
+            let items: Vec<&Item> = batch.iter().map(|w| &w.item).collect();
+            self.deliver_slice(slice, &items);
+            drop(items);
             for work in batch.drain(..) {
-                self.deliver_slice(slice, &work.item);
                 if work.left.fetch_sub(1, Ordering::AcqRel) == 1 {
                     self.fanned_out(&work.item);
                 }
@@ -959,7 +1027,7 @@ impl Dispatcher {
             self.hub.remember(p);
         }
         if self.slices.is_empty() {
-            self.hub.deliver_slice(0, &item);
+            self.hub.deliver_slice(0, &[&item]);
             self.hub.fanned_out(&item);
             return;
         }
@@ -1256,7 +1324,11 @@ pub(crate) mod testing {
             ttl: Duration::from_secs(60),
         };
         let store = Arc::new(MemoryHistory::new(backplane.clone(), &config));
-        (Hub::with_slices(backplane, store, config, slices), rx)
+        let fanout = Fanout {
+            slices,
+            flush_interval: Duration::ZERO,
+        };
+        (Hub::with_fanout(backplane, store, config, fanout), rx)
     }
 }
 
@@ -1702,5 +1774,54 @@ mod tests {
                 assert_eq!(probe.frames.lock().unwrap()[0], "subscribed Some(true)");
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_slice_hands_out_once_per_flush_interval_and_a_quiet_one_at_once() {
+        let (tx, rx) = crate::backplane::inbound_queue();
+        let (hub, _unused) = testing::hub(&[]);
+        let hub = Hub::with_fanout(
+            hub.backplane().clone(),
+            hub.history().clone(),
+            hub.inner.history_config.clone(),
+            Fanout {
+                slices: 1,
+                flush_interval: Duration::from_millis(50),
+            },
+        );
+        hub.spawn_dispatcher(rx);
+        let a = Arc::new(Probe::default());
+        hub.subscribe("t", 1, a.clone(), None, quiet())
+            .await
+            .unwrap();
+        let send = |n: u64| {
+            let tx = tx.clone();
+            async move {
+                tx.send(Inbound {
+                    topic: "t".into(),
+                    payload: format!(r#"{{"event":"t","data":{{"n":{n}}}}}"#).into(),
+                    received_at: Instant::now(),
+                })
+                .await
+                .unwrap();
+            }
+        };
+        // After a quiet moment: at once.
+        send(0).await;
+        settle().await;
+        assert_eq!(numbers(&a), [0]);
+        // Within the interval: held until it ends, then together, in order.
+        send(1).await;
+        send(2).await;
+        settle().await;
+        assert_eq!(numbers(&a), [0], "held within the interval");
+        tokio::time::sleep(Duration::from_millis(51)).await;
+        settle().await;
+        assert_eq!(numbers(&a), [0, 1, 2]);
+        // Quiet again for longer than the interval: at once.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        send(3).await;
+        settle().await;
+        assert_eq!(numbers(&a), [0, 1, 2, 3]);
     }
 }

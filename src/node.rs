@@ -28,7 +28,7 @@ use crate::election::{Election, Leadership};
 use crate::history::History;
 use crate::history::memory::MemoryHistory;
 use crate::history::redis::RedisHistory;
-use crate::hub::Hub;
+use crate::hub::{Fanout, Hub};
 use crate::leader;
 use crate::redis::{Keys, Redis, RedisError};
 use crate::registry::{self, MemoryRegistry, NodeInfo, RedisRegistry, Registry};
@@ -156,7 +156,12 @@ impl Node {
             store,
             bus,
         } = backends(&config, inbound_tx, requests.0.clone(), stop.clone())?;
-        let hub = Hub::new(backplane.clone(), history, config.history.clone());
+        let hub = Hub::with_fanout(
+            backplane.clone(),
+            history,
+            config.history.clone(),
+            Fanout::per_worker(config.websocket_flush_interval),
+        );
         hub.spawn_dispatcher(inbound_rx);
         hub.spawn_checker(stop.clone());
         let device = Device::new(device::Parts {
