@@ -539,6 +539,12 @@ impl WorkerProc {
         Ok(line)
     }
 
+    /// The worker's next line, a JSON object of type `T`.
+    fn read_json<T: serde::de::DeserializeOwned>(&mut self, what: &str) -> anyhow::Result<T> {
+        let line = self.read_line(what)?;
+        serde_json::from_str(&line).with_context(|| format!("worker said {line:?}"))
+    }
+
     fn tell(&mut self, line: &str) {
         if let Some(stdin) = &mut self.stdin {
             let _ = writeln!(stdin, "{line}");
@@ -752,16 +758,7 @@ fn coordinate(o: &Opts) -> anyhow::Result<ExitCode> {
     };
     let json = outcome.to_json();
     eprint!("{}", outcome.table());
-    let line = serde_json::to_string(&json)?;
-    println!("{line}");
-    if let Some(path) = &o.out {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {path}"))?;
-        writeln!(f, "{line}")?;
-    }
+    write_result(&json, o.out.as_deref())?;
     Ok(if outcome.lossless() {
         ExitCode::SUCCESS
     } else {
@@ -778,6 +775,21 @@ pub struct Phases {
     /// Machine-wide busy CPU seconds at `start` and `end`.
     pub busy_start: f64,
     pub busy_end: f64,
+}
+
+/// Prints one result as a JSON line and appends it to `out` (`--out`).
+fn write_result(result: &serde_json::Value, out: Option<&str>) -> anyhow::Result<()> {
+    let line = serde_json::to_string(result)?;
+    println!("{line}");
+    if let Some(path) = out {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {path}"))?;
+        writeln!(f, "{line}")?;
+    }
+    Ok(())
 }
 
 /// Worker reports, `/proc` phases, the publisher's report, and (recovery)
@@ -798,9 +810,7 @@ fn drive(
     let mut ready = 0;
     let mut failed = 0;
     for p in procs.iter_mut() {
-        let line = p.read_line("readiness")?;
-        let r: ReadyLine =
-            serde_json::from_str(&line).with_context(|| format!("worker said {line:?}"))?;
+        let r: ReadyLine = p.read_json("readiness")?;
         ready += r.ready;
         failed += r.failed;
     }
@@ -843,14 +853,10 @@ fn drive(
     };
     // Workers report once drained and keep their connections open until
     // their stdin closes, so this sample still sees every connection.
-    let mut reports = Vec::new();
-    for p in procs.iter_mut() {
-        let line = p.read_line("results")?;
-        reports.push(
-            serde_json::from_str::<WorkerReport>(&line)
-                .with_context(|| format!("worker said {line:?}"))?,
-        );
-    }
+    let reports = procs
+        .iter_mut()
+        .map(|p| p.read_json::<WorkerReport>("results"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let (busy_end, at_end) =
         at_hold.unwrap_or_else(|| (procfs::machine_busy_s(), sample_all(pids)));
     Ok((
@@ -895,9 +901,7 @@ fn recovery(
     }
     let mut back = 0;
     for p in procs.iter_mut() {
-        let line = p.read_line("reconnection")?;
-        let l: ReadyLine =
-            serde_json::from_str(&line).with_context(|| format!("worker said {line:?}"))?;
+        let l: ReadyLine = p.read_json("reconnection")?;
         back += l.ready;
     }
     if back < o.connections {
@@ -906,14 +910,10 @@ fn recovery(
             o.connections
         );
     }
-    let mut reports = Vec::new();
-    for p in procs.iter_mut() {
-        let line = p.read_line("results")?;
-        reports.push(
-            serde_json::from_str::<WorkerReport>(&line)
-                .with_context(|| format!("worker said {line:?}"))?,
-        );
-    }
+    let reports = procs
+        .iter_mut()
+        .map(|p| p.read_json::<WorkerReport>("results"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let busy_end = procfs::machine_busy_s();
     let at_end = sample_all(pids);
     Ok((

@@ -171,11 +171,7 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     } else {
         0.0
     };
-    let per_s = if drained_seconds > 0.0 {
-        frames as f64 / drained_seconds
-    } else {
-        0.0
-    };
+    let per_s = crate::report::per_s(frames, drained_seconds);
     let other = (busy - process_cpu).max(0.0);
     eprintln!(
         "\n== {} (probe): {} loopback pairs, {}-byte frames, {} rounds{}\n  \
@@ -245,16 +241,7 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
         "checks": [],
         "unix_time": super::now_us() / 1_000_000,
     });
-    let text = serde_json::to_string(&line)?;
-    println!("{text}");
-    if let Some(path) = &a.out {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {path}"))?;
-        writeln!(f, "{text}")?;
-    }
+    super::write_result(&line, a.out.as_deref())?;
     if frames < writes {
         anyhow::bail!("{} of {writes} frames did not arrive", writes - frames);
     }

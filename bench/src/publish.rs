@@ -260,11 +260,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<PublishReport> {
     r.last_offset = last_offset[0];
     r.events = seq;
     r.seconds = start.elapsed().as_secs_f64();
-    r.rate = if r.seconds > 0.0 {
-        seq as f64 / r.seconds
-    } else {
-        0.0
-    };
+    r.rate = crate::report::per_s(seq, r.seconds);
     if seq == 0 || plan.history {
         r.receivers_min = 0;
         r.receivers_max = 0;

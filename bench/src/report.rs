@@ -69,6 +69,15 @@ fn secs(us: u64) -> f64 {
     us as f64 / 1e6
 }
 
+/// `count` per second over `seconds`; 0 over no time.
+pub fn per_s(count: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
 fn round(v: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (v * f).round() / f
@@ -113,12 +122,7 @@ impl Outcome {
     }
 
     fn open_per_s(&self) -> f64 {
-        let s = self.open_seconds();
-        if s > 0.0 {
-            self.total.opened as f64 / s
-        } else {
-            0.0
-        }
+        per_s(self.total.opened as u64, self.open_seconds())
     }
 
     fn ready_seconds(&self) -> f64 {
@@ -169,12 +173,7 @@ impl Outcome {
     }
 
     fn deliveries_per_s(&self) -> f64 {
-        let s = self.delivery_seconds();
-        if s > 0.0 {
-            self.total.received as f64 / s
-        } else {
-            0.0
-        }
+        per_s(self.total.received, self.delivery_seconds())
     }
 
     /// Server RSS growth per ready connection, bytes: from before connecting
