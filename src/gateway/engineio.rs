@@ -292,14 +292,7 @@ async fn packet(
                 .next()
                 .ok_or_else(|| "the event has no argument".to_string());
             let ack = ack(outbox, ack_id);
-            match event.as_str() {
-                "subscribe" => sio::subscribe(peer, &s, node, data, ack).await,
-                "unsubscribe" => sio::unsubscribe(peer, &s, node, data, ack).await,
-                "request_state" => sio::request_state(peer, &s, node, ack),
-                "publish" => sio::publish(peer, &s, node, data, ack).await,
-                "refresh" => sio::refresh(peer, &s, node, data, ack).await,
-                _ => {}
-            }
+            sio::handle(&event, peer, &s, node, data, ack).await;
             true
         }
         // ACK of a server event (none are asked for), binary packets.

@@ -114,7 +114,7 @@ pub fn auth_token(auth: Option<&Value>) -> Option<String> {
 
 /// Counts a client message and applies the rate limit; false when the
 /// socket is over it (it gets an `error` event and is disconnected).
-pub fn accept(peer: &dyn Peer, s: &Session, kind: &'static str) -> bool {
+fn accept(peer: &dyn Peer, s: &Session, kind: &'static str) -> bool {
     metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::SOCKETIO, "type" => kind)
         .increment(1);
     let Some(bucket) = &s.bucket else {
@@ -257,18 +257,51 @@ fn subscribe_ack(topic: &str, outcome: &Outcome) -> Value {
     ack
 }
 
-/// `subscribe`: the ack goes out when the hub announces the subscription,
-/// before any missed publication is emitted.
-pub async fn subscribe(
+/// The client events both transports answer; others are ignored (as
+/// socketioxide ignores an event without a handler).
+pub const CLIENT_EVENTS: [&str; 5] = [
+    "subscribe",
+    "unsubscribe",
+    "request_state",
+    "publish",
+    "refresh",
+];
+
+/// Runs client event `event` with its first argument and acknowledgement,
+/// once it is counted and within the rate limit.
+pub async fn handle(
+    event: &str,
     peer: &Arc<dyn Peer>,
     s: &Session,
     node: &Node,
     data: Result<Value, String>,
     ack: Ack,
 ) {
-    if !accept(&**peer, s, "subscribe") {
+    let Some(&kind) = CLIENT_EVENTS.iter().find(|&&e| e == event) else {
+        return;
+    };
+    if !accept(&**peer, s, kind) {
         return;
     }
+    match kind {
+        "subscribe" => subscribe(peer, s, node, data, ack).await,
+        "unsubscribe" => unsubscribe(peer, s, node, data, ack).await,
+        "request_state" => request_state(peer, s, node, ack),
+        "publish" => publish(peer, s, node, data, ack).await,
+        "refresh" => refresh(peer, s, node, data, ack).await,
+        _ => {}
+    }
+}
+
+/// `subscribe`: the ack goes out when the hub announces the subscription,
+/// before any missed publication is emitted.
+async fn subscribe(
+    peer: &Arc<dyn Peer>,
+    s: &Session,
+    node: &Node,
+    data: Result<Value, String>,
+    ack: Ack,
+) {
     let request = match subscribe_arg(&data) {
         Ok(r) => r,
         Err(e) => return reply(&**peer, ack, Err(e), named_topic(&data).as_deref()),
@@ -294,16 +327,13 @@ pub async fn subscribe(
 }
 
 /// `unsubscribe`, same argument forms as `subscribe`.
-pub async fn unsubscribe(
+async fn unsubscribe(
     peer: &Arc<dyn Peer>,
     s: &Session,
     node: &Node,
     data: Result<Value, String>,
     ack: Ack,
 ) {
-    if !accept(&**peer, s, "unsubscribe") {
-        return;
-    }
     let res = match topic_arg(&data) {
         Ok(topic) => {
             let was = s.topics.lock().unwrap().remove(&topic);
@@ -318,10 +348,7 @@ pub async fn unsubscribe(
 }
 
 /// `request_state`: the four device events again.
-pub fn request_state(peer: &Arc<dyn Peer>, s: &Session, node: &Node, ack: Ack) {
-    if !accept(&**peer, s, "request_state") {
-        return;
-    }
+fn request_state(peer: &Arc<dyn Peer>, s: &Session, node: &Node, ack: Ack) {
     if !s.may_subscribe(TOPIC) {
         let e = format!("not allowed to read \"{TOPIC}\"");
         ack(json!({"ok": false, "error": e}));
@@ -334,16 +361,13 @@ pub fn request_state(peer: &Arc<dyn Peer>, s: &Session, node: &Node, ack: Ack) {
 
 /// `publish` with `{"topic", "event"?, "data"}`, allowed by a token's
 /// `publish` claim only.
-pub async fn publish(
+async fn publish(
     peer: &Arc<dyn Peer>,
     s: &Session,
     node: &Node,
     data: Result<Value, String>,
     ack: Ack,
 ) {
-    if !accept(&**peer, s, "publish") {
-        return;
-    }
     let res = async {
         let topic = topic_arg(&data)?;
         let v = data.as_ref().map_err(|e| e.to_string())?;
@@ -405,16 +429,13 @@ pub fn emit_error(peer: &dyn Peer, topic: Option<&str>, message: &str) {
 /// `refresh` with the new token (a string or `{"token": …}`): the same
 /// rules as the native `refresh`. Ack `{"ok": true, "expiresAt": ms|null}`
 /// or `{"ok": false, "error": …}` (plus an `error` event, code `bad_token`).
-pub async fn refresh(
+async fn refresh(
     peer: &Arc<dyn Peer>,
     s: &Session,
     node: &Node,
     data: Result<Value, String>,
     ack: Ack,
 ) {
-    if !accept(&**peer, s, "refresh") {
-        return;
-    }
     let token = match &data {
         Ok(Value::String(t)) => Some(t.as_str()),
         Ok(Value::Object(o)) => o.get("token").and_then(Value::as_str),

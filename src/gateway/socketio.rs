@@ -97,48 +97,18 @@ async fn register(
     let s = sio::open(&node, token.as_deref())?;
     socket.extensions.insert(s.clone());
     tokio::spawn(sio::expire_when_due(peer(&socket), s));
-    socket.on(
-        "subscribe",
-        async |socket: SocketRef,
-               State(node): State<Node>,
-               TryData(d): TryData<Value>,
-               a: AckSender| {
-            sio::subscribe(&peer(&socket), &session(&socket), &node, data(d), ack(a)).await;
-        },
-    );
-    socket.on(
-        "unsubscribe",
-        async |socket: SocketRef,
-               State(node): State<Node>,
-               TryData(d): TryData<Value>,
-               a: AckSender| {
-            sio::unsubscribe(&peer(&socket), &session(&socket), &node, data(d), ack(a)).await;
-        },
-    );
-    socket.on(
-        "request_state",
-        async |socket: SocketRef, State(node): State<Node>, a: AckSender| {
-            sio::request_state(&peer(&socket), &session(&socket), &node, ack(a));
-        },
-    );
-    socket.on(
-        "publish",
-        async |socket: SocketRef,
-               State(node): State<Node>,
-               TryData(d): TryData<Value>,
-               a: AckSender| {
-            sio::publish(&peer(&socket), &session(&socket), &node, data(d), ack(a)).await;
-        },
-    );
-    socket.on(
-        "refresh",
-        async |socket: SocketRef,
-               State(node): State<Node>,
-               TryData(d): TryData<Value>,
-               a: AckSender| {
-            sio::refresh(&peer(&socket), &session(&socket), &node, data(d), ack(a)).await;
-        },
-    );
+    for event in sio::CLIENT_EVENTS {
+        socket.on(
+            event,
+            async move |socket: SocketRef,
+                        State(node): State<Node>,
+                        TryData(d): TryData<Value>,
+                        a: AckSender| {
+                let (peer, s) = (peer(&socket), session(&socket));
+                sio::handle(event, &peer, &s, &node, data(d), ack(a)).await;
+            },
+        );
+    }
     socket.on_disconnect(on_disconnect);
     Ok(())
 }
