@@ -15,19 +15,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 fn redis_node(name: &str, redis: &Redis, pfx: &str, extra: &[(&str, &str)]) -> Node {
-    let url = redis.url();
-    let mut env = vec![("REDIS_URL", url.as_str()), ("REDIS_PREFIX", pfx)];
-    env.extend_from_slice(extra);
-    let node = Node::start(name, &env);
-    assert!(
-        eventually(
-            Duration::from_secs(15),
-            || node.health()["backplaneConnected"] == true
-        ),
-        "{name} never connected: {}",
-        node.health()
-    );
-    node
+    Node::start_on_redis(name, &redis.url(), pfx, extra, Duration::from_secs(15))
 }
 
 /// `FCALL switchboard_publish 1 <topic> <envelope> <prefix>` → (offset, epoch).
@@ -498,14 +486,10 @@ async fn publications_lost_by_pubsub_are_repaired_from_history_without_resubscri
             }
         })
     };
+    let every: Vec<u64> = (1..=TOTAL).collect();
     for c in clients.iter_mut() {
-        let mut expected = 1;
-        while expected <= TOTAL {
-            let m = c.recv().await;
-            assert_eq!(m["type"], "event", "no gap, no other frame: {m}");
-            assert_eq!(m["offset"], expected, "{m}");
-            expected += 1;
-        }
+        // No gap, no other frame: every offset once, in order.
+        assert_eq!(offsets(c, every.len()).await, every);
     }
     publisher.join().unwrap();
     let repairs: f64 = [&a, &b]
@@ -598,13 +582,9 @@ async fn publications_lost_by_a_lagging_receiver_are_repaired_too() {
     })
     .await
     .unwrap();
-    let mut expected = 1;
-    while expected <= TOTAL {
-        let m = c.recv().await;
-        assert_eq!(m["type"], "event", "no gap, no other frame: {m}");
-        assert_eq!(m["offset"], expected, "{m}");
-        expected += 1;
-    }
+    // No gap, no other frame: every offset once, in order.
+    let every: Vec<u64> = (1..=TOTAL).collect();
+    assert_eq!(offsets(&mut c, every.len()).await, every);
     let lagged = metric(&a, "switchboard_backplane_lagged_messages_total");
     let repaired = metric(&a, "switchboard_history_repaired_publications_total");
     println!(

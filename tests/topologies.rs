@@ -16,18 +16,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 fn node(name: &str, url: &str, pfx: &str, extra: &[(&str, &str)]) -> Node {
-    let mut env = vec![("REDIS_URL", url), ("REDIS_PREFIX", pfx)];
-    env.extend_from_slice(extra);
-    let node = Node::start(name, &env);
-    assert!(
-        eventually(
-            Duration::from_secs(20),
-            || node.health()["backplaneConnected"] == true
-        ),
-        "{name} never became ready: {}",
-        node.health()
-    );
-    node
+    Node::start_on_redis(name, url, pfx, extra, Duration::from_secs(20))
 }
 
 /// `FCALL switchboard_publish` on `server` → (offset, epoch), or the error.

@@ -589,6 +589,26 @@ impl Node {
     pub fn health(&self) -> Value {
         self.get("/api/health").1
     }
+
+    /// Starts a node on the Redis at `url` under `prefix` (plus `extra`) and
+    /// waits up to `within` for its backplane to connect.
+    pub fn start_on_redis(
+        name: &str,
+        url: &str,
+        prefix: &str,
+        extra: &[(&str, &str)],
+        within: Duration,
+    ) -> Node {
+        let mut env = vec![("REDIS_URL", url), ("REDIS_PREFIX", prefix)];
+        env.extend_from_slice(extra);
+        let node = Node::start(name, &env);
+        assert!(
+            eventually(within, || node.health()["backplaneConnected"] == true),
+            "{name} never connected: {}",
+            node.health()
+        );
+        node
+    }
 }
 
 impl Drop for Node {
