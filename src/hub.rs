@@ -395,22 +395,7 @@ pub struct LastPublication {
 }
 
 impl Hub {
-    /// A hub with one fan-out slice per worker thread of the current tokio
-    /// runtime, handing out every publication at once.
     pub fn new(
-        backplane: Arc<dyn Backplane>,
-        history: Arc<dyn History>,
-        history_config: HistoryConfig,
-    ) -> Self {
-        Self::with_fanout(
-            backplane,
-            history,
-            history_config,
-            Fanout::per_worker(Duration::ZERO),
-        )
-    }
-
-    pub fn with_fanout(
         backplane: Arc<dyn Backplane>,
         history: Arc<dyn History>,
         history_config: HistoryConfig,
@@ -1303,16 +1288,26 @@ pub(crate) mod testing {
 
     /// `history` lists the `HISTORY_TOPICS` patterns.
     pub fn hub(history: &[&str]) -> (Hub, mpsc::Receiver<Inbound>) {
-        build(history, 1, 100)
+        build(history, 1, Duration::ZERO, 100)
     }
 
     /// Like [`hub`], fanned out in `slices` parallel slices, keeping 1,000
     /// publications per history topic.
     pub fn sliced(history: &[&str], slices: usize) -> (Hub, mpsc::Receiver<Inbound>) {
-        build(history, slices, 1000)
+        build(history, slices, Duration::ZERO, 1000)
     }
 
-    fn build(history: &[&str], slices: usize, size: usize) -> (Hub, mpsc::Receiver<Inbound>) {
+    /// Like [`hub`], one slice handing out at most once per `flush_interval`.
+    pub fn flushing(flush_interval: Duration) -> (Hub, mpsc::Receiver<Inbound>) {
+        build(&[], 1, flush_interval, 100)
+    }
+
+    fn build(
+        history: &[&str],
+        slices: usize,
+        flush_interval: Duration,
+        size: usize,
+    ) -> (Hub, mpsc::Receiver<Inbound>) {
         let (tx, rx) = inbound_queue();
         let backplane: Arc<dyn Backplane> = Arc::new(MemoryBackplane::new(tx));
         let config = HistoryConfig {
@@ -1326,9 +1321,9 @@ pub(crate) mod testing {
         let store = Arc::new(MemoryHistory::new(backplane.clone(), &config));
         let fanout = Fanout {
             slices,
-            flush_interval: Duration::ZERO,
+            flush_interval,
         };
-        (Hub::with_fanout(backplane, store, config, fanout), rx)
+        (Hub::new(backplane, store, config, fanout), rx)
     }
 }
 
@@ -1493,7 +1488,12 @@ mod tests {
             bp.clone(),
             &config,
         ));
-        let hub = Hub::new(bp.clone(), store, config);
+        let hub = Hub::new(
+            bp.clone(),
+            store,
+            config,
+            Fanout::per_worker(Duration::ZERO),
+        );
         let a: Arc<dyn Subscriber> = Arc::new(Probe::default());
         for _ in 0..5 {
             hub.subscribe("t", 1, a.clone(), None, quiet())
@@ -1779,16 +1779,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_busy_slice_hands_out_once_per_flush_interval_and_a_quiet_one_at_once() {
         let (tx, rx) = crate::backplane::inbound_queue();
-        let (hub, _unused) = testing::hub(&[]);
-        let hub = Hub::with_fanout(
-            hub.backplane().clone(),
-            hub.history().clone(),
-            hub.inner.history_config.clone(),
-            Fanout {
-                slices: 1,
-                flush_interval: Duration::from_millis(50),
-            },
-        );
+        let (hub, _unused) = testing::flushing(Duration::from_millis(50));
         hub.spawn_dispatcher(rx);
         let a = Arc::new(Probe::default());
         hub.subscribe("t", 1, a.clone(), None, quiet())

@@ -156,7 +156,7 @@ impl Node {
             store,
             bus,
         } = backends(&config, inbound_tx, requests.0.clone(), stop.clone())?;
-        let hub = Hub::with_fanout(
+        let hub = Hub::new(
             backplane.clone(),
             history,
             config.history.clone(),
