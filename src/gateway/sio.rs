@@ -598,7 +598,7 @@ async fn refresh(
         Some(t) => node
             .config()
             .auth
-            .refresh(&s.identity.lock().unwrap().clone(), t)
+            .refresh(&s.identity(), t)
             .map_err(|e| format!("refresh refused, the current token still applies: {e}")),
     };
     let identity = match identity {
