@@ -371,6 +371,9 @@ impl Hooks {
         });
         let permit = self.permit(Hook::Connect)?;
         self.post(Hook::Connect, url, body, permit, |result| {
+            if !is_object(result) {
+                return Err("its result must be an object {\"user\", …}".into());
+            }
             let r: ConnectResult = serde_json::from_str(result.get()).map_err(|e| {
                 format!(
                     "its result must be {{\"user\", \"topics\"?, \"publish\"?, \"expiresAt\"?, \"info\"?}}: {e}"
@@ -695,6 +698,9 @@ enum Failure {
 
 /// The optional `data` of a publish or RPC `result`.
 fn data_of(result: &RawValue) -> Result<Option<Box<RawValue>>, String> {
+    if !is_object(result) {
+        return Err("its result must be an object {\"data\"?: …}".into());
+    }
     let r: DataResult = serde_json::from_str(result.get())
         .map_err(|e| format!("its result must be an object {{\"data\"?: …}}: {e}"))?;
     match r.data {
@@ -705,6 +711,100 @@ fn data_of(result: &RawValue) -> Result<Option<Box<RawValue>>, String> {
     }
 }
 
+/// serde reads a struct from an array too; a result must be an object.
+fn is_object(v: &RawValue) -> bool {
+    v.get().trim_start().starts_with('{')
+}
+
 fn to_body<T: Serialize>(request: &T) -> Vec<u8> {
     serde_json::to_vec(request).expect("hook requests always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::auth::{Authenticator, HookGrant, KeySource, Pattern, Secret};
+
+    fn hooks(pairs: &[(&str, &str)]) -> Hooks {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Hooks::new(&Config::from_source(&map).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn who_decides_a_subscription() {
+        let open = Authenticator::open().authenticate(None).unwrap();
+        let h = hooks(&[
+            ("PROXY_SUBSCRIBE_URL", "http://127.0.0.1:1/s"),
+            ("PROXY_SUBSCRIBE_TOPICS", "room.*"),
+        ]);
+        // "Any topic" because tokens are off does not skip the hook.
+        assert_eq!(h.subscribe_access(&open, "room.1"), Access::AskHook);
+        assert_eq!(h.subscribe_access(&open, "news"), Access::Allowed);
+        let auth = Authenticator::new(
+            KeySource::Secret(&Secret::new("k".into())),
+            None,
+            None,
+            vec![Pattern::new("room.lobby")],
+        )
+        .unwrap();
+        let named = auth
+            .from_hook(HookGrant {
+                topics: Some(vec!["room.1".into()]),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(h.subscribe_access(&named, "room.1"), Access::Allowed);
+        assert_eq!(h.subscribe_access(&named, "room.2"), Access::AskHook);
+        // Public topics are named too; uncovered topics follow the identity.
+        assert_eq!(h.subscribe_access(&named, "room.lobby"), Access::Allowed);
+        assert_eq!(h.subscribe_access(&named, "news"), Access::Forbidden);
+        // Without the URL the patterns mean nothing.
+        let off = hooks(&[("PROXY_SUBSCRIBE_TOPICS", "room.*")]);
+        assert_eq!(off.subscribe_access(&open, "room.1"), Access::Allowed);
+    }
+
+    #[test]
+    fn who_decides_a_publication() {
+        let auth = Authenticator::open();
+        let writer = auth
+            .from_hook(HookGrant {
+                publish: Some(vec!["chat.own".into()]),
+                ..Default::default()
+            })
+            .unwrap();
+        let h = hooks(&[
+            ("PROXY_PUBLISH_URL", "http://127.0.0.1:1/p"),
+            ("PROXY_PUBLISH_TOPICS", "chat.*"),
+        ]);
+        assert_eq!(h.publish_access(&writer, "chat.own"), Access::Allowed);
+        assert_eq!(h.publish_access(&writer, "chat.x"), Access::AskHook);
+        assert_eq!(h.publish_access(&writer, "news"), Access::Forbidden);
+        assert_eq!(
+            hooks(&[]).publish_access(&writer, "chat.x"),
+            Access::Forbidden
+        );
+    }
+
+    #[test]
+    fn result_data() {
+        let raw = |s: &str| RawValue::from_string(s.into()).unwrap();
+        assert!(data_of(&raw("{}")).unwrap().is_none());
+        assert!(data_of(&raw(r#"{"data":null}"#)).unwrap().is_none());
+        assert_eq!(
+            data_of(&raw(r#"{"data":[1]}"#)).unwrap().unwrap().get(),
+            "[1]"
+        );
+        assert!(data_of(&raw("[1]")).is_err());
+        let deep = format!(r#"{{"data":{}{}}}"#, "[".repeat(65), "]".repeat(65));
+        assert!(
+            data_of(&raw(&deep))
+                .unwrap_err()
+                .contains("nested too deeply")
+        );
+    }
 }
