@@ -246,7 +246,11 @@ async fn read_loop(
                 session.outbox.error(&ProtocolError::Binary, None);
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            Some(Ok(Message::Close(_))) | None => return,
+            Some(Ok(Message::Close(_))) => {
+                session.outbox.close.request(close::BY_CLIENT);
+                return;
+            }
+            None => return,
             Some(Err(err)) => {
                 if is_too_big(err) {
                     session.outbox.close.request(close::TOO_BIG);
