@@ -183,10 +183,15 @@ async fn a_raw_close_gets_exactly_one_close_frame_then_eof() {
     let counted = tokio::task::spawn_blocking(move || {
         common::eventually(Duration::from_secs(5), || {
             let (_, metrics) = common::http_text(&addr, "GET", "/metrics", None, &[]);
-            metrics.contains(r#"switchboard_connections_closed_total{transport="ws",reason="client"} 6"#)
+            metrics.contains(
+                r#"switchboard_connections_closed_total{transport="ws",reason="client"} 6"#,
+            )
         })
     });
-    assert!(counted.await.unwrap(), "six native closes counted as reason=client");
+    assert!(
+        counted.await.unwrap(),
+        "six native closes counted as reason=client"
+    );
 }
 
 /// The client leg of the proxy passes the client's code to the upstream
