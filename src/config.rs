@@ -270,16 +270,19 @@ pub fn help() -> String {
          usage: switchboard [--env-file FILE] [--NAME VALUE]...\n\n\
          Every setting is an environment variable; a flag with the same name in\n\
          kebab case (--websocket-path /ws) overrides it. See README.md for meanings.\n\n\
-         settings (default; \"(unset)\": none, \"(computed)\": derived at start-up, see README.md):\n",
+         settings and their defaults (\"(unset)\", \"(empty)\": none given; README.md says what\n\
+         the node does then):\n",
     );
     let defaults = defaults();
     for name in names::ALL {
         let default = match defaults.get(*name).map(String::as_str) {
-            None => "(unset)",
-            Some("") => "(computed)",
-            // The demo events: a JSON document of several lines.
-            Some(d) if d.contains('\n') => "(the demo events, see README.md)",
-            Some(d) => d,
+            None => "(unset)".to_string(),
+            Some("") => "(empty)".to_string(),
+            // On one line (the demo events are a JSON document of several).
+            Some(d) => serde_json::from_str::<serde_json::Value>(d)
+                .ok()
+                .filter(|_| d.contains('\n'))
+                .map_or_else(|| d.to_string(), |v| v.to_string()),
         };
         s.push_str(&format!("  {name:<36} {default}\n"));
     }
@@ -288,7 +291,8 @@ pub fn help() -> String {
 
 /// The built-in default of every setting that has one, exactly as
 /// [`Config::from_source`] applies it when the setting is not given: `""`
-/// when it is computed at start-up (`NODE_ID`, `SHUTDOWN_DRAIN_MS`, …).
+/// when there is none or the node derives one at start-up (`NODE_ID`,
+/// `SHUTDOWN_DRAIN_MS`, …).
 /// Settings without a default (unset unless given) are absent. For `--help`
 /// and for the test that compares the documented defaults with these.
 pub fn defaults() -> HashMap<String, String> {
