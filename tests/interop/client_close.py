@@ -47,7 +47,7 @@ async def close_and_check(url, setup, code=1000, expect=1000):
     rcvd = ws.protocol.close_rcvd
     assert rcvd is not None, f"{url}: no Close frame from the server (close_code {ws.close_code})"
     assert ws.close_code == expect, f"{url}: close_code {ws.close_code}, expected {expect}"
-    assert took < 2.5, f"{url}: the close took {took:.2f} s"
+    assert took < 4, f"{url}: the close took {took:.2f} s (no TCP close from the server?)"
     print(f"{url}: sent {code}, got Close {rcvd.code} in {took * 1000:.0f} ms")
 
 
