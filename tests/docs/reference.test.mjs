@@ -44,7 +44,12 @@ export const EXCEPTIONS = [
 
 /** `switchboard --help`: name → default ("(unset)", "(empty)" or the value). */
 function binarySettings() {
-  const help = execFileSync(BIN, ["--help"], { encoding: "utf8" });
+  let help;
+  try {
+    help = execFileSync(BIN, ["--help"], { encoding: "utf8" });
+  } catch (err) {
+    throw new Error(`cannot run ${BIN} --help (cargo build first, or set SWITCHBOARD_BIN): ${err.message}`);
+  }
   const settings = new Map();
   const lines = help.split("\n");
   const start = lines.findIndex((l) => l.startsWith("settings and their defaults"));
