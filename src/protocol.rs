@@ -161,6 +161,19 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
+    /// The type of the message this error answers, when the parser got far
+    /// enough to know it (the `replyTo` of the `error` frame).
+    pub fn reply_to(&self) -> Option<&'static str> {
+        match self {
+            ProtocolError::MissingEvent(kind) => Some(kind),
+            ProtocolError::InvalidSince => Some("subscribe"),
+            ProtocolError::MissingData | ProtocolError::InvalidName(_) => Some("publish"),
+            ProtocolError::MissingToken => Some("refresh"),
+            ProtocolError::BadRpcId | ProtocolError::BadRpc { .. } => Some("rpc"),
+            _ => None,
+        }
+    }
+
     /// Stable machine-readable code sent beside the text.
     pub fn code(&self) -> &'static str {
         match self {
@@ -382,6 +395,10 @@ pub enum ServerMessage<'a> {
         code: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         event: Option<&'a str>,
+        /// The type of the client message this error answers, so that a
+        /// client can match it to what it sent without reading the text.
+        #[serde(rename = "replyTo", skip_serializing_if = "Option::is_none")]
+        reply_to: Option<&'a str>,
         timestamp: String,
     },
     /// The back end's answer to `rpc` `id`.
@@ -401,6 +418,9 @@ pub enum ServerMessage<'a> {
         code: &'a str,
         #[serde(rename = "backendCode", skip_serializing_if = "Option::is_none")]
         backend_code: Option<i64>,
+        /// Always `rpc`, like `replyTo` of the other `error` frames.
+        #[serde(rename = "replyTo")]
+        reply_to: &'static str,
         timestamp: String,
     },
 }
@@ -635,12 +655,13 @@ mod tests {
             error: "no".into(),
             code: "rpc_failed",
             backend_code: Some(1001),
+            reply_to: "rpc",
             timestamp: "t".into(),
         }
         .to_json();
         assert_eq!(
             frame,
-            r#"{"type":"error","id":"a","error":"no","code":"rpc_failed","backendCode":1001,"timestamp":"t"}"#
+            r#"{"type":"error","id":"a","error":"no","code":"rpc_failed","backendCode":1001,"replyTo":"rpc","timestamp":"t"}"#
         );
     }
 

@@ -158,10 +158,17 @@ impl Outbox {
     }
 
     fn error_text(&self, error: String, code: &str, event: Option<&str>) {
+        self.error_reply(None, error, code, event);
+    }
+
+    /// An `error` answering a client message of type `reply_to` (its
+    /// `replyTo` field).
+    fn error_reply(&self, reply_to: Option<&str>, error: String, code: &str, event: Option<&str>) {
         self.send(&ServerMessage::Error {
             error,
             code,
             event,
+            reply_to,
             timestamp: protocol::timestamp(),
         });
     }
@@ -320,7 +327,11 @@ async fn read_loop(
                 session.outbox.error(&ProtocolError::Binary, None);
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            Some(Ok(Message::Close(_))) | None => return,
+            Some(Ok(Message::Close(_))) => {
+                session.outbox.close.request(close::BY_CLIENT);
+                return;
+            }
+            None => return,
             Some(Err(err)) => {
                 if is_too_big(err) {
                     session.outbox.close.request(close::TOO_BIG);
@@ -399,7 +410,8 @@ impl Session {
         let identity = match self.node.config().auth.refresh(&self.identity, token) {
             Ok(identity) => identity,
             Err(e) => {
-                self.outbox.error_text(
+                self.outbox.error_reply(
+                    Some("refresh"),
                     format!("refresh refused, the current token still applies: {e}"),
                     "bad_token",
                     None,
@@ -475,13 +487,14 @@ impl Session {
                 {
                     Ok(()) => self.request(&event).await,
                     Err(Denial::Forbidden(_)) if !self.node.hooks().covers_subscribe(&event) => {
-                        self.outbox.error_text(
+                        self.outbox.error_reply(
+                            Some("request"),
                             format!("not allowed to read \"{event}\""),
                             "forbidden",
                             Some(&event),
                         );
                     }
-                    Err(denial) => self.deny(denial, Some(&event)),
+                    Err(denial) => self.deny("request", denial, Some(&event)),
                 }
                 "request"
             }
@@ -509,7 +522,8 @@ impl Session {
                 "invalid"
             }
             Err(err) => {
-                self.outbox.error(&err, None);
+                self.outbox
+                    .error_reply(err.reply_to(), err.to_string(), err.code(), None);
                 "invalid"
             }
         }
@@ -520,16 +534,18 @@ impl Session {
         caller(&self.client_id, &self.identity)
     }
 
-    /// Tells the client why it was not allowed; the back end's `disconnect`
-    /// also closes the connection with its code.
-    fn deny(&self, denial: Denial, topic: Option<&str>) {
-        match denial {
-            Denial::Forbidden(why) => self.outbox.error_text(why, "forbidden", topic),
-            Denial::Unavailable(why) => self.outbox.error_text(why, "unavailable", topic),
-            Denial::Disconnect { code, reason } => {
-                self.outbox.error_text(reason, "forbidden", topic);
-                self.outbox.close.request(code);
-            }
+    /// Tells the client why its message of type `reply_to` was not
+    /// allowed; the back end's `disconnect` also closes the connection with
+    /// its code.
+    fn deny(&self, reply_to: &str, denial: Denial, topic: Option<&str>) {
+        let (code, why, close) = match denial {
+            Denial::Forbidden(why) => ("forbidden", why, None),
+            Denial::Unavailable(why) => ("unavailable", why, None),
+            Denial::Disconnect { code, reason } => ("forbidden", reason, Some(code)),
+        };
+        self.outbox.error_reply(Some(reply_to), why, code, topic);
+        if let Some(code) = close {
+            self.outbox.close.request(code);
         }
     }
 
@@ -538,7 +554,8 @@ impl Session {
     /// keep their order.
     async fn publish(&mut self, event: String, name: Option<String>, data: Box<RawValue>) {
         if event == crate::device::state::TOPIC {
-            self.outbox.error_text(
+            self.outbox.error_reply(
+                Some("publish"),
                 "topic \"device\" carries device state: change it with the device commands".into(),
                 "forbidden",
                 Some(&event),
@@ -554,15 +571,19 @@ impl Session {
         {
             Ok(Some(replaced)) => replaced,
             Ok(None) => data,
-            Err(denial) => return self.deny(denial, Some(&event)),
+            Err(denial) => return self.deny("publish", denial, Some(&event)),
         };
         if let Err(e) = self.node.hub().publish(&event, name, &data).await {
             let code = match e {
                 PublishError::Refused(_) => "bad_message",
                 PublishError::Unavailable(_) => "unavailable",
             };
-            self.outbox
-                .error_text(format!("publication not accepted: {e}"), code, Some(&event));
+            self.outbox.error_reply(
+                Some("publish"),
+                format!("publication not accepted: {e}"),
+                code,
+                Some(&event),
+            );
         }
     }
 
@@ -612,7 +633,7 @@ impl Session {
             .authorize_subscribe(self.caller(), &self.identity, &topic, data.as_deref())
             .await
         {
-            return self.deny(denial, Some(&topic));
+            return self.deny("subscribe", denial, Some(&topic));
         }
         self.join(topic, since).await;
     }
@@ -621,7 +642,8 @@ impl Session {
     async fn join(&mut self, topic: String, since: Option<Since>) {
         let limit = self.node.config().max_subscriptions;
         if !self.topics.contains(&topic) && self.topics.len() >= limit {
-            self.outbox.error_text(
+            self.outbox.error_reply(
+                Some("subscribe"),
                 format!("subscription limit of {limit} topics per connection reached"),
                 "subscription_limit",
                 Some(&topic),
@@ -675,7 +697,8 @@ impl Session {
             }
             Err(err) => {
                 tracing::warn!(topic, cause = %err, "subscribe failed");
-                self.outbox.error_text(
+                self.outbox.error_reply(
+                    Some("subscribe"),
                     format!("could not subscribe to \"{topic}\": the backplane is unavailable, try again"),
                     "unavailable",
                     Some(&topic),
@@ -700,7 +723,8 @@ impl Session {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    return self.outbox.error_text(
+                    return self.outbox.error_reply(
+                        Some("request"),
                         format!("could not read \"{event}\": {e}"),
                         "unavailable",
                         Some(event),
@@ -715,7 +739,8 @@ impl Session {
                 offset: None,
                 timestamp: protocol::timestamp(),
             }),
-            None => self.outbox.error_text(
+            None => self.outbox.error_reply(
+                Some("request"),
                 format!("no data for \"{event}\": nothing has been published on it yet"),
                 "no_data",
                 Some(event),
@@ -731,6 +756,7 @@ fn rpc_error(outbox: &Outbox, id: &RawValue, code: &str, error: String, backend_
         error,
         code,
         backend_code,
+        reply_to: "rpc",
         timestamp: protocol::timestamp(),
     });
 }
