@@ -111,7 +111,7 @@ export interface UnrecoverableInfo {
 export interface SwitchboardError extends Error {
   code: string;
   topic?: string;
-  /** The `error` frame; its `replyTo` names the message type it answers (`subscribe`, `request`, `publish`, `refresh`), when it answers one. */
+  /** The `error` frame; its `replyTo` names the message type it answers (`subscribe`, `request`, `publish`, `refresh`, `rpc`), when it answers one. */
   frame: any;
   /** `rpc` refused by the back end (`code` `rpc_failed`): the back end's numeric error code. */
   backendCode?: number;
