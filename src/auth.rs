@@ -109,6 +109,11 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The user this connection acts for (`sub`), `""` when anonymous.
+    pub fn user(&self) -> &str {
+        self.subject.as_deref().unwrap_or("")
+    }
+
     pub fn may_subscribe(&self, topic: &str) -> bool {
         any_match(&self.public, topic) || self.topics.as_ref().is_none_or(|t| any_match(t, topic))
     }

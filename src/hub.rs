@@ -274,7 +274,17 @@ impl Members {
     fn is_empty(&self) -> bool {
         self.slices.iter().all(HashMap::is_empty)
     }
+
+    /// Subscribers that are client connections (the node's own excluded).
+    fn clients(&self) -> usize {
+        self.slices.iter().map(HashMap::len).sum::<usize>() - usize::from(self.contains(INTERNAL))
+    }
 }
+
+/// Told when a topic's local client subscribers go from none to some or
+/// back (webhooks' occupancy). Called under the topic's lock, so it must
+/// not block; it reads [`Hub::has_clients`] for the state.
+pub type Observer = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// One item on its way through the slices; the last slice done with it
 /// records the fan-out latency.
@@ -368,6 +378,7 @@ struct Inner {
     /// Steps that must run in order with the publications, on the dispatcher.
     control: mpsc::Sender<Control>,
     control_rx: Mutex<Option<mpsc::Receiver<Control>>>,
+    observer: OnceLock<Observer>,
 }
 
 /// Work for the dispatcher besides publications.
@@ -421,6 +432,7 @@ impl Hub {
                 },
                 control,
                 control_rx: Mutex::new(Some(control_rx)),
+                observer: OnceLock::new(),
             }),
         }
     }
@@ -441,6 +453,32 @@ impl Hub {
     /// `HISTORY_SIZE`: the most a read of one topic can return.
     pub fn history_size(&self) -> usize {
         self.inner.history_config.size
+    }
+
+    /// Sets the observer of client occupancy (once).
+    pub fn set_observer(&self, observer: Observer) {
+        let _ = self.inner.observer.set(observer);
+    }
+
+    /// Whether `topic` has local client subscribers.
+    pub fn has_clients(&self, topic: &str) -> bool {
+        self.inner
+            .topics
+            .read()
+            .unwrap()
+            .get(topic)
+            .is_some_and(|subs| subs.clients() > 0)
+    }
+
+    /// Tells the observer when `topic` just got its first or lost its last
+    /// client subscriber (`clients`: the count after `id` was added or removed).
+    fn observe(&self, topic: &str, id: ConnId, clients: usize, added: bool) {
+        if id != INTERNAL
+            && clients == usize::from(added)
+            && let Some(observer) = self.inner.observer.get()
+        {
+            observer(topic);
+        }
     }
 
     fn topic_lock(&self, topic: &str) -> &tokio::sync::Mutex<()> {
@@ -477,11 +515,13 @@ impl Hub {
                     Some(subs) if subs.contains(id) => None,
                     Some(subs) => {
                         subs.insert(id, member);
+                        self.observe(topic, id, subs.clients(), true);
                         Some(false)
                     }
                     None => {
                         let mut subs = Members::new(self.inner.fanout.slices);
                         subs.insert(id, member);
+                        self.observe(topic, id, subs.clients(), true);
                         topics.insert(Arc::from(topic), subs);
                         Some(true)
                     }
@@ -504,6 +544,7 @@ impl Hub {
                 let mut topics = self.inner.topics.write().unwrap();
                 if let Some(subs) = topics.get_mut(topic) {
                     subs.remove(id);
+                    self.observe(topic, id, subs.clients(), false);
                     if subs.is_empty() {
                         topics.remove(topic);
                     }
@@ -565,6 +606,9 @@ impl Hub {
                 return false;
             };
             let removed = subs.remove(id).is_some();
+            if removed {
+                self.observe(topic, id, subs.clients(), false);
+            }
             (removed, removed && subs.is_empty())
         };
         if removed && id != INTERNAL {

@@ -251,10 +251,9 @@ async fn packet(
             let token = sio::auth_token(auth.as_ref()).or_else(|| token.map(String::from));
             match sio::open(node, token.as_deref()) {
                 Ok(s) => {
-                    push(
-                        outbox,
-                        format!("40{}", json!({"sid": format!("{:016x}", s.id)})),
-                    );
+                    let sid = format!("{:016x}", s.id);
+                    push(outbox, format!("40{}", json!({"sid": &sid})));
+                    sio::register(node, peer, &s, sid);
                     tokio::spawn(sio::expire_when_due(peer.clone(), s.clone()));
                     sio::connected(peer, &s, node).await;
                     *session = Some(s);

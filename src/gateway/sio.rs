@@ -10,7 +10,8 @@
 //! `refresh` (see `docs/protocol.md`).
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -51,6 +52,10 @@ pub struct Session {
     bucket: Option<Mutex<TokenBucket>>,
     /// Why the server is disconnecting this socket, for the metric.
     closing: Mutex<Option<&'static str>>,
+    /// The socket's `sid`: its client id for the back end.
+    client_id: OnceLock<Arc<str>>,
+    /// Its place in the node's client registry, ended on disconnect.
+    registration: Mutex<Option<crate::clients::Registration>>,
 }
 
 impl Session {
@@ -104,7 +109,120 @@ pub fn open(node: &Node, token: Option<&str>) -> Result<Arc<Session>, String> {
             .rate_limit
             .map(|l| Mutex::new(TokenBucket::new(l))),
         closing: Mutex::new(None),
+        client_id: OnceLock::new(),
+        registration: Mutex::new(None),
     }))
+}
+
+/// Puts an admitted socket in the node's client registry under its `sid`,
+/// so that the back end can reach it (control API) and hears of it
+/// (webhooks). Call once, right after [`open`].
+pub fn register(node: &Node, peer: &Arc<dyn Peer>, s: &Arc<Session>, sid: String) {
+    let id: Arc<str> = sid.into();
+    let _ = s.client_id.set(id.clone());
+    let user = s.identity.lock().unwrap().user().into();
+    let handle = Arc::new(Handle {
+        peer: peer.clone(),
+        session: Arc::downgrade(s),
+        node: node.clone(),
+        pending: Arc::new(AtomicUsize::new(0)),
+    });
+    let registration = node.clients().register(
+        crate::clients::ClientInfo {
+            id,
+            user,
+            transport: crate::clients::transport::SOCKETIO,
+        },
+        handle,
+    );
+    *s.registration.lock().unwrap() = Some(registration);
+}
+
+/// How the registry reaches a socket: each command runs in a task of its
+/// own (the session's state is behind its own locks), at most
+/// [`crate::clients::PENDING_COMMANDS`] at a time per socket.
+struct Handle {
+    peer: Arc<dyn Peer>,
+    /// Weak: the registry must not keep a gone socket's session alive.
+    session: Weak<Session>,
+    node: Node,
+    pending: Arc<AtomicUsize>,
+}
+
+impl crate::clients::Handle for Handle {
+    fn send(&self, command: crate::clients::Command) -> bool {
+        let Some(s) = self.session.upgrade() else {
+            return false;
+        };
+        if s.gone.is_cancelled()
+            || self.pending.fetch_add(1, Ordering::AcqRel) >= crate::clients::PENDING_COMMANDS
+        {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        let (peer, node, pending) = (self.peer.clone(), self.node.clone(), self.pending.clone());
+        tokio::spawn(async move {
+            server_command(&peer, &s, &node, command).await;
+            pending.fetch_sub(1, Ordering::AcqRel);
+        });
+        true
+    }
+}
+
+/// A control API command: `subscribe` (no permission check: the back end
+/// decided; acknowledged with a `subscribed` event), `unsubscribe` (an
+/// `unsubscribed` event with `reason: "server"`), `disconnect` (a
+/// `server_disconnect` event `{code, reason, reconnect}`, then
+/// `io server disconnect`).
+async fn server_command(
+    peer: &Arc<dyn Peer>,
+    s: &Session,
+    node: &Node,
+    command: crate::clients::Command,
+) {
+    use crate::clients::Command;
+    match command {
+        Command::Subscribe { topic } => {
+            let request = SubscribeRequest {
+                topic: topic.to_string(),
+                positions: false,
+                since: None,
+                server: true,
+            };
+            let announce = {
+                let peer = peer.clone();
+                Box::new(move |outcome: &Outcome| {
+                    let mut ack = subscribe_ack(&topic, outcome);
+                    if let Some(o) = ack.as_object_mut() {
+                        o.remove("ok");
+                    }
+                    peer.emit("subscribed", &ack);
+                })
+            };
+            let name = request.topic.clone();
+            if let Err(e) = join(peer, s, node, request, announce).await {
+                emit_error(&**peer, Some(&name), &e);
+            }
+        }
+        Command::Unsubscribe { topic } => {
+            let was = s.topics.lock().unwrap().remove(&*topic);
+            if was {
+                node.hub().unsubscribe(&topic, s.id).await;
+                peer.emit(
+                    "unsubscribed",
+                    &json!({"topic": &*topic, "reason": "server"}),
+                );
+            }
+        }
+        Command::Disconnect { code, reason } => {
+            peer.emit(
+                "server_disconnect",
+                &json!({"code": code, "reason": &*reason, "reconnect": code < 4500}),
+            );
+            s.closing(m::reason::BACKEND);
+            peer.disconnect();
+        }
+    }
 }
 
 /// The token in a CONNECT auth payload `{"token": "…"}`.
@@ -138,6 +256,7 @@ pub async fn connected(peer: &Arc<dyn Peer>, s: &Session, node: &Node) {
         topic: TOPIC.to_string(),
         positions: false,
         since: None,
+        server: false,
     };
     if let Err(e) = join(peer, s, node, request, Box::new(|_| {})).await {
         emit_error(&**peer, None, &e);
@@ -161,6 +280,8 @@ struct SubscribeRequest {
     /// one parameter raise `TypeError` on a second one).
     positions: bool,
     since: Option<Since>,
+    /// A server-side subscription (control API): no permission check.
+    server: bool,
 }
 
 async fn join(
@@ -171,7 +292,7 @@ async fn join(
     announce: Announce,
 ) -> Result<(), String> {
     let topic = request.topic.as_str();
-    if !s.may_subscribe(topic) {
+    if !request.server && !s.may_subscribe(topic) {
         return Err(format!("not allowed to subscribe to \"{topic}\""));
     }
     let limit = node.config().max_subscriptions;
@@ -207,6 +328,7 @@ fn subscribe_arg(data: &Result<Value, String>) -> Result<SubscribeRequest, Strin
             topic,
             positions: false,
             since: None,
+            server: false,
         });
     };
     let since = match (o.get("offset"), o.get("epoch")) {
@@ -217,6 +339,7 @@ fn subscribe_arg(data: &Result<Value, String>) -> Result<SubscribeRequest, Strin
         topic,
         positions: o.contains_key("topic"),
         since,
+        server: false,
     })
 }
 
@@ -393,6 +516,10 @@ async fn publish(
             .publish(&topic, &event, &raw)
             .await
             .map_err(|e| format!("publication not accepted: {e}"))?;
+        if let Some(client) = s.client_id.get() {
+            let user = s.identity.lock().unwrap().user().to_string();
+            node.client_published(&topic, &event, &raw, client, &user);
+        }
         Ok(topic)
     }
     .await;
@@ -523,6 +650,10 @@ pub async fn expire_when_due(peer: Arc<dyn Peer>, s: Arc<Session>) {
 /// The socket is gone: leave its topics, count it with `reason`.
 pub async fn disconnected(s: &Session, node: &Node, reason: &'static str) {
     s.gone.cancel();
+    let registration = s.registration.lock().unwrap().take();
+    if let Some(r) = registration {
+        r.end(reason);
+    }
     let topics: Vec<String> = s.topics.lock().unwrap().drain().collect();
     for topic in topics {
         node.hub().unsubscribe(&topic, s.id).await;

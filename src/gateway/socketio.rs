@@ -95,6 +95,7 @@ async fn register(
     let token = sio::auth_token(auth.as_ref().ok())
         .or_else(|| crate::auth::token_from(&parts.headers, parts.uri.query()));
     let s = sio::open(&node, token.as_deref())?;
+    sio::register(&node, &peer(&socket), &s, socket.id.to_string());
     socket.extensions.insert(s.clone());
     tokio::spawn(sio::expire_when_due(peer(&socket), s));
     for event in sio::CLIENT_EVENTS {

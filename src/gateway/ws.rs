@@ -151,9 +151,19 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
     };
     let (mut writer, liveness) = Writer::spawn(sink, &outbox, &node, id, heartbeat);
 
+    let (handle, mut commands) = crate::clients::queued();
+    let registration = node.clients().register(
+        crate::clients::ClientInfo {
+            id: client_id.as_str().into(),
+            user: identity.user().into(),
+            transport: crate::clients::transport::WEBSOCKET,
+        },
+        handle,
+    );
     let mut session = Session {
         node: node.clone(),
         id,
+        client_id,
         outbox: outbox.clone(),
         topics: HashSet::new(),
         identity,
@@ -162,7 +172,7 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
     if let Some(topic) = initial_topic {
         Box::pin(session.subscribe(topic, None)).await;
     }
-    read_loop(&mut session, stream, &mut writer, &liveness).await;
+    read_loop(&mut session, stream, &mut writer, &liveness, &mut commands).await;
 
     // The reader is done: let the writer send its close frame and finish.
     // The socket is dropped with the writer's half; `Lingering` then
@@ -183,8 +193,10 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
         close::POLICY => m::reason::POLICY,
         close::HEARTBEAT_TIMEOUT => m::reason::HEARTBEAT,
         close::TOKEN_EXPIRED => m::reason::TOKEN_EXPIRED,
+        4000..=4999 => m::reason::BACKEND,
         _ => m::reason::CLIENT,
     };
+    registration.end(reason);
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::WS).decrement(1.0);
     metrics::counter!(m::CONNECTIONS_CLOSED, "transport" => m::transport::WS, "reason" => reason)
         .increment(1);
@@ -196,6 +208,7 @@ async fn read_loop(
     mut stream: SplitStream<WebSocket>,
     writer: &mut tokio::task::JoinHandle<()>,
     liveness: &Liveness,
+    commands: &mut tokio::sync::mpsc::Receiver<crate::clients::Command>,
 ) {
     // Armed while the token has an `exp`; a `refresh` moves it. Boxed, and
     // only then: an idle connection's task stays small.
@@ -219,6 +232,13 @@ async fn read_loop(
             _ = expired => {
                 session.expire();
                 return;
+            }
+            // The back end (control API) acts on this connection.
+            Some(command) = commands.recv() => {
+                if Box::pin(session.command(command)).await {
+                    return;
+                }
+                continue;
             }
         };
         liveness.heard();
@@ -267,6 +287,8 @@ fn is_too_big(err: axum::Error) -> bool {
 struct Session {
     node: Node,
     id: ConnId,
+    /// The id reported to the client and the back end.
+    client_id: String,
     outbox: Arc<Outbox>,
     /// Topics this connection is subscribed to; owned by the reader.
     topics: HashSet<String>,
@@ -430,6 +452,15 @@ impl Session {
                     .hub()
                     .publish(&event, name.as_deref().unwrap_or(&event), &data)
                     .await
+                    .inspect(|_| {
+                        self.node.client_published(
+                            &event,
+                            name.as_deref().unwrap_or(&event),
+                            &data,
+                            &self.client_id,
+                            self.identity.user(),
+                        )
+                    })
                 {
                     let code = match e {
                         PublishError::Refused(_) => "bad_message",
@@ -450,6 +481,30 @@ impl Session {
         }
     }
 
+    /// A command of the control API; true when the connection must close.
+    async fn command(&mut self, command: crate::clients::Command) -> bool {
+        use crate::clients::Command;
+        match command {
+            // Server-side: the back end decided, no permission check.
+            Command::Subscribe { topic } => self.join(topic.to_string(), None).await,
+            Command::Unsubscribe { topic } => {
+                if self.topics.remove(&*topic) {
+                    self.node.hub().unsubscribe(&topic, self.id).await;
+                    self.outbox.send(&ServerMessage::Unsubscribed {
+                        event: &topic,
+                        reason: Some("server"),
+                        timestamp: protocol::timestamp(),
+                    });
+                }
+            }
+            Command::Disconnect { code, reason } => {
+                self.outbox.close.request_with_reason(code, &reason);
+                return true;
+            }
+        }
+        false
+    }
+
     async fn subscribe(&mut self, topic: String, since: Option<Since>) {
         if !self.identity.may_subscribe(&topic) {
             self.outbox.error_text(
@@ -459,6 +514,12 @@ impl Session {
             );
             return;
         }
+        self.join(topic, since).await;
+    }
+
+    /// Subscribes once the subscription is allowed: the limit, the hub, the
+    /// `subscribed` answer (with the recovery fields on history topics).
+    async fn join(&mut self, topic: String, since: Option<Since>) {
         let limit = self.node.config().max_subscriptions;
         if !self.topics.contains(&topic) && self.topics.len() >= limit {
             self.outbox.error_text(
