@@ -807,3 +807,113 @@ fn a_drained_node_reports_its_clients_and_topics_before_it_exits() {
     );
     drop(clients);
 }
+
+/// The Flask example's receiver (`examples/flask-backend/webhook_receiver.py`)
+/// verifies the signature with Python's `hmac` and applies the events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_flask_example_receiver_verifies_and_applies_the_events() {
+    let python = common::python();
+    assert!(
+        python.exists(),
+        "{} is missing: run ./scripts/test, which installs Flask",
+        python.display()
+    );
+    let port = common::free_port();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/flask-backend/webhook_receiver.py");
+    let mut flask = tokio::process::Command::new(&python)
+        .arg(&script)
+        .args(["--port", &port.to_string()])
+        .env("WEBHOOK_SECRET", SECRET)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python");
+    let addr = format!("127.0.0.1:{port}");
+    let state = {
+        let addr = addr.clone();
+        move || {
+            let addr = addr.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    std::net::TcpStream::connect(&addr)
+                        .ok()
+                        .map(|_| common::http(&addr, "GET", "/webhooks/state", None, &[]).1)
+                })
+                .await
+                .unwrap()
+            }
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while state().await.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the Flask receiver did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A forged batch is refused.
+    let (status, _) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || {
+            common::http(
+                &addr,
+                "POST",
+                "/webhooks",
+                Some(r#"{"timeMs":1,"events":[{"type":"topic_occupied","topic":"x"}]}"#),
+                &[("X-Switchboard-Signature", "sha256=00")],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 401);
+
+    let node = Node::start(
+        "wh-flask",
+        &[
+            ("WEBHOOK_URL", &format!("http://{addr}/webhooks")),
+            ("WEBHOOK_SECRET", SECRET),
+            ("WEBHOOK_BATCH_MS", "20"),
+        ],
+    );
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = Client::connect(&node.ws_url("/ws")).await;
+        c.subscribe("room.flask").await;
+        clients.push(c);
+    }
+    let mut seen = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        seen = state().await.unwrap();
+        if seen["connected"].as_object().is_some_and(|c| c.len() == 3)
+            && seen["occupied"] == json!(["room.flask"])
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen["occupied"], json!(["room.flask"]), "{seen}");
+    for c in &clients {
+        assert_eq!(
+            seen["connected"][&c.client_id]["transport"], "websocket",
+            "{seen}"
+        );
+    }
+    drop(clients);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        seen = state().await.unwrap();
+        if seen["counts"]["topic_vacated"] == 1 && seen["counts"]["client_disconnected"] == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen["occupied"], json!([]), "{seen}");
+    assert_eq!(seen["connected"], json!({}), "{seen}");
+    assert_eq!(seen["counts"]["topic_occupied"], 1, "{seen}");
+    let _ = flask.kill().await;
+}
