@@ -760,14 +760,27 @@ async fn socketio_sockets_on_both_transports_take_server_side_commands() {
     assert_eq!(v["data"]["reached"], 1, "{v}");
     assert_eq!(
         next().await,
-        "DISCONNECTED 4001 moved true io server disconnect"
+        "DISCONNECTED 1 4001 moved true io server disconnect"
+    );
+    let (_, v) = post(
+        &b,
+        "/api/disconnect",
+        json!({"user": "u1", "code": 4500, "reason": "bye"}),
+    )
+    .await;
+    assert_eq!(v["data"]["reached"], 1, "{v}");
+    assert_eq!(
+        next().await,
+        "DISCONNECTED 0 4500 bye false io server disconnect"
     );
     assert!(
-        until(Duration::from_secs(10), || receiver
-            .count("client_disconnected", |e| e["client"] == *sids[1]
-                && e["reason"] == "backend")
-            == 1)
-        .await
+        until(Duration::from_secs(10), || receiver.count(
+            "client_disconnected",
+            |e| sids.iter().any(|s| e["client"] == *s) && e["reason"] == "backend"
+        ) == 2)
+        .await,
+        "{:?}",
+        receiver.of_type("client_disconnected")
     );
     let _ = child.kill().await;
 }

@@ -39,13 +39,15 @@ for (const s of sockets) {
   });
   s.on("error", (e) => console.error("[sio_control] error event", JSON.stringify(e)));
 }
-let told = null;
-sockets[1].on("server_disconnect", (d) => {
-  told = d;
-});
-sockets[1].on("disconnect", (reason) => {
-  if (!told) fail(`disconnected (${reason}) without server_disconnect first`);
-  say(`DISCONNECTED ${told.code} ${told.reason} ${told.reconnect} ${reason}`);
+sockets.forEach((s, i) => {
+  let told = null;
+  s.on("server_disconnect", (d) => {
+    told = d;
+  });
+  s.on("disconnect", (reason) => {
+    if (!told) fail(`socket ${i} disconnected (${reason}) without server_disconnect first`);
+    say(`DISCONNECTED ${i} ${told.code} ${told.reason} ${told.reconnect} ${reason}`);
+  });
 });
 
 await Promise.all(
