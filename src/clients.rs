@@ -13,7 +13,7 @@
 //! API, hooks): native `format!("{conn_id:016x}")` as in the `connected`
 //! frame, Socket.IO the socket's `sid`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
@@ -104,7 +104,9 @@ struct Inner {
 #[derive(Default)]
 struct State {
     by_id: HashMap<Arc<str>, Entry>,
-    by_user: HashMap<Arc<str>, Vec<Arc<str>>>,
+    /// A set, not a list: one user may have very many connections (every
+    /// anonymous one is user `""`), and each must leave in O(1).
+    by_user: HashMap<Arc<str>, HashSet<Arc<str>>>,
 }
 
 struct Entry {
@@ -127,7 +129,7 @@ impl Clients {
                 .by_user
                 .entry(info.user.clone())
                 .or_default()
-                .push(info.id.clone());
+                .insert(info.id.clone());
             state.by_id.insert(
                 info.id.clone(),
                 Entry {
@@ -153,7 +155,7 @@ impl Clients {
                 return false;
             };
             if let Some(ids) = state.by_user.get_mut(&entry.info.user) {
-                ids.retain(|i| &**i != id);
+                ids.remove(id);
                 if ids.is_empty() {
                     state.by_user.remove(&entry.info.user);
                 }
@@ -270,20 +272,44 @@ impl Drop for Registration {
     }
 }
 
-/// A native connection's handle: commands go to its reader loop through a
-/// small bounded channel (the reader owns the session's state).
-pub struct Queued(pub tokio::sync::mpsc::Sender<Command>);
+/// A native connection's handle: commands go to its reader loop, which
+/// owns the session's state, through a small queue it selects on.
+///
+/// Not a tokio channel: a bounded `mpsc` allocates a block of slots when it
+/// is made, for every connection; this queue allocates nothing until a
+/// command arrives (most connections never get one).
+#[derive(Default)]
+pub struct Mailbox {
+    /// std Mutex: a push or a pop, never held across `.await`.
+    queue: Mutex<std::collections::VecDeque<Command>>,
+    notify: tokio::sync::Notify,
+}
 
-impl Handle for Queued {
-    fn send(&self, command: Command) -> bool {
-        self.0.try_send(command).is_ok()
+impl Mailbox {
+    /// The next command; cancel-safe (a command is taken only when this
+    /// returns it).
+    pub async fn recv(&self) -> Command {
+        loop {
+            if let Some(c) = self.queue.lock().unwrap().pop_front() {
+                return c;
+            }
+            self.notify.notified().await;
+        }
     }
 }
 
-/// A [`Queued`] handle and the receiver its connection selects on.
-pub fn queued() -> (Arc<dyn Handle>, tokio::sync::mpsc::Receiver<Command>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(PENDING_COMMANDS);
-    (Arc::new(Queued(tx)), rx)
+impl Handle for Mailbox {
+    fn send(&self, command: Command) -> bool {
+        {
+            let mut q = self.queue.lock().unwrap();
+            if q.len() >= PENDING_COMMANDS {
+                return false;
+            }
+            q.push_back(command);
+        }
+        self.notify.notify_one();
+        true
+    }
 }
 
 #[cfg(test)]
@@ -315,19 +341,21 @@ mod tests {
         let clients = Clients::default();
         let log = Arc::new(Log::default());
         clients.set_listener(log.clone());
-        let (h1, mut r1) = queued();
-        let (h2, mut r2) = queued();
-        let (h3, mut r3) = queued();
-        let a = clients.register(info("a", "u1"), h1);
-        let b = clients.register(info("b", "u1"), h2);
-        let c = clients.register(info("c", "u2"), h3);
+        let (m1, m2, m3) = (
+            Arc::new(Mailbox::default()),
+            Arc::new(Mailbox::default()),
+            Arc::new(Mailbox::default()),
+        );
+        let a = clients.register(info("a", "u1"), m1.clone());
+        let b = clients.register(info("b", "u1"), m2.clone());
+        let c = clients.register(info("c", "u2"), m3.clone());
         let sub = Command::Subscribe {
             topic: "news".into(),
         };
         assert_eq!(clients.apply(&Target::User("u1".into()), &sub), 2);
-        assert_eq!(r1.try_recv().unwrap(), sub);
-        assert_eq!(r2.try_recv().unwrap(), sub);
-        assert!(r3.try_recv().is_err());
+        assert_eq!(m1.recv().await, sub);
+        assert_eq!(m2.recv().await, sub);
+        assert!(m3.queue.lock().unwrap().is_empty());
         assert_eq!(clients.apply(&Target::Client("c".into()), &sub), 1);
         assert_eq!(clients.apply(&Target::Client("zz".into()), &sub), 0);
         assert_eq!(clients.of_user("u1").len(), 2);
@@ -346,8 +374,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_with_too_many_pending_commands_is_not_reached() {
         let clients = Clients::default();
-        let (h, _rx) = queued();
-        let _r = clients.register(info("a", ""), h);
+        let _r = clients.register(info("a", ""), Arc::new(Mailbox::default()));
         let cmd = Command::Unsubscribe { topic: "t".into() };
         let target = Target::Client("a".into());
         for _ in 0..PENDING_COMMANDS {

@@ -151,14 +151,14 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
     };
     let (mut writer, liveness) = Writer::spawn(sink, &outbox, &node, id, heartbeat);
 
-    let (handle, mut commands) = crate::clients::queued();
+    let mailbox = Arc::new(crate::clients::Mailbox::default());
     let registration = node.clients().register(
         crate::clients::ClientInfo {
             id: client_id.as_str().into(),
             user: identity.user().into(),
             transport: crate::clients::transport::WEBSOCKET,
         },
-        handle,
+        mailbox.clone(),
     );
     let mut session = Session {
         node: node.clone(),
@@ -172,7 +172,7 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
     if let Some(topic) = initial_topic {
         Box::pin(session.subscribe(topic, None)).await;
     }
-    read_loop(&mut session, stream, &mut writer, &liveness, &mut commands).await;
+    read_loop(&mut session, stream, &mut writer, &liveness, &mailbox).await;
 
     // The reader is done: let the writer send its close frame and finish.
     // The socket is dropped with the writer's half; `Lingering` then
@@ -208,7 +208,7 @@ async fn read_loop(
     mut stream: SplitStream<WebSocket>,
     writer: &mut tokio::task::JoinHandle<()>,
     liveness: &Liveness,
-    commands: &mut tokio::sync::mpsc::Receiver<crate::clients::Command>,
+    commands: &crate::clients::Mailbox,
 ) {
     // Armed while the token has an `exp`; a `refresh` moves it. Boxed, and
     // only then: an idle connection's task stays small.
@@ -234,7 +234,7 @@ async fn read_loop(
                 return;
             }
             // The back end (control API) acts on this connection.
-            Some(command) = commands.recv() => {
+            command = commands.recv() => {
                 if Box::pin(session.command(command)).await {
                     return;
                 }
