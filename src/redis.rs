@@ -159,6 +159,16 @@ impl Keys {
         }
     }
 
+    /// The last seq of `topic`'s occupancy transitions (kept a day), in the
+    /// slot of [`Keys::occupancy`].
+    pub fn occupancy_seq(&self, topic: &str) -> String {
+        if self.cluster {
+            format!("{}:occupancy-seq:{{{topic}}}", self.prefix)
+        } else {
+            format!("{}:occupancy-seq:{topic}", self.prefix)
+        }
+    }
+
     /// The topics node `id` has added itself to (its share of occupancy),
     /// so that the reaper can take it back when the node dies.
     pub fn node_topics(&self, id: &str) -> String {
@@ -710,5 +720,6 @@ mod tests {
         assert_eq!(slot(&k.node_topics("a")), slot(&k.node("a")));
         assert_eq!(slot(&k.tracked_nodes()), slot(&k.node("a")));
         assert_eq!(slot(&k.occupancy("news")), slot(&k.topic("news")));
+        assert_eq!(slot(&k.occupancy_seq("news")), slot(&k.topic("news")));
     }
 }

@@ -930,3 +930,107 @@ async fn the_flask_example_receiver_verifies_and_applies_the_events() {
     assert_eq!(seen["counts"]["topic_occupied"], 1, "{seen}");
     let _ = flask.kill().await;
 }
+
+/// A node drained under 60 clients that all reconnect at once to the other
+/// node: every connection's pair arrives in order, none is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mass_reconnect_never_reorders_a_connections_pair() {
+    let receiver = Receiver::start().await;
+    let redis = Redis::start();
+    let prefix = common::prefix("wh-mass");
+    let mut env = hooks_env(&receiver);
+    // Close everyone within 200 ms: a burst of reconnects.
+    env.push(("SHUTDOWN_DRAIN_MS", "200".into()));
+    let mut a = start("wh-mass-a", &redis, &prefix, &env);
+    let b = start("wh-mass-b", &redis, &prefix, &env);
+    let mut tasks = Vec::new();
+    for _ in 0..60 {
+        let mut c = Client::connect(&a.ws_url("/ws")).await;
+        c.subscribe("crowd").await;
+        let url = b.ws_url("/ws");
+        tasks.push(tokio::spawn(async move {
+            // Wait for the drain's close, then come back on the other node.
+            let closed = c.closed_within(Duration::from_secs(30)).await;
+            assert!(closed.is_some(), "not closed by the drain");
+            let mut again = Client::connect(&url).await;
+            again.subscribe("crowd").await;
+            (c.client_id, again)
+        }));
+    }
+    assert!(
+        until(Duration::from_secs(20), || receiver
+            .count("client_connected", |e| e["node"] == "wh-mass-a")
+            == 60)
+        .await
+    );
+    a.signal("TERM");
+    let mut ids = Vec::new();
+    let mut again = Vec::new();
+    for t in tasks {
+        let (old, new) = t.await.unwrap();
+        ids.push(old);
+        ids.push(new.client_id.clone());
+        again.push(new);
+    }
+    assert!(a.wait_exit(Duration::from_secs(15)).is_some());
+    drop(again);
+    assert!(
+        until(Duration::from_secs(30), || receiver
+            .count("client_disconnected", |_| true)
+            == 120)
+        .await,
+        "{} client_disconnected",
+        receiver.count("client_disconnected", |_| true)
+    );
+    let events = receiver.events();
+    for id in &ids {
+        let mine: Vec<&Value> = events.iter().filter(|e| e["client"] == *id).collect();
+        let types: Vec<&str> = mine.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["client_connected", "client_disconnected"], "{id}");
+    }
+    assert_eq!(
+        receiver.count("client_disconnected", |e| e["node"] == "wh-mass-a"
+            && e["reason"] == "shutdown"),
+        60
+    );
+    // The topic changed hands between the nodes: its transitions, put in
+    // order by their seq (they come from both nodes' queues), alternate
+    // and end vacated.
+    assert!(
+        until(Duration::from_secs(10), || {
+            let mut crowd: Vec<(u64, String)> = receiver
+                .events()
+                .iter()
+                .filter(|e| e["topic"] == "crowd")
+                .map(|e| {
+                    (
+                        e["seq"].as_u64().unwrap(),
+                        e["type"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect();
+            crowd.sort();
+            crowd.last().is_some_and(|(_, t)| t == "topic_vacated")
+        })
+        .await
+    );
+    let mut crowd: Vec<(u64, String)> = receiver
+        .events()
+        .iter()
+        .filter(|e| e["topic"] == "crowd")
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap(),
+                e["type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    crowd.sort();
+    assert_eq!(crowd[0].1, "topic_occupied", "{crowd:?}");
+    assert!(
+        crowd
+            .windows(2)
+            .all(|w| w[0].1 != w[1].1 && w[0].0 < w[1].0),
+        "transitions alternate: {crowd:?}"
+    );
+}

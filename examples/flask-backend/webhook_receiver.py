@@ -36,6 +36,9 @@ _lock = threading.Lock()
 # client id -> {"user", "transport", "node"}
 CONNECTED = {}
 OCCUPIED = set()
+# topic -> seq of the newest occupancy event applied (events of one topic
+# come from different nodes and may arrive out of order)
+TOPIC_SEQ = {}
 CLIENT_EVENTS = []
 COUNTS = {}
 
@@ -67,10 +70,15 @@ def apply(event: dict) -> None:
         # Keyed by client id: after a mass reconnect the new connection of
         # the same user has another id, so a late disconnect never removes it.
         CONNECTED.pop(event["client"], None)
-    elif kind == "topic_occupied":
-        OCCUPIED.add(event["topic"])
-    elif kind == "topic_vacated":
-        OCCUPIED.discard(event["topic"])
+    elif kind in ("topic_occupied", "topic_vacated"):
+        topic, seq = event["topic"], event["seq"]
+        if seq <= TOPIC_SEQ.get(topic, 0):
+            return  # an older transition, overtaken by one already applied
+        TOPIC_SEQ[topic] = seq
+        if kind == "topic_occupied":
+            OCCUPIED.add(topic)
+        else:
+            OCCUPIED.discard(topic)
     elif kind == "client_event":
         CLIENT_EVENTS.append(event)
     # Unknown types (newer versions add some) are ignored.

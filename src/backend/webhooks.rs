@@ -97,12 +97,14 @@ impl Event {
         )
     }
 
-    pub fn topic_occupied(topic: &str) -> Self {
-        Self::object(kind::TOPIC_OCCUPIED, json!({"topic": topic}))
+    /// `seq` orders one topic's transitions (they may come from different
+    /// nodes, so arrive in another order).
+    pub fn topic_occupied(topic: &str, seq: u64) -> Self {
+        Self::object(kind::TOPIC_OCCUPIED, json!({"topic": topic, "seq": seq}))
     }
 
-    pub fn topic_vacated(topic: &str) -> Self {
-        Self::object(kind::TOPIC_VACATED, json!({"topic": topic}))
+    pub fn topic_vacated(topic: &str, seq: u64) -> Self {
+        Self::object(kind::TOPIC_VACATED, json!({"topic": topic, "seq": seq}))
     }
 
     /// A client's publication on a `WEBHOOK_CLIENT_EVENT_TOPICS` topic;
@@ -442,7 +444,8 @@ mod tests {
             e.json(),
             r#"{"type":"client_event","topic":"chat.1","event":"message","data":{"a": [1,2]},"client":"c1","user":"u1"}"#
         );
-        let v: serde_json::Value = serde_json::from_str(Event::topic_vacated("t").json()).unwrap();
-        assert_eq!(v, json!({"type": "topic_vacated", "topic": "t"}));
+        let v: serde_json::Value =
+            serde_json::from_str(Event::topic_vacated("t", 7).json()).unwrap();
+        assert_eq!(v, json!({"type": "topic_vacated", "topic": "t", "seq": 7}));
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 
-use super::{ControlBus, ControlError, Ledger, Leftovers, Reached, Record};
+use super::{ControlBus, ControlError, Ledger, Leftovers, Reached, Record, Seq};
 use crate::clients::{Clients, Command, Target};
 use crate::redis::RedisError;
 
@@ -43,6 +43,20 @@ impl ControlBus for LocalBus {
 pub struct MemoryLedger {
     /// std Mutex: no `.await` under it.
     topics: Mutex<HashMap<String, HashSet<String>>>,
+    /// The last seq handed out (one counter serves every topic).
+    seq: Mutex<Seq>,
+}
+
+impl MemoryLedger {
+    fn next_seq(&self) -> Seq {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let mut last = self.seq.lock().unwrap();
+        *last = now.max(*last + 1);
+        *last
+    }
 }
 
 impl Ledger for MemoryLedger {
@@ -50,25 +64,32 @@ impl Ledger for MemoryLedger {
         &'a self,
         node: &'a str,
         topic: &'a str,
-    ) -> BoxFuture<'a, Result<bool, RedisError>> {
-        let mut topics = self.topics.lock().unwrap();
-        let holders = topics.entry(topic.to_string()).or_default();
-        let first = holders.insert(node.to_string()) && holders.len() == 1;
-        Box::pin(async move { Ok(first) })
+    ) -> BoxFuture<'a, Result<Option<Seq>, RedisError>> {
+        let first = {
+            let mut topics = self.topics.lock().unwrap();
+            let holders = topics.entry(topic.to_string()).or_default();
+            holders.insert(node.to_string()) && holders.len() == 1
+        };
+        let seq = first.then(|| self.next_seq());
+        Box::pin(async move { Ok(seq) })
     }
 
     fn vacate<'a>(
         &'a self,
         node: &'a str,
         topic: &'a str,
-    ) -> BoxFuture<'a, Result<bool, RedisError>> {
-        let mut topics = self.topics.lock().unwrap();
-        let removed = topics.get_mut(topic).is_some_and(|h| h.remove(node));
-        let last = removed && topics.get(topic).is_some_and(HashSet::is_empty);
-        if last {
-            topics.remove(topic);
-        }
-        Box::pin(async move { Ok(last) })
+    ) -> BoxFuture<'a, Result<Option<Seq>, RedisError>> {
+        let last = {
+            let mut topics = self.topics.lock().unwrap();
+            let removed = topics.get_mut(topic).is_some_and(|h| h.remove(node));
+            let last = removed && topics.get(topic).is_some_and(HashSet::is_empty);
+            if last {
+                topics.remove(topic);
+            }
+            last
+        };
+        let seq = last.then(|| self.next_seq());
+        Box::pin(async move { Ok(seq) })
     }
 
     fn record<'a>(
@@ -111,12 +132,14 @@ mod tests {
     #[tokio::test]
     async fn one_transition_each_way_whatever_the_number_of_holders() {
         let l = MemoryLedger::default();
-        assert!(l.occupy("a", "t").await.unwrap());
-        assert!(!l.occupy("a", "t").await.unwrap());
-        assert!(!l.occupy("b", "t").await.unwrap());
-        assert!(!l.vacate("a", "t").await.unwrap());
-        assert!(!l.vacate("a", "t").await.unwrap());
-        assert!(l.vacate("b", "t").await.unwrap());
-        assert!(!l.vacate("b", "t").await.unwrap());
+        let first = l.occupy("a", "t").await.unwrap().unwrap();
+        assert_eq!(l.occupy("a", "t").await.unwrap(), None);
+        assert_eq!(l.occupy("b", "t").await.unwrap(), None);
+        assert_eq!(l.vacate("a", "t").await.unwrap(), None);
+        assert_eq!(l.vacate("a", "t").await.unwrap(), None);
+        let last = l.vacate("b", "t").await.unwrap().unwrap();
+        assert!(last > first);
+        assert_eq!(l.vacate("b", "t").await.unwrap(), None);
+        assert!(l.occupy("b", "t").await.unwrap().unwrap() > last);
     }
 }

@@ -138,6 +138,13 @@ impl Wire {
     }
 }
 
+/// Orders one topic's occupancy transitions: each is higher than the one
+/// before it, whichever node reports it (the webhooks' `seq`); the events
+/// come from different nodes' queues and may arrive in another order.
+/// Microseconds of the Redis clock at the transition, or one more than the
+/// topic's previous seq when that is higher.
+pub type Seq = u64;
+
 /// One client as a node recorded it: enough for its `client_disconnected`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Record {
@@ -156,20 +163,21 @@ pub struct Leftovers {
 /// Every change is idempotent: repeating one after a lost answer changes
 /// nothing (and reports no transition).
 pub trait Ledger: Send + Sync + 'static {
-    /// Node `node` holds `topic` now; true when no node held it before
-    /// (the topic became occupied).
+    /// Node `node` holds `topic` now. `Some(seq)` when no node held it
+    /// before (the topic became occupied): `seq` orders the topic's
+    /// transitions ([`Seq`]).
     fn occupy<'a>(
         &'a self,
         node: &'a str,
         topic: &'a str,
-    ) -> BoxFuture<'a, Result<bool, RedisError>>;
-    /// Node `node` no longer holds `topic`; true when it was the last one
-    /// (the topic became vacated).
+    ) -> BoxFuture<'a, Result<Option<Seq>, RedisError>>;
+    /// Node `node` no longer holds `topic`. `Some(seq)` when it was the last
+    /// one (the topic became vacated).
     fn vacate<'a>(
         &'a self,
         node: &'a str,
         topic: &'a str,
-    ) -> BoxFuture<'a, Result<bool, RedisError>>;
+    ) -> BoxFuture<'a, Result<Option<Seq>, RedisError>>;
     /// Records (`Some`) or forgets (`None`) clients of node `node`.
     fn record<'a>(
         &'a self,

@@ -132,8 +132,8 @@ impl Occupancy {
                 .await
                 .map(|first| {
                     self.inner.held.lock().unwrap().insert(topic.clone());
-                    if first {
-                        self.inner.webhooks.emit(Event::topic_occupied(topic));
+                    if let Some(seq) = first {
+                        self.inner.webhooks.emit(Event::topic_occupied(topic, seq));
                     }
                 }),
             (false, true) => self.vacate(topic).await,
@@ -152,8 +152,8 @@ impl Occupancy {
     async fn vacate(&self, topic: &Arc<str>) -> Result<(), crate::redis::RedisError> {
         let last = self.inner.ledger.vacate(&self.inner.node, topic).await?;
         self.inner.held.lock().unwrap().remove(topic);
-        if last {
-            self.inner.webhooks.emit(Event::topic_vacated(topic));
+        if let Some(seq) = last {
+            self.inner.webhooks.emit(Event::topic_vacated(topic, seq));
         }
         Ok(())
     }

@@ -3,7 +3,8 @@
 //! Control: commands on `{prefix}:control` (classic pub/sub: a cluster
 //! carries it to every node), answers on `{prefix}:control-reply:{asker}`.
 //! Ledger: `{prefix}:occupancy:{topic}` (a set of node ids, in the topic's
-//! slot), `{prefix}:node-topics:{id}`, `{prefix}:node-clients:{id}` (a hash
+//! slot) and `{prefix}:occupancy-seq:{topic}` (its last transition's seq),
+//! `{prefix}:node-topics:{id}`, `{prefix}:node-clients:{id}` (a hash
 //! client id → `{"user","transport"}`) and `{prefix}:tracked-nodes`, all
 //! spelled by [`Keys`]; the node's keys share one slot on a cluster, so the
 //! reaper's claim is one script.
@@ -17,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ANSWER_TIMEOUT, Answer, ControlBus, ControlError, Ledger, Leftovers, Reached, Record, Wire,
+    ANSWER_TIMEOUT, Answer, ControlBus, ControlError, Ledger, Leftovers, Reached, Record, Seq, Wire,
 };
 use crate::clients::{Clients, Command, Target};
 use crate::redis::{Keys, LuaScript, Nested, Redis, RedisError};
@@ -166,19 +167,46 @@ impl ControlBus for RedisControl {
 
 // === ledger ===
 
-/// Adds a node to a topic's holders; 1 when it is the first holder.
-const OCCUPY: &str = r"
-local added = redis.call('SADD', KEYS[1], ARGV[1])
-if added == 1 and redis.call('SCARD', KEYS[1]) == 1 then return 1 end
-return 0
-";
+/// The Lua function `next_seq(key)`: the next seq of a topic's transitions
+/// (kept in `key` for a day): the Redis clock in microseconds, or one more
+/// than the last seq when that is higher (a clock step back never
+/// reorders). A macro, so that `concat!` can put it in front of the scripts.
+macro_rules! next_seq_lua {
+    () => {
+        r"
+local function next_seq(key)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', key) or '0')
+  local seq = math.max(now, last + 1)
+  redis.call('SET', key, string.format('%.0f', seq), 'PX', 86400000)
+  return seq
+end
+"
+    };
+}
 
-/// Removes a node from a topic's holders; 1 when it was the last.
-const VACATE: &str = r"
-local removed = redis.call('SREM', KEYS[1], ARGV[1])
-if removed == 1 and redis.call('EXISTS', KEYS[1]) == 0 then return 1 end
+/// Adds a node to a topic's holders (KEYS[1]); the transition's seq when it
+/// is the first holder, else 0.
+const OCCUPY: &str = concat!(
+    next_seq_lua!(),
+    r"
+local added = redis.call('SADD', KEYS[1], ARGV[1])
+if added == 1 and redis.call('SCARD', KEYS[1]) == 1 then return next_seq(KEYS[2]) end
 return 0
-";
+"
+);
+
+/// Removes a node from a topic's holders; the transition's seq when it was
+/// the last, else 0.
+const VACATE: &str = concat!(
+    next_seq_lua!(),
+    r"
+local removed = redis.call('SREM', KEYS[1], ARGV[1])
+if removed == 1 and redis.call('EXISTS', KEYS[1]) == 0 then return next_seq(KEYS[2]) end
+return 0
+"
+);
 
 /// Takes a node's clients and topics and stops tracking it, in one step;
 /// unless forced, only when its registry entry has expired.
@@ -214,17 +242,24 @@ impl RedisLedger {
         }
     }
 
-    async fn script(&self, script: &LuaScript, key: String, arg: &str) -> Result<bool, RedisError> {
-        let n: i64 = self
+    /// Runs the occupy or vacate script for `topic`; the seq of the
+    /// transition it made, if it made one.
+    async fn transition(
+        &self,
+        script: &LuaScript,
+        topic: &str,
+        node: &str,
+    ) -> Result<Option<Seq>, RedisError> {
+        let seq: i64 = self
             .redis
             .eval(
                 script,
-                vec![key],
-                vec![arg.to_string()],
+                vec![self.keys.occupancy(topic), self.keys.occupancy_seq(topic)],
+                vec![node.to_string()],
                 crate::redis::COMMAND_TIMEOUT,
             )
             .await?;
-        Ok(n == 1)
+        Ok((seq > 0).then_some(seq as Seq))
     }
 }
 
@@ -233,7 +268,7 @@ impl Ledger for RedisLedger {
         &'a self,
         node: &'a str,
         topic: &'a str,
-    ) -> BoxFuture<'a, Result<bool, RedisError>> {
+    ) -> BoxFuture<'a, Result<Option<Seq>, RedisError>> {
         Box::pin(async move {
             // The node's own list first: a crash between the two leaves an
             // entry the reaper's vacate finds harmless, never a holder it
@@ -242,8 +277,7 @@ impl Ledger for RedisLedger {
                 .redis
                 .command("SADD", vec![self.keys.node_topics(node), topic.to_string()])
                 .await?;
-            self.script(&self.occupy, self.keys.occupancy(topic), node)
-                .await
+            self.transition(&self.occupy, topic, node).await
         })
     }
 
@@ -251,11 +285,9 @@ impl Ledger for RedisLedger {
         &'a self,
         node: &'a str,
         topic: &'a str,
-    ) -> BoxFuture<'a, Result<bool, RedisError>> {
+    ) -> BoxFuture<'a, Result<Option<Seq>, RedisError>> {
         Box::pin(async move {
-            let last = self
-                .script(&self.vacate, self.keys.occupancy(topic), node)
-                .await?;
+            let last = self.transition(&self.vacate, topic, node).await?;
             let _: i64 = self
                 .redis
                 .command("SREM", vec![self.keys.node_topics(node), topic.to_string()])

@@ -159,8 +159,8 @@ impl Watch {
             let mut tries = 0;
             loop {
                 match self.inner.ledger.vacate(dead, topic).await {
-                    Ok(true) => self.inner.webhooks.emit(Event::topic_vacated(topic)),
-                    Ok(false) => {}
+                    Ok(Some(seq)) => self.inner.webhooks.emit(Event::topic_vacated(topic, seq)),
+                    Ok(None) => {}
                     Err(e) if tries < 5 => {
                         tries += 1;
                         tracing::warn!(topic, cause = %e, "vacating a dead node's topic failed; retrying");
