@@ -295,6 +295,8 @@ async fn signed_batches_one_occupied_and_one_vacated_for_100_clients_on_two_node
         receiver.count("topic_vacated", |e| e["topic"] == "room.1"),
         1
     );
+    let seq = |ty: &str| receiver.of_type(ty)[0]["seq"].as_u64().unwrap();
+    assert!(seq("topic_occupied") < seq("topic_vacated"));
     assert_eq!(receiver.count("client_connected", |_| true), 100);
     assert_eq!(receiver.count("client_disconnected", |_| true), 100);
     // Each client: connected before disconnected, on one node.
