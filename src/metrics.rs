@@ -78,8 +78,6 @@ pub mod reason {
     pub const ERROR: &str = "error";
     /// Closed by the back end (`POST /api/disconnect`).
     pub const BACKEND: &str = "backend";
-    /// The node holding the connection died (sent by the reaper, webhooks only).
-    pub const NODE_LOST: &str = "node_lost";
 }
 
 const LATENCY_BUCKETS: &[f64] = &[

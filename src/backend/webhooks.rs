@@ -43,6 +43,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// At most one "queue full" log line per this interval.
 const OVERFLOW_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// The `client_disconnected` reason of a dead node's clients (the reaper's;
+/// the other reasons are the close reasons of `metrics::reason`).
+pub const NODE_LOST: &str = "node_lost";
+
 /// Event `type` values this crate sends (the `type` label of the metric).
 pub mod kind {
     pub const CLIENT_CONNECTED: &str = "client_connected";

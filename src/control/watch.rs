@@ -152,7 +152,7 @@ impl Watch {
                 client,
                 &record.user,
                 dead,
-                m::reason::NODE_LOST,
+                crate::backend::webhooks::NODE_LOST,
             ));
         }
         for topic in &left.topics {
