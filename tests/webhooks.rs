@@ -1036,3 +1036,112 @@ async fn a_mass_reconnect_never_reorders_a_connections_pair() {
         "transitions alternate: {crowd:?}"
     );
 }
+
+/// The code block of `docs/backend.md` whose info string starts with `lang`
+/// under "### Verifying the signature", as written.
+fn doc_snippet(lang: &str) -> String {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/backend.md"),
+    )
+    .unwrap();
+    let section = &doc[doc.find("### Verifying the signature").unwrap()..];
+    let start = section
+        .find(&format!("```{lang} "))
+        .unwrap_or_else(|| panic!("no {lang} block"));
+    let body = &section[start..];
+    let body = &body[body.find('\n').unwrap() + 1..];
+    body[..body.find("\n```").unwrap() + 1].to_string()
+}
+
+/// The Python and Node verification snippets of `docs/backend.md` run as
+/// written: each receives a node's batches, verifies them and prints the
+/// events, and refuses a forged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_documented_verification_snippets_receive_and_refuse() {
+    let dir = std::env::temp_dir().join(format!("sb-doc-snippets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let python = dir.join("receiver.py");
+    let js = dir.join("receiver.mjs");
+    std::fs::write(&python, doc_snippet("python")).unwrap();
+    std::fs::write(&js, doc_snippet("js")).unwrap();
+    let runs: [(std::path::PathBuf, Vec<String>); 2] = [
+        (
+            common::python(),
+            vec!["-u".into(), python.display().to_string()],
+        ),
+        ("node".into(), vec![js.display().to_string()]),
+    ];
+    for (program, args) in runs {
+        let port = common::free_port();
+        let mut receiver = tokio::process::Command::new(&program)
+            .args(&args)
+            .env("WEBHOOK_SECRET", SECRET)
+            .env("PORT", port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not listen",
+                program.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let forged = tokio::task::spawn_blocking({
+            let addr = addr.clone();
+            move || {
+                common::http(
+                    &addr,
+                    "POST",
+                    "/webhooks",
+                    Some(r#"{"timeMs":1,"events":[]}"#),
+                    &[("X-Switchboard-Signature", "sha256=00")],
+                )
+                .0
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(forged, 401, "{} took a forged batch", program.display());
+        let node = Node::start(
+            "wh-snippet",
+            &[
+                ("WEBHOOK_URL", &format!("http://{addr}/webhooks")),
+                ("WEBHOOK_SECRET", SECRET),
+                ("WEBHOOK_BATCH_MS", "20"),
+            ],
+        );
+        let mut c = Client::connect(&node.ws_url("/ws")).await;
+        c.subscribe("doc").await;
+        let stdout = receiver.stdout.take().unwrap();
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        let mut seen = Vec::new();
+        while !(seen
+            .iter()
+            .any(|l: &String| l.starts_with("client_connected "))
+            && seen.iter().any(|l| l.starts_with("topic_occupied ")))
+        {
+            let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("{}: {seen:?}", program.display()))
+                .unwrap()
+                .expect("the receiver ended");
+            seen.push(line);
+        }
+        let connected = seen
+            .iter()
+            .find_map(|l| l.strip_prefix("client_connected "))
+            .unwrap();
+        let v: Value = serde_json::from_str(connected).unwrap();
+        assert_eq!(v["client"], c.client_id.as_str());
+        drop(c);
+        drop(node);
+        let _ = receiver.kill().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
