@@ -97,7 +97,7 @@ impl Dispatcher {
             self.hub.remember(p);
         }
         if self.slices.is_empty() {
-            self.hub.deliver_slice(0, &[&item]);
+            self.hub.deliver_slice(0, &[&item], &mut |_, _| {});
             self.hub.fanned_out(&item);
             return;
         }

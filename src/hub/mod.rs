@@ -30,11 +30,13 @@
 //! Files: `mod.rs` the public [`Hub`] (subscribe, unsubscribe, publish) and
 //! its shared state; `publication.rs` the [`Publication`] and its frames;
 //! `dispatcher.rs` the dispatcher and sequencing; `fanout.rs` the fan-out
-//! slices; `checker.rs` the periodic history check.
+//! slices; `pacer.rs` how long a busy slice holds a publication;
+//! `checker.rs` the periodic history check.
 
 mod checker;
 mod dispatcher;
 mod fanout;
+mod pacer;
 mod publication;
 #[cfg(test)]
 pub(crate) mod testing;
