@@ -38,9 +38,30 @@ pub async fn upgrade(
     RawQuery(query): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let compact = match compact_requested(query.as_deref()) {
+        Ok(compact) => compact,
+        Err(refusal) => return refusal.into_response(),
+    };
     match admit(&node, &headers, query.as_deref()) {
-        Ok(identity) => accept(node, ws, identity, None),
+        Ok(identity) => accept(node, ws, identity, None, compact),
         Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// The `format` query parameter: `json` (the default event frame) or
+/// `compact` (`[topic_id,data,offset?,name?]`, docs/protocol.md).
+fn compact_requested(query: Option<&str>) -> Result<bool, ApiError> {
+    let format = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("format="));
+    match format {
+        None | Some("json") => Ok(false),
+        Some("compact") => Ok(true),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "format={} is not valid: json (the default) or compact",
+            other.chars().take(40).collect::<String>()
+        ))),
     }
 }
 
@@ -67,6 +88,10 @@ pub async fn upgrade_topic(
         )
         .into_response();
     }
+    let compact = match compact_requested(query.as_deref()) {
+        Ok(compact) => compact,
+        Err(refusal) => return refusal.into_response(),
+    };
     let identity = match admit(&node, &headers, query.as_deref()) {
         Ok(identity) => identity,
         Err(refusal) => return refusal.into_response(),
@@ -75,12 +100,20 @@ pub async fn upgrade_topic(
         return ApiError::Forbidden(format!("not allowed to subscribe to \"{topic}\""))
             .into_response();
     }
-    accept(node, ws, identity, Some(topic))
+    accept(node, ws, identity, Some(topic), compact)
 }
 
-fn accept(node: Node, ws: WebSocketUpgrade, identity: Identity, topic: Option<String>) -> Response {
+fn accept(
+    node: Node,
+    ws: WebSocketUpgrade,
+    identity: Identity,
+    topic: Option<String>,
+    compact: bool,
+) -> Response {
     let n = node.clone();
-    outbox::upgrade(&n, ws, move |socket| run(node, socket, identity, topic))
+    outbox::upgrade(&n, ws, move |socket| {
+        run(node, socket, identity, topic, compact)
+    })
 }
 
 impl Outbox {
@@ -127,9 +160,39 @@ impl Subscriber for Outbox {
     }
 }
 
+/// A connection that asked for `?format=compact`: its events are compact
+/// frames, which name the topic by its number on this node.
+struct Compact(Arc<Outbox>);
+
+impl Subscriber for Compact {
+    fn deliver(&self, publication: &Publication) -> Delivery {
+        // The hub always says which number the topic has; without it only
+        // the default frame can name the topic.
+        self.0.deliver(publication)
+    }
+
+    fn deliver_numbered(&self, publication: &Publication, topic_id: u32) -> Delivery {
+        self.0.push(publication.compact_frame(topic_id))
+    }
+
+    fn gap(&self, topic: &str, gap: &GapRange) -> Delivery {
+        self.0.gap(topic, gap)
+    }
+
+    fn transport(&self) -> &'static str {
+        m::transport::WS
+    }
+}
+
 // === session ===
 
-async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: Option<String>) {
+async fn run(
+    node: Node,
+    socket: WebSocket,
+    identity: Identity,
+    initial_topic: Option<String>,
+    compact: bool,
+) {
     let config = node.config().clone();
     let id: ConnId = crate::hub::new_conn_id();
     let client_id = format!("{id:016x}");
@@ -151,10 +214,16 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
     };
     let (mut writer, liveness) = Writer::spawn(sink, &outbox, &node, id, heartbeat);
 
+    let subscriber: Arc<dyn Subscriber> = match compact {
+        true => Arc::new(Compact(outbox.clone())),
+        false => outbox.clone(),
+    };
     let mut session = Session {
         node: node.clone(),
         id,
         outbox: outbox.clone(),
+        subscriber,
+        compact,
         topics: HashSet::new(),
         identity,
         bucket: config.rate_limit.map(TokenBucket::new),
@@ -268,6 +337,10 @@ struct Session {
     node: Node,
     id: ConnId,
     outbox: Arc<Outbox>,
+    /// What the hub hands this connection's events to: the outbox, or its
+    /// compact form.
+    subscriber: Arc<dyn Subscriber>,
+    compact: bool,
     /// Topics this connection is subscribed to; owned by the reader.
     topics: HashSet<String>,
     identity: Identity,
@@ -475,7 +548,8 @@ impl Session {
             Some(_) if device => (None, true),
             other => (other, false),
         };
-        let sub: Arc<dyn Subscriber> = self.outbox.clone();
+        let sub = self.subscriber.clone();
+        let compact = self.compact;
         let outbox = self.outbox.clone();
         let node = self.node.clone();
         let name = topic.clone();
@@ -490,6 +564,7 @@ impl Session {
                 } else {
                     outcome.recovered
                 },
+                id: compact.then_some(outcome.topic_id),
                 timestamp: protocol::timestamp(),
             });
             if state_recovery {
@@ -497,10 +572,19 @@ impl Session {
                 for event in crate::device::state::EVENTS {
                     let data = RawValue::from_string(state.event(event).to_string())
                         .expect("device events are JSON");
-                    outbox.push(
-                        protocol::event_frame(&name, event, &data, None, &protocol::timestamp())
-                            .into(),
-                    );
+                    let frame = match compact {
+                        true => protocol::compact_event_frame(
+                            outcome.topic_id,
+                            &name,
+                            event,
+                            &data,
+                            None,
+                        ),
+                        false => {
+                            protocol::event_frame(&name, event, &data, None, &protocol::timestamp())
+                        }
+                    };
+                    outbox.push(frame.into());
                 }
             }
         });

@@ -82,7 +82,7 @@ impl Hub {
             for member in subs.slices[slice].values() {
                 for &item in group {
                     let delivery = match &member.gate {
-                        None => hand(&*member.sub, item, None),
+                        None => hand(&*member.sub, item, subs.id, None),
                         Some(gate) => {
                             let mut state = gate.state.lock().unwrap();
                             match &mut *state {
@@ -90,7 +90,9 @@ impl Hub {
                                     held.push(item.clone());
                                     continue;
                                 }
-                                GateState::Open(seam) => hand(&*member.sub, item, Some(seam)),
+                                GateState::Open(seam) => {
+                                    hand(&*member.sub, item, subs.id, Some(seam))
+                                }
                             }
                         }
                     };
@@ -173,7 +175,12 @@ impl Hub {
 
 /// Hands one item to one subscriber, through its seam when it has one.
 /// `None` when the seam filtered it out.
-pub(super) fn hand(sub: &dyn Subscriber, item: &Item, seam: Option<&mut Seam>) -> Option<Delivery> {
+pub(super) fn hand(
+    sub: &dyn Subscriber,
+    item: &Item,
+    topic_id: u32,
+    seam: Option<&mut Seam>,
+) -> Option<Delivery> {
     match item {
         Item::Pub(p) => {
             if let (Some(seam), Some(offset), Some(epoch)) = (seam, p.offset, &p.epoch)
@@ -181,7 +188,7 @@ pub(super) fn hand(sub: &dyn Subscriber, item: &Item, seam: Option<&mut Seam>) -
             {
                 return None;
             }
-            Some(sub.deliver(p))
+            Some(sub.deliver_numbered(p, topic_id))
         }
         Item::Gap(topic, gap) => match seam {
             Some(seam) => seam.admit_gap(gap).map(|g| sub.gap(topic, &g)),
