@@ -18,6 +18,9 @@
 //!   writes back to about the budget. A publication waits until its topic has
 //!   that many pending, or until the time that many would take at the
 //!   topic's own rate (its mean interval, with some slack for jitter).
+//! - Only topics that are a real part of the load are held: one whose own
+//!   writes are under an eighth of the budget (few subscribers here, or
+//!   rare) goes at once even in a busy slice, since holding it saves little.
 //! - No publication ever waits longer than the ceiling
 //!   (`WEBSOCKET_FLUSH_INTERVAL_MS`), and a topic too slow to gather two
 //!   publications within it is never held. A ceiling of zero turns batching
@@ -138,6 +141,9 @@ impl Pacer {
             return at_once;
         }
         let interval = pace.interval.max(1e-6);
+        if (pace.subscribers as f64) / interval < BUDGET / 8.0 {
+            return at_once;
+        }
         // As many as the ceiling can gather at this topic's rate, at most.
         let gatherable = 1.0 + (self.ceiling.as_secs_f64() / interval + 1e-6).floor();
         let want = busy.ceil().min(gatherable).min(u32::MAX as f64) as u32;
@@ -337,7 +343,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_slow_topic_in_a_busy_slice_is_not_held() {
+    async fn a_slow_or_thin_topic_in_a_busy_slice_is_not_held() {
         let mut now = Instant::now();
         let mut pacer = Pacer::new(Duration::from_millis(20), now);
         feed(
@@ -364,6 +370,22 @@ mod tests {
             pacer.handed("cold", 1000);
         }
         assert_eq!(hold.unwrap().want, 1);
+        // Nor is a frequent topic with few subscribers here: 10 × 200/s is
+        // 2,000 writes/s, too little to be worth a wait.
+        let thin = item("thin");
+        for _ in 0..50 {
+            let h = feed(
+                &mut pacer,
+                &mut now,
+                "hot",
+                1000,
+                Duration::from_millis(5),
+                1,
+            );
+            assert!(h.want > 1);
+            assert_eq!(pacer.arrive(&thin, now).want, 1);
+            pacer.handed("thin", 10);
+        }
     }
 
     #[tokio::test(start_paused = true)]
