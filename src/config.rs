@@ -80,6 +80,7 @@ pub mod names {
     pub const HISTORY_TOPICS: &str = "HISTORY_TOPICS";
     pub const HISTORY_SIZE: &str = "HISTORY_SIZE";
     pub const HISTORY_TTL_MS: &str = "HISTORY_TTL_MS";
+    pub const TOKIO_WORKER_THREADS: &str = "TOKIO_WORKER_THREADS";
 
     /// Every name above, for `--help` and to reject unknown flags.
     pub const ALL: &[&str] = &[
@@ -138,6 +139,7 @@ pub mod names {
         HISTORY_TOPICS,
         HISTORY_SIZE,
         HISTORY_TTL_MS,
+        TOKIO_WORKER_THREADS,
     ];
 
     /// Settings whose values must never be printed, not even in an error.
@@ -261,20 +263,46 @@ pub fn parse_args<E: Source>(
     }
 }
 
-/// The `--help` text.
+/// The `--help` text: every setting with its built-in default.
 pub fn help() -> String {
     let mut s = String::from(
         "switchboard: realtime broadcast node\n\n\
          usage: switchboard [--env-file FILE] [--NAME VALUE]...\n\n\
          Every setting is an environment variable; a flag with the same name in\n\
-         kebab case (--websocket-path /ws) overrides it. See README.md for meanings.\n\nsettings:\n",
+         kebab case (--websocket-path /ws) overrides it. See README.md for meanings.\n\n\
+         settings and their defaults (\"(unset)\", \"(empty)\": none given; README.md says what\n\
+         the node does then):\n",
     );
+    let defaults = defaults();
     for name in names::ALL {
-        s.push_str("  ");
-        s.push_str(name);
-        s.push('\n');
+        let default = match defaults.get(*name).map(String::as_str) {
+            None => "(unset)".to_string(),
+            Some("") => "(empty)".to_string(),
+            // On one line (the demo events are a JSON document of several).
+            Some(d) => serde_json::from_str::<serde_json::Value>(d)
+                .ok()
+                .filter(|_| d.contains('\n'))
+                .map_or_else(|| d.to_string(), |v| v.to_string()),
+        };
+        s.push_str(&format!("  {name:<36} {default}\n"));
     }
     s
+}
+
+/// The built-in default of every setting that has one, exactly as
+/// [`Config::from_source`] applies it when the setting is not given: `""`
+/// when there is none or the node derives one at start-up (`NODE_ID`,
+/// `SHUTDOWN_DRAIN_MS`, …).
+/// Settings without a default (unset unless given) are absent. For `--help`
+/// and for the test that compares the documented defaults with these.
+pub fn defaults() -> HashMap<String, String> {
+    let empty = HashMap::<String, String>::new();
+    let mut p = Parser::new(&empty);
+    let _ = Config::build(&mut p);
+    let mut defaults = p.defaults;
+    // Read without a parser: tracing's filter, "info" when unset.
+    defaults.insert(names::RUST_LOG.into(), "info".into());
+    defaults
 }
 
 // === errors ===
@@ -438,6 +466,9 @@ pub struct Config {
     pub http_max_header_bytes: usize,
     pub handshake_timeout: Duration,
     pub redis_ca_file: Option<PathBuf>,
+    /// `TOKIO_WORKER_THREADS`: the runtime's worker threads; `None` = the
+    /// CPU count the process may use (cgroup limits included).
+    pub worker_threads: Option<usize>,
     /// Which topics keep a history (offsets, recovery, gap repair).
     pub history: HistoryConfig,
     /// Accepted but weak settings, logged at start-up (never with values).
@@ -480,10 +511,11 @@ pub const DEFAULT_DEVICE_APPS: &str = "clock,scroll_text,stars";
 impl Config {
     /// Reads every setting from `src`, collecting every error.
     pub fn from_source(src: &dyn Source) -> Result<Config, ConfigErrors> {
-        let mut p = Parser {
-            src,
-            errors: Vec::new(),
-        };
+        Self::build(&mut Parser::new(src))
+    }
+
+    fn build(p: &mut Parser<'_>) -> Result<Config, ConfigErrors> {
+        let src = p.src;
         let host = p.parse(names::HOST, "0.0.0.0", |v| {
             v.parse::<IpAddr>()
                 .map_err(|_| "expected an IP address such as 0.0.0.0 or 127.0.0.1".into())
@@ -689,6 +721,12 @@ impl Config {
         let handshake_timeout = p.parse(names::WEBSOCKET_HANDSHAKE_TIMEOUT_MS, "10000", |v| {
             parse_ms(v, 100, 600_000)
         });
+        // Read here, not by tokio (which would panic on a bad value): main
+        // builds the runtime with it. The hub fans out in one slice per worker.
+        let worker_threads = p.optional(names::TOKIO_WORKER_THREADS, |v| {
+            parse_range(v, 1, 1024)
+                .map_err(|_| "expected a whole number of worker threads from 1 to 1024".to_string())
+        });
         let redis_ca_file = p.optional(names::REDIS_CA_FILE, |v| {
             use rustls::pki_types::CertificateDer;
             use rustls::pki_types::pem::PemObject;
@@ -704,7 +742,7 @@ impl Config {
         });
 
         if !p.errors.is_empty() {
-            return Err(ConfigErrors(p.errors));
+            return Err(ConfigErrors(std::mem::take(&mut p.errors)));
         }
         let auth = match (secret.unwrap(), key_file.unwrap()) {
             (None, None) => Authenticator::open(),
@@ -870,6 +908,7 @@ impl Config {
             http_max_header_bytes: http_max_header_bytes.unwrap(),
             handshake_timeout: handshake_timeout.unwrap(),
             redis_ca_file: redis_ca_file.unwrap(),
+            worker_threads: worker_threads.unwrap(),
             history: HistoryConfig {
                 topics: history_topics.unwrap(),
                 size: history_size.unwrap(),
@@ -931,9 +970,19 @@ fn default_node_id() -> String {
 struct Parser<'a> {
     src: &'a dyn Source,
     errors: Vec<ConfigError>,
+    /// Each setting's default as it was applied, for [`defaults`].
+    defaults: HashMap<String, String>,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
+    fn new(src: &'a dyn Source) -> Self {
+        Parser {
+            src,
+            errors: Vec::new(),
+            defaults: HashMap::new(),
+        }
+    }
+
     /// Parses `name` (or `default` when unset); records an error and returns
     /// `None` when the value is bad.
     fn parse<T>(
@@ -942,6 +991,7 @@ impl Parser<'_> {
         default: &str,
         f: impl FnOnce(&str) -> Result<T, String>,
     ) -> Option<T> {
+        self.defaults.insert(name.to_string(), default.to_string());
         let raw = self.src.get(name);
         let value = raw.as_deref().map(str::trim).unwrap_or(default);
         match f(value) {
@@ -1189,6 +1239,49 @@ mod tests {
         assert_eq!(balanced.shutdown_close_code, 1012);
         assert!(c.redis_url.is_none());
         assert!(c.node_id.len() > 7);
+    }
+
+    #[test]
+    fn worker_threads_are_a_setting_like_any_other() {
+        assert_eq!(config(&[]).unwrap().worker_threads, None);
+        let c = config(&[("TOKIO_WORKER_THREADS", "4")]).unwrap();
+        assert_eq!(c.worker_threads, Some(4));
+        for bad in ["0", "1025", "four", "-1"] {
+            let err = config(&[("TOKIO_WORKER_THREADS", bad)]).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "TOKIO_WORKER_THREADS={bad} is not valid: expected a whole number of worker threads from 1 to 1024"
+                )
+            );
+        }
+        let Ok(Command::Run(flags)) = parse_args(
+            ["--tokio-worker-threads".to_string(), "3".to_string()],
+            HashMap::new(),
+        ) else {
+            panic!("the flag is known");
+        };
+        assert_eq!(Config::from_source(&flags).unwrap().worker_threads, Some(3));
+        assert!(help().contains("TOKIO_WORKER_THREADS"));
+    }
+
+    #[test]
+    fn defaults_are_those_applied() {
+        let d = defaults();
+        assert_eq!(d["PORT"], "8080");
+        assert_eq!(d["WEBSOCKET_PATH"], "/ws");
+        assert_eq!(d["RUST_LOG"], "info");
+        assert_eq!(d["WEBSOCKET_MOCK_EVENTS"], DEFAULT_MOCK_EVENTS);
+        // Computed at start-up, and settings that are unset unless given.
+        assert_eq!(d["SHUTDOWN_DRAIN_MS"], "");
+        assert!(!d.contains_key("REDIS_URL"));
+        assert!(!d.contains_key("TOKIO_WORKER_THREADS"));
+        for name in d.keys() {
+            assert!(
+                names::ALL.contains(&name.as_str()),
+                "{name} is not in names::ALL"
+            );
+        }
     }
 
     #[test]

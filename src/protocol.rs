@@ -147,6 +147,18 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
+    /// The type of the message this error answers, when the parser got far
+    /// enough to know it (the `replyTo` of the `error` frame).
+    pub fn reply_to(&self) -> Option<&'static str> {
+        match self {
+            ProtocolError::MissingEvent(kind) => Some(kind),
+            ProtocolError::InvalidSince => Some("subscribe"),
+            ProtocolError::MissingData | ProtocolError::InvalidName(_) => Some("publish"),
+            ProtocolError::MissingToken => Some("refresh"),
+            _ => None,
+        }
+    }
+
     /// Stable machine-readable code sent beside the text.
     pub fn code(&self) -> &'static str {
         match self {
@@ -333,6 +345,10 @@ pub enum ServerMessage<'a> {
         code: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         event: Option<&'a str>,
+        /// The type of the client message this error answers, so that a
+        /// client can match it to what it sent without reading the text.
+        #[serde(rename = "replyTo", skip_serializing_if = "Option::is_none")]
+        reply_to: Option<&'a str>,
         timestamp: String,
     },
 }

@@ -71,20 +71,30 @@ export interface EventMeta {
 export interface SubscribedInfo {
   offset: number | null;
   epoch: string | null;
+  /** Present when the client subscribed with `since` (a resubscription after a reconnect). */
   recovered?: boolean;
+  /** True on a resubscription after a reconnect; false on the first subscription (and for a second `subscribe()` of a topic already subscribed). */
   resubscribed: boolean;
 }
 
+/** The publications replayed after a reconnect: offsets `from`..`to` inclusive (`from` > `to`: nothing was missed), as in `GapInfo`. */
 export interface RecoveredInfo {
+  /** The first offset replayed (the one after the position the client had). */
   from: number;
+  /** The last offset replayed: the topic's newest offset when it resubscribed. */
   to: number;
   epoch: string;
 }
 
+/** Offsets `from`..`to` (inclusive) of `epoch` are lost and will not come. */
 export interface GapInfo {
+  /** The first offset lost. */
   from: number;
+  /** The last offset lost; the subscription goes on after it. */
   to: number;
   epoch: string;
+  /** Present when the server reset the topic's history (a new epoch) and the client already had the new epoch; a position in the old epoch gives `unrecoverable` instead. */
+  previousEpoch?: string;
 }
 
 export interface UnrecoverableInfo {
@@ -100,8 +110,14 @@ export interface UnrecoverableInfo {
 export interface SwitchboardError extends Error {
   code: string;
   topic?: string;
+  /** The `error` frame; its `replyTo` names the message type it answers (`subscribe`, `request`, `publish`, `refresh`), when it answers one. */
   frame: any;
 }
+
+/** What `refresh()` resolves with. */
+export type RefreshResult =
+  | { expiresAt: number | null; applied: "now" }
+  | { expiresAt: undefined; applied: "on next connect" };
 
 type Listener<T> = (arg: T) => void;
 
@@ -137,7 +153,8 @@ export declare class Switchboard {
   /** Throws when not connected. The server sends no acknowledgement. */
   publish(topic: string, data: any, options?: { name?: string }): void;
   request(topic: string): Promise<{ data: any; offset: number | null; timestamp: string }>;
-  refresh(token: string): Promise<{ expiresAt: number | null | undefined }>;
+  /** Not connected: only keeps the token for the next connect (`applied: "on next connect"`). */
+  refresh(token: string): Promise<RefreshResult>;
   /** Round-trip time in ms. */
   ping(): Promise<number>;
   on(event: "connecting", fn: Listener<{ attempt: number }>): this;

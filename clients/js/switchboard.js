@@ -380,7 +380,13 @@ export class Switchboard extends Emitter {
       if (this.state === "connected") this._sendSubscribe(topic, t);
     } else {
       t.subs.add(sub);
-      if (t.confirmed) this._confirm(sub, { offset: t.offset, epoch: t.epoch });
+      // After subscribe() returned, so that a listener added on the returned
+      // subscription sees its `subscribed` too.
+      if (t.confirmed) {
+        queueMicrotask(() => {
+          if (sub.state === "pending") this._confirm(sub, { offset: t.offset, epoch: t.epoch, resubscribed: false });
+        });
+      }
     }
     return sub;
   }
@@ -434,7 +440,11 @@ export class Switchboard extends Emitter {
     return this._op(topic, "request", () => this._send({ type: "request", event: topic }));
   }
 
-  /** Sends a new token; resolves with `{expiresAt}` once the server took it. */
+  /**
+   * Sends a new token; resolves with `{expiresAt, applied: "now"}` once the
+   * server took it, or at once with `{expiresAt: undefined, applied: "on next
+   * connect"}` when not connected (the token is kept for the next connect).
+   */
   refresh(token) {
     if (this.state !== "connected") {
       this.token = token;
@@ -443,7 +453,7 @@ export class Switchboard extends Emitter {
     return this._op(null, "refresh", () => this._send({ type: "refresh", token }), this._refreshes).then(
       (frame) => {
         this.token = token;
-        return { expiresAt: frame.expiresAt ?? null };
+        return { expiresAt: frame.expiresAt ?? null, applied: "now" };
       },
     );
   }
@@ -608,8 +618,10 @@ export class Switchboard extends Emitter {
     t.everConfirmed = true;
     let outcome = null;
     if (wasRecovering && msg.recovered === true && msg.epoch === previous.epoch) {
-      // Missed publications follow as ordinary events; the offset moves with them.
-      outcome = ["recovered", { from: previous.offset, to: msg.offset, epoch: msg.epoch }];
+      // Missed publications follow as ordinary events; the offset moves with
+      // them. `from`..`to`: the offsets replayed, like a gap's (from > to:
+      // nothing was missed).
+      outcome = ["recovered", { from: previous.offset + 1, to: msg.offset, epoch: msg.epoch }];
     } else {
       if (hasHistory) {
         t.epoch = msg.epoch;
@@ -688,8 +700,10 @@ export class Switchboard extends Emitter {
     let name;
     let info;
     if (t.epoch == null || msg.epoch === t.epoch) {
+      // Our position is in this epoch already: offsets from..to of it are lost.
       name = "gap";
       info = { from: msg.from, to: msg.to, epoch: msg.epoch };
+      if (msg.previousEpoch != null) info.previousEpoch = msg.previousEpoch;
       t.epoch = msg.epoch ?? t.epoch;
       if (t.offset == null || msg.to > t.offset) t.offset = msg.to;
     } else {
@@ -718,40 +732,40 @@ export class Switchboard extends Emitter {
     if (code === "token_expired") {
       this._emit("token_expired", msg);
     }
+    // What the error answers, from its fields only (never from its text: a
+    // topic may be named like any word of a sentence).
+    const kind = msg.replyTo ?? this._replyToByCode(topic, code);
     let op = null;
-    if (topic != null) {
-      let kind = null;
-      if (code === "no_data") kind = "request";
-      else if (code === "subscription_limit") kind = "subscribe";
-      else if (/subscribe/.test(text)) kind = "subscribe";
-      else if (/\bread\b/.test(text)) kind = "request";
-      else if (/publish|publication|carries device state/.test(text)) kind = "publish";
-      if (kind === null) {
-        const list = this._pending.get(topic);
-        kind = list?.[0]?.kind ?? null;
-      }
-      if (kind === "subscribe") {
-        op = this._take(topic, "subscribe");
-        const t = this._topics.get(topic);
-        if (t && !t.confirmed) {
-          // The server did not subscribe us: forget the topic.
-          this._topics.delete(topic);
-          for (const sub of t.subs) {
-            sub.state = "unsubscribed";
-            sub._emit("error", err);
-            sub._rejectReady(err);
-          }
+    if (kind === "subscribe" && topic != null) {
+      op = this._take(topic, "subscribe");
+      const t = this._topics.get(topic);
+      if (t && !t.confirmed) {
+        // The server did not subscribe us: forget the topic.
+        this._topics.delete(topic);
+        for (const sub of t.subs) {
+          sub.state = "unsubscribed";
+          sub._emit("error", err);
+          sub._rejectReady(err);
         }
-      } else if (kind === "request") {
-        op = this._take(topic, "request");
-        op?.reject(err);
       }
-    } else if (this._refreshes.length && code !== "rate_limited" && code !== "token_expired") {
+    } else if (kind === "request" && topic != null) {
+      op = this._take(topic, "request");
+      op?.reject(err);
+    } else if (kind === "refresh" && this._refreshes.length) {
       op = this._refreshes.shift();
       clearTimeout(op.timer);
       op.reject(err);
     }
     if (!op || op.kind === "subscribe") this._emit("error", err);
+  }
+
+  /** For a server without `replyTo`: what the code and the pending calls tell, or null. */
+  _replyToByCode(topic, code) {
+    if (code === "no_data") return "request";
+    if (code === "subscription_limit") return "subscribe";
+    if (code === "bad_token") return "refresh";
+    const kinds = new Set((topic == null ? [] : (this._pending.get(topic) ?? [])).map((op) => op.kind));
+    return kinds.size === 1 ? [...kinds][0] : null;
   }
 }
 

@@ -164,7 +164,12 @@ async fn run(node: Node, socket: WebSocket, token: Option<String>) {
                 continue;
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+            Some(Ok(Message::Close(_))) => {
+                outbox.close.request(close::BY_CLIENT);
+                client_closed = true;
+                break;
+            }
+            None | Some(Err(_)) => {
                 client_closed = true;
                 break;
             }

@@ -126,10 +126,17 @@ impl Outbox {
     }
 
     fn error_text(&self, error: String, code: &str, event: Option<&str>) {
+        self.error_reply(None, error, code, event);
+    }
+
+    /// An `error` answering a client message of type `reply_to` (its
+    /// `replyTo` field).
+    fn error_reply(&self, reply_to: Option<&str>, error: String, code: &str, event: Option<&str>) {
         self.send(&ServerMessage::Error {
             error,
             code,
             event,
+            reply_to,
             timestamp: protocol::timestamp(),
         });
     }
@@ -315,7 +322,11 @@ async fn read_loop(
                 session.outbox.error(&ProtocolError::Binary, None);
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            Some(Ok(Message::Close(_))) | None => return,
+            Some(Ok(Message::Close(_))) => {
+                session.outbox.close.request(close::BY_CLIENT);
+                return;
+            }
+            None => return,
             Some(Err(err)) => {
                 if is_too_big(err) {
                     session.outbox.close.request(close::TOO_BIG);
@@ -396,7 +407,8 @@ impl Session {
         let identity = match self.node.config().auth.authenticate(Some(token)) {
             Ok(identity) => identity,
             Err(e) => {
-                self.outbox.error_text(
+                self.outbox.error_reply(
+                    Some("refresh"),
                     format!("refresh refused, the current token still applies: {e}"),
                     "bad_token",
                     None,
@@ -463,7 +475,8 @@ impl Session {
                 "unsubscribe"
             }
             Ok(ClientMessage::Request { event }) if !self.identity.may_subscribe(&event) => {
-                self.outbox.error_text(
+                self.outbox.error_reply(
+                    Some("request"),
                     format!("not allowed to read \"{event}\""),
                     "forbidden",
                     Some(&event),
@@ -486,14 +499,16 @@ impl Session {
             }
             Ok(ClientMessage::Publish { event, name, data }) => {
                 if event == crate::device::state::TOPIC {
-                    self.outbox.error_text(
+                    self.outbox.error_reply(
+                        Some("publish"),
                         "topic \"device\" carries device state: change it with the device commands"
                             .into(),
                         "forbidden",
                         Some(&event),
                     );
                 } else if !self.identity.may_publish(&event) {
-                    self.outbox.error_text(
+                    self.outbox.error_reply(
+                        Some("publish"),
                         format!("not allowed to publish to \"{event}\""),
                         "forbidden",
                         Some(&event),
@@ -508,7 +523,8 @@ impl Session {
                         PublishError::Refused(_) => "bad_message",
                         PublishError::Unavailable(_) => "unavailable",
                     };
-                    self.outbox.error_text(
+                    self.outbox.error_reply(
+                        Some("publish"),
                         format!("publication not accepted: {e}"),
                         code,
                         Some(&event),
@@ -517,7 +533,8 @@ impl Session {
                 "publish"
             }
             Err(err) => {
-                self.outbox.error(&err, None);
+                self.outbox
+                    .error_reply(err.reply_to(), err.to_string(), err.code(), None);
                 "invalid"
             }
         }
@@ -525,7 +542,8 @@ impl Session {
 
     async fn subscribe(&mut self, topic: String, since: Option<Since>) {
         if !self.identity.may_subscribe(&topic) {
-            self.outbox.error_text(
+            self.outbox.error_reply(
+                Some("subscribe"),
                 format!("not allowed to subscribe to \"{topic}\""),
                 "forbidden",
                 Some(&topic),
@@ -534,7 +552,8 @@ impl Session {
         }
         let limit = self.node.config().max_subscriptions;
         if !self.topics.contains(&topic) && self.topics.len() >= limit {
-            self.outbox.error_text(
+            self.outbox.error_reply(
+                Some("subscribe"),
                 format!("subscription limit of {limit} topics per connection reached"),
                 "subscription_limit",
                 Some(&topic),
@@ -599,7 +618,8 @@ impl Session {
             }
             Err(err) => {
                 tracing::warn!(topic, cause = %err, "subscribe failed");
-                self.outbox.error_text(
+                self.outbox.error_reply(
+                    Some("subscribe"),
                     format!("could not subscribe to \"{topic}\": the backplane is unavailable, try again"),
                     "unavailable",
                     Some(&topic),
@@ -624,7 +644,8 @@ impl Session {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    return self.outbox.error_text(
+                    return self.outbox.error_reply(
+                        Some("request"),
                         format!("could not read \"{event}\": {e}"),
                         "unavailable",
                         Some(event),
@@ -639,7 +660,8 @@ impl Session {
                 offset: None,
                 timestamp: protocol::timestamp(),
             }),
-            None => self.outbox.error_text(
+            None => self.outbox.error_reply(
+                Some("request"),
                 format!("no data for \"{event}\": nothing has been published on it yet"),
                 "no_data",
                 Some(event),
