@@ -80,6 +80,15 @@ pub mod names {
     pub const HISTORY_TOPICS: &str = "HISTORY_TOPICS";
     pub const HISTORY_SIZE: &str = "HISTORY_SIZE";
     pub const HISTORY_TTL_MS: &str = "HISTORY_TTL_MS";
+    pub const PROXY_CONNECT_URL: &str = "PROXY_CONNECT_URL";
+    pub const PROXY_SUBSCRIBE_URL: &str = "PROXY_SUBSCRIBE_URL";
+    pub const PROXY_SUBSCRIBE_TOPICS: &str = "PROXY_SUBSCRIBE_TOPICS";
+    pub const PROXY_PUBLISH_URL: &str = "PROXY_PUBLISH_URL";
+    pub const PROXY_PUBLISH_TOPICS: &str = "PROXY_PUBLISH_TOPICS";
+    pub const PROXY_RPC_URL: &str = "PROXY_RPC_URL";
+    pub const PROXY_HEADERS: &str = "PROXY_HEADERS";
+    pub const PROXY_TIMEOUT_MS: &str = "PROXY_TIMEOUT_MS";
+    pub const PROXY_MAX_INFLIGHT: &str = "PROXY_MAX_INFLIGHT";
     pub const TOKIO_WORKER_THREADS: &str = "TOKIO_WORKER_THREADS";
 
     /// Every name above, for `--help` and to reject unknown flags.
@@ -139,7 +148,24 @@ pub mod names {
         HISTORY_TOPICS,
         HISTORY_SIZE,
         HISTORY_TTL_MS,
+        PROXY_CONNECT_URL,
+        PROXY_SUBSCRIBE_URL,
+        PROXY_SUBSCRIBE_TOPICS,
+        PROXY_PUBLISH_URL,
+        PROXY_PUBLISH_TOPICS,
+        PROXY_RPC_URL,
+        PROXY_HEADERS,
+        PROXY_TIMEOUT_MS,
+        PROXY_MAX_INFLIGHT,
         TOKIO_WORKER_THREADS,
+    ];
+
+    /// The hook URLs: shown without a password when refused, like `REDIS_URL`.
+    pub const HOOK_URLS: &[&str] = &[
+        PROXY_CONNECT_URL,
+        PROXY_SUBSCRIBE_URL,
+        PROXY_PUBLISH_URL,
+        PROXY_RPC_URL,
     ];
 
     /// Settings whose values must never be printed, not even in an error.
@@ -319,7 +345,7 @@ impl ConfigError {
     fn new(name: &str, value: &str, why: &str) -> Self {
         let value = if names::SECRET.contains(&name) {
             "<redacted>".to_string()
-        } else if name == names::REDIS_URL {
+        } else if name == names::REDIS_URL || names::HOOK_URLS.contains(&name) {
             // A URL may carry passwords; a refused one is shown without them.
             redact_url(value)
         } else {
@@ -471,6 +497,8 @@ pub struct Config {
     pub worker_threads: Option<usize>,
     /// Which topics keep a history (offsets, recovery, gap repair).
     pub history: HistoryConfig,
+    /// The application back end's hooks (`PROXY_*`).
+    pub hooks: HooksConfig,
     /// Accepted but weak settings, logged at start-up (never with values).
     pub warnings: Vec<String>,
 }
@@ -489,6 +517,42 @@ pub struct HistoryConfig {
 impl HistoryConfig {
     pub fn covers(&self, topic: &str) -> bool {
         self.topics.iter().any(|p| p.matches(topic))
+    }
+}
+
+/// `PROXY_*`: HTTP hooks to the application back end (`backend::hooks`).
+/// Each hook is off while its URL is unset.
+#[derive(Debug, Clone)]
+pub struct HooksConfig {
+    pub connect_url: Option<String>,
+    pub subscribe_url: Option<String>,
+    /// Topics the subscribe hook decides on (default `*`).
+    pub subscribe_topics: Vec<Pattern>,
+    pub publish_url: Option<String>,
+    /// Topics the publish hook decides on (default `*`).
+    pub publish_topics: Vec<Pattern>,
+    pub rpc_url: Option<String>,
+    /// Client handshake headers passed to the connect hook.
+    pub headers: Vec<String>,
+    /// Per call: past it the caller gets `unavailable`.
+    pub timeout: Duration,
+    /// Calls in flight per node; past it a call is refused at once.
+    pub max_inflight: usize,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            connect_url: None,
+            subscribe_url: None,
+            subscribe_topics: vec![Pattern::new("*")],
+            publish_url: None,
+            publish_topics: vec![Pattern::new("*")],
+            rpc_url: None,
+            headers: Vec::new(),
+            timeout: Duration::from_millis(1000),
+            max_inflight: 1000,
+        }
     }
 }
 
@@ -721,6 +785,18 @@ impl Config {
         let handshake_timeout = p.parse(names::WEBSOCKET_HANDSHAKE_TIMEOUT_MS, "10000", |v| {
             parse_ms(v, 100, 600_000)
         });
+        let hook_connect_url = p.optional(names::PROXY_CONNECT_URL, parse_hook_url);
+        let hook_subscribe_url = p.optional(names::PROXY_SUBSCRIBE_URL, parse_hook_url);
+        let hook_subscribe_topics =
+            p.parse(names::PROXY_SUBSCRIBE_TOPICS, "*", parse_topic_patterns);
+        let hook_publish_url = p.optional(names::PROXY_PUBLISH_URL, parse_hook_url);
+        let hook_publish_topics = p.parse(names::PROXY_PUBLISH_TOPICS, "*", parse_topic_patterns);
+        let hook_rpc_url = p.optional(names::PROXY_RPC_URL, parse_hook_url);
+        let hook_headers = p.parse(names::PROXY_HEADERS, "", parse_header_names);
+        let hook_timeout = p.parse(names::PROXY_TIMEOUT_MS, "1000", |v| parse_ms(v, 10, 60_000));
+        let hook_max_inflight = p.parse(names::PROXY_MAX_INFLIGHT, "1000", |v| {
+            parse_range(v, 1, 1_000_000)
+        });
         // Read here, not by tokio (which would panic on a bad value): main
         // builds the runtime with it. The hub fans out in one slice per worker.
         let worker_threads = p.optional(names::TOKIO_WORKER_THREADS, |v| {
@@ -914,6 +990,17 @@ impl Config {
                 size: history_size.unwrap(),
                 ttl: history_ttl.unwrap(),
             },
+            hooks: HooksConfig {
+                connect_url: hook_connect_url.unwrap(),
+                subscribe_url: hook_subscribe_url.unwrap(),
+                subscribe_topics: hook_subscribe_topics.unwrap(),
+                publish_url: hook_publish_url.unwrap(),
+                publish_topics: hook_publish_topics.unwrap(),
+                rpc_url: hook_rpc_url.unwrap(),
+                headers: hook_headers.unwrap(),
+                timeout: hook_timeout.unwrap(),
+                max_inflight: hook_max_inflight.unwrap(),
+            },
             warnings,
         })
     }
@@ -1056,6 +1143,33 @@ fn parse_topic_patterns(v: &str) -> Result<Vec<Pattern>, String> {
             protocol::TOPIC_PATTERN
         )),
         None => Ok(list.into_iter().map(Pattern::new).collect()),
+    }
+}
+
+/// A hook URL: `http://` or `https://` with a host.
+fn parse_hook_url(v: &str) -> Result<String, String> {
+    let uri: axum::http::Uri = v
+        .parse()
+        .map_err(|_| "expected an http:// or https:// URL".to_string())?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(h)) if !h.is_empty() => Ok(v.to_string()),
+        _ => Err("expected an http:// or https:// URL with a host, such as http://app:5000/switchboard/connect".into()),
+    }
+}
+
+/// A comma-separated list of HTTP header names; empty entries are ignored.
+fn parse_header_names(v: &str) -> Result<Vec<String>, String> {
+    let list: Vec<String> = v
+        .split(',')
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
+    match list.iter().find(|h| {
+        !h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }) {
+        Some(bad) => Err(format!("`{bad}` is not a header name")),
+        None => Ok(list),
     }
 }
 
@@ -1485,5 +1599,44 @@ mod tests {
         );
         let err = config(&[("REDIS_URL", "http://u:s3cret@h:1")]).unwrap_err();
         assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn hook_settings() {
+        let c = config(&[]).unwrap();
+        assert!(c.hooks.connect_url.is_none() && c.hooks.rpc_url.is_none());
+        assert_eq!(c.hooks.timeout, Duration::from_millis(1000));
+        assert!(c.hooks.subscribe_topics[0].matches("anything"));
+        let c = config(&[
+            ("PROXY_CONNECT_URL", "http://app:5000/sb/connect"),
+            ("PROXY_SUBSCRIBE_TOPICS", "room.*, chat.*"),
+            ("PROXY_HEADERS", "Cookie, X-Tenant"),
+            ("PROXY_TIMEOUT_MS", "250"),
+            ("PROXY_MAX_INFLIGHT", "10"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.hooks.connect_url.as_deref(),
+            Some("http://app:5000/sb/connect")
+        );
+        assert_eq!(c.hooks.subscribe_topics.len(), 2);
+        assert_eq!(c.hooks.headers, vec!["Cookie", "X-Tenant"]);
+        assert_eq!(c.hooks.max_inflight, 10);
+        for (name, bad) in [
+            ("PROXY_CONNECT_URL", "ftp://x/y"),
+            ("PROXY_RPC_URL", "not a url"),
+            ("PROXY_PUBLISH_URL", "/relative"),
+            ("PROXY_HEADERS", "Cookie,Bad Header"),
+            ("PROXY_TIMEOUT_MS", "0"),
+            ("PROXY_MAX_INFLIGHT", "0"),
+            ("PROXY_SUBSCRIBE_TOPICS", "bad topic"),
+        ] {
+            let err = config(&[(name, bad)]).unwrap_err().to_string();
+            assert!(err.contains(&format!("{name}={bad} is not valid")), "{err}");
+        }
+        let err = config(&[("PROXY_RPC_URL", "http://u:s3cret@h:1/x y")])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("s3cret"), "{err}");
     }
 }

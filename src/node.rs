@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::Hooks;
 use crate::backplane::memory::MemoryBackplane;
 use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{self, Backplane, Status};
@@ -37,6 +38,8 @@ use crate::registry::{self, MemoryRegistry, NodeInfo, RedisRegistry, Registry};
 pub enum BuildError {
     #[error("REDIS_URL: {0}")]
     Redis(#[from] RedisError),
+    #[error(transparent)]
+    Hooks(#[from] crate::backend::hooks::BuildError),
 }
 
 /// The parts that differ between embedded and cluster mode.
@@ -133,6 +136,8 @@ struct Inner {
     metrics: Option<PrometheusHandle>,
     /// Set when the router mounts Socket.IO; closed on drain.
     socketio: std::sync::OnceLock<socketioxide::SocketIo>,
+    /// Calls to the application back end (`PROXY_*`).
+    hooks: Hooks,
     started_at: SystemTime,
     started: Instant,
 }
@@ -145,6 +150,7 @@ impl Node {
         metrics: Option<PrometheusHandle>,
     ) -> Result<Node, BuildError> {
         let config = Arc::new(config);
+        let hooks = Hooks::new(&config)?;
         let (inbound_tx, inbound_rx) = backplane::inbound_queue();
         let stop = CancellationToken::new();
         let requests = device::request_queue();
@@ -201,6 +207,7 @@ impl Node {
                 proxy_connections: AtomicUsize::new(0),
                 metrics,
                 socketio: std::sync::OnceLock::new(),
+                hooks,
                 started_at: SystemTime::now(),
                 started: Instant::now(),
             }),
@@ -223,6 +230,11 @@ impl Node {
 
     pub fn device(&self) -> &Device {
         &self.inner.device
+    }
+
+    /// The application back end's hooks.
+    pub fn hooks(&self) -> &Hooks {
+        &self.inner.hooks
     }
 
     pub fn registry(&self) -> &Arc<dyn Registry> {

@@ -28,6 +28,10 @@ export interface SwitchboardOptions {
   token?: string | null;
   /** Called before every (re)connect; its token wins over `token`. After a token refusal the client reconnects only when this returns a different token. */
   getToken?: () => string | null | undefined | Promise<string | null | undefined>;
+  /** Connect data for the server's connect hook, sent as `?data=<URL-encoded JSON>` (docs/backend.md). */
+  connectData?: any;
+  /** Called before every (re)connect; its value wins over `connectData`. */
+  getConnectData?: () => any | Promise<any>;
   /** Backoff floor in ms (default 500). */
   minDelay?: number;
   /** Backoff ceiling in ms (default 30000). */
@@ -38,7 +42,7 @@ export interface SwitchboardOptions {
   pingTimeout?: number;
   /** A socket that is not `connected` within this is dropped (default 10000). */
   connectTimeout?: number;
-  /** `request`, `refresh` and `ping` reject after this (default 10000). */
+  /** `request`, `refresh`, `ping` and `rpc` reject after this (default 10000). */
   requestTimeout?: number;
   /** Ask for compact event frames (`?format=compact`, about half the bytes); events then have no `timestamp`. Default false. */
   compact?: boolean;
@@ -110,8 +114,15 @@ export interface UnrecoverableInfo {
 export interface SwitchboardError extends Error {
   code: string;
   topic?: string;
-  /** The `error` frame; its `replyTo` names the message type it answers (`subscribe`, `request`, `publish`, `refresh`), when it answers one. */
+  /** The `error` frame; its `replyTo` names the message type it answers (`subscribe`, `request`, `publish`, `refresh`, `rpc`), when it answers one. */
   frame: any;
+  /** `rpc` refused by the back end (`code` `rpc_failed`): the back end's numeric error code. */
+  backendCode?: number;
+}
+
+export interface SubscribeOptions {
+  /** Sent to the server's subscribe hook with every (re)subscription. */
+  data?: any;
 }
 
 /** What `refresh()` resolves with. */
@@ -149,7 +160,9 @@ export declare class Switchboard {
   token: string | null;
   connect(): Promise<Switchboard>;
   close(code?: number, reason?: string): void;
-  subscribe(topic: string, handler?: (data: any, meta: EventMeta) => void): Subscription;
+  subscribe(topic: string, handler?: (data: any, meta: EventMeta) => void, options?: SubscribeOptions): Subscription;
+  /** Calls `method` on the application back end (RPC hook); resolves with its `data`, rejects with a `SwitchboardError` (`rpc_failed`, `unavailable`, `forbidden`, `bad_message`, `timeout`). */
+  rpc(method: string, data?: any): Promise<any>;
   /** Throws when not connected. The server sends no acknowledgement. */
   publish(topic: string, data: any, options?: { name?: string }): void;
   request(topic: string): Promise<{ data: any; offset: number | null; timestamp: string }>;

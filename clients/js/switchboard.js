@@ -144,6 +144,9 @@ export class Switchboard extends Emitter {
     this._pending = new Map();
     this._refreshes = [];
     this._pings = [];
+    /** rpc id → {resolve, reject, timer} */
+    this._rpcs = new Map();
+    this._rpcSeq = 0;
   }
 
   // === connection ===
@@ -198,9 +201,18 @@ export class Switchboard extends Emitter {
       this.token = token;
     }
     this._lastTokenUsed = token;
+    let data = this.options.connectData;
+    if (this.options.getConnectData) {
+      try {
+        data = await this.options.getConnectData();
+      } catch (err) {
+        this._emit("error", { code: "connect_data", error: `getConnectData failed: ${err?.message ?? err}` });
+      }
+      if (this._closedByUser) return;
+    }
     let socket;
     try {
-      socket = new this.WebSocket(this._socketUrl(token));
+      socket = new this.WebSocket(this._socketUrl(token, data));
     } catch (err) {
       this._settleConnect(err);
       this._setState("closed");
@@ -230,7 +242,7 @@ export class Switchboard extends Emitter {
     };
   }
 
-  _socketUrl(token) {
+  _socketUrl(token, data) {
     let base = this.url;
     if (typeof location !== "undefined" && !/^[a-z]+:\/\//i.test(base)) {
       base = new URL(base, location.href).toString();
@@ -240,6 +252,8 @@ export class Switchboard extends Emitter {
     if (url.protocol === "https:") url.protocol = "wss:";
     if (token) url.searchParams.set("token", token);
     if (this.options.compact) url.searchParams.set("format", "compact");
+    // Connect data for the server's connect hook (docs/backend.md).
+    if (data !== undefined && data !== null) url.searchParams.set("data", JSON.stringify(data));
     return url.toString();
   }
 
@@ -369,12 +383,22 @@ export class Switchboard extends Emitter {
   /**
    * Subscribes to `topic`; `handler(data, meta)` gets every publication.
    * Survives reconnects: the topic is subscribed again with `since`.
+   * `options.data` goes to the server's subscribe hook with every
+   * (re)subscription of the topic (the first subscription's data counts).
    */
-  subscribe(topic, handler = () => {}) {
+  subscribe(topic, handler = () => {}, options = {}) {
     const sub = new Subscription(this, topic, handler);
     let t = this._topics.get(topic);
     if (!t) {
-      t = { offset: null, epoch: null, subs: new Set(), confirmed: false, recovering: false, resubscribing: false };
+      t = {
+        offset: null,
+        epoch: null,
+        subs: new Set(),
+        confirmed: false,
+        recovering: false,
+        resubscribing: false,
+        data: options.data,
+      };
       this._topics.set(topic, t);
       t.subs.add(sub);
       if (this.state === "connected") this._sendSubscribe(topic, t);
@@ -393,6 +417,7 @@ export class Switchboard extends Emitter {
 
   _sendSubscribe(topic, t) {
     const msg = { type: "subscribe", event: topic };
+    if (t.data !== undefined && t.data !== null) msg.data = t.data;
     t.recovering = t.epoch != null && t.offset != null;
     if (t.recovering) msg.since = { offset: t.offset, epoch: t.epoch };
     this._pendingPush(topic, { kind: "subscribe" });
@@ -438,6 +463,34 @@ export class Switchboard extends Emitter {
   /** The topic's current data: resolves with `{data, offset, timestamp}`. */
   request(topic) {
     return this._op(topic, "request", () => this._send({ type: "request", event: topic }));
+  }
+
+  /**
+   * Calls `method` on the application back end (the server's RPC hook):
+   * resolves with the back end's `data`; rejects with an error whose `code`
+   * is `rpc_failed` (the back end refused; its numeric code in
+   * `backendCode`), `unavailable`, `forbidden` or `bad_message`, or on
+   * timeout / disconnect. Calls run concurrently; each answer finds its call
+   * by id.
+   */
+  rpc(method, data = null) {
+    return new Promise((resolve, reject) => {
+      this._rpcSeq += 1;
+      const id = this._rpcSeq;
+      const op = { resolve, reject };
+      op.timer = setTimeout(() => {
+        this._rpcs.delete(id);
+        reject(Object.assign(new Error(`rpc ${method}: no answer within ${this.options.requestTimeout} ms`), { code: "timeout" }));
+      }, this.options.requestTimeout);
+      this._rpcs.set(id, op);
+      try {
+        this._send({ type: "rpc", id, method, data: data === undefined ? null : data });
+      } catch (err) {
+        this._rpcs.delete(id);
+        clearTimeout(op.timer);
+        reject(err);
+      }
+    });
   }
 
   /**
@@ -508,6 +561,11 @@ export class Switchboard extends Emitter {
       }
     }
     this._pending.clear();
+    for (const op of this._rpcs.values()) {
+      clearTimeout(op.timer);
+      op.reject(err);
+    }
+    this._rpcs.clear();
     for (const queue of [this._refreshes, this._pings]) {
       for (const op of queue.splice(0)) {
         clearTimeout(op.timer);
@@ -553,6 +611,15 @@ export class Switchboard extends Emitter {
           op.resolve(msg);
         }
         this._emit("refreshed", msg);
+        return;
+      }
+      case "rpc_result": {
+        const op = this._rpcs.get(msg.id);
+        if (op) {
+          this._rpcs.delete(msg.id);
+          clearTimeout(op.timer);
+          op.resolve(msg.data);
+        }
         return;
       }
       case "pong": {
@@ -729,6 +796,14 @@ export class Switchboard extends Emitter {
     const code = msg.code;
     const text = String(msg.error ?? "");
     const err = Object.assign(new Error(text || code), { code, topic, frame: msg });
+    if (msg.id !== undefined && this._rpcs.has(msg.id)) {
+      const op = this._rpcs.get(msg.id);
+      this._rpcs.delete(msg.id);
+      clearTimeout(op.timer);
+      if (msg.backendCode !== undefined) err.backendCode = msg.backendCode;
+      op.reject(err);
+      return;
+    }
     if (code === "token_expired") {
       this._emit("token_expired", msg);
     }
