@@ -466,8 +466,9 @@ pub struct Config {
     pub max_subscriptions: usize,
     pub client_queue_bytes: usize,
     pub client_queue_messages: usize,
-    /// Least time between two writes to one client; what is queued meanwhile
-    /// goes out in one write. Zero: every frame is written as it comes.
+    /// The longest the fan-out may hold a busy topic's publication so that
+    /// the next ones reach each connection in the same write (how long, up
+    /// to this, follows the load: `hub::pacer`). Zero: never held.
     pub websocket_flush_interval: Duration,
     pub cors_allowed_origins: Origins,
     /// Whether a WebSocket handshake without `Origin` (non-browser clients)
@@ -686,7 +687,7 @@ impl Config {
         let client_queue_messages = p.parse(names::WEBSOCKET_CLIENT_QUEUE_MESSAGES, "16384", |v| {
             parse_range(v, 16, 1 << 20)
         });
-        let websocket_flush_interval = p.parse(names::WEBSOCKET_FLUSH_INTERVAL_MS, "5", |v| {
+        let websocket_flush_interval = p.parse(names::WEBSOCKET_FLUSH_INTERVAL_MS, "20", |v| {
             parse_ms(v, 0, 1000)
         });
         let cors_allowed_origins = p.parse(names::CORS_ALLOWED_ORIGINS, "*", parse_origins);

@@ -351,6 +351,10 @@ pub enum ServerMessage<'a> {
         /// Present when the client sent `since`: whether everything it missed follows.
         #[serde(skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
+        /// Connections with `?format=compact`: the number this node's
+        /// compact frames carry for the topic.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u32>,
         timestamp: String,
     },
     Unsubscribed {
@@ -462,6 +466,35 @@ pub fn event_frame(
         timestamp,
     })
     .expect("event frames always serialize")
+}
+
+/// The native compact `event` frame a client asks for with
+/// `?format=compact`: a JSON array, `[topic_id, data]`, then the offset on
+/// history topics, then the event name when it differs from the topic
+/// (`[7,{"n":1},42,"tick"]`). `topic_id` is the number the connection's
+/// `subscribed` answer gave the topic; no `type`, no timestamp.
+pub fn compact_event_frame(
+    topic_id: u32,
+    topic: &str,
+    event: &str,
+    data: &RawValue,
+    offset: Option<u64>,
+) -> String {
+    let mut frame = String::with_capacity(data.get().len() + 32);
+    frame.push('[');
+    frame.push_str(&topic_id.to_string());
+    frame.push(',');
+    frame.push_str(data.get());
+    if let Some(offset) = offset {
+        frame.push(',');
+        frame.push_str(&offset.to_string());
+    }
+    if topic != event {
+        frame.push(',');
+        frame.push_str(&serde_json::to_string(event).expect("strings serialize"));
+    }
+    frame.push(']');
+    frame
 }
 
 // === publisher envelope ===

@@ -82,6 +82,8 @@ OPTIONS
   --event NAME                 event name in the envelope (default tick)
   --subscribe / --no-subscribe subscribe each connection (default: yes, except connect)
   --subscribe-via message|path native: a subscribe message (default) or /ws/<topic>
+  --format json|compact        native: the default event frame or the compact one
+                               (?format=compact); not with --history
   --redis HOST:PORT            Redis to PUBLISH on (fanout, maxrate)
   --redis-cluster              --redis is a Redis Cluster node: read CLUSTER SLOTS,
                                one connection per primary, SPUBLISH {prefix}:t:{<topic>}
@@ -111,6 +113,9 @@ OPTIONS
   --pid [NAME=]PID             a server process: CPU and RSS (repeatable)
   --watch-pid [NAME=]PID       another process to report, e.g. Redis (repeatable)
   --label NAME                 scenario name in the output (default: the mode)
+  --count-syscalls             count the --pid processes' send syscalls (write, writev,
+                               sendto, sendmsg) during the run with `perf stat`
+                               (tracepoints; needs perf and perf_event access)
   --out FILE                   append the JSON line to FILE
   --expect-p99-ms X            targets, reported as met or missed (never change the run)
   --expect-deliveries-per-s X
@@ -211,6 +216,7 @@ struct Opts {
     event: String,
     subscribe: bool,
     subscribe_via_path: bool,
+    compact: bool,
     history: bool,
     redis: Option<SocketAddr>,
     redis_cluster: bool,
@@ -232,6 +238,7 @@ struct Opts {
     pids: Vec<(String, u32)>,
     watch_pids: Vec<(String, u32)>,
     label: String,
+    count_syscalls: bool,
     system: Option<String>,
     compare: Option<String>,
     out: Option<String>,
@@ -257,6 +264,7 @@ impl Opts {
             event: "tick".into(),
             subscribe: mode != Mode::Connect,
             subscribe_via_path: false,
+            compact: false,
             history: mode == Mode::Recovery,
             redis: None,
             redis_cluster: false,
@@ -282,6 +290,7 @@ impl Opts {
             pids: Vec::new(),
             watch_pids: Vec::new(),
             label: mode.name().into(),
+            count_syscalls: false,
             system: None,
             compare: None,
             out: None,
@@ -333,6 +342,13 @@ impl Opts {
                 "--event" => o.event = value()?,
                 "--subscribe" => o.subscribe = true,
                 "--no-subscribe" => o.subscribe = false,
+                "--format" => {
+                    o.compact = match value()?.as_str() {
+                        "json" => false,
+                        "compact" => true,
+                        v => return Err(bad(v, "expected json or compact")),
+                    }
+                }
                 "--subscribe-via" => {
                     o.subscribe_via_path = match value()?.as_str() {
                         "message" => false,
@@ -372,6 +388,7 @@ impl Opts {
                 "--pid" => o.pids.push(named_pid(&value()?, name)?),
                 "--watch-pid" => o.watch_pids.push(named_pid(&value()?, name)?),
                 "--label" => o.label = value()?,
+                "--count-syscalls" => o.count_syscalls = true,
                 "--out" => o.out = Some(value()?),
                 "--expect-p99-ms" => o.expect.p99_ms = Some(num(&value()?, name)?),
                 "--expect-deliveries-per-s" => {
@@ -394,6 +411,9 @@ impl Opts {
         };
         if o.history && o.protocol != Protocol::Native {
             bail!("--history checks offsets on the native protocol only");
+        }
+        if o.compact && (o.protocol != Protocol::Native || o.history) {
+            bail!("--format compact is a native form, measured without --history");
         }
         if o.connections == 0 {
             bail!("--connections must be at least 1");
@@ -613,6 +633,7 @@ fn coordinate(o: &Opts) -> anyhow::Result<ExitCode> {
             event: o.event.clone(),
             subscribe: o.subscribe,
             subscribe_via_path: o.subscribe_via_path,
+            compact: o.compact,
             history: o.history,
             recover: o.mode == Mode::Recovery,
             concurrency: o.concurrency,
@@ -687,6 +708,7 @@ fn coordinate(o: &Opts) -> anyhow::Result<ExitCode> {
             *total.close_reasons.entry(k.clone()).or_default() += v;
         }
         total.received += r.received;
+        total.event_bytes += r.event_bytes;
         total.unique += r.unique;
         total.duplicates += r.duplicates;
         total.unexpected += r.unexpected;
@@ -722,10 +744,11 @@ fn coordinate(o: &Opts) -> anyhow::Result<ExitCode> {
     let outcome = Outcome {
         label: o.label.clone(),
         system: o.system.clone().unwrap_or_else(|| {
-            match (o.protocol, o.history) {
-                (Protocol::Native, false) => "switchboard native",
-                (Protocol::Native, true) => "switchboard native, history",
-                (Protocol::Socketio, _) => "switchboard socket.io",
+            match (o.protocol, o.history, o.compact) {
+                (Protocol::Native, false, true) => "switchboard native, compact",
+                (Protocol::Native, false, false) => "switchboard native",
+                (Protocol::Native, true, _) => "switchboard native, history",
+                (Protocol::Socketio, ..) => "switchboard socket.io",
             }
             .into()
         }),
@@ -775,6 +798,67 @@ pub struct Phases {
     /// Machine-wide busy CPU seconds at `start` and `end`.
     pub busy_start: f64,
     pub busy_end: f64,
+    /// Send syscalls of the servers from `ready` to `end` (`--count-syscalls`).
+    pub server_sends: Option<u64>,
+}
+
+/// `perf stat` counting the servers' send syscalls while it runs.
+struct SyscallCount {
+    child: Child,
+    out: std::path::PathBuf,
+}
+
+/// The syscalls a server sends frames with: tokio and tungstenite use
+/// `write`/`writev` or `send` (`sendto`), socketioxide the same.
+const SEND_SYSCALLS: [&str; 4] = ["write", "writev", "sendto", "sendmsg"];
+
+impl SyscallCount {
+    fn start(pids: &[(String, u32)]) -> anyhow::Result<SyscallCount> {
+        let out =
+            std::env::temp_dir().join(format!("switchboard-bench-perf-{}.csv", std::process::id()));
+        let events: Vec<String> = SEND_SYSCALLS
+            .iter()
+            .map(|s| format!("syscalls:sys_enter_{s}"))
+            .collect();
+        let pids: Vec<String> = pids.iter().map(|(_, p)| p.to_string()).collect();
+        let child = Command::new("perf")
+            .args([
+                "stat",
+                "-x",
+                ",",
+                "-e",
+                &events.join(","),
+                "-p",
+                &pids.join(","),
+                "-o",
+            ])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        // perf attaches within a few ms; the run has not started yet.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(SyscallCount { child, out })
+    }
+
+    /// Stops perf (SIGINT makes it write its counts) and sums them.
+    fn stop(mut self) -> anyhow::Result<u64> {
+        Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()?;
+        self.child.wait()?;
+        let text = std::fs::read_to_string(&self.out)?;
+        let _ = std::fs::remove_file(&self.out);
+        let counts: Vec<u64> = text
+            .lines()
+            .filter(|l| l.contains("syscalls:sys_enter_"))
+            .filter_map(|l| l.split(',').next()?.trim().parse().ok())
+            .collect();
+        if counts.is_empty() {
+            bail!("perf stat counted nothing (is perf_event access allowed?): {text}");
+        }
+        Ok(counts.iter().sum())
+    }
 }
 
 /// Prints one result as a JSON line and appends it to `out` (`--out`).
@@ -818,6 +902,10 @@ fn drive(
         eprintln!("switchboard-bench: {failed} connections failed, {ready} ready");
     }
     let at_ready = sample_all(pids);
+    let counting = match o.count_syscalls && o.mode != Mode::Recovery {
+        true => Some(SyscallCount::start(&o.pids).context("starting perf stat")?),
+        false => None,
+    };
 
     let plan = publish::Plan {
         // Checked by `Opts::parse` for the modes that publish.
@@ -859,6 +947,10 @@ fn drive(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (busy_end, at_end) =
         at_hold.unwrap_or_else(|| (procfs::machine_busy_s(), sample_all(pids)));
+    let sends = match counting {
+        Some(c) => Some(c.stop().context("reading perf stat")?),
+        None => None,
+    };
     Ok((
         reports,
         Phases {
@@ -867,6 +959,7 @@ fn drive(
             end: at_end,
             busy_start,
             busy_end,
+            server_sends: sends,
         },
         publish,
         None,
@@ -924,6 +1017,7 @@ fn recovery(
             end: at_end,
             busy_start,
             busy_end,
+            server_sends: None,
         },
         Some(r),
         Some(reconnect_us),

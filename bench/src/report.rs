@@ -172,6 +172,20 @@ impl Outcome {
             .collect()
     }
 
+    /// WebSocket bytes (frame header and payload) per delivery, as received.
+    fn bytes_per_delivery(&self) -> f64 {
+        if self.total.received == 0 {
+            return 0.0;
+        }
+        self.total.event_bytes as f64 / self.total.received as f64
+    }
+
+    /// Send syscalls of the servers per delivery (`--count-syscalls`).
+    fn sends_per_delivery(&self) -> Option<f64> {
+        let sends = self.phases.server_sends?;
+        (self.total.received > 0).then(|| sends as f64 / self.total.received as f64)
+    }
+
     fn deliveries_per_s(&self) -> f64 {
         per_s(self.total.received, self.delivery_seconds())
     }
@@ -366,6 +380,8 @@ impl Outcome {
                 "max_per_conn": t.max_per_conn,
                 "seconds": round(self.delivery_seconds(), 3),
                 "per_s": self.deliveries_per_s().round(),
+                "bytes": t.event_bytes,
+                "bytes_per_delivery": round(self.bytes_per_delivery(), 1),
                 "latency_ms": {
                     "p50": ms(lat.quantile(0.5)),
                     "p90": ms(lat.quantile(0.9)),
@@ -379,6 +395,8 @@ impl Outcome {
             "rss_per_conn_bytes": self.rss_per_conn_bytes().round(),
             "server_cpu_s_run": round(self.server_cpu_run(), 2),
             "server_cpu_us_per_delivery": round(self.cpu_us_per_delivery(), 3),
+            "server_send_syscalls_run": self.phases.server_sends,
+            "server_sends_per_delivery": self.sends_per_delivery().map(|v| round(v, 4)),
             "redis_cpu_s_run": round(self.redis_cpu_run(), 3),
             "redis_cpu_s_per_server": self
                 .redis_cpu_per_server()
@@ -497,6 +515,15 @@ impl Outcome {
                 s,
                 "  cpu        {:.3} µs server CPU per delivery",
                 self.cpu_us_per_delivery()
+            );
+            let _ = writeln!(
+                s,
+                "  wire       {:.1} bytes per delivery{}",
+                self.bytes_per_delivery(),
+                match self.sends_per_delivery() {
+                    Some(v) => format!("; {v:.3} server send syscalls per delivery"),
+                    None => String::new(),
+                }
             );
             let l = &self.latency;
             let _ = writeln!(
@@ -686,7 +713,7 @@ pub fn markdown(path: &str) -> anyhow::Result<String> {
     }
     if !groups.is_empty() {
         s.push_str(
-            "\n| Scenario | System | Connections | Deliveries/s | p50 ms | p99 ms | Server CPU µs/delivery | Redis CPU s | Other CPU s |\n|---|---|--:|--:|--:|--:|--:|--:|--:|\n",
+            "\n| Scenario | System | Connections | Deliveries/s | p50 ms | p99 ms | Server CPU µs/delivery | Server sends/delivery | Bytes/delivery | Redis CPU s | Other CPU s |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
         );
         for g in groups {
             for r in rows.iter().filter(|r| {
@@ -703,9 +730,23 @@ pub fn markdown(path: &str) -> anyhow::Result<String> {
                         f(p).to_string()
                     }
                 };
+                let sends = match r
+                    .pointer("/server_sends_per_delivery")
+                    .and_then(Value::as_f64)
+                {
+                    Some(v) => format!("{v:.3}"),
+                    None => "–".into(),
+                };
+                let bytes = match r
+                    .pointer("/delivery/bytes_per_delivery")
+                    .and_then(Value::as_f64)
+                {
+                    Some(v) if !probe && v > 0.0 => format!("{v:.0}"),
+                    _ => "–".into(),
+                };
                 let _ = writeln!(
                     s,
-                    "| {g} | {} | {} | {} | {} | {} | {:.2} | {} | {:.1} |",
+                    "| {g} | {} | {} | {} | {} | {} | {:.2} | {sends} | {bytes} | {} | {:.1} |",
                     system(r),
                     thousands(f("/connections")),
                     thousands(f("/delivery/per_s")),
@@ -718,6 +759,8 @@ pub fn markdown(path: &str) -> anyhow::Result<String> {
             }
         }
     }
+
+    s.push_str(&against_peer(&rows));
 
     let recoveries: Vec<&Value> = rows.iter().filter(|r| r["recovery"].is_object()).collect();
     if !recoveries.is_empty() {
@@ -764,6 +807,75 @@ pub fn markdown(path: &str) -> anyhow::Result<String> {
     Ok(s)
 }
 
+/// Each Switchboard row next to the socketioxide row of the same scenario
+/// (same run), as ratios; on `fanout` with issue 23's targets: server CPU
+/// per delivery at most the peer's, p99 at most half the peer's.
+fn against_peer(rows: &[Value]) -> String {
+    let mut s = String::new();
+    let group = |r: &Value| {
+        r["compare"]
+            .as_str()
+            .or(r["scenario"].as_str())
+            .unwrap_or("?")
+            .to_string()
+    };
+    let delivered = |r: &&Value| {
+        r.pointer("/publish/events").is_some()
+            && r["recovery"].is_null()
+            && r["mode"].as_str() != Some("probe")
+    };
+    for peer in rows.iter().filter(delivered).filter(|r| {
+        r["system"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("socketioxide"))
+    }) {
+        let g = group(peer);
+        let f = |r: &Value, p: &str| r.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
+        let (peer_cpu, peer_p99) = (
+            f(peer, "/server_cpu_us_per_delivery"),
+            f(peer, "/delivery/latency_ms/p99"),
+        );
+        if peer_cpu <= 0.0 || peer_p99 <= 0.0 {
+            continue;
+        }
+        if s.is_empty() {
+            s.push_str(
+                "\n| Scenario | System | Server CPU µs/delivery (peer) | CPU / peer's | p99 ms (peer) | p99 / peer's | Targets (fanout: CPU ≤ 1×, p99 ≤ 0.5×) |\n|---|---|--:|--:|--:|--:|---|\n",
+            );
+        }
+        for r in rows.iter().filter(delivered).filter(|r| {
+            group(r) == g
+                && r["system"]
+                    .as_str()
+                    .is_some_and(|v| v.starts_with("switchboard"))
+        }) {
+            let (cpu, p99) = (
+                f(r, "/server_cpu_us_per_delivery"),
+                f(r, "/delivery/latency_ms/p99"),
+            );
+            let verdict = if g == "fanout" {
+                let ok = |met: bool| if met { "met" } else { "**missed**" };
+                format!(
+                    "CPU {}, p99 {}",
+                    ok(cpu <= peer_cpu),
+                    ok(p99 <= peer_p99 / 2.0)
+                )
+            } else {
+                "–".into()
+            };
+            let _ = writeln!(
+                s,
+                "| {g} | {} vs {} | {cpu:.2} ({peer_cpu:.2}) | {:.2} | {p99} ({peer_p99}) | {:.2} | {verdict} |",
+                system(r),
+                system(peer),
+                cpu / peer_cpu,
+                p99 / peer_p99,
+            );
+        }
+    }
+    s
+}
+
 /// The Redis CPU cell: the sum, and with several servers (a cluster) each
 /// shard's share, e.g. `0.90 (0.31 + 0.29 + 0.30)`.
 fn redis_cpu(r: &Value) -> String {
@@ -803,7 +915,28 @@ fn system(r: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::thousands;
+    use super::{against_peer, thousands};
+    use serde_json::json;
+
+    #[test]
+    fn each_switchboard_row_is_set_against_the_peer_of_its_scenario() {
+        let row = |system: &str, compare: &str, cpu: f64, p99: f64| {
+            json!({"system": system, "compare": compare, "mode": "fanout",
+                "publish": {"events": 10}, "recovery": null,
+                "server_cpu_us_per_delivery": cpu, "delivery": {"latency_ms": {"p99": p99}}})
+        };
+        let rows = [
+            row("switchboard socket.io", "fanout", 3.0, 10.0),
+            row("switchboard native", "fanout", 3.5, 13.0),
+            row("socketioxide", "fanout", 3.3, 25.0),
+            row("switchboard socket.io", "moderate", 5.0, 1.0),
+            row("socketioxide", "moderate", 5.2, 35.0),
+        ];
+        let table = against_peer(&rows);
+        assert!(table.contains("| fanout | switchboard socket.io vs socketioxide | 3.00 (3.30) | 0.91 | 10 (25) | 0.40 | CPU met, p99 met |"), "{table}");
+        assert!(table.contains("| fanout | switchboard native vs socketioxide | 3.50 (3.30) | 1.06 | 13 (25) | 0.52 | CPU **missed**, p99 **missed** |"), "{table}");
+        assert!(table.contains("| moderate | switchboard socket.io vs socketioxide | 5.00 (5.20) | 0.96 | 1 (35) | 0.03 | – |"), "{table}");
+    }
 
     #[test]
     fn thousands_separators() {

@@ -97,6 +97,9 @@ pub struct WorkerConfig {
     pub subscribe: bool,
     /// Native only: subscribe with `/ws/<topic>` instead of a message.
     pub subscribe_via_path: bool,
+    /// Native only: ask for compact event frames (`?format=compact`).
+    #[serde(default)]
+    pub compact: bool,
     /// A history topic: `subscribed` must carry a position and every event
     /// the offset `position + seq + 1` (the publisher is the topic's only one).
     pub history: bool,
@@ -132,6 +135,10 @@ pub struct WorkerReport {
     pub close_reasons: BTreeMap<String, usize>,
     /// Bench events received, duplicates included.
     pub received: u64,
+    /// Their WebSocket frames' bytes (header and payload), as they came
+    /// over TCP.
+    #[serde(default)]
+    pub event_bytes: u64,
     pub unique: u64,
     pub duplicates: u64,
     /// Events with a sequence number outside `0..published`.
@@ -232,6 +239,7 @@ async fn run(
     mut ctl: tokio::sync::mpsc::Receiver<String>,
 ) -> anyhow::Result<()> {
     let prefix = match cfg.protocol {
+        Protocol::Native if cfg.compact => "[".to_string(),
         Protocol::Native => format!(r#"{{"type":"event","name":"{}""#, cfg.event),
         Protocol::Socketio => format!(r#"42["{}","#, cfg.event),
     }
@@ -569,9 +577,12 @@ async fn session(
     let target = cfg.targets[index % cfg.targets.len()];
     let source = (!cfg.sources.is_empty()).then(|| cfg.sources[index % cfg.sources.len()]);
     let topic = st.topic.clone();
+    let query = if cfg.compact { "?format=compact" } else { "" };
     let path = match cfg.protocol {
-        Protocol::Native if cfg.subscribe && cfg.subscribe_via_path => format!("/ws/{topic}"),
-        Protocol::Native => "/ws".to_string(),
+        Protocol::Native if cfg.subscribe && cfg.subscribe_via_path => {
+            format!("/ws/{topic}{query}")
+        }
+        Protocol::Native => format!("/ws{query}"),
         Protocol::Socketio => "/socket.io/?EIO=4&transport=websocket".to_string(),
     };
     let handshake_deadline = Instant::now() + Duration::from_millis(cfg.connect_timeout_ms);
@@ -704,6 +715,7 @@ fn on_message(
     published: u64,
 ) {
     if msg.starts_with(&shared.prefix) {
+        agg.report.event_bytes += frame_bytes(msg.len());
         on_event(
             &shared.cfg,
             st,
@@ -754,6 +766,16 @@ fn on_message(
             _ => {}
         },
     }
+}
+
+/// The size of a server's (unmasked) WebSocket frame with `payload` bytes.
+fn frame_bytes(payload: usize) -> u64 {
+    let header = match payload {
+        0..=125 => 2,
+        126..=65_535 => 4,
+        _ => 10,
+    };
+    (header + payload) as u64
 }
 
 /// History: the first `subscribed` gives the position to count offsets

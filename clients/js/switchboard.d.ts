@@ -44,6 +44,8 @@ export interface SwitchboardOptions {
   connectTimeout?: number;
   /** `request`, `refresh`, `ping` and `rpc` reject after this (default 10000). */
   requestTimeout?: number;
+  /** Ask for compact event frames (`?format=compact`, about half the bytes); events then have no `timestamp`. Default false. */
+  compact?: boolean;
   /** Random source for the jitter (tests). */
   random?: () => number;
 }
@@ -66,7 +68,8 @@ export interface EventMeta {
   /** Position in the topic's history (history topics only), else null. */
   offset: number | null;
   epoch: string | null;
-  timestamp: string;
+  /** When the node received it; `undefined` with `compact: true`. */
+  timestamp: string | undefined;
 }
 
 export interface SubscribedInfo {

@@ -146,6 +146,8 @@ export class Switchboard extends Emitter {
     this._connectWaiters = [];
     /** topic → {offset, epoch, subs: Set<Subscription>, confirmed, dropping} */
     this._topics = new Map();
+    /** compact frames: topic id on this connection → topic */
+    this._ids = new Map();
     /** topic → [{kind, resolve, reject, timer}] in the order sent */
     this._pending = new Map();
     this._refreshes = [];
@@ -257,6 +259,7 @@ export class Switchboard extends Emitter {
     if (url.protocol === "http:") url.protocol = "ws:";
     if (url.protocol === "https:") url.protocol = "wss:";
     if (token) url.searchParams.set("token", token);
+    if (this.options.compact) url.searchParams.set("format", "compact");
     // Connect data for the server's connect hook (docs/backend.md).
     if (data !== undefined && data !== null) url.searchParams.set("data", JSON.stringify(data));
     return url.toString();
@@ -592,6 +595,7 @@ export class Switchboard extends Emitter {
     } catch {
       return;
     }
+    if (Array.isArray(msg)) msg = this._compactEvent(msg);
     this._emit("message", msg);
     switch (msg.type) {
       case "connected":
@@ -642,8 +646,23 @@ export class Switchboard extends Emitter {
     }
   }
 
+  /**
+   * A compact event frame (`compact: true`): `[id, data, offset?, name?]`,
+   * `id` as the topic's `subscribed` answer on this connection gave it.
+   * Read as the default `event` frame, without a timestamp.
+   */
+  _compactEvent([id, data, ...rest]) {
+    const topic = this._ids.get(id);
+    const name = rest.find((v) => typeof v === "string");
+    const offset = rest.find((v) => typeof v === "number");
+    if (topic === undefined) return { type: "compact", id, data };
+    return { type: "event", name: name ?? topic, topic, data, offset };
+  }
+
   _onConnected(msg) {
     clearTimeout(this._connectTimer);
+    // Topic ids belong to one connection.
+    this._ids.clear();
     this.clientId = msg.clientId ?? null;
     const reconnected = this._everConnected;
     this._everConnected = true;
@@ -662,6 +681,7 @@ export class Switchboard extends Emitter {
 
   _onSubscribed(msg) {
     const topic = msg.event;
+    if (typeof msg.id === "number") this._ids.set(msg.id, topic);
     const asked = this._take(topic, "subscribe");
     let t = this._topics.get(topic);
     if (!t) {

@@ -42,11 +42,32 @@ pub async fn upgrade(
     extensions: axum::http::Extensions,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let compact = match compact_requested(query.as_deref()) {
+        Ok(compact) => compact,
+        Err(refusal) => return refusal.into_response(),
+    };
     let id = crate::hub::new_conn_id();
     let remote = admission::remote_addr(&extensions);
     match admit_native(&node, &headers, query.as_deref(), id, remote).await {
-        Ok(identity) => accept(node, ws, id, identity, None),
+        Ok(identity) => accept(node, ws, id, identity, None, compact),
         Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// The `format` query parameter: `json` (the default event frame) or
+/// `compact` (`[topic_id,data,offset?,name?]`, docs/protocol.md).
+fn compact_requested(query: Option<&str>) -> Result<bool, ApiError> {
+    let format = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("format="));
+    match format {
+        None | Some("json") => Ok(false),
+        Some("compact") => Ok(true),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "format={} is not valid: json (the default) or compact",
+            other.chars().take(40).collect::<String>()
+        ))),
     }
 }
 
@@ -74,6 +95,10 @@ pub async fn upgrade_topic(
         )
         .into_response();
     }
+    let compact = match compact_requested(query.as_deref()) {
+        Ok(compact) => compact,
+        Err(refusal) => return refusal.into_response(),
+    };
     let id = crate::hub::new_conn_id();
     let remote = admission::remote_addr(&extensions);
     let identity = match admit_native(&node, &headers, query.as_deref(), id, remote).await {
@@ -95,7 +120,7 @@ pub async fn upgrade_topic(
         }
         .into_response();
     }
-    accept(node, ws, id, identity, Some(topic))
+    accept(node, ws, id, identity, Some(topic), compact)
 }
 
 /// Admission of a native client: the drain and connection limit, then its
@@ -143,9 +168,12 @@ fn accept(
     id: ConnId,
     identity: Identity,
     topic: Option<String>,
+    compact: bool,
 ) -> Response {
     let n = node.clone();
-    outbox::upgrade(&n, ws, move |socket| run(node, socket, id, identity, topic))
+    outbox::upgrade(&n, ws, move |socket| {
+        run(node, socket, id, identity, topic, compact)
+    })
 }
 
 impl Outbox {
@@ -199,6 +227,30 @@ impl Subscriber for Outbox {
     }
 }
 
+/// A connection that asked for `?format=compact`: its events are compact
+/// frames, which name the topic by its number on this node.
+struct Compact(Arc<Outbox>);
+
+impl Subscriber for Compact {
+    fn deliver(&self, publication: &Publication) -> Delivery {
+        // The hub always says which number the topic has; without it only
+        // the default frame can name the topic.
+        self.0.deliver(publication)
+    }
+
+    fn deliver_numbered(&self, publication: &Publication, topic_id: u32) -> Delivery {
+        self.0.push(publication.compact_frame(topic_id))
+    }
+
+    fn gap(&self, topic: &str, gap: &GapRange) -> Delivery {
+        self.0.gap(topic, gap)
+    }
+
+    fn transport(&self) -> &'static str {
+        m::transport::WS
+    }
+}
+
 // === session ===
 
 async fn run(
@@ -207,6 +259,7 @@ async fn run(
     id: ConnId,
     identity: Identity,
     initial_topic: Option<String>,
+    compact: bool,
 ) {
     let config = node.config().clone();
     let client_id = format!("{id:016x}");
@@ -238,11 +291,17 @@ async fn run(
         },
         mailbox.clone(),
     );
+    let subscriber: Arc<dyn Subscriber> = match compact {
+        true => Arc::new(Compact(outbox.clone())),
+        false => outbox.clone(),
+    };
     let mut session = Session {
         node: node.clone(),
         id,
         client_id,
         outbox: outbox.clone(),
+        subscriber,
+        compact,
         topics: HashSet::new(),
         identity,
         bucket: config.rate_limit.map(TokenBucket::new),
@@ -373,6 +432,10 @@ struct Session {
     /// The outward id (`connected.clientId`, the hooks' `client`).
     client_id: String,
     outbox: Arc<Outbox>,
+    /// What the hub hands this connection's events to: the outbox, or its
+    /// compact form.
+    subscriber: Arc<dyn Subscriber>,
+    compact: bool,
     /// Topics this connection is subscribed to; owned by the reader.
     topics: HashSet<String>,
     identity: Identity,
@@ -708,7 +771,8 @@ impl Session {
             Some(_) if device => (None, true),
             other => (other, false),
         };
-        let sub: Arc<dyn Subscriber> = self.outbox.clone();
+        let sub = self.subscriber.clone();
+        let compact = self.compact;
         let outbox = self.outbox.clone();
         let node = self.node.clone();
         let name = topic.clone();
@@ -723,6 +787,7 @@ impl Session {
                 } else {
                     outcome.recovered
                 },
+                id: compact.then_some(outcome.topic_id),
                 timestamp: protocol::timestamp(),
             });
             if state_recovery {
@@ -730,10 +795,19 @@ impl Session {
                 for event in crate::device::state::EVENTS {
                     let data = RawValue::from_string(state.event(event).to_string())
                         .expect("device events are JSON");
-                    outbox.push(
-                        protocol::event_frame(&name, event, &data, None, &protocol::timestamp())
-                            .into(),
-                    );
+                    let frame = match compact {
+                        true => protocol::compact_event_frame(
+                            outcome.topic_id,
+                            &name,
+                            event,
+                            &data,
+                            None,
+                        ),
+                        false => {
+                            protocol::event_frame(&name, event, &data, None, &protocol::timestamp())
+                        }
+                    };
+                    outbox.push(frame.into());
                 }
             }
         });

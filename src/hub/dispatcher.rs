@@ -97,7 +97,7 @@ impl Dispatcher {
             self.hub.remember(p);
         }
         if self.slices.is_empty() {
-            self.hub.deliver_slice(0, &[&item]);
+            self.hub.deliver_slice(0, &[&item], &mut |_, _| {});
             self.hub.fanned_out(&item);
             return;
         }
@@ -293,7 +293,7 @@ impl Dispatcher {
         since: Option<&Since>,
         announce: Announce,
     ) -> Option<bool> {
-        let Some((sub, gate)) = self.hub.gated(topic, id) else {
+        let Some((sub, gate, topic_id)) = self.hub.gated(topic, id) else {
             return None; // Left before its gate opened.
         };
         let replay = since.and_then(|s| history::recover(s.offset, &s.epoch, range));
@@ -305,6 +305,7 @@ impl Dispatcher {
         announce(&Outcome {
             position: Some(range.position()),
             recovered,
+            topic_id,
         });
         let mut seam = Seam {
             epoch: range.epoch.clone(),
@@ -313,7 +314,7 @@ impl Dispatcher {
         let mut replayed = 0u64;
         for stored in replay.unwrap_or_default() {
             if let Some(p) = stored_publication(topic, stored)
-                && sub.deliver(&p) == Delivery::Queued
+                && sub.deliver_numbered(&p, topic_id) == Delivery::Queued
             {
                 replayed += 1;
             }
@@ -328,7 +329,7 @@ impl Dispatcher {
         let mut state = gate.state.lock().unwrap();
         if let GateState::Closed(held) = &mut *state {
             for item in std::mem::take(held) {
-                hand(&*sub, &item, Some(&mut seam));
+                hand(&*sub, &item, topic_id, Some(&mut seam));
             }
         }
         *state = GateState::Open(seam);

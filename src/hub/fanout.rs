@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
+use super::pacer::{Held, Pacer};
 use super::{Delivery, GateState, Hub, Item, Subscriber};
 use crate::history::Seam;
 use crate::metrics as m;
@@ -26,30 +28,26 @@ pub(super) const SLICE_QUEUE: usize = 1024;
 pub struct Fanout {
     /// Parallel slices, each served by a task of its own.
     pub slices: usize,
-    /// `WEBSOCKET_FLUSH_INTERVAL_MS`: a slice hands publications to its
-    /// subscribers at most once per interval, so that a busy topic's
-    /// connections get several frames per wake-up and per write. The first
-    /// publication after a quiet interval goes at once; zero: every
-    /// publication goes at once.
-    pub flush_interval: Duration,
+    /// `WEBSOCKET_FLUSH_INTERVAL_MS`: the longest a busy slice may hold a
+    /// publication so that its topic's next ones reach each connection in
+    /// the same write ([`Pacer`] decides how long, from the load); zero:
+    /// every publication goes at once.
+    pub max_hold: Duration,
 }
 
 impl Fanout {
     /// One slice per worker thread of the current tokio runtime
     /// (`TOKIO_WORKER_THREADS`; one outside a runtime).
-    pub fn per_worker(flush_interval: Duration) -> Self {
+    pub fn per_worker(max_hold: Duration) -> Self {
         let slices = tokio::runtime::Handle::try_current()
             .map(|h| h.metrics().num_workers())
             .unwrap_or(1);
-        Self {
-            slices,
-            flush_interval,
-        }
+        Self { slices, max_hold }
     }
 
     /// Whether the dispatcher can fan out itself: one slice, no batching.
     pub(super) fn inline(&self) -> bool {
-        self.slices <= 1 && self.flush_interval.is_zero()
+        self.slices <= 1 && self.max_hold.is_zero()
     }
 }
 
@@ -60,7 +58,13 @@ impl Hub {
     /// connection in order. Consecutive items of one topic go to one
     /// subscriber after another, so each connection's writer finds them
     /// queued together.
-    pub(super) fn deliver_slice(&self, slice: usize, items: &[&Item]) {
+    /// `handed` learns each topic's subscriber count in this slice.
+    pub(super) fn deliver_slice(
+        &self,
+        slice: usize,
+        items: &[&Item],
+        handed: &mut dyn FnMut(&str, usize),
+    ) {
         // Per-transport counts, summed here so the metric is touched once per
         // batch and slice, not once per delivery.
         let mut queued: [(&'static str, u64); 3] = [("", 0); 3];
@@ -74,10 +78,11 @@ impl Hub {
             let Some(subs) = topics.get(topic) else {
                 continue;
             };
+            handed(topic, subs.slices[slice].len());
             for member in subs.slices[slice].values() {
                 for &item in group {
                     let delivery = match &member.gate {
-                        None => hand(&*member.sub, item, None),
+                        None => hand(&*member.sub, item, subs.id, None),
                         Some(gate) => {
                             let mut state = gate.state.lock().unwrap();
                             match &mut *state {
@@ -85,7 +90,9 @@ impl Hub {
                                     held.push(item.clone());
                                     continue;
                                 }
-                                GateState::Open(seam) => hand(&*member.sub, item, Some(seam)),
+                                GateState::Open(seam) => {
+                                    hand(&*member.sub, item, subs.id, Some(seam))
+                                }
                             }
                         }
                     };
@@ -119,33 +126,48 @@ impl Hub {
     }
 
     /// One fan-out slice: the dispatcher's items, in its order, to the
-    /// slice's share of each topic, at most once per flush interval. Ends
-    /// with the dispatcher.
+    /// slice's share of each topic, held as long as its [`Pacer`] allows so
+    /// that a busy topic's publications reach each connection together.
+    /// Ends with the dispatcher.
     pub(super) async fn serve_slice(self, slice: usize, mut rx: mpsc::Receiver<Arc<Work>>) {
-        let interval = self.inner.fanout.flush_interval;
-        let mut batch = Vec::with_capacity(64);
-        let mut handed_at: Option<tokio::time::Instant> = None;
-        while rx.recv_many(&mut batch, SLICE_QUEUE).await > 0 {
-            if !interval.is_zero() {
-                if let Some(due) = handed_at.map(|at| at + interval)
-                    && tokio::time::Instant::now() < due
-                {
-                    tokio::time::sleep_until(due).await;
-                    while batch.len() < SLICE_QUEUE
-                        && let Ok(work) = rx.try_recv()
-                    {
-                        batch.push(work);
-                    }
-                }
-                handed_at = Some(tokio::time::Instant::now());
+        let mut pacer = Pacer::new(self.inner.fanout.max_hold, Instant::now());
+        let mut held = Held::default();
+        let mut batch: Vec<Arc<Work>> = Vec::with_capacity(64);
+        loop {
+            let before = batch.len();
+            let received = match held.due() {
+                _ if batch.len() >= SLICE_QUEUE => 0,
+                None => match rx.recv_many(&mut batch, SLICE_QUEUE).await {
+                    0 => return,
+                    n => n,
+                },
+                Some(due) => tokio::select! {
+                    biased;
+                    n = rx.recv_many(&mut batch, SLICE_QUEUE - before) => match n {
+                        0 => 0, // Closed: hand out what is held, then end.
+                        n => n,
+                    },
+                    () = tokio::time::sleep_until(due) => 0,
+                },
+            };
+            let now = Instant::now();
+            for work in &batch[before..before + received] {
+                held.add(work.item.topic(), pacer.arrive(&work.item, now));
+            }
+            if !held.ready(now) && batch.len() < SLICE_QUEUE && received > 0 {
+                continue;
             }
             let items: Vec<&Item> = batch.iter().map(|w| &w.item).collect();
-            self.deliver_slice(slice, &items);
+            self.deliver_slice(slice, &items, &mut |topic, n| pacer.handed(topic, n));
             drop(items);
+            held.clear();
             for work in batch.drain(..) {
                 if work.left.fetch_sub(1, Ordering::AcqRel) == 1 {
                     self.fanned_out(&work.item);
                 }
+            }
+            if received == 0 && rx.is_closed() && rx.is_empty() {
+                return;
             }
         }
     }
@@ -153,7 +175,12 @@ impl Hub {
 
 /// Hands one item to one subscriber, through its seam when it has one.
 /// `None` when the seam filtered it out.
-pub(super) fn hand(sub: &dyn Subscriber, item: &Item, seam: Option<&mut Seam>) -> Option<Delivery> {
+pub(super) fn hand(
+    sub: &dyn Subscriber,
+    item: &Item,
+    topic_id: u32,
+    seam: Option<&mut Seam>,
+) -> Option<Delivery> {
     match item {
         Item::Pub(p) => {
             if let (Some(seam), Some(offset), Some(epoch)) = (seam, p.offset, &p.epoch)
@@ -161,7 +188,7 @@ pub(super) fn hand(sub: &dyn Subscriber, item: &Item, seam: Option<&mut Seam>) -
             {
                 return None;
             }
-            Some(sub.deliver(p))
+            Some(sub.deliver_numbered(p, topic_id))
         }
         Item::Gap(topic, gap) => match seam {
             Some(seam) => seam.admit_gap(gap).map(|g| sub.gap(topic, &g)),
@@ -209,43 +236,111 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_busy_slice_hands_out_once_per_flush_interval_and_a_quiet_one_at_once() {
-        let (tx, rx) = crate::backplane::inbound_queue();
-        let (hub, _unused) = testing::flushing(Duration::from_millis(50));
-        hub.spawn_dispatcher(rx);
-        let a = Arc::new(Probe::default());
-        hub.subscribe("t", 1, a.clone(), None, quiet())
-            .await
-            .unwrap();
-        let send = |n: u64| {
-            let tx = tx.clone();
-            async move {
-                tx.send(Inbound {
-                    topic: "t".into(),
-                    payload: format!(r#"{{"event":"t","data":{{"n":{n}}}}}"#).into(),
-                    received_at: Instant::now(),
-                })
+    /// Sends `{"n":n}` on `topic` straight into the hub's inbound queue.
+    async fn send(tx: &mpsc::Sender<Inbound>, topic: &str, n: u64) {
+        tx.send(Inbound {
+            topic: topic.into(),
+            payload: format!(r#"{{"event":"{topic}","data":{{"n":{n}}}}}"#).into(),
+            received_at: Instant::now(),
+        })
+        .await
+        .unwrap();
+    }
+
+    async fn subscribe_probes(
+        hub: &Hub,
+        topic: &str,
+        ids: std::ops::Range<ConnId>,
+    ) -> Vec<Arc<Probe>> {
+        let mut probes = Vec::new();
+        for id in ids {
+            let probe = Arc::new(Probe::default());
+            hub.subscribe(topic, id, probe.clone(), None, quiet())
                 .await
                 .unwrap();
+            probes.push(probe);
+        }
+        probes
+    }
+
+    /// Publishes `count` events on `topic` every 5 ms (paused time) and
+    /// returns, after each, how many the first probe had received.
+    async fn every_5ms(
+        tx: &mpsc::Sender<Inbound>,
+        topic: &str,
+        first: u64,
+        count: u64,
+        probe: &Probe,
+    ) -> Vec<usize> {
+        let mut seen = Vec::new();
+        for n in first..first + count {
+            send(tx, topic, n).await;
+            settle().await;
+            seen.push(numbers(probe).len());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        seen
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lightly_loaded_slice_hands_every_publication_out_at_once() {
+        let (tx, rx) = crate::backplane::inbound_queue();
+        let (hub, _unused) = testing::pacing(Duration::from_millis(20));
+        hub.spawn_dispatcher(rx);
+        // 20 subscribers × 200/s: 4,000 writes/s, far under the budget.
+        let probes = subscribe_probes(&hub, "t", 1..21).await;
+        let seen = every_5ms(&tx, "t", 0, 400, &probes[0]).await;
+        assert_eq!(seen, (1..=400).collect::<Vec<_>>(), "each at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_slice_hands_out_in_pairs_and_a_quiet_topic_still_at_once() {
+        let (tx, rx) = crate::backplane::inbound_queue();
+        let (hub, _unused) = testing::pacing(Duration::from_millis(20));
+        hub.spawn_dispatcher(rx);
+        // 200 subscribers × 200/s: 40,000 writes/s, above the budget.
+        let hot = subscribe_probes(&hub, "hot", 1..201).await;
+        let cold = subscribe_probes(&hub, "cold", 1000..1001).await;
+        // The first ones go at once, until the slice has measured its load.
+        let warm_up = every_5ms(&tx, "hot", 0, 200, &hot[0]).await;
+        assert_eq!(warm_up[..10], (1..=10).collect::<Vec<_>>());
+        // Then pairs: every other publication waits for the next one, and
+        // none waits longer.
+        let seen = every_5ms(&tx, "hot", 200, 200, &hot[0]).await;
+        for (i, &n) in seen.iter().enumerate() {
+            let published = 201 + i;
+            assert!(
+                n == published || n == published - 1,
+                "after {published}: {n}"
+            );
+            if i > 0 {
+                assert!(n == seen[i - 1] || n == seen[i - 1] + 2, "{seen:?}");
             }
-        };
-        // After a quiet moment: at once.
-        send(0).await;
+        }
+        let hand_outs = seen.windows(2).filter(|w| w[1] != w[0]).count();
+        assert!(
+            (95..=105).contains(&hand_outs),
+            "{hand_outs} hand-outs for 200"
+        );
+        // A quiet topic's event goes at once, and takes what was held along.
+        send(&tx, "cold", 0).await;
         settle().await;
-        assert_eq!(numbers(&a), [0]);
-        // Within the interval: held until it ends, then together, in order.
-        send(1).await;
-        send(2).await;
-        settle().await;
-        assert_eq!(numbers(&a), [0], "held within the interval");
-        tokio::time::sleep(Duration::from_millis(51)).await;
-        settle().await;
-        assert_eq!(numbers(&a), [0, 1, 2]);
-        // Quiet again for longer than the interval: at once.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        send(3).await;
-        settle().await;
-        assert_eq!(numbers(&a), [0, 1, 2, 3]);
+        assert_eq!(numbers(&cold[0]), [0]);
+        assert_eq!(numbers(&hot[0]), (0..400).collect::<Vec<_>>());
+        // Everyone got everything, in order.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for probe in &hot {
+            assert_eq!(numbers(probe), (0..400).collect::<Vec<_>>());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_ceiling_hands_every_publication_out_at_once_under_load() {
+        let (tx, rx) = crate::backplane::inbound_queue();
+        let (hub, _unused) = testing::pacing(Duration::ZERO);
+        hub.spawn_dispatcher(rx);
+        let probes = subscribe_probes(&hub, "t", 1..201).await;
+        let seen = every_5ms(&tx, "t", 0, 400, &probes[0]).await;
+        assert_eq!(seen, (1..=400).collect::<Vec<_>>());
     }
 }

@@ -30,11 +30,13 @@
 //! Files: `mod.rs` the public [`Hub`] (subscribe, unsubscribe, publish) and
 //! its shared state; `publication.rs` the [`Publication`] and its frames;
 //! `dispatcher.rs` the dispatcher and sequencing; `fanout.rs` the fan-out
-//! slices; `checker.rs` the periodic history check.
+//! slices; `pacer.rs` how long a busy slice holds a publication;
+//! `checker.rs` the periodic history check.
 
 mod checker;
 mod dispatcher;
 mod fanout;
+mod pacer;
 mod publication;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -44,7 +46,7 @@ pub use publication::Publication;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -94,6 +96,13 @@ pub enum Delivery {
 /// slow-consumer policy and return.
 pub trait Subscriber: Send + Sync {
     fn deliver(&self, publication: &Publication) -> Delivery;
+    /// What the fan-out calls: `topic_id` is the topic's number on this node
+    /// ([`Outcome::topic_id`]), for subscribers whose frames name the topic
+    /// by it (the native compact form).
+    fn deliver_numbered(&self, publication: &Publication, topic_id: u32) -> Delivery {
+        let _ = topic_id;
+        self.deliver(publication)
+    }
     /// Publications `gap.from..=gap.to` of a history topic are lost.
     fn gap(&self, topic: &str, gap: &GapRange) -> Delivery;
     /// The `transport` label of this subscriber's deliveries.
@@ -132,6 +141,10 @@ pub struct Outcome {
     pub position: Option<Position>,
     /// When it asked for `since`: whether everything it missed follows.
     pub recovered: Option<bool>,
+    /// The topic's number on this node, the same for every subscriber and
+    /// for as long as the topic has any here: compact frames carry it
+    /// instead of the topic's name.
+    pub topic_id: u32,
 }
 
 /// Called once, before any publication of the topic reaches the new
@@ -154,12 +167,15 @@ struct Member {
 /// connection id (see the module docs).
 struct Members {
     slices: Box<[HashMap<ConnId, Member>]>,
+    /// [`Outcome::topic_id`].
+    id: u32,
 }
 
 impl Members {
-    fn new(slices: usize) -> Self {
+    fn new(slices: usize, id: u32) -> Self {
         Self {
             slices: (0..slices.max(1)).map(|_| HashMap::new()).collect(),
+            id,
         }
     }
 
@@ -244,6 +260,8 @@ struct Inner {
     /// Last publication per topic, for `request`. std Mutex, no `.await`.
     last: Mutex<HashMap<Arc<str>, LastPublication>>,
     subscriptions: AtomicUsize,
+    /// The next [`Outcome::topic_id`].
+    topic_ids: AtomicU32,
     delivered: AtomicU64,
     invalid: InvalidLog,
     fanout: Fanout,
@@ -296,6 +314,7 @@ impl Hub {
                 hasher: RandomState::new(),
                 last: Mutex::new(HashMap::new()),
                 subscriptions: AtomicUsize::new(0),
+                topic_ids: AtomicU32::new(1),
                 delivered: AtomicU64::new(0),
                 invalid: InvalidLog::default(),
                 fanout: Fanout {
@@ -371,7 +390,7 @@ impl Hub {
         announce: Announce,
     ) -> Result<Subscribed, HubError> {
         let history = self.is_history(topic);
-        let first = {
+        let topic_id = {
             let _guard = self.topic_lock(topic).lock().await;
             let first = {
                 let mut topics = self.inner.topics.write().unwrap();
@@ -384,32 +403,37 @@ impl Hub {
                     }),
                 };
                 match topics.get_mut(topic) {
-                    Some(subs) if subs.contains(id) => None,
+                    Some(subs) if subs.contains(id) => Err(subs.id),
                     Some(subs) => {
                         subs.insert(id, member);
                         self.observe(topic, id, subs.clients(), true);
-                        Some(false)
+                        Ok((false, subs.id))
                     }
                     None => {
-                        let mut subs = Members::new(self.inner.fanout.slices);
+                        let topic_id = self.inner.topic_ids.fetch_add(1, Ordering::Relaxed);
+                        let mut subs = Members::new(self.inner.fanout.slices, topic_id);
                         subs.insert(id, member);
                         self.observe(topic, id, subs.clients(), true);
                         topics.insert(Arc::from(topic), subs);
-                        Some(true)
+                        Ok((true, topic_id))
                     }
                 }
             };
-            let Some(first) = first else {
-                drop(_guard);
-                let position = match history {
-                    true => Some(self.inner.history.read(topic, 0, 0).await?.position()),
-                    false => None,
-                };
-                announce(&Outcome {
-                    position,
-                    recovered: None,
-                });
-                return Ok(Subscribed::Already);
+            let (first, topic_id) = match first {
+                Ok(new) => new,
+                Err(topic_id) => {
+                    drop(_guard);
+                    let position = match history {
+                        true => Some(self.inner.history.read(topic, 0, 0).await?.position()),
+                        false => None,
+                    };
+                    announce(&Outcome {
+                        position,
+                        recovered: None,
+                        topic_id,
+                    });
+                    return Ok(Subscribed::Already);
+                }
             };
             if first && let Err(e) = self.inner.backplane.subscribe(topic).await {
                 metrics::counter!(m::BACKPLANE_ERRORS, "op" => "subscribe").increment(1);
@@ -423,9 +447,8 @@ impl Hub {
                 }
                 return Err(e.into());
             }
-            first
+            topic_id
         };
-        let _ = first;
         if id != INTERNAL {
             self.inner.subscriptions.fetch_add(1, Ordering::Relaxed);
         }
@@ -434,6 +457,7 @@ impl Hub {
             announce(&Outcome {
                 position: None,
                 recovered: None,
+                topic_id,
             });
             return Ok(Subscribed::New);
         }
@@ -638,11 +662,13 @@ impl Hub {
         );
     }
 
-    /// The gate of member `id` of `topic`, with its subscriber.
-    fn gated(&self, topic: &str, id: ConnId) -> Option<(Arc<dyn Subscriber>, Arc<Gate>)> {
+    /// The gate of member `id` of `topic`, with its subscriber and the
+    /// topic's number.
+    fn gated(&self, topic: &str, id: ConnId) -> Option<(Arc<dyn Subscriber>, Arc<Gate>, u32)> {
         let topics = self.inner.topics.read().unwrap();
-        let member = topics.get(topic)?.get(id)?;
-        Some((member.sub.clone(), member.gate.clone()?))
+        let subs = topics.get(topic)?;
+        let member = subs.get(id)?;
+        Some((member.sub.clone(), member.gate.clone()?, subs.id))
     }
 
     fn has_topic(&self, topic: &str) -> bool {

@@ -27,6 +27,8 @@ pub struct Publication {
     /// The Socket.IO frames (`42[…]`), without and with the position
     /// argument, for sockets of our own websocket transport.
     socketio: [OnceLock<Utf8Bytes>; 2],
+    /// The native compact frame and the topic number it was built with.
+    compact: OnceLock<(u32, Utf8Bytes)>,
 }
 
 impl Publication {
@@ -47,6 +49,7 @@ impl Publication {
             timestamp: protocol::timestamp(),
             native: OnceLock::new(),
             socketio: [OnceLock::new(), OnceLock::new()],
+            compact: OnceLock::new(),
         }
     }
 
@@ -88,6 +91,31 @@ impl Publication {
             frame.push(']');
             frame.into()
         })
+    }
+
+    /// The native compact event frame (`[topic_id,data,offset?,name?]`, see
+    /// [`protocol::compact_event_frame`]), serialized on first use and then
+    /// shared by every compact subscriber. All of them get the same
+    /// `topic_id` (the topic's number on this node); should one ever differ
+    /// (the topic left the node and came back while this publication was on
+    /// its way), its frame is built for it alone.
+    pub fn compact_frame(&self, topic_id: u32) -> Utf8Bytes {
+        let build = || -> Utf8Bytes {
+            protocol::compact_event_frame(
+                topic_id,
+                &self.topic,
+                &self.event,
+                &self.data,
+                self.offset,
+            )
+            .into()
+        };
+        let (id, frame) = self.compact.get_or_init(|| (topic_id, build()));
+        if *id == topic_id {
+            frame.clone()
+        } else {
+            build()
+        }
     }
 
     /// The native-protocol `event` frame, serialized on first use and then

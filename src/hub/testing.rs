@@ -24,15 +24,16 @@ pub(crate) fn sliced(history: &[&str], slices: usize) -> (Hub, mpsc::Receiver<In
     build(history, slices, Duration::ZERO, 1000)
 }
 
-/// Like [`hub`], one slice handing out at most once per `flush_interval`.
-pub(crate) fn flushing(flush_interval: Duration) -> (Hub, mpsc::Receiver<Inbound>) {
-    build(&[], 1, flush_interval, 100)
+/// Like [`hub`], one slice holding a busy topic's publications at most
+/// `max_hold` (`WEBSOCKET_FLUSH_INTERVAL_MS`).
+pub(crate) fn pacing(max_hold: Duration) -> (Hub, mpsc::Receiver<Inbound>) {
+    build(&[], 1, max_hold, 100)
 }
 
 fn build(
     history: &[&str],
     slices: usize,
-    flush_interval: Duration,
+    max_hold: Duration,
     size: usize,
 ) -> (Hub, mpsc::Receiver<Inbound>) {
     let (tx, rx) = inbound_queue();
@@ -46,10 +47,7 @@ fn build(
         ttl: Duration::from_secs(60),
     };
     let store = Arc::new(MemoryHistory::new(backplane.clone(), &config));
-    let fanout = Fanout {
-        slices,
-        flush_interval,
-    };
+    let fanout = Fanout { slices, max_hold };
     (Hub::new(backplane, store, config, fanout), rx)
 }
 

@@ -16,6 +16,11 @@
 //!   local sockets and, through Redis (`SPUBLISH`), to every other instance.
 //!   Exactly one instance of a deployment ingests; with two ingesting
 //!   instances every publication would be delivered twice.
+//! - With `PEER_INGEST=local` every instance subscribes to the publisher
+//!   channels and broadcasts each publication to its own sockets only
+//!   (`io.local().to(topic).emit(…)`): the shape Switchboard has (each node
+//!   takes every publication from Redis and delivers locally), without the
+//!   adapter's hop. Every instance of a deployment runs it this way.
 //!
 //! Buffers are raised so that nothing is dropped under the benchmark's
 //! bursts: the adapter's `stream_buffer` and engine.io's `max_buffer_size`
@@ -75,7 +80,8 @@ async fn main() -> anyhow::Result<()> {
     let port = env("PORT", "3000");
     let url = env("REDIS_URL", "redis://127.0.0.1:6379");
     let prefix = env("REDIS_PREFIX", "switchboard");
-    let ingest = matches!(env("PEER_INGEST", "0").as_str(), "1" | "true" | "yes");
+    let local = env("PEER_INGEST", "0") == "local";
+    let ingest = local || matches!(env("PEER_INGEST", "0").as_str(), "1" | "true" | "yes");
 
     let adapter_client = subscriber(&url)?;
     adapter_client.init().await.context("connecting to Redis")?;
@@ -101,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
         let messages = client.message_rx();
         let channel_prefix = format!("{prefix}:t:");
         client.psubscribe(format!("{channel_prefix}*")).await?;
-        tokio::spawn(forward(io.clone(), messages, channel_prefix, client));
+        tokio::spawn(forward(io.clone(), messages, channel_prefix, client, local));
     }
 
     let ready = Arc::new(AtomicBool::new(true));
@@ -123,8 +129,8 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(format!("{host}:{port}"))
         .await
         .with_context(|| format!("binding {host}:{port}"))?;
-    let local: SocketAddr = listener.local_addr()?;
-    eprintln!("peer-socketioxide: ingest={ingest} listening on http://{local}");
+    let addr: SocketAddr = listener.local_addr()?;
+    eprintln!("peer-socketioxide: ingest={ingest} local={local} listening on http://{addr}");
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let mut term =
@@ -140,12 +146,14 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Publications → rooms, in order. Each emit awaits the adapter (local
-/// delivery, then one `SPUBLISH` to the other instances).
+/// delivery, then one `SPUBLISH` to the other instances), or with `local`
+/// delivers to this instance's sockets only.
 async fn forward<A: Adapter>(
     io: SocketIo<A>,
     mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
     channel_prefix: String,
     _client: SubscriberClient,
+    local: bool,
 ) {
     use tokio::sync::broadcast::error::RecvError;
     loop {
@@ -168,7 +176,11 @@ async fn forward<A: Adapter>(
             continue;
         };
         let event = envelope.event.unwrap_or(topic).to_string();
-        if let Err(e) = io.to(topic.to_string()).emit(&event, envelope.data).await {
+        let to = match local {
+            true => io.local().to(topic.to_string()),
+            false => io.to(topic.to_string()),
+        };
+        if let Err(e) = to.emit(&event, envelope.data).await {
             eprintln!("peer-socketioxide: broadcast failed: {e}");
         }
     }

@@ -262,6 +262,39 @@ test(
 );
 
 test(
+  "compact: true (issue 23) gets the same events from array frames, without timestamps",
+  scoped(async (s) => {
+    const node = await s.node("js-compact");
+    // Captures what arrives on the wire.
+    const frames = [];
+    class Capturing extends WebSocket {
+      constructor(url) {
+        super(url);
+        this.addEventListener("message", (ev) => frames.push(String(ev.data)));
+      }
+    }
+    const c = client(s, node.ws, { compact: true, WebSocket: Capturing });
+    const plain = client(s, node.ws);
+    const got = { compact: [], plain: [] };
+    const record = (list) => (data, meta) => list.push([meta.name, meta.topic, meta.offset, data, typeof meta.timestamp]);
+    const subs = [c.subscribe("news", record(got.compact)), plain.subscribe("news", record(got.plain))];
+    await Promise.all([c.connect(), plain.connect()]);
+    await Promise.all(subs.map((sub) => sub.ready));
+    assert.equal((await node.post("/api/publish", { topic: "news", data: { n: 1 } })).status, 202);
+    assert.equal((await node.post("/api/publish", { topic: "news", event: "headline", data: "two" })).status, 202);
+    await eventually(() => got.compact.length === 2 && got.plain.length === 2, 5000, "two events each");
+    assert.deepEqual(
+      got.compact,
+      got.plain.map(([name, topic, offset, data]) => [name, topic, offset, data, "undefined"]),
+    );
+    assert.deepEqual(got.plain.map((e) => e[2]), [1, 2], "offsets (every topic keeps history by default)");
+    const events = frames.filter((f) => f.startsWith("["));
+    assert.equal(events.length, 2, frames.join("\n"));
+    assert.match(events[1], /^\[\d+,"two",2,"headline"\]$/);
+  }),
+);
+
+test(
   "token refresh: refresh() resolves on refreshed (issue 15)",
   scoped(async (s) => {
     const secret = "a-test-secret-of-at-least-32-chars!!";
