@@ -38,6 +38,16 @@ pub const HISTORY_REPAIRED: &str = "switchboard_history_repaired_publications_to
 pub const HISTORY_GAPS: &str = "switchboard_history_gaps_total";
 /// Client recoveries on subscribe, by `result` (`recovered`, `unrecoverable`).
 pub const HISTORY_RECOVERIES: &str = "switchboard_history_recoveries_total";
+/// Frames the leader's driver put on the wire, by `driver`.
+pub const DRIVER_FRAMES: &str = "switchboard_driver_frames_total";
+/// Frames the leader's driver could not send, by `driver`.
+pub const DRIVER_ERRORS: &str = "switchboard_driver_errors_total";
+/// 1 while this node leads and its driver fails to send frames.
+pub const DRIVER_FAILING: &str = "switchboard_driver_failing";
+/// Frames published on the live stream (`device.frame`).
+pub const DEVICE_FRAMES_PUBLISHED: &str = "switchboard_device_frames_published_total";
+/// Stream frames replaced by a newer one before they could be published.
+pub const DEVICE_FRAMES_SKIPPED: &str = "switchboard_device_frames_skipped_total";
 
 /// Transport label values.
 pub mod transport {
@@ -172,5 +182,25 @@ fn describe() {
     describe_counter!(
         HISTORY_RECOVERIES,
         "Client recoveries on subscribe with since, by result."
+    );
+    describe_counter!(
+        DRIVER_FRAMES,
+        "Frames the leader's device driver put on the wire, by driver."
+    );
+    describe_counter!(
+        DRIVER_ERRORS,
+        "Frames the leader's device driver could not send, by driver."
+    );
+    describe_gauge!(
+        DRIVER_FAILING,
+        "1 while this node leads and its device driver fails to send frames."
+    );
+    describe_counter!(
+        DEVICE_FRAMES_PUBLISHED,
+        "Frames the leader published on the live stream (topic device.frame)."
+    );
+    describe_counter!(
+        DEVICE_FRAMES_SKIPPED,
+        "Live-stream frames replaced by a newer frame before the backplane took them."
     );
 }
