@@ -270,7 +270,8 @@ impl Device {
         }
         // The show renders and sends frames for this term; it follows the
         // state through `shown` and ends with the term.
-        let (shown, states) = watch::channel(state.clone());
+        // (state, how many states this term applied).
+        let (shown, states) = watch::channel((state.clone(), 1u64));
         let show_token = token.child_token();
         let show = tokio::spawn(show::run(self.clone(), epoch, states, show_token.clone()));
         self.publish(&state, &EVENTS).await;
@@ -293,7 +294,10 @@ impl Device {
                         Ok(()) => {
                             let carousel_changed = next.carousel != state.carousel;
                             state = next;
-                            shown.send_replace(state.clone());
+                            shown.send_modify(|(shown, applied)| {
+                                *shown = state.clone();
+                                *applied += 1;
+                            });
                             self.publish(&state, &changed).await;
                             if carousel_changed || matches!(command, Command::Rotate) {
                                 next_rotation = rotation_deadline(&state);

@@ -245,8 +245,8 @@ fn stars(canvas: &mut Canvas, config: &Value, t_ms: i64) {
         let h2 = mix(h);
         let period = 1200 + i64::from(h2 % 2800);
         let pos = (t_ms + i64::from(h2 >> 12)).rem_euclid(period);
-        // A triangle wave: 8 at the ends of the period, 1 in the middle.
-        let level = 1 + 7 * (2 * pos - period).abs() / period;
+        // A triangle wave: 8 near the ends of the period, 1 in the middle.
+        let level = 1 + 8 * (2 * pos - period).abs() / (period + 1);
         *p = c.map(|v| (i64::from(v) * level / 8) as u8);
     }
 }

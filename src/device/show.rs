@@ -30,11 +30,12 @@ use crate::hub::Hub;
 use crate::metrics as m;
 
 /// Runs the show of the term `epoch` until `token` is cancelled or the
-/// fence says the term is over. `states` carries the leader's state.
+/// fence says the term is over. `states` carries the leader's state and
+/// how many states the term has applied.
 pub(super) async fn run(
     device: Device,
     epoch: u64,
-    mut states: watch::Receiver<DeviceState>,
+    mut states: watch::Receiver<(DeviceState, u64)>,
     token: CancellationToken,
 ) {
     let inner = &device.inner;
@@ -42,9 +43,9 @@ pub(super) async fn run(
     let fps = inner.fps;
     let mut driver = driver::make(&inner.driver, &inner.node_id);
     let mut tally = Tally::new(driver.as_ref(), fps);
-    let mut state = states.borrow_and_update().clone();
+    let (mut state, applied) = states.borrow_and_update().clone();
     driver.apply(&state);
-    tally.applied += 1;
+    tally.applied = applied;
     let mut stream = Stream::spawn(inner.hub.clone(), epoch, token.clone());
     let mut ticks = ticker(fps);
     let mut streamed: Option<Frame> = None;
@@ -55,9 +56,10 @@ pub(super) async fn run(
             _ = ticks.tick() => {}
         }
         if states.has_changed().unwrap_or(false) {
-            state = states.borrow_and_update().clone();
+            let applied;
+            (state, applied) = states.borrow_and_update().clone();
             driver.apply(&state);
-            tally.applied += 1;
+            tally.applied = applied;
         }
         driver.prepare();
         let t = render::frame_time(render::now_ms(), fps);
