@@ -271,7 +271,14 @@ impl<E: Encoder> Driver for UdpDriver<E> {
             Link::Idle(at) | Link::Failed(_, at) if *at <= now => {
                 if let Ok(ip) = self.host.parse::<IpAddr>() {
                     let addr = SocketAddr::new(ip, self.port);
-                    self.link = Link::Resolving(tokio::spawn(async move { Ok(addr) }));
+                    match Self::open(addr) {
+                        Ok(socket) => {
+                            self.link = Link::Ready(socket);
+                            self.retry = RETRY_FIRST;
+                            self.last_ok = now;
+                        }
+                        Err(e) => self.fail(format!("cannot open a UDP socket to {addr}: {e}")),
+                    }
                 } else {
                     let (host, port) = (self.host.clone(), self.port);
                     self.link = Link::Resolving(tokio::spawn(async move {
@@ -377,7 +384,11 @@ mod tests {
             format!("ddp://127.0.0.1:{port}"),
             Ddp::default(),
         );
-        assert_eq!(d.show(&Frame::black()), Ok(false), "not resolved yet");
+        assert_eq!(
+            d.show(&Frame::black()),
+            Ok(false),
+            "no socket before prepare"
+        );
         ready(&mut d).await;
         let mut failed = None;
         for _ in 0..20 {
