@@ -1,0 +1,746 @@
+//! The hub: topic → local subscribers, and the one fan-out of this node.
+//!
+//! A publication arrives from the backplane as
+//! [`Inbound`](crate::backplane::Inbound), is parsed once into a
+//! [`Publication`], and every local subscriber of its topic gets the same
+//! pre-serialized frame (a refcount bump, not a copy) on its own bounded
+//! queue. A subscriber whose queue is full applies the slow-consumer policy
+//! itself (it closes); the fan-out never waits for anyone.
+//!
+//! A topic's subscribers are split into slices by connection id, one slice
+//! per tokio worker thread, and each slice is fanned out by a task of its
+//! own, so a big topic is queued to its subscribers by every core at once.
+//! A connection belongs to one slice for good and each slice takes the
+//! dispatcher's items in order, so every connection still sees its topics'
+//! publications in the order the dispatcher handled them.
+//!
+//! The hub subscribes to a topic on the backplane when the topic gets its
+//! first local subscriber and unsubscribes after its last one leaves.
+//!
+//! History topics add order and repair. One dispatcher task handles every
+//! publication and every ordering-sensitive step in sequence: it keeps the
+//! node's last delivered offset per topic
+//! ([`Sequence`](crate::history::Sequence)), fills a hole from history
+//! before the publication that revealed it (or announces it as a gap when
+//! history no longer has it), and opens a new subscriber's gate:
+//! a subscriber of a history topic receives nothing until its `subscribed`
+//! answer and any replay have been queued, then what was held meanwhile,
+//! through its [`Seam`] (no duplicate, nothing out of order).
+//!
+//! Files: `mod.rs` the public [`Hub`] (subscribe, unsubscribe, publish) and
+//! its shared state; `publication.rs` the [`Publication`] and its frames;
+//! `dispatcher.rs` the dispatcher and sequencing; `fanout.rs` the fan-out
+//! slices; `checker.rs` the periodic history check.
+
+mod checker;
+mod dispatcher;
+mod fanout;
+mod publication;
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use fanout::Fanout;
+pub use publication::Publication;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backplane::{Backplane, BackplaneError};
+use crate::config::HistoryConfig;
+use crate::history::{GapRange, History, HistoryError, Position, Range, Seam};
+use crate::metrics as m;
+use crate::protocol::{self, Since};
+
+use dispatcher::InvalidLog;
+use publication::stored_publication;
+
+/// Identifies one connection on this node.
+pub type ConnId = u64;
+
+/// The id of the node's own subscribers (the device cache): not counted as
+/// client subscriptions. Client ids come from [`new_conn_id`], never 0.
+pub const INTERNAL: ConnId = 0;
+
+/// A random connection id, never [`INTERNAL`].
+pub fn new_conn_id() -> ConnId {
+    rand::random::<u64>().max(1)
+}
+
+/// How long a topic stays subscribed on the backplane after its last local
+/// subscriber left.
+const UNSUBSCRIBE_LINGER: Duration = Duration::from_secs(1);
+
+/// How many topics keep their last publication for `request`.
+const LAST_PUBLICATIONS: usize = 10_000;
+
+/// Outcome of handing a publication to one subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Queued,
+    /// The queue was full: the subscriber is being closed (slow consumer).
+    Overflow,
+    /// The subscriber is already gone.
+    Closed,
+}
+
+/// Something that receives publications: a native connection, a Socket.IO
+/// socket. `deliver` and `gap` must not block: they queue or apply the
+/// slow-consumer policy and return.
+pub trait Subscriber: Send + Sync {
+    fn deliver(&self, publication: &Publication) -> Delivery;
+    /// Publications `gap.from..=gap.to` of a history topic are lost.
+    fn gap(&self, topic: &str, gap: &GapRange) -> Delivery;
+    /// The `transport` label of this subscriber's deliveries.
+    fn transport(&self) -> &'static str;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("could not subscribe on the backplane: {0}")]
+    Backplane(#[from] BackplaneError),
+    #[error("could not read the topic's history: {0}")]
+    History(#[from] HistoryError),
+}
+
+/// Why a publication was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0}")]
+    Unavailable(String),
+    /// Refused by the history function (bad envelope); the text says why.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Whether a subscribe call added a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscribed {
+    New,
+    Already,
+}
+
+/// What a new subscriber is told before anything else on its topic.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// History topics: the topic's top offset and epoch when it subscribed.
+    pub position: Option<Position>,
+    /// When it asked for `since`: whether everything it missed follows.
+    pub recovered: Option<bool>,
+}
+
+/// Called once, before any publication of the topic reaches the new
+/// subscriber: the place to queue its `subscribed` answer.
+pub type Announce = Box<dyn FnOnce(&Outcome) + Send>;
+
+/// Cheap-to-clone handle to the hub.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+/// One local subscriber of a topic. `gate` is set on history topics.
+struct Member {
+    sub: Arc<dyn Subscriber>,
+    gate: Option<Arc<Gate>>,
+}
+
+/// A topic's local subscribers, split into the hub's fan-out slices by
+/// connection id (see the module docs).
+struct Members {
+    slices: Box<[HashMap<ConnId, Member>]>,
+}
+
+impl Members {
+    fn new(slices: usize) -> Self {
+        Self {
+            slices: (0..slices.max(1)).map(|_| HashMap::new()).collect(),
+        }
+    }
+
+    fn slice(&self, id: ConnId) -> usize {
+        (id % self.slices.len() as u64) as usize
+    }
+
+    fn get(&self, id: ConnId) -> Option<&Member> {
+        self.slices[self.slice(id)].get(&id)
+    }
+
+    fn contains(&self, id: ConnId) -> bool {
+        self.get(id).is_some()
+    }
+
+    fn insert(&mut self, id: ConnId, member: Member) {
+        let i = self.slice(id);
+        self.slices[i].insert(id, member);
+    }
+
+    fn remove(&mut self, id: ConnId) -> Option<Member> {
+        let i = self.slice(id);
+        self.slices[i].remove(&id)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.slices.iter().all(HashMap::is_empty)
+    }
+}
+
+/// Holds a history subscriber's publications until its `subscribed` answer
+/// and replay are queued, then filters through its seam. Only the dispatcher
+/// task touches it (fan-out and opening), so the lock is never contended.
+struct Gate {
+    state: Mutex<GateState>,
+}
+
+enum GateState {
+    Closed(Vec<Item>),
+    Open(Seam),
+}
+
+/// What the fan-out hands to subscribers.
+#[derive(Clone)]
+enum Item {
+    Pub(Arc<Publication>),
+    Gap(Arc<str>, Arc<GapRange>),
+}
+
+impl Item {
+    fn topic(&self) -> &Arc<str> {
+        match self {
+            Item::Pub(p) => &p.topic,
+            Item::Gap(t, _) => t,
+        }
+    }
+}
+
+struct Inner {
+    backplane: Arc<dyn Backplane>,
+    history: Arc<dyn History>,
+    history_config: HistoryConfig,
+    /// std RwLock: never held across `.await`. Fan-out holds the read side
+    /// while it queues (non-blocking) to each subscriber.
+    topics: RwLock<HashMap<Arc<str>, Members>>,
+    /// Striped async locks, one stripe per topic hash: they order the hub
+    /// entry change and the backplane (un)subscribe of one topic, so a
+    /// last-leave UNSUBSCRIBE can never overtake a first-join SUBSCRIBE.
+    /// Only subscribe/unsubscribe take them, never the fan-out.
+    topic_locks: Box<[tokio::sync::Mutex<()>]>,
+    hasher: RandomState,
+    /// Last publication per topic, for `request`. std Mutex, no `.await`.
+    last: Mutex<HashMap<Arc<str>, LastPublication>>,
+    subscriptions: AtomicUsize,
+    delivered: AtomicU64,
+    invalid: InvalidLog,
+    fanout: Fanout,
+    /// Steps that must run in order with the publications, on the dispatcher.
+    control: mpsc::Sender<Control>,
+    control_rx: Mutex<Option<mpsc::Receiver<Control>>>,
+}
+
+/// Work for the dispatcher besides publications.
+enum Control {
+    /// Opens member `id`'s gate on `topic` with what its history read found.
+    Open {
+        topic: Arc<str>,
+        id: ConnId,
+        range: Range,
+        since: Option<Since>,
+        announce: Announce,
+        done: oneshot::Sender<Option<bool>>,
+    },
+    /// Compares the topic's delivered offset with a top read a moment ago.
+    Check { topic: Arc<str>, range: Range },
+    /// The topic left the hub: forget its sequence.
+    Release { topic: Arc<str> },
+}
+
+/// The last publication seen on a topic.
+#[derive(Clone)]
+pub struct LastPublication {
+    pub event: Arc<str>,
+    pub data: Arc<RawValue>,
+}
+
+impl Hub {
+    pub fn new(
+        backplane: Arc<dyn Backplane>,
+        history: Arc<dyn History>,
+        history_config: HistoryConfig,
+        fanout: Fanout,
+    ) -> Self {
+        let topic_locks = (0..64).map(|_| tokio::sync::Mutex::new(())).collect();
+        let (control, control_rx) = mpsc::channel(4096);
+        Self {
+            inner: Arc::new(Inner {
+                backplane,
+                history,
+                history_config,
+                topics: RwLock::new(HashMap::new()),
+                topic_locks,
+                hasher: RandomState::new(),
+                last: Mutex::new(HashMap::new()),
+                subscriptions: AtomicUsize::new(0),
+                delivered: AtomicU64::new(0),
+                invalid: InvalidLog::default(),
+                fanout: Fanout {
+                    slices: fanout.slices.max(1),
+                    ..fanout
+                },
+                control,
+                control_rx: Mutex::new(Some(control_rx)),
+            }),
+        }
+    }
+
+    pub fn backplane(&self) -> &Arc<dyn Backplane> {
+        &self.inner.backplane
+    }
+
+    pub fn history(&self) -> &Arc<dyn History> {
+        &self.inner.history
+    }
+
+    /// Whether `topic` keeps a history (`HISTORY_TOPICS`).
+    pub fn is_history(&self, topic: &str) -> bool {
+        self.inner.history_config.covers(topic)
+    }
+
+    /// `HISTORY_SIZE`: the most a read of one topic can return.
+    pub fn history_size(&self) -> usize {
+        self.inner.history_config.size
+    }
+
+    fn topic_lock(&self, topic: &str) -> &tokio::sync::Mutex<()> {
+        let i = self.inner.hasher.hash_one(topic) as usize % self.inner.topic_locks.len();
+        &self.inner.topic_locks[i]
+    }
+
+    /// Adds `subscriber` to `topic`. `announce` runs before any publication
+    /// of the topic reaches it. On a history topic, `since` asks for what it
+    /// missed; the call returns once that replay is queued. On a backplane
+    /// or history error nothing is left behind.
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        id: ConnId,
+        subscriber: Arc<dyn Subscriber>,
+        since: Option<Since>,
+        announce: Announce,
+    ) -> Result<Subscribed, HubError> {
+        let history = self.is_history(topic);
+        let first = {
+            let _guard = self.topic_lock(topic).lock().await;
+            let first = {
+                let mut topics = self.inner.topics.write().unwrap();
+                let member = Member {
+                    sub: subscriber,
+                    gate: history.then(|| {
+                        Arc::new(Gate {
+                            state: Mutex::new(GateState::Closed(Vec::new())),
+                        })
+                    }),
+                };
+                match topics.get_mut(topic) {
+                    Some(subs) if subs.contains(id) => None,
+                    Some(subs) => {
+                        subs.insert(id, member);
+                        Some(false)
+                    }
+                    None => {
+                        let mut subs = Members::new(self.inner.fanout.slices);
+                        subs.insert(id, member);
+                        topics.insert(Arc::from(topic), subs);
+                        Some(true)
+                    }
+                }
+            };
+            let Some(first) = first else {
+                drop(_guard);
+                let position = match history {
+                    true => Some(self.inner.history.read(topic, 0, 0).await?.position()),
+                    false => None,
+                };
+                announce(&Outcome {
+                    position,
+                    recovered: None,
+                });
+                return Ok(Subscribed::Already);
+            };
+            if first && let Err(e) = self.inner.backplane.subscribe(topic).await {
+                metrics::counter!(m::BACKPLANE_ERRORS, "op" => "subscribe").increment(1);
+                let mut topics = self.inner.topics.write().unwrap();
+                if let Some(subs) = topics.get_mut(topic) {
+                    subs.remove(id);
+                    if subs.is_empty() {
+                        topics.remove(topic);
+                    }
+                }
+                return Err(e.into());
+            }
+            first
+        };
+        let _ = first;
+        if id != INTERNAL {
+            self.inner.subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.update_gauges();
+        if !history {
+            announce(&Outcome {
+                position: None,
+                recovered: None,
+            });
+            return Ok(Subscribed::New);
+        }
+        let read = match &since {
+            Some(s) => {
+                self.inner
+                    .history
+                    .read(topic, s.offset, self.history_size())
+                    .await
+            }
+            None => self.inner.history.read(topic, 0, 0).await,
+        };
+        let range = match read {
+            Ok(range) => range,
+            Err(e) => {
+                self.unsubscribe(topic, id).await;
+                return Err(e.into());
+            }
+        };
+        let (done, opened) = oneshot::channel();
+        let open = Control::Open {
+            topic: Arc::from(topic),
+            id,
+            range,
+            since,
+            announce,
+            done,
+        };
+        if self.inner.control.send(open).await.is_err() {
+            return Err(HubError::Backplane(BackplaneError::Closed));
+        }
+        let _ = opened.await;
+        Ok(Subscribed::New)
+    }
+
+    /// Removes `id` from `topic`; returns whether it was subscribed.
+    pub async fn unsubscribe(&self, topic: &str, id: ConnId) -> bool {
+        let _guard = self.topic_lock(topic).lock().await;
+        let (removed, now_empty) = {
+            let mut topics = self.inner.topics.write().unwrap();
+            let Some(subs) = topics.get_mut(topic) else {
+                return false;
+            };
+            let removed = subs.remove(id).is_some();
+            (removed, removed && subs.is_empty())
+        };
+        if removed && id != INTERNAL {
+            self.inner.subscriptions.fetch_sub(1, Ordering::Relaxed);
+            self.update_gauges();
+        }
+        if now_empty {
+            // Keep the (empty) entry and the backplane subscription a moment:
+            // a client that reconnects or re-subscribes at once causes no
+            // UNSUBSCRIBE/SUBSCRIBE churn on Redis.
+            let hub = self.clone();
+            let topic = topic.to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(UNSUBSCRIBE_LINGER).await;
+                hub.release_if_empty(&topic).await;
+            });
+        }
+        removed
+    }
+
+    /// Drops an empty topic and its backplane subscription.
+    async fn release_if_empty(&self, topic: &str) {
+        let _guard = self.topic_lock(topic).lock().await;
+        {
+            let mut topics = self.inner.topics.write().unwrap();
+            match topics.get(topic) {
+                Some(subs) if subs.is_empty() => {
+                    topics.remove(topic);
+                }
+                _ => return,
+            }
+        }
+        if self.is_history(topic) {
+            // Sent under the topic lock: it reaches the dispatcher before the
+            // gate of a later first subscriber.
+            let _ = self
+                .inner
+                .control
+                .send(Control::Release {
+                    topic: Arc::from(topic),
+                })
+                .await;
+        }
+        self.update_gauges();
+        if let Err(e) = self.inner.backplane.unsubscribe(topic).await {
+            // Harmless: a stray subscription only brings messages nobody here wants.
+            metrics::counter!(m::BACKPLANE_ERRORS, "op" => "unsubscribe").increment(1);
+            tracing::warn!(topic, cause = %e, "backplane unsubscribe failed");
+        }
+    }
+
+    fn update_gauges(&self) {
+        metrics::gauge!(m::SUBSCRIPTIONS).set(self.subscription_count() as f64);
+        metrics::gauge!(m::TOPICS).set(self.topic_count() as f64);
+    }
+
+    /// Topics with at least one local subscriber.
+    pub fn topic_count(&self) -> usize {
+        self.inner
+            .topics
+            .read()
+            .unwrap()
+            .values()
+            .filter(|subs| !subs.is_empty())
+            .count()
+    }
+
+    /// Client subscriptions (connection × topic), internal ones excluded.
+    pub fn subscription_count(&self) -> usize {
+        self.inner.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Total publications queued to local subscribers since start.
+    pub fn delivered(&self) -> u64 {
+        self.inner.delivered.load(Ordering::Relaxed)
+    }
+
+    /// The last publication this node delivered on `topic`, if any.
+    pub fn last(&self, topic: &str) -> Option<LastPublication> {
+        self.inner.last.lock().unwrap().get(topic).cloned()
+    }
+
+    /// The newest publication of a history topic, from history (right on
+    /// every node, subscribed or not).
+    pub async fn latest(&self, topic: &str) -> Result<Option<Publication>, HistoryError> {
+        let range = self.inner.history.latest(topic).await?;
+        Ok(range
+            .entries
+            .into_iter()
+            .next()
+            .and_then(|s| stored_publication(topic, &s)))
+    }
+
+    /// Publishes through the backplane (never delivered locally by a
+    /// shortcut); on a history topic through the history's atomic
+    /// append-and-publish, and the publication's position is returned.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        event: &str,
+        data: &RawValue,
+    ) -> Result<Option<Position>, PublishError> {
+        self.publish_fenced(topic, event, data, None).await
+    }
+
+    /// Like [`Hub::publish`], with the leader's fencing epoch in the envelope.
+    pub async fn publish_fenced(
+        &self,
+        topic: &str,
+        event: &str,
+        data: &RawValue,
+        fence: Option<u64>,
+    ) -> Result<Option<Position>, PublishError> {
+        let payload = protocol::encode_envelope(event, data, fence);
+        let res = if self.is_history(topic) {
+            self.inner
+                .history
+                .publish(topic, payload)
+                .await
+                .map(Some)
+                .map_err(|e| match e {
+                    HistoryError::Refused(why) => PublishError::Refused(why),
+                    other => PublishError::Unavailable(other.to_string()),
+                })
+        } else {
+            self.inner
+                .backplane
+                .publish(topic, payload.into())
+                .await
+                .map(|()| None)
+                .map_err(|e| PublishError::Unavailable(e.to_string()))
+        };
+        match &res {
+            Ok(_) => metrics::counter!(m::BACKPLANE_PUBLISHES).increment(1),
+            Err(_) => metrics::counter!(m::BACKPLANE_ERRORS, "op" => "publish").increment(1),
+        }
+        res
+    }
+
+    /// Keeps `publication` as its topic's last one, for `request`.
+    fn remember(&self, publication: &Publication) {
+        let mut last = self.inner.last.lock().unwrap();
+        if last.len() >= LAST_PUBLICATIONS
+            && !last.contains_key(&publication.topic)
+            && let Some(k) = last.keys().next().cloned()
+        {
+            last.remove(&k);
+        }
+        last.insert(
+            publication.topic.clone(),
+            LastPublication {
+                event: publication.event.clone(),
+                data: publication.data.clone(),
+            },
+        );
+    }
+
+    /// The gate of member `id` of `topic`, with its subscriber.
+    fn gated(&self, topic: &str, id: ConnId) -> Option<(Arc<dyn Subscriber>, Arc<Gate>)> {
+        let topics = self.inner.topics.read().unwrap();
+        let member = topics.get(topic)?.get(id)?;
+        Some((member.sub.clone(), member.gate.clone()?))
+    }
+
+    fn has_topic(&self, topic: &str) -> bool {
+        self.inner.topics.read().unwrap().contains_key(topic)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::testing::{self, *};
+
+    #[tokio::test]
+    async fn publish_reaches_subscribers_of_the_topic_only() {
+        let (hub, rx) = testing::hub(&[]);
+        hub.spawn_dispatcher(rx);
+        let a = Arc::new(Probe::default());
+        let b = Arc::new(Probe::default());
+        hub.subscribe("news", 1, a.clone(), None, quiet())
+            .await
+            .unwrap();
+        hub.subscribe("other", 2, b.clone(), None, quiet())
+            .await
+            .unwrap();
+        assert_eq!(
+            hub.publish("news", "news", &raw(r#"{"n":1}"#))
+                .await
+                .unwrap(),
+            None
+        );
+        settle().await;
+        assert_eq!(a.frames.lock().unwrap().len(), 1);
+        assert!(a.frames.lock().unwrap()[0].contains(r#""data":{"n":1}"#));
+        assert!(b.frames.lock().unwrap().is_empty());
+        assert_eq!(hub.last("news").unwrap().data.get(), r#"{"n":1}"#);
+    }
+
+    #[tokio::test]
+    async fn subscribe_is_idempotent_and_unsubscribe_cleans_up() {
+        let (hub, rx) = testing::hub(&[]);
+        hub.spawn_dispatcher(rx);
+        let a = Arc::new(Probe::default());
+        assert_eq!(
+            hub.subscribe("t", 1, a.clone(), None, quiet())
+                .await
+                .unwrap(),
+            Subscribed::New
+        );
+        assert_eq!(
+            hub.subscribe("t", 1, a.clone(), None, quiet())
+                .await
+                .unwrap(),
+            Subscribed::Already
+        );
+        assert_eq!(hub.subscription_count(), 1);
+        assert!(hub.unsubscribe("t", 1).await);
+        assert!(!hub.unsubscribe("t", 1).await);
+        assert_eq!(hub.topic_count(), 0);
+        assert_eq!(hub.subscription_count(), 0);
+    }
+
+    /// Counts backplane (un)subscribe calls.
+    #[derive(Default)]
+    struct CountingBackplane {
+        subscribes: AtomicUsize,
+        unsubscribes: AtomicUsize,
+    }
+
+    impl Backplane for CountingBackplane {
+        fn kind(&self) -> &'static str {
+            "counting"
+        }
+        fn publish<'a>(
+            &'a self,
+            _: &'a str,
+            _: bytes::Bytes,
+        ) -> futures_util::future::BoxFuture<'a, Result<(), BackplaneError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn subscribe<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> futures_util::future::BoxFuture<'a, Result<(), BackplaneError>> {
+            self.subscribes.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async { Ok(()) })
+        }
+        fn unsubscribe<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> futures_util::future::BoxFuture<'a, Result<(), BackplaneError>> {
+            self.unsubscribes.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async { Ok(()) })
+        }
+        fn status(&self) -> tokio::sync::watch::Receiver<crate::backplane::Status> {
+            tokio::sync::watch::channel(crate::backplane::Status::Connected).1
+        }
+        fn losses(&self) -> tokio::sync::watch::Receiver<u64> {
+            tokio::sync::watch::channel(0).1
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quick_resubscribes_cause_no_backplane_churn() {
+        let bp = Arc::new(CountingBackplane::default());
+        let config = HistoryConfig {
+            topics: vec![],
+            size: 1,
+            ttl: Duration::from_secs(1),
+        };
+        let store = Arc::new(crate::history::memory::MemoryHistory::new(
+            bp.clone(),
+            &config,
+        ));
+        let hub = Hub::new(
+            bp.clone(),
+            store,
+            config,
+            Fanout::per_worker(Duration::ZERO),
+        );
+        let a: Arc<dyn Subscriber> = Arc::new(Probe::default());
+        for _ in 0..5 {
+            hub.subscribe("t", 1, a.clone(), None, quiet())
+                .await
+                .unwrap();
+            hub.unsubscribe("t", 1).await;
+        }
+        assert_eq!(bp.subscribes.load(Ordering::Relaxed), 1);
+        assert_eq!(bp.unsubscribes.load(Ordering::Relaxed), 0);
+        tokio::time::sleep(UNSUBSCRIBE_LINGER * 2).await;
+        assert_eq!(
+            bp.unsubscribes.load(Ordering::Relaxed),
+            1,
+            "released after the linger"
+        );
+        hub.subscribe("t", 1, a, None, quiet()).await.unwrap();
+        assert_eq!(bp.subscribes.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn publishing_to_a_topic_without_subscribers_reaches_no_one() {
+        let (hub, mut rx) = testing::hub(&[]);
+        hub.publish("nobody", "nobody", &raw("1")).await.unwrap();
+        assert!(rx.try_recv().is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! One publication as every local subscriber sees it, with its wire frames
+//! built once and shared.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use serde_json::value::RawValue;
+
+use crate::history::Stored;
+use crate::protocol;
+
+/// One publication as every local subscriber sees it.
+pub struct Publication {
+    pub topic: Arc<str>,
+    pub event: Arc<str>,
+    pub data: Arc<RawValue>,
+    pub received_at: Instant,
+    /// Fencing epoch, on device state published by the leader.
+    pub fence: Option<u64>,
+    /// History topics: the publication's offset …
+    pub offset: Option<u64>,
+    /// … in this epoch of the topic's history.
+    pub epoch: Option<Arc<str>>,
+    timestamp: String,
+    native: OnceLock<Utf8Bytes>,
+    /// The Socket.IO frames (`42[…]`), without and with the position
+    /// argument, for sockets of our own websocket transport.
+    socketio: [OnceLock<Utf8Bytes>; 2],
+}
+
+impl Publication {
+    pub fn new(
+        topic: Arc<str>,
+        event: Arc<str>,
+        data: Arc<RawValue>,
+        received_at: Instant,
+    ) -> Self {
+        Self {
+            topic,
+            event,
+            data,
+            received_at,
+            fence: None,
+            offset: None,
+            epoch: None,
+            timestamp: protocol::timestamp(),
+            native: OnceLock::new(),
+            socketio: [OnceLock::new(), OnceLock::new()],
+        }
+    }
+
+    /// A publication from a parsed envelope; the event defaults to the topic.
+    pub(super) fn from_envelope(
+        topic: Arc<str>,
+        env: protocol::ParsedEnvelope,
+        received_at: Instant,
+    ) -> Self {
+        let event: Arc<str> = match env.event {
+            Some(e) if *e != *topic => Arc::from(e),
+            _ => topic.clone(),
+        };
+        let mut p = Publication::new(topic, event, env.data, received_at);
+        p.fence = env.fence;
+        if let Some((offset, epoch)) = env.position {
+            p.offset = Some(offset);
+            p.epoch = Some(Arc::from(epoch));
+        }
+        p
+    }
+
+    /// The Socket.IO EVENT in an Engine.IO MESSAGE, `42["event",data]`
+    /// (with `positions` and an offset: `42["event",data,{"topic","offset"}]`),
+    /// serialized on first use and then shared by every such socket.
+    pub fn socketio_frame(&self, positions: bool) -> &Utf8Bytes {
+        let with = positions && self.offset.is_some();
+        self.socketio[usize::from(with)].get_or_init(|| {
+            let mut frame = String::with_capacity(self.data.get().len() + self.event.len() + 48);
+            frame.push_str("42[");
+            frame.push_str(&serde_json::to_string(&*self.event).expect("strings serialize"));
+            frame.push(',');
+            frame.push_str(self.data.get());
+            if let (true, Some(offset)) = (with, self.offset) {
+                frame.push_str(",{\"topic\":");
+                frame.push_str(&serde_json::to_string(&*self.topic).expect("strings serialize"));
+                frame.push_str(&format!(",\"offset\":{offset}}}"));
+            }
+            frame.push(']');
+            frame.into()
+        })
+    }
+
+    /// The native-protocol `event` frame, serialized on first use and then
+    /// shared by every native subscriber.
+    pub fn native_frame(&self) -> &Utf8Bytes {
+        self.native.get_or_init(|| {
+            protocol::event_frame(
+                &self.topic,
+                &self.event,
+                &self.data,
+                self.offset,
+                &self.timestamp,
+            )
+            .into()
+        })
+    }
+}
+
+/// A stored history entry as a publication (`None` if it does not parse,
+/// which the history function's own checks rule out).
+pub(super) fn stored_publication(topic: &str, stored: &Stored) -> Option<Publication> {
+    let env = protocol::parse_envelope(&stored.payload).ok()?;
+    Some(Publication::from_envelope(
+        Arc::from(topic),
+        env,
+        Instant::now(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::testing::*;
+
+    #[test]
+    fn native_frame_is_serialized_once_and_shared() {
+        let p = Publication::new("a".into(), "a".into(), Arc::from(raw("2")), Instant::now());
+        let f1 = p.native_frame().clone();
+        let f2 = p.native_frame().clone();
+        assert_eq!(f1.as_str().as_ptr(), f2.as_str().as_ptr());
+    }
+}
