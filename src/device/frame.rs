@@ -24,10 +24,20 @@ pub const EVENT: &str = "frame";
 const MAX_RUN: usize = 256;
 
 /// RGB pixels, row by row from the top left.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Frame {
     pixels: Vec<[u8; 3]>,
 }
+
+/// Compares the bytes at once (the show compares every frame with the last
+/// one streamed, `DEVICE_FPS` times a second).
+impl PartialEq for Frame {
+    fn eq(&self, other: &Frame) -> bool {
+        self.rgb() == other.rgb()
+    }
+}
+
+impl Eq for Frame {}
 
 impl Default for Frame {
     fn default() -> Self {
@@ -61,7 +71,10 @@ impl Frame {
 
     /// Pixels that are not black.
     pub fn lit(&self) -> usize {
-        self.pixels.iter().filter(|p| **p != [0, 0, 0]).count()
+        self.pixels
+            .iter()
+            .filter(|[r, g, b]| (r | g | b) != 0)
+            .count()
     }
 
     /// Lowercase hex of [`Frame::rgb`] (`GET /api/frame`).

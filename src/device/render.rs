@@ -144,6 +144,39 @@ pub fn render(state: &DeviceState, t_ms: i64) -> Frame {
     frame
 }
 
+/// Until when (Unix ms, exclusive) the frame rendered for `state` at `t_ms`
+/// stays the same: the next local minute for the clock, the next slot
+/// (`t_ms`) for what moves, never for what is static. The leader's show
+/// skips rendering until then (an idle clock costs nothing 20 times a
+/// second).
+pub fn stable_until(state: &DeviceState, t_ms: i64) -> i64 {
+    let config = state.config_of(&state.current_app);
+    if state.settings.brightness == 0 {
+        return i64::MAX;
+    }
+    match state.current_app.as_str() {
+        "clock" => {
+            let tz = time_zone(&config);
+            let Ok(ts) = Timestamp::from_millisecond(t_ms) else {
+                return t_ms;
+            };
+            let offset_ms = i64::from(tz.to_offset(ts).seconds()) * 1000;
+            t_ms + 60_000 - (t_ms + offset_ms).rem_euclid(60_000)
+        }
+        "scroll_text" if config["text"].as_str().is_none_or(str::is_empty) => i64::MAX,
+        "stars" if config["density"].as_u64() == Some(0) => i64::MAX,
+        "scroll_text" | "stars" => t_ms,
+        _ => i64::MAX,
+    }
+}
+
+fn time_zone(config: &Value) -> TimeZone {
+    config["timezone"]
+        .as_str()
+        .and_then(|n| TimeZone::get(n).ok())
+        .unwrap_or(TimeZone::UTC)
+}
+
 /// `config.color` as `[r, g, b]`, or `default`.
 fn color(config: &Value, default: [u8; 3]) -> [u8; 3] {
     let mut c = default;
@@ -167,10 +200,7 @@ fn font(config: &Value, default: Font) -> Font {
 fn clock(canvas: &mut Canvas, config: &Value, t_ms: i64) {
     let c = color(config, [255, 255, 255]);
     let f = font(config, Font::TomThumb);
-    let tz = config["timezone"]
-        .as_str()
-        .and_then(|n| TimeZone::get(n).ok())
-        .unwrap_or(TimeZone::UTC);
+    let tz = time_zone(config);
     let Ok(ts) = Timestamp::from_millisecond(t_ms) else {
         return;
     };
@@ -443,6 +473,30 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn frames_stay_the_same_until_stable_until() {
+        for zone in ["UTC", "Asia/Kolkata", "Asia/Kathmandu"] {
+            let s = state("clock", json!({"timezone": zone}));
+            let until = stable_until(&s, T);
+            assert_eq!(until % 60_000, 0, "{zone}: on a minute");
+            assert!(until > T && until <= T + 60_000);
+            assert_eq!(render(&s, until - 1), render(&s, T), "{zone}");
+            assert_ne!(render(&s, until), render(&s, T), "{zone}: the next minute");
+        }
+        for (app, config) in [("scroll_text", json!({})), ("stars", json!({}))] {
+            assert_eq!(stable_until(&state(app, config), T), T, "{app} moves");
+        }
+        let empty = state("scroll_text", json!({"text": ""}));
+        assert_eq!(stable_until(&empty, T), i64::MAX);
+        let mut dark = state("stars", json!({}));
+        dark.settings.brightness = 0;
+        assert_eq!(stable_until(&dark, T), i64::MAX);
+        assert_eq!(
+            stable_until(&DeviceState::initial(&["weather".into()]), T),
+            i64::MAX
+        );
     }
 
     #[test]

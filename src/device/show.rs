@@ -49,6 +49,9 @@ pub(super) async fn run(
     let mut stream = Stream::spawn(inner.hub.clone(), epoch, token.clone());
     let mut ticks = ticker(fps);
     let mut streamed: Option<Frame> = None;
+    // The last frame rendered: for which state (`applied`), and the slots
+    // it stays the same for (from its slot until `render::stable_until`).
+    let mut rendered: Option<(u64, std::ops::Range<i64>, Frame)> = None;
     tracing::info!(epoch, fps, driver = %driver.target().unwrap_or_else(|| driver.kind().into()), "show started");
     loop {
         tokio::select! {
@@ -63,7 +66,17 @@ pub(super) async fn run(
         }
         driver.prepare();
         let t = render::frame_time(render::now_ms(), fps);
-        let frame = render::render(&state, t);
+        let frame = match &rendered {
+            Some((applied, slots, frame)) if *applied == tally.applied && slots.contains(&t) => {
+                frame.clone()
+            }
+            _ => {
+                let frame = render::render(&state, t);
+                let until = render::stable_until(&state, t);
+                rendered = Some((tally.applied, t..until, frame.clone()));
+                frame
+            }
+        };
         let Some(result) = fence.run(epoch, || driver.show(&frame)) else {
             tracing::info!(epoch, "leadership over: no more frames from this node");
             break;
@@ -102,6 +115,9 @@ fn ticker(fps: u32) -> tokio::time::Interval {
 /// and logs when the driver starts or stops failing (not every frame).
 struct Tally {
     kind: &'static str,
+    /// Registered once: the show counts every frame.
+    frames_metric: metrics::Counter,
+    errors_metric: metrics::Counter,
     target: Option<String>,
     applied: u64,
     frames: u64,
@@ -116,6 +132,8 @@ impl Tally {
         metrics::gauge!(m::DRIVER_FAILING).set(0.0);
         Tally {
             kind: driver.kind(),
+            frames_metric: metrics::counter!(m::DRIVER_FRAMES, "driver" => driver.kind()),
+            errors_metric: metrics::counter!(m::DRIVER_ERRORS, "driver" => driver.kind()),
             target: driver.target(),
             applied: 0,
             frames: 0,
@@ -130,12 +148,12 @@ impl Tally {
         match result {
             Ok(true) => {
                 self.frames += 1;
-                metrics::counter!(m::DRIVER_FRAMES, "driver" => self.kind).increment(1);
+                self.frames_metric.increment(1);
             }
             Ok(false) => {}
             Err(e) => {
                 self.errors += 1;
-                metrics::counter!(m::DRIVER_ERRORS, "driver" => self.kind).increment(1);
+                self.errors_metric.increment(1);
                 self.last_error = Some((Instant::now(), e.0));
             }
         }
