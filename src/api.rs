@@ -300,10 +300,19 @@ pub async fn history(
         .auth
         .authenticate(token.as_deref())
         .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
-    if !identity.may_subscribe(&topic) {
-        return Err(ApiError::Forbidden(format!(
-            "not allowed to read \"{topic}\""
-        )));
+    match node.hooks().subscribe_access(&identity, &topic) {
+        crate::backend::Access::Allowed => {}
+        crate::backend::Access::Forbidden => {
+            return Err(ApiError::Forbidden(format!(
+                "not allowed to read \"{topic}\""
+            )));
+        }
+        // No client connection to ask the hook for: read it by subscribing.
+        crate::backend::Access::AskHook => {
+            return Err(ApiError::Forbidden(format!(
+                "\"{topic}\" is decided by the subscribe hook (PROXY_SUBSCRIBE_TOPICS): read it through a subscription with `since`"
+            )));
+        }
     }
     if !node.hub().is_history(&topic) {
         return Err(ApiError::NotFound(format!(

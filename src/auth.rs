@@ -5,15 +5,20 @@
 //! `token` query parameter, an `Authorization: Bearer` header, or the
 //! Socket.IO handshake `auth.token`. Its `topics` claim (patterns with `*`)
 //! limits subscriptions; its `publish` claim lists the topics the client may
-//! publish to from its socket. Endpoint tokens (`API_TOKEN`, `ADMIN_TOKEN`)
+//! publish to from its socket; its optional `info` claim travels with the
+//! connection. A connection without a token may instead be admitted by the
+//! application back end's connect hook (`backend::hooks`), whose answer
+//! builds the same [`Identity`]. Endpoint tokens (`API_TOKEN`, `ADMIN_TOKEN`)
 //! are compared in constant time and never open each other's endpoints.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 /// A secret setting: never printed, not even by `Debug`.
 #[derive(Clone, PartialEq, Eq)]
@@ -106,9 +111,38 @@ pub struct Identity {
     expires_at: Option<u64>,
     /// `AUTH_JWT_LEEWAY_MS`: how long after `exp` the connection is closed.
     leeway: Duration,
+    /// Application data about the client (the connect hook's `info`, or a
+    /// token's `info` claim), handed to the back end with every hook call.
+    info: Option<Arc<RawValue>>,
+    /// Admitted by the connect hook rather than a token: with client tokens
+    /// off such an identity cannot be refreshed (any token would widen it).
+    from_hook: bool,
 }
 
 impl Identity {
+    /// The client's user id: the token's `sub` or the connect hook's
+    /// `user`; `""` when anonymous.
+    pub fn user(&self) -> &str {
+        self.subject.as_deref().unwrap_or("")
+    }
+
+    pub fn info(&self) -> Option<&Arc<RawValue>> {
+        self.info.as_ref()
+    }
+
+    /// Whether the identity names `topic` itself (a `topics` claim or hook
+    /// answer that matches it, or `AUTH_PUBLIC_TOPICS`), as opposed to
+    /// allowing it only because it allows every topic. A subscribe hook is
+    /// skipped only for these.
+    pub fn explicitly_allows(&self, topic: &str) -> bool {
+        any_match(&self.public, topic) || self.topics.as_ref().is_some_and(|t| any_match(t, topic))
+    }
+
+    /// Whether the connect hook admitted this connection.
+    pub fn from_connect_hook(&self) -> bool {
+        self.from_hook
+    }
+
     pub fn may_subscribe(&self, topic: &str) -> bool {
         any_match(&self.public, topic) || self.topics.as_ref().is_none_or(|t| any_match(t, topic))
     }
@@ -149,6 +183,26 @@ pub enum AuthError {
     Missing,
     #[error("invalid token: {0}")]
     Invalid(String),
+    #[error(
+        "this connection was admitted by the application back end and client tokens are off on this node: connect again to renew it"
+    )]
+    NotRefreshable,
+    #[error("the application back end admitted the connection with an expiresAt in the past")]
+    HookExpired,
+}
+
+/// What the connect hook's `result` says about a client, the counterpart of
+/// a token's claims.
+#[derive(Debug, Clone, Default)]
+pub struct HookGrant {
+    pub user: Option<String>,
+    /// `None`: any topic (like a token without `topics`).
+    pub topics: Option<Vec<String>>,
+    /// `None`: no topic.
+    pub publish: Option<Vec<String>>,
+    /// Unix milliseconds, like a token's `exp` (but in ms).
+    pub expires_at: Option<u64>,
+    pub info: Option<Arc<RawValue>>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +218,9 @@ struct Claims {
     exp: Option<f64>,
     #[serde(default)]
     nbf: Option<f64>,
+    /// Application data about the client; any JSON value.
+    #[serde(default)]
+    info: Option<serde_json::Value>,
 }
 
 /// Checks client tokens. Built from the configuration at start-up.
@@ -275,6 +332,8 @@ impl Authenticator {
                 anonymous: false,
                 expires_at: None,
                 leeway: self.leeway,
+                info: None,
+                from_hook: false,
             });
         };
         let Some(token) = token.filter(|t| !t.is_empty()) else {
@@ -289,6 +348,8 @@ impl Authenticator {
                 anonymous: true,
                 expires_at: None,
                 leeway: self.leeway,
+                info: None,
+                from_hook: false,
             });
         };
         let data = jsonwebtoken::decode::<Claims>(token, key, validation)
@@ -324,7 +385,54 @@ impl Authenticator {
             anonymous: false,
             expires_at,
             leeway: self.leeway,
+            info: c
+                .info
+                .filter(|v| !v.is_null())
+                .and_then(|v| serde_json::value::to_raw_value(&v).ok())
+                .map(Arc::from),
+            from_hook: false,
         })
+    }
+
+    /// Whether a client without a token (`token` absent or empty) goes to
+    /// the connect hook instead of [`Authenticator::authenticate`]: always
+    /// when client tokens are off, and when they are on for a client that
+    /// brings none. A client with a token keeps the token rules.
+    pub fn wants_hook(&self, token: Option<&str>) -> bool {
+        !self.enabled() || token.is_none_or(str::is_empty)
+    }
+
+    /// The identity the connect hook's answer gives: exactly what a token
+    /// with `sub`/`topics`/`publish`/`exp`/`info` would give (public
+    /// topics included, expiry with the same leeway).
+    pub fn from_hook(&self, grant: HookGrant) -> Result<Identity, AuthError> {
+        if let Some(at) = grant.expires_at
+            && unix_ms() >= at + self.leeway.as_millis() as u64
+        {
+            return Err(AuthError::HookExpired);
+        }
+        let patterns = |v: Vec<String>| v.iter().map(|p| Pattern::new(p)).collect::<Vec<_>>();
+        Ok(Identity {
+            subject: grant.user.filter(|u| !u.is_empty()),
+            topics: grant.topics.map(patterns),
+            publish: grant.publish.map(patterns).unwrap_or_default(),
+            public: self.public.clone(),
+            anonymous: false,
+            expires_at: grant.expires_at,
+            leeway: self.leeway,
+            info: grant.info,
+            from_hook: true,
+        })
+    }
+
+    /// The identity a `refresh` with `token` gives `current`. A connection
+    /// admitted by the connect hook cannot be refreshed while client tokens
+    /// are off: every token would be accepted and widen it to any topic.
+    pub fn refresh(&self, current: &Identity, token: &str) -> Result<Identity, AuthError> {
+        if !self.enabled() && current.from_hook {
+            return Err(AuthError::NotRefreshable);
+        }
+        self.authenticate(Some(token))
     }
 }
 
@@ -498,6 +606,50 @@ mod tests {
         let anon = a.authenticate(None).unwrap();
         assert!(anon.may_subscribe("public.news"));
         assert!(!anon.may_subscribe("private"));
+    }
+
+    #[test]
+    fn hook_grants_build_identities_like_tokens() {
+        let a = auth();
+        let id = a
+            .from_hook(HookGrant {
+                user: Some("u1".into()),
+                topics: Some(vec!["room.*".into()]),
+                publish: Some(vec!["chat.*".into()]),
+                expires_at: Some(unix_ms() + 60_000),
+                info: Some(Arc::from(
+                    RawValue::from_string(r#"{"n":1}"#.into()).unwrap(),
+                )),
+            })
+            .unwrap();
+        assert_eq!(id.user(), "u1");
+        assert!(id.may_subscribe("room.1") && !id.may_subscribe("other"));
+        assert!(id.explicitly_allows("room.1"));
+        assert!(id.may_publish("chat.x") && !id.may_publish("room.1"));
+        assert_eq!(id.info().unwrap().get(), r#"{"n":1}"#);
+        assert!(id.time_left().unwrap() > Duration::from_secs(58));
+        let any = a.from_hook(HookGrant::default()).unwrap();
+        assert_eq!(any.user(), "");
+        assert!(any.may_subscribe("x") && !any.explicitly_allows("x"));
+        assert!(!any.may_publish("x"));
+        let stale = HookGrant {
+            expires_at: Some(unix_ms() - 1000),
+            ..Default::default()
+        };
+        assert_eq!(a.from_hook(stale).unwrap_err(), AuthError::HookExpired);
+        // Tokens off: a hook identity is not refreshable, a plain one is.
+        let open = Authenticator::open();
+        let hooked = open.from_hook(HookGrant::default()).unwrap();
+        assert_eq!(
+            open.refresh(&hooked, "x").unwrap_err(),
+            AuthError::NotRefreshable
+        );
+        assert!(open.refresh(&open.authenticate(None).unwrap(), "x").is_ok());
+        assert!(open.wants_hook(Some("t")) && a.wants_hook(None) && !a.wants_hook(Some("t")));
+        // The `info` claim of a token.
+        let t = token(json!({"sub":"u","info":{"plan":"pro"}}), "s3cret");
+        let id = a.authenticate(Some(&t)).unwrap();
+        assert_eq!(id.info().unwrap().get(), r#"{"plan":"pro"}"#);
     }
 
     #[test]

@@ -81,6 +81,16 @@ pub mod names {
     pub const HISTORY_TOPICS: &str = "HISTORY_TOPICS";
     pub const HISTORY_SIZE: &str = "HISTORY_SIZE";
     pub const HISTORY_TTL_MS: &str = "HISTORY_TTL_MS";
+    pub const PROXY_CONNECT_URL: &str = "PROXY_CONNECT_URL";
+    pub const PROXY_SUBSCRIBE_URL: &str = "PROXY_SUBSCRIBE_URL";
+    pub const PROXY_SUBSCRIBE_TOPICS: &str = "PROXY_SUBSCRIBE_TOPICS";
+    pub const PROXY_PUBLISH_URL: &str = "PROXY_PUBLISH_URL";
+    pub const PROXY_PUBLISH_TOPICS: &str = "PROXY_PUBLISH_TOPICS";
+    pub const PROXY_RPC_URL: &str = "PROXY_RPC_URL";
+    pub const PROXY_HEADERS: &str = "PROXY_HEADERS";
+    pub const PROXY_TIMEOUT_MS: &str = "PROXY_TIMEOUT_MS";
+    pub const PROXY_MAX_INFLIGHT: &str = "PROXY_MAX_INFLIGHT";
+    pub const TOKIO_WORKER_THREADS: &str = "TOKIO_WORKER_THREADS";
 
     /// Every name above, for `--help` and to reject unknown flags.
     pub const ALL: &[&str] = &[
@@ -140,6 +150,24 @@ pub mod names {
         HISTORY_TOPICS,
         HISTORY_SIZE,
         HISTORY_TTL_MS,
+        PROXY_CONNECT_URL,
+        PROXY_SUBSCRIBE_URL,
+        PROXY_SUBSCRIBE_TOPICS,
+        PROXY_PUBLISH_URL,
+        PROXY_PUBLISH_TOPICS,
+        PROXY_RPC_URL,
+        PROXY_HEADERS,
+        PROXY_TIMEOUT_MS,
+        PROXY_MAX_INFLIGHT,
+        TOKIO_WORKER_THREADS,
+    ];
+
+    /// The hook URLs: shown without a password when refused, like `REDIS_URL`.
+    pub const HOOK_URLS: &[&str] = &[
+        PROXY_CONNECT_URL,
+        PROXY_SUBSCRIBE_URL,
+        PROXY_PUBLISH_URL,
+        PROXY_RPC_URL,
     ];
 
     /// Settings whose values must never be printed, not even in an error.
@@ -263,20 +291,46 @@ pub fn parse_args<E: Source>(
     }
 }
 
-/// The `--help` text.
+/// The `--help` text: every setting with its built-in default.
 pub fn help() -> String {
     let mut s = String::from(
         "switchboard: realtime broadcast node\n\n\
          usage: switchboard [--env-file FILE] [--NAME VALUE]...\n\n\
          Every setting is an environment variable; a flag with the same name in\n\
-         kebab case (--websocket-path /ws) overrides it. See README.md for meanings.\n\nsettings:\n",
+         kebab case (--websocket-path /ws) overrides it. See README.md for meanings.\n\n\
+         settings and their defaults (\"(unset)\", \"(empty)\": none given; README.md says what\n\
+         the node does then):\n",
     );
+    let defaults = defaults();
     for name in names::ALL {
-        s.push_str("  ");
-        s.push_str(name);
-        s.push('\n');
+        let default = match defaults.get(*name).map(String::as_str) {
+            None => "(unset)".to_string(),
+            Some("") => "(empty)".to_string(),
+            // On one line (the demo events are a JSON document of several).
+            Some(d) => serde_json::from_str::<serde_json::Value>(d)
+                .ok()
+                .filter(|_| d.contains('\n'))
+                .map_or_else(|| d.to_string(), |v| v.to_string()),
+        };
+        s.push_str(&format!("  {name:<36} {default}\n"));
     }
     s
+}
+
+/// The built-in default of every setting that has one, exactly as
+/// [`Config::from_source`] applies it when the setting is not given: `""`
+/// when there is none or the node derives one at start-up (`NODE_ID`,
+/// `SHUTDOWN_DRAIN_MS`, …).
+/// Settings without a default (unset unless given) are absent. For `--help`
+/// and for the test that compares the documented defaults with these.
+pub fn defaults() -> HashMap<String, String> {
+    let empty = HashMap::<String, String>::new();
+    let mut p = Parser::new(&empty);
+    let _ = Config::build(&mut p);
+    let mut defaults = p.defaults;
+    // Read without a parser: tracing's filter, "info" when unset.
+    defaults.insert(names::RUST_LOG.into(), "info".into());
+    defaults
 }
 
 // === errors ===
@@ -293,7 +347,7 @@ impl ConfigError {
     fn new(name: &str, value: &str, why: &str) -> Self {
         let value = if names::SECRET.contains(&name) {
             "<redacted>".to_string()
-        } else if name == names::REDIS_URL {
+        } else if name == names::REDIS_URL || names::HOOK_URLS.contains(&name) {
             // A URL may carry passwords; a refused one is shown without them.
             redact_url(value)
         } else {
@@ -441,8 +495,13 @@ pub struct Config {
     pub http_max_header_bytes: usize,
     pub handshake_timeout: Duration,
     pub redis_ca_file: Option<PathBuf>,
+    /// `TOKIO_WORKER_THREADS`: the runtime's worker threads; `None` = the
+    /// CPU count the process may use (cgroup limits included).
+    pub worker_threads: Option<usize>,
     /// Which topics keep a history (offsets, recovery, gap repair).
     pub history: HistoryConfig,
+    /// The application back end's hooks (`PROXY_*`).
+    pub hooks: HooksConfig,
     /// Accepted but weak settings, logged at start-up (never with values).
     pub warnings: Vec<String>,
 }
@@ -600,6 +659,42 @@ impl HistoryConfig {
     }
 }
 
+/// `PROXY_*`: HTTP hooks to the application back end (`backend::hooks`).
+/// Each hook is off while its URL is unset.
+#[derive(Debug, Clone)]
+pub struct HooksConfig {
+    pub connect_url: Option<String>,
+    pub subscribe_url: Option<String>,
+    /// Topics the subscribe hook decides on (default `*`).
+    pub subscribe_topics: Vec<Pattern>,
+    pub publish_url: Option<String>,
+    /// Topics the publish hook decides on (default `*`).
+    pub publish_topics: Vec<Pattern>,
+    pub rpc_url: Option<String>,
+    /// Client handshake headers passed to the connect hook.
+    pub headers: Vec<String>,
+    /// Per call: past it the caller gets `unavailable`.
+    pub timeout: Duration,
+    /// Calls in flight per node; past it a call is refused at once.
+    pub max_inflight: usize,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            connect_url: None,
+            subscribe_url: None,
+            subscribe_topics: vec![Pattern::new("*")],
+            publish_url: None,
+            publish_topics: vec![Pattern::new("*")],
+            rpc_url: None,
+            headers: Vec::new(),
+            timeout: Duration::from_millis(1000),
+            max_inflight: 1000,
+        }
+    }
+}
+
 /// `WEBSOCKET_RATE_LIMIT` / `WEBSOCKET_RATE_BURST`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
@@ -619,10 +714,11 @@ pub const DEFAULT_DEVICE_APPS: &str = "clock,scroll_text,stars";
 impl Config {
     /// Reads every setting from `src`, collecting every error.
     pub fn from_source(src: &dyn Source) -> Result<Config, ConfigErrors> {
-        let mut p = Parser {
-            src,
-            errors: Vec::new(),
-        };
+        Self::build(&mut Parser::new(src))
+    }
+
+    fn build(p: &mut Parser<'_>) -> Result<Config, ConfigErrors> {
+        let src = p.src;
         let host = p.parse(names::HOST, "0.0.0.0", |v| {
             v.parse::<IpAddr>()
                 .map_err(|_| "expected an IP address such as 0.0.0.0 or 127.0.0.1".into())
@@ -828,6 +924,24 @@ impl Config {
         let handshake_timeout = p.parse(names::WEBSOCKET_HANDSHAKE_TIMEOUT_MS, "10000", |v| {
             parse_ms(v, 100, 600_000)
         });
+        let hook_connect_url = p.optional(names::PROXY_CONNECT_URL, parse_hook_url);
+        let hook_subscribe_url = p.optional(names::PROXY_SUBSCRIBE_URL, parse_hook_url);
+        let hook_subscribe_topics =
+            p.parse(names::PROXY_SUBSCRIBE_TOPICS, "*", parse_topic_patterns);
+        let hook_publish_url = p.optional(names::PROXY_PUBLISH_URL, parse_hook_url);
+        let hook_publish_topics = p.parse(names::PROXY_PUBLISH_TOPICS, "*", parse_topic_patterns);
+        let hook_rpc_url = p.optional(names::PROXY_RPC_URL, parse_hook_url);
+        let hook_headers = p.parse(names::PROXY_HEADERS, "", parse_header_names);
+        let hook_timeout = p.parse(names::PROXY_TIMEOUT_MS, "1000", |v| parse_ms(v, 10, 60_000));
+        let hook_max_inflight = p.parse(names::PROXY_MAX_INFLIGHT, "1000", |v| {
+            parse_range(v, 1, 1_000_000)
+        });
+        // Read here, not by tokio (which would panic on a bad value): main
+        // builds the runtime with it. The hub fans out in one slice per worker.
+        let worker_threads = p.optional(names::TOKIO_WORKER_THREADS, |v| {
+            parse_range(v, 1, 1024)
+                .map_err(|_| "expected a whole number of worker threads from 1 to 1024".to_string())
+        });
         let redis_ca_file = p.optional(names::REDIS_CA_FILE, |v| {
             use rustls::pki_types::CertificateDer;
             use rustls::pki_types::pem::PemObject;
@@ -843,7 +957,7 @@ impl Config {
         });
 
         if !p.errors.is_empty() {
-            return Err(ConfigErrors(p.errors));
+            return Err(ConfigErrors(std::mem::take(&mut p.errors)));
         }
         let auth = match (secret.unwrap(), key_file.unwrap()) {
             (None, None) => Authenticator::open(),
@@ -1010,10 +1124,22 @@ impl Config {
             http_max_header_bytes: http_max_header_bytes.unwrap(),
             handshake_timeout: handshake_timeout.unwrap(),
             redis_ca_file: redis_ca_file.unwrap(),
+            worker_threads: worker_threads.unwrap(),
             history: HistoryConfig {
                 topics: history_topics.unwrap(),
                 size: history_size.unwrap(),
                 ttl: history_ttl.unwrap(),
+            },
+            hooks: HooksConfig {
+                connect_url: hook_connect_url.unwrap(),
+                subscribe_url: hook_subscribe_url.unwrap(),
+                subscribe_topics: hook_subscribe_topics.unwrap(),
+                publish_url: hook_publish_url.unwrap(),
+                publish_topics: hook_publish_topics.unwrap(),
+                rpc_url: hook_rpc_url.unwrap(),
+                headers: hook_headers.unwrap(),
+                timeout: hook_timeout.unwrap(),
+                max_inflight: hook_max_inflight.unwrap(),
             },
             warnings,
         })
@@ -1071,9 +1197,19 @@ fn default_node_id() -> String {
 struct Parser<'a> {
     src: &'a dyn Source,
     errors: Vec<ConfigError>,
+    /// Each setting's default as it was applied, for [`defaults`].
+    defaults: HashMap<String, String>,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
+    fn new(src: &'a dyn Source) -> Self {
+        Parser {
+            src,
+            errors: Vec::new(),
+            defaults: HashMap::new(),
+        }
+    }
+
     /// Parses `name` (or `default` when unset); records an error and returns
     /// `None` when the value is bad.
     fn parse<T>(
@@ -1082,6 +1218,7 @@ impl Parser<'_> {
         default: &str,
         f: impl FnOnce(&str) -> Result<T, String>,
     ) -> Option<T> {
+        self.defaults.insert(name.to_string(), default.to_string());
         let raw = self.src.get(name);
         let value = raw.as_deref().map(str::trim).unwrap_or(default);
         match f(value) {
@@ -1146,6 +1283,33 @@ fn parse_topic_patterns(v: &str) -> Result<Vec<Pattern>, String> {
             protocol::TOPIC_PATTERN
         )),
         None => Ok(list.into_iter().map(Pattern::new).collect()),
+    }
+}
+
+/// A hook URL: `http://` or `https://` with a host.
+fn parse_hook_url(v: &str) -> Result<String, String> {
+    let uri: axum::http::Uri = v
+        .parse()
+        .map_err(|_| "expected an http:// or https:// URL".to_string())?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(h)) if !h.is_empty() => Ok(v.to_string()),
+        _ => Err("expected an http:// or https:// URL with a host, such as http://app:5000/switchboard/connect".into()),
+    }
+}
+
+/// A comma-separated list of HTTP header names; empty entries are ignored.
+fn parse_header_names(v: &str) -> Result<Vec<String>, String> {
+    let list: Vec<String> = v
+        .split(',')
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
+    match list.iter().find(|h| {
+        !h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }) {
+        Some(bad) => Err(format!("`{bad}` is not a header name")),
+        None => Ok(list),
     }
 }
 
@@ -1329,6 +1493,49 @@ mod tests {
         assert_eq!(balanced.shutdown_close_code, 1012);
         assert!(c.redis_url.is_none());
         assert!(c.node_id.len() > 7);
+    }
+
+    #[test]
+    fn worker_threads_are_a_setting_like_any_other() {
+        assert_eq!(config(&[]).unwrap().worker_threads, None);
+        let c = config(&[("TOKIO_WORKER_THREADS", "4")]).unwrap();
+        assert_eq!(c.worker_threads, Some(4));
+        for bad in ["0", "1025", "four", "-1"] {
+            let err = config(&[("TOKIO_WORKER_THREADS", bad)]).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "TOKIO_WORKER_THREADS={bad} is not valid: expected a whole number of worker threads from 1 to 1024"
+                )
+            );
+        }
+        let Ok(Command::Run(flags)) = parse_args(
+            ["--tokio-worker-threads".to_string(), "3".to_string()],
+            HashMap::new(),
+        ) else {
+            panic!("the flag is known");
+        };
+        assert_eq!(Config::from_source(&flags).unwrap().worker_threads, Some(3));
+        assert!(help().contains("TOKIO_WORKER_THREADS"));
+    }
+
+    #[test]
+    fn defaults_are_those_applied() {
+        let d = defaults();
+        assert_eq!(d["PORT"], "8080");
+        assert_eq!(d["WEBSOCKET_PATH"], "/ws");
+        assert_eq!(d["RUST_LOG"], "info");
+        assert_eq!(d["WEBSOCKET_MOCK_EVENTS"], DEFAULT_MOCK_EVENTS);
+        // Computed at start-up, and settings that are unset unless given.
+        assert_eq!(d["SHUTDOWN_DRAIN_MS"], "");
+        assert!(!d.contains_key("REDIS_URL"));
+        assert!(!d.contains_key("TOKIO_WORKER_THREADS"));
+        for name in d.keys() {
+            assert!(
+                names::ALL.contains(&name.as_str()),
+                "{name} is not in names::ALL"
+            );
+        }
     }
 
     #[test]
@@ -1624,5 +1831,44 @@ mod tests {
         );
         let err = config(&[("REDIS_URL", "http://u:s3cret@h:1")]).unwrap_err();
         assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn hook_settings() {
+        let c = config(&[]).unwrap();
+        assert!(c.hooks.connect_url.is_none() && c.hooks.rpc_url.is_none());
+        assert_eq!(c.hooks.timeout, Duration::from_millis(1000));
+        assert!(c.hooks.subscribe_topics[0].matches("anything"));
+        let c = config(&[
+            ("PROXY_CONNECT_URL", "http://app:5000/sb/connect"),
+            ("PROXY_SUBSCRIBE_TOPICS", "room.*, chat.*"),
+            ("PROXY_HEADERS", "Cookie, X-Tenant"),
+            ("PROXY_TIMEOUT_MS", "250"),
+            ("PROXY_MAX_INFLIGHT", "10"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.hooks.connect_url.as_deref(),
+            Some("http://app:5000/sb/connect")
+        );
+        assert_eq!(c.hooks.subscribe_topics.len(), 2);
+        assert_eq!(c.hooks.headers, vec!["Cookie", "X-Tenant"]);
+        assert_eq!(c.hooks.max_inflight, 10);
+        for (name, bad) in [
+            ("PROXY_CONNECT_URL", "ftp://x/y"),
+            ("PROXY_RPC_URL", "not a url"),
+            ("PROXY_PUBLISH_URL", "/relative"),
+            ("PROXY_HEADERS", "Cookie,Bad Header"),
+            ("PROXY_TIMEOUT_MS", "0"),
+            ("PROXY_MAX_INFLIGHT", "0"),
+            ("PROXY_SUBSCRIBE_TOPICS", "bad topic"),
+        ] {
+            let err = config(&[(name, bad)]).unwrap_err().to_string();
+            assert!(err.contains(&format!("{name}={bad} is not valid")), "{err}");
+        }
+        let err = config(&[("PROXY_RPC_URL", "http://u:s3cret@h:1/x y")])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("s3cret"), "{err}");
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`auth`]: client tokens (JWT), topic permissions, endpoint tokens.
+//! - [`backend`]: the application back end: connect, subscribe, publish and RPC hooks over HTTP.
 //! - [`config`]: every setting (env vars, flags, env file) and its validation.
 //! - [`protocol`]: wire types of the native JSON protocol and the publisher envelope.
 //! - [`hub`]: topic → local subscribers; the one fan-out of a node, in history order with gap repair.
@@ -22,6 +23,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backend;
 pub mod backplane;
 pub mod config;
 pub mod dashboard;
@@ -175,7 +177,7 @@ pub async fn serve(
     let lingering = tokio_util::task::TaskTracker::new();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -194,7 +196,11 @@ pub async fn serve(
                 let router = router.clone();
                 async move {
                     use tower::ServiceExt;
-                    router.oneshot(req.map(axum::body::Body::new)).await
+                    let mut req = req.map(axum::body::Body::new);
+                    // The client's address, for the connect hook's `remoteAddr`.
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    router.oneshot(req).await
                 }
             }
         });

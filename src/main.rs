@@ -11,22 +11,6 @@ use tokio_util::sync::CancellationToken;
 /// Exit code for bad configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
-/// `TOKIO_WORKER_THREADS`, checked here: tokio would read it too, but answer
-/// a bad value with a panic. The hub fans out in one slice per worker.
-fn worker_threads() -> Result<Option<usize>, String> {
-    const NAME: &str = "TOKIO_WORKER_THREADS";
-    match std::env::var(NAME) {
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n @ 1..=1024) => Ok(Some(n)),
-            _ => Err(format!(
-                "{NAME}={v} is not valid: a whole number of worker threads from 1 to 1024"
-            )),
-        },
-        Err(_) => Err(format!("{NAME} is not valid: not UTF-8")),
-    }
-}
-
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let healthcheck = args.first().is_some_and(|a| a == "healthcheck");
@@ -41,16 +25,10 @@ fn main() -> ExitCode {
         Ok(Command::Run(source)) => Config::from_source(&source),
         Err(errors) => Err(errors),
     };
-    let workers = worker_threads();
-    let config = match (config, &workers) {
-        (Ok(c), Ok(_)) => c,
-        (config, workers) => {
-            let errors = config.err().map(|e| e.0).unwrap_or_default();
-            for e in errors
-                .iter()
-                .map(ToString::to_string)
-                .chain(workers.clone().err())
-            {
+    let config = match config {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.0 {
                 eprintln!("switchboard: configuration error: {e}");
             }
             return ExitCode::from(EXIT_CONFIG);
@@ -66,11 +44,16 @@ fn main() -> ExitCode {
     // Two rustls crypto providers are linked (fred's and tokio-tungstenite's
     // dependencies); rustls needs to be told which one to use.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Ok(Some(n)) = workers {
-        runtime.worker_threads(n);
-    }
-    let runtime = runtime.enable_all().build().expect("tokio runtime");
+    // Always explicit, so that tokio never reads TOKIO_WORKER_THREADS itself
+    // (it panics on a value it cannot parse, an empty one included).
+    let workers = config
+        .worker_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -49,6 +49,39 @@ pub const DEVICE_FRAMES_PUBLISHED: &str = "switchboard_device_frames_published_t
 /// Stream frames replaced by a newer one before they could be published.
 pub const DEVICE_FRAMES_SKIPPED: &str = "switchboard_device_frames_skipped_total";
 
+/// Calls to the application back end's hooks, by `hook` and `outcome`.
+pub const PROXY_REQUESTS: &str = "switchboard_proxy_requests_total";
+/// Time from sending a hook call to having its answer (or giving up), by `hook`.
+pub const PROXY_DURATION: &str = "switchboard_proxy_duration_seconds";
+
+/// `hook` label values of [`PROXY_REQUESTS`] and [`PROXY_DURATION`].
+pub mod hook {
+    pub const CONNECT: &str = "connect";
+    pub const SUBSCRIBE: &str = "subscribe";
+    pub const PUBLISH: &str = "publish";
+    pub const RPC: &str = "rpc";
+}
+
+/// `outcome` label values of [`PROXY_REQUESTS`].
+pub mod hook_outcome {
+    /// The back end answered `result`.
+    pub const OK: &str = "ok";
+    /// The back end answered `error`.
+    pub const ERROR: &str = "error";
+    /// The back end answered `disconnect`.
+    pub const DISCONNECT: &str = "disconnect";
+    /// No answer within `PROXY_TIMEOUT_MS`.
+    pub const TIMEOUT: &str = "timeout";
+    /// The back end could not be reached (connection refused, DNS, TLS).
+    pub const UNREACHABLE: &str = "unreachable";
+    /// A status other than 2xx.
+    pub const BAD_STATUS: &str = "bad_status";
+    /// Not JSON, or not one of `result`/`error`/`disconnect`.
+    pub const BAD_ANSWER: &str = "bad_answer";
+    /// Refused before sending: `PROXY_MAX_INFLIGHT` calls already in flight.
+    pub const OVERLOADED: &str = "overloaded";
+}
+
 /// Transport label values.
 pub mod transport {
     pub const WS: &str = "ws";
@@ -178,6 +211,14 @@ fn describe() {
     describe_counter!(
         HISTORY_GAPS,
         "Holes history could not fill, announced to subscribers as gap."
+    );
+    describe_counter!(
+        PROXY_REQUESTS,
+        "Calls to the application back end's hooks, by hook and outcome."
+    );
+    describe_histogram!(
+        PROXY_DURATION,
+        "Duration of calls to the application back end's hooks, by hook."
     );
     describe_counter!(
         HISTORY_RECOVERIES,

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::Hooks;
 use crate::backplane::memory::MemoryBackplane;
 use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{self, Backplane, Status};
@@ -37,6 +38,8 @@ use crate::registry::{self, MemoryRegistry, NodeInfo, RedisRegistry, Registry};
 pub enum BuildError {
     #[error("REDIS_URL: {0}")]
     Redis(#[from] RedisError),
+    #[error(transparent)]
+    Hooks(#[from] crate::backend::hooks::BuildError),
 }
 
 /// The parts that differ between embedded and cluster mode.
@@ -135,6 +138,8 @@ struct Inner {
     socketio: std::sync::OnceLock<socketioxide::SocketIo>,
     /// Taken by the drain, which stops the duties before the lease goes.
     leader: std::sync::Mutex<Option<leader::Leader>>,
+    /// Calls to the application back end (`PROXY_*`).
+    hooks: Hooks,
     started_at: SystemTime,
     started: Instant,
 }
@@ -147,6 +152,7 @@ impl Node {
         metrics: Option<PrometheusHandle>,
     ) -> Result<Node, BuildError> {
         let config = Arc::new(config);
+        let hooks = Hooks::new(&config)?;
         let (inbound_tx, inbound_rx) = backplane::inbound_queue();
         let stop = CancellationToken::new();
         let requests = device::request_queue();
@@ -206,6 +212,7 @@ impl Node {
                 metrics,
                 socketio: std::sync::OnceLock::new(),
                 leader: std::sync::Mutex::new(Some(leader)),
+                hooks,
                 started_at: SystemTime::now(),
                 started: Instant::now(),
             }),
@@ -228,6 +235,11 @@ impl Node {
 
     pub fn device(&self) -> &Device {
         &self.inner.device
+    }
+
+    /// The application back end's hooks.
+    pub fn hooks(&self) -> &Hooks {
+        &self.inner.hooks
     }
 
     pub fn registry(&self) -> &Arc<dyn Registry> {

@@ -83,6 +83,8 @@ pub enum ClientMessage {
         event: String,
         /// Where the client stopped: recover what it missed since then.
         since: Option<Since>,
+        /// Passed to the subscribe hook (`PROXY_SUBSCRIBE_URL`).
+        data: Option<Box<RawValue>>,
     },
     Unsubscribe {
         event: String,
@@ -100,6 +102,13 @@ pub enum ClientMessage {
     /// Replace the connection's token before it expires.
     Refresh {
         token: String,
+    },
+    /// A call answered by the application back end (`PROXY_RPC_URL`).
+    Rpc {
+        /// The client's id of the call (a JSON string or number), echoed as is.
+        id: Box<RawValue>,
+        method: String,
+        data: Box<RawValue>,
     },
 }
 
@@ -123,7 +132,7 @@ pub enum ProtocolError {
     #[error("\"type\" must be a string")]
     TypeNotString,
     #[error(
-        "unknown message type \"{0}\": expected subscribe, unsubscribe, request, ping, publish or refresh"
+        "unknown message type \"{0}\": expected subscribe, unsubscribe, request, ping, publish, refresh or rpc"
     )]
     UnknownType(String),
     #[error("\"{0}\" message needs an \"event\" field naming the topic")]
@@ -144,9 +153,27 @@ pub enum ProtocolError {
     TooDeep,
     #[error("\"refresh\" message needs a \"token\" field with the new token")]
     MissingToken,
+    #[error("\"rpc\" message needs an \"id\": a string of at most 128 characters or a number")]
+    BadRpcId,
+    /// A bad `rpc` whose `id` could be read: the error frame carries it.
+    #[error("{why}")]
+    BadRpc { id: String, why: String },
 }
 
 impl ProtocolError {
+    /// The type of the message this error answers, when the parser got far
+    /// enough to know it (the `replyTo` of the `error` frame).
+    pub fn reply_to(&self) -> Option<&'static str> {
+        match self {
+            ProtocolError::MissingEvent(kind) => Some(kind),
+            ProtocolError::InvalidSince => Some("subscribe"),
+            ProtocolError::MissingData | ProtocolError::InvalidName(_) => Some("publish"),
+            ProtocolError::MissingToken => Some("refresh"),
+            ProtocolError::BadRpcId | ProtocolError::BadRpc { .. } => Some("rpc"),
+            _ => None,
+        }
+    }
+
     /// Stable machine-readable code sent beside the text.
     pub fn code(&self) -> &'static str {
         match self {
@@ -162,7 +189,9 @@ impl ProtocolError {
             | ProtocolError::InvalidName(_)
             | ProtocolError::InvalidSince
             | ProtocolError::TooDeep
-            | ProtocolError::MissingToken => "bad_message",
+            | ProtocolError::MissingToken
+            | ProtocolError::BadRpcId
+            | ProtocolError::BadRpc { .. } => "bad_message",
         }
     }
 }
@@ -201,6 +230,13 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
                 None | Some(serde_json::Value::Null) => None,
                 Some(v) => Some(parse_since(v)?),
             },
+            data: match obj.get("data") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(
+                    serde_json::value::to_raw_value(v)
+                        .map_err(|e| ProtocolError::NotJson(e.to_string()))?,
+                ),
+            },
         }),
         "unsubscribe" => Ok(ClientMessage::Unsubscribe {
             event: event("unsubscribe")?,
@@ -232,6 +268,36 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
             }
             _ => Err(ProtocolError::MissingToken),
         },
+        "rpc" => {
+            let id = match obj.get("id") {
+                Some(v @ serde_json::Value::Number(_)) => v.to_string(),
+                Some(v @ serde_json::Value::String(s)) if s.chars().count() <= 128 => v.to_string(),
+                _ => return Err(ProtocolError::BadRpcId),
+            };
+            let bad = |why: String| ProtocolError::BadRpc {
+                id: id.clone(),
+                why,
+            };
+            let method = match obj.get("method") {
+                Some(serde_json::Value::String(m)) if valid_topic(m) => m.clone(),
+                Some(serde_json::Value::String(m)) => {
+                    return Err(bad(format!(
+                        "invalid rpc method \"{}\": must match {TOPIC_PATTERN}",
+                        truncate(m, 140)
+                    )));
+                }
+                _ => return Err(bad("\"rpc\" message needs a \"method\" string".into())),
+            };
+            let data = serde_json::value::to_raw_value(
+                obj.get("data").unwrap_or(&serde_json::Value::Null),
+            )
+            .map_err(|e| bad(e.to_string()))?;
+            Ok(ClientMessage::Rpc {
+                id: RawValue::from_string(id).expect("a serialized JSON value"),
+                method,
+                data,
+            })
+        }
         other => Err(ProtocolError::UnknownType(truncate(other, 64))),
     }
 }
@@ -329,6 +395,32 @@ pub enum ServerMessage<'a> {
         code: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         event: Option<&'a str>,
+        /// The type of the client message this error answers, so that a
+        /// client can match it to what it sent without reading the text.
+        #[serde(rename = "replyTo", skip_serializing_if = "Option::is_none")]
+        reply_to: Option<&'a str>,
+        timestamp: String,
+    },
+    /// The back end's answer to `rpc` `id`.
+    #[serde(rename = "rpc_result")]
+    RpcResult {
+        id: &'a RawValue,
+        data: &'a RawValue,
+        timestamp: String,
+    },
+    /// An `rpc` that got no result: `rpc_failed` (the back end's `error`,
+    /// whose numeric code is `backendCode`), `unavailable`, `forbidden`,
+    /// `bad_message`.
+    #[serde(rename = "error")]
+    RpcError {
+        id: &'a RawValue,
+        error: String,
+        code: &'a str,
+        #[serde(rename = "backendCode", skip_serializing_if = "Option::is_none")]
+        backend_code: Option<i64>,
+        /// Always `rpc`, like `replyTo` of the other `error` frames.
+        #[serde(rename = "replyTo")]
+        reply_to: &'static str,
         timestamp: String,
     },
 }
@@ -476,7 +568,7 @@ mod tests {
     fn parses_every_client_message() {
         assert!(matches!(
             parse_client_message(r#"{"type":"subscribe","event":"ticker"}"#),
-            Ok(ClientMessage::Subscribe { event, since: None }) if event == "ticker"
+            Ok(ClientMessage::Subscribe { event, since: None, data: None }) if event == "ticker"
         ));
         assert!(matches!(
             parse_client_message(r#"{"type":"unsubscribe","event":"a.b:c/d-e_f"}"#),
@@ -513,6 +605,64 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn rpc_and_subscribe_data() {
+        assert!(matches!(
+            parse_client_message(r#"{"type":"subscribe","event":"room.1","data":{"k":[1]}}"#),
+            Ok(ClientMessage::Subscribe { data: Some(d), .. }) if d.get() == r#"{"k":[1]}"#
+        ));
+        assert!(matches!(
+            parse_client_message(r#"{"type":"rpc","id":7,"method":"your_action","data":{"a":1}}"#),
+            Ok(ClientMessage::Rpc { id, method, data })
+                if id.get() == "7" && method == "your_action" && data.get() == r#"{"a":1}"#
+        ));
+        assert!(matches!(
+            parse_client_message(r#"{"type":"rpc","id":"x-1","method":"m"}"#),
+            Ok(ClientMessage::Rpc { id, data, .. }) if id.get() == r#""x-1""# && data.get() == "null"
+        ));
+        for bad in [
+            r#"{"type":"rpc","method":"m"}"#,
+            r#"{"type":"rpc","id":null,"method":"m"}"#,
+            r#"{"type":"rpc","id":{"a":1},"method":"m"}"#,
+        ] {
+            assert_eq!(
+                parse_client_message(bad).unwrap_err(),
+                ProtocolError::BadRpcId,
+                "{bad}"
+            );
+        }
+        let err =
+            parse_client_message(r#"{"type":"rpc","id":"q","method":"bad name"}"#).unwrap_err();
+        assert!(
+            matches!(&err, ProtocolError::BadRpc { id, .. } if id == r#""q""#),
+            "{err:?}"
+        );
+        assert_eq!(err.code(), "bad_message");
+        let frame = ServerMessage::RpcResult {
+            id: &RawValue::from_string("7".into()).unwrap(),
+            data: &RawValue::from_string("[1]".into()).unwrap(),
+            timestamp: "t".into(),
+        }
+        .to_json();
+        assert_eq!(
+            frame,
+            r#"{"type":"rpc_result","id":7,"data":[1],"timestamp":"t"}"#
+        );
+        let frame = ServerMessage::RpcError {
+            id: &RawValue::from_string(r#""a""#.into()).unwrap(),
+            error: "no".into(),
+            code: "rpc_failed",
+            backend_code: Some(1001),
+            reply_to: "rpc",
+            timestamp: "t".into(),
+        }
+        .to_json();
+        assert_eq!(
+            frame,
+            r#"{"type":"error","id":"a","error":"no","code":"rpc_failed","backendCode":1001,"replyTo":"rpc","timestamp":"t"}"#
+        );
     }
 
     #[test]

@@ -179,6 +179,14 @@ async fn pump(node: Node, client: WebSocket, upstream: Upstream, route: ProxyRou
     // What the client is told when the proxy itself ends the connection;
     // `None` when the close came from one of the legs.
     let mut closing: Option<(u16, &'static str)> = None;
+    // What the upstream is told when the proxy or the client ends the
+    // connection (the client's own Close, passed on); the default is for a
+    // close of the proxy's making.
+    let mut upstream_close = Some(tungstenite::protocol::CloseFrame {
+        code: tungstenite::protocol::frame::coding::CloseCode::Away,
+        reason: "client leg closed".into(),
+    });
+    let mut upstream_closed = false;
     loop {
         tokio::select! {
             msg = client_rx.next() => {
@@ -191,16 +199,17 @@ async fn pump(node: Node, client: WebSocket, upstream: Upstream, route: ProxyRou
                         if up_tx.send(tungstenite::Message::Binary(b)).await.is_err() { break; }
                     }
                     Some(Ok(ws::Message::Ping(_) | ws::Message::Pong(_))) => {}
+                    // The client's close is answered first (below), then
+                    // passed on to the upstream with its code.
                     Some(Ok(ws::Message::Close(frame))) => {
-                        let frame = frame.map(|f| tungstenite::protocol::CloseFrame {
+                        upstream_close = frame.map(|f| tungstenite::protocol::CloseFrame {
                             code: f.code.into(),
                             reason: f.reason.as_str().into(),
                         });
-                        let _ = up_tx.send(tungstenite::Message::Close(frame)).await;
                         break;
                     }
                     Some(Err(_)) | None => {
-                        let _ = up_tx.send(tungstenite::Message::Close(None)).await;
+                        upstream_close = None;
                         break;
                     }
                 }
@@ -219,6 +228,7 @@ async fn pump(node: Node, client: WebSocket, upstream: Upstream, route: ProxyRou
                         reason: f.reason.as_str().into(),
                     });
                     let _ = client_tx.send(ws::Message::Close(frame)).await;
+                    upstream_closed = true;
                     break;
                 }
                 Some(Ok(_)) => {}
@@ -255,30 +265,32 @@ async fn pump(node: Node, client: WebSocket, upstream: Upstream, route: ProxyRou
             }
         }
     }
-    if let Some((code, reason)) = closing {
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    // The client leg first: our Close when the proxy ends the connection,
+    // then a flush, which also sends tungstenite's answer to a Close the
+    // client started (its code echoed). A send after the client's Close is
+    // refused by tungstenite, so only the flush can answer it. The client
+    // leg drains itself when dropped (`lingering`).
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if let Some((code, reason)) = closing {
             let _ = client_tx
                 .send(ws::Message::Close(Some(CloseFrame {
                     code,
                     reason: reason.into(),
                 })))
                 .await;
-            let _ = up_tx
-                .send(tungstenite::Message::Close(Some(
-                    tungstenite::protocol::CloseFrame {
-                        code: tungstenite::protocol::frame::coding::CloseCode::Away,
-                        reason: "client leg closed".into(),
-                    },
-                )))
-                .await;
-        })
-        .await;
-    }
-    // Flush both legs, then wait (bounded) for the upstream's answer to our
-    // Close: a WebSocket client lets the server close the TCP connection
-    // first. The client leg drains itself when dropped (`lingering`).
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        }
         let _ = client_tx.close().await;
+    })
+    .await;
+    // Then the upstream: the client's Close (or ours), a flush, and a
+    // bounded wait for its answer: a WebSocket client lets the server close
+    // the TCP connection first.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if !upstream_closed {
+            let _ = up_tx
+                .send(tungstenite::Message::Close(upstream_close))
+                .await;
+        }
         let _ = up_tx.close().await;
         while let Some(Ok(_)) = up_rx.next().await {}
     })

@@ -372,3 +372,57 @@ async fn sigterm_closes_clients_with_1001_and_exits_0() {
     let status = node.wait_exit(Duration::from_secs(8)).expect("exited");
     assert!(status.success(), "{status:?}");
 }
+
+/// Every `error` that answers a message says which type it answers
+/// (`replyTo`), so a client routes it without reading the sentence: here a
+/// topic named like a word of the sentences ("subscribe", "read").
+#[tokio::test]
+async fn errors_name_the_message_they_answer() {
+    let node = Node::start("core-reply-to", &[("WEBSOCKET_MAX_SUBSCRIPTIONS", "1")]);
+    let mut c = Client::connect(&node.ws_url("/ws")).await;
+    c.subscribe("read").await;
+    let cases = [
+        (
+            json!({"type":"subscribe","event":"subscribe"}),
+            "subscription_limit",
+            Some("subscribe"),
+        ),
+        (
+            json!({"type":"request","event":"subscribe"}),
+            "no_data",
+            Some("request"),
+        ),
+        (
+            json!({"type":"publish","event":"read","data":1}),
+            "forbidden",
+            Some("publish"),
+        ),
+        (
+            json!({"type":"publish","event":"device","data":1}),
+            "forbidden",
+            Some("publish"),
+        ),
+        (
+            json!({"type":"subscribe","event":"x","since":{"offset":-1}}),
+            "bad_message",
+            Some("subscribe"),
+        ),
+        (
+            json!({"type":"publish","event":"read"}),
+            "bad_message",
+            Some("publish"),
+        ),
+        (json!({"type":"refresh"}), "bad_message", Some("refresh")),
+        (json!({"type":"nope"}), "bad_type", None),
+    ];
+    for (message, code, reply_to) in cases {
+        c.send(message.clone()).await;
+        let e = c.expect("error").await;
+        assert_eq!(e["code"], code, "{message} → {e}");
+        assert_eq!(
+            e.get("replyTo").and_then(|v| v.as_str()),
+            reply_to,
+            "{message} → {e}"
+        );
+    }
+}

@@ -28,6 +28,10 @@ export interface SwitchboardOptions {
   token?: string | null;
   /** Called before every (re)connect; its token wins over `token`. After a token refusal the client reconnects only when this returns a different token. */
   getToken?: () => string | null | undefined | Promise<string | null | undefined>;
+  /** Connect data for the server's connect hook, sent as `?data=<URL-encoded JSON>` (docs/backend.md). */
+  connectData?: any;
+  /** Called before every (re)connect; its value wins over `connectData`. */
+  getConnectData?: () => any | Promise<any>;
   /** Backoff floor in ms (default 500). */
   minDelay?: number;
   /** Backoff ceiling in ms (default 30000). */
@@ -38,7 +42,7 @@ export interface SwitchboardOptions {
   pingTimeout?: number;
   /** A socket that is not `connected` within this is dropped (default 10000). */
   connectTimeout?: number;
-  /** `request`, `refresh` and `ping` reject after this (default 10000). */
+  /** `request`, `refresh`, `ping` and `rpc` reject after this (default 10000). */
   requestTimeout?: number;
   /** Random source for the jitter (tests). */
   random?: () => number;
@@ -68,20 +72,30 @@ export interface EventMeta {
 export interface SubscribedInfo {
   offset: number | null;
   epoch: string | null;
+  /** Present when the client subscribed with `since` (a resubscription after a reconnect). */
   recovered?: boolean;
+  /** True on a resubscription after a reconnect; false on the first subscription (and for a second `subscribe()` of a topic already subscribed). */
   resubscribed: boolean;
 }
 
+/** The publications replayed after a reconnect: offsets `from`..`to` inclusive (`from` > `to`: nothing was missed), as in `GapInfo`. */
 export interface RecoveredInfo {
+  /** The first offset replayed (the one after the position the client had). */
   from: number;
+  /** The last offset replayed: the topic's newest offset when it resubscribed. */
   to: number;
   epoch: string;
 }
 
+/** Offsets `from`..`to` (inclusive) of `epoch` are lost and will not come. */
 export interface GapInfo {
+  /** The first offset lost. */
   from: number;
+  /** The last offset lost; the subscription goes on after it. */
   to: number;
   epoch: string;
+  /** Present when the server reset the topic's history (a new epoch) and the client already had the new epoch; a position in the old epoch gives `unrecoverable` instead. */
+  previousEpoch?: string;
 }
 
 export interface UnrecoverableInfo {
@@ -97,8 +111,21 @@ export interface UnrecoverableInfo {
 export interface SwitchboardError extends Error {
   code: string;
   topic?: string;
+  /** The `error` frame; its `replyTo` names the message type it answers (`subscribe`, `request`, `publish`, `refresh`, `rpc`), when it answers one. */
   frame: any;
+  /** `rpc` refused by the back end (`code` `rpc_failed`): the back end's numeric error code. */
+  backendCode?: number;
 }
+
+export interface SubscribeOptions {
+  /** Sent to the server's subscribe hook with every (re)subscription. */
+  data?: any;
+}
+
+/** What `refresh()` resolves with. */
+export type RefreshResult =
+  | { expiresAt: number | null; applied: "now" }
+  | { expiresAt: undefined; applied: "on next connect" };
 
 type Listener<T> = (arg: T) => void;
 
@@ -130,11 +157,14 @@ export declare class Switchboard {
   token: string | null;
   connect(): Promise<Switchboard>;
   close(code?: number, reason?: string): void;
-  subscribe(topic: string, handler?: (data: any, meta: EventMeta) => void): Subscription;
+  subscribe(topic: string, handler?: (data: any, meta: EventMeta) => void, options?: SubscribeOptions): Subscription;
+  /** Calls `method` on the application back end (RPC hook); resolves with its `data`, rejects with a `SwitchboardError` (`rpc_failed`, `unavailable`, `forbidden`, `bad_message`, `timeout`). */
+  rpc(method: string, data?: any): Promise<any>;
   /** Throws when not connected. The server sends no acknowledgement. */
   publish(topic: string, data: any, options?: { name?: string }): void;
   request(topic: string): Promise<{ data: any; offset: number | null; timestamp: string }>;
-  refresh(token: string): Promise<{ expiresAt: number | null | undefined }>;
+  /** Not connected: only keeps the token for the next connect (`applied: "on next connect"`). */
+  refresh(token: string): Promise<RefreshResult>;
   /** Round-trip time in ms. */
   ping(): Promise<number>;
   on(event: "connecting", fn: Listener<{ attempt: number }>): this;

@@ -142,6 +142,9 @@ export class Switchboard extends Emitter {
     this._pending = new Map();
     this._refreshes = [];
     this._pings = [];
+    /** rpc id → {resolve, reject, timer} */
+    this._rpcs = new Map();
+    this._rpcSeq = 0;
   }
 
   // === connection ===
@@ -196,9 +199,18 @@ export class Switchboard extends Emitter {
       this.token = token;
     }
     this._lastTokenUsed = token;
+    let data = this.options.connectData;
+    if (this.options.getConnectData) {
+      try {
+        data = await this.options.getConnectData();
+      } catch (err) {
+        this._emit("error", { code: "connect_data", error: `getConnectData failed: ${err?.message ?? err}` });
+      }
+      if (this._closedByUser) return;
+    }
     let socket;
     try {
-      socket = new this.WebSocket(this._socketUrl(token));
+      socket = new this.WebSocket(this._socketUrl(token, data));
     } catch (err) {
       this._settleConnect(err);
       this._setState("closed");
@@ -228,7 +240,7 @@ export class Switchboard extends Emitter {
     };
   }
 
-  _socketUrl(token) {
+  _socketUrl(token, data) {
     let base = this.url;
     if (typeof location !== "undefined" && !/^[a-z]+:\/\//i.test(base)) {
       base = new URL(base, location.href).toString();
@@ -237,6 +249,8 @@ export class Switchboard extends Emitter {
     if (url.protocol === "http:") url.protocol = "ws:";
     if (url.protocol === "https:") url.protocol = "wss:";
     if (token) url.searchParams.set("token", token);
+    // Connect data for the server's connect hook (docs/backend.md).
+    if (data !== undefined && data !== null) url.searchParams.set("data", JSON.stringify(data));
     return url.toString();
   }
 
@@ -366,24 +380,41 @@ export class Switchboard extends Emitter {
   /**
    * Subscribes to `topic`; `handler(data, meta)` gets every publication.
    * Survives reconnects: the topic is subscribed again with `since`.
+   * `options.data` goes to the server's subscribe hook with every
+   * (re)subscription of the topic (the first subscription's data counts).
    */
-  subscribe(topic, handler = () => {}) {
+  subscribe(topic, handler = () => {}, options = {}) {
     const sub = new Subscription(this, topic, handler);
     let t = this._topics.get(topic);
     if (!t) {
-      t = { offset: null, epoch: null, subs: new Set(), confirmed: false, recovering: false, resubscribing: false };
+      t = {
+        offset: null,
+        epoch: null,
+        subs: new Set(),
+        confirmed: false,
+        recovering: false,
+        resubscribing: false,
+        data: options.data,
+      };
       this._topics.set(topic, t);
       t.subs.add(sub);
       if (this.state === "connected") this._sendSubscribe(topic, t);
     } else {
       t.subs.add(sub);
-      if (t.confirmed) this._confirm(sub, { offset: t.offset, epoch: t.epoch });
+      // After subscribe() returned, so that a listener added on the returned
+      // subscription sees its `subscribed` too.
+      if (t.confirmed) {
+        queueMicrotask(() => {
+          if (sub.state === "pending") this._confirm(sub, { offset: t.offset, epoch: t.epoch, resubscribed: false });
+        });
+      }
     }
     return sub;
   }
 
   _sendSubscribe(topic, t) {
     const msg = { type: "subscribe", event: topic };
+    if (t.data !== undefined && t.data !== null) msg.data = t.data;
     t.recovering = t.epoch != null && t.offset != null;
     if (t.recovering) msg.since = { offset: t.offset, epoch: t.epoch };
     this._pendingPush(topic, { kind: "subscribe" });
@@ -431,7 +462,39 @@ export class Switchboard extends Emitter {
     return this._op(topic, "request", () => this._send({ type: "request", event: topic }));
   }
 
-  /** Sends a new token; resolves with `{expiresAt}` once the server took it. */
+  /**
+   * Calls `method` on the application back end (the server's RPC hook):
+   * resolves with the back end's `data`; rejects with an error whose `code`
+   * is `rpc_failed` (the back end refused; its numeric code in
+   * `backendCode`), `unavailable`, `forbidden` or `bad_message`, or on
+   * timeout / disconnect. Calls run concurrently; each answer finds its call
+   * by id.
+   */
+  rpc(method, data = null) {
+    return new Promise((resolve, reject) => {
+      this._rpcSeq += 1;
+      const id = this._rpcSeq;
+      const op = { resolve, reject };
+      op.timer = setTimeout(() => {
+        this._rpcs.delete(id);
+        reject(Object.assign(new Error(`rpc ${method}: no answer within ${this.options.requestTimeout} ms`), { code: "timeout" }));
+      }, this.options.requestTimeout);
+      this._rpcs.set(id, op);
+      try {
+        this._send({ type: "rpc", id, method, data: data === undefined ? null : data });
+      } catch (err) {
+        this._rpcs.delete(id);
+        clearTimeout(op.timer);
+        reject(err);
+      }
+    });
+  }
+
+  /**
+   * Sends a new token; resolves with `{expiresAt, applied: "now"}` once the
+   * server took it, or at once with `{expiresAt: undefined, applied: "on next
+   * connect"}` when not connected (the token is kept for the next connect).
+   */
   refresh(token) {
     if (this.state !== "connected") {
       this.token = token;
@@ -440,7 +503,7 @@ export class Switchboard extends Emitter {
     return this._op(null, "refresh", () => this._send({ type: "refresh", token }), this._refreshes).then(
       (frame) => {
         this.token = token;
-        return { expiresAt: frame.expiresAt ?? null };
+        return { expiresAt: frame.expiresAt ?? null, applied: "now" };
       },
     );
   }
@@ -495,6 +558,11 @@ export class Switchboard extends Emitter {
       }
     }
     this._pending.clear();
+    for (const op of this._rpcs.values()) {
+      clearTimeout(op.timer);
+      op.reject(err);
+    }
+    this._rpcs.clear();
     for (const queue of [this._refreshes, this._pings]) {
       for (const op of queue.splice(0)) {
         clearTimeout(op.timer);
@@ -539,6 +607,15 @@ export class Switchboard extends Emitter {
           op.resolve(msg);
         }
         this._emit("refreshed", msg);
+        return;
+      }
+      case "rpc_result": {
+        const op = this._rpcs.get(msg.id);
+        if (op) {
+          this._rpcs.delete(msg.id);
+          clearTimeout(op.timer);
+          op.resolve(msg.data);
+        }
         return;
       }
       case "pong": {
@@ -588,8 +665,10 @@ export class Switchboard extends Emitter {
     t.everConfirmed = true;
     let outcome = null;
     if (wasRecovering && msg.recovered === true && msg.epoch === previous.epoch) {
-      // Missed publications follow as ordinary events; the offset moves with them.
-      outcome = ["recovered", { from: previous.offset, to: msg.offset, epoch: msg.epoch }];
+      // Missed publications follow as ordinary events; the offset moves with
+      // them. `from`..`to`: the offsets replayed, like a gap's (from > to:
+      // nothing was missed).
+      outcome = ["recovered", { from: previous.offset + 1, to: msg.offset, epoch: msg.epoch }];
     } else {
       if (hasHistory) {
         t.epoch = msg.epoch;
@@ -668,8 +747,10 @@ export class Switchboard extends Emitter {
     let name;
     let info;
     if (t.epoch == null || msg.epoch === t.epoch) {
+      // Our position is in this epoch already: offsets from..to of it are lost.
       name = "gap";
       info = { from: msg.from, to: msg.to, epoch: msg.epoch };
+      if (msg.previousEpoch != null) info.previousEpoch = msg.previousEpoch;
       t.epoch = msg.epoch ?? t.epoch;
       if (t.offset == null || msg.to > t.offset) t.offset = msg.to;
     } else {
@@ -695,43 +776,51 @@ export class Switchboard extends Emitter {
     const code = msg.code;
     const text = String(msg.error ?? "");
     const err = Object.assign(new Error(text || code), { code, topic, frame: msg });
+    if (msg.id !== undefined && this._rpcs.has(msg.id)) {
+      const op = this._rpcs.get(msg.id);
+      this._rpcs.delete(msg.id);
+      clearTimeout(op.timer);
+      if (msg.backendCode !== undefined) err.backendCode = msg.backendCode;
+      op.reject(err);
+      return;
+    }
     if (code === "token_expired") {
       this._emit("token_expired", msg);
     }
+    // What the error answers, from its fields only (never from its text: a
+    // topic may be named like any word of a sentence).
+    const kind = msg.replyTo ?? this._replyToByCode(topic, code);
     let op = null;
-    if (topic != null) {
-      let kind = null;
-      if (code === "no_data") kind = "request";
-      else if (code === "subscription_limit") kind = "subscribe";
-      else if (/subscribe/.test(text)) kind = "subscribe";
-      else if (/\bread\b/.test(text)) kind = "request";
-      else if (/publish|publication|carries device state/.test(text)) kind = "publish";
-      if (kind === null) {
-        const list = this._pending.get(topic);
-        kind = list?.[0]?.kind ?? null;
-      }
-      if (kind === "subscribe") {
-        op = this._take(topic, "subscribe");
-        const t = this._topics.get(topic);
-        if (t && !t.confirmed) {
-          // The server did not subscribe us: forget the topic.
-          this._topics.delete(topic);
-          for (const sub of t.subs) {
-            sub.state = "unsubscribed";
-            sub._emit("error", err);
-            sub._rejectReady(err);
-          }
+    if (kind === "subscribe" && topic != null) {
+      op = this._take(topic, "subscribe");
+      const t = this._topics.get(topic);
+      if (t && !t.confirmed) {
+        // The server did not subscribe us: forget the topic.
+        this._topics.delete(topic);
+        for (const sub of t.subs) {
+          sub.state = "unsubscribed";
+          sub._emit("error", err);
+          sub._rejectReady(err);
         }
-      } else if (kind === "request") {
-        op = this._take(topic, "request");
-        op?.reject(err);
       }
-    } else if (this._refreshes.length && code !== "rate_limited" && code !== "token_expired") {
+    } else if (kind === "request" && topic != null) {
+      op = this._take(topic, "request");
+      op?.reject(err);
+    } else if (kind === "refresh" && this._refreshes.length) {
       op = this._refreshes.shift();
       clearTimeout(op.timer);
       op.reject(err);
     }
     if (!op || op.kind === "subscribe") this._emit("error", err);
+  }
+
+  /** For a server without `replyTo`: what the code and the pending calls tell, or null. */
+  _replyToByCode(topic, code) {
+    if (code === "no_data") return "request";
+    if (code === "subscription_limit") return "subscribe";
+    if (code === "bad_token") return "refresh";
+    const kinds = new Set((topic == null ? [] : (this._pending.get(topic) ?? [])).map((op) => op.kind));
+    return kinds.size === 1 ? [...kinds][0] : null;
   }
 }
 

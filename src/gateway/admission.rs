@@ -1,12 +1,18 @@
-//! What the native WebSocket gateway and the proxy share before and at an
-//! upgrade: who is admitted, and the read buffer size. Both depend on this
-//! module; neither depends on the other for it.
+//! What the native WebSocket gateway, Socket.IO and the proxy share before
+//! and at an upgrade: who is admitted, and the read buffer size. All depend
+//! on this module; none depends on another for it.
+
+use std::net::SocketAddr;
 
 use axum::http::HeaderMap;
+use serde_json::value::RawValue;
 
 use crate::api::ApiError;
 use crate::auth::{self, Identity};
+use crate::backend::HookError;
+use crate::backend::hooks::Hello;
 use crate::node::Node;
+use crate::protocol;
 
 /// tungstenite read buffer size. Every idle connection keeps its read
 /// buffer allocated (CRATE-NOTES: ~5 KiB RSS at 4 KiB, ~2 KiB at 1 KiB), and
@@ -15,8 +21,19 @@ use crate::node::Node;
 pub const READ_BUFFER: usize = 1024;
 
 /// Checks the drain, the connection limit and the client's token before an
-/// upgrade.
+/// upgrade (the proxy's admission: it never asks the connect hook).
 pub fn admit(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Identity, ApiError> {
+    capacity(node)?;
+    let token = auth::token_from(headers, query);
+    node.config()
+        .auth
+        .authenticate(token.as_deref())
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))
+}
+
+/// The drain and the connection limit: a node that is shutting down or
+/// full refuses new clients (503) before anything else is checked.
+pub fn capacity(node: &Node) -> Result<(), ApiError> {
     if node.is_draining() {
         return Err(ApiError::Unavailable("node is shutting down".into()));
     }
@@ -27,9 +44,129 @@ pub fn admit(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Id
             "this node is at its limit of {max} connections; try another node or later"
         )));
     }
-    let token = auth::token_from(headers, query);
-    node.config()
-        .auth
-        .authenticate(token.as_deref())
-        .map_err(|e| ApiError::Unauthorized(e.to_string()))
+    Ok(())
+}
+
+/// Why a client was not admitted; each transport words it its own way
+/// (native: an HTTP status before the upgrade; Socket.IO: `connect_error`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A bad or missing token, or the connect hook's `error` (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The connect hook's `disconnect` (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The connect hook could not decide (503: try again).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Unauthorized(m) => ApiError::Unauthorized(m),
+            Refusal::Forbidden(m) => ApiError::Forbidden(m),
+            Refusal::Unavailable(m) => ApiError::Unavailable(m),
+        }
+    }
+}
+
+/// Who a new client connection is: a client with a token (when tokens are
+/// on) is checked as always; any other asks the connect hook when
+/// `PROXY_CONNECT_URL` is set, and gets the identity its answer describes.
+pub async fn identify(
+    node: &Node,
+    token: Option<&str>,
+    hello: Hello<'_>,
+) -> Result<Identity, Refusal> {
+    let auth = &node.config().auth;
+    if node.hooks().connect_enabled() && auth.wants_hook(token) {
+        let grant = node.hooks().connect(hello).await.map_err(|e| match e {
+            HookError::Refused { message, .. } => Refusal::Unauthorized(message),
+            HookError::Disconnect { reason, .. } => Refusal::Forbidden(reason),
+            HookError::Unavailable(why) => Refusal::Unavailable(why),
+        })?;
+        return auth
+            .from_hook(grant)
+            .map_err(|e| Refusal::Unauthorized(e.to_string()));
+    }
+    auth.authenticate(token)
+        .map_err(|e| Refusal::Unauthorized(e.to_string()))
+}
+
+/// The client's address, from the accept loop (absent for routers served
+/// without `lib::serve`, such as in-process tests).
+pub fn remote_addr(extensions: &axum::http::Extensions) -> Option<SocketAddr> {
+    extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+}
+
+/// The native handshake's connect data: `?data=<URL-encoded JSON>`.
+pub fn connect_data(query: Option<&str>) -> Result<Option<Box<RawValue>>, String> {
+    let Some(raw) = query.and_then(|q| query_value(q, "data")) else {
+        return Ok(None);
+    };
+    let bad = |why: &str| format!("the data query parameter must be URL-encoded JSON: {why}");
+    let text = percent_decode(raw).ok_or_else(|| bad("invalid %-escape or not UTF-8"))?;
+    if protocol::json_depth_exceeds(&text, protocol::MAX_DATA_DEPTH) {
+        return Err(bad(protocol::TOO_DEEP));
+    }
+    let value: Box<RawValue> = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
+    Ok(Some(value))
+}
+
+/// The raw (still encoded) value of `name` in a query string.
+fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// Decodes `%XX` escapes and `+` (a space in query strings).
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_data_from_the_query() {
+        assert!(connect_data(None).unwrap().is_none());
+        assert!(connect_data(Some("token=x")).unwrap().is_none());
+        let d = connect_data(Some("token=x&data=%7B%22room%22%3A%22a+b%22%7D"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.get(), r#"{"room":"a b"}"#);
+        assert_eq!(connect_data(Some("data=42")).unwrap().unwrap().get(), "42");
+        for bad in ["data=%7B", "data=%ZZ", "data=%E2%28", "data="] {
+            let err = connect_data(Some(bad)).unwrap_err();
+            assert!(err.contains("must be URL-encoded JSON"), "{bad}: {err}");
+        }
+        // `metadata=` is not `data=`.
+        assert!(connect_data(Some("metadata=1")).unwrap().is_none());
+    }
 }

@@ -17,15 +17,18 @@
 //! text packets only (binary attachments are refused with an `error` event),
 //! acknowledgements of client events; the server never asks for acks.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::FromRequest;
 use axum::extract::Request;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+use crate::backend::hooks::{Hello, transport};
 use crate::gateway::outbox::{self, Heartbeat, Outbox, WRITE_TIMEOUT, Writer, close};
 use crate::gateway::sio::{self, Ack, Peer, Session};
 use crate::history::GapRange;
@@ -53,15 +56,38 @@ pub fn opens_websocket(req: &Request) -> bool {
     eio4 && websocket
 }
 
+/// What the CONNECT packet's admission needs from the HTTP handshake.
+struct Handshake {
+    token: Option<String>,
+    /// Only the `PROXY_HEADERS` ones, and only with a connect hook: a
+    /// socket keeps this for its whole life.
+    headers: HeaderMap,
+    remote: Option<SocketAddr>,
+}
+
 /// Upgrades and runs the session.
 pub async fn upgrade(node: Node, req: Request) -> Response {
-    let token = crate::auth::token_from(req.headers(), req.uri().query());
+    let mut headers = HeaderMap::new();
+    if node.hooks().connect_enabled() {
+        for name in &node.config().hooks.headers {
+            for value in req.headers().get_all(name.as_str()) {
+                if let Ok(name) = axum::http::HeaderName::from_bytes(name.as_bytes()) {
+                    headers.append(name, value.clone());
+                }
+            }
+        }
+    }
+    let handshake = Handshake {
+        token: crate::auth::token_from(req.headers(), req.uri().query()),
+        headers,
+        remote: crate::gateway::admission::remote_addr(req.extensions()),
+    };
     let ws = match WebSocketUpgrade::from_request(req, &()).await {
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
     };
     let n = node.clone();
-    outbox::upgrade(&n, ws, move |socket| run(node, socket, token))
+    outbox::upgrade(&n, ws, move |socket| run(node, socket, handshake))
 }
 
 /// `42["event",data]`: a Socket.IO EVENT in an Engine.IO MESSAGE.
@@ -126,7 +152,7 @@ impl Subscriber for SocketSubscriber {
     }
 }
 
-async fn run(node: Node, socket: WebSocket, token: Option<String>) {
+async fn run(node: Node, socket: WebSocket, handshake: Handshake) {
     let config = node.config().clone();
     let outbox = Arc::new(Outbox::new(&config, m::transport::SOCKETIO));
     let id = crate::hub::new_conn_id();
@@ -164,7 +190,12 @@ async fn run(node: Node, socket: WebSocket, token: Option<String>) {
                 continue;
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+            Some(Ok(Message::Close(_))) => {
+                outbox.close.request(close::BY_CLIENT);
+                client_closed = true;
+                break;
+            }
+            None | Some(Err(_)) => {
                 client_closed = true;
                 break;
             }
@@ -179,14 +210,7 @@ async fn run(node: Node, socket: WebSocket, token: Option<String>) {
             Some(b'4') => {
                 // Boxed: what a packet may await stays out of every idle
                 // socket's task.
-                let handled = packet(
-                    &node,
-                    &peer,
-                    &outbox,
-                    &mut session,
-                    &text[1..],
-                    token.as_deref(),
-                );
+                let handled = packet(&node, &peer, &outbox, &mut session, &text[1..], &handshake);
                 if !Box::pin(handled).await {
                     client_closed = true;
                     break;
@@ -223,7 +247,7 @@ async fn packet(
     outbox: &Arc<Outbox>,
     session: &mut Option<Arc<Session>>,
     p: &str,
-    token: Option<&str>,
+    handshake: &Handshake,
 ) -> bool {
     let (kind, rest) = p.split_at(p.len().min(1));
     // A namespace other than "/" comes as "/name," right after the type.
@@ -248,8 +272,18 @@ async fn packet(
                 return true;
             }
             let auth: Option<Value> = serde_json::from_str(rest).ok();
-            let token = sio::auth_token(auth.as_ref()).or_else(|| token.map(String::from));
-            match sio::open(node, token.as_deref()) {
+            let token = sio::auth_token(auth.as_ref()).or_else(|| handshake.token.clone());
+            let data = sio::auth_data(auth.as_ref());
+            let id = crate::hub::new_conn_id();
+            let client = format!("{id:016x}");
+            let hello = Hello {
+                client: &client,
+                transport: transport::SOCKETIO,
+                remote: handshake.remote,
+                headers: &handshake.headers,
+                data: data.as_deref(),
+            };
+            match sio::open(node, token.as_deref(), id, hello).await {
                 Ok(s) => {
                     push(
                         outbox,
@@ -291,8 +325,9 @@ async fn packet(
             let data = args
                 .next()
                 .ok_or_else(|| "the event has no argument".to_string());
+            let wants_ack = ack_id.is_some();
             let ack = ack(outbox, ack_id);
-            sio::handle(&event, peer, &s, node, data, ack).await;
+            sio::handle(&event, peer, &s, node, data, ack, wants_ack).await;
             true
         }
         // ACK of a server event (none are asked for), binary packets.

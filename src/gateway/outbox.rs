@@ -40,6 +40,12 @@ pub mod close {
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// The token expired without a `refresh` (application range 3000–3999).
     pub const TOKEN_EXPIRED: u16 = 3000;
+    /// Never sent: marks a close the client started. Its answer is the
+    /// Close frame tungstenite queued when it read the client's (the
+    /// client's code echoed, RFC 6455 §5.5.1), which only a flush sends:
+    /// after the peer's Close tungstenite refuses every other frame. 1005 is
+    /// the code that may never appear on the wire, so it cannot collide.
+    pub const BY_CLIENT: u16 = 1005;
 }
 
 /// Upgrades a client connection with the buffer sizes and limits every
@@ -357,9 +363,11 @@ async fn write_loop(mut w: Writer) {
         }
     };
     // What was queued before the close (an `error` explaining it, say) goes
-    // out first, unless the queue is the problem.
+    // out first, unless the queue is the problem or the client closed (no
+    // data frame may follow its Close).
     if code != close::TRY_AGAIN_LATER
         && code != close::HEARTBEAT_TIMEOUT
+        && code != close::BY_CLIENT
         && outbox.queue.take(&mut batch)
     {
         let pending = async {
@@ -381,11 +389,21 @@ async fn write_loop(mut w: Writer) {
         close::TOKEN_EXPIRED => "token expired",
         _ => "",
     };
-    let frame = Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.into(),
-    }));
-    let _ = tokio::time::timeout(Duration::from_secs(2), w.sink.send(frame)).await;
+    let finish = async {
+        if code != close::BY_CLIENT {
+            let frame = Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }));
+            let _ = w.sink.send(frame).await;
+        }
+        // Flushes whatever tungstenite still holds: our Close, or its answer
+        // to the client's Close when the client started (or both sides
+        // started at once). Dropping the socket then half-closes it and
+        // drains what the client still sends (`Lingering`).
+        let _ = w.sink.close().await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), finish).await;
 }
 
 /// Writes the whole batch and flushes once. Returns false when the

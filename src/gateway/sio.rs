@@ -7,16 +7,20 @@
 //!
 //! On connect a socket follows topic `device` and receives the four state
 //! events. Events: `subscribe`, `unsubscribe`, `request_state`, `publish`,
-//! `refresh` (see `docs/protocol.md`).
+//! `refresh` (see `docs/protocol.md`); with `PROXY_RPC_URL` set, any other
+//! event is an RPC answered by the application back end.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
+use crate::backend::hooks::{Hello, transport};
+use crate::backend::{Caller, Denial, HookError};
 use crate::device::state::{EVENTS, TOPIC};
 use crate::gateway::ws::TokenBucket;
 use crate::hub::{Announce, ConnId, Outcome, Subscriber};
@@ -42,6 +46,8 @@ pub type Ack = Box<dyn FnOnce(Value) + Send>;
 /// Per-socket state.
 pub struct Session {
     pub id: ConnId,
+    /// The outward id: the Socket.IO sid (the hooks' `client`).
+    pub client_id: String,
     topics: Mutex<HashSet<String>>,
     identity: Mutex<Identity>,
     /// Wakes the expiry timer after a `refresh`.
@@ -58,8 +64,9 @@ impl Session {
         self.identity.lock().unwrap().may_subscribe(topic)
     }
 
-    fn may_publish(&self, topic: &str) -> bool {
-        self.identity.lock().unwrap().may_publish(topic)
+    /// A copy of the identity, to hold across a hook call.
+    fn identity(&self) -> Identity {
+        self.identity.lock().unwrap().clone()
     }
 
     /// Records why the server closes the socket (the first reason wins).
@@ -73,10 +80,16 @@ impl Session {
     }
 }
 
-/// Admits a new socket: the node must not be draining or full, and the
-/// token (from the CONNECT auth payload, the query or the headers) must be
-/// accepted. The error is the `connect_error` message.
-pub fn open(node: &Node, token: Option<&str>) -> Result<Arc<Session>, String> {
+/// Admits a new socket as connection `id`: the node must not be draining
+/// or full, and the token (from the CONNECT auth payload, the query or the
+/// headers) must be accepted, or without one the connect hook must admit it
+/// (with `auth.data`). The error is the `connect_error` message.
+pub async fn open(
+    node: &Node,
+    token: Option<&str>,
+    id: ConnId,
+    hello: Hello<'_>,
+) -> Result<Arc<Session>, String> {
     if node.is_draining() {
         return Err("node is shutting down; connect again".into());
     }
@@ -85,16 +98,15 @@ pub fn open(node: &Node, token: Option<&str>) -> Result<Arc<Session>, String> {
     {
         return Err(format!("this node is at its limit of {max} connections"));
     }
-    let identity = node
-        .config()
-        .auth
-        .authenticate(token)
+    let identity = crate::gateway::admission::identify(node, token, hello)
+        .await
         .map_err(|e| e.to_string())?;
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::SOCKETIO).increment(1.0);
     metrics::counter!(m::CONNECTIONS_OPENED, "transport" => m::transport::SOCKETIO).increment(1);
     node.connection_opened();
     Ok(Arc::new(Session {
-        id: crate::hub::new_conn_id(),
+        id,
+        client_id: hello.client.to_string(),
         topics: Mutex::new(HashSet::new()),
         identity: Mutex::new(identity),
         refreshed: Notify::new(),
@@ -105,6 +117,12 @@ pub fn open(node: &Node, token: Option<&str>) -> Result<Arc<Session>, String> {
             .map(|l| Mutex::new(TokenBucket::new(l))),
         closing: Mutex::new(None),
     }))
+}
+
+/// The connect data of a CONNECT auth payload `{"data": …}`.
+pub fn auth_data(auth: Option<&Value>) -> Option<Box<RawValue>> {
+    let data = auth?.get("data").filter(|d| !d.is_null())?;
+    serde_json::value::to_raw_value(data).ok()
 }
 
 /// The token in a CONNECT auth payload `{"token": "…"}`.
@@ -134,10 +152,13 @@ pub async fn connected(peer: &Arc<dyn Peer>, s: &Session, node: &Node) {
     if !s.may_subscribe(TOPIC) {
         return;
     }
+    // The server's own subscription: the identity decides, not the
+    // subscribe hook (docs/backend.md).
     let request = SubscribeRequest {
         topic: TOPIC.to_string(),
         positions: false,
         since: None,
+        data: None,
     };
     if let Err(e) = join(peer, s, node, request, Box::new(|_| {})).await {
         emit_error(&**peer, None, &e);
@@ -161,6 +182,8 @@ struct SubscribeRequest {
     /// one parameter raise `TypeError` on a second one).
     positions: bool,
     since: Option<Since>,
+    /// Passed to the subscribe hook.
+    data: Option<Box<RawValue>>,
 }
 
 async fn join(
@@ -171,9 +194,6 @@ async fn join(
     announce: Announce,
 ) -> Result<(), String> {
     let topic = request.topic.as_str();
-    if !s.may_subscribe(topic) {
-        return Err(format!("not allowed to subscribe to \"{topic}\""));
-    }
     let limit = node.config().max_subscriptions;
     let at_limit = {
         let topics = s.topics.lock().unwrap();
@@ -207,16 +227,22 @@ fn subscribe_arg(data: &Result<Value, String>) -> Result<SubscribeRequest, Strin
             topic,
             positions: false,
             since: None,
+            data: None,
         });
     };
     let since = match (o.get("offset"), o.get("epoch")) {
         (None | Some(Value::Null), None | Some(Value::Null)) => None,
         _ => Some(protocol::parse_since(&Value::Object(o.clone())).map_err(|e| e.to_string())?),
     };
+    let data = match o.get("data") {
+        None | Some(Value::Null) => None,
+        Some(d) => Some(serde_json::value::to_raw_value(d).map_err(|e| e.to_string())?),
+    };
     Ok(SubscribeRequest {
         topic,
         positions: o.contains_key("topic"),
         since,
+        data,
     })
 }
 
@@ -267,8 +293,10 @@ pub const CLIENT_EVENTS: [&str; 5] = [
     "refresh",
 ];
 
-/// Runs client event `event` with its first argument and acknowledgement,
-/// once it is counted and within the rate limit.
+/// Runs client event `event` with its first argument and acknowledgement
+/// (`wants_ack`: the client asked for one), once it is counted and within
+/// the rate limit. Events that are not Switchboard's own are RPCs when
+/// `PROXY_RPC_URL` is set, and ignored otherwise.
 pub async fn handle(
     event: &str,
     peer: &Arc<dyn Peer>,
@@ -276,8 +304,12 @@ pub async fn handle(
     node: &Node,
     data: Result<Value, String>,
     ack: Ack,
+    wants_ack: bool,
 ) {
     let Some(&kind) = CLIENT_EVENTS.iter().find(|&&e| e == event) else {
+        if node.hooks().rpc_enabled() && accept(&**peer, s, "rpc") {
+            rpc(event, peer, s, node, data, wants_ack.then_some(ack));
+        }
         return;
     };
     if !accept(&**peer, s, kind) {
@@ -293,6 +325,96 @@ pub async fn handle(
     }
 }
 
+/// Who this socket is, for the back end.
+fn caller<'a>(s: &'a Session, identity: &'a Identity) -> Caller<'a> {
+    Caller {
+        client: &s.client_id,
+        transport: transport::SOCKETIO,
+        user: identity.user(),
+        info: identity.info().map(|i| &**i),
+    }
+}
+
+/// An event that is not Switchboard's own, as an RPC (method = event name,
+/// data = its first argument). Run in its own task, bounded by
+/// `PROXY_MAX_INFLIGHT` and `PROXY_TIMEOUT_MS`: the socket's other events
+/// go on meanwhile. With an acknowledgement the ack carries the back end's
+/// `data`; a failure acks `{"ok": false, "code", "error"}` and, with or
+/// without an ack, is emitted as an `error` event. Without an ack a result
+/// is dropped (the back end saw the event: fire and forget).
+fn rpc(
+    method: &str,
+    peer: &Arc<dyn Peer>,
+    s: &Session,
+    node: &Node,
+    data: Result<Value, String>,
+    ack: Option<Ack>,
+) {
+    let fail = |ack: Option<Ack>, code: &str, message: String| {
+        if let Some(ack) = ack {
+            ack(json!({"ok": false, "code": code, "error": message}));
+        }
+        peer.emit(
+            "error",
+            &json!({"message": message, "code": code, "event": method, "topic": null}),
+        );
+    };
+    if !protocol::valid_topic(method) {
+        let name: String = method.chars().take(140).collect();
+        return fail(
+            ack,
+            "bad_message",
+            format!("invalid rpc method \"{name}\": must match {TOPIC_PATTERN}"),
+        );
+    }
+    let data = data.unwrap_or(Value::Null);
+    let raw = match serde_json::value::to_raw_value(&data) {
+        Ok(raw) => raw,
+        Err(e) => return fail(ack, "bad_message", e.to_string()),
+    };
+    let identity = s.identity();
+    let call = match node.hooks().rpc(caller(s, &identity), method, &raw) {
+        Ok(call) => call,
+        Err(e) => return fail(ack, "unavailable", e.to_string()),
+    };
+    let peer = peer.clone();
+    let method = method.to_string();
+    tokio::spawn(async move {
+        let (code, message, close) = match call.await {
+            Ok(result) => {
+                if let Some(ack) = ack {
+                    ack(serde_json::from_str(result.get()).unwrap_or(Value::Null));
+                }
+                return;
+            }
+            Err(HookError::Refused { message, .. }) => ("rpc_failed", message, false),
+            Err(HookError::Disconnect { reason, .. }) => ("forbidden", reason, true),
+            Err(HookError::Unavailable(why)) => ("unavailable", why, false),
+        };
+        if let Some(ack) = ack {
+            ack(json!({"ok": false, "code": code, "error": message}));
+        }
+        peer.emit(
+            "error",
+            &json!({"message": message, "code": code, "event": method, "topic": null}),
+        );
+        if close {
+            peer.disconnect();
+        }
+    });
+}
+
+/// Turns a refusal into the ack `{"ok": false, …}` and an `error` event;
+/// the back end's `disconnect` then disconnects the socket.
+fn deny(peer: &dyn Peer, s: &Session, ack: Ack, denial: Denial, topic: &str) {
+    let disconnect = matches!(denial, Denial::Disconnect { .. });
+    reply(peer, ack, Err(denial.to_string()), Some(topic));
+    if disconnect {
+        s.closing(m::reason::SERVER);
+        peer.disconnect();
+    }
+}
+
 /// `subscribe`: the ack goes out when the hub announces the subscription,
 /// before any missed publication is emitted.
 async fn subscribe(
@@ -302,10 +424,23 @@ async fn subscribe(
     data: Result<Value, String>,
     ack: Ack,
 ) {
-    let request = match subscribe_arg(&data) {
+    let mut request = match subscribe_arg(&data) {
         Ok(r) => r,
         Err(e) => return reply(&**peer, ack, Err(e), named_topic(&data).as_deref()),
     };
+    let identity = s.identity();
+    if let Err(denial) = node
+        .hooks()
+        .authorize_subscribe(
+            caller(s, &identity),
+            &identity,
+            &request.topic,
+            request.data.take().as_deref(),
+        )
+        .await
+    {
+        return deny(&**peer, s, ack, denial, &request.topic);
+    }
     let ack = Arc::new(Mutex::new(Some(ack)));
     let topic = request.topic.clone();
     let announce = {
@@ -360,7 +495,7 @@ fn request_state(peer: &Arc<dyn Peer>, s: &Session, node: &Node, ack: Ack) {
 }
 
 /// `publish` with `{"topic", "event"?, "data"}`, allowed by a token's
-/// `publish` claim only.
+/// `publish` claim, or by the publish hook (which may replace the data).
 async fn publish(
     peer: &Arc<dyn Peer>,
     s: &Session,
@@ -368,6 +503,7 @@ async fn publish(
     data: Result<Value, String>,
     ack: Ack,
 ) {
+    let mut denied = None;
     let res = async {
         let topic = topic_arg(&data)?;
         let v = data.as_ref().map_err(|e| e.to_string())?;
@@ -375,9 +511,6 @@ async fn publish(
             return Err(
                 "topic \"device\" carries device state: change it with the device commands".into(),
             );
-        }
-        if !s.may_publish(&topic) {
-            return Err(format!("not allowed to publish to \"{topic}\""));
         }
         let event = match v.get("event") {
             None | Some(Value::Null) => topic.clone(),
@@ -389,6 +522,20 @@ async fn publish(
         if protocol::json_depth_exceeds(raw.get(), protocol::MAX_DATA_DEPTH) {
             return Err(protocol::TOO_DEEP.into());
         }
+        let identity = s.identity();
+        let raw = match node
+            .hooks()
+            .authorize_publish(caller(s, &identity), &identity, &topic, &event, &raw)
+            .await
+        {
+            Ok(Some(replaced)) => replaced,
+            Ok(None) => raw,
+            Err(denial) => {
+                let why = denial.to_string();
+                denied = Some(denial);
+                return Err(why);
+            }
+        };
         node.hub()
             .publish(&topic, &event, &raw)
             .await
@@ -397,6 +544,10 @@ async fn publish(
     }
     .await;
     reply(&**peer, ack, res, named_topic(&data).as_deref());
+    if let Some(Denial::Disconnect { .. }) = denied {
+        s.closing(m::reason::SERVER);
+        peer.disconnect();
+    }
 }
 
 fn reply(peer: &dyn Peer, ack: Ack, res: Result<String, String>, topic: Option<&str>) {
@@ -447,7 +598,7 @@ async fn refresh(
         Some(t) => node
             .config()
             .auth
-            .authenticate(Some(t))
+            .refresh(&s.identity(), t)
             .map_err(|e| format!("refresh refused, the current token still applies: {e}")),
     };
     let identity = match identity {

@@ -15,12 +15,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use socketioxide::extract::{AckSender, SocketRef, State, TryData};
-use socketioxide::handler::ConnectHandler;
+use socketioxide::adapter::LocalAdapter;
+use socketioxide::extract::{AckSender, Event, SocketRef, State, TryData};
+use socketioxide::handler::{ConnectHandler, FromMessageParts};
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::DisconnectReason;
+use socketioxide::socket::Socket;
 use socketioxide::{SendError, SocketError, SocketIo, TransportType};
 
+use crate::backend::hooks::{Hello, transport};
 use crate::gateway::sio::{self, Ack, Peer, Session};
 use crate::history::GapRange;
 use crate::hub::{Delivery, Publication, Subscriber};
@@ -84,6 +87,22 @@ fn data(d: Result<Value, socketioxide::ParserError>) -> Result<Value, String> {
     d.map_err(|e| e.to_string())
 }
 
+/// Whether the client asked for an acknowledgement: an event without one
+/// is a fire-and-forget RPC. (`AckSender` does not say.)
+struct WantsAck(bool);
+
+impl FromMessageParts<LocalAdapter> for WantsAck {
+    type Error = std::convert::Infallible;
+
+    fn from_message_parts(
+        _: &Arc<Socket<LocalAdapter>>,
+        _: &mut socketioxide::handler::Value,
+        ack_id: &Option<i64>,
+    ) -> Result<Self, Self::Error> {
+        Ok(WantsAck(ack_id.is_some()))
+    }
+}
+
 /// Connect middleware: runs before the CONNECT ack. A refusal here reaches
 /// the client as `connect_error` with the message.
 async fn register(
@@ -92,9 +111,19 @@ async fn register(
     TryData(auth): TryData<Value>,
 ) -> Result<(), String> {
     let parts = socket.req_parts();
-    let token = sio::auth_token(auth.as_ref().ok())
+    let auth = auth.ok();
+    let token = sio::auth_token(auth.as_ref())
         .or_else(|| crate::auth::token_from(&parts.headers, parts.uri.query()));
-    let s = sio::open(&node, token.as_deref())?;
+    let connect_data = sio::auth_data(auth.as_ref());
+    let client = socket.id.to_string();
+    let hello = Hello {
+        client: &client,
+        transport: transport::SOCKETIO,
+        remote: crate::gateway::admission::remote_addr(&parts.extensions),
+        headers: &parts.headers,
+        data: connect_data.as_deref(),
+    };
+    let s = sio::open(&node, token.as_deref(), crate::hub::new_conn_id(), hello).await?;
     socket.extensions.insert(s.clone());
     tokio::spawn(sio::expire_when_due(peer(&socket), s));
     for event in sio::CLIENT_EVENTS {
@@ -103,12 +132,25 @@ async fn register(
             async move |socket: SocketRef,
                         State(node): State<Node>,
                         TryData(d): TryData<Value>,
+                        WantsAck(wants): WantsAck,
                         a: AckSender| {
                 let (peer, s) = (peer(&socket), session(&socket));
-                sio::handle(event, &peer, &s, &node, data(d), ack(a)).await;
+                sio::handle(event, &peer, &s, &node, data(d), ack(a), wants).await;
             },
         );
     }
+    // Every other event: an RPC when PROXY_RPC_URL is set (`sio::handle`).
+    socket.on_fallback(
+        async move |socket: SocketRef,
+                    State(node): State<Node>,
+                    Event(event): Event,
+                    TryData(d): TryData<Value>,
+                    WantsAck(wants): WantsAck,
+                    a: AckSender| {
+            let (peer, s) = (peer(&socket), session(&socket));
+            sio::handle(&event, &peer, &s, &node, data(d), ack(a), wants).await;
+        },
+    );
     socket.on_disconnect(on_disconnect);
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! policy, see `docs/protocol.md`) and the fan-out moves on without waiting.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,9 +20,11 @@ use futures_util::stream::SplitStream;
 use serde_json::value::RawValue;
 
 use crate::api::ApiError;
-use crate::auth::Identity;
+use crate::auth::{self, Identity};
+use crate::backend::hooks::{Hello, transport};
+use crate::backend::{Caller, Denial, HookError};
 use crate::config::RateLimit;
-use crate::gateway::admission::admit;
+use crate::gateway::admission::{self, capacity, identify};
 use crate::gateway::outbox::{self, Heartbeat, Liveness, Outbox, WRITE_TIMEOUT, Writer};
 use crate::history::GapRange;
 use crate::hub::{ConnId, Delivery, Outcome, Publication, PublishError, Subscribed, Subscriber};
@@ -36,10 +39,13 @@ pub async fn upgrade(
     State(node): State<Node>,
     headers: axum::http::HeaderMap,
     RawQuery(query): RawQuery,
+    extensions: axum::http::Extensions,
     ws: WebSocketUpgrade,
 ) -> Response {
-    match admit(&node, &headers, query.as_deref()) {
-        Ok(identity) => accept(node, ws, identity, None),
+    let id = crate::hub::new_conn_id();
+    let remote = admission::remote_addr(&extensions);
+    match admit_native(&node, &headers, query.as_deref(), id, remote).await {
+        Ok(identity) => accept(node, ws, id, identity, None),
         Err(refusal) => refusal.into_response(),
     }
 }
@@ -52,6 +58,7 @@ pub async fn upgrade_topic(
     Path(topic): Path<String>,
     headers: axum::http::HeaderMap,
     RawQuery(query): RawQuery,
+    extensions: axum::http::Extensions,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if let Some(name) = topic.strip_prefix("proxy/") {
@@ -67,20 +74,78 @@ pub async fn upgrade_topic(
         )
         .into_response();
     }
-    let identity = match admit(&node, &headers, query.as_deref()) {
+    let id = crate::hub::new_conn_id();
+    let remote = admission::remote_addr(&extensions);
+    let identity = match admit_native(&node, &headers, query.as_deref(), id, remote).await {
         Ok(identity) => identity,
         Err(refusal) => return refusal.into_response(),
     };
-    if !identity.may_subscribe(&topic) {
-        return ApiError::Forbidden(format!("not allowed to subscribe to \"{topic}\""))
-            .into_response();
+    let client = format!("{id:016x}");
+    let caller = caller(&client, &identity);
+    if let Err(denial) = node
+        .hooks()
+        .authorize_subscribe(caller, &identity, &topic, None)
+        .await
+    {
+        return match denial {
+            Denial::Forbidden(why) | Denial::Disconnect { reason: why, .. } => {
+                ApiError::Forbidden(why)
+            }
+            Denial::Unavailable(why) => ApiError::Unavailable(why),
+        }
+        .into_response();
     }
-    accept(node, ws, identity, Some(topic))
+    accept(node, ws, id, identity, Some(topic))
 }
 
-fn accept(node: Node, ws: WebSocketUpgrade, identity: Identity, topic: Option<String>) -> Response {
+/// Admission of a native client: the drain and connection limit, then its
+/// token or the connect hook (with `?data=`), before the upgrade.
+async fn admit_native(
+    node: &Node,
+    headers: &axum::http::HeaderMap,
+    query: Option<&str>,
+    id: ConnId,
+    remote: Option<SocketAddr>,
+) -> Result<Identity, ApiError> {
+    capacity(node)?;
+    let token = auth::token_from(headers, query);
+    let asks_hook =
+        node.hooks().connect_enabled() && node.config().auth.wants_hook(token.as_deref());
+    let data = if asks_hook {
+        admission::connect_data(query).map_err(ApiError::BadRequest)?
+    } else {
+        None
+    };
+    let client = format!("{id:016x}");
+    let hello = Hello {
+        client: &client,
+        transport: transport::WEBSOCKET,
+        remote,
+        headers,
+        data: data.as_deref(),
+    };
+    Ok(identify(node, token.as_deref(), hello).await?)
+}
+
+/// Who a native connection is, for the back end.
+fn caller<'a>(client: &'a str, identity: &'a Identity) -> Caller<'a> {
+    Caller {
+        client,
+        transport: transport::WEBSOCKET,
+        user: identity.user(),
+        info: identity.info().map(|i| &**i),
+    }
+}
+
+fn accept(
+    node: Node,
+    ws: WebSocketUpgrade,
+    id: ConnId,
+    identity: Identity,
+    topic: Option<String>,
+) -> Response {
     let n = node.clone();
-    outbox::upgrade(&n, ws, move |socket| run(node, socket, identity, topic))
+    outbox::upgrade(&n, ws, move |socket| run(node, socket, id, identity, topic))
 }
 
 impl Outbox {
@@ -93,10 +158,17 @@ impl Outbox {
     }
 
     fn error_text(&self, error: String, code: &str, event: Option<&str>) {
+        self.error_reply(None, error, code, event);
+    }
+
+    /// An `error` answering a client message of type `reply_to` (its
+    /// `replyTo` field).
+    fn error_reply(&self, reply_to: Option<&str>, error: String, code: &str, event: Option<&str>) {
         self.send(&ServerMessage::Error {
             error,
             code,
             event,
+            reply_to,
             timestamp: protocol::timestamp(),
         });
     }
@@ -129,9 +201,14 @@ impl Subscriber for Outbox {
 
 // === session ===
 
-async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: Option<String>) {
+async fn run(
+    node: Node,
+    socket: WebSocket,
+    id: ConnId,
+    identity: Identity,
+    initial_topic: Option<String>,
+) {
     let config = node.config().clone();
-    let id: ConnId = crate::hub::new_conn_id();
     let client_id = format!("{id:016x}");
     let outbox = Arc::new(Outbox::new(&config, m::transport::WS));
     let (sink, stream) = socket.split();
@@ -154,13 +231,15 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
     let mut session = Session {
         node: node.clone(),
         id,
+        client_id,
         outbox: outbox.clone(),
         topics: HashSet::new(),
         identity,
         bucket: config.rate_limit.map(TokenBucket::new),
     };
     if let Some(topic) = initial_topic {
-        Box::pin(session.subscribe(topic, None)).await;
+        // Allowed before the upgrade (the subscribe hook included).
+        Box::pin(session.join(topic, None)).await;
     }
     read_loop(&mut session, stream, &mut writer, &liveness).await;
 
@@ -183,6 +262,8 @@ async fn run(node: Node, socket: WebSocket, identity: Identity, initial_topic: O
         close::POLICY => m::reason::POLICY,
         close::HEARTBEAT_TIMEOUT => m::reason::HEARTBEAT,
         close::TOKEN_EXPIRED => m::reason::TOKEN_EXPIRED,
+        // The application back end's `disconnect`.
+        4000..=4999 => m::reason::SERVER,
         _ => m::reason::CLIENT,
     };
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::WS).decrement(1.0);
@@ -246,7 +327,11 @@ async fn read_loop(
                 session.outbox.error(&ProtocolError::Binary, None);
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            Some(Ok(Message::Close(_))) | None => return,
+            Some(Ok(Message::Close(_))) => {
+                session.outbox.close.request(close::BY_CLIENT);
+                return;
+            }
+            None => return,
             Some(Err(err)) => {
                 if is_too_big(err) {
                     session.outbox.close.request(close::TOO_BIG);
@@ -267,6 +352,8 @@ fn is_too_big(err: axum::Error) -> bool {
 struct Session {
     node: Node,
     id: ConnId,
+    /// The outward id (`connected.clientId`, the hooks' `client`).
+    client_id: String,
     outbox: Arc<Outbox>,
     /// Topics this connection is subscribed to; owned by the reader.
     topics: HashSet<String>,
@@ -320,10 +407,11 @@ impl Session {
     /// expiry; topics it no longer allows are unsubscribed. An invalid one
     /// changes nothing.
     async fn refresh(&mut self, token: &str) {
-        let identity = match self.node.config().auth.authenticate(Some(token)) {
+        let identity = match self.node.config().auth.refresh(&self.identity, token) {
             Ok(identity) => identity,
             Err(e) => {
-                self.outbox.error_text(
+                self.outbox.error_reply(
+                    Some("refresh"),
                     format!("refresh refused, the current token still applies: {e}"),
                     "bad_token",
                     None,
@@ -374,8 +462,8 @@ impl Session {
     /// Handles one text frame; returns the message type for metrics.
     async fn handle_text(&mut self, text: &str) -> &'static str {
         match protocol::parse_client_message(text) {
-            Ok(ClientMessage::Subscribe { event, since }) => {
-                self.subscribe(event, since).await;
+            Ok(ClientMessage::Subscribe { event, since, data }) => {
+                self.subscribe(event, since, data).await;
                 "subscribe"
             }
             Ok(ClientMessage::Unsubscribe { event }) => {
@@ -389,16 +477,25 @@ impl Session {
                 });
                 "unsubscribe"
             }
-            Ok(ClientMessage::Request { event }) if !self.identity.may_subscribe(&event) => {
-                self.outbox.error_text(
-                    format!("not allowed to read \"{event}\""),
-                    "forbidden",
-                    Some(&event),
-                );
-                "request"
-            }
             Ok(ClientMessage::Request { event }) => {
-                self.request(&event).await;
+                // Reading a topic is decided like subscribing to it.
+                match self
+                    .node
+                    .hooks()
+                    .authorize_subscribe(self.caller(), &self.identity, &event, None)
+                    .await
+                {
+                    Ok(()) => self.request(&event).await,
+                    Err(Denial::Forbidden(_)) if !self.node.hooks().covers_subscribe(&event) => {
+                        self.outbox.error_reply(
+                            Some("request"),
+                            format!("not allowed to read \"{event}\""),
+                            "forbidden",
+                            Some(&event),
+                        );
+                    }
+                    Err(denial) => self.deny("request", denial, Some(&event)),
+                }
                 "request"
             }
             Ok(ClientMessage::Refresh { token }) => {
@@ -412,56 +509,141 @@ impl Session {
                 "ping"
             }
             Ok(ClientMessage::Publish { event, name, data }) => {
-                if event == crate::device::state::TOPIC {
-                    self.outbox.error_text(
-                        "topic \"device\" carries device state: change it with the device commands"
-                            .into(),
-                        "forbidden",
-                        Some(&event),
-                    );
-                } else if !self.identity.may_publish(&event) {
-                    self.outbox.error_text(
-                        format!("not allowed to publish to \"{event}\""),
-                        "forbidden",
-                        Some(&event),
-                    );
-                } else if let Err(e) = self
-                    .node
-                    .hub()
-                    .publish(&event, name.as_deref().unwrap_or(&event), &data)
-                    .await
-                {
-                    let code = match e {
-                        PublishError::Refused(_) => "bad_message",
-                        PublishError::Unavailable(_) => "unavailable",
-                    };
-                    self.outbox.error_text(
-                        format!("publication not accepted: {e}"),
-                        code,
-                        Some(&event),
-                    );
-                }
+                self.publish(event, name, data).await;
                 "publish"
             }
+            Ok(ClientMessage::Rpc { id, method, data }) => {
+                self.rpc(id, method, data);
+                "rpc"
+            }
+            Err(ProtocolError::BadRpc { id, why }) => {
+                let id = RawValue::from_string(id).expect("the id was read as JSON");
+                rpc_error(&self.outbox, &id, "bad_message", why, None);
+                "invalid"
+            }
             Err(err) => {
-                self.outbox.error(&err, None);
+                self.outbox
+                    .error_reply(err.reply_to(), err.to_string(), err.code(), None);
                 "invalid"
             }
         }
     }
 
-    async fn subscribe(&mut self, topic: String, since: Option<Since>) {
-        if !self.identity.may_subscribe(&topic) {
-            self.outbox.error_text(
-                format!("not allowed to subscribe to \"{topic}\""),
+    /// Who this connection is, for the back end.
+    fn caller(&self) -> Caller<'_> {
+        caller(&self.client_id, &self.identity)
+    }
+
+    /// Tells the client why its message of type `reply_to` was not
+    /// allowed; the back end's `disconnect` also closes the connection with
+    /// its code.
+    fn deny(&self, reply_to: &str, denial: Denial, topic: Option<&str>) {
+        let (code, why, close) = match denial {
+            Denial::Forbidden(why) => ("forbidden", why, None),
+            Denial::Unavailable(why) => ("unavailable", why, None),
+            Denial::Disconnect { code, reason } => ("forbidden", reason, Some(code)),
+        };
+        self.outbox.error_reply(Some(reply_to), why, code, topic);
+        if let Some(code) = close {
+            self.outbox.close.request(code);
+        }
+    }
+
+    /// `publish`: allowed by the identity or by the publish hook, which may
+    /// replace the data. Awaited in the reader, so a client's publications
+    /// keep their order.
+    async fn publish(&mut self, event: String, name: Option<String>, data: Box<RawValue>) {
+        if event == crate::device::state::TOPIC {
+            self.outbox.error_reply(
+                Some("publish"),
+                "topic \"device\" carries device state: change it with the device commands".into(),
                 "forbidden",
-                Some(&topic),
+                Some(&event),
             );
             return;
         }
+        let name = name.as_deref().unwrap_or(&event);
+        let data = match self
+            .node
+            .hooks()
+            .authorize_publish(self.caller(), &self.identity, &event, name, &data)
+            .await
+        {
+            Ok(Some(replaced)) => replaced,
+            Ok(None) => data,
+            Err(denial) => return self.deny("publish", denial, Some(&event)),
+        };
+        if let Err(e) = self.node.hub().publish(&event, name, &data).await {
+            let code = match e {
+                PublishError::Refused(_) => "bad_message",
+                PublishError::Unavailable(_) => "unavailable",
+            };
+            self.outbox.error_reply(
+                Some("publish"),
+                format!("publication not accepted: {e}"),
+                code,
+                Some(&event),
+            );
+        }
+    }
+
+    /// `rpc`: the call runs in its own task (bounded by `PROXY_MAX_INFLIGHT`
+    /// and `PROXY_TIMEOUT_MS`), so the client's other messages, its other
+    /// RPCs included, are not held behind it; the answer carries its `id`.
+    fn rpc(&self, id: Box<RawValue>, method: String, data: Box<RawValue>) {
+        let hooks = self.node.hooks();
+        if !hooks.rpc_enabled() {
+            return rpc_error(
+                &self.outbox,
+                &id,
+                "forbidden",
+                "rpc is not enabled on this node (PROXY_RPC_URL is not set)".into(),
+                None,
+            );
+        }
+        let call = match hooks.rpc(self.caller(), &method, &data) {
+            Ok(call) => call,
+            Err(e) => return rpc_failed(&self.outbox, &id, e),
+        };
+        let outbox = self.outbox.clone();
+        tokio::spawn(async move {
+            match call.await {
+                Ok(data) => outbox.send(&ServerMessage::RpcResult {
+                    id: &id,
+                    data: &data,
+                    timestamp: protocol::timestamp(),
+                }),
+                Err(e) => rpc_failed(&outbox, &id, e),
+            }
+        });
+    }
+
+    /// `subscribe`: allowed by the identity or by the subscribe hook (with
+    /// the client's `data`), awaited in the reader so that a client's
+    /// subscriptions keep their order.
+    async fn subscribe(
+        &mut self,
+        topic: String,
+        since: Option<Since>,
+        data: Option<Box<RawValue>>,
+    ) {
+        if let Err(denial) = self
+            .node
+            .hooks()
+            .authorize_subscribe(self.caller(), &self.identity, &topic, data.as_deref())
+            .await
+        {
+            return self.deny("subscribe", denial, Some(&topic));
+        }
+        self.join(topic, since).await;
+    }
+
+    /// Subscribes an allowed topic: the subscription limit, then the hub.
+    async fn join(&mut self, topic: String, since: Option<Since>) {
         let limit = self.node.config().max_subscriptions;
         if !self.topics.contains(&topic) && self.topics.len() >= limit {
-            self.outbox.error_text(
+            self.outbox.error_reply(
+                Some("subscribe"),
                 format!("subscription limit of {limit} topics per connection reached"),
                 "subscription_limit",
                 Some(&topic),
@@ -515,7 +697,8 @@ impl Session {
             }
             Err(err) => {
                 tracing::warn!(topic, cause = %err, "subscribe failed");
-                self.outbox.error_text(
+                self.outbox.error_reply(
+                    Some("subscribe"),
                     format!("could not subscribe to \"{topic}\": the backplane is unavailable, try again"),
                     "unavailable",
                     Some(&topic),
@@ -540,7 +723,8 @@ impl Session {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    return self.outbox.error_text(
+                    return self.outbox.error_reply(
+                        Some("request"),
                         format!("could not read \"{event}\": {e}"),
                         "unavailable",
                         Some(event),
@@ -555,11 +739,40 @@ impl Session {
                 offset: None,
                 timestamp: protocol::timestamp(),
             }),
-            None => self.outbox.error_text(
+            None => self.outbox.error_reply(
+                Some("request"),
                 format!("no data for \"{event}\": nothing has been published on it yet"),
                 "no_data",
                 Some(event),
             ),
         }
+    }
+}
+
+/// An `error` frame answering `rpc` `id`.
+fn rpc_error(outbox: &Outbox, id: &RawValue, code: &str, error: String, backend_code: Option<i64>) {
+    outbox.send(&ServerMessage::RpcError {
+        id,
+        error,
+        code,
+        backend_code,
+        reply_to: "rpc",
+        timestamp: protocol::timestamp(),
+    });
+}
+
+/// The answer to an RPC the back end did not answer with `result`:
+/// `rpc_failed` for its `error`, `forbidden` (then the close) for its
+/// `disconnect`, `unavailable` otherwise.
+fn rpc_failed(outbox: &Outbox, id: &RawValue, e: HookError) {
+    match e {
+        HookError::Refused { code, message } => {
+            rpc_error(outbox, id, "rpc_failed", message, Some(code))
+        }
+        HookError::Disconnect { code, reason } => {
+            rpc_error(outbox, id, "forbidden", reason, None);
+            outbox.close.request(code);
+        }
+        HookError::Unavailable(why) => rpc_error(outbox, id, "unavailable", why, None),
     }
 }

@@ -220,6 +220,8 @@ test(
     for (let i = 1; i < offsets.length; i++) assert.equal(offsets[i], offsets[i - 1] + 1, `offsets ${offsets}`);
     assert.equal(recovered.length, 1);
     assert.ok(!recovered[0].unrecoverable, JSON.stringify(recovered[0]));
+    // from..to: the offsets replayed (6 to 10), like a gap's from..to.
+    assert.deepEqual([recovered[0].from, recovered[0].to], [offsets[5], offsets[9]]);
     assert.deepEqual(dups, []);
   }),
 );
@@ -268,7 +270,9 @@ test(
     const c = client(s, node.ws, { token: jwt(secret, { sub: "r", exp: now + 60 }) });
     await c.connect();
     const result = await c.refresh(jwt(secret, { sub: "r", exp: now + 3600 }));
-    assert.equal(result.expiresAt, (now + 3600) * 1000);
+    assert.deepEqual(result, { expiresAt: (now + 3600) * 1000, applied: "now" });
+    // A bad token: the refusal answers the refresh (replyTo), whatever its sentence.
+    await assert.rejects(c.refresh("not-a-jwt"), (e) => e.code === "bad_token" && e.frame.replyTo === "refresh");
   }),
 );
 

@@ -98,20 +98,23 @@ export async function startRedis() {
 
 /**
  * Starts a node (HOST=127.0.0.1, PORT=0 unless `port`, no mock events) and
- * waits for its "listening on" line.
+ * waits for its "listening on" line. A setting given as `null` in `env` is
+ * left unset (the binary's default).
  */
 export async function startNode(name, env = {}, { port = 0 } = {}) {
+  const settings = {
+    PATH: process.env.PATH,
+    HOST: "127.0.0.1",
+    PORT: String(port),
+    NODE_ID: name,
+    WEBSOCKET_MOCK_EVENTS: "[]",
+    RUST_LOG: "info",
+    SHUTDOWN_GRACE_MS: "5000",
+    ...env,
+  };
+  for (const [k, v] of Object.entries(settings)) if (v === null) delete settings[k];
   const child = spawn(BIN, [], {
-    env: {
-      PATH: process.env.PATH,
-      HOST: "127.0.0.1",
-      PORT: String(port),
-      NODE_ID: name,
-      WEBSOCKET_MOCK_EVENTS: "[]",
-      RUST_LOG: "info",
-      SHUTDOWN_GRACE_MS: "5000",
-      ...env,
-    },
+    env: settings,
     stdio: ["ignore", "ignore", "pipe"],
   });
   children.add(child);

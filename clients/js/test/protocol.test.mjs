@@ -126,7 +126,7 @@ test("history contract: duplicates dropped, gaps reported, epoch change is unrec
       [5, 5, "news"],
     ]);
     assert.deepEqual(marks.slice(1), [
-      ["recovered", 18, 20],
+      ["recovered", 19, 20],
       ["unrecoverable", "e1", "e2", 4],
     ]);
     assert.equal(sub.epoch, "e2");
@@ -283,7 +283,7 @@ test("request, refresh and server-side unsubscribe", async () => {
     assert.deepEqual(r.data, { v: 1 });
     assert.equal(r.offset, 7);
     await assert.rejects(client.request("b"), (e) => e.code === "no_data");
-    assert.deepEqual(await client.refresh("new"), { expiresAt: 1234 });
+    assert.deepEqual(await client.refresh("new"), { expiresAt: 1234, applied: "now" });
     assert.equal(client.token, "new");
     const sub = client.subscribe("secret");
     const gone = await nextEvent(sub, "unsubscribed");
@@ -293,4 +293,61 @@ test("request, refresh and server-side unsubscribe", async () => {
     client.close();
     await server.close();
   }
+});
+
+test("errors are routed by replyTo, whatever the topic is called; gap keeps previousEpoch", async () => {
+  const server = await fakeServer(async (conn) => {
+    hello(conn);
+    for (;;) {
+      await new Promise((r) => conn.waiters.push(r));
+      for (const f of conn.frames.splice(0)) {
+        // Sentences that name other message types than the one answered.
+        if (f.type === "publish") {
+          conn.send({ type: "error", error: `not allowed to publish to "${f.event}"`, code: "forbidden", event: f.event, replyTo: "publish" });
+        }
+        if (f.type === "subscribe" && f.event === "publish") {
+          conn.send({ type: "error", error: 'not allowed to subscribe to "publish"', code: "forbidden", event: "publish", replyTo: "subscribe" });
+        }
+        if (f.type === "subscribe" && f.event === "news") {
+          conn.send({ type: "subscribed", event: "news", offset: 0, epoch: "e2" });
+          conn.send({ type: "gap", event: "news", from: 1, to: 2, epoch: "e2", previousEpoch: "e1" });
+        }
+        if (f.type === "request") {
+          conn.send({ type: "error", error: `could not read "${f.event}": the subscribe path is down`, code: "unavailable", event: f.event, replyTo: "request" });
+        }
+      }
+    }
+  });
+  const client = new Switchboard(server.url, { WebSocket });
+  try {
+    await client.connect();
+    const errors = [];
+    client.on("error", (e) => errors.push([e.code, e.frame.replyTo, e.topic]));
+    // A pending request on "subscribe" and a refused publish on it: the
+    // publish error is not taken for the request, nor the request's for a subscribe.
+    const pending = client.request("subscribe");
+    client.publish("subscribe", 1);
+    await assert.rejects(pending, (e) => e.code === "unavailable" && e.frame.replyTo === "request");
+    await eventually(() => errors.length === 1, 2000, "the publish error");
+    assert.deepEqual(errors, [["forbidden", "publish", "subscribe"]]);
+    const refused = client.subscribe("publish");
+    await assert.rejects(refused.ready, (e) => e.code === "forbidden");
+    assert.equal(refused.state, "unsubscribed");
+
+    const news = client.subscribe("news");
+    const gap = await nextEvent(news, "gap");
+    assert.deepEqual(gap, { from: 1, to: 2, epoch: "e2", previousEpoch: "e1" });
+    // A second subscribe() of a confirmed topic: resubscribed is false, not absent.
+    const again = client.subscribe("news");
+    const info = await nextEvent(again, "subscribed");
+    assert.equal(info.resubscribed, false);
+  } finally {
+    client.close();
+    await server.close();
+  }
+
+  // Not connected: refresh only keeps the token.
+  const idle = new Switchboard("ws://127.0.0.1:1/ws", { WebSocket });
+  assert.deepEqual(await idle.refresh("later"), { expiresAt: undefined, applied: "on next connect" });
+  assert.equal(idle.token, "later");
 });
