@@ -525,3 +525,133 @@ pub async fn state(State(node): State<Node>) -> AxumJson<Value> {
 pub async fn apps(State(node): State<Node>) -> AxumJson<Value> {
     envelope(node.device().state().event("apps_list"))
 }
+
+// === control ===
+
+/// `POST /api/subscribe` and `/api/unsubscribe`: `{"client"|"user", "topic"}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlTopicBody {
+    #[serde(default)]
+    client: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    topic: String,
+}
+
+/// `POST /api/disconnect`: `{"client"|"user", "code": 4000..4999, "reason"?}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlDisconnectBody {
+    #[serde(default)]
+    client: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    code: u16,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Exactly one of `client` and `user`, neither empty.
+fn control_target(
+    client: Option<String>,
+    user: Option<String>,
+) -> Result<crate::clients::Target, ApiError> {
+    use crate::clients::Target;
+    match (client, user) {
+        (Some(c), None) if !c.is_empty() && c.len() <= 128 => Ok(Target::Client(c)),
+        (None, Some(u)) if !u.is_empty() && u.len() <= 1024 => Ok(Target::User(u)),
+        (Some(_), Some(_)) => Err(ApiError::BadRequest(
+            "give either \"client\" or \"user\", not both".into(),
+        )),
+        (None, None) => Err(ApiError::BadRequest(
+            "give the connection as \"client\": \"<client id>\" or every connection of a user as \"user\": \"<user>\"".into(),
+        )),
+        (Some(_), None) => Err(ApiError::BadRequest(
+            "\"client\" must be a client id (1 to 128 characters)".into(),
+        )),
+        (None, Some(_)) => Err(ApiError::BadRequest(
+            "\"user\" must be a user id (1 to 1024 characters)".into(),
+        )),
+    }
+}
+
+fn control_topic(topic: &str) -> Result<(), ApiError> {
+    if protocol::valid_topic(topic) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "invalid topic \"{}\": must match {TOPIC_PATTERN}",
+            topic.chars().take(140).collect::<String>()
+        )))
+    }
+}
+
+async fn run_control(
+    node: &Node,
+    target: crate::clients::Target,
+    command: crate::clients::Command,
+) -> Result<Response, ApiError> {
+    let reached = node
+        .control()
+        .run(target, command)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let mut data = json!({"reached": reached.reached});
+    if !reached.unanswered.is_empty() {
+        data["unanswered"] = json!(reached.unanswered);
+    }
+    Ok(envelope(data).into_response())
+}
+
+/// `POST /api/subscribe`: a server-side subscription of a connection, or of
+/// every connection of a user, on whichever nodes hold them.
+pub async fn control_subscribe(
+    State(node): State<Node>,
+    Json(body): Json<ControlTopicBody>,
+) -> Result<Response, ApiError> {
+    let target = control_target(body.client, body.user)?;
+    control_topic(&body.topic)?;
+    let command = crate::clients::Command::Subscribe {
+        topic: body.topic.into(),
+    };
+    run_control(&node, target, command).await
+}
+
+/// `POST /api/unsubscribe`: ends those subscriptions (`reason: "server"`).
+pub async fn control_unsubscribe(
+    State(node): State<Node>,
+    Json(body): Json<ControlTopicBody>,
+) -> Result<Response, ApiError> {
+    let target = control_target(body.client, body.user)?;
+    control_topic(&body.topic)?;
+    let command = crate::clients::Command::Unsubscribe {
+        topic: body.topic.into(),
+    };
+    run_control(&node, target, command).await
+}
+
+/// `POST /api/disconnect`: closes the connection(s) with `code`.
+pub async fn control_disconnect(
+    State(node): State<Node>,
+    Json(body): Json<ControlDisconnectBody>,
+) -> Result<Response, ApiError> {
+    let target = control_target(body.client, body.user)?;
+    if !(4000..=4999).contains(&body.code) {
+        return Err(ApiError::BadRequest(format!(
+            "code {} is not valid: use 4000-4499 (the client should reconnect) or 4500-4999 (it should not)",
+            body.code
+        )));
+    }
+    let reason = body.reason.unwrap_or_default();
+    if reason.len() > 123 {
+        return Err(ApiError::BadRequest(
+            "reason is longer than the 123 bytes a WebSocket Close frame can carry".into(),
+        ));
+    }
+    let command = crate::clients::Command::Disconnect {
+        code: body.code,
+        reason: reason.into(),
+    };
+    run_control(&node, target, command).await
+}

@@ -70,6 +70,14 @@ pub mod names {
     pub const AUTH_JWT_LEEWAY_MS: &str = "AUTH_JWT_LEEWAY_MS";
     pub const API_TOKEN: &str = "API_TOKEN";
     pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
+    pub const WEBHOOK_URL: &str = "WEBHOOK_URL";
+    pub const WEBHOOK_SECRET: &str = "WEBHOOK_SECRET";
+    pub const WEBHOOK_RETRY_MS: &str = "WEBHOOK_RETRY_MS";
+    pub const WEBHOOK_BATCH_MAX: &str = "WEBHOOK_BATCH_MAX";
+    pub const WEBHOOK_BATCH_MS: &str = "WEBHOOK_BATCH_MS";
+    pub const WEBHOOK_TIMEOUT_MS: &str = "WEBHOOK_TIMEOUT_MS";
+    pub const WEBHOOK_QUEUE_SIZE: &str = "WEBHOOK_QUEUE_SIZE";
+    pub const WEBHOOK_CLIENT_EVENT_TOPICS: &str = "WEBHOOK_CLIENT_EVENT_TOPICS";
     pub const WEBSOCKET_RATE_LIMIT: &str = "WEBSOCKET_RATE_LIMIT";
     pub const WEBSOCKET_RATE_BURST: &str = "WEBSOCKET_RATE_BURST";
     pub const MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
@@ -139,6 +147,14 @@ pub mod names {
         AUTH_JWT_LEEWAY_MS,
         API_TOKEN,
         ADMIN_TOKEN,
+        WEBHOOK_URL,
+        WEBHOOK_SECRET,
+        WEBHOOK_RETRY_MS,
+        WEBHOOK_BATCH_MAX,
+        WEBHOOK_BATCH_MS,
+        WEBHOOK_TIMEOUT_MS,
+        WEBHOOK_QUEUE_SIZE,
+        WEBHOOK_CLIENT_EVENT_TOPICS,
         WEBSOCKET_RATE_LIMIT,
         WEBSOCKET_RATE_BURST,
         MAX_CONNECTIONS,
@@ -171,7 +187,7 @@ pub mod names {
     ];
 
     /// Settings whose values must never be printed, not even in an error.
-    pub const SECRET: &[&str] = &[AUTH_JWT_SECRET, API_TOKEN, ADMIN_TOKEN];
+    pub const SECRET: &[&str] = &[AUTH_JWT_SECRET, API_TOKEN, ADMIN_TOKEN, WEBHOOK_SECRET];
 }
 
 /// Where setting values come from. Returning `None` means "not set".
@@ -485,6 +501,8 @@ pub struct Config {
     pub auth: Authenticator,
     pub api_token: Option<Secret>,
     pub admin_token: Option<Secret>,
+    /// Signed webhooks to the application back end; `None` without `WEBHOOK_URL`.
+    pub webhooks: Option<WebhookConfig>,
     /// Client messages per second per connection; `None` = unlimited.
     pub rate_limit: Option<RateLimit>,
     /// Client connections per node; `None` = unlimited.
@@ -695,6 +713,30 @@ impl Default for HooksConfig {
     }
 }
 
+/// The `WEBHOOK_*` settings (see `docs/backend.md#webhooks`).
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub url: String,
+    pub secret: Secret,
+    /// How long one batch is retried before its events are dropped.
+    pub retry: Duration,
+    pub batch_max: usize,
+    /// How long the first event of a batch waits for others.
+    pub batch_wait: Duration,
+    /// One POST's time limit; past it the attempt counts as failed.
+    pub timeout: Duration,
+    /// Events this node may hold unsent; past it new ones are dropped.
+    pub queue_size: usize,
+    /// Topics whose client publications become `client_event` webhooks.
+    pub client_event_topics: Vec<Pattern>,
+}
+
+impl WebhookConfig {
+    pub fn client_event(&self, topic: &str) -> bool {
+        self.client_event_topics.iter().any(|p| p.matches(topic))
+    }
+}
+
 /// `WEBSOCKET_RATE_LIMIT` / `WEBSOCKET_RATE_BURST`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
@@ -895,6 +937,7 @@ impl Config {
         let token = secret_value;
         let api_token = p.optional(names::API_TOKEN, token);
         let admin_token = p.optional(names::ADMIN_TOKEN, token);
+        let webhooks = webhook_settings(p);
         let history_topics = p.parse(names::HISTORY_TOPICS, "*", parse_topic_patterns);
         let history_size = p.parse(names::HISTORY_SIZE, "1000", |v| {
             parse_range(v, 1, 1_000_000)
@@ -1002,6 +1045,7 @@ impl Config {
             (names::AUTH_JWT_SECRET, src.get(names::AUTH_JWT_SECRET)),
             (names::API_TOKEN, src.get(names::API_TOKEN)),
             (names::ADMIN_TOKEN, src.get(names::ADMIN_TOKEN)),
+            (names::WEBHOOK_SECRET, src.get(names::WEBHOOK_SECRET)),
         ] {
             if let Some(v) = value.filter(|v| !v.trim().is_empty())
                 && v.trim().len() < 16
@@ -1117,6 +1161,7 @@ impl Config {
             auth,
             api_token: api_token.unwrap(),
             admin_token: admin_token.unwrap(),
+            webhooks: webhooks.unwrap(),
             rate_limit,
             max_connections: Some(max_connections.unwrap()).filter(|n| *n > 0),
             http_body_limit: http_body_limit.unwrap(),
@@ -1193,6 +1238,59 @@ fn default_node_id() -> String {
 }
 
 // === value parsers ===
+
+/// The `WEBHOOK_*` settings: `None` inside when `WEBHOOK_URL` is unset; the
+/// outer `None` when one of them is bad (the error is recorded).
+fn webhook_settings(p: &mut Parser<'_>) -> Option<Option<WebhookConfig>> {
+    let url = p.optional(names::WEBHOOK_URL, |v| match reqwest::Url::parse(v) {
+        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {
+            Ok(v.to_string())
+        }
+        _ => Err(
+            "expected an http:// or https:// URL such as https://app.example.com/webhooks".into(),
+        ),
+    });
+    let secret = p.optional(names::WEBHOOK_SECRET, secret_value);
+    let retry = p.parse(names::WEBHOOK_RETRY_MS, "300000", |v| {
+        parse_ms(v, 0, 7 * 86_400_000)
+    });
+    let batch_max = p.parse(names::WEBHOOK_BATCH_MAX, "100", |v| {
+        parse_range(v, 1, 10_000)
+    });
+    let batch_wait = p.parse(names::WEBHOOK_BATCH_MS, "100", |v| parse_ms(v, 0, 60_000));
+    let timeout = p.parse(names::WEBHOOK_TIMEOUT_MS, "5000", |v| {
+        parse_ms(v, 100, 120_000)
+    });
+    let queue_size = p.parse(names::WEBHOOK_QUEUE_SIZE, "100000", |v| {
+        parse_range(v, 1, 10_000_000)
+    });
+    let topics = p.parse(names::WEBHOOK_CLIENT_EVENT_TOPICS, "", parse_topic_patterns);
+    let (url, secret) = (url?, secret?);
+    let Some(url) = url else {
+        return Some(None);
+    };
+    let Some(secret) = secret else {
+        p.errors.push(ConfigError::new(
+            names::WEBHOOK_SECRET,
+            "",
+            &format!(
+                "required when {} is set: webhooks are signed with it",
+                names::WEBHOOK_URL
+            ),
+        ));
+        return None;
+    };
+    Some(Some(WebhookConfig {
+        url,
+        secret,
+        retry: retry?,
+        batch_max: batch_max?,
+        batch_wait: batch_wait?,
+        timeout: timeout?,
+        queue_size: queue_size?,
+        client_event_topics: topics?,
+    }))
+}
 
 struct Parser<'a> {
     src: &'a dyn Source,
@@ -1551,6 +1649,39 @@ mod tests {
         assert!(text.contains("PORT=99999 is not valid"));
         assert!(text.contains("WEBSOCKET_MOCK_EVENTS={nope is not valid"));
         assert!(text.contains("LOG_FORMAT=xml is not valid"));
+    }
+
+    #[test]
+    fn webhooks_need_a_url_and_a_secret() {
+        assert!(config(&[]).unwrap().webhooks.is_none());
+        let c = config(&[
+            ("WEBHOOK_URL", "http://127.0.0.1:9/hooks"),
+            ("WEBHOOK_SECRET", "0123456789abcdef"),
+            ("WEBHOOK_CLIENT_EVENT_TOPICS", "chat.*"),
+        ])
+        .unwrap();
+        let w = c.webhooks.unwrap();
+        assert_eq!(w.retry, Duration::from_secs(300));
+        assert_eq!(w.batch_max, 100);
+        assert!(w.client_event("chat.room1") && !w.client_event("news"));
+        let err = config(&[("WEBHOOK_URL", "http://127.0.0.1:9/hooks")]).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "WEBHOOK_SECRET=<redacted> is not valid: required when WEBHOOK_URL is set"
+            ),
+            "{err}"
+        );
+        let err = config(&[
+            ("WEBHOOK_URL", "ftp://x"),
+            ("WEBHOOK_SECRET", "s3cret value"),
+            ("WEBHOOK_BATCH_MAX", "0"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.0.len(), 3, "{err}");
+        assert!(
+            err.to_string().contains("WEBHOOK_SECRET=<redacted>"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! - [`auth`]: client tokens (JWT), topic permissions, endpoint tokens.
-//! - [`backend`]: the application back end: connect, subscribe, publish and RPC hooks over HTTP.
+//! - [`backend`]: the application back end: connect, subscribe, publish and RPC hooks over HTTP; signed webhooks.
+//! - [`clients`]: this node's open connections by client id and user; handles that act on them.
+//! - [`control`]: commands for connections on any node (control API); occupancy and dead nodes for webhooks.
 //! - [`config`]: every setting (env vars, flags, env file) and its validation.
 //! - [`protocol`]: wire types of the native JSON protocol and the publisher envelope.
 //! - [`hub`]: topic → local subscribers; the one fan-out of a node, in history order with gap repair.
@@ -25,7 +27,9 @@ pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod backplane;
+pub mod clients;
 pub mod config;
+pub mod control;
 pub mod dashboard;
 pub mod device;
 pub mod election;
@@ -73,6 +77,9 @@ pub fn app(node: Node) -> Router {
         .route("/api/config", post(api::config))
         .route("/api/carousel", post(api::carousel))
         .route("/api/settings", post(api::settings))
+        .route("/api/subscribe", post(api::control_subscribe))
+        .route("/api/unsubscribe", post(api::control_unsubscribe))
+        .route("/api/disconnect", post(api::control_disconnect))
         .route_layer(middleware::from_fn_with_state(
             node.clone(),
             api::require_api_token,

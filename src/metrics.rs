@@ -38,6 +38,25 @@ pub const HISTORY_REPAIRED: &str = "switchboard_history_repaired_publications_to
 pub const HISTORY_GAPS: &str = "switchboard_history_gaps_total";
 /// Client recoveries on subscribe, by `result` (`recovered`, `unrecoverable`).
 pub const HISTORY_RECOVERIES: &str = "switchboard_history_recoveries_total";
+/// Webhook events, by `type` and `outcome` ([`webhook`]).
+pub const WEBHOOK_EVENTS: &str = "switchboard_webhook_events_total";
+/// Webhook events waiting in this node's queue (the batch in flight included).
+pub const WEBHOOK_QUEUE: &str = "switchboard_webhook_queue";
+/// Control commands this node applied (`POST /api/subscribe` etc.), by `command`.
+pub const CONTROL_COMMANDS: &str = "switchboard_control_commands_total";
+
+/// Label values of the webhook metrics.
+pub mod webhook {
+    /// Delivered: the receiver answered 2xx.
+    pub const SENT: &str = "sent";
+    /// Retried for `WEBHOOK_RETRY_MS` without a 2xx, then dropped.
+    pub const EXPIRED: &str = "expired";
+    /// Not queued: the queue held `WEBHOOK_QUEUE_SIZE` events.
+    pub const OVERFLOW: &str = "overflow";
+    /// Not sent: the node stopped with the event still queued.
+    pub const ABANDONED: &str = "abandoned";
+}
+
 /// Frames the leader's driver put on the wire, by `driver`.
 pub const DRIVER_FRAMES: &str = "switchboard_driver_frames_total";
 /// Frames the leader's driver could not send, by `driver`.
@@ -101,6 +120,8 @@ pub mod reason {
     /// Closed by the server for a reason not listed here.
     pub const SERVER: &str = "server";
     pub const ERROR: &str = "error";
+    /// Closed by the back end (`POST /api/disconnect`).
+    pub const BACKEND: &str = "backend";
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -219,6 +240,18 @@ fn describe() {
     describe_histogram!(
         PROXY_DURATION,
         "Duration of calls to the application back end's hooks, by hook."
+    );
+    describe_counter!(
+        WEBHOOK_EVENTS,
+        "Webhook events, by type and outcome (sent, expired, overflow, abandoned)."
+    );
+    describe_gauge!(
+        WEBHOOK_QUEUE,
+        "Webhook events waiting to be sent by this node."
+    );
+    describe_counter!(
+        CONTROL_COMMANDS,
+        "Control API commands applied by this node, by command."
     );
     describe_counter!(
         HISTORY_RECOVERIES,

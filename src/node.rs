@@ -16,10 +16,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::Hooks;
+use crate::backend::webhooks::{Event, Webhooks};
 use crate::backplane::memory::MemoryBackplane;
 use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{self, Backplane, Status};
+use crate::clients::Clients;
 use crate::config::Config;
+use crate::control::memory::{LocalBus, MemoryLedger};
+use crate::control::redis::{RedisControl, RedisLedger};
+use crate::control::watch::{Parts as WatchParts, Watch};
+use crate::control::{ControlBus, Ledger};
 use crate::device::bus::{CommandBus, NoBus, RedisBus};
 use crate::device::store::{DeviceStore, MemoryStore, RedisStore};
 use crate::device::{self, Device};
@@ -50,6 +56,8 @@ struct Backends {
     registry: Arc<dyn Registry>,
     store: Arc<dyn DeviceStore>,
     bus: Arc<dyn CommandBus>,
+    control: Arc<dyn ControlBus>,
+    ledger: Arc<dyn Ledger>,
 }
 
 /// The only place that looks at `REDIS_URL`: memory implementations for one
@@ -58,6 +66,7 @@ fn backends(
     config: &Config,
     inbound_tx: tokio::sync::mpsc::Sender<backplane::Inbound>,
     requests_tx: tokio::sync::mpsc::Sender<device::Request>,
+    clients: &Clients,
     stop: CancellationToken,
 ) -> Result<Backends, BuildError> {
     let Some(url) = &config.redis_url else {
@@ -69,6 +78,8 @@ fn backends(
             registry: Arc::new(MemoryRegistry::default()),
             store: Arc::new(MemoryStore::default()),
             bus: Arc::new(NoBus),
+            control: Arc::new(LocalBus::new(clients.clone())),
+            ledger: Arc::new(MemoryLedger::default()),
         });
     };
     if let Some(ca) = &config.redis_ca_file {
@@ -91,6 +102,16 @@ fn backends(
         requests_tx,
         stop.clone(),
     )?;
+    let registry: Arc<dyn Registry> = Arc::new(RedisRegistry::new(redis.clone(), keys.clone()));
+    let control = RedisControl::start(
+        url,
+        redis.clone(),
+        keys.clone(),
+        config.node_id.clone(),
+        clients.clone(),
+        registry.clone(),
+        stop.clone(),
+    )?;
     Ok(Backends {
         history: RedisHistory::start(redis.clone(), keys.clone(), &config.history, stop.clone()),
         backplane: RedisBackplane::start(
@@ -103,9 +124,11 @@ fn backends(
             stop,
         )?,
         election,
-        registry: Arc::new(RedisRegistry::new(redis.clone(), keys.clone())),
-        store: Arc::new(RedisStore::new(redis, keys)),
+        registry,
+        store: Arc::new(RedisStore::new(redis.clone(), keys.clone())),
         bus,
+        control,
+        ledger: Arc::new(RedisLedger::new(redis, keys)),
     })
 }
 
@@ -142,6 +165,12 @@ struct Inner {
     hooks: Hooks,
     started_at: SystemTime,
     started: Instant,
+    /// This node's client connections, for the control API and webhooks.
+    clients: Clients,
+    control: Arc<dyn ControlBus>,
+    /// Set when `WEBHOOK_URL` is.
+    webhooks: Option<Webhooks>,
+    watch: Option<Watch>,
 }
 
 impl Node {
@@ -156,6 +185,7 @@ impl Node {
         let (inbound_tx, inbound_rx) = backplane::inbound_queue();
         let stop = CancellationToken::new();
         let requests = device::request_queue();
+        let clients = Clients::default();
         let Backends {
             backplane,
             history,
@@ -163,7 +193,15 @@ impl Node {
             registry,
             store,
             bus,
-        } = backends(&config, inbound_tx, requests.0.clone(), stop.clone())?;
+            control,
+            ledger,
+        } = backends(
+            &config,
+            inbound_tx,
+            requests.0.clone(),
+            &clients,
+            stop.clone(),
+        )?;
         let hub = Hub::new(
             backplane.clone(),
             history,
@@ -172,6 +210,20 @@ impl Node {
         );
         hub.spawn_dispatcher(inbound_rx);
         hub.spawn_checker(stop.clone());
+        let webhooks = config
+            .webhooks
+            .clone()
+            .map(|w| Webhooks::start(w, &config.node_id));
+        let watch = webhooks.as_ref().map(|webhooks| {
+            Watch::start(WatchParts {
+                node: config.node_id.clone(),
+                webhooks: webhooks.clone(),
+                ledger,
+                clients: clients.clone(),
+                hub: hub.clone(),
+                leadership: election.watch(),
+            })
+        });
         let device = Device::new(device::Parts {
             apps: config.device_apps.clone(),
             store,
@@ -215,6 +267,10 @@ impl Node {
                 hooks,
                 started_at: SystemTime::now(),
                 started: Instant::now(),
+                clients,
+                control,
+                webhooks,
+                watch,
             }),
         };
         tokio::spawn(announce_loop(node.clone()));
@@ -244,6 +300,38 @@ impl Node {
 
     pub fn registry(&self) -> &Arc<dyn Registry> {
         &self.inner.registry
+    }
+
+    /// This node's open client connections.
+    pub fn clients(&self) -> &Clients {
+        &self.inner.clients
+    }
+
+    /// Commands for connections on any node (the control API).
+    pub fn control(&self) -> &Arc<dyn ControlBus> {
+        &self.inner.control
+    }
+
+    /// The webhook queue, when `WEBHOOK_URL` is set.
+    pub fn webhooks(&self) -> Option<&Webhooks> {
+        self.inner.webhooks.as_ref()
+    }
+
+    /// A client's publication was accepted: a `client_event` webhook when
+    /// the topic matches `WEBHOOK_CLIENT_EVENT_TOPICS`.
+    pub fn client_published(
+        &self,
+        topic: &str,
+        event: &str,
+        data: &RawValue,
+        client: &str,
+        user: &str,
+    ) {
+        if let Some(w) = &self.inner.webhooks
+            && w.config().client_event(topic)
+        {
+            w.emit(Event::client_event(topic, event, data, client, user));
+        }
     }
 
     /// What this node would announce about itself now.
@@ -397,6 +485,11 @@ impl Node {
                 open = self.connections(),
                 "grace period over with sessions still open"
             );
+        }
+        // Webhooks: the last disconnections and vacated topics, delivered
+        // within what is left of the grace period.
+        if let Some(w) = &self.inner.watch {
+            w.shutdown(deadline).await;
         }
         self.inner.stop.cancel();
         self.inner

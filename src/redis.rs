@@ -138,6 +138,55 @@ impl Keys {
         format!("{}:reply:{id}", self.prefix)
     }
 
+    /// Control commands for every node (`POST /api/subscribe`, …): classic
+    /// pub/sub, which a cluster carries to every node.
+    pub fn control(&self) -> String {
+        format!("{}:control", self.prefix)
+    }
+
+    /// Answers to the control commands node `id` sent.
+    pub fn control_replies(&self, id: &str) -> String {
+        format!("{}:control-reply:{id}", self.prefix)
+    }
+
+    /// The set of nodes whose clients subscribe to `topic` (webhooks'
+    /// occupancy), in the topic's slot on a cluster.
+    pub fn occupancy(&self, topic: &str) -> String {
+        if self.cluster {
+            format!("{}:occupancy:{{{topic}}}", self.prefix)
+        } else {
+            format!("{}:occupancy:{topic}", self.prefix)
+        }
+    }
+
+    /// The last seq of `topic`'s occupancy transitions (kept a day), in the
+    /// slot of [`Keys::occupancy`].
+    pub fn occupancy_seq(&self, topic: &str) -> String {
+        if self.cluster {
+            format!("{}:occupancy-seq:{{{topic}}}", self.prefix)
+        } else {
+            format!("{}:occupancy-seq:{topic}", self.prefix)
+        }
+    }
+
+    /// The topics node `id` has added itself to (its share of occupancy),
+    /// so that the reaper can take it back when the node dies.
+    pub fn node_topics(&self, id: &str) -> String {
+        format!("{}:node-topics:{id}", self.own())
+    }
+
+    /// Node `id`'s clients whose `client_connected` webhook may have gone
+    /// out: client id → `{"user", "transport"}`.
+    pub fn node_clients(&self, id: &str) -> String {
+        format!("{}:node-clients:{id}", self.own())
+    }
+
+    /// The nodes that keep `node_topics` / `node_clients` entries: the ones
+    /// the reaper watches.
+    pub fn tracked_nodes(&self) -> String {
+        format!("{}:tracked-nodes", self.own())
+    }
+
     /// A channel this node publishes probes on and listens to, to prove its
     /// subscriber connection still receives; `tag` places it on a shard.
     pub fn probe(&self, node: &str, tag: u32) -> String {
@@ -410,6 +459,51 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// Any command whose first argument is its key (routed to the key's
+    /// slot on a cluster), under the command timeout.
+    pub async fn command<R: FromValue>(
+        &self,
+        name: &'static str,
+        args: Vec<String>,
+    ) -> Result<R, RedisError> {
+        within(
+            COMMAND_TIMEOUT,
+            self.c().custom(
+                fred::cmd!(name, hash: fred::types::ClusterHash::FirstKey),
+                args,
+            ),
+        )
+        .await
+    }
+}
+
+/// A reply as JSON-like nested lists of strings, for scripts that answer
+/// arrays of arrays (`Nested::List`), strings or integers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Nested {
+    Nil,
+    Text(String),
+    List(Vec<Nested>),
+}
+
+impl FromValue for Nested {
+    fn from_value(value: Value) -> Result<Self, fred::error::Error> {
+        Ok(match value {
+            Value::Null => Nested::Nil,
+            Value::Array(items) => Nested::List(
+                items
+                    .into_iter()
+                    .map(Nested::from_value)
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Integer(i) => Nested::Text(i.to_string()),
+            Value::Boolean(b) => Nested::Text(if b { "1" } else { "0" }.into()),
+            other => Nested::Text(other.convert::<String>()?),
+        })
+    }
+}
+
 /// One element of a function's array reply: integers as their decimal text.
 fn reply_bytes(v: Value) -> Result<bytes::Bytes, RedisError> {
     match v {
@@ -612,5 +706,20 @@ mod tests {
         assert_eq!(k.device(), "switchboard:device");
         assert_eq!(k.node("a"), "switchboard:node:a");
         assert_eq!(k.topic_of("switchboard:t:a/b"), Some("a/b"));
+        assert_eq!(k.control(), "switchboard:control");
+        assert_eq!(k.control_replies("a"), "switchboard:control-reply:a");
+        assert_eq!(k.occupancy("news"), "switchboard:occupancy:news");
+        assert_eq!(k.node_clients("a"), "switchboard:node-clients:a");
+    }
+
+    #[test]
+    fn a_dead_nodes_keys_share_one_slot() {
+        let k = Keys::new("sb", Mode::Cluster);
+        let slot = |key: &str| fred::util::redis_keyslot(key.as_bytes());
+        assert_eq!(slot(&k.node_clients("a")), slot(&k.node("a")));
+        assert_eq!(slot(&k.node_topics("a")), slot(&k.node("a")));
+        assert_eq!(slot(&k.tracked_nodes()), slot(&k.node("a")));
+        assert_eq!(slot(&k.occupancy("news")), slot(&k.topic("news")));
+        assert_eq!(slot(&k.occupancy_seq("news")), slot(&k.topic("news")));
     }
 }

@@ -137,6 +137,10 @@ export declare class Subscription {
   readonly epoch: string | null;
   /** Resolves on the first `subscribed`; rejects when the server refuses the subscription. */
   readonly ready: Promise<Subscription>;
+  /** True when the back end made it (`POST /api/subscribe`); see the client's `subscription` event. */
+  readonly serverSide: boolean;
+  /** Gets every publication of the topic; set it on a server-side subscription. */
+  handler: (data: any, meta: EventMeta) => void;
   unsubscribe(): void;
   on(event: "subscribed", fn: Listener<SubscribedInfo>): this;
   on(event: "recovered", fn: Listener<RecoveredInfo>): this;
@@ -175,6 +179,8 @@ export declare class Switchboard {
   on(event: "gap", fn: Listener<GapInfo & { topic: string }>): this;
   on(event: "unrecoverable", fn: Listener<UnrecoverableInfo & { topic: string }>): this;
   on(event: "unsubscribed", fn: Listener<{ topic: string; reason: string }>): this;
+  /** The back end subscribed this connection to a topic (`POST /api/subscribe`). */
+  on(event: "subscription", fn: Listener<Subscription>): this;
   on(event: "refreshed", fn: Listener<{ expiresAt: number | null }>): this;
   on(event: "token_expired", fn: Listener<any>): this;
   on(event: "duplicate", fn: Listener<EventMeta>): this;

@@ -7,6 +7,12 @@ export const VERSION = "0.1.0";
 
 /** Close codes after which the client reconnects (when it did not close itself). */
 const RECONNECT_CODES = new Set([1000, 1001, 1005, 1006, 1011, 1012, 1013, 1014]);
+/**
+ * Codes the application back end closes with (`POST /api/disconnect`):
+ * 4000–4499 mean "reconnect", 4500–4999 "do not".
+ */
+const BACKEND_RECONNECT = [4000, 4499];
+const BACKEND_FINAL = [4500, 4999];
 /** Close code and reason the server sends when a client token expires. */
 const TOKEN_EXPIRED = 3000;
 /** Close code this client uses when it drops a silent or stuck connection. */
@@ -77,11 +83,13 @@ export function backoff(attempt, minDelay, maxDelay, random = Math.random) {
 
 /** One `subscribe()` call: its handler, its events and the topic's position. */
 export class Subscription extends Emitter {
-  constructor(client, topic, handler) {
+  constructor(client, topic, handler, serverSide = false) {
     super();
     this.client = client;
     this.topic = topic;
     this.handler = handler;
+    /** Made by the back end (`POST /api/subscribe`), not by `subscribe()`. */
+    this.serverSide = serverSide;
     /** @type {"pending"|"subscribed"|"unsubscribed"} */
     this.state = "pending";
     this.ready = new Promise((resolve, reject) => {
@@ -283,8 +291,9 @@ export class Switchboard extends Emitter {
     if (this._closedByUser) return;
     const status = this._opened ? null : this._handshakeStatus;
     const refused = status === 401 || status === 403 || code === TOKEN_EXPIRED;
-    let retry = RECONNECT_CODES.has(code) || code === LIVENESS;
-    if (refused) retry = false;
+    let retry =
+      RECONNECT_CODES.has(code) || code === LIVENESS || (code >= BACKEND_RECONNECT[0] && code <= BACKEND_RECONNECT[1]);
+    if (refused || (code >= BACKEND_FINAL[0] && code <= BACKEND_FINAL[1])) retry = false;
     const info = { code, reason, status, wasConnected };
     if (refused && this.options.getToken) {
       // Stop unless getToken() has a token other than the refused one.
@@ -653,9 +662,13 @@ export class Switchboard extends Emitter {
 
   _onSubscribed(msg) {
     const topic = msg.event;
-    this._take(topic, "subscribe");
-    const t = this._topics.get(topic);
-    if (!t) return;
+    const asked = this._take(topic, "subscribe");
+    let t = this._topics.get(topic);
+    if (!t) {
+      // The answer to our own subscribe of a topic dropped since.
+      if (asked) return;
+      t = this._serverSubscription(topic);
+    }
     const hasHistory = typeof msg.epoch === "string";
     const previous = { offset: t.offset, epoch: t.epoch };
     const wasRecovering = t.recovering;
@@ -695,6 +708,19 @@ export class Switchboard extends Emitter {
       if (outcome) sub._emit(outcome[0], outcome[1]);
     }
     if (outcome) this._emit(outcome[0], { topic, ...outcome[1] });
+  }
+
+  /**
+   * The back end subscribed this connection (`POST /api/subscribe`): the
+   * topic becomes a subscription like any other (kept across reconnects,
+   * subscribed again with `since`), announced with a `subscription` event.
+   */
+  _serverSubscription(topic) {
+    const sub = new Subscription(this, topic, () => {}, true);
+    const t = { offset: null, epoch: null, subs: new Set([sub]), confirmed: false, recovering: false, resubscribing: false };
+    this._topics.set(topic, t);
+    this._emit("subscription", sub);
+    return t;
   }
 
   _onUnsubscribed(msg) {

@@ -285,10 +285,9 @@ async fn packet(
             };
             match sio::open(node, token.as_deref(), id, hello).await {
                 Ok(s) => {
-                    push(
-                        outbox,
-                        format!("40{}", json!({"sid": format!("{:016x}", s.id)})),
-                    );
+                    let sid = format!("{:016x}", s.id);
+                    push(outbox, format!("40{}", json!({"sid": &sid})));
+                    sio::register(node, peer, &s);
                     tokio::spawn(sio::expire_when_due(peer.clone(), s.clone()));
                     sio::connected(peer, &s, node).await;
                     *session = Some(s);

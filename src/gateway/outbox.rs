@@ -80,6 +80,9 @@ const WRITE_BUFFER: usize = 4 * 1024;
 pub struct CloseSignal {
     code: AtomicU16,
     notify: Notify,
+    /// The Close frame's reason text when the closer gave one (the back
+    /// end's `POST /api/disconnect`); set only by the winning request.
+    reason: std::sync::OnceLock<Box<str>>,
 }
 
 impl CloseSignal {
@@ -94,8 +97,31 @@ impl CloseSignal {
         first
     }
 
+    /// Like [`CloseSignal::request`], with the Close frame's reason text
+    /// (cut to the 123 bytes a Close frame can carry).
+    pub fn request_with_reason(&self, code: u16, reason: &str) -> bool {
+        let first = self
+            .code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if first {
+            let mut end = reason.len().min(123);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            let _ = self.reason.set(reason[..end].into());
+            self.notify.notify_one();
+        }
+        first
+    }
+
     pub fn code(&self) -> u16 {
         self.code.load(Ordering::Acquire)
+    }
+
+    /// The reason given with [`CloseSignal::request_with_reason`].
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.get().map(|r| &**r)
     }
 }
 
@@ -190,6 +216,7 @@ impl Outbox {
             close: CloseSignal {
                 code: AtomicU16::new(0),
                 notify: Notify::new(),
+                reason: std::sync::OnceLock::new(),
             },
             transport,
         }
@@ -387,7 +414,7 @@ async fn write_loop(mut w: Writer) {
         close::HEARTBEAT_TIMEOUT => "heartbeat timeout",
         close::POLICY => "policy violation",
         close::TOKEN_EXPIRED => "token expired",
-        _ => "",
+        _ => w.outbox.close.reason().unwrap_or(""),
     };
     let finish = async {
         if code != close::BY_CLIENT {

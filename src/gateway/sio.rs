@@ -11,7 +11,8 @@
 //! event is an RPC answered by the application back end.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -57,6 +58,8 @@ pub struct Session {
     bucket: Option<Mutex<TokenBucket>>,
     /// Why the server is disconnecting this socket, for the metric.
     closing: Mutex<Option<&'static str>>,
+    /// Its place in the node's client registry, ended on disconnect.
+    registration: Mutex<Option<crate::clients::Registration>>,
 }
 
 impl Session {
@@ -116,6 +119,7 @@ pub async fn open(
             .rate_limit
             .map(|l| Mutex::new(TokenBucket::new(l))),
         closing: Mutex::new(None),
+        registration: Mutex::new(None),
     }))
 }
 
@@ -123,6 +127,120 @@ pub async fn open(
 pub fn auth_data(auth: Option<&Value>) -> Option<Box<RawValue>> {
     let data = auth?.get("data").filter(|d| !d.is_null())?;
     serde_json::value::to_raw_value(data).ok()
+}
+
+/// Puts an admitted socket in the node's client registry under its `sid`,
+/// so that the back end can reach it (control API) and hears of it
+/// (webhooks). Call once, right after [`open`].
+pub fn register(node: &Node, peer: &Arc<dyn Peer>, s: &Arc<Session>) {
+    let id: Arc<str> = s.client_id.as_str().into();
+    let (user, info) = {
+        let identity = s.identity.lock().unwrap();
+        (identity.user().into(), identity.info().cloned())
+    };
+    let handle = Arc::new(Handle {
+        peer: peer.clone(),
+        session: Arc::downgrade(s),
+        node: node.clone(),
+        pending: Arc::new(AtomicUsize::new(0)),
+    });
+    let registration = node.clients().register(
+        crate::clients::ClientInfo {
+            id,
+            user,
+            info,
+            transport: crate::clients::transport::SOCKETIO,
+        },
+        handle,
+    );
+    *s.registration.lock().unwrap() = Some(registration);
+}
+
+/// How the registry reaches a socket: each command runs in a task of its
+/// own (the session's state is behind its own locks), at most
+/// [`crate::clients::PENDING_COMMANDS`] at a time per socket.
+struct Handle {
+    peer: Arc<dyn Peer>,
+    /// Weak: the registry must not keep a gone socket's session alive.
+    session: Weak<Session>,
+    node: Node,
+    pending: Arc<AtomicUsize>,
+}
+
+impl crate::clients::Handle for Handle {
+    fn send(&self, command: crate::clients::Command) -> bool {
+        let Some(s) = self.session.upgrade() else {
+            return false;
+        };
+        if s.gone.is_cancelled()
+            || self.pending.fetch_add(1, Ordering::AcqRel) >= crate::clients::PENDING_COMMANDS
+        {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        let (peer, node, pending) = (self.peer.clone(), self.node.clone(), self.pending.clone());
+        tokio::spawn(async move {
+            server_command(&peer, &s, &node, command).await;
+            pending.fetch_sub(1, Ordering::AcqRel);
+        });
+        true
+    }
+}
+
+/// A control API command: `subscribe` (no permission check: the back end
+/// decided; acknowledged with a `subscribed` event), `unsubscribe` (an
+/// `unsubscribed` event with `reason: "server"`), `disconnect` (a
+/// `server_disconnect` event `{code, reason, reconnect}`, then
+/// `io server disconnect`).
+async fn server_command(
+    peer: &Arc<dyn Peer>,
+    s: &Session,
+    node: &Node,
+    command: crate::clients::Command,
+) {
+    use crate::clients::Command;
+    match command {
+        Command::Subscribe { topic } => {
+            let request = SubscribeRequest {
+                topic: topic.to_string(),
+                positions: false,
+                since: None,
+                data: None,
+            };
+            let announce = {
+                let peer = peer.clone();
+                Box::new(move |outcome: &Outcome| {
+                    let mut ack = subscribe_ack(&topic, outcome);
+                    if let Some(o) = ack.as_object_mut() {
+                        o.remove("ok");
+                    }
+                    peer.emit("subscribed", &ack);
+                })
+            };
+            let name = request.topic.clone();
+            if let Err(e) = join(peer, s, node, request, announce).await {
+                emit_error(&**peer, Some(&name), &e);
+            }
+        }
+        Command::Unsubscribe { topic } => {
+            let was = s.topics.lock().unwrap().remove(&*topic);
+            if was {
+                node.hub().unsubscribe(&topic, s.id).await;
+                peer.emit(
+                    "unsubscribed",
+                    &json!({"topic": &*topic, "reason": "server"}),
+                );
+            }
+        }
+        Command::Disconnect { code, reason } => {
+            peer.emit(
+                "server_disconnect",
+                &json!({"code": code, "reason": &*reason, "reconnect": code < 4500}),
+            );
+            s.closing(m::reason::BACKEND);
+            peer.disconnect();
+        }
+    }
 }
 
 /// The token in a CONNECT auth payload `{"token": "…"}`.
@@ -410,7 +528,7 @@ fn deny(peer: &dyn Peer, s: &Session, ack: Ack, denial: Denial, topic: &str) {
     let disconnect = matches!(denial, Denial::Disconnect { .. });
     reply(peer, ack, Err(denial.to_string()), Some(topic));
     if disconnect {
-        s.closing(m::reason::SERVER);
+        s.closing(m::reason::BACKEND);
         peer.disconnect();
     }
 }
@@ -540,12 +658,14 @@ async fn publish(
             .publish(&topic, &event, &raw)
             .await
             .map_err(|e| format!("publication not accepted: {e}"))?;
+        let user = s.identity.lock().unwrap().user().to_string();
+        node.client_published(&topic, &event, &raw, &s.client_id, &user);
         Ok(topic)
     }
     .await;
     reply(&**peer, ack, res, named_topic(&data).as_deref());
     if let Some(Denial::Disconnect { .. }) = denied {
-        s.closing(m::reason::SERVER);
+        s.closing(m::reason::BACKEND);
         peer.disconnect();
     }
 }
@@ -674,6 +794,10 @@ pub async fn expire_when_due(peer: Arc<dyn Peer>, s: Arc<Session>) {
 /// The socket is gone: leave its topics, count it with `reason`.
 pub async fn disconnected(s: &Session, node: &Node, reason: &'static str) {
     s.gone.cancel();
+    let registration = s.registration.lock().unwrap().take();
+    if let Some(r) = registration {
+        r.end(reason);
+    }
     let topics: Vec<String> = s.topics.lock().unwrap().drain().collect();
     for topic in topics {
         node.hub().unsubscribe(&topic, s.id).await;

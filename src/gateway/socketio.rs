@@ -124,6 +124,7 @@ async fn register(
         data: connect_data.as_deref(),
     };
     let s = sio::open(&node, token.as_deref(), crate::hub::new_conn_id(), hello).await?;
+    sio::register(&node, &peer(&socket), &s);
     socket.extensions.insert(s.clone());
     tokio::spawn(sio::expire_when_due(peer(&socket), s));
     for event in sio::CLIENT_EVENTS {

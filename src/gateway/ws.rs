@@ -228,6 +228,16 @@ async fn run(
     };
     let (mut writer, liveness) = Writer::spawn(sink, &outbox, &node, id, heartbeat);
 
+    let mailbox = Arc::new(crate::clients::Mailbox::default());
+    let registration = node.clients().register(
+        crate::clients::ClientInfo {
+            id: client_id.as_str().into(),
+            user: identity.user().into(),
+            info: identity.info().cloned(),
+            transport: crate::clients::transport::WEBSOCKET,
+        },
+        mailbox.clone(),
+    );
     let mut session = Session {
         node: node.clone(),
         id,
@@ -241,7 +251,7 @@ async fn run(
         // Allowed before the upgrade (the subscribe hook included).
         Box::pin(session.join(topic, None)).await;
     }
-    read_loop(&mut session, stream, &mut writer, &liveness).await;
+    read_loop(&mut session, stream, &mut writer, &liveness, &mailbox).await;
 
     // The reader is done: let the writer send its close frame and finish.
     // The socket is dropped with the writer's half; `Lingering` then
@@ -262,10 +272,10 @@ async fn run(
         close::POLICY => m::reason::POLICY,
         close::HEARTBEAT_TIMEOUT => m::reason::HEARTBEAT,
         close::TOKEN_EXPIRED => m::reason::TOKEN_EXPIRED,
-        // The application back end's `disconnect`.
-        4000..=4999 => m::reason::SERVER,
+        4000..=4999 => m::reason::BACKEND,
         _ => m::reason::CLIENT,
     };
+    registration.end(reason);
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::WS).decrement(1.0);
     metrics::counter!(m::CONNECTIONS_CLOSED, "transport" => m::transport::WS, "reason" => reason)
         .increment(1);
@@ -277,6 +287,7 @@ async fn read_loop(
     mut stream: SplitStream<WebSocket>,
     writer: &mut tokio::task::JoinHandle<()>,
     liveness: &Liveness,
+    commands: &crate::clients::Mailbox,
 ) {
     // Armed while the token has an `exp`; a `refresh` moves it. Boxed, and
     // only then: an idle connection's task stays small.
@@ -300,6 +311,13 @@ async fn read_loop(
             _ = expired => {
                 session.expire();
                 return;
+            }
+            // The back end (control API) acts on this connection.
+            command = commands.recv() => {
+                if Box::pin(session.command(command)).await {
+                    return;
+                }
+                continue;
             }
         };
         liveness.heard();
@@ -529,6 +547,30 @@ impl Session {
         }
     }
 
+    /// A command of the control API; true when the connection must close.
+    async fn command(&mut self, command: crate::clients::Command) -> bool {
+        use crate::clients::Command;
+        match command {
+            // Server-side: the back end decided, no permission check.
+            Command::Subscribe { topic } => self.join(topic.to_string(), None).await,
+            Command::Unsubscribe { topic } => {
+                if self.topics.remove(&*topic) {
+                    self.node.hub().unsubscribe(&topic, self.id).await;
+                    self.outbox.send(&ServerMessage::Unsubscribed {
+                        event: &topic,
+                        reason: Some("server"),
+                        timestamp: protocol::timestamp(),
+                    });
+                }
+            }
+            Command::Disconnect { code, reason } => {
+                self.outbox.close.request_with_reason(code, &reason);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Who this connection is, for the back end.
     fn caller(&self) -> Caller<'_> {
         caller(&self.client_id, &self.identity)
@@ -573,17 +615,26 @@ impl Session {
             Ok(None) => data,
             Err(denial) => return self.deny("publish", denial, Some(&event)),
         };
-        if let Err(e) = self.node.hub().publish(&event, name, &data).await {
-            let code = match e {
-                PublishError::Refused(_) => "bad_message",
-                PublishError::Unavailable(_) => "unavailable",
-            };
-            self.outbox.error_reply(
-                Some("publish"),
-                format!("publication not accepted: {e}"),
-                code,
-                Some(&event),
-            );
+        match self.node.hub().publish(&event, name, &data).await {
+            Ok(_) => self.node.client_published(
+                &event,
+                name,
+                &data,
+                &self.client_id,
+                self.identity.user(),
+            ),
+            Err(e) => {
+                let code = match e {
+                    PublishError::Refused(_) => "bad_message",
+                    PublishError::Unavailable(_) => "unavailable",
+                };
+                self.outbox.error_reply(
+                    Some("publish"),
+                    format!("publication not accepted: {e}"),
+                    code,
+                    Some(&event),
+                );
+            }
         }
     }
 

@@ -45,7 +45,7 @@ pub use publication::Publication;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use serde_json::value::RawValue;
@@ -188,7 +188,17 @@ impl Members {
     fn is_empty(&self) -> bool {
         self.slices.iter().all(HashMap::is_empty)
     }
+
+    /// Subscribers that are client connections (the node's own excluded).
+    fn clients(&self) -> usize {
+        self.slices.iter().map(HashMap::len).sum::<usize>() - usize::from(self.contains(INTERNAL))
+    }
 }
+
+/// Told when a topic's local client subscribers go from none to some or
+/// back (webhooks' occupancy). Called under the topic's lock, so it must
+/// not block; it reads [`Hub::has_clients`] for the state.
+pub type Observer = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Holds a history subscriber's publications until its `subscribed` answer
 /// and replay are queued, then filters through its seam. Only the dispatcher
@@ -240,6 +250,7 @@ struct Inner {
     /// Steps that must run in order with the publications, on the dispatcher.
     control: mpsc::Sender<Control>,
     control_rx: Mutex<Option<mpsc::Receiver<Control>>>,
+    observer: OnceLock<Observer>,
 }
 
 /// Work for the dispatcher besides publications.
@@ -293,6 +304,7 @@ impl Hub {
                 },
                 control,
                 control_rx: Mutex::new(Some(control_rx)),
+                observer: OnceLock::new(),
             }),
         }
     }
@@ -313,6 +325,32 @@ impl Hub {
     /// `HISTORY_SIZE`: the most a read of one topic can return.
     pub fn history_size(&self) -> usize {
         self.inner.history_config.size
+    }
+
+    /// Sets the observer of client occupancy (once).
+    pub fn set_observer(&self, observer: Observer) {
+        let _ = self.inner.observer.set(observer);
+    }
+
+    /// Whether `topic` has local client subscribers.
+    pub fn has_clients(&self, topic: &str) -> bool {
+        self.inner
+            .topics
+            .read()
+            .unwrap()
+            .get(topic)
+            .is_some_and(|subs| subs.clients() > 0)
+    }
+
+    /// Tells the observer when `topic` just got its first or lost its last
+    /// client subscriber (`clients`: the count after `id` was added or removed).
+    fn observe(&self, topic: &str, id: ConnId, clients: usize, added: bool) {
+        if id != INTERNAL
+            && clients == usize::from(added)
+            && let Some(observer) = self.inner.observer.get()
+        {
+            observer(topic);
+        }
     }
 
     fn topic_lock(&self, topic: &str) -> &tokio::sync::Mutex<()> {
@@ -349,11 +387,13 @@ impl Hub {
                     Some(subs) if subs.contains(id) => None,
                     Some(subs) => {
                         subs.insert(id, member);
+                        self.observe(topic, id, subs.clients(), true);
                         Some(false)
                     }
                     None => {
                         let mut subs = Members::new(self.inner.fanout.slices);
                         subs.insert(id, member);
+                        self.observe(topic, id, subs.clients(), true);
                         topics.insert(Arc::from(topic), subs);
                         Some(true)
                     }
@@ -376,6 +416,7 @@ impl Hub {
                 let mut topics = self.inner.topics.write().unwrap();
                 if let Some(subs) = topics.get_mut(topic) {
                     subs.remove(id);
+                    self.observe(topic, id, subs.clients(), false);
                     if subs.is_empty() {
                         topics.remove(topic);
                     }
@@ -437,6 +478,9 @@ impl Hub {
                 return false;
             };
             let removed = subs.remove(id).is_some();
+            if removed {
+                self.observe(topic, id, subs.clients(), false);
+            }
             (removed, removed && subs.is_empty())
         };
         if removed && id != INTERNAL {
@@ -658,6 +702,40 @@ mod tests {
         assert!(!hub.unsubscribe("t", 1).await);
         assert_eq!(hub.topic_count(), 0);
         assert_eq!(hub.subscription_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_observer_hears_the_first_and_the_last_client_of_a_topic_only() {
+        let (hub, rx) = testing::hub(&[]);
+        hub.spawn_dispatcher(rx);
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let h = heard.clone();
+        hub.set_observer(Arc::new(move |t: &str| {
+            h.lock().unwrap().push(t.to_string())
+        }));
+        let p: Arc<dyn Subscriber> = Arc::new(Probe::default());
+        // The node's own subscriber is not a client.
+        hub.subscribe("t", INTERNAL, p.clone(), None, quiet())
+            .await
+            .unwrap();
+        assert!(!hub.has_clients("t"));
+        hub.subscribe("t", 1, p.clone(), None, quiet())
+            .await
+            .unwrap();
+        hub.subscribe("t", 2, p.clone(), None, quiet())
+            .await
+            .unwrap();
+        hub.subscribe("t", 2, p.clone(), None, quiet())
+            .await
+            .unwrap();
+        assert!(hub.has_clients("t"));
+        assert_eq!(*heard.lock().unwrap(), ["t"]);
+        hub.unsubscribe("t", 1).await;
+        assert_eq!(heard.lock().unwrap().len(), 1);
+        hub.unsubscribe("t", 2).await;
+        assert!(!hub.has_clients("t"));
+        hub.unsubscribe("t", INTERNAL).await;
+        assert_eq!(*heard.lock().unwrap(), ["t", "t"]);
     }
 
     /// Counts backplane (un)subscribe calls.

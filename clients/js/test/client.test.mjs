@@ -317,3 +317,68 @@ test(
     assert.equal(seen.size, total);
   }),
 );
+
+test(
+  "control API: a server-side subscription shows up; close 4000-4499 reconnects, 4500 does not (issue 19)",
+  scoped(async (s) => {
+    const token = "js-control-api-token";
+    const node = await s.node("js-control", { API_TOKEN: token });
+    const api = (p, body) => node.post(p, body, { authorization: `Bearer ${token}` });
+    const c = client(s, node.ws);
+    await c.connect();
+    const first = c.clientId;
+
+    // The back end subscribes this connection: a Subscription appears.
+    const made = nextEvent(c, "subscription");
+    const r = await api("/api/subscribe", { client: first, topic: "alerts" });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    assert.equal(r.body.data.reached, 1);
+    const sub = await made;
+    assert.equal(sub.topic, "alerts");
+    assert.equal(sub.serverSide, true);
+    await sub.ready;
+    assert.equal(sub.state, "subscribed");
+    const got = [];
+    sub.handler = (data) => got.push(data);
+    await node.post("/api/publish", { topic: "alerts", data: { n: 1 } }, { authorization: `Bearer ${token}` });
+    await eventually(() => got.length === 1, 5000, "the publication");
+    assert.deepEqual(got, [{ n: 1 }]);
+
+    // 4001: the client reconnects, and keeps the subscription (subscribed
+    // again with its position, so nothing published meanwhile is lost).
+    const down = nextEvent(c, "disconnected");
+    assert.equal((await api("/api/disconnect", { client: first, code: 4001, reason: "rebalance" })).body.data.reached, 1);
+    const d = await down;
+    assert.equal(d.code, 4001);
+    assert.equal(d.reason, "rebalance");
+    assert.equal(d.willReconnect, true);
+    await nextEvent(c, "connected", 10000);
+    assert.notEqual(c.clientId, first);
+    await eventually(() => sub.state === "subscribed" && c._topics.get("alerts")?.confirmed, 5000, "resubscribed");
+    await node.post("/api/publish", { topic: "alerts", data: { n: 2 } }, { authorization: `Bearer ${token}` });
+    await eventually(() => got.length === 2, 5000, "the publication after the reconnect");
+
+    // Server-side unsubscribe: the subscription ends with reason "server".
+    const ended = nextEvent(sub, "unsubscribed");
+    assert.equal((await api("/api/unsubscribe", { client: c.clientId, topic: "alerts" })).body.data.reached, 1);
+    assert.deepEqual(await ended, { reason: "server" });
+    assert.equal(sub.state, "unsubscribed");
+
+    // 4500: closed for good, no reconnect.
+    const final = nextEvent(c, "disconnected");
+    let attempts = 0;
+    c.on("connecting", () => attempts++);
+    assert.equal((await api("/api/disconnect", { client: c.clientId, code: 4500, reason: "banned" })).body.data.reached, 1);
+    const f = await final;
+    assert.equal(f.code, 4500);
+    assert.equal(f.reason, "banned");
+    assert.equal(f.willReconnect, false);
+    assert.equal(c.state, "closed");
+    // Longer than the client's largest backoff (maxDelay 1000 ms here).
+    await sleep(1500);
+    assert.equal(attempts, 0);
+    assert.equal(c.state, "closed");
+    const health = await node.get("/api/health");
+    assert.equal(health.body.connections, 0);
+  }),
+);

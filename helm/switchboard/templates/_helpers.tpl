@@ -308,6 +308,9 @@ Rules the schema cannot express. Fails the render with a readable message.
 {{- if and $publicKey .Values.secrets.AUTH_JWT_SECRET }}
 {{- fail "set either secrets.AUTH_JWT_SECRET (HS256) or a public key (files.jwtPublicKey / config.AUTH_JWT_PUBLIC_KEY_FILE), not both: the binary refuses both" }}
 {{- end }}
+{{- if and .Values.config.WEBHOOK_URL (not .Values.secrets.WEBHOOK_SECRET) (not .Values.existingSecret) }}
+{{- fail "config.WEBHOOK_URL needs secrets.WEBHOOK_SECRET (or WEBHOOK_SECRET in existingSecret): webhooks are signed" }}
+{{- end }}
 {{- if and (not (include "switchboard.hasRedis" .)) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
 {{- fail "more than one replica needs a shared Redis: set redis.enabled=true, redis.url, or existingSecret with REDIS_URL (or replicaCount=1 for a single embedded node)" }}
 {{- end }}
