@@ -125,34 +125,100 @@ async function reloadState() {
   refreshFrame();
 }
 
+// === the live board ===
+// The leader publishes every changed frame on topic `device.frame`
+// (docs/protocol.md, "The live frame stream"); the page draws those. A
+// frame from an older leader (lower epoch) is ignored. GET /api/frame draws
+// the board once at start and after a reconnect (the stream sends nothing
+// while the picture stays the same), and every second if the stream is
+// refused (a client token that may not read it).
+
+const board = { epoch: 0, streamed: 0, live: false, poll: null };
+
+function showFrame({ width, height, rgb, app, brightness, epoch }) {
+  const canvas = $("preview");
+  const ctx = canvas.getContext("2d");
+  const img = ctx.createImageData(width, height);
+  let lit = 0;
+  for (let i = 0; i < width * height; i++) {
+    const [r, g, b] = [rgb[i * 3], rgb[i * 3 + 1], rgb[i * 3 + 2]];
+    img.data[i * 4] = r;
+    img.data[i * 4 + 1] = g;
+    img.data[i * 4 + 2] = b;
+    img.data[i * 4 + 3] = 255;
+    if (r || g || b) lit++;
+  }
+  ctx.putImageData(img, 0, 0);
+  canvas.dataset.app = app;
+  canvas.dataset.brightness = brightness;
+  $("frame-epoch").textContent = epoch;
+  $("lit-pixels").textContent = lit;
+}
+
+/** RGB bytes of a stream frame (`runs` or `rgb` encoding), or null if it is not a whole frame. */
+function decodeFrame(d) {
+  if (!d || d.width !== 64 || d.height !== 32) return null;
+  const n = d.width * d.height;
+  const rgb = new Uint8ClampedArray(n * 3);
+  try {
+    if (d.encoding === "rgb") {
+      const bin = atob(d.pixels);
+      if (bin.length !== n * 3) return null;
+      for (let i = 0; i < bin.length; i++) rgb[i] = bin.charCodeAt(i);
+      return rgb;
+    }
+    if (d.encoding !== "runs" || !Array.isArray(d.palette)) return null;
+    const palette = d.palette.map((c) => [0, 2, 4].map((k) => parseInt(String(c).substr(k, 2), 16)));
+    const runs = atob(d.runs);
+    let at = 0;
+    for (let i = 0; i + 1 < runs.length; i += 2) {
+      const color = palette[runs.charCodeAt(i + 1)];
+      const len = runs.charCodeAt(i) + 1;
+      if (!color || at + len > n) return null;
+      for (let k = 0; k < len; k++, at++) rgb.set(color, at * 3);
+    }
+    return at === n ? rgb : null;
+  } catch {
+    return null;
+  }
+}
+
+function onStreamFrame(d) {
+  if (typeof d?.epoch !== "number" || d.epoch < board.epoch) return;
+  const rgb = decodeFrame(d);
+  if (!rgb) return;
+  board.epoch = d.epoch;
+  board.streamed++;
+  showFrame({ width: d.width, height: d.height, rgb, app: d.app, brightness: d.brightness, epoch: d.epoch });
+}
+
+function setFrameSource(live, why) {
+  board.live = live;
+  $("frame-source").textContent = live ? "live stream" : `polling GET /api/frame (${why})`;
+  clearInterval(board.poll);
+  board.poll = live ? null : setInterval(() => refreshFrame(), 1000);
+}
+
 let frameSeq = 0;
-/** Redraws the preview from GET /api/frame; asks again while the node's copy lags the page's. */
+/** Draws GET /api/frame; asks again while the node's copy lags the page's. A stream frame that arrives meanwhile wins. */
 async function refreshFrame(tries = 0) {
   const seq = ++frameSeq;
+  const streamed = board.streamed;
   let frame;
   try {
     frame = (await api("/api/frame")).data;
   } catch {
     return;
   }
-  if (seq !== frameSeq) return;
+  if (seq !== frameSeq || board.streamed !== streamed) return;
   const s = page.state;
   if (s && tries < 10 && (frame.app !== s.current_app || frame.brightness !== s.settings.brightness)) {
     setTimeout(() => refreshFrame(tries + 1), 50);
     return;
   }
-  const canvas = $("preview");
-  const ctx = canvas.getContext("2d");
-  const img = ctx.createImageData(frame.width, frame.height);
-  for (let i = 0; i < frame.width * frame.height; i++) {
-    for (let k = 0; k < 3; k++) img.data[i * 4 + k] = parseInt(frame.pixels.substr(i * 6 + k * 2, 2), 16);
-    img.data[i * 4 + 3] = 255;
-  }
-  ctx.putImageData(img, 0, 0);
-  canvas.dataset.app = frame.app;
-  canvas.dataset.brightness = frame.brightness;
-  $("frame-epoch").textContent = frame.epoch;
-  $("lit-pixels").textContent = frame.litPixels;
+  const rgb = new Uint8ClampedArray(frame.width * frame.height * 3);
+  for (let i = 0; i < rgb.length; i++) rgb[i] = parseInt(frame.pixels.substr(i * 2, 2), 16);
+  showFrame({ ...frame, rgb });
 }
 
 async function command(path, body) {
@@ -162,7 +228,7 @@ async function command(path, body) {
     const { data } = await api(path, { method: "POST", body, auth: "api" });
     page.state = data;
     renderBoard();
-    refreshFrame();
+    if (!board.live) refreshFrame();
   } catch (err) {
     out.textContent = err.status === 401 ? "The API token is missing or wrong: enter it under Tokens." : `Command failed: ${err.message}`;
     if (err.status === 401) showTokens(true);
@@ -206,13 +272,15 @@ async function refreshCluster() {
   $("readiness").textContent = health.status === "ok" ? "ready" : `not ready (${health.reason ?? health.status})`;
   $("backplane").textContent = `${health.backplane}${health.backplaneConnected ? "" : " (disconnected)"}`;
   const nodes = health.nodes ?? [];
+  sampleActivity(nodes);
   const body = $("nodes").tBodies[0];
   body.replaceChildren(
     ...nodes.map((n) => {
       const tr = document.createElement("tr");
       tr.dataset.node = n.id;
       const role = n.leader ? "leader" : "follower";
-      for (const v of [n.id + (n.id === health.node ? " (this page)" : ""), role, n.epoch, n.connectedClients, n.topics, n.subscriptions, n.version]) {
+      const rate = activity.last.get(n.id)?.rate;
+      for (const v of [n.id + (n.id === health.node ? " (this page)" : ""), role, n.epoch, n.connectedClients, n.topics, n.subscriptions, rate == null ? "–" : rate.toFixed(1), n.version]) {
         const td = document.createElement("td");
         td.textContent = v;
         tr.append(td);
@@ -231,6 +299,114 @@ async function refreshCluster() {
   } else {
     $("cluster-totals").textContent = "";
   }
+}
+
+// === activity chart ===
+// Deliveries per second and connections per node, from the figures every
+// node announces (GET /api/health `nodes`: `delivered` is a running count,
+// so two announcements give a rate). The last 60 samples (2 minutes).
+
+const activity = { samples: [], last: new Map(), colors: new Map() };
+const SERIES_COLORS = ["#e07a10", "#2a8ad4", "#2aa84a", "#c83ca0", "#8a6ad8", "#c8a800", "#d04040", "#20a8a8"];
+
+function sampleActivity(nodes) {
+  const point = { t: Date.now(), nodes: new Map() };
+  for (const n of nodes) {
+    const at = Date.parse(n.updatedAt) || point.t;
+    const prev = activity.last.get(n.id);
+    let rate = prev?.rate ?? null;
+    if (prev && at > prev.at) rate = Math.max(0, ((n.delivered ?? 0) - prev.delivered) / ((at - prev.at) / 1000));
+    if (!prev || at > prev.at) activity.last.set(n.id, { at, delivered: n.delivered ?? 0, rate });
+    if (!activity.colors.has(n.id)) activity.colors.set(n.id, SERIES_COLORS[activity.colors.size % SERIES_COLORS.length]);
+    point.nodes.set(n.id, { rate, connections: n.connectedClients });
+  }
+  activity.samples.push(point);
+  if (activity.samples.length > 60) activity.samples.shift();
+  drawActivity();
+  $("chart").dataset.samples = activity.samples.length;
+  $("chart-now").textContent = nodes.length
+    ? `Now: ${nodes.map((n) => {
+        const v = point.nodes.get(n.id);
+        return `${n.id} ${v.rate == null ? "–" : v.rate.toFixed(1)} deliveries/s, ${v.connections} connection(s)`;
+      }).join("; ")}`
+    : "No node figures yet.";
+}
+
+function drawActivity() {
+  const canvas = $("chart");
+  const ctx = canvas.getContext("2d");
+  const W = canvas.width;
+  const H = canvas.height;
+  const dark = matchMedia("(prefers-color-scheme: dark)").matches;
+  const ink = dark ? "#ddd" : "#222";
+  const grid = dark ? "#555" : "#ccc";
+  ctx.clearRect(0, 0, W, H);
+  ctx.font = "12px system-ui, sans-serif";
+  const legendH = 18;
+  const panelH = (H - legendH) / 2;
+  const panels = [
+    { title: "deliveries/s", value: (v) => v.rate },
+    { title: "connections", value: (v) => v.connections },
+  ];
+  const ids = [...activity.colors.keys()];
+  panels.forEach((panel, p) => {
+    const top = p * panelH;
+    const left = 44;
+    const right = W - 8;
+    const bottom = top + panelH - 8;
+    const plotTop = top + 18;
+    let max = 1;
+    for (const s of activity.samples) for (const v of s.nodes.values()) max = Math.max(max, panel.value(v) ?? 0);
+    max = niceCeil(max);
+    ctx.fillStyle = ink;
+    ctx.fillText(panel.title, left, top + 12);
+    ctx.strokeStyle = grid;
+    ctx.lineWidth = 1;
+    ctx.beginPath();
+    ctx.moveTo(left, plotTop);
+    ctx.lineTo(left, bottom);
+    ctx.lineTo(right, bottom);
+    ctx.stroke();
+    ctx.textAlign = "right";
+    ctx.fillText(String(max), left - 4, plotTop + 8);
+    ctx.fillText("0", left - 4, bottom);
+    ctx.textAlign = "left";
+    const x = (i) => left + ((right - left) * i) / 59;
+    const y = (v) => bottom - ((bottom - plotTop) * v) / max;
+    for (const id of ids) {
+      ctx.strokeStyle = activity.colors.get(id);
+      ctx.lineWidth = 2;
+      ctx.beginPath();
+      let drawing = false;
+      activity.samples.forEach((s, i) => {
+        const v = s.nodes.get(id);
+        const value = v ? panel.value(v) : null;
+        if (value == null) {
+          drawing = false;
+          return;
+        }
+        const px = x(i + 60 - activity.samples.length);
+        if (drawing) ctx.lineTo(px, y(value));
+        else ctx.moveTo(px, y(value));
+        drawing = true;
+      });
+      ctx.stroke();
+    }
+  });
+  let lx = 44;
+  for (const id of ids) {
+    ctx.fillStyle = activity.colors.get(id);
+    ctx.fillRect(lx, H - 12, 10, 10);
+    ctx.fillStyle = ink;
+    ctx.fillText(id, lx + 14, H - 3);
+    lx += ctx.measureText(id).width + 30;
+  }
+}
+
+/** 1, 2, 5 × 10^n at or above `v`. */
+function niceCeil(v) {
+  const p = 10 ** Math.floor(Math.log10(v));
+  return [1, 2, 5, 10].map((m) => m * p).find((c) => c >= v);
 }
 
 // === topic inspector ===
@@ -352,6 +528,7 @@ async function main() {
   showTokens();
   if (!page.settings.websocketPath) {
     setStatus("stopped", "WebSocket endpoint disabled on this node");
+    setFrameSource(false, "WebSocket endpoint disabled");
   } else {
     const client = new Switchboard(page.settings.websocketPath, {
       getToken: () => token("client"),
@@ -388,9 +565,13 @@ async function main() {
     const device = client.subscribe("device", (data, meta) => {
       absorb(meta.name, data);
       renderBoard();
-      refreshFrame();
+      if (!board.live) refreshFrame();
     });
     device.on("unrecoverable", () => reloadState());
+    const stream = client.subscribe("device.frame", (data) => onStreamFrame(data));
+    stream.on("subscribed", () => setFrameSource(true));
+    stream.on("error", (e) => setFrameSource(false, `stream refused: ${e.message}`));
+    stream.on("unsubscribed", (u) => setFrameSource(false, u.reason));
     client.connect().catch(() => {});
   }
   await reloadState();

@@ -178,6 +178,11 @@ pub async fn health(State(node): State<Node>) -> AxumJson<Value> {
     if let Some(reason) = node.not_ready_reason() {
         body["reason"] = json!(reason);
     }
+    // Only the leader drives the device; a failing driver does not make the
+    // node unready (it still serves its clients).
+    if let Some(driver) = node.device().driver_health() {
+        body["driver"] = json!(driver);
+    }
     if let Ok(Ok(nodes)) = tokio::time::timeout(Duration::from_millis(500), node.cluster()).await {
         body["nodes"] = json!(nodes);
     }

@@ -49,6 +49,7 @@ pub mod names {
     pub const COMMAND_TIMEOUT_MS: &str = "COMMAND_TIMEOUT_MS";
     pub const DEVICE_APPS: &str = "DEVICE_APPS";
     pub const DEVICE_DRIVER: &str = "DEVICE_DRIVER";
+    pub const DEVICE_FPS: &str = "DEVICE_FPS";
     pub const SOCKETIO_ENABLED: &str = "SOCKETIO_ENABLED";
     pub const SOCKETIO_PING_INTERVAL: &str = "SOCKETIO_PING_INTERVAL";
     pub const SOCKETIO_PING_TIMEOUT: &str = "SOCKETIO_PING_TIMEOUT";
@@ -125,6 +126,7 @@ pub mod names {
         COMMAND_TIMEOUT_MS,
         DEVICE_APPS,
         DEVICE_DRIVER,
+        DEVICE_FPS,
         SOCKETIO_ENABLED,
         SOCKETIO_PING_INTERVAL,
         SOCKETIO_PING_TIMEOUT,
@@ -483,7 +485,9 @@ pub struct Config {
     pub leader_lease: Duration,
     pub command_timeout: Duration,
     pub device_apps: Vec<String>,
-    pub device_driver: String,
+    pub device_driver: DriverConfig,
+    /// Frames the leader renders and sends per second.
+    pub device_fps: u32,
     pub socketio_enabled: bool,
     /// Serve the live dashboard at `/` (and its assets under `/assets/`).
     pub dashboard_enabled: bool,
@@ -521,6 +525,140 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
+/// `DEVICE_DRIVER`: where the leader sends the board's frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverConfig {
+    /// Keeps the last frame in memory.
+    Simulated,
+    /// Logs each state change.
+    Log,
+    /// DDP over UDP (`ddp://host[:port]`).
+    Ddp { host: String, port: u16 },
+    /// E1.31 (sACN) unicast over UDP (`e131://host[:port][?universe=N]`):
+    /// the frame in consecutive universes from `universe`.
+    E131 {
+        host: String,
+        port: u16,
+        universe: u16,
+    },
+}
+
+/// The UDP port DDP displays listen on.
+pub const DDP_PORT: u16 = 4048;
+/// The UDP port of E1.31 (ACN SDT).
+pub const E131_PORT: u16 = 5568;
+
+impl fmt::Display for DriverConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = |h: &str| {
+            if h.contains(':') {
+                format!("[{h}]")
+            } else {
+                h.to_string()
+            }
+        };
+        match self {
+            DriverConfig::Simulated => f.write_str("simulated"),
+            DriverConfig::Log => f.write_str("log"),
+            DriverConfig::Ddp { host: h, port } => write!(f, "ddp://{}:{port}", host(h)),
+            DriverConfig::E131 {
+                host: h,
+                port,
+                universe,
+            } => write!(f, "e131://{}:{port}?universe={universe}", host(h)),
+        }
+    }
+}
+
+/// `simulated`, `log`, `ddp://host[:port]` or `e131://host[:port][?universe=N]`.
+fn parse_driver(v: &str) -> Result<DriverConfig, String> {
+    const EXPECTED: &str =
+        "expected simulated, log, ddp://host[:port] or e131://host[:port][?universe=N]";
+    match v {
+        "simulated" => return Ok(DriverConfig::Simulated),
+        "log" => return Ok(DriverConfig::Log),
+        _ => {}
+    }
+    let Some((scheme, rest)) = v.split_once("://") else {
+        return Err(EXPECTED.into());
+    };
+    let default_port = match scheme {
+        "ddp" => DDP_PORT,
+        "e131" => E131_PORT,
+        _ => return Err(format!("unknown driver scheme `{scheme}`; {EXPECTED}")),
+    };
+    let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = authority.strip_suffix('/').unwrap_or(authority);
+    if authority.contains(['/', '@']) {
+        return Err(format!("{scheme}:// takes only host[:port]; {EXPECTED}"));
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (ip, after) = v6
+                .split_once(']')
+                .ok_or("an IPv6 address needs its closing ]")?;
+            if ip.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("`{ip}` is not an IPv6 address"));
+            }
+            (ip, after.strip_prefix(':'))
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !valid_name && host.parse::<IpAddr>().is_err() {
+        return Err(format!("`{host}` is not a host name or IP address"));
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("port `{p}` must be a number from 1 to 65535"))?,
+    };
+    let host = host.to_string();
+    if scheme == "ddp" {
+        if !query.is_empty() {
+            return Err(format!("ddp:// takes no options (got `?{query}`)"));
+        }
+        return Ok(DriverConfig::Ddp { host, port });
+    }
+    let mut universe = 1u16;
+    let last_first = crate::device::e131::MAX_UNIVERSE - (crate::device::e131::UNIVERSES - 1);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("universe", n)) => {
+                universe = n
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|u| (1..=last_first).contains(u))
+                    .ok_or_else(|| {
+                        format!(
+                            "universe `{n}` must be a number from 1 to {last_first} (the frame takes {} universes, up to {})",
+                            crate::device::e131::UNIVERSES,
+                            crate::device::e131::MAX_UNIVERSE
+                        )
+                    })?;
+            }
+            _ => return Err(format!("unknown option `{pair}`; e131:// takes universe=N")),
+        }
+    }
+    Ok(DriverConfig::E131 {
+        host,
+        port,
+        universe,
+    })
+}
+
 /// `HISTORY_TOPICS` / `HISTORY_SIZE` / `HISTORY_TTL_MS`.
 #[derive(Debug, Clone)]
 pub struct HistoryConfig {
@@ -533,8 +671,10 @@ pub struct HistoryConfig {
 }
 
 impl HistoryConfig {
+    /// Whether `topic` keeps a history. The live frame stream
+    /// (`device.frame`) never does, whatever the patterns say.
     pub fn covers(&self, topic: &str) -> bool {
-        self.topics.iter().any(|p| p.matches(topic))
+        topic != crate::device::frame::TOPIC && self.topics.iter().any(|p| p.matches(topic))
     }
 }
 
@@ -734,9 +874,9 @@ impl Config {
             }
             Ok(apps)
         });
-        let device_driver = p.parse(names::DEVICE_DRIVER, "simulated", |v| match v {
-            "simulated" | "log" => Ok(v.to_string()),
-            _ => Err("expected simulated or log".into()),
+        let device_driver = p.parse(names::DEVICE_DRIVER, "simulated", parse_driver);
+        let device_fps = p.parse(names::DEVICE_FPS, "20", |v| {
+            parse_range(v, 1, 60).map(|n| n as u32)
         });
         let socketio_enabled = p.parse(names::SOCKETIO_ENABLED, "true", parse_bool);
         let dashboard_enabled = p.parse(names::DASHBOARD_ENABLED, "true", parse_bool);
@@ -1004,6 +1144,7 @@ impl Config {
             command_timeout: command_timeout.unwrap(),
             device_apps: device_apps.unwrap(),
             device_driver: device_driver.unwrap(),
+            device_fps: device_fps.unwrap(),
             socketio_enabled: socketio_enabled.unwrap(),
             dashboard_enabled: dashboard_enabled.unwrap(),
             socketio_ping_interval: socketio_ping_interval.unwrap(),
@@ -1555,6 +1696,98 @@ mod tests {
         let err = config(&[("DASHBOARD_ENABLED", "maybe")]).unwrap_err();
         assert_eq!(err.0.len(), 1);
         assert!(err.to_string().contains("DASHBOARD_ENABLED=maybe"), "{err}");
+    }
+
+    #[test]
+    fn device_driver_and_fps() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.device_driver, DriverConfig::Simulated);
+        assert_eq!(c.device_fps, 20);
+        for (v, want) in [
+            ("log", DriverConfig::Log),
+            (
+                "ddp://127.0.0.1",
+                DriverConfig::Ddp {
+                    host: "127.0.0.1".into(),
+                    port: 4048,
+                },
+            ),
+            (
+                "ddp://wled-board.local:4049",
+                DriverConfig::Ddp {
+                    host: "wled-board.local".into(),
+                    port: 4049,
+                },
+            ),
+            (
+                "ddp://[::1]:5000",
+                DriverConfig::Ddp {
+                    host: "::1".into(),
+                    port: 5000,
+                },
+            ),
+            (
+                "e131://10.0.0.7",
+                DriverConfig::E131 {
+                    host: "10.0.0.7".into(),
+                    port: 5568,
+                    universe: 1,
+                },
+            ),
+            (
+                "e131://10.0.0.7:6000?universe=200",
+                DriverConfig::E131 {
+                    host: "10.0.0.7".into(),
+                    port: 6000,
+                    universe: 200,
+                },
+            ),
+        ] {
+            let c = config(&[("DEVICE_DRIVER", v)]).unwrap();
+            assert_eq!(c.device_driver, want, "{v}");
+            let again = config(&[("DEVICE_DRIVER", &c.device_driver.to_string())]).unwrap();
+            assert_eq!(again.device_driver, want, "Display round-trips: {v}");
+        }
+        for (v, why) in [
+            ("hardware", "expected simulated, log"),
+            ("http://board", "unknown driver scheme `http`"),
+            ("ddp://", "is not a host name"),
+            ("ddp://bad_host", "is not a host name"),
+            ("ddp://host:0", "port `0`"),
+            ("ddp://host:70000", "port `70000`"),
+            ("ddp://host/path", "only host[:port]"),
+            ("ddp://host?universe=2", "ddp:// takes no options"),
+            (
+                "e131://host?universe=0",
+                "universe `0` must be a number from 1 to 63987",
+            ),
+            ("e131://host?universe=63999", "universe `63999`"),
+            ("e131://host?priority=5", "unknown option `priority=5`"),
+            ("ddp://[::1", "closing ]"),
+        ] {
+            let err = config(&[("DEVICE_DRIVER", v)]).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("DEVICE_DRIVER={v} is not valid")) && err.contains(why),
+                "{v}: {err}"
+            );
+        }
+        assert_eq!(config(&[("DEVICE_FPS", "60")]).unwrap().device_fps, 60);
+        for bad in ["0", "61", "fast"] {
+            let err = config(&[("DEVICE_FPS", bad)]).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("DEVICE_FPS={bad} is not valid")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_frame_stream_is_never_a_history_topic() {
+        let c = config(&[("HISTORY_TOPICS", "*")]).unwrap();
+        assert!(c.history.covers("news") && c.history.covers("device"));
+        assert!(!c.history.covers("device.frame"));
+        let c = config(&[("HISTORY_TOPICS", "device.*")]).unwrap();
+        assert!(!c.history.covers("device.frame"));
     }
 
     #[test]

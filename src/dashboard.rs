@@ -16,7 +16,8 @@ use axum::routing::get;
 use serde_json::{Value, json};
 
 use crate::api::envelope;
-use crate::device::driver::{self, HEIGHT, WIDTH};
+use crate::device::frame::{HEIGHT, WIDTH};
+use crate::device::render;
 use crate::node::Node;
 
 const INDEX_HTML: &str = include_str!("../dashboard/index.html");
@@ -82,41 +83,29 @@ async fn settings(State(node): State<Node>) -> AxumJson<Value> {
     }))
 }
 
-/// `GET /api/frame`: the simulated driver's 64×32 frame for this node's copy
-/// of the device state. `pixels` is the RGB bytes row by row, as hex
-/// (`WIDTH * HEIGHT * 6` characters).
+/// `GET /api/frame`: the board for this node's copy of the device state, in
+/// the current frame slot (the frame the leader sends in that slot, from any
+/// node). `pixels` is the RGB bytes row by row, as hex (`WIDTH * HEIGHT * 6`
+/// characters); `t` the slot's start in Unix milliseconds.
 pub async fn frame(State(node): State<Node>) -> AxumJson<Value> {
     let state = node.device().state();
-    let pixels = driver::render(&state);
+    let t = render::frame_time(render::now_ms(), node.config().device_fps);
+    let frame = render::render(&state, t);
     envelope(json!({
         "width": WIDTH,
         "height": HEIGHT,
         "app": state.current_app,
         "brightness": state.settings.brightness,
         "epoch": state.epoch,
-        "litPixels": pixels.iter().filter(|p| **p != [0, 0, 0]).count(),
-        "pixels": hex(&pixels),
+        "t": t,
+        "litPixels": frame.lit(),
+        "pixels": frame.hex(),
     }))
-}
-
-fn hex(pixels: &[[u8; 3]]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(pixels.len() * 6);
-    for byte in pixels.iter().flatten() {
-        out.push(DIGITS[(byte >> 4) as usize] as char);
-        out.push(DIGITS[(byte & 0xf) as usize] as char);
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hex_is_row_major_rgb() {
-        assert_eq!(hex(&[[0, 16, 255], [1, 2, 3]]), "0010ff010203");
-    }
 
     #[test]
     fn assets_are_self_contained() {

@@ -1,11 +1,15 @@
-//! What runs only on the leader: the mock-event timers (and, with the device
-//! control plane, the driver and the carousel). Duties start when this node
-//! gains the lease and are cancelled the moment it loses it.
+//! What runs only on the leader: the device (its driver, the show that
+//! streams frames, the carousel) and the mock-event timers. Duties start
+//! when this node gains the lease and are cancelled the moment it loses it;
+//! a node that shuts down stops them and waits for them before it gives the
+//! lease up ([`Leader::stop`]), so its last frame is on the wire before
+//! another node can take over.
 
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::MockEvent;
 use crate::device::Device;
@@ -21,13 +25,41 @@ pub struct Duties {
     pub device: Option<Device>,
 }
 
-/// Runs `duties` whenever `leadership` says this node leads, until `stop`.
+/// The task that starts and stops the duties.
+pub struct Leader {
+    /// Ends the task (and with it the duties) for good.
+    stop: CancellationToken,
+    /// Every duty task of every term.
+    duties: TaskTracker,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Leader {
+    /// Stops the duties for good and waits up to `within` for them to end.
+    pub async fn stop(self, within: Duration) {
+        self.stop.cancel();
+        let _ = self.task.await;
+        self.duties.close();
+        if tokio::time::timeout(within, self.duties.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("leader duties still running after {within:?}");
+        }
+    }
+}
+
+/// Runs `duties` whenever `leadership` says this node leads, until `stop`
+/// (or [`Leader::stop`]).
 pub fn spawn(
     duties: Duties,
     mut leadership: watch::Receiver<Leadership>,
     stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+) -> Leader {
+    let stop = stop.child_token();
+    let tracker = TaskTracker::new();
+    let (loop_stop, tasks) = (stop.clone(), tracker.clone());
+    let task = tokio::spawn(async move {
         let mut running: Option<CancellationToken> = None;
         loop {
             let now = *leadership.borrow_and_update();
@@ -36,8 +68,8 @@ pub fn spawn(
             match (now.leader, running.is_some()) {
                 (true, false) => {
                     tracing::info!(epoch = now.epoch, "leader duties started");
-                    let token = stop.child_token();
-                    start(&duties, now.epoch, &token);
+                    let token = loop_stop.child_token();
+                    start(&duties, now.epoch, &token, &tasks);
                     running = Some(token);
                 }
                 (false, true) => {
@@ -48,23 +80,28 @@ pub fn spawn(
             }
             tokio::select! {
                 changed = leadership.changed() => if changed.is_err() { break },
-                _ = stop.cancelled() => break,
+                _ = loop_stop.cancelled() => break,
             }
         }
         if let Some(token) = running {
             token.cancel();
         }
-    })
+    });
+    Leader {
+        stop,
+        duties: tracker,
+        task,
+    }
 }
 
-fn start(duties: &Duties, epoch: u64, token: &CancellationToken) {
+fn start(duties: &Duties, epoch: u64, token: &CancellationToken, tasks: &TaskTracker) {
     if let Some(device) = duties.device.clone() {
         let token = token.clone();
-        tokio::spawn(async move { device.lead(epoch, token).await });
+        tasks.spawn(async move { device.lead(epoch, token).await });
     }
     for event in &duties.mock_events {
         if let Some(interval) = event.interval {
-            tokio::spawn(mock_timer(
+            tasks.spawn(mock_timer(
                 duties.hub.clone(),
                 event.clone(),
                 interval,
@@ -130,7 +167,7 @@ mod tests {
             }],
             device: None,
         };
-        let task = spawn(duties, lead_rx, stop.clone());
+        let leader = spawn(duties, lead_rx, stop.clone());
 
         tokio::time::sleep(Duration::from_millis(1_000)).await;
         assert_eq!(count.0.load(Ordering::Relaxed), 0, "not leader yet");
@@ -159,7 +196,6 @@ mod tests {
             after,
             "stopped on losing the lease"
         );
-        stop.cancel();
-        task.await.unwrap();
+        leader.stop(Duration::from_secs(1)).await;
     }
 }

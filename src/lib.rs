@@ -10,9 +10,9 @@
 //! - [`hub`]: topic → local subscribers; the one fan-out of a node, in history order with gap repair.
 //! - [`history`]: per-topic offsets and epochs, the atomic append-and-publish, range reads (`memory`, `redis`).
 //! - [`backplane`]: publish/subscribe between nodes (`memory`, `redis`).
-//! - [`election`]: who leads, with which fencing epoch (`memory`, `redis`).
+//! - [`election`]: who leads, with which fencing epoch (`memory`, `redis`), and the fence every act on the device wire passes.
 //! - [`leader`]: duties that run only on the leader (device driver, carousel, mock-event timers).
-//! - [`device`]: LED board state, command validation, drivers, fenced persistence, command forwarding.
+//! - [`device`]: LED board state, command validation, rendering, the live frame stream, drivers (DDP, E1.31), fenced persistence, command forwarding.
 //! - [`gateway`]: client transports into the hub (native WebSocket, Socket.IO).
 //! - [`proxy`]: `WEBSOCKET_PATH/proxy/{name}` to configured upstream feeds.
 //! - [`api`]: HTTP endpoints and the error format.

@@ -57,6 +57,17 @@ pub mod webhook {
     pub const ABANDONED: &str = "abandoned";
 }
 
+/// Frames the leader's driver put on the wire, by `driver`.
+pub const DRIVER_FRAMES: &str = "switchboard_driver_frames_total";
+/// Frames the leader's driver could not send, by `driver`.
+pub const DRIVER_ERRORS: &str = "switchboard_driver_errors_total";
+/// 1 while this node leads and its driver fails to send frames.
+pub const DRIVER_FAILING: &str = "switchboard_driver_failing";
+/// Frames published on the live stream (`device.frame`).
+pub const DEVICE_FRAMES_PUBLISHED: &str = "switchboard_device_frames_published_total";
+/// Stream frames replaced by a newer one before they could be published.
+pub const DEVICE_FRAMES_SKIPPED: &str = "switchboard_device_frames_skipped_total";
+
 /// Calls to the application back end's hooks, by `hook` and `outcome`.
 pub const PROXY_REQUESTS: &str = "switchboard_proxy_requests_total";
 /// Time from sending a hook call to having its answer (or giving up), by `hook`.
@@ -245,5 +256,25 @@ fn describe() {
     describe_counter!(
         HISTORY_RECOVERIES,
         "Client recoveries on subscribe with since, by result."
+    );
+    describe_counter!(
+        DRIVER_FRAMES,
+        "Frames the leader's device driver put on the wire, by driver."
+    );
+    describe_counter!(
+        DRIVER_ERRORS,
+        "Frames the leader's device driver could not send, by driver."
+    );
+    describe_gauge!(
+        DRIVER_FAILING,
+        "1 while this node leads and its device driver fails to send frames."
+    );
+    describe_counter!(
+        DEVICE_FRAMES_PUBLISHED,
+        "Frames the leader published on the live stream (topic device.frame)."
+    );
+    describe_counter!(
+        DEVICE_FRAMES_SKIPPED,
+        "Live-stream frames replaced by a newer frame before the backplane took them."
     );
 }

@@ -159,6 +159,8 @@ struct Inner {
     metrics: Option<PrometheusHandle>,
     /// Set when the router mounts Socket.IO; closed on drain.
     socketio: std::sync::OnceLock<socketioxide::SocketIo>,
+    /// Taken by the drain, which stops the duties before the lease goes.
+    leader: std::sync::Mutex<Option<leader::Leader>>,
     /// Calls to the application back end (`PROXY_*`).
     hooks: Hooks,
     started_at: SystemTime,
@@ -230,10 +232,12 @@ impl Node {
             hub: hub.clone(),
             election: election.clone(),
             driver: config.device_driver.clone(),
+            fps: config.device_fps,
+            node_id: config.node_id.clone(),
             timeout: config.command_timeout,
         });
         device.spawn_cache(stop.clone());
-        leader::spawn(
+        let leader = leader::spawn(
             leader::Duties {
                 hub: hub.clone(),
                 mock_events: config.mock_events.clone(),
@@ -259,6 +263,7 @@ impl Node {
                 proxy_connections: AtomicUsize::new(0),
                 metrics,
                 socketio: std::sync::OnceLock::new(),
+                leader: std::sync::Mutex::new(Some(leader)),
                 hooks,
                 started_at: SystemTime::now(),
                 started: Instant::now(),
@@ -340,6 +345,7 @@ impl Node {
             proxy_connections: self.inner.proxy_connections.load(Ordering::Relaxed),
             topics: self.hub().topic_count(),
             subscriptions: self.hub().subscription_count(),
+            delivered: self.hub().delivered(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: humantime::format_rfc3339_millis(self.inner.started_at).to_string(),
             updated_at: crate::protocol::timestamp(),
@@ -462,6 +468,12 @@ impl Node {
         self.inner.shutdown.cancel();
         if let Some(io) = self.inner.socketio.get() {
             io.close().await;
+        }
+        // The duties end (the last frame on the wire) before the lease is
+        // given up, so the next leader never sends while this one still does.
+        let leader = self.inner.leader.lock().unwrap().take();
+        if let Some(leader) = leader {
+            leader.stop(std::time::Duration::from_secs(2)).await;
         }
         self.inner.election.resign().await;
         self.inner.sessions.close();

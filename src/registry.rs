@@ -25,6 +25,11 @@ pub struct NodeInfo {
     pub proxy_connections: usize,
     pub topics: usize,
     pub subscriptions: usize,
+    /// Publications queued to this node's subscribers since it started
+    /// (`Hub::delivered`); two announcements give a rate. 0 from nodes
+    /// older than the field.
+    #[serde(default)]
+    pub delivered: u64,
     pub version: String,
     /// RFC 3339.
     pub started_at: String,

@@ -9,7 +9,12 @@
 //! never wait for Redis.
 
 pub mod bus;
+pub mod ddp;
 pub mod driver;
+pub mod e131;
+pub mod frame;
+pub mod render;
+mod show;
 pub mod state;
 pub mod store;
 
@@ -21,6 +26,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::DriverConfig;
 use crate::election::{Election, Leadership};
 use crate::hub::{Delivery, Hub, INTERNAL, Publication, Subscriber};
 use crate::metrics as m;
@@ -63,7 +69,13 @@ struct Inner {
     hub: Hub,
     election: Arc<dyn Election>,
     leadership: watch::Receiver<Leadership>,
-    driver_name: String,
+    driver: DriverConfig,
+    /// Frames per second of the leader's show (`DEVICE_FPS`).
+    fps: u32,
+    /// Names this node's E1.31 source.
+    node_id: String,
+    /// Written by the show every frame while this node leads; std Mutex,
+    /// never held across `.await`.
     driver_health: Mutex<Option<DriverHealth>>,
     timeout: Duration,
 }
@@ -76,7 +88,9 @@ pub struct Parts {
     pub requests: (mpsc::Sender<Request>, mpsc::Receiver<Request>),
     pub hub: Hub,
     pub election: Arc<dyn Election>,
-    pub driver: String,
+    pub driver: DriverConfig,
+    pub fps: u32,
+    pub node_id: String,
     pub timeout: Duration,
 }
 
@@ -97,7 +111,9 @@ impl Device {
                 hub: parts.hub,
                 leadership: parts.election.watch(),
                 election: parts.election,
-                driver_name: parts.driver,
+                driver: parts.driver,
+                fps: parts.fps,
+                node_id: parts.node_id,
                 driver_health: Mutex::new(None),
                 timeout: parts.timeout,
             }),
@@ -252,8 +268,12 @@ impl Device {
             Err(e) => tracing::warn!(cause = %e, "device state not persisted"),
             Ok(()) => {}
         }
-        let mut driver = driver::make(&self.inner.driver_name);
-        self.drive(driver.as_mut(), &state);
+        // The show renders and sends frames for this term; it follows the
+        // state through `shown` and ends with the term.
+        // (state, how many states this term applied).
+        let (shown, states) = watch::channel((state.clone(), 1u64));
+        let show_token = token.child_token();
+        let show = tokio::spawn(show::run(self.clone(), epoch, states, show_token.clone()));
         self.publish(&state, &EVENTS).await;
         let mut next_rotation = rotation_deadline(&state);
 
@@ -274,7 +294,10 @@ impl Device {
                         Ok(()) => {
                             let carousel_changed = next.carousel != state.carousel;
                             state = next;
-                            self.drive(driver.as_mut(), &state);
+                            shown.send_modify(|(shown, applied)| {
+                                *shown = state.clone();
+                                *applied += 1;
+                            });
                             self.publish(&state, &changed).await;
                             if carousel_changed || matches!(command, Command::Rotate) {
                                 next_rotation = rotation_deadline(&state);
@@ -305,14 +328,11 @@ impl Device {
                 let _ = reply.send(res);
             }
         }
-        *self.inner.driver_health.lock().unwrap() = None;
-    }
-
-    fn drive(&self, driver: &mut dyn driver::Driver, state: &DeviceState) {
-        if let Err(e) = driver.apply(state) {
-            tracing::error!(cause = %e, "driver failed to apply the state");
+        show_token.cancel();
+        if let Err(e) = show.await {
+            tracing::error!(cause = %e, "the show ended abnormally");
         }
-        *self.inner.driver_health.lock().unwrap() = Some(driver.health());
+        *self.inner.driver_health.lock().unwrap() = None;
     }
 
     /// Publishes `events` of `state` on topic `device`, carrying the epoch.

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use super::render;
+
 /// The four events published on topic `device`, in the order a new client
 /// receives them.
 pub const EVENTS: [&str; 4] = ["apps_list", "current_app", "settings", "carousel_config"];
@@ -383,10 +385,18 @@ fn string_field(obj: &Map<String, Value>, name: &str) -> Result<Option<String>, 
 /// The config a known app starts with; apps without a schema start empty.
 pub fn default_config(app: &str) -> Value {
     match app {
-        "clock" => json!({"font": "default", "color": [255, 255, 255], "format_24h": true}),
-        "scroll_text" => {
-            json!({"text": "Hello from Switchboard", "speed": 50, "color": [0, 255, 0]})
-        }
+        "clock" => json!({
+            "font": "tom-thumb",
+            "color": [255, 255, 255],
+            "format_24h": true,
+            "timezone": "UTC",
+        }),
+        "scroll_text" => json!({
+            "text": "Hello from Switchboard",
+            "speed": 20,
+            "color": [0, 255, 0],
+            "font": "6x10",
+        }),
         "stars" => json!({"density": 50, "color": [255, 255, 0]}),
         _ => json!({}),
     }
@@ -397,14 +407,16 @@ pub fn default_config(app: &str) -> Value {
 fn validate_config(app: &str, config: &Map<String, Value>) -> Result<(), Invalid> {
     let fields: &[(&str, Rule)] = match app {
         "clock" => &[
-            ("font", Rule::Choice(&["default", "small", "large", "bold"])),
+            ("font", Rule::Font),
             ("color", Rule::Color),
             ("format_24h", Rule::Bool),
+            ("timezone", Rule::TimeZone),
         ],
         "scroll_text" => &[
             ("text", Rule::Text(256)),
             ("speed", Rule::Int(1, 100)),
             ("color", Rule::Color),
+            ("font", Rule::Font),
         ],
         "stars" => &[("density", Rule::Int(0, 100)), ("color", Rule::Color)],
         _ => {
@@ -433,12 +445,26 @@ fn validate_config(app: &str, config: &Map<String, Value>) -> Result<(), Invalid
     Ok(())
 }
 
+/// `; "x" is unknown` for a string value (cut to 64 characters), so the
+/// sender sees which value was refused.
+fn unknown(v: &Value) -> String {
+    v.as_str().map_or(String::new(), |s| {
+        format!(
+            "; \"{}\" is unknown",
+            s.chars().take(64).collect::<String>()
+        )
+    })
+}
+
 enum Rule {
     Color,
     Bool,
     Int(i64, i64),
     Text(usize),
-    Choice(&'static [&'static str]),
+    /// One of the fonts the renderer has (`render::FONT_NAMES`).
+    Font,
+    /// A name of the compiled-in tz database.
+    TimeZone,
 }
 
 impl Rule {
@@ -470,9 +496,21 @@ impl Rule {
                     ));
                 }
             },
-            Rule::Choice(choices) => {
-                if !v.as_str().is_some_and(|s| choices.contains(&s)) {
-                    return invalid(format!("{field} must be one of {}", choices.join(", ")));
+            Rule::Font => {
+                if !v.as_str().is_some_and(render::is_font) {
+                    return invalid(format!(
+                        "{field} must be one of {}{}",
+                        render::FONT_NAMES.join(", "),
+                        unknown(v)
+                    ));
+                }
+            }
+            Rule::TimeZone => {
+                if !v.as_str().is_some_and(render::is_time_zone) {
+                    return invalid(format!(
+                        "{field} must be a time zone name such as UTC, Europe/Berlin or America/New_York{}",
+                        unknown(v)
+                    ));
                 }
             }
         }
@@ -535,6 +573,40 @@ mod tests {
         assert!(e.0.contains("apps[0].duration"), "{e}");
         let e = parse_command("carousel", &json!({"enabled":true}), &s).unwrap_err();
         assert!(e.0.contains("at least one app"), "{e}");
+        let e = parse_command("config", &json!({"config":{"font":"comic-sans"}}), &s).unwrap_err();
+        assert_eq!(
+            e.0,
+            "config.font must be one of tom-thumb, 6x10, 10x20, 9x15B; \"comic-sans\" is unknown"
+        );
+        let e = parse_command("config", &json!({"config":{"font":7}}), &s).unwrap_err();
+        assert_eq!(
+            e.0,
+            "config.font must be one of tom-thumb, 6x10, 10x20, 9x15B"
+        );
+        let e = parse_command(
+            "config",
+            &json!({"app":"scroll_text","config":{"font":"huge"}}),
+            &s,
+        )
+        .unwrap_err();
+        assert!(e.0.starts_with("config.font must be one of"), "{e}");
+        let e = parse_command("config", &json!({"config":{"timezone":"Mars/Olympus"}}), &s)
+            .unwrap_err();
+        assert!(
+            e.0.starts_with("config.timezone must be a time zone name")
+                && e.0.contains("\"Mars/Olympus\" is unknown"),
+            "{e}"
+        );
+        // The names of configs written before the real fonts still pass.
+        for font in ["tom-thumb", "10x20", "default", "small", "large", "bold"] {
+            parse_command("config", &json!({"config":{"font":font}}), &s).unwrap();
+        }
+        parse_command(
+            "config",
+            &json!({"config":{"timezone":"Europe/Berlin","format_24h":false}}),
+            &s,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -556,7 +628,7 @@ mod tests {
         cache.absorb("app_configs", &s.event("app_configs"));
         assert_eq!(cache.configs["scroll_text"]["text"], "hi");
         assert_eq!(s.configs["scroll_text"]["text"], "hi");
-        assert_eq!(s.configs["scroll_text"]["speed"], 50);
+        assert_eq!(s.configs["scroll_text"]["speed"], 20);
         let (s, _) = s
             .apply(&Command::Switch {
                 app: "scroll_text".into(),

@@ -3,21 +3,25 @@
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
-use super::{Election, Leadership};
+use super::{Election, Fence, Leadership};
 
 pub struct MemoryElection {
     node_id: String,
     state: watch::Sender<Leadership>,
+    fence: Fence,
 }
 
 impl MemoryElection {
     pub fn new(node_id: String) -> Self {
+        let fence = Fence::default();
+        fence.open(1, None);
         Self {
             node_id,
             state: watch::Sender::new(Leadership {
                 leader: true,
                 epoch: 1,
             }),
+            fence,
         }
     }
 }
@@ -33,7 +37,12 @@ impl Election for MemoryElection {
     }
 
     fn resign(&self) -> BoxFuture<'_, ()> {
+        self.fence.close();
         self.state.send_modify(|l| l.leader = false);
         Box::pin(async {})
+    }
+
+    fn fence(&self) -> Fence {
+        self.fence.clone()
     }
 }

@@ -22,7 +22,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Election, Leadership};
+use super::{Election, Fence, Leadership};
 use crate::redis::{Keys, LuaScript, Redis};
 
 const ACQUIRE: &str = r#"
@@ -66,6 +66,10 @@ struct Inner {
     token: String,
     ttl: Duration,
     state: watch::Sender<Leadership>,
+    /// Open from a successful acquire until the local deadline (moved by
+    /// every renew); closed before the step-down is announced or the lease
+    /// released.
+    fence: Fence,
     /// The highest epoch this node has seen anywhere (its own leases, device
     /// state written by others).
     max_seen: AtomicU64,
@@ -88,6 +92,7 @@ impl RedisElection {
             token: format!("{node_id}#{:08x}", rand::random::<u32>()),
             ttl,
             state: watch::Sender::new(Leadership::default()),
+            fence: Fence::default(),
             max_seen: AtomicU64::new(0),
             stop: CancellationToken::new(),
             stopped: Notify::new(),
@@ -208,6 +213,7 @@ async fn run(inner: Arc<Inner>) {
         };
         let Some((epoch, sent_at)) = epoch else { break };
         let mut deadline = sent_at + inner.ttl - margin;
+        inner.fence.open(epoch, Some(deadline));
         inner.set(Leadership {
             leader: true,
             epoch,
@@ -233,6 +239,7 @@ async fn run(inner: Arc<Inner>) {
                     match renewed {
                         Some(true) => {
                             deadline = sent_at + inner.ttl - margin;
+                            inner.fence.open(epoch, Some(deadline));
                             next_renew = sent_at + renew_every;
                         }
                         Some(false) => {
@@ -245,6 +252,8 @@ async fn run(inner: Arc<Inner>) {
                 }
             }
         };
+        // No act of this term after this line, then tell the others.
+        inner.fence.close();
         inner.set(Leadership {
             leader: false,
             epoch,
@@ -293,5 +302,9 @@ impl Election for RedisElection {
 
     fn observe_epoch(&self, epoch: u64) {
         RedisElection::observe_epoch(self, epoch);
+    }
+
+    fn fence(&self) -> Fence {
+        self.inner.fence.clone()
     }
 }

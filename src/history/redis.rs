@@ -44,6 +44,8 @@ local function valid_name(s)
 end
 
 local function is_history(topic)
+  -- The live frame stream never keeps history, whatever the patterns say.
+  if topic == '__NO_HISTORY__' then return false end
   for _, p in ipairs(PATTERNS) do
     if string.find(topic, p) then return true end
   end
@@ -201,6 +203,7 @@ pub fn library(config: &HistoryConfig, sharded: bool) -> String {
         .replace("__TTL__", &config.ttl.as_millis().to_string())
         .replace("__MAX_DEPTH__", &super::MAX_DEPTH.to_string())
         .replace("__PATTERNS__", &patterns.join(", "))
+        .replace("__NO_HISTORY__", crate::device::frame::TOPIC)
         .replace("__SHARDED__", if sharded { "true" } else { "false" })
 }
 

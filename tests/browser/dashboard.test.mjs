@@ -17,7 +17,7 @@ const OUT = process.env.SWITCHBOARD_TEST_OUTPUT ?? path.join(ROOT, "target/test-
 mkdirSync(OUT, { recursive: true });
 
 /** A fresh Chromium profile; every request, console message and failure is recorded. */
-async function browser(s) {
+async function browser(s, viewport = { width: 1400, height: 900 }) {
   const dir = mkdtempSync(path.join(tmpdir(), "sb-chromium-"));
   const context = await chromium.launchPersistentContext(dir, {
     executablePath: CHROMIUM,
@@ -32,7 +32,7 @@ async function browser(s) {
       "--disable-component-update",
       "--disable-sync",
     ],
-    viewport: { width: 1400, height: 900 },
+    viewport,
   });
   s.defer(async () => {
     await context.close();
@@ -82,7 +82,9 @@ test(
     assert.equal(frame.height, 32);
     assert.equal(frame.pixels.length, 64 * 32 * 6);
     assert.equal(frame.app, "clock");
-    assert.equal(frame.litPixels, 2 * 64 + 2 * 32 - 4);
+    // HH:MM in tom-thumb: four digits of at most 3×5 pixels and a colon.
+    assert.ok(frame.litPixels > 20 && frame.litPixels <= 4 * 15 + 2, `${frame.litPixels} lit pixels`);
+    assert.equal(typeof frame.t, "number");
     const off = await s.node("dash-off", { DASHBOARD_ENABLED: "false" });
     assert.equal((await fetch(`${off.http}/`)).status, 404);
     assert.equal((await fetch(`${off.http}/assets/app.js`)).status, 404);
@@ -201,5 +203,100 @@ test(
     }));
     assert.deepEqual(storage, { session: ["switchboard.adminToken", "switchboard.apiToken"], local: [], cookies: "" });
     assert.deepEqual(record.badResponses, [], "no request was refused");
+  }),
+);
+
+test(
+  "the live board: scroll_text moves between screenshots, the activity chart, nothing cut off at 1280 px",
+  scoped(async (s) => {
+    const redis = await s.redis();
+    const prefix = `live${process.pid}`;
+    const env = { REDIS_URL: redis.url, REDIS_PREFIX: prefix, WEBSOCKET_MOCK_EVENTS: '[{"name":"ticker","interval":250,"data":{"p":1}}]' };
+    // Node ids as long as real pod names, to load the node table.
+    const a = await s.node("switchboard-7d9f8c6b5-x2k4p", env);
+    const b = await s.node("switchboard-7d9f8c6b5-q8m3n", env);
+    await eventually(async () => (await a.get("/api/health")).body.nodes?.length === 2, 10000, "both nodes registered");
+    const { context, record } = await browser(s, { width: 1280, height: 900 });
+    const page = await open(context, record, a);
+    await page.locator("#frame-source", { hasText: "live stream" }).waitFor({ timeout: 5000 });
+    // Another page's subscription on node B adds deliveries there.
+    const other = await open(context, record, b);
+    await other.getByLabel("Topic", { exact: true }).fill("ticker");
+    await other.getByRole("button", { name: "Subscribe" }).click();
+
+    await a.post("/api/config", { app: "scroll_text", config: { text: "HELLO", speed: 20 } });
+    await a.post("/api/switch", { app: "scroll_text" });
+    await page.locator('#preview[data-app="scroll_text"]').waitFor({ timeout: 3000 });
+    const board = page.locator("#preview");
+    // Read back as PNG data (no getImageData: Chromium warns about repeated readbacks).
+    const pixels = () => page.evaluate(() => document.getElementById("preview").toDataURL());
+    await eventually(async () => Number(await page.locator("#lit-pixels").textContent()) > 0, 3000, "text on the board");
+    const shot1 = await board.screenshot({ path: path.join(OUT, "board-1.png") });
+    const px1 = await pixels();
+    await new Promise((r) => setTimeout(r, 1000));
+    const shot2 = await board.screenshot({ path: path.join(OUT, "board-2.png") });
+    const px2 = await pixels();
+    assert.notDeepEqual(shot1, shot2, "the board changed between two screenshots 1 s apart");
+    assert.notEqual(px1, px2);
+
+    // The activity chart: samples for both nodes, deliveries on node B.
+    await eventually(async () => Number(await page.locator("#chart").getAttribute("data-samples")) >= 3, 10000, "chart samples");
+    const now = await page.locator("#chart-now").textContent();
+    assert.match(now, /x2k4p [\d.]+ deliveries\/s, \d+ connection/);
+    assert.match(now, /q8m3n [\d.]+ deliveries\/s, \d+ connection/);
+    await eventually(
+      async () => /q8m3n ([1-9]\d*\.\d|0\.[1-9])/.test(await page.locator("#chart-now").textContent()),
+      10000,
+      "node B delivers",
+    );
+    const drawn = await page.evaluate(() => {
+      const c = document.getElementById("chart");
+      const blank = document.createElement("canvas");
+      blank.width = c.width;
+      blank.height = c.height;
+      return c.toDataURL() !== blank.toDataURL();
+    });
+    assert.ok(drawn, "the chart is drawn");
+
+    // Nothing cut off at 1280 px: every cell of the node table within the
+    // page and within its own box, no horizontal scrolling anywhere.
+    const layout = await page.evaluate(() => {
+      const width = document.documentElement.clientWidth;
+      const bad = [];
+      for (const cell of document.querySelectorAll("#nodes th, #nodes td")) {
+        const r = cell.getBoundingClientRect();
+        if (r.right > width || r.left < 0) bad.push(`${cell.textContent} at ${r.left}..${r.right}`);
+        if (cell.scrollWidth > cell.clientWidth + 1) bad.push(`${cell.textContent} overflows (${cell.scrollWidth} > ${cell.clientWidth})`);
+      }
+      for (const el of document.querySelectorAll("main > section, #nodes, #activity, #app-config")) {
+        if (el.scrollWidth > el.clientWidth + 1) bad.push(`${el.id} scrolls (${el.scrollWidth} > ${el.clientWidth})`);
+        if (el.getBoundingClientRect().right > width) bad.push(`${el.id} ends past the page`);
+      }
+      return { width, pageWidth: document.documentElement.scrollWidth, bad };
+    });
+    assert.equal(layout.width, 1280);
+    assert.ok(layout.pageWidth <= 1280, `page is ${layout.pageWidth} px wide`);
+    assert.deepEqual(layout.bad, []);
+    assert.equal(await page.locator("#nodes tbody tr").count(), 2);
+
+    // The board (the clock in 10x20), the chart and the inspector in one
+    // picture; kept as docs/dashboard.png when SWITCHBOARD_DOCS_SCREENSHOT=1
+    // (after a minute of chart).
+    await a.post("/api/config", { app: "clock", config: { font: "10x20", color: [255, 160, 0] } });
+    await a.post("/api/switch", { app: "clock" });
+    await page.locator('#preview[data-app="clock"]').waitFor({ timeout: 3000 });
+    await page.getByLabel("Topic", { exact: true }).fill("ticker");
+    await page.getByRole("button", { name: "Subscribe" }).click();
+    await page.locator('#inspector-log li[data-topic="ticker"][data-kind="event"]').first().waitFor({ timeout: 5000 });
+    const docs = process.env.SWITCHBOARD_DOCS_SCREENSHOT === "1";
+    if (docs) await eventually(async () => Number(await page.locator("#chart").getAttribute("data-samples")) >= 30, 90000, "a minute of chart");
+    await page.screenshot({ path: path.join(OUT, "dashboard-live.png"), fullPage: true });
+    if (docs) await page.screenshot({ path: path.join(ROOT, "docs/dashboard.png"), fullPage: true });
+    const allowed = [a.addr, b.addr];
+    const foreign = record.requests.filter((u) => !allowed.some((addr) => u.startsWith(`http://${addr}/`) || u.startsWith(`ws://${addr}/`)));
+    assert.deepEqual(foreign, []);
+    assert.deepEqual(record.failures, []);
+    assert.deepEqual(record.badResponses, []);
+    assert.deepEqual(record.console, [], "no console errors");
   }),
 );
