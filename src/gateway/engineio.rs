@@ -60,15 +60,6 @@ impl Sessions {
     fn remove(&self, sid: &str) {
         self.by_sid.lock().unwrap().remove(sid);
     }
-
-    /// Open sessions reachable by sid.
-    pub fn len(&self) -> usize {
-        self.by_sid.lock().unwrap().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Answers every request to `/socket.io/`: the Engine.IO handshake on

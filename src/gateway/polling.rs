@@ -23,10 +23,11 @@
 //! for websockets: the heartbeat (a PING `2` queued every `pingInterval`;
 //! no POST for `pingInterval` + `pingTimeout` closes the session), the
 //! drain's spread close, and the end of a session. A close reaches the
-//! client as the CLOSE packet `1` on its next poll, after what was queued
-//! (not after a slow-consumer or heartbeat close): `transport close`, so
-//! socket.io-client reconnects by itself (and recovers, with
-//! `SOCKETIO_STATE_RECOVERY`).
+//! client as the CLOSE packet `1` in a poll of its own, after the polls that
+//! take what was queued (nothing more after a slow-consumer or heartbeat
+//! close): `transport close`, so socket.io-client reconnects by itself (and
+//! recovers, with `SOCKETIO_STATE_RECOVERY`); after the `41` of a server
+//! disconnect it does not.
 //!
 //! Long-polling needs every request of a session at the node that holds it
 //! (sticky routing); an upgraded session does not.

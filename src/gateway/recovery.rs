@@ -356,11 +356,6 @@ impl Registry {
             }
         }
     }
-
-    /// Sockets of this node with a session record.
-    pub fn live(&self) -> usize {
-        self.inner.live.lock().unwrap().len()
-    }
 }
 
 // === the record and the token ===
