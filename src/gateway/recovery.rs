@@ -707,8 +707,11 @@ impl Recovery {
             recovered: trusted,
             ..Plan::default()
         };
+        // Tokens name the stored revision until this connection's own is
+        // stored: should that write fail, they still read right against the
+        // record as it is.
         let mut ledger = Ledger {
-            rev: 0,
+            rev: record.rev,
             written: record.rev,
             slots: Vec::with_capacity(record.s.len()),
         };

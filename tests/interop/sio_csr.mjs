@@ -5,7 +5,8 @@
 // Driven by tests/socketio_recovery.rs over stdin/stdout.
 //
 // usage: node sio_csr.mjs <url> <topic>...
-// stdout: `CONNECT {"recovered", "transport"}` on every connect,
+// stdout: `OPEN <transport>` when a connection opens (before any upgrade),
+//         `CONNECT {"recovered", "transport"}` on every connect,
 //         `SUBSCRIBED` once the subscriptions are acknowledged,
 //         `GAP {…}` for each gap event, `UPGRADED` once on websocket,
 //         `REPORT {"seen": {topic: [n…]}, "gaps": […], "connects": […]}` on a
@@ -23,6 +24,8 @@ const seen = Object.fromEntries(topics.map((t) => [t, []]));
 const gaps = [];
 const connects = [];
 
+// The transport each Engine.IO session opens with (before any upgrade).
+socket.io.on("open", () => out(`OPEN ${socket.io.engine.transport.name}`));
 socket.on("connect", async () => {
   const transport = socket.io.engine.transport.name;
   connects.push({ recovered: socket.recovered, transport });
