@@ -882,6 +882,23 @@ impl Recovery {
         announce: Announce,
     ) -> Result<(Arc<dyn Subscriber>, Option<Since>, Announce), String> {
         let hub = node.hub();
+        // Subscribed twice at once (a client's subscribe and the back end's):
+        // one slot, from where the record says it starts.
+        let existing = {
+            let l = self.ledger.lock().unwrap();
+            l.slots.iter().enumerate().find_map(|(i, s)| {
+                let s = s.as_ref().filter(|s| *s.topic == *topic)?;
+                let since = s.history.then(|| Since {
+                    offset: s.base,
+                    epoch: s.epoch.to_string(),
+                });
+                Some((i, since))
+            })
+        };
+        if let Some((slot, since)) = existing {
+            let subscriber: Arc<dyn Subscriber> = self.subscriber(Some(slot), positions);
+            return Ok((subscriber, since, announce));
+        }
         let history = hub.is_history(topic);
         let refused =
             |e: &dyn std::fmt::Display| format!("could not subscribe to \"{topic}\": {e}");
