@@ -53,6 +53,7 @@ pub mod names {
     pub const SOCKETIO_ENABLED: &str = "SOCKETIO_ENABLED";
     pub const SOCKETIO_PING_INTERVAL: &str = "SOCKETIO_PING_INTERVAL";
     pub const SOCKETIO_PING_TIMEOUT: &str = "SOCKETIO_PING_TIMEOUT";
+    pub const SOCKETIO_STATE_RECOVERY: &str = "SOCKETIO_STATE_RECOVERY";
     pub const DASHBOARD_ENABLED: &str = "DASHBOARD_ENABLED";
     pub const SHUTDOWN_GRACE_MS: &str = "SHUTDOWN_GRACE_MS";
     pub const SHUTDOWN_READINESS_DELAY_MS: &str = "SHUTDOWN_READINESS_DELAY_MS";
@@ -130,6 +131,7 @@ pub mod names {
         SOCKETIO_ENABLED,
         SOCKETIO_PING_INTERVAL,
         SOCKETIO_PING_TIMEOUT,
+        SOCKETIO_STATE_RECOVERY,
         DASHBOARD_ENABLED,
         SHUTDOWN_GRACE_MS,
         SHUTDOWN_READINESS_DELAY_MS,
@@ -493,6 +495,10 @@ pub struct Config {
     pub dashboard_enabled: bool,
     pub socketio_ping_interval: Duration,
     pub socketio_ping_timeout: Duration,
+    /// Socket.IO connection state recovery for official clients: `pid` in
+    /// the CONNECT answer, the session's positions as every history
+    /// publication's last argument (`gateway::recovery`).
+    pub socketio_state_recovery: bool,
     pub shutdown_grace: Duration,
     pub shutdown_readiness_delay: Duration,
     pub shutdown_drain: Duration,
@@ -886,6 +892,7 @@ impl Config {
         let socketio_ping_timeout = p.parse(names::SOCKETIO_PING_TIMEOUT, "20000", |v| {
             parse_ms(v, 100, 3_600_000)
         });
+        let socketio_state_recovery = p.parse(names::SOCKETIO_STATE_RECOVERY, "false", parse_bool);
         let shutdown_grace = p.parse(names::SHUTDOWN_GRACE_MS, "10000", |v| {
             parse_ms(v, 0, 3_600_000)
         });
@@ -1149,6 +1156,7 @@ impl Config {
             dashboard_enabled: dashboard_enabled.unwrap(),
             socketio_ping_interval: socketio_ping_interval.unwrap(),
             socketio_ping_timeout: socketio_ping_timeout.unwrap(),
+            socketio_state_recovery: socketio_state_recovery.unwrap(),
             shutdown_grace,
             shutdown_readiness_delay,
             shutdown_drain,

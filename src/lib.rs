@@ -115,9 +115,7 @@ pub fn app(node: Node) -> Router {
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(config.http_body_limit));
     if config.socketio_enabled {
-        let (layer, io) = gateway::socketio::layer(&node);
-        node.set_socketio(io);
-        router = router.layer(layer).layer(middleware::from_fn_with_state(
+        router = router.layer(middleware::from_fn_with_state(
             node.clone(),
             gateway::socketio_guard,
         ));

@@ -38,12 +38,29 @@ pub const HISTORY_REPAIRED: &str = "switchboard_history_repaired_publications_to
 pub const HISTORY_GAPS: &str = "switchboard_history_gaps_total";
 /// Client recoveries on subscribe, by `result` (`recovered`, `unrecoverable`).
 pub const HISTORY_RECOVERIES: &str = "switchboard_history_recoveries_total";
+/// Socket.IO sockets that came back with a `pid` (connection state
+/// recovery), by `result` ([`recovery`]).
+pub const SOCKETIO_RECOVERIES: &str = "switchboard_socketio_recoveries_total";
+/// Writes of Socket.IO session records that failed (Redis unreachable, or
+/// the session taken over by a newer connection).
+pub const SOCKETIO_RECOVERY_WRITE_ERRORS: &str = "switchboard_socketio_recovery_write_errors_total";
 /// Webhook events, by `type` and `outcome` ([`webhook`]).
 pub const WEBHOOK_EVENTS: &str = "switchboard_webhook_events_total";
 /// Webhook events waiting in this node's queue (the batch in flight included).
 pub const WEBHOOK_QUEUE: &str = "switchboard_webhook_queue";
 /// Control commands this node applied (`POST /api/subscribe` etc.), by `command`.
 pub const CONTROL_COMMANDS: &str = "switchboard_control_commands_total";
+
+/// Label values of [`SOCKETIO_RECOVERIES`].
+pub mod recovery {
+    /// Same `pid`: every subscription back, every missed publication replayed.
+    pub const RECOVERED: &str = "recovered";
+    /// The session's subscriptions are back, but some topic lost
+    /// publications (a `gap` event each) or is no longer allowed: new `pid`.
+    pub const GAP: &str = "gap";
+    /// No record for the `pid` (expired, unknown, another user): a new session.
+    pub const EXPIRED: &str = "expired";
+}
 
 /// Label values of the webhook metrics.
 pub mod webhook {
@@ -173,6 +190,14 @@ fn describe() {
         "Connections closed because their queue was full."
     );
     describe_gauge!(SUBSCRIPTIONS, "Local subscriptions (connection x topic).");
+    describe_counter!(
+        SOCKETIO_RECOVERIES,
+        "Socket.IO sockets that came back with a pid, by result."
+    );
+    describe_counter!(
+        SOCKETIO_RECOVERY_WRITE_ERRORS,
+        "Socket.IO session record writes that failed."
+    );
     describe_gauge!(TOPICS, "Topics with at least one local subscriber.");
     describe_counter!(BACKPLANE_PUBLISHES, "Publications sent to the backplane.");
     describe_counter!(

@@ -32,6 +32,7 @@ use crate::device::{self, Device};
 use crate::election::memory::MemoryElection;
 use crate::election::redis::RedisElection;
 use crate::election::{Election, Leadership};
+use crate::gateway::recovery::{self, SessionStore};
 use crate::history::History;
 use crate::history::memory::MemoryHistory;
 use crate::history::redis::RedisHistory;
@@ -58,6 +59,8 @@ struct Backends {
     bus: Arc<dyn CommandBus>,
     control: Arc<dyn ControlBus>,
     ledger: Arc<dyn Ledger>,
+    /// Socket.IO session records (connection state recovery).
+    sio_sessions: Arc<dyn SessionStore>,
 }
 
 /// The only place that looks at `REDIS_URL`: memory implementations for one
@@ -80,6 +83,7 @@ fn backends(
             bus: Arc::new(NoBus),
             control: Arc::new(LocalBus::new(clients.clone())),
             ledger: Arc::new(MemoryLedger::default()),
+            sio_sessions: Arc::new(recovery::MemoryStore::default()),
         });
     };
     if let Some(ca) = &config.redis_ca_file {
@@ -128,7 +132,8 @@ fn backends(
         store: Arc::new(RedisStore::new(redis.clone(), keys.clone())),
         bus,
         control,
-        ledger: Arc::new(RedisLedger::new(redis, keys)),
+        ledger: Arc::new(RedisLedger::new(redis.clone(), keys.clone())),
+        sio_sessions: Arc::new(recovery::RedisStore::new(redis, keys)),
     })
 }
 
@@ -157,8 +162,10 @@ struct Inner {
     connections: AtomicUsize,
     proxy_connections: AtomicUsize,
     metrics: Option<PrometheusHandle>,
-    /// Set when the router mounts Socket.IO; closed on drain.
-    socketio: std::sync::OnceLock<socketioxide::SocketIo>,
+    /// Engine.IO sessions reachable by sid (long-polling, upgrades).
+    engineio: crate::gateway::engineio::Sessions,
+    /// With `SOCKETIO_STATE_RECOVERY`: the Socket.IO session records.
+    socketio_recovery: Option<crate::gateway::recovery::Registry>,
     /// Taken by the drain, which stops the duties before the lease goes.
     leader: std::sync::Mutex<Option<leader::Leader>>,
     /// Calls to the application back end (`PROXY_*`).
@@ -195,6 +202,7 @@ impl Node {
             bus,
             control,
             ledger,
+            sio_sessions,
         } = backends(
             &config,
             inbound_tx,
@@ -246,6 +254,9 @@ impl Node {
             election.watch(),
             stop.clone(),
         );
+        let socketio_recovery = config
+            .socketio_state_recovery
+            .then(|| recovery::Registry::start(sio_sessions, config.history.ttl, stop.clone()));
         let node = Node {
             inner: Arc::new(Inner {
                 leadership: election.watch(),
@@ -262,7 +273,8 @@ impl Node {
                 connections: AtomicUsize::new(0),
                 proxy_connections: AtomicUsize::new(0),
                 metrics,
-                socketio: std::sync::OnceLock::new(),
+                engineio: Default::default(),
+                socketio_recovery,
                 leader: std::sync::Mutex::new(Some(leader)),
                 hooks,
                 started_at: SystemTime::now(),
@@ -387,8 +399,14 @@ impl Node {
         self.inner.draining.load(Ordering::Acquire)
     }
 
-    pub fn set_socketio(&self, io: socketioxide::SocketIo) {
-        let _ = self.inner.socketio.set(io);
+    /// Engine.IO sessions reachable by sid.
+    pub fn engineio(&self) -> &crate::gateway::engineio::Sessions {
+        &self.inner.engineio
+    }
+
+    /// Socket.IO connection state recovery, when `SOCKETIO_STATE_RECOVERY` is on.
+    pub fn socketio_recovery(&self) -> Option<&crate::gateway::recovery::Registry> {
+        self.inner.socketio_recovery.as_ref()
     }
 
     /// Open proxied connections on this node.
@@ -466,9 +484,6 @@ impl Node {
     pub async fn finish_drain(&self, deadline: tokio::time::Instant) {
         self.begin_drain();
         self.inner.shutdown.cancel();
-        if let Some(io) = self.inner.socketio.get() {
-            io.close().await;
-        }
         // The duties end (the last frame on the wire) before the lease is
         // given up, so the next leader never sends while this one still does.
         let leader = self.inner.leader.lock().unwrap().take();

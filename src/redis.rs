@@ -187,6 +187,12 @@ impl Keys {
         format!("{}:tracked-nodes", self.own())
     }
 
+    /// A Socket.IO session's record for connection state recovery
+    /// (`gateway::recovery`), by its `pid`.
+    pub fn socketio_session(&self, pid: &str) -> String {
+        format!("{}:sio-session:{pid}", self.prefix)
+    }
+
     /// A channel this node publishes probes on and listens to, to prove its
     /// subscriber connection still receives; `tag` places it on a shard.
     pub fn probe(&self, node: &str, tag: u32) -> String {

@@ -1,6 +1,6 @@
 //! A close the client starts is answered with the server's Close frame on
 //! every WebSocket a node terminates (RFC 6455 §5.5.1): native `/ws` and
-//! `/ws/{topic}`, our Engine.IO websocket transport, socketioxide's sockets
+//! `/ws/{topic}`, our Engine.IO websocket transport, Socket.IO sockets
 //! upgraded from long-polling, and the proxy's client leg. Seen here by a
 //! raw socket (the exact bytes), Python `websockets` and Node `ws`; Chromium
 //! in `tests/browser/close.test.mjs`.

@@ -1,4 +1,4 @@
-//! The node's own Engine.IO websocket transport, spoken by hand where the
+//! The node's own Engine.IO server (websocket and long-polling), spoken by hand where the
 //! official clients cannot show it: publications encoded once, the
 //! slow-consumer policy per socket, the Engine.IO heartbeat, refusals.
 //! (The official clients on this transport: tests/device.rs, history.rs,
@@ -188,4 +188,79 @@ async fn a_socket_that_stops_reading_is_closed_alone() {
             .starts_with("switchboard_slow_consumer_disconnects_total{transport=\"socketio\"} 1")),
         "{metrics}"
     );
+}
+
+/// Engine.IO long-polling spoken by hand: the handshake offers the upgrade,
+/// a POST carries CONNECT, a GET takes the queued packets, and bad requests
+/// get engine.io's refusals without affecting the session.
+#[test]
+fn long_polling_by_hand_and_its_refusals() {
+    let node = Node::start("eio-poll", &[("WEBSOCKET_MAX_PAYLOAD", "1024")]);
+    let at = |q: &str| format!("/socket.io/?EIO=4&transport=polling{q}");
+    let (status, open) = common::http_text(&node.addr, "GET", &at(""), None, &[]);
+    assert_eq!(status, 200);
+    let handshake: Value = serde_json::from_str(open.strip_prefix('0').unwrap()).unwrap();
+    assert_eq!(handshake["upgrades"], json!(["websocket"]));
+    assert_eq!(handshake["maxPayload"], 1024);
+    let sid = handshake["sid"].as_str().unwrap().to_string();
+    assert_eq!(sid.len(), 32, "128 random bits");
+    let with_sid = at(&format!("&sid={sid}"));
+    let (status, ok) = common::http_text(&node.addr, "POST", &with_sid, Some("40"), &[]);
+    assert_eq!((status, ok.as_str()), (200, "ok"));
+    let (status, payload) = common::http_text(&node.addr, "GET", &with_sid, None, &[]);
+    assert_eq!(status, 200);
+    let packets: Vec<&str> = payload.split('\x1e').collect();
+    assert!(packets[0].starts_with("40{\"sid\":"), "{payload}");
+    assert!(packets[1].starts_with("42[\"apps_list\""), "{payload}");
+    // Refusals: engine.io's codes.
+    let refused = |path: &str, method: &str, body: Option<&str>| {
+        let (status, text) = common::http_text(&node.addr, method, path, body, &[]);
+        (status, serde_json::from_str::<Value>(&text).ok())
+    };
+    assert_eq!(
+        refused(&at("&sid=nope"), "GET", None),
+        (
+            400,
+            Some(json!({"code": 1, "message": "Session ID unknown"}))
+        )
+    );
+    assert_eq!(
+        refused("/socket.io/?EIO=3&transport=polling", "GET", None),
+        (
+            400,
+            Some(json!({"code": 5, "message": "Unsupported protocol version"}))
+        )
+    );
+    assert_eq!(
+        refused("/socket.io/?EIO=4&transport=carrier-pigeon", "GET", None),
+        (
+            400,
+            Some(json!({"code": 0, "message": "Transport unknown"}))
+        )
+    );
+    assert_eq!(
+        refused(&at(""), "POST", Some("40")),
+        (
+            400,
+            Some(json!({"code": 2, "message": "Bad handshake method"}))
+        )
+    );
+    // The session still works; then a POST over maxPayload ends it (413).
+    let event = r#"421["subscribe","news"]"#;
+    let (status, _) = common::http_text(&node.addr, "POST", &with_sid, Some(event), &[]);
+    assert_eq!(status, 200);
+    let (_, payload) = common::http_text(&node.addr, "GET", &with_sid, None, &[]);
+    assert!(payload.contains(r#"431[{"#), "{payload}");
+    let big = format!(r#"42["x","{}"]"#, "y".repeat(2000));
+    let (status, _) = common::http_text(&node.addr, "POST", &with_sid, Some(&big), &[]);
+    assert_eq!(status, 413);
+    let (_, payload) = common::http_text(&node.addr, "GET", &with_sid, None, &[]);
+    assert_eq!(payload, "1", "the CLOSE packet");
+    assert!(common::eventually(Duration::from_secs(10), || refused(
+        &with_sid, "GET", None
+    )
+    .0 == 400));
+    assert!(common::eventually(Duration::from_secs(10), || node
+        .health()["connections"]
+        == 0));
 }

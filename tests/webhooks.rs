@@ -687,7 +687,7 @@ async fn socketio_sockets_on_both_transports_take_server_side_commands() {
         .await
     );
     // socket.io-client: one socket on our websocket transport (node a), one
-    // long-polling through socketioxide (node b), both user u1.
+    // long-polling (node b), both user u1.
     let script = common::interop_script("sio_control.mjs");
     let mut child = tokio::process::Command::new("node")
         .arg(&script)

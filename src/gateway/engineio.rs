@@ -1,63 +1,134 @@
-//! Our own Engine.IO v4 websocket transport for Socket.IO v5 clients that
-//! open with the websocket transport (`/socket.io/?EIO=4&transport=websocket`,
-//! no `sid`): official clients configured with `transports: ["websocket"]`,
-//! python-socketio with `transports=["websocket"]`, most production setups.
+//! Our own Engine.IO v4 server for Socket.IO v5 clients at `/socket.io/`:
+//! sessions that open on the websocket transport, and sessions that open on
+//! long-polling and may upgrade to websocket (`polling.rs`); the default
+//! namespace's Socket.IO packets on both.
 //!
-//! Why not socketioxide for these: its per-socket `emit` encodes the packet
-//! for every socket, and its room broadcast, which encodes once, cannot say
-//! which socket is full. Here a socket is a native-style connection: the
-//! same bounded [`Outbox`], writer and closing handshake as `ws.rs`, and
-//! each publication's `42[…]` frame is encoded once per node and shared by
-//! every such socket (a refcount, like native frames), while the
-//! slow-consumer policy still applies to the one socket that is full.
-//! Long-polling sockets, and sockets that upgrade from polling, stay with
-//! socketioxide (`socketio.rs`); both run the handlers of `sio.rs`.
+//! Why our own: a socket here is a native-style connection. Its frames go
+//! through the same bounded [`Outbox`] as `ws.rs` (drained by the writer
+//! over websocket, or by the long-poll requests before an upgrade), each
+//! publication's `42[…]` frame is encoded once per node and shared by every
+//! socket (a refcount), the slow-consumer policy applies to the one socket
+//! that is full, and the CONNECT answer can carry a `pid` for connection
+//! state recovery (`recovery.rs`), which socketioxide 0.18 cannot send.
 //!
-//! Scope: the default namespace `/` (others are refused with CONNECT_ERROR),
-//! text packets only (binary attachments are refused with an `error` event),
-//! acknowledgements of client events; the server never asks for acks.
+//! Scope: Engine.IO v4 (`EIO=4`), the default namespace `/` (others are
+//! refused with CONNECT_ERROR), text packets only (binary attachments are
+//! refused with an `error` event), acknowledgements of client events; the
+//! server never asks for acks. No JSONP.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::FromRequest;
 use axum::extract::Request;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+use tokio::sync::Notify;
 
 use crate::backend::hooks::{Hello, transport};
-use crate::gateway::outbox::{self, Heartbeat, Outbox, WRITE_TIMEOUT, Writer, close};
+use crate::gateway::outbox::{self, Heartbeat, Liveness, Outbox, WRITE_TIMEOUT, Writer, close};
+use crate::gateway::polling;
+use crate::gateway::recovery::Recovery;
 use crate::gateway::sio::{self, Ack, Peer, Session};
 use crate::history::GapRange;
-use crate::hub::{Delivery, Publication, Subscriber};
+use crate::hub::{ConnId, Delivery, Publication, Subscriber};
 use crate::metrics as m;
 use crate::node::Node;
 
-/// Whether `req` opens a Socket.IO session directly on the websocket
-/// transport (no `sid`: not an upgrade of a polling session).
-pub fn opens_websocket(req: &Request) -> bool {
-    if req.uri().path().trim_end_matches('/') != "/socket.io" {
-        return false;
+/// The Engine.IO sessions of this node that can be reached by their `sid`
+/// (long-polling requests and upgrades find them here), until they end.
+#[derive(Default)]
+pub struct Sessions {
+    /// std Mutex: held for a lookup or an insert, never across `.await`.
+    by_sid: Mutex<HashMap<Arc<str>, Arc<Conn>>>,
+}
+
+impl Sessions {
+    pub(super) fn insert(&self, conn: Arc<Conn>) {
+        self.by_sid.lock().unwrap().insert(conn.sid.clone(), conn);
     }
-    let query = req.uri().query().unwrap_or("");
-    let mut eio4 = false;
-    let mut websocket = false;
-    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
-        match k {
-            "EIO" => eio4 = v == "4",
-            "transport" => websocket = v == "websocket",
-            "sid" => return false,
-            _ => {}
+
+    pub(super) fn get(&self, sid: &str) -> Option<Arc<Conn>> {
+        self.by_sid.lock().unwrap().get(sid).cloned()
+    }
+
+    fn remove(&self, sid: &str) {
+        self.by_sid.lock().unwrap().remove(sid);
+    }
+}
+
+/// Answers every request to `/socket.io/`: the Engine.IO handshake on
+/// either transport, long-polling requests and upgrades of a session.
+pub async fn serve(node: Node, req: Request) -> Response {
+    let query = Query::parse(req.uri().query().unwrap_or(""));
+    if query.eio.as_deref() != Some("4") {
+        return refuse(5, "Unsupported protocol version");
+    }
+    let conn = match &query.sid {
+        None => None,
+        Some(sid) => match node.engineio().get(sid) {
+            Some(conn) => Some(conn),
+            None => return refuse(1, "Session ID unknown"),
+        },
+    };
+    let method = req.method().clone();
+    match (query.transport.as_deref(), conn) {
+        (Some("websocket"), None) => upgrade(node, req).await,
+        (Some("websocket"), Some(conn)) => polling::upgrade(conn, req).await,
+        (Some("polling"), None) if method == axum::http::Method::GET => polling::open(node, req),
+        (Some("polling"), None) => refuse(2, "Bad handshake method"),
+        (Some("polling"), Some(conn)) if method == axum::http::Method::GET => {
+            polling::poll(conn).await
         }
+        (Some("polling"), Some(conn)) if method == axum::http::Method::POST => {
+            polling::post(conn, req).await
+        }
+        (Some("polling"), Some(_)) => refuse(3, "Bad request"),
+        _ => refuse(0, "Transport unknown"),
     }
-    eio4 && websocket
+}
+
+/// The query parameters Engine.IO routes by.
+#[derive(Default)]
+struct Query {
+    eio: Option<String>,
+    transport: Option<String>,
+    sid: Option<String>,
+}
+
+impl Query {
+    fn parse(query: &str) -> Self {
+        let mut q = Query::default();
+        for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+            match k {
+                "EIO" => q.eio = Some(v.to_string()),
+                "transport" => q.transport = Some(v.to_string()),
+                "sid" => q.sid = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        q
+    }
+}
+
+/// Engine.IO's refusal: 400 with `{"code", "message"}` (the clients read
+/// only the status).
+pub(super) fn refuse(code: u8, message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"code": code, "message": message}).to_string(),
+    )
+        .into_response()
 }
 
 /// What the CONNECT packet's admission needs from the HTTP handshake.
-struct Handshake {
+pub(super) struct Handshake {
     token: Option<String>,
     /// Only the `PROXY_HEADERS` ones, and only with a connect hook: a
     /// socket keeps this for its whole life.
@@ -65,30 +136,283 @@ struct Handshake {
     remote: Option<SocketAddr>,
 }
 
-/// Upgrades and runs the session.
-pub async fn upgrade(node: Node, req: Request) -> Response {
-    let mut headers = HeaderMap::new();
-    if node.hooks().connect_enabled() {
-        for name in &node.config().hooks.headers {
-            for value in req.headers().get_all(name.as_str()) {
-                if let Ok(name) = axum::http::HeaderName::from_bytes(name.as_bytes()) {
-                    headers.append(name, value.clone());
+impl Handshake {
+    pub(super) fn of(node: &Node, req: &Request) -> Self {
+        let mut headers = HeaderMap::new();
+        if node.hooks().connect_enabled() {
+            for name in &node.config().hooks.headers {
+                for value in req.headers().get_all(name.as_str()) {
+                    if let Ok(name) = axum::http::HeaderName::from_bytes(name.as_bytes()) {
+                        headers.append(name, value.clone());
+                    }
                 }
             }
         }
+        Handshake {
+            token: crate::auth::token_from(req.headers(), req.uri().query()),
+            headers,
+            remote: crate::gateway::admission::remote_addr(req.extensions()),
+        }
     }
-    let handshake = Handshake {
-        token: crate::auth::token_from(req.headers(), req.uri().query()),
-        headers,
-        remote: crate::gateway::admission::remote_addr(req.extensions()),
+}
+
+// === one connection ===
+
+/// Where a session's frames go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Drained by long-poll requests.
+    Polling,
+    /// `2probe` answered on a websocket: long-polls get `6` at once and
+    /// frames wait for the `5` that completes the upgrade.
+    Upgrading,
+    /// Drained by the websocket writer.
+    Websocket,
+    /// Long-polling, being closed with this code: the next poll takes what
+    /// may still go out and the close packet.
+    Closing(u16),
+    Closed,
+}
+
+/// One Engine.IO session of ours, whichever transport carries it.
+pub(super) struct Conn {
+    /// The writer's id (it spreads the drain); also the websocket sid.
+    pub(super) id: ConnId,
+    /// The Engine.IO sid. For long-polling it is what authorizes a request
+    /// to the session, hence 128 random bits.
+    pub(super) sid: Arc<str>,
+    pub(super) node: Node,
+    pub(super) outbox: Arc<Outbox>,
+    pub(super) peer: Arc<EioPeer>,
+    handshake: Handshake,
+    /// The Socket.IO side. Its lock orders packet handling: the POSTs one
+    /// after another, then the websocket reader after an upgrade.
+    pub(super) socket: tokio::sync::Mutex<SocketState>,
+    /// std Mutex, never held across `.await`; every change notifies `changed`.
+    phase: Mutex<Phase>,
+    pub(super) changed: Notify,
+    /// Long-polling: when the client last sent something.
+    pub(super) liveness: Liveness,
+    /// A long-poll request is open (Engine.IO allows one at a time).
+    pub(super) polling: AtomicBool,
+    /// A POST is being handled (one at a time).
+    pub(super) posting: AtomicBool,
+}
+
+/// The Socket.IO state of a connection.
+#[derive(Default)]
+pub(super) struct SocketState {
+    session: Option<Arc<Session>>,
+    /// The client ended the connection (close, or namespace disconnect).
+    pub(super) client_closed: bool,
+    /// The client disconnected the namespace (`41`): the session is over,
+    /// not interrupted.
+    left: bool,
+}
+
+impl Conn {
+    pub(super) fn new(node: &Node, handshake: Handshake, sid: Option<Arc<str>>) -> Arc<Conn> {
+        let id = crate::hub::new_conn_id();
+        let outbox = Arc::new(Outbox::new(node.config(), m::transport::SOCKETIO));
+        Arc::new(Conn {
+            id,
+            sid: sid.unwrap_or_else(|| format!("{id:016x}").into()),
+            node: node.clone(),
+            peer: Arc::new(EioPeer {
+                outbox: outbox.clone(),
+                recovery: OnceLock::new(),
+                namespace_closed: AtomicBool::new(false),
+            }),
+            outbox,
+            handshake,
+            socket: tokio::sync::Mutex::new(SocketState::default()),
+            phase: Mutex::new(Phase::Polling),
+            changed: Notify::new(),
+            liveness: Liveness::new(),
+            polling: AtomicBool::new(false),
+            posting: AtomicBool::new(false),
+        })
+    }
+
+    pub(super) fn phase(&self) -> Phase {
+        *self.phase.lock().unwrap()
+    }
+
+    /// Moves to `to` if the phase is `from`; true when it did.
+    pub(super) fn advance(&self, from: Phase, to: Phase) -> bool {
+        let moved = {
+            let mut phase = self.phase.lock().unwrap();
+            let moved = *phase == from;
+            if moved {
+                *phase = to;
+            }
+            moved
+        };
+        if moved {
+            self.changed.notify_waiters();
+        }
+        moved
+    }
+
+    pub(super) fn set_phase(&self, to: Phase) {
+        *self.phase.lock().unwrap() = to;
+        self.changed.notify_waiters();
+    }
+
+    /// The Engine.IO OPEN packet; `upgrades`: the session may move to websocket.
+    pub(super) fn open_packet(&self, upgrades: bool) -> String {
+        let config = self.node.config();
+        let open = json!({
+            "sid": &*self.sid,
+            "upgrades": if upgrades { json!(["websocket"]) } else { json!([]) },
+            "pingInterval": config.socketio_ping_interval.as_millis() as u64,
+            "pingTimeout": config.socketio_ping_timeout.as_millis() as u64,
+            "maxPayload": config.max_payload,
+        });
+        format!("0{open}")
+    }
+}
+
+/// What a reader does after a packet.
+pub(super) enum Flow {
+    Go,
+    /// The client closed the connection, or sent something that is not Engine.IO.
+    Left,
+}
+
+/// Handles one Engine.IO text packet from the client.
+pub(super) async fn on_text(conn: &Arc<Conn>, st: &mut SocketState, text: &str) -> Flow {
+    match text.as_bytes().first() {
+        // PING from the client (v3 style): answer PONG.
+        Some(b'2') => {
+            conn.outbox.push(Utf8Bytes::from_static("3"));
+            Flow::Go
+        }
+        // PONG, UPGRADE, NOOP.
+        Some(b'3' | b'5' | b'6') => Flow::Go,
+        Some(b'4') => {
+            // Boxed: what a packet may await stays out of every idle
+            // socket's task.
+            if Box::pin(packet(conn, st, &text[1..])).await {
+                Flow::Go
+            } else {
+                st.left = true;
+                Flow::Left
+            }
+        }
+        // CLOSE, or something that is not Engine.IO.
+        _ => Flow::Left,
+    }
+}
+
+/// The Socket.IO session's end: leaves its topics, counts it, and settles
+/// its recovery record. `code`: the close the transport ended with.
+pub(super) async fn finish(conn: &Arc<Conn>, st: &mut SocketState, code: u16) {
+    conn.node.engineio().remove(&conn.sid);
+    conn.set_phase(Phase::Closed);
+    conn.outbox.close_queue();
+    let Some(s) = st.session.take() else {
+        return;
     };
+    let reason = match code {
+        _ if st.client_closed => m::reason::CLIENT,
+        close::TRY_AGAIN_LATER => m::reason::SLOW_CONSUMER,
+        close::GOING_AWAY | close::RESTART => m::reason::SHUTDOWN,
+        close::HEARTBEAT_TIMEOUT => m::reason::HEARTBEAT,
+        _ => s.closing_reason().unwrap_or(m::reason::SERVER),
+    };
+    if let Some(r) = conn.peer.recovery.get() {
+        // A namespace disconnect (by either side) ends the session; any
+        // other end is an interruption the client may recover from.
+        let over = st.left || conn.peer.namespace_closed.load(Ordering::Acquire);
+        let r = r.clone();
+        tokio::spawn(async move { r.end(!over).await });
+    }
+    sio::disconnected(&s, &conn.node, reason).await;
+}
+
+// === websocket ===
+
+/// Whether `req` opens a Socket.IO session directly on the websocket
+/// transport (no `sid`: not an upgrade of a polling session).
+pub fn opens_websocket(req: &Request) -> bool {
+    if req.uri().path().trim_end_matches('/') != "/socket.io" {
+        return false;
+    }
+    let query = Query::parse(req.uri().query().unwrap_or(""));
+    query.eio.as_deref() == Some("4")
+        && query.transport.as_deref() == Some("websocket")
+        && query.sid.is_none()
+}
+
+/// Upgrades and runs a session that opens on websocket.
+pub async fn upgrade(node: Node, req: Request) -> Response {
+    let handshake = Handshake::of(&node, &req);
     let ws = match WebSocketUpgrade::from_request(req, &()).await {
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
     };
     let n = node.clone();
-    outbox::upgrade(&n, ws, move |socket| run(node, socket, handshake))
+    outbox::upgrade(&n, ws, move |socket| async move {
+        let conn = Conn::new(&node, handshake, None);
+        conn.set_phase(Phase::Websocket);
+        conn.outbox.push(conn.open_packet(false).into());
+        run_websocket(conn, socket).await
+    })
 }
+
+/// Reads a websocket session (opened on websocket, or upgraded) until it
+/// ends, with the writer draining the outbox.
+pub(super) async fn run_websocket(conn: Arc<Conn>, socket: WebSocket) {
+    let config = conn.node.config().clone();
+    let (sink, mut stream) = socket.split();
+    let heartbeat = Heartbeat::EngineIo {
+        interval: config.socketio_ping_interval,
+        timeout: config.socketio_ping_timeout,
+    };
+    let (mut writer, liveness) = Writer::spawn(sink, &conn.outbox, &conn.node, conn.id, heartbeat);
+    let outbox = conn.outbox.clone();
+    let peer: Arc<dyn Peer> = conn.peer.clone();
+    let mut st = conn.socket.lock().await;
+    loop {
+        let msg = tokio::select! {
+            msg = stream.next() => msg,
+            // The writer closed the connection (slow consumer, shutdown,
+            // heartbeat, server disconnect).
+            _ = &mut writer => break,
+        };
+        liveness.heard();
+        let text = match msg {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Binary(_))) => {
+                sio::emit_error(&*peer, None, "binary packets are not supported");
+                continue;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Close(_))) => {
+                outbox.close.request(close::BY_CLIENT);
+                st.client_closed = true;
+                break;
+            }
+            None | Some(Err(_)) => {
+                st.client_closed = true;
+                break;
+            }
+        };
+        if let Flow::Left = on_text(&conn, &mut st, &text).await {
+            st.client_closed = true;
+            break;
+        }
+    }
+    outbox.close.request(close::NORMAL);
+    if !writer.is_finished() {
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, &mut writer).await;
+        writer.abort();
+    }
+    finish(&conn, &mut st, outbox.close.code()).await;
+}
+
+// === Socket.IO ===
 
 /// `42["event",data]`: a Socket.IO EVENT in an Engine.IO MESSAGE.
 fn event_frame(event: &str, args: &[&Value]) -> Utf8Bytes {
@@ -102,28 +426,48 @@ fn event_frame(event: &str, args: &[&Value]) -> Utf8Bytes {
     frame.into()
 }
 
-/// One socket of this transport as a [`Peer`].
-struct WsPeer {
+/// One socket of ours as a [`Peer`].
+pub(super) struct EioPeer {
     outbox: Arc<Outbox>,
+    /// Set when its CONNECT is answered, with `SOCKETIO_STATE_RECOVERY`.
+    recovery: OnceLock<Arc<Recovery>>,
+    /// The server disconnected the namespace (`41`): the session is over.
+    namespace_closed: AtomicBool,
 }
 
-impl Peer for WsPeer {
+impl Peer for EioPeer {
     fn emit(&self, event: &str, data: &Value) {
-        self.outbox.push(event_frame(event, &[data]));
+        match self.recovery.get() {
+            // A string last argument would become the client's offset.
+            Some(r) if data.is_string() => {
+                r.emit_string(event, data);
+            }
+            _ => {
+                self.outbox.push(event_frame(event, &[data]));
+            }
+        }
     }
 
     fn disconnect(&self) {
         // DISCONNECT of the namespace ("io server disconnect" for the
         // client), then the closing handshake.
+        self.namespace_closed.store(true, Ordering::Release);
         self.outbox.push(Utf8Bytes::from_static("41"));
         self.outbox.close.request(close::NORMAL);
     }
 
     fn subscriber(&self, positions: bool) -> Arc<dyn Subscriber> {
-        Arc::new(SocketSubscriber {
-            outbox: self.outbox.clone(),
-            positions,
-        })
+        match self.recovery.get() {
+            Some(r) => r.subscriber(None, positions),
+            None => Arc::new(SocketSubscriber {
+                outbox: self.outbox.clone(),
+                positions,
+            }),
+        }
+    }
+
+    fn recovery(&self) -> Option<&Arc<Recovery>> {
+        self.recovery.get()
     }
 }
 
@@ -152,103 +496,20 @@ impl Subscriber for SocketSubscriber {
     }
 }
 
-async fn run(node: Node, socket: WebSocket, handshake: Handshake) {
-    let config = node.config().clone();
-    let outbox = Arc::new(Outbox::new(&config, m::transport::SOCKETIO));
-    let id = crate::hub::new_conn_id();
-    let open = json!({
-        "sid": format!("{id:016x}"),
-        "upgrades": [],
-        "pingInterval": config.socketio_ping_interval.as_millis() as u64,
-        "pingTimeout": config.socketio_ping_timeout.as_millis() as u64,
-        "maxPayload": config.max_payload,
-    });
-    outbox.push(format!("0{open}").into());
-    let (sink, mut stream) = socket.split();
-    let heartbeat = Heartbeat::EngineIo {
-        interval: config.socketio_ping_interval,
-        timeout: config.socketio_ping_timeout,
-    };
-    let (mut writer, liveness) = Writer::spawn(sink, &outbox, &node, id, heartbeat);
-    let peer: Arc<dyn Peer> = Arc::new(WsPeer {
-        outbox: outbox.clone(),
-    });
-    let mut session: Option<Arc<Session>> = None;
-    let mut client_closed = false;
-    loop {
-        let msg = tokio::select! {
-            msg = stream.next() => msg,
-            // The writer closed the connection (slow consumer, shutdown,
-            // heartbeat, server disconnect).
-            _ = &mut writer => break,
-        };
-        liveness.heard();
-        let text = match msg {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Binary(_))) => {
-                sio::emit_error(&*peer, None, "binary packets are not supported");
-                continue;
-            }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Close(_))) => {
-                outbox.close.request(close::BY_CLIENT);
-                client_closed = true;
-                break;
-            }
-            None | Some(Err(_)) => {
-                client_closed = true;
-                break;
-            }
-        };
-        match text.as_bytes().first() {
-            // Engine.IO PING from the client (v3 style): answer PONG.
-            Some(b'2') => {
-                outbox.push(Utf8Bytes::from_static("3"));
-            }
-            // PONG, UPGRADE, NOOP.
-            Some(b'3' | b'5' | b'6') => {}
-            Some(b'4') => {
-                // Boxed: what a packet may await stays out of every idle
-                // socket's task.
-                let handled = packet(&node, &peer, &outbox, &mut session, &text[1..], &handshake);
-                if !Box::pin(handled).await {
-                    client_closed = true;
-                    break;
-                }
-            }
-            // CLOSE, or something that is not Engine.IO.
-            _ => {
-                client_closed = true;
-                break;
-            }
-        }
-    }
-    outbox.close.request(close::NORMAL);
-    if !writer.is_finished() {
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, &mut writer).await;
-        writer.abort();
-    }
-    if let Some(s) = session {
-        let reason = match outbox.close.code() {
-            _ if client_closed => m::reason::CLIENT,
-            close::TRY_AGAIN_LATER => m::reason::SLOW_CONSUMER,
-            close::GOING_AWAY | close::RESTART => m::reason::SHUTDOWN,
-            close::HEARTBEAT_TIMEOUT => m::reason::HEARTBEAT,
-            _ => s.closing_reason().unwrap_or(m::reason::SERVER),
-        };
-        sio::disconnected(&s, &node, reason).await;
-    }
+/// The `{pid, offset}` a returning official client puts in its CONNECT
+/// auth payload (both strings; `offset` absent when it received nothing).
+fn resume(auth: Option<&Value>) -> Option<(String, Option<String>)> {
+    let auth = auth?;
+    let pid = auth.get("pid")?.as_str()?;
+    let offset = auth.get("offset").and_then(Value::as_str);
+    Some((pid.to_string(), offset.map(String::from)))
 }
 
 /// Handles one Socket.IO packet; false when the client left.
-async fn packet(
-    node: &Node,
-    peer: &Arc<dyn Peer>,
-    outbox: &Arc<Outbox>,
-    session: &mut Option<Arc<Session>>,
-    p: &str,
-    handshake: &Handshake,
-) -> bool {
+async fn packet(conn: &Arc<Conn>, st: &mut SocketState, p: &str) -> bool {
+    let node = &conn.node;
+    let outbox = &conn.outbox;
+    let peer: Arc<dyn Peer> = conn.peer.clone();
     let (kind, rest) = p.split_at(p.len().min(1));
     // A namespace other than "/" comes as "/name," right after the type.
     let (ns, rest) = match rest.strip_prefix('/') {
@@ -268,29 +529,46 @@ async fn packet(
                 );
                 return true;
             }
-            if session.is_some() {
+            if st.session.is_some() {
                 return true;
             }
             let auth: Option<Value> = serde_json::from_str(rest).ok();
-            let token = sio::auth_token(auth.as_ref()).or_else(|| handshake.token.clone());
+            let token = sio::auth_token(auth.as_ref()).or_else(|| conn.handshake.token.clone());
             let data = sio::auth_data(auth.as_ref());
             let id = crate::hub::new_conn_id();
             let client = format!("{id:016x}");
             let hello = Hello {
                 client: &client,
                 transport: transport::SOCKETIO,
-                remote: handshake.remote,
-                headers: &handshake.headers,
+                remote: conn.handshake.remote,
+                headers: &conn.handshake.headers,
                 data: data.as_deref(),
             };
             match sio::open(node, token.as_deref(), id, hello).await {
                 Ok(s) => {
                     let sid = format!("{:016x}", s.id);
-                    push(outbox, format!("40{}", json!({"sid": &sid})));
-                    sio::register(node, peer, &s);
-                    tokio::spawn(sio::expire_when_due(peer.clone(), s.clone()));
-                    sio::connected(peer, &s, node).await;
-                    *session = Some(s);
+                    match node.socketio_recovery() {
+                        None => {
+                            push(outbox, format!("40{}", json!({"sid": &sid})));
+                            sio::register(node, &peer, &s);
+                            tokio::spawn(sio::expire_when_due(peer.clone(), s.clone()));
+                        }
+                        Some(registry) => {
+                            let resume = resume(auth.as_ref());
+                            let (r, plan) =
+                                Recovery::connect(registry, node, &s, outbox.clone(), resume).await;
+                            let _ = conn.peer.recovery.set(r.clone());
+                            push(
+                                outbox,
+                                format!("40{}", json!({"sid": &sid, "pid": r.pid()})),
+                            );
+                            sio::register(node, &peer, &s);
+                            tokio::spawn(sio::expire_when_due(peer.clone(), s.clone()));
+                            r.restore(&peer, &s, node, plan).await;
+                        }
+                    }
+                    sio::connected(&peer, &s, node).await;
+                    st.session = Some(s);
                 }
                 Err(e) => push(outbox, format!("44{}", json!({"message": e}))),
             }
@@ -300,7 +578,7 @@ async fn packet(
         "1" => false,
         // EVENT
         "2" => {
-            let Some(s) = session.clone() else {
+            let Some(s) = st.session.clone() else {
                 return true;
             };
             let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
@@ -309,7 +587,7 @@ async fn packet(
                 Ok(Value::Array(args)) if args.first().is_some_and(Value::is_string) => args,
                 _ => {
                     sio::emit_error(
-                        &**peer,
+                        &*peer,
                         None,
                         "could not read the message: not a Socket.IO event",
                     );
@@ -326,13 +604,13 @@ async fn packet(
                 .ok_or_else(|| "the event has no argument".to_string());
             let wants_ack = ack_id.is_some();
             let ack = ack(outbox, ack_id);
-            sio::handle(&event, peer, &s, node, data, ack, wants_ack).await;
+            sio::handle(&event, &peer, &s, node, data, ack, wants_ack).await;
             true
         }
         // ACK of a server event (none are asked for), binary packets.
         "3" => true,
         _ => {
-            sio::emit_error(&**peer, None, "binary packets are not supported");
+            sio::emit_error(&*peer, None, "binary packets are not supported");
             true
         }
     }
@@ -350,4 +628,55 @@ fn ack(outbox: &Arc<Outbox>, id: Option<u64>) -> Ack {
             outbox.push(format!("43{id}[{v}]").into());
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+    use std::collections::VecDeque;
+
+    fn peer() -> EioPeer {
+        let config = crate::config::Config::from_source(&HashMap::new()).unwrap();
+        EioPeer {
+            outbox: Arc::new(Outbox::new(&config, m::transport::SOCKETIO)),
+            recovery: OnceLock::new(),
+            namespace_closed: AtomicBool::new(false),
+        }
+    }
+
+    fn frames(peer: &EioPeer) -> VecDeque<Utf8Bytes> {
+        let mut batch = VecDeque::new();
+        peer.outbox.take(&mut batch);
+        batch
+    }
+
+    #[test]
+    fn sockets_of_one_topic_share_one_frame() {
+        let data: Arc<RawValue> = Arc::from(RawValue::from_string(r#"{"n":1}"#.into()).unwrap());
+        let mut p = Publication::new("t".into(), "t".into(), data, std::time::Instant::now());
+        p.offset = Some(7);
+        p.epoch = Some("e".into());
+        let (a, b) = (peer(), peer());
+        for (peer, positions) in [(&a, false), (&b, false)] {
+            assert_eq!(peer.subscriber(positions).deliver(&p), Delivery::Queued);
+        }
+        let (fa, fb) = (frames(&a), frames(&b));
+        assert_eq!(fa[0].as_str(), r#"42["t",{"n":1}]"#);
+        assert_eq!(
+            fa[0].as_str().as_ptr(),
+            fb[0].as_str().as_ptr(),
+            "one allocation"
+        );
+        // The object form's frame is shared among its sockets too.
+        let (c, d) = (peer(), peer());
+        c.subscriber(true).deliver(&p);
+        d.subscriber(true).deliver(&p);
+        let (fc, fd) = (frames(&c), frames(&d));
+        assert_eq!(
+            fc[0].as_str(),
+            r#"42["t",{"n":1},{"topic":"t","offset":7}]"#
+        );
+        assert_eq!(fc[0].as_str().as_ptr(), fd[0].as_str().as_ptr());
+    }
 }

@@ -4,8 +4,9 @@
 pub mod admission;
 pub mod engineio;
 pub mod outbox;
+pub mod polling;
+pub mod recovery;
 pub mod sio;
-pub mod socketio;
 pub mod ws;
 
 use axum::extract::{Request, State};
@@ -56,30 +57,15 @@ fn origin_refused(node: &Node, req: &Request) -> Option<Response> {
     None
 }
 
-/// In front of the Socket.IO layer (which wraps the whole router rather
-/// than being a route): [`check_origin`], and request headers copied out of
-/// hyper's connection read buffer. socketioxide keeps each socket's
-/// handshake headers for its whole life, and header values are slices of
-/// that 16 KiB buffer, so without the copy every socket pins one.
-pub async fn socketio_guard(State(node): State<Node>, mut req: Request, next: Next) -> Response {
-    if !req.uri().path().starts_with("/socket.io") {
+/// Socket.IO at `/socket.io/` (our Engine.IO server, `engineio.rs`), in
+/// front of the router: its long-polls stay open longer than the HTTP
+/// request timeout allows. [`check_origin`] applies to every request of it.
+pub async fn socketio_guard(State(node): State<Node>, req: Request, next: Next) -> Response {
+    if req.uri().path().trim_end_matches('/') != "/socket.io" {
         return next.run(req).await;
-    }
-    for value in req.headers_mut().values_mut() {
-        if let Ok(owned) = axum::http::HeaderValue::from_bytes(value.as_bytes()) {
-            *value = owned;
-        }
-    }
-    if let Ok(uri) = req.uri().to_string().parse() {
-        *req.uri_mut() = uri;
     }
     if let Some(refusal) = origin_refused(&node, &req) {
         return refusal;
     }
-    // Sockets that open on the websocket transport are ours (engineio.rs);
-    // long-polling and upgrades from it go to socketioxide.
-    if engineio::opens_websocket(&req) {
-        return engineio::upgrade(node, req).await;
-    }
-    next.run(req).await
+    engineio::serve(node, req).await
 }

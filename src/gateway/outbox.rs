@@ -123,6 +123,16 @@ impl CloseSignal {
     pub fn reason(&self) -> Option<&str> {
         self.reason.get().map(|r| &**r)
     }
+
+    /// Completes once a close has been requested (at once when it already
+    /// was). One waiter at a time: the writer, or the long-polling driver.
+    pub async fn requested(&self) {
+        let notified = self.notify.notified();
+        if self.code() != 0 {
+            return;
+        }
+        notified.await;
+    }
 }
 
 /// One connection's send queue, bounded in frames and in bytes.
@@ -230,6 +240,22 @@ impl Outbox {
         }
     }
 
+    /// Moves everything queued into `batch` (which must be empty): for a
+    /// consumer other than the [`Writer`] (Engine.IO long-polling).
+    pub fn take(&self, batch: &mut VecDeque<Utf8Bytes>) -> bool {
+        self.queue.take(batch)
+    }
+
+    /// Waits until something is queued, then moves it into `batch`.
+    pub async fn next_batch(&self, batch: &mut VecDeque<Utf8Bytes>) {
+        std::future::poll_fn(|cx| self.queue.poll_take(cx, batch)).await
+    }
+
+    /// Accepts no more frames and drops what is queued.
+    pub fn close_queue(&self) {
+        self.queue.close();
+    }
+
     fn overflow(&self) -> Delivery {
         if self.close.request(close::TRY_AGAIN_LATER) {
             metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => self.transport)
@@ -284,8 +310,14 @@ pub struct Liveness {
     last_seen: Arc<AtomicU64>,
 }
 
+impl Default for Liveness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Liveness {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             started: Instant::now(),
             last_seen: Arc::new(AtomicU64::new(0)),
@@ -298,7 +330,7 @@ impl Liveness {
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    fn silent_for(&self) -> Duration {
+    pub fn silent_for(&self) -> Duration {
         let now = self.started.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_seen.load(Ordering::Relaxed)))
     }
@@ -351,7 +383,9 @@ async fn write_loop(mut w: Writer) {
     let close_at = tokio::time::sleep(Duration::from_secs(86_400 * 365));
     // Created once, not per loop turn: registering a waiter costs a lock.
     let outbox = w.outbox.clone();
-    let close_requested = outbox.close.notify.notified();
+    // Checks the code first: a close may have been asked for before this
+    // writer started (during an Engine.IO upgrade).
+    let close_requested = outbox.close.requested();
     let shutdown_started = shutdown.cancelled();
     tokio::pin!(close_at, close_requested, shutdown_started);
     let mut draining = false;

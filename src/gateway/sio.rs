@@ -1,9 +1,7 @@
 //! What a Socket.IO socket can ask for and what it is told, whichever
-//! transport carries it: socketioxide's (`socketio.rs`: long-polling, and
-//! websocket after an upgrade) or our own websocket transport
-//! (`engineio.rs`: websocket from the first request, publications encoded
-//! once per node). Both hand their sockets to the handlers here through
-//! [`Peer`], so the two behave the same to the letter.
+//! transport of ours carries it (`engineio.rs`: websocket; `polling.rs`:
+//! long-polling and its upgrade). They hand their sockets to the handlers
+//! here through [`Peer`], so every socket behaves the same to the letter.
 //!
 //! On connect a socket follows topic `device` and receives the four state
 //! events. Events: `subscribe`, `unsubscribe`, `request_state`, `publish`,
@@ -23,6 +21,7 @@ use crate::auth::Identity;
 use crate::backend::hooks::{Hello, transport};
 use crate::backend::{Caller, Denial, HookError};
 use crate::device::state::{EVENTS, TOPIC};
+use crate::gateway::recovery::Recovery;
 use crate::gateway::ws::TokenBucket;
 use crate::hub::{Announce, ConnId, Outcome, Subscriber};
 use crate::metrics as m;
@@ -39,6 +38,11 @@ pub trait Peer: Send + Sync + 'static {
     /// A hub subscriber that delivers to this socket; `positions`: history
     /// publications carry a second argument `{topic, offset}`.
     fn subscriber(&self, positions: bool) -> Arc<dyn Subscriber>;
+    /// The socket's connection state recovery (`SOCKETIO_STATE_RECOVERY`),
+    /// once its CONNECT was answered: where its subscriptions are recorded.
+    fn recovery(&self) -> Option<&Arc<Recovery>> {
+        None
+    }
 }
 
 /// Sends an event's acknowledgement (a no-op when the client asked for none).
@@ -63,8 +67,13 @@ pub struct Session {
 }
 
 impl Session {
-    fn may_subscribe(&self, topic: &str) -> bool {
+    pub fn may_subscribe(&self, topic: &str) -> bool {
         self.identity.lock().unwrap().may_subscribe(topic)
+    }
+
+    /// The user the socket's identity names.
+    pub fn user(&self) -> String {
+        self.identity.lock().unwrap().user().to_string()
     }
 
     /// A copy of the identity, to hold across a hook call.
@@ -226,6 +235,9 @@ async fn server_command(
             let was = s.topics.lock().unwrap().remove(&*topic);
             if was {
                 node.hub().unsubscribe(&topic, s.id).await;
+                if let Some(r) = peer.recovery() {
+                    r.leave(&topic).await;
+                }
                 peer.emit(
                     "unsubscribed",
                     &json!({"topic": &*topic, "reason": "server"}),
@@ -322,14 +334,39 @@ async fn join(
             "subscription limit of {limit} topics per connection reached"
         ));
     }
+    // With connection state recovery a new subscription (other than the
+    // device state, sent again on every connect) first gets its place in
+    // the session's record.
+    let recorded = match peer.recovery() {
+        Some(r) if topic != TOPIC && !s.topics.lock().unwrap().contains(topic) => Some(r),
+        _ => None,
+    };
+    let (subscriber, since, announce) = match recorded {
+        Some(r) => {
+            r.prepare(node, topic, request.positions, request.since, announce)
+                .await?
+        }
+        None => (peer.subscriber(request.positions), request.since, announce),
+    };
+    let joined = attach(s, node, topic, subscriber, since, announce).await;
+    if let (Err(_), Some(r)) = (&joined, recorded) {
+        r.leave(topic).await;
+    }
+    joined
+}
+
+/// Subscribes the socket to `topic` on the hub with `subscriber` (from
+/// [`Peer`] or its [`Recovery`]) and records it as one of its topics.
+pub async fn attach(
+    s: &Session,
+    node: &Node,
+    topic: &str,
+    subscriber: Arc<dyn Subscriber>,
+    since: Option<Since>,
+    announce: Announce,
+) -> Result<(), String> {
     node.hub()
-        .subscribe(
-            topic,
-            s.id,
-            peer.subscriber(request.positions),
-            request.since,
-            announce,
-        )
+        .subscribe(topic, s.id, subscriber, since, announce)
         .await
         .map_err(|e| format!("could not subscribe to \"{topic}\": {e}"))?;
     s.topics.lock().unwrap().insert(topic.to_string());
@@ -401,8 +438,8 @@ fn subscribe_ack(topic: &str, outcome: &Outcome) -> Value {
     ack
 }
 
-/// The client events both transports answer; others are ignored (as
-/// socketioxide ignores an event without a handler).
+/// The client events Switchboard answers; others are ignored (unless they
+/// are RPCs), as a Socket.IO server ignores an event without a handler.
 pub const CLIENT_EVENTS: [&str; 5] = [
     "subscribe",
     "unsubscribe",
@@ -592,6 +629,9 @@ async fn unsubscribe(
             let was = s.topics.lock().unwrap().remove(&topic);
             if was {
                 node.hub().unsubscribe(&topic, s.id).await;
+                if let Some(r) = peer.recovery() {
+                    r.leave(&topic).await;
+                }
             }
             Ok(topic)
         }
@@ -747,6 +787,9 @@ async fn refresh(
         let was = s.topics.lock().unwrap().remove(&topic);
         if was {
             node.hub().unsubscribe(&topic, s.id).await;
+            if let Some(r) = peer.recovery() {
+                r.leave(&topic).await;
+            }
             peer.emit(
                 "unsubscribed",
                 &json!({"topic": topic, "reason": "permission revoked"}),

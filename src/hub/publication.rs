@@ -27,6 +27,9 @@ pub struct Publication {
     /// The Socket.IO frames (`42[…]`), without and with the position
     /// argument, for sockets of our own websocket transport.
     socketio: [OnceLock<Utf8Bytes>; 2],
+    /// The same frames without their closing `]`, for sockets with
+    /// connection state recovery, which end each with an argument of their own.
+    socketio_open: [OnceLock<Box<str>>; 2],
     /// The native compact frame and the topic number it was built with.
     compact: OnceLock<(u32, Utf8Bytes)>,
 }
@@ -49,6 +52,7 @@ impl Publication {
             timestamp: protocol::timestamp(),
             native: OnceLock::new(),
             socketio: [OnceLock::new(), OnceLock::new()],
+            socketio_open: [OnceLock::new(), OnceLock::new()],
             compact: OnceLock::new(),
         }
     }
@@ -78,19 +82,38 @@ impl Publication {
     pub fn socketio_frame(&self, positions: bool) -> &Utf8Bytes {
         let with = positions && self.offset.is_some();
         self.socketio[usize::from(with)].get_or_init(|| {
-            let mut frame = String::with_capacity(self.data.get().len() + self.event.len() + 48);
-            frame.push_str("42[");
-            frame.push_str(&serde_json::to_string(&*self.event).expect("strings serialize"));
-            frame.push(',');
-            frame.push_str(self.data.get());
-            if let (true, Some(offset)) = (with, self.offset) {
-                frame.push_str(",{\"topic\":");
-                frame.push_str(&serde_json::to_string(&*self.topic).expect("strings serialize"));
-                frame.push_str(&format!(",\"offset\":{offset}}}"));
-            }
+            let mut frame = self.build_socketio(with, 1);
             frame.push(']');
             frame.into()
         })
+    }
+
+    /// `42["event",data` (with `with`: `,{"topic","offset"}` after `data`),
+    /// with room for `spare` more bytes.
+    fn build_socketio(&self, with: bool, spare: usize) -> String {
+        let mut frame =
+            String::with_capacity(self.data.get().len() + self.event.len() + 48 + spare);
+        frame.push_str("42[");
+        frame.push_str(&serde_json::to_string(&*self.event).expect("strings serialize"));
+        frame.push(',');
+        frame.push_str(self.data.get());
+        if let (true, Some(offset)) = (with, self.offset) {
+            frame.push_str(",{\"topic\":");
+            frame.push_str(&serde_json::to_string(&*self.topic).expect("strings serialize"));
+            frame.push_str(&format!(",\"offset\":{offset}}}"));
+        }
+        frame
+    }
+
+    /// [`Publication::socketio_frame`] without its closing `]`
+    /// (`42["event",data` or `42["event",data,{"topic","offset"}`):
+    /// serialized on first use and shared; each socket with connection state
+    /// recovery appends `,"<its positions>"]` (a copy of this plus a few
+    /// bytes, never a second serialization of `data`).
+    pub fn socketio_open_frame(&self, positions: bool) -> &str {
+        let with = positions && self.offset.is_some();
+        self.socketio_open[usize::from(with)]
+            .get_or_init(|| self.build_socketio(with, 0).into_boxed_str())
     }
 
     /// The native compact event frame (`[topic_id,data,offset?,name?]`, see

@@ -1,7 +1,7 @@
 // A close the page starts is answered with the server's Close frame, seen
 // by Debian's headless Chromium (playwright-core): `CloseEvent.wasClean`
 // is true and `code` is 1000 on every WebSocket a node terminates — native
-// /ws and /ws/{topic}, our Engine.IO websocket transport, a socketioxide
+// /ws and /ws/{topic}, our Engine.IO websocket transport, a
 // socket upgraded from long-polling, and the proxy's client leg. (Without
 // the server's Close, Chromium reports wasClean false and code 1006.)
 
@@ -110,7 +110,7 @@ test(
     await check("/ws, close() without a code", `${ws}/ws`, "first", null, 1005);
     await check("Engine.IO websocket transport", `${ws}/socket.io/?EIO=4&transport=websocket`, "engineio");
 
-    // socketioxide: a long-polling session (made by the page) upgraded to websocket.
+    // A long-polling session (made by the page) upgraded to websocket.
     const sid = await page.evaluate(async () => {
       const poll = "/socket.io/?EIO=4&transport=polling";
       const { sid } = JSON.parse((await (await fetch(poll)).text()).slice(1));
@@ -119,7 +119,7 @@ test(
       if (!connected.includes("40{")) throw new Error(`no CONNECT: ${connected}`);
       return sid;
     });
-    await check("socketioxide, upgraded from polling", `${ws}/socket.io/?EIO=4&transport=websocket&sid=${sid}`, "upgraded");
+    await check("Engine.IO, upgraded from polling", `${ws}/socket.io/?EIO=4&transport=websocket&sid=${sid}`, "upgraded");
 
     await check("proxy client leg", `${ws}/ws/proxy/echo`, "proxy");
   }),

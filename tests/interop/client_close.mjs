@@ -2,7 +2,7 @@
 // seen by Node's `ws` package.
 // usage: node client_close.mjs <httpBase> <proxyRoute>
 // For each WebSocket the node terminates (native /ws and /ws/{topic}, our
-// Engine.IO websocket transport, a socketioxide socket upgraded from
+// Engine.IO websocket transport, a socket upgraded from
 // long-polling, the proxy's client leg) a `ws` client opens it, waits until
 // the server has spoken, calls close(1000) and expects its "close" event
 // with code 1000 (`ws` reports 1006 when no Close frame came back). On /ws
@@ -71,7 +71,7 @@ await closeAndCheck(`${wsBase}/socket.io/?EIO=4&transport=websocket`, async (ws,
   await acked(ws, next);
 });
 
-// socketioxide: a long-polling session upgraded to websocket.
+// A long-polling session upgraded to websocket.
 const poll = `${base}/socket.io/?EIO=4&transport=polling`;
 const { sid } = JSON.parse((await (await fetch(poll)).text()).slice(1));
 await fetch(`${poll}&sid=${sid}`, { method: "POST", body: "40" });

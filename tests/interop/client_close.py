@@ -3,7 +3,7 @@
 Usage: client_close.py HTTP_BASE PROXY_ROUTE
 
 For each WebSocket the node terminates (native `/ws` and `/ws/{topic}`, our
-Engine.IO websocket transport, a socketioxide socket upgraded from
+Engine.IO websocket transport, a socket upgraded from
 long-polling, and the proxy's client leg `/ws/proxy/{route}`), a Python
 `websockets` client opens it, waits until the server has spoken, closes
 with 1000 and checks that it received the server's Close frame with code
@@ -68,7 +68,7 @@ async def main(base, route):
 
     await close_and_check(f"{wsbase}/socket.io/?EIO=4&transport=websocket", ours)
 
-    # socketioxide: a long-polling session upgraded to websocket.
+    # A long-polling session upgraded to websocket.
     async with httpx.AsyncClient() as http:
         r = await http.get(f"{base}/socket.io/?EIO=4&transport=polling")
         sid = json.loads(r.text[1:])["sid"]

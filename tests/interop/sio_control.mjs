@@ -1,6 +1,6 @@
 // Two official socket.io-client sockets of one user take the control API's
 // commands: one on the websocket transport (node A, our own transport), one
-// long-polling (node B, socketioxide). Driven by tests/webhooks.rs, which
+// long-polling (node B). Driven by tests/webhooks.rs, which
 // reads one line per step from stdout.
 // usage: node sio_control.mjs <nodeAUrl> <nodeBUrl> <token>
 import { createRequire } from "node:module";

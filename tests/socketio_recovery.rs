@@ -1,0 +1,545 @@
+//! Socket.IO connection state recovery (`SOCKETIO_STATE_RECOVERY=true`)
+//! with the official client: an unchanged `socket.io-client` app
+//! (`tests/interop/sio_csr.mjs`: `io(url)`, default transports) behind the
+//! deployment's nginx (sticky `/socket.io/`, next upstream when a node is
+//! gone), two nodes, a private `redis-server` and three publishers using
+//! `FCALL switchboard_publish`. Also the wire form, spoken by hand.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use common::{Node, Redis, eventually, prefix};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const TOPICS: [&str; 3] = ["t1", "t2", "t3"];
+
+fn csr_node(name: &str, redis: &Redis, pfx: &str, extra: &[(&str, &str)]) -> Node {
+    let mut env = vec![
+        ("SOCKETIO_STATE_RECOVERY", "true"),
+        ("HISTORY_SIZE", "1000"),
+    ];
+    env.extend_from_slice(extra);
+    Node::start_on_redis(name, &redis.url(), pfx, &env, Duration::from_secs(15))
+}
+
+fn port_of(node: &Node) -> u16 {
+    node.addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// `FCALL switchboard_publish` of `{"n": n}` on `topic` (event = topic).
+fn fcall(redis: &Redis, pfx: &str, topic: &str, n: u64) -> u64 {
+    let envelope = json!({"event": topic, "data": {"n": n}}).to_string();
+    let reply = redis
+        .call(&["FCALL", "switchboard_publish", "1", topic, &envelope, pfx])
+        .unwrap_or_else(|e| panic!("FCALL failed: {e}"));
+    reply[0].parse().unwrap()
+}
+
+// === nginx ===
+
+/// Debian's nginx with the configuration `scripts/cluster` derives from
+/// `deploy/nginx.conf`, in front of the given node ports.
+struct Nginx {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    fn start(ports: &[u16]) -> Nginx {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let dir = std::env::temp_dir().join(format!(
+            "sb-csr-nginx-{}-{}",
+            std::process::id(),
+            common::free_port()
+        ));
+        std::fs::create_dir_all(dir.join("tmp")).unwrap();
+        // nginx workers run as an unprivileged user and must reach their temp dirs.
+        for d in [&dir, &dir.join("tmp")] {
+            Command::new("chmod").arg("0755").arg(d).status().unwrap();
+        }
+        let port = common::free_port();
+        let mut args = vec![
+            "nginx-conf".to_string(),
+            dir.display().to_string(),
+            port.to_string(),
+        ];
+        args.extend(ports.iter().map(u16::to_string));
+        let conf = Command::new(root.join("scripts/cluster"))
+            .args(&args)
+            .output()
+            .expect("scripts/cluster nginx-conf");
+        assert!(conf.status.success(), "{conf:?}");
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, &conf.stdout).unwrap();
+        let bin = ["/usr/sbin/nginx", "nginx"]
+            .into_iter()
+            .find(|b| Command::new(b).arg("-v").output().is_ok())
+            .expect("nginx is not installed: run ./scripts/test, which installs it");
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-g")
+            .arg(format!(
+                "daemon off; pid {};",
+                dir.join("nginx.pid").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let nginx = Nginx { child, port, dir };
+        let addr = format!("127.0.0.1:{port}");
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                std::net::TcpStream::connect(&addr).is_ok()
+                    && common::http(&addr, "GET", "/lb-healthz", None, &[]).0 == 200
+            }),
+            "nginx did not start: {}",
+            std::fs::read_to_string(nginx.dir.join("error.log")).unwrap_or_default()
+        );
+        nginx
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- nginx access log ---\n{}",
+                std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// === the app ===
+
+/// `tests/interop/sio_csr.mjs`, driven over stdin/stdout.
+struct App {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl App {
+    fn start(url: &str) -> App {
+        let tools = common::tools();
+        assert!(
+            tools.join("node/node_modules/socket.io-client").exists(),
+            "socket.io-client is not installed in {}: run ./scripts/test",
+            tools.display()
+        );
+        let mut child = Command::new("node")
+            .arg(common::interop_script("sio_csr.mjs"))
+            .arg(url)
+            .args(TOPICS)
+            .env("SWITCHBOARD_TOOLS", &tools)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node");
+        let (tx, lines) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                l.lock().unwrap().push(line.clone());
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take().unwrap();
+        App {
+            child,
+            stdin,
+            lines,
+            log,
+        }
+    }
+
+    /// The rest of the next line that starts with `prefix` (others skipped).
+    fn expect(&self, prefix: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.trim().to_string();
+                    }
+                }
+                Err(_) => panic!(
+                    "the app did not print {prefix:?} within {within:?}; it printed:\n{}",
+                    self.log.lock().unwrap().join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for lines starting with each of `prefixes`, in any order.
+    fn expect_all(&self, prefixes: &[&str], within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut missing: Vec<&str> = prefixes.to_vec();
+        while !missing.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => missing.retain(|p| !line.starts_with(p)),
+                Err(_) => panic!(
+                    "the app did not print {missing:?} within {within:?}; it printed:\n{}",
+                    self.log.lock().unwrap().join("\n")
+                ),
+            }
+        }
+    }
+
+    fn report(&mut self) -> Value {
+        writeln!(self.stdin, "report").unwrap();
+        serde_json::from_str(&self.expect("REPORT ", Duration::from_secs(10))).unwrap()
+    }
+
+    /// What the app received of `topic`, in order.
+    fn seen(report: &Value, topic: &str) -> Vec<u64> {
+        report["seen"][topic]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .collect()
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === publishers ===
+
+/// One thread per topic publishing `{"n": 1, 2, …}` at about 100/s.
+struct Publishers {
+    stop: Arc<AtomicBool>,
+    counts: Vec<Arc<AtomicU64>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Publishers {
+    fn start(redis: &Redis, pfx: &str) -> Publishers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut counts = Vec::new();
+        let mut threads = Vec::new();
+        for topic in TOPICS {
+            let count = Arc::new(AtomicU64::new(0));
+            let (stop, c) = (stop.clone(), count.clone());
+            let redis = Redis::connect_existing(redis.port);
+            let pfx = pfx.to_string();
+            threads.push(std::thread::spawn(move || {
+                let start = Instant::now();
+                while !stop.load(Ordering::Acquire) {
+                    let n = c.load(Ordering::Acquire) + 1;
+                    assert_eq!(fcall(&redis, &pfx, topic, n), n, "offset = n");
+                    c.store(n, Ordering::Release);
+                    // 100/s on average, whatever one call took.
+                    let due = start + Duration::from_millis(10 * n);
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                }
+            }));
+            counts.push(count);
+        }
+        Publishers {
+            stop,
+            counts,
+            threads,
+        }
+    }
+
+    fn published(&self) -> Vec<u64> {
+        self.counts
+            .iter()
+            .map(|c| c.load(Ordering::Acquire))
+            .collect()
+    }
+
+    fn stop(self) -> Vec<u64> {
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads {
+            t.join().expect("publisher");
+        }
+        self.counts
+            .iter()
+            .map(|c| c.load(Ordering::Acquire))
+            .collect()
+    }
+}
+
+/// The index of the node the app is connected to (its one Socket.IO
+/// connection).
+fn holder(nodes: &[Node]) -> usize {
+    let mut found = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            found = nodes.iter().position(|n| n.health()["connections"] == 1);
+            found.is_some()
+        }),
+        "no node holds the app's socket"
+    );
+    found.unwrap()
+}
+
+#[test]
+fn an_unchanged_client_recovers_every_publication_after_kill_9_of_its_node() {
+    let redis = Redis::start();
+    let pfx = prefix("csr");
+    let mut nodes = vec![
+        csr_node("a", &redis, &pfx, &[]),
+        csr_node("b", &redis, &pfx, &[]),
+    ];
+    let ports: Vec<u16> = nodes.iter().map(port_of).collect();
+    let nginx = Nginx::start(&ports);
+    let mut app = App::start(&nginx.url());
+    assert_eq!(
+        app.expect("OPEN ", Duration::from_secs(20)),
+        "polling",
+        "the default: long-polling first"
+    );
+    let first: Value =
+        serde_json::from_str(&app.expect("CONNECT ", Duration::from_secs(20))).unwrap();
+    assert_eq!(first["recovered"], false);
+    app.expect_all(&["SUBSCRIBED", "UPGRADED"], Duration::from_secs(20));
+
+    // Three publishers at 100/s each; after a while the app's node dies.
+    let publishers = Publishers::start(&redis, &pfx);
+    assert!(eventually(Duration::from_secs(20), || publishers
+        .published()
+        .iter()
+        .all(|&n| n >= 150)));
+    let mut victim = nodes.remove(holder(&nodes));
+    let killed_port = port_of(&victim);
+    victim.kill9();
+    let back: Value =
+        serde_json::from_str(&app.expect("CONNECT ", Duration::from_secs(30))).unwrap();
+    assert_eq!(back["recovered"], true, "socket.recovered after kill -9");
+    // Publishing goes on for a while on the surviving node.
+    let at_reconnect = publishers.published();
+    assert!(eventually(Duration::from_secs(20), || publishers
+        .published()
+        .iter()
+        .zip(&at_reconnect)
+        .all(|(now, then)| *now >= then + 150)));
+    let published = publishers.stop();
+    let mut report = app.report();
+    let complete = |r: &Value| {
+        TOPICS
+            .iter()
+            .zip(&published)
+            .all(|(t, &n)| App::seen(r, t).len() as u64 >= n)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !complete(&report) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        report = app.report();
+    }
+    for (topic, &n) in TOPICS.iter().zip(&published) {
+        assert_eq!(
+            App::seen(&report, topic),
+            (1..=n).collect::<Vec<_>>(),
+            "{topic}: every publication once, in order"
+        );
+    }
+    assert_eq!(report["gaps"], json!([]), "nothing lost");
+    let connects = report["connects"].as_array().unwrap();
+    assert!(
+        connects[1..].iter().all(|c| c["recovered"] == true),
+        "every reconnect recovered: {report}"
+    );
+    eprintln!("received {published:?} publications of {TOPICS:?}, once each, in order");
+
+    // Beyond the history: the last node dies too, and meanwhile t1 gets
+    // more publications than HISTORY_SIZE (1000) holds; t2 and t3 a few.
+    let mut survivor = nodes.remove(holder(&nodes));
+    survivor.kill9();
+    let mut now = published.clone();
+    for (i, topic) in TOPICS.iter().enumerate() {
+        let more = if i == 0 { 1100 } else { 5 };
+        for _ in 0..more {
+            now[i] += 1;
+            fcall(&redis, &pfx, topic, now[i]);
+        }
+    }
+    let port = killed_port.to_string();
+    nodes.push(csr_node("a2", &redis, &pfx, &[("PORT", &port)]));
+    let again: Value =
+        serde_json::from_str(&app.expect("CONNECT ", Duration::from_secs(60))).unwrap();
+    assert_eq!(again["recovered"], false, "t1 lost more than history holds");
+    let gap: Value = serde_json::from_str(&app.expect("GAP ", Duration::from_secs(10))).unwrap();
+    assert_eq!(gap["topic"], "t1");
+    assert_eq!(gap["from"], published[0] + 1);
+    assert_eq!(gap["to"], now[0]);
+    // The subscriptions are back: t2 and t3 replayed, then live ones.
+    let live = nodes.last().unwrap();
+    for topic in TOPICS {
+        let (status, _) = live.post(
+            "/api/publish",
+            &json!({"topic": topic, "data": {"n": 0}}).to_string(),
+        );
+        assert_eq!(status, 202);
+    }
+    let mut report = app.report();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TOPICS
+        .iter()
+        .any(|t| App::seen(&report, t).last() != Some(&0))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        report = app.report();
+    }
+    let t1 = App::seen(&report, "t1");
+    assert_eq!(
+        t1[..t1.len() - 1],
+        (1..=published[0]).collect::<Vec<_>>()[..]
+    );
+    assert_eq!(t1.last(), Some(&0), "t1 live again after the gap");
+    for (i, topic) in TOPICS.iter().enumerate().skip(1) {
+        let mut expected: Vec<u64> = (1..=now[i]).collect();
+        expected.push(0);
+        assert_eq!(
+            App::seen(&report, topic),
+            expected,
+            "{topic}: replayed, then live"
+        );
+    }
+    assert_eq!(report["gaps"].as_array().unwrap().len(), 1, "{report}");
+}
+
+// === the wire, by hand ===
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next text frame, answering Engine.IO pings on the way.
+async fn text(ws: &mut Ws) -> String {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "2" => {
+                ws.send(Message::Text("3".into())).await.unwrap();
+            }
+            Ok(Some(Ok(Message::Text(t)))) => return t.to_string(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no text frame: {other:?}"),
+        }
+    }
+}
+
+async fn until(ws: &mut Ws, prefix: &str) -> String {
+    loop {
+        let t = text(ws).await;
+        if t.starts_with(prefix) {
+            return t;
+        }
+    }
+}
+
+/// A websocket session connected to `/` with `auth`; the CONNECT answer.
+async fn connect(node: &Node, auth: Value) -> (Ws, Value) {
+    let url = node.ws_url("/socket.io/?EIO=4&transport=websocket");
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    assert!(text(&mut ws).await.starts_with('0'));
+    ws.send(Message::Text(format!("40{auth}").into()))
+        .await
+        .unwrap();
+    let answer = until(&mut ws, "40").await;
+    (ws, serde_json::from_str(&answer[2..]).unwrap())
+}
+
+#[tokio::test]
+async fn the_connect_answer_has_a_pid_and_publications_carry_the_positions_of_every_topic() {
+    let redis = Redis::start();
+    let pfx = prefix("csr-wire");
+    let a = csr_node("a", &redis, &pfx, &[]);
+    let b = csr_node("b", &redis, &pfx, &[]);
+    let (mut ws, answer) = connect(&a, json!({})).await;
+    let pid = answer["pid"].as_str().expect("pid").to_string();
+    assert_eq!(pid.len(), 32);
+    for (i, topic) in ["x", "y"].iter().enumerate() {
+        ws.send(Message::Text(
+            format!(r#"42{i}["subscribe","{topic}"]"#).into(),
+        ))
+        .await
+        .unwrap();
+        let ack = until(&mut ws, &format!("43{i}")).await;
+        assert!(ack.contains(r#""ok":true"#), "{ack}");
+    }
+    let publish = |topic: &str, data: &str| {
+        let (status, _) = b.post(
+            "/api/publish",
+            &format!(r#"{{"topic":"{topic}","data":{data}}}"#),
+        );
+        assert_eq!(status, 202);
+    };
+    // Record revision 2 (one write per subscribe); slot 0 is x, slot 1 y.
+    publish("x", r#"{"n":1}"#);
+    assert_eq!(
+        until(&mut ws, r#"42["x""#).await,
+        r#"42["x",{"n":1},"2.1"]"#
+    );
+    publish("y", r#""a string""#);
+    assert_eq!(
+        until(&mut ws, r#"42["y""#).await,
+        r#"42["y","a string","2.1.1"]"#
+    );
+    publish("x", r#"{"n":2}"#);
+    assert_eq!(
+        until(&mut ws, r#"42["x""#).await,
+        r#"42["x",{"n":2},"2.2.1"]"#
+    );
+    // The socket goes away having received only the first two.
+    drop(ws);
+    publish("y", r#"{"n":3}"#);
+    // Back on the other node with the offset of the second frame: the same
+    // pid, x from 1 (its 2 again) and y from 1, once each, in order.
+    let (mut ws, answer) = connect(&b, json!({"pid": pid, "offset": "2.1.1"})).await;
+    assert_eq!(answer["pid"], pid, "recovered");
+    let mut replay = Vec::new();
+    while replay.len() < 2 {
+        let t = text(&mut ws).await;
+        if t.starts_with(r#"42["x""#) || t.starts_with(r#"42["y""#) {
+            replay.push(t);
+        }
+    }
+    // Restored slot by slot: x's replay is queued before y is subscribed.
+    assert_eq!(
+        replay,
+        [r#"42["x",{"n":2},"3.2.1"]"#, r#"42["y",{"n":3},"3.2.2"]"#]
+    );
+    // An unknown pid: a new session.
+    let (_ws, answer) = connect(&b, json!({"pid": "0".repeat(32), "offset": "1"})).await;
+    assert_ne!(answer["pid"], json!("0".repeat(32)));
+}
