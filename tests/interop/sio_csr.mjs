@@ -25,12 +25,16 @@ const gaps = [];
 const connects = [];
 
 // The transport each Engine.IO session opens with (before any upgrade).
-socket.io.on("open", () => out(`OPEN ${socket.io.engine.transport.name}`));
+// The upgrade listener goes on at open: the upgrade can finish before the
+// CONNECT answer is handled, so a listener added on "connect" may miss it.
+socket.io.on("open", () => {
+  out(`OPEN ${socket.io.engine.transport.name}`);
+  socket.io.engine.once("upgrade", () => out("UPGRADED"));
+});
 socket.on("connect", async () => {
   const transport = socket.io.engine.transport.name;
   connects.push({ recovered: socket.recovered, transport });
   out(`CONNECT ${JSON.stringify({ recovered: socket.recovered, transport })}`);
-  socket.io.engine.once("upgrade", () => out("UPGRADED"));
   if (!socket.recovered) {
     for (const topic of topics) {
       const ack = await socket.timeout(10000).emitWithAck("subscribe", topic);
