@@ -248,6 +248,11 @@ pub async fn publish(
             "topic \"device\" carries device state: change it with /api/switch, /api/config, /api/carousel or /api/settings".into(),
         ));
     }
+    if body.topic == crate::device::frame::TOPIC {
+        return Err(ApiError::BadRequest(
+            crate::device::frame::PUBLISH_REFUSAL.into(),
+        ));
+    }
     if protocol::json_depth_exceeds(body.data.get(), protocol::MAX_DATA_DEPTH) {
         return Err(ApiError::BadRequest(protocol::TOO_DEEP.into()));
     }

@@ -435,4 +435,23 @@ async fn the_stream_keeps_no_history_even_with_history_topics_star() {
     // The other topics still keep theirs.
     let (status, _) = node.get("/api/history/device");
     assert_eq!(status, 200);
+    // Nobody but the leader's show draws on the stream: a client's or the
+    // API's publication is refused with the reason.
+    late.send(json!({"type": "publish", "event": "device.frame", "data": {"w": 1}}))
+        .await;
+    let refused = late.expect("error").await;
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("live picture"),
+        "{refused}"
+    );
+    let (status, body) = node.post(
+        "/api/publish",
+        &json!({"topic": "device.frame", "data": {"w": 1}}).to_string(),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("live picture"),
+        "{body}"
+    );
 }

@@ -16,6 +16,10 @@ pub const HEIGHT: usize = 32;
 /// replay.
 pub const TOPIC: &str = "device.frame";
 
+/// The refusal of a client or API publication on [`TOPIC`]: only the
+/// leader's show, fenced by its epoch, draws the board's live picture.
+pub const PUBLISH_REFUSAL: &str = "topic \"device.frame\" carries the board's live picture: only the device's leader publishes on it";
+
 /// The event name of every publication on [`TOPIC`].
 pub const EVENT: &str = "frame";
 

@@ -670,6 +670,9 @@ async fn publish(
                 "topic \"device\" carries device state: change it with the device commands".into(),
             );
         }
+        if topic == crate::device::frame::TOPIC {
+            return Err(crate::device::frame::PUBLISH_REFUSAL.into());
+        }
         let event = match v.get("event") {
             None | Some(Value::Null) => topic.clone(),
             Some(Value::String(e)) if protocol::valid_topic(e) => e.clone(),

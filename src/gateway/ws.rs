@@ -667,6 +667,12 @@ impl Session {
             );
             return;
         }
+        if event == crate::device::frame::TOPIC {
+            let why = crate::device::frame::PUBLISH_REFUSAL.into();
+            self.outbox
+                .error_reply(Some("publish"), why, "forbidden", Some(&event));
+            return;
+        }
         let name = name.as_deref().unwrap_or(&event);
         let data = match self
             .node
