@@ -42,7 +42,7 @@ mod publication;
 pub(crate) mod testing;
 
 pub use fanout::Fanout;
-pub use publication::Publication;
+pub use publication::{Publication, Routed, client_conn_id};
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -618,7 +618,22 @@ impl Hub {
         data: &RawValue,
         fence: Option<u64>,
     ) -> Result<Option<Position>, PublishError> {
-        let payload = protocol::encode_envelope(event, data, fence);
+        self.publish_routed(topic, event, data, fence, &protocol::Routing::default())
+            .await
+    }
+
+    /// Like [`Hub::publish_fenced`], with `except` and `rooms` in the
+    /// envelope (compat emits): the same one path, so every node's fan-out
+    /// (and every replay from history) honours them.
+    pub async fn publish_routed(
+        &self,
+        topic: &str,
+        event: &str,
+        data: &RawValue,
+        fence: Option<u64>,
+        routing: &protocol::Routing,
+    ) -> Result<Option<Position>, PublishError> {
+        let payload = protocol::encode_routed_envelope(event, data, fence, routing);
         let res = if self.is_history(topic) {
             self.inner
                 .history

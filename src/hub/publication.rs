@@ -7,6 +7,7 @@ use std::time::Instant;
 use axum::extract::ws::Utf8Bytes;
 use serde_json::value::RawValue;
 
+use super::ConnId;
 use crate::history::Stored;
 use crate::protocol;
 
@@ -18,6 +19,9 @@ pub struct Publication {
     pub received_at: Instant,
     /// Fencing epoch, on device state published by the leader.
     pub fence: Option<u64>,
+    /// Who must not get it besides the topic's subscribers' own say: set
+    /// only for publications with an `except` or `rooms` (compat emits).
+    pub routing: Option<Box<Routed>>,
     /// History topics: the publication's offset …
     pub offset: Option<u64>,
     /// … in this epoch of the topic's history.
@@ -47,6 +51,7 @@ impl Publication {
             data,
             received_at,
             fence: None,
+            routing: None,
             offset: None,
             epoch: None,
             timestamp: protocol::timestamp(),
@@ -69,6 +74,9 @@ impl Publication {
         };
         let mut p = Publication::new(topic, event, env.data, received_at);
         p.fence = env.fence;
+        if !env.routing.is_empty() {
+            p.routing = Some(Box::new(Routed::new(&p.topic, &env.routing)));
+        }
         if let Some((offset, epoch)) = env.position {
             p.offset = Some(offset);
             p.epoch = Some(Arc::from(epoch));
@@ -155,6 +163,55 @@ impl Publication {
             .into()
         })
     }
+}
+
+/// A publication's [`protocol::Routing`], ready for the fan-out.
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// The connection ids of `except` entries that are client ids (16 hex
+    /// digits, as every client id is: the connection id in hex).
+    pub except_ids: Vec<ConnId>,
+    /// Every `except` entry, as a topic.
+    pub except_topics: Vec<Arc<str>>,
+    /// The rooms of the same emit listed before this publication's topic.
+    pub earlier_rooms: Vec<Arc<str>>,
+}
+
+impl Routed {
+    fn new(topic: &str, routing: &protocol::Routing) -> Self {
+        let except_ids = routing
+            .except
+            .iter()
+            .filter_map(|e| client_conn_id(e))
+            .collect();
+        let except_topics = routing
+            .except
+            .iter()
+            .map(|e| Arc::from(e.as_str()))
+            .collect();
+        // A topic missing from its own `rooms` excludes nobody by them.
+        let at = routing.rooms.iter().position(|r| r == topic).unwrap_or(0);
+        let earlier_rooms = routing.rooms[..at]
+            .iter()
+            .map(|r| Arc::from(r.as_str()))
+            .collect();
+        Routed {
+            except_ids,
+            except_topics,
+            earlier_rooms,
+        }
+    }
+}
+
+/// The connection id a client id names (`format!("{id:016x}")`, native and
+/// Socket.IO alike), if `client` is one.
+pub fn client_conn_id(client: &str) -> Option<ConnId> {
+    (client.len() == 16
+        && client
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then(|| u64::from_str_radix(client, 16).ok())
+    .flatten()
 }
 
 /// A stored history entry as a publication (`None` if it does not parse,
