@@ -37,7 +37,13 @@ fn compat_env() -> Vec<(&'static str, &'static str)> {
 }
 
 fn start(name: &str, redis: &Redis, pfx: &str) -> Node {
-    Node::start_on_redis(name, &redis.url(), pfx, &compat_env(), Duration::from_secs(15))
+    Node::start_on_redis(
+        name,
+        &redis.url(),
+        pfx,
+        &compat_env(),
+        Duration::from_secs(15),
+    )
 }
 
 /// Waits until the leader among `nodes` listens on the compat channels.
@@ -157,8 +163,14 @@ fn js_emit(redis: &Redis, steps: Value) -> Proc {
 fn sio_client(kind: &str, node: &Node, rooms: &str) -> (Proc, String) {
     let url = format!("http://{}", node.addr);
     let mut p = match kind {
-        "js" => Proc::spawn(&node_bin(), &[&interop_script("compat_client.mjs"), &url, rooms]),
-        _ => Proc::spawn(&python(), &[&interop_script("compat_client.py"), &url, rooms]),
+        "js" => Proc::spawn(
+            &node_bin(),
+            &[&interop_script("compat_client.mjs"), &url, rooms],
+        ),
+        _ => Proc::spawn(
+            &python(),
+            &[&interop_script("compat_client.py"), &url, rooms],
+        ),
     };
     let sid = p.line("READY", Duration::from_secs(20));
     (p, sid)
@@ -218,9 +230,8 @@ fn history(node: &Node, topic: &str) -> Vec<(u64, String, Value)> {
 
 fn metric(node: &Node, source: &str, outcome: &str) -> u64 {
     let (_, text) = common::http_text(&node.addr, "GET", "/metrics", None, &[]);
-    let want = format!(
-        "switchboard_compat_messages_total{{source=\"{source}\",outcome=\"{outcome}\"}}"
-    );
+    let want =
+        format!("switchboard_compat_messages_total{{source=\"{source}\",outcome=\"{outcome}\"}}");
     text.lines()
         .filter(|l| l.starts_with("switchboard_compat_messages_total{"))
         .find(|l| {
@@ -303,9 +314,8 @@ async fn python_socketio_emits_reach_each_client_once() {
         [json!(["c2", [1, 2]]), json!(["done", null])]
     );
     // One publication per emit and room, with offsets (not one per node).
-    let events = |t| -> Vec<(u64, String)> {
-        history(&a, t).into_iter().map(|(o, e, _)| (o, e)).collect()
-    };
+    let events =
+        |t| -> Vec<(u64, String)> { history(&a, t).into_iter().map(|(o, e, _)| (o, e)).collect() };
     assert_eq!(
         events("room1"),
         [(1, "c1".into()), (2, "c3".into()), (3, "c5".into())]
@@ -482,34 +492,127 @@ async fn malformed_messages_are_refused_counted_logged_and_the_next_is_served() 
         "a".repeat(10_000_000)
     );
     let deep_msgpack = [vec![0x91u8; 20_000], vec![0xc0]].concat();
-    let big_msgpack = pack(&json!(["e", {"type": 2, "data": ["x", "a".repeat(10_000_000)], "nsp": "/"}, {"rooms": ["ok"]}]));
+    let big_msgpack = pack(
+        &json!(["e", {"type": 2, "data": ["x", "a".repeat(10_000_000)], "nsp": "/"}, {"rooms": ["ok"]}]),
+    );
     let emitter = format!("{EMITTER_KEY}#/#");
     let request = format!("{EMITTER_KEY}-request#/#");
     let group = format!("{CHANNELS_PREFIX}__group__ok");
     let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
         // (source label, channel, payload, outcome)
-        ("python-socketio", PY_CHANNEL, b"{not json".to_vec(), "malformed"),
-        ("python-socketio", PY_CHANNEL, b"[1,2]".to_vec(), "malformed"),
-        ("python-socketio", PY_CHANNEL, br#"{"method":"emit","data":[1]}"#.to_vec(), "malformed"),
-        ("python-socketio", PY_CHANNEL, deep_json.into_bytes(), "invalid"),
+        (
+            "python-socketio",
+            PY_CHANNEL,
+            b"{not json".to_vec(),
+            "malformed",
+        ),
+        (
+            "python-socketio",
+            PY_CHANNEL,
+            b"[1,2]".to_vec(),
+            "malformed",
+        ),
+        (
+            "python-socketio",
+            PY_CHANNEL,
+            br#"{"method":"emit","data":[1]}"#.to_vec(),
+            "malformed",
+        ),
+        (
+            "python-socketio",
+            PY_CHANNEL,
+            deep_json.into_bytes(),
+            "invalid",
+        ),
         ("python-socketio", PY_CHANNEL, big.into_bytes(), "invalid"),
-        ("python-socketio", PY_CHANNEL, b"\x80\x04\x95\x20\x00\x00".to_vec(), "refused"),
-        ("python-socketio", PY_CHANNEL, br#"{"method":"emit","event":"x","data":[1],"namespace":"/chat"}"#.to_vec(), "refused"),
-        ("python-socketio", PY_CHANNEL, br#"{"method":"emit","event":"x","data":["x"],"binary":true}"#.to_vec(), "refused"),
-        ("python-socketio", PY_CHANNEL, br#"{"method":"emit","event":"x","data":[1],"room":"ok","callback":["ok","/",1]}"#.to_vec(), "refused"),
-        ("python-socketio", PY_CHANNEL, br#"{"method":"emit","event":"bad event","data":[1],"room":"ok"}"#.to_vec(), "invalid"),
-        ("socketio-emitter", emitter.as_str(), b"\xc1\xc1".to_vec(), "malformed"),
-        ("socketio-emitter", emitter.as_str(), b"{\"json\": true}".to_vec(), "malformed"),
-        ("socketio-emitter", emitter.as_str(), pack(&json!({"a": 1})), "malformed"),
-        ("socketio-emitter", emitter.as_str(), deep_msgpack.clone(), "invalid"),
+        (
+            "python-socketio",
+            PY_CHANNEL,
+            b"\x80\x04\x95\x20\x00\x00".to_vec(),
+            "refused",
+        ),
+        (
+            "python-socketio",
+            PY_CHANNEL,
+            br#"{"method":"emit","event":"x","data":[1],"namespace":"/chat"}"#.to_vec(),
+            "refused",
+        ),
+        (
+            "python-socketio",
+            PY_CHANNEL,
+            br#"{"method":"emit","event":"x","data":["x"],"binary":true}"#.to_vec(),
+            "refused",
+        ),
+        (
+            "python-socketio",
+            PY_CHANNEL,
+            br#"{"method":"emit","event":"x","data":[1],"room":"ok","callback":["ok","/",1]}"#
+                .to_vec(),
+            "refused",
+        ),
+        (
+            "python-socketio",
+            PY_CHANNEL,
+            br#"{"method":"emit","event":"bad event","data":[1],"room":"ok"}"#.to_vec(),
+            "invalid",
+        ),
+        (
+            "socketio-emitter",
+            emitter.as_str(),
+            b"\xc1\xc1".to_vec(),
+            "malformed",
+        ),
+        (
+            "socketio-emitter",
+            emitter.as_str(),
+            b"{\"json\": true}".to_vec(),
+            "malformed",
+        ),
+        (
+            "socketio-emitter",
+            emitter.as_str(),
+            pack(&json!({"a": 1})),
+            "malformed",
+        ),
+        (
+            "socketio-emitter",
+            emitter.as_str(),
+            deep_msgpack.clone(),
+            "invalid",
+        ),
         ("socketio-emitter", emitter.as_str(), big_msgpack, "invalid"),
-        ("socketio-emitter", "socket.io#/admin#", pack(&json!(["e", {"type": 2, "data": ["x"], "nsp": "/admin"}, {}])), "refused"),
-        ("socketio-emitter", request.as_str(), b"not json".to_vec(), "malformed"),
-        ("socketio-emitter", request.as_str(), br#"{"type":2,"opts":{"rooms":[],"except":[]},"rooms":["x"]}"#.to_vec(), "refused"),
+        (
+            "socketio-emitter",
+            "socket.io#/admin#",
+            pack(&json!(["e", {"type": 2, "data": ["x"], "nsp": "/admin"}, {}])),
+            "refused",
+        ),
+        (
+            "socketio-emitter",
+            request.as_str(),
+            b"not json".to_vec(),
+            "malformed",
+        ),
+        (
+            "socketio-emitter",
+            request.as_str(),
+            br#"{"type":2,"opts":{"rooms":[],"except":[]},"rooms":["x"]}"#.to_vec(),
+            "refused",
+        ),
         ("channels", group.as_str(), b"\xc1".to_vec(), "malformed"),
-        ("channels", group.as_str(), pack(&json!({"value": 7})), "malformed"),
+        (
+            "channels",
+            group.as_str(),
+            pack(&json!({"value": 7})),
+            "malformed",
+        ),
         ("channels", group.as_str(), deep_msgpack, "invalid"),
-        ("channels", group.as_str(), pack(&json!({"type": "x", "blob": "a".repeat(10_000_000)})), "invalid"),
+        (
+            "channels",
+            group.as_str(),
+            pack(&json!({"type": "x", "blob": "a".repeat(10_000_000)})),
+            "invalid",
+        ),
     ];
     let mut expected: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     for (source, channel, payload, outcome) in &cases {
@@ -523,17 +626,27 @@ async fn malformed_messages_are_refused_counted_logged_and_the_next_is_served() 
     publish_raw(
         &redis,
         &format!("{emitter}ok#"),
-        &pack(&json!(["e", {"type": 2, "data": ["good", 2], "nsp": "/"}, {"rooms": ["ok"], "except": [], "flags": {}}])),
+        &pack(
+            &json!(["e", {"type": 2, "data": ["good", 2], "nsp": "/"}, {"rooms": ["ok"], "except": [], "flags": {}}]),
+        ),
     );
-    publish_raw(&redis, group.as_str(), &pack(&json!({"type": "good", "n": 3})));
+    publish_raw(
+        &redis,
+        group.as_str(),
+        &pack(&json!({"type": "good", "n": 3})),
+    );
     let mut got = vec![];
     for _ in 0..3 {
         let m = c.expect("event").await;
         got.push(m["data"].clone());
     }
     assert_eq!(got, [json!(1), json!(2), json!({"n": 3})]);
-    *expected.entry(("python-socketio", "published")).or_default() += 1;
-    *expected.entry(("socketio-emitter", "published")).or_default() += 1;
+    *expected
+        .entry(("python-socketio", "published"))
+        .or_default() += 1;
+    *expected
+        .entry(("socketio-emitter", "published"))
+        .or_default() += 1;
     *expected.entry(("channels", "published")).or_default() += 1;
     for ((source, outcome), n) in &expected {
         assert_eq!(metric(&a, source, outcome), *n, "{source} {outcome}");
@@ -552,15 +665,39 @@ fn load(source: &str, redis: &Redis, topic: &str, count: u32, rate: u32) -> Proc
     match source {
         "python" => Proc::spawn(
             &python(),
-            &[&interop_script("compat_python_emit.py"), &redis.url(), PY_CHANNEL, "load", topic, &count, &rate],
+            &[
+                &interop_script("compat_python_emit.py"),
+                &redis.url(),
+                PY_CHANNEL,
+                "load",
+                topic,
+                &count,
+                &rate,
+            ],
         ),
         "emitter" => Proc::spawn(
             &node_bin(),
-            &[&interop_script("compat_emitter.mjs"), &redis.url(), EMITTER_KEY, "load", topic, &count, &rate],
+            &[
+                &interop_script("compat_emitter.mjs"),
+                &redis.url(),
+                EMITTER_KEY,
+                "load",
+                topic,
+                &count,
+                &rate,
+            ],
         ),
         _ => Proc::spawn(
             &python(),
-            &[&interop_script("compat_channels.py"), &redis.url(), CHANNELS_PREFIX, "load", topic, &count, &rate],
+            &[
+                &interop_script("compat_channels.py"),
+                &redis.url(),
+                CHANNELS_PREFIX,
+                "load",
+                topic,
+                &count,
+                &rate,
+            ],
         ),
     }
 }
@@ -580,21 +717,34 @@ fn seqs(node: &Node, topic: &str) -> (u64, HashMap<u64, usize>) {
 async fn three_nodes_one_publication_per_emit_and_a_rolling_restart() {
     let redis = Redis::start();
     let pfx = prefix("compat-3");
-    let mut nodes: Vec<Node> = ["a", "b", "c"].iter().map(|n| start(n, &redis, &pfx)).collect();
+    let mut nodes: Vec<Node> = ["a", "b", "c"]
+        .iter()
+        .map(|n| start(n, &redis, &pfx))
+        .collect();
     consuming(&nodes.iter().collect::<Vec<_>>());
 
     // 1,000 emits at 200/s from each source at once: 1,000 publications each.
-    let runs: Vec<Proc> = [("python", "load.py"), ("emitter", "load.js"), ("channels", "load.dj")]
-        .iter()
-        .map(|(s, t)| load(s, &redis, t, 1000, 200))
-        .collect();
+    let runs: Vec<Proc> = [
+        ("python", "load.py"),
+        ("emitter", "load.js"),
+        ("channels", "load.dj"),
+    ]
+    .iter()
+    .map(|(s, t)| load(s, &redis, t, 1000, 200))
+    .collect();
     for r in runs {
         r.finish(Duration::from_secs(30));
     }
     for topic in ["load.py", "load.js", "load.dj"] {
-        assert!(eventually(Duration::from_secs(5), || seqs(&nodes[0], topic).0 >= 1000));
+        assert!(eventually(Duration::from_secs(5), || seqs(
+            &nodes[0], topic
+        )
+        .0 >= 1000));
         let (top, counts) = seqs(&nodes[0], topic);
-        assert_eq!(top, 1000, "{topic}: exactly 1,000 publications (offsets 1..=1000)");
+        assert_eq!(
+            top, 1000,
+            "{topic}: exactly 1,000 publications (offsets 1..=1000)"
+        );
         assert_eq!(counts.len(), 1000, "{topic}: every seq once");
         assert!(counts.values().all(|n| *n == 1), "{topic}: none doubled");
     }
@@ -605,7 +755,10 @@ async fn three_nodes_one_publication_per_emit_and_a_rolling_restart() {
     for i in 0..nodes.len() {
         let name = nodes[i].name.clone();
         nodes[i].signal("TERM");
-        assert!(nodes[i].wait_exit(Duration::from_secs(10)).is_some(), "{name} drained");
+        assert!(
+            nodes[i].wait_exit(Duration::from_secs(10)).is_some(),
+            "{name} drained"
+        );
         nodes[i] = start(&name, &redis, &pfx);
         std::thread::sleep(Duration::from_millis(1000));
     }
@@ -613,10 +766,55 @@ async fn three_nodes_one_publication_per_emit_and_a_rolling_restart() {
     std::thread::sleep(Duration::from_millis(500));
     let (top, counts) = seqs(&nodes[0], "load.roll");
     assert!(counts.values().all(|n| *n == 1), "none doubled");
-    assert_eq!(top as usize, counts.len(), "one publication per stored emit");
+    assert_eq!(
+        top as usize,
+        counts.len(),
+        "one publication per stored emit"
+    );
     // Lost emits come in runs, one per leader handover; a run is the window.
+    let runs = lost(&counts, 2400);
+    let windows_ms = windows(&runs);
+    eprintln!(
+        "rolling restart: {} of 2400 emits stored, lost runs {runs:?}, handover windows {windows_ms:?} ms",
+        counts.len()
+    );
+    assert!(
+        runs.len() <= 3,
+        "at most one window per node restart: {runs:?}"
+    );
+    assert!(
+        windows_ms.iter().all(|w| *w <= 1000),
+        "each handover window within the documented 1 s: {windows_ms:?}"
+    );
+
+    // The leader killed (-9): emits are lost until its lease expires
+    // (LEADER_LEASE_MS=3000 here) and a follower takes over.
+    let stream = load("python", &redis, "load.kill", 1600, 200);
+    std::thread::sleep(Duration::from_millis(2500));
+    let leader = nodes
+        .iter()
+        .position(|n| n.health()["leader"] == true)
+        .expect("a leader");
+    nodes[leader].kill9();
+    stream.finish(Duration::from_secs(30));
+    let alive = &nodes[(leader + 1) % nodes.len()];
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, counts) = seqs(alive, "load.kill");
+    assert!(counts.values().all(|n| *n == 1), "none doubled");
+    let runs = lost(&counts, 1600);
+    let windows_ms = windows(&runs);
+    eprintln!("leader killed: lost runs {runs:?}, window {windows_ms:?} ms (lease 3000 ms)");
+    assert!(runs.len() <= 1, "{runs:?}");
+    assert!(
+        windows_ms.iter().all(|w| *w <= 3000 + 1000),
+        "within the lease plus 1 s: {windows_ms:?}"
+    );
+}
+
+/// Runs of consecutive `seq`s below `count` that are not in `counts`.
+fn lost(counts: &HashMap<u64, usize>, count: u64) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = vec![];
-    for seq in 0..2400u64 {
+    for seq in 0..count {
         if !counts.contains_key(&seq) {
             match runs.last_mut() {
                 Some((_, end)) if *end + 1 == seq => *end = seq,
@@ -624,14 +822,10 @@ async fn three_nodes_one_publication_per_emit_and_a_rolling_restart() {
             }
         }
     }
-    let windows_ms: Vec<u64> = runs.iter().map(|(s, e)| (e - s + 1) * 5).collect();
-    eprintln!(
-        "rolling restart: {} of 2400 emits stored, lost runs {runs:?}, handover windows {windows_ms:?} ms",
-        counts.len()
-    );
-    assert!(runs.len() <= 3, "at most one window per node restart: {runs:?}");
-    assert!(
-        windows_ms.iter().all(|w| *w <= 1000),
-        "each handover window within the documented 1 s: {windows_ms:?}"
-    );
+    runs
+}
+
+/// Each run's length in ms at 200 emits a second.
+fn windows(runs: &[(u64, u64)]) -> Vec<u64> {
+    runs.iter().map(|(s, e)| (e - s + 1) * 5).collect()
 }
