@@ -752,14 +752,14 @@ async fn three_nodes_one_publication_per_emit_and_a_rolling_restart() {
     // A rolling restart of all 3 nodes during a 200/s stream.
     let stream = load("python", &redis, "load.roll", 2400, 200);
     std::thread::sleep(Duration::from_millis(1000));
-    for i in 0..nodes.len() {
-        let name = nodes[i].name.clone();
-        nodes[i].signal("TERM");
+    for node in nodes.iter_mut() {
+        let name = node.name.clone();
+        node.signal("TERM");
         assert!(
-            nodes[i].wait_exit(Duration::from_secs(10)).is_some(),
+            node.wait_exit(Duration::from_secs(10)).is_some(),
             "{name} drained"
         );
-        nodes[i] = start(&name, &redis, &pfx);
+        *node = start(&name, &redis, &pfx);
         std::thread::sleep(Duration::from_millis(1000));
     }
     stream.finish(Duration::from_secs(30));
