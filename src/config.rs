@@ -1661,6 +1661,35 @@ mod tests {
     }
 
     #[test]
+    fn compat_sources_need_redis_and_plain_names() {
+        let c = config(&[]).unwrap();
+        assert!(!c.compat.any());
+        let c = config(&[
+            ("REDIS_URL", "redis://127.0.0.1:6390"),
+            ("COMPAT_PYTHON_SOCKETIO", "socketio"),
+            ("COMPAT_CHANNELS_PREFIX", "asgi"),
+        ])
+        .unwrap();
+        assert_eq!(c.compat.python_socketio.as_deref(), Some("socketio"));
+        assert_eq!(c.compat.channels_prefix.as_deref(), Some("asgi"));
+        assert!(c.compat.broadcasts());
+        let err = config(&[("COMPAT_SOCKETIO_EMITTER", "socket.io")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("COMPAT_SOCKETIO_EMITTER=socket.io is not valid: needs REDIS_URL"),
+            "{err}"
+        );
+        let err = config(&[
+            ("REDIS_URL", "redis://127.0.0.1:6390"),
+            ("COMPAT_SOCKETIO_EMITTER", "io*"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("COMPAT_SOCKETIO_EMITTER=io* is not valid"), "{err}");
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let c = config(&[]).unwrap();
         assert_eq!(c.port, 8080);
