@@ -1686,7 +1686,10 @@ mod tests {
         ])
         .unwrap_err()
         .to_string();
-        assert!(err.contains("COMPAT_SOCKETIO_EMITTER=io* is not valid"), "{err}");
+        assert!(
+            err.contains("COMPAT_SOCKETIO_EMITTER=io* is not valid"),
+            "{err}"
+        );
     }
 
     #[test]

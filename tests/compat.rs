@@ -557,6 +557,12 @@ async fn malformed_messages_are_refused_counted_logged_and_the_next_is_served() 
             "invalid",
         ),
         (
+            "python-socketio",
+            PY_CHANNEL,
+            br#"{"method":"emit","event":"x","data":[1],"room":"00000000000000ab"}"#.to_vec(),
+            "refused",
+        ),
+        (
             "socketio-emitter",
             emitter.as_str(),
             b"\xc1\xc1".to_vec(),

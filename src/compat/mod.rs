@@ -408,6 +408,17 @@ impl Compat {
                 short(&Value::String(bad.clone()))
             )));
         }
+        // A Socket.IO server puts each socket in a room named by its sid;
+        // Switchboard has no per-connection topics, and such an emit would
+        // go to a topic nobody subscribes to: refuse it loudly instead.
+        if let Some(sid) = rooms
+            .iter()
+            .find(|r| crate::hub::client_conn_id(r).is_some())
+        {
+            return Err(Refusal::refused(format!(
+                "an emit to one socket (room {sid} is a client id) cannot be served: put the socket in a topic of its own (enter_room / socketsJoin / POST /api/subscribe) and emit there"
+            )));
+        }
         if rooms.iter().any(|r| r == crate::device::state::TOPIC) {
             return Err(Refusal::invalid(
                 "topic \"device\" carries device state: it is changed through the device API only",
