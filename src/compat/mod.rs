@@ -486,6 +486,18 @@ impl Compat {
                 reason: DISCONNECT_REASON.into(),
             }],
         };
+        // Every client id is its connection id in hex: anything else (a sid
+        // of another Socket.IO server) names nobody here, and would only
+        // cost the control bus's answer timeout.
+        if let Some(bad) = clients
+            .iter()
+            .find(|c| crate::hub::client_conn_id(c).is_none())
+        {
+            return Err(Refusal::refused(format!(
+                "{} is not a Switchboard client id (16 hex digits, the socket's sid)",
+                short(&Value::String(bad.clone()))
+            )));
+        }
         if clients.len() * commands.len() > MAX_ROUTING {
             return Err(Refusal::invalid(format!(
                 "more than {MAX_ROUTING} client × room commands in one message"
