@@ -528,6 +528,11 @@ pub struct Envelope {
     /// several rooms once per socket).
     #[serde(default)]
     pub rooms: Option<Vec<String>>,
+    /// `data` is the list of a Socket.IO emit's arguments (zero or several;
+    /// `null` for none): Socket.IO clients get them as separate arguments,
+    /// as from a Socket.IO server; native clients get `data` as it is.
+    #[serde(default)]
+    pub spread: Option<bool>,
 }
 
 /// How many entries `except` and `rooms` may have.
@@ -569,9 +574,12 @@ pub struct ParsedEnvelope {
 pub struct Routing {
     pub except: Vec<String>,
     pub rooms: Vec<String>,
+    /// [`Envelope::spread`].
+    pub spread: bool,
 }
 
 impl Routing {
+    /// Whether nobody is excluded (`spread` aside: it changes no audience).
     pub fn is_empty(&self) -> bool {
         self.except.is_empty() && self.rooms.is_empty()
     }
@@ -613,6 +621,7 @@ pub fn parse_envelope(payload: &[u8]) -> Result<ParsedEnvelope, EnvelopeError> {
     let routing = Routing {
         except: routing_list(env.except, "except")?,
         rooms: routing_list(env.rooms, "rooms")?,
+        spread: env.spread == Some(true),
     };
     Ok(ParsedEnvelope {
         event: env.event,
@@ -646,6 +655,8 @@ pub fn encode_routed_envelope(
         except: &'a [String],
         #[serde(skip_serializing_if = "<[String]>::is_empty")]
         rooms: &'a [String],
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        spread: bool,
     }
     serde_json::to_string(&Out {
         v: 1,
@@ -654,6 +665,7 @@ pub fn encode_routed_envelope(
         fence,
         except: &routing.except,
         rooms: &routing.rooms,
+        spread: routing.spread,
     })
     .expect("envelopes always serialize")
 }

@@ -133,12 +133,16 @@ impl Drop for Proc {
 }
 
 fn py_emit(redis: &Redis, steps: Value) -> Proc {
+    py_emit_on(redis, PY_CHANNEL, steps)
+}
+
+fn py_emit_on(redis: &Redis, channel: &str, steps: Value) -> Proc {
     Proc::spawn(
         &python(),
         &[
             &interop_script("compat_python_emit.py"),
             &redis.url(),
-            PY_CHANNEL,
+            channel,
             "steps",
             &steps.to_string(),
         ],
@@ -161,7 +165,11 @@ fn js_emit(redis: &Redis, steps: Value) -> Proc {
 /// An official Socket.IO client app ("js" or "py") on `node` in `rooms`;
 /// returns it once it is subscribed, with its `sid`.
 fn sio_client(kind: &str, node: &Node, rooms: &str) -> (Proc, String) {
-    let url = format!("http://{}", node.addr);
+    sio_client_at(kind, &node.addr, rooms)
+}
+
+fn sio_client_at(kind: &str, addr: &str, rooms: &str) -> (Proc, String) {
+    let url = format!("http://{addr}");
     let mut p = match kind {
         "js" => Proc::spawn(
             &node_bin(),
@@ -263,8 +271,7 @@ async fn python_socketio_emits_reach_each_client_once() {
     let mut native_a = native(&a, &["room1", "broadcast"]).await;
     let mut native_b = native(&b, &["broadcast"]).await;
 
-    let emit = py_emit(
-        &redis,
+    let steps = |js_sid: &str, py_sid: &str, skip: &str| {
         json!([
             ["emit", "c1", {"n": 1}, {"room": "room1"}],
             ["emit", "c2", [1, 2], {}],
@@ -272,32 +279,76 @@ async fn python_socketio_emits_reach_each_client_once() {
             ["enter_room", py_sid, "room2"],
             ["sleep", 0.5],
             ["emit", "c4", {"private": true}, {"to": "room2"}],
-            ["emit", "c5", {"n": 5}, {"room": ["room1", "room2"], "skip_sid": [native_a.client_id]}],
+            ["emit", "c5", {"n": 5}, {"room": ["room1", "room2"], "skip_sid": [skip]}],
+            ["emit_args", "c6", [1, "two"], {}],
             ["sleep", 0.2],
             ["emit", "done", null, {}],
-        ]),
-    );
-    emit.finish(Duration::from_secs(20));
+        ])
+    };
+    py_emit(&redis, steps(&js_sid, &py_sid, &native_a.client_id)).finish(Duration::from_secs(20));
+    let (js_got, py_got) = (sio_events(js_a), sio_events(py_b));
 
-    // What python-socketio's own server would deliver, each once.
+    // python-socketio's own servers (two, sharing the Redis manager on a
+    // channel of their own), the same clients, the same emits.
+    let ref_channel = "socketio-reference";
+    let servers: Vec<(Proc, String)> = (0..2)
+        .map(|_| {
+            let port = common::free_port().to_string();
+            let mut p = Proc::spawn(
+                &python(),
+                &[
+                    &interop_script("compat_reference_server.py"),
+                    &redis.url(),
+                    ref_channel,
+                    &port,
+                ],
+            );
+            p.line("LISTENING", Duration::from_secs(20));
+            (p, format!("127.0.0.1:{port}"))
+        })
+        .collect();
+    let (ref_js, ref_js_sid) = sio_client_at("js", &servers[0].1, "room1");
+    let (ref_py, ref_py_sid) = sio_client_at("py", &servers[1].1, "room1");
+    let mut ref_steps = steps(&ref_js_sid, &ref_py_sid, "nobody");
+    // The reference servers subscribe to Redis after their first connection.
+    ref_steps
+        .as_array_mut()
+        .unwrap()
+        .insert(0, json!(["sleep", 1.0]));
+    py_emit_on(&redis, ref_channel, ref_steps).finish(Duration::from_secs(20));
     assert_eq!(
-        sio_events(js_a),
+        js_got,
+        sio_events(ref_js),
+        "socket.io-client: as python-socketio delivers"
+    );
+    assert_eq!(
+        py_got,
+        sio_events(ref_py),
+        "python-socketio client: as python-socketio delivers"
+    );
+    drop(servers);
+
+    // Which is, each once:
+    assert_eq!(
+        js_got,
         [
             json!(["c1", {"n": 1}]),
             json!(["c2", [1, 2]]),
             json!(["c5", {"n": 5}]),
-            json!(["done", null])
+            json!(["c6", 1, "two"]),
+            json!(["done"])
         ]
     );
     assert_eq!(
-        sio_events(py_b),
+        py_got,
         [
             json!(["c1", {"n": 1}]),
             json!(["c2", [1, 2]]),
             json!(["c3", "skip"]),
             json!(["c4", {"private": true}]),
             json!(["c5", {"n": 5}]),
-            json!(["done", null])
+            json!(["c6", 1, "two"]),
+            json!(["done"])
         ]
     );
     assert_eq!(
@@ -306,12 +357,17 @@ async fn python_socketio_emits_reach_each_client_once() {
             json!(["c1", {"n": 1}]),
             json!(["c2", [1, 2]]),
             json!(["c3", "skip"]),
+            json!(["c6", [1, "two"]]),
             json!(["done", null])
         ]
     );
     assert_eq!(
         native_events(&mut native_b).await,
-        [json!(["c2", [1, 2]]), json!(["done", null])]
+        [
+            json!(["c2", [1, 2]]),
+            json!(["c6", [1, "two"]]),
+            json!(["done", null])
+        ]
     );
     // One publication per emit and room, with offsets (not one per node).
     let events =
@@ -321,10 +377,13 @@ async fn python_socketio_emits_reach_each_client_once() {
         [(1, "c1".into()), (2, "c3".into()), (3, "c5".into())]
     );
     assert_eq!(events("room2"), [(1, "c4".into()), (2, "c5".into())]);
-    assert_eq!(events("broadcast"), [(1, "c2".into()), (2, "done".into())]);
+    assert_eq!(
+        events("broadcast"),
+        [(1, "c2".into()), (2, "c6".into()), (3, "done".into())]
+    );
     let published =
         metric(&a, "python-socketio", "published") + metric(&b, "python-socketio", "published");
-    assert_eq!(published, 6, "each emit consumed once, by the leader");
+    assert_eq!(published, 7, "each emit consumed once, by the leader");
     let applied =
         metric(&a, "python-socketio", "applied") + metric(&b, "python-socketio", "applied");
     assert_eq!(applied, 1);
@@ -352,6 +411,7 @@ async fn redis_emitter_emits_and_sockets_join() {
             ["socketsJoin", [js_sid], ["r4"]],
             ["sleep", 500],
             ["emit", "m4", {"n": 4}, {"rooms": ["r4"]}],
+            ["emit_args", "m5", [1, "two"], {"rooms": ["r1"]}],
             ["sleep", 200],
             ["emit", "done", null, {}],
         ]),
@@ -365,6 +425,7 @@ async fn redis_emitter_emits_and_sockets_join() {
             json!(["m2", {"n": 2}]),
             json!(["m3", "all"]),
             json!(["m4", {"n": 4}]),
+            json!(["m5", 1, "two"]),
             json!(["done", null])
         ]
     );
@@ -374,6 +435,7 @@ async fn redis_emitter_emits_and_sockets_join() {
             json!(["m1", {"n": 1}]),
             json!(["m2", {"n": 2}]),
             json!(["m3", "all"]),
+            json!(["m5", 1, "two"]),
             json!(["done", null])
         ]
     );
@@ -389,7 +451,7 @@ async fn redis_emitter_emits_and_sockets_join() {
             json!(["done", null])
         ]
     );
-    assert_eq!(history(&b, "r1").len(), 2);
+    assert_eq!(history(&b, "r1").len(), 3);
     assert_eq!(history(&b, "r2").len(), 1);
     assert_eq!(history(&b, "r4").len(), 1);
 }

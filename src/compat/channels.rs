@@ -26,6 +26,7 @@ pub fn decode(group: &str, payload: &[u8]) -> Result<Action, Refusal> {
         event,
         data: Value::Object(msg),
         except: vec![],
+        spread: false,
     }))
 }
 

@@ -70,12 +70,7 @@ pub fn decode_broadcast(payload: &[u8]) -> Result<Action, Refusal> {
             "the packet's data does not start with the event name",
         ));
     };
-    let mut args: Vec<Value> = data.collect();
-    let data = match args.len() {
-        0 => Value::Null,
-        1 => args.pop().expect("one"),
-        _ => Value::Array(args),
-    };
+    let (data, spread) = Emit::args(data.collect());
     let (rooms, except) = match opts {
         Value::Object(opts) => (
             names(opts.get("rooms"), "rooms")?,
@@ -89,6 +84,7 @@ pub fn decode_broadcast(payload: &[u8]) -> Result<Action, Refusal> {
         event,
         data,
         except,
+        spread,
     }))
 }
 

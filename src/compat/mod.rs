@@ -89,6 +89,21 @@ pub struct Emit {
     pub event: String,
     pub data: Value,
     pub except: Vec<String>,
+    /// `data` holds the emit's arguments (none: `null`; several: a list),
+    /// which Socket.IO clients get as separate arguments.
+    pub spread: bool,
+}
+
+impl Emit {
+    /// `data` for an emit's `args`: the one argument, or (spread) `null`
+    /// for none and the list for several.
+    pub fn args(mut args: Vec<Value>) -> (Value, bool) {
+        match args.len() {
+            0 => (Value::Null, true),
+            1 => (args.pop().expect("one"), false),
+            _ => (Value::Array(args), true),
+        }
+    }
 }
 
 /// The `outcome` label of [`m::COMPAT_MESSAGES`].
@@ -442,6 +457,7 @@ impl Compat {
             } else {
                 vec![]
             },
+            spread: emit.spread,
         };
         for room in &rooms {
             if let Err(e) = self

@@ -95,16 +95,16 @@ fn emit(msg: &serde_json::Map<String, Value>) -> Result<Action, Refusal> {
         ));
     }
     let data = msg.get("data").cloned().unwrap_or(Value::Null);
-    // 5.15.1 and later (they write "binary"): the list of arguments.
-    let data = if msg.contains_key("binary") {
+    // 5.15.1 and later (they write "binary"): the list of arguments, of
+    // which a python-socketio server drops a lone `None` (`emit(event)`).
+    let (data, spread) = if msg.contains_key("binary") {
         match data {
-            Value::Array(mut args) if args.len() == 1 => args.pop().expect("one"),
-            Value::Array(args) if args.is_empty() => Value::Null,
-            Value::Array(args) => Value::Array(args),
+            Value::Array(args) if args == [Value::Null] => Emit::args(vec![]),
+            Value::Array(args) => Emit::args(args),
             _ => return Err(Refusal::malformed("\"data\" is not a list of arguments")),
         }
     } else {
-        data
+        (data, false)
     };
     let rooms = names(msg.get("room"), "room")?;
     let except = names(msg.get("skip_sid"), "skip_sid")?;
@@ -113,6 +113,7 @@ fn emit(msg: &serde_json::Map<String, Value>) -> Result<Action, Refusal> {
         event: event.to_string(),
         data,
         except,
+        spread,
     }))
 }
 
@@ -163,8 +164,11 @@ mod tests {
         let e = emit_of(json!({"method": "emit", "event": "two", "data": [1, 2],
             "binary": false, "namespace": "/", "room": null, "skip_sid": ["a", "b"]}));
         assert!(e.rooms.is_empty());
-        assert_eq!(e.data, json!([1, 2]));
+        assert_eq!((e.data, e.spread), (json!([1, 2]), true));
         assert_eq!(e.except, ["a", "b"]);
+        let e =
+            emit_of(json!({"method": "emit", "event": "none", "data": [null], "binary": false}));
+        assert_eq!((e.data, e.spread), (Value::Null, true));
         // 5.14 - 5.15.0: the bare value.
         let e = emit_of(json!({"method": "emit", "event": "old", "data": [1, 2],
             "namespace": "/", "room": ["x", "y"], "skip_sid": "s"}));

@@ -742,6 +742,7 @@ mod tests {
         let routing = protocol::Routing {
             except: vec!["h.skip".into(), format!("{:016x}", 4u64)],
             rooms: vec!["h.a".into(), "h.b".into()],
+            spread: false,
         };
         for room in ["h.a", "h.b"] {
             hub.publish_routed(room, "e", &raw(r#"{"n":1}"#), None, &routing)

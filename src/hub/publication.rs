@@ -19,6 +19,8 @@ pub struct Publication {
     pub received_at: Instant,
     /// Fencing epoch, on device state published by the leader.
     pub fence: Option<u64>,
+    /// `data` is the list of a Socket.IO emit's arguments ([`protocol::Envelope::spread`]).
+    pub spread: bool,
     /// Who must not get it besides the topic's subscribers' own say: set
     /// only for publications with an `except` or `rooms` (compat emits).
     pub routing: Option<Box<Routed>>,
@@ -51,6 +53,7 @@ impl Publication {
             data,
             received_at,
             fence: None,
+            spread: false,
             routing: None,
             offset: None,
             epoch: None,
@@ -74,6 +77,7 @@ impl Publication {
         };
         let mut p = Publication::new(topic, event, env.data, received_at);
         p.fence = env.fence;
+        p.spread = env.routing.spread;
         if !env.routing.is_empty() {
             p.routing = Some(Box::new(Routed::new(&p.topic, &env.routing)));
         }
@@ -103,8 +107,24 @@ impl Publication {
             String::with_capacity(self.data.get().len() + self.event.len() + 48 + spare);
         frame.push_str("42[");
         frame.push_str(&serde_json::to_string(&*self.event).expect("strings serialize"));
-        frame.push(',');
-        frame.push_str(self.data.get());
+        let data = self.data.get().trim();
+        match (
+            self.spread,
+            data.strip_prefix('[').and_then(|d| d.strip_suffix(']')),
+        ) {
+            // The emit's arguments, each its own (none for `null` or `[]`).
+            (true, _) if data == "null" => {}
+            (true, Some(args)) => {
+                if !args.trim().is_empty() {
+                    frame.push(',');
+                    frame.push_str(args);
+                }
+            }
+            _ => {
+                frame.push(',');
+                frame.push_str(data);
+            }
+        }
         if let (true, Some(offset)) = (with, self.offset) {
             frame.push_str(",{\"topic\":");
             frame.push_str(&serde_json::to_string(&*self.topic).expect("strings serialize"));
@@ -229,6 +249,21 @@ pub(super) fn stored_publication(topic: &str, stored: &Stored) -> Option<Publica
 mod tests {
     use super::*;
     use crate::hub::testing::*;
+
+    #[test]
+    fn spread_data_is_a_socketio_argument_list() {
+        let frame = |data: &str, spread: bool| {
+            let mut p =
+                Publication::new("t".into(), "e".into(), Arc::from(raw(data)), Instant::now());
+            p.spread = spread;
+            p.socketio_frame(false).to_string()
+        };
+        assert_eq!(frame("[1,{\"a\":2}]", true), r#"42["e",1,{"a":2}]"#);
+        assert_eq!(frame("null", true), r#"42["e"]"#);
+        assert_eq!(frame("[]", true), r#"42["e"]"#);
+        assert_eq!(frame("[1,2]", false), r#"42["e",[1,2]]"#);
+        assert_eq!(frame("7", true), r#"42["e",7]"#);
+    }
 
     #[test]
     fn native_frame_is_serialized_once_and_shared() {

@@ -3,6 +3,7 @@
 // usage:
 //   node compat_emitter.mjs <redisUrl> <key> steps '<json list>'
 //       each step: ["emit", event, data, {"rooms"?: [...], "except"?: [...]}],
+//                  ["emit_args", event, [args...], {...}] (several arguments),
 //                  ["socketsJoin", [sids], [rooms]], ["socketsLeave", [sids], [rooms]],
 //                  ["sleep", ms]
 //   node compat_emitter.mjs <redisUrl> <key> load <room> <count> <rate>
@@ -20,12 +21,13 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 if (mode === "steps") {
   for (const step of JSON.parse(rest[0])) {
-    if (step[0] === "emit") {
+    if (step[0] === "emit" || step[0] === "emit_args") {
       const [, event, data, opts] = step;
       let op = emitter;
       for (const r of opts.rooms ?? []) op = op.to(r);
       for (const e of opts.except ?? []) op = op.except(e);
-      op.emit(event, data);
+      if (step[0] === "emit") op.emit(event, data);
+      else op.emit(event, ...data);
     } else if (step[0] === "socketsJoin" || step[0] === "socketsLeave") {
       emitter.in(step[1])[step[0]](step[2]);
     } else if (step[0] === "sleep") {

@@ -3,6 +3,7 @@
 usage:
   python compat_python_emit.py <redisUrl> <channel> steps '<json list>'
       each step: ["emit", event, data, {"room"?, "skip_sid"?}],
+                 ["emit_args", event, [args...], {...}] (several arguments),
                  ["enter_room", sid, room], ["leave_room", sid, room],
                  ["sleep", seconds]
   python compat_python_emit.py <redisUrl> <channel> load <room> <count> <rate>
@@ -24,6 +25,9 @@ def main() -> None:
             if step[0] == "emit":
                 _, event, data, opts = step
                 mgr.emit(event, data, namespace="/", **opts)
+            elif step[0] == "emit_args":
+                _, event, args, opts = step
+                mgr.emit(event, tuple(args), namespace="/", **opts)
             elif step[0] == "enter_room":
                 mgr.enter_room(step[1], "/", step[2])
             elif step[0] == "leave_room":
