@@ -1,7 +1,7 @@
 //! What runs only on the leader: the device (its driver, the show that
 //! streams frames, the carousel), the mock-event timers and the compat
-//! consumer. Duties start
-//! when this node gains the lease and are cancelled the moment it loses it;
+//! consumer. Duties start when this node gains the lease and are cancelled
+//! the moment it loses it;
 //! a node that shuts down stops them and waits for them before it gives the
 //! lease up ([`Leader::stop`]), so its last frame is on the wire before
 //! another node can take over.
