@@ -100,6 +100,9 @@ pub mod names {
     pub const PROXY_TIMEOUT_MS: &str = "PROXY_TIMEOUT_MS";
     pub const PROXY_MAX_INFLIGHT: &str = "PROXY_MAX_INFLIGHT";
     pub const TOKIO_WORKER_THREADS: &str = "TOKIO_WORKER_THREADS";
+    pub const COMPAT_PYTHON_SOCKETIO: &str = "COMPAT_PYTHON_SOCKETIO";
+    pub const COMPAT_SOCKETIO_EMITTER: &str = "COMPAT_SOCKETIO_EMITTER";
+    pub const COMPAT_CHANNELS_PREFIX: &str = "COMPAT_CHANNELS_PREFIX";
 
     /// Every name above, for `--help` and to reject unknown flags.
     pub const ALL: &[&str] = &[
@@ -178,6 +181,9 @@ pub mod names {
         PROXY_TIMEOUT_MS,
         PROXY_MAX_INFLIGHT,
         TOKIO_WORKER_THREADS,
+        COMPAT_PYTHON_SOCKETIO,
+        COMPAT_SOCKETIO_EMITTER,
+        COMPAT_CHANNELS_PREFIX,
     ];
 
     /// The hook URLs: shown without a password when refused, like `REDIS_URL`.
@@ -527,6 +533,8 @@ pub struct Config {
     pub history: HistoryConfig,
     /// The application back end's hooks (`PROXY_*`).
     pub hooks: HooksConfig,
+    /// Drop-in sources of publications (`COMPAT_*`, see `compat`).
+    pub compat: CompatConfig,
     /// Accepted but weak settings, logged at start-up (never with values).
     pub warnings: Vec<String>,
 }
@@ -663,6 +671,31 @@ fn parse_driver(v: &str) -> Result<DriverConfig, String> {
         port,
         universe,
     })
+}
+
+/// `COMPAT_*`: the drop-in sources the leader consumes (each off when unset).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompatConfig {
+    /// `COMPAT_PYTHON_SOCKETIO`: python-socketio's channel (its default is `socketio`).
+    pub python_socketio: Option<String>,
+    /// `COMPAT_SOCKETIO_EMITTER`: `@socket.io/redis-emitter`'s key (its default is `socket.io`).
+    pub socketio_emitter: Option<String>,
+    /// `COMPAT_CHANNELS_PREFIX`: `channels_redis`'s prefix (its default is `asgi`).
+    pub channels_prefix: Option<String>,
+}
+
+impl CompatConfig {
+    /// Whether any source is on.
+    pub fn any(&self) -> bool {
+        self.python_socketio.is_some()
+            || self.socketio_emitter.is_some()
+            || self.channels_prefix.is_some()
+    }
+
+    /// Whether a source can emit "to everyone" (the broadcast topic).
+    pub fn broadcasts(&self) -> bool {
+        self.python_socketio.is_some() || self.socketio_emitter.is_some()
+    }
 }
 
 /// `HISTORY_TOPICS` / `HISTORY_SIZE` / `HISTORY_TTL_MS`.
@@ -993,6 +1026,9 @@ impl Config {
             parse_range(v, 1, 1024)
                 .map_err(|_| "expected a whole number of worker threads from 1 to 1024".to_string())
         });
+        let compat_python = p.optional(names::COMPAT_PYTHON_SOCKETIO, parse_compat_name);
+        let compat_emitter = p.optional(names::COMPAT_SOCKETIO_EMITTER, parse_compat_name);
+        let compat_channels = p.optional(names::COMPAT_CHANNELS_PREFIX, parse_compat_name);
         let redis_ca_file = p.optional(names::REDIS_CA_FILE, |v| {
             use rustls::pki_types::CertificateDer;
             use rustls::pki_types::pem::PemObject;
@@ -1109,6 +1145,29 @@ impl Config {
                 &format!("must differ from {}", names::PORT),
             ));
         }
+        let compat = CompatConfig {
+            python_socketio: compat_python.flatten(),
+            socketio_emitter: compat_emitter.flatten(),
+            channels_prefix: compat_channels.flatten(),
+        };
+        if redis_url.is_none() {
+            for (name, value) in [
+                (names::COMPAT_PYTHON_SOCKETIO, &compat.python_socketio),
+                (names::COMPAT_SOCKETIO_EMITTER, &compat.socketio_emitter),
+                (names::COMPAT_CHANNELS_PREFIX, &compat.channels_prefix),
+            ] {
+                if let Some(v) = value {
+                    errors.push(ConfigError::new(
+                        name,
+                        v,
+                        &format!(
+                            "needs {}: the emitters publish on Redis, where the leader reads them",
+                            names::REDIS_URL
+                        ),
+                    ));
+                }
+            }
+        }
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -1195,6 +1254,7 @@ impl Config {
                 timeout: hook_timeout.unwrap(),
                 max_inflight: hook_max_inflight.unwrap(),
             },
+            compat,
             warnings,
         })
     }
@@ -1364,6 +1424,22 @@ fn secret_value(v: &str) -> Result<Secret, String> {
         return Err("must not contain spaces or control characters".into());
     }
     Ok(Secret::new(v.to_string()))
+}
+
+/// A Redis channel name or channel prefix of a compat source: it goes
+/// into `PSUBSCRIBE` patterns, so no glob characters.
+fn parse_compat_name(v: &str) -> Result<String, String> {
+    if v.len() <= 128
+        && v.chars()
+            .all(|c| !c.is_whitespace() && !c.is_control() && !"*?[]\\".contains(c))
+    {
+        Ok(v.to_string())
+    } else {
+        Err(
+            "expected at most 128 characters without spaces or the glob characters * ? [ ] \\"
+                .into(),
+        )
+    }
 }
 
 fn parse_bool(v: &str) -> Result<bool, String> {
@@ -1582,6 +1658,38 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_source(&map)
+    }
+
+    #[test]
+    fn compat_sources_need_redis_and_plain_names() {
+        let c = config(&[]).unwrap();
+        assert!(!c.compat.any());
+        let c = config(&[
+            ("REDIS_URL", "redis://127.0.0.1:6390"),
+            ("COMPAT_PYTHON_SOCKETIO", "socketio"),
+            ("COMPAT_CHANNELS_PREFIX", "asgi"),
+        ])
+        .unwrap();
+        assert_eq!(c.compat.python_socketio.as_deref(), Some("socketio"));
+        assert_eq!(c.compat.channels_prefix.as_deref(), Some("asgi"));
+        assert!(c.compat.broadcasts());
+        let err = config(&[("COMPAT_SOCKETIO_EMITTER", "socket.io")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("COMPAT_SOCKETIO_EMITTER=socket.io is not valid: needs REDIS_URL"),
+            "{err}"
+        );
+        let err = config(&[
+            ("REDIS_URL", "redis://127.0.0.1:6390"),
+            ("COMPAT_SOCKETIO_EMITTER", "io*"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("COMPAT_SOCKETIO_EMITTER=io* is not valid"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What runs only on the leader: the device (its driver, the show that
-//! streams frames, the carousel) and the mock-event timers. Duties start
-//! when this node gains the lease and are cancelled the moment it loses it;
+//! streams frames, the carousel), the mock-event timers and the compat
+//! consumer. Duties start when this node gains the lease and are cancelled
+//! the moment it loses it;
 //! a node that shuts down stops them and waits for them before it gives the
 //! lease up ([`Leader::stop`]), so its last frame is on the wire before
 //! another node can take over.
@@ -23,6 +24,9 @@ pub struct Duties {
     pub mock_events: Vec<MockEvent>,
     /// The device driver and carousel; `None` in tests of the timers alone.
     pub device: Option<Device>,
+    /// The drop-in sources' consumer (`COMPAT_*`): on the leader only, so
+    /// that each emit becomes one publication, not one per node.
+    pub compat: Option<std::sync::Arc<crate::compat::Compat>>,
 }
 
 /// The task that starts and stops the duties.
@@ -95,6 +99,9 @@ pub fn spawn(
 }
 
 fn start(duties: &Duties, epoch: u64, token: &CancellationToken, tasks: &TaskTracker) {
+    if let Some(compat) = duties.compat.clone() {
+        tasks.spawn(compat.run(token.clone()));
+    }
     if let Some(device) = duties.device.clone() {
         let token = token.clone();
         tasks.spawn(async move { device.lead(epoch, token).await });
@@ -166,6 +173,7 @@ mod tests {
                 data: RawValue::from_string("{}".into()).unwrap(),
             }],
             device: None,
+            compat: None,
         };
         let leader = spawn(duties, lead_rx, stop.clone());
 

@@ -4,6 +4,7 @@
 //! - [`auth`]: client tokens (JWT), topic permissions, endpoint tokens.
 //! - [`backend`]: the application back end: connect, subscribe, publish and RPC hooks over HTTP; signed webhooks.
 //! - [`clients`]: this node's open connections by client id and user; handles that act on them.
+//! - [`compat`]: drop-in ingest of python-socketio, `@socket.io/redis-emitter` and Django Channels emits (leader-consumed, one publication each).
 //! - [`control`]: commands for connections on any node (control API); occupancy and dead nodes for webhooks.
 //! - [`config`]: every setting (env vars, flags, env file) and its validation.
 //! - [`protocol`]: wire types of the native JSON protocol and the publisher envelope.
@@ -28,6 +29,7 @@ pub mod auth;
 pub mod backend;
 pub mod backplane;
 pub mod clients;
+pub mod compat;
 pub mod config;
 pub mod control;
 pub mod dashboard;

@@ -48,6 +48,10 @@ pub const SOCKETIO_RECOVERY_WRITE_ERRORS: &str = "switchboard_socketio_recovery_
 pub const WEBHOOK_EVENTS: &str = "switchboard_webhook_events_total";
 /// Webhook events waiting in this node's queue (the batch in flight included).
 pub const WEBHOOK_QUEUE: &str = "switchboard_webhook_queue";
+/// Messages of the drop-in sources the leader consumed, by `source`
+/// (`python-socketio`, `socketio-emitter`, `channels`) and `outcome`
+/// (`published`, `applied`, `refused`, `malformed`, `invalid`, `failed`).
+pub const COMPAT_MESSAGES: &str = "switchboard_compat_messages_total";
 /// Control commands this node applied (`POST /api/subscribe` etc.), by `command`.
 pub const CONTROL_COMMANDS: &str = "switchboard_control_commands_total";
 
@@ -277,6 +281,10 @@ fn describe() {
     describe_counter!(
         CONTROL_COMMANDS,
         "Control API commands applied by this node, by command."
+    );
+    describe_counter!(
+        COMPAT_MESSAGES,
+        "Messages of python-socketio, @socket.io/redis-emitter and Channels publishers consumed by the leader, by source and outcome."
     );
     describe_counter!(
         HISTORY_RECOVERIES,

@@ -245,11 +245,21 @@ impl Node {
             timeout: config.command_timeout,
         });
         device.spawn_cache(stop.clone());
+        let compat = config.redis_url.as_deref().and_then(|url| {
+            crate::compat::Compat::new(
+                &config.compat,
+                url,
+                hub.clone(),
+                control.clone(),
+                config.http_body_limit,
+            )
+        });
         let leader = leader::spawn(
             leader::Duties {
                 hub: hub.clone(),
                 mock_events: config.mock_events.clone(),
                 device: Some(device.clone()),
+                compat,
             },
             election.watch(),
             stop.clone(),

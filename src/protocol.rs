@@ -517,7 +517,26 @@ pub struct Envelope {
     /// History topics: the epoch of the topic's history, with `offset`.
     #[serde(default)]
     pub epoch: Option<String>,
+    /// Connections that must not get this publication: each entry is a
+    /// client id (the connection with that id) or a topic (every connection
+    /// subscribed to it). Socket.IO's `skip_sid` and `except`.
+    #[serde(default)]
+    pub except: Option<Vec<String>>,
+    /// The topics one emit to several rooms was published on, this one
+    /// among them: a connection subscribed to several of them gets it only
+    /// through the first of them in this list (Socket.IO delivers an emit to
+    /// several rooms once per socket).
+    #[serde(default)]
+    pub rooms: Option<Vec<String>>,
+    /// `data` is the list of a Socket.IO emit's arguments (zero or several;
+    /// `null` for none): Socket.IO clients get them as separate arguments,
+    /// as from a Socket.IO server; native clients get `data` as it is.
+    #[serde(default)]
+    pub spread: Option<bool>,
 }
+
+/// How many entries `except` and `rooms` may have.
+pub const MAX_ROUTING: usize = 1024;
 
 /// Why a publisher payload was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -530,6 +549,8 @@ pub enum EnvelopeError {
     InvalidEvent(String),
     #[error("\"offset\" and \"epoch\" must come together")]
     HalfPosition,
+    #[error("\"{0}\" must be a list of at most 1024 names, each matching {TOPIC_PATTERN}")]
+    Routing(&'static str),
     #[error("{TOO_DEEP}")]
     TooDeep,
 }
@@ -542,6 +563,37 @@ pub struct ParsedEnvelope {
     pub fence: Option<u64>,
     /// Offset and epoch, on publications of a history topic.
     pub position: Option<(u64, String)>,
+    /// [`Envelope::except`] and [`Envelope::rooms`].
+    pub routing: Routing,
+}
+
+/// Who gets a publication besides "every subscriber of its topic": see
+/// [`Envelope::except`] and [`Envelope::rooms`]. Empty for almost every
+/// publication.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routing {
+    pub except: Vec<String>,
+    pub rooms: Vec<String>,
+    /// [`Envelope::spread`].
+    pub spread: bool,
+}
+
+impl Routing {
+    /// Whether nobody is excluded (`spread` aside: it changes no audience).
+    pub fn is_empty(&self) -> bool {
+        self.except.is_empty() && self.rooms.is_empty()
+    }
+}
+
+fn routing_list(
+    list: Option<Vec<String>>,
+    name: &'static str,
+) -> Result<Vec<String>, EnvelopeError> {
+    let list = list.unwrap_or_default();
+    if list.len() > MAX_ROUTING || !list.iter().all(|n| valid_topic(n)) {
+        return Err(EnvelopeError::Routing(name));
+    }
+    Ok(list)
 }
 
 pub fn parse_envelope(payload: &[u8]) -> Result<ParsedEnvelope, EnvelopeError> {
@@ -566,16 +618,32 @@ pub fn parse_envelope(payload: &[u8]) -> Result<ParsedEnvelope, EnvelopeError> {
         (None, None) => None,
         _ => return Err(EnvelopeError::HalfPosition),
     };
+    let routing = Routing {
+        except: routing_list(env.except, "except")?,
+        rooms: routing_list(env.rooms, "rooms")?,
+        spread: env.spread == Some(true),
+    };
     Ok(ParsedEnvelope {
         event: env.event,
         data: Arc::from(env.data),
         fence: env.fence,
         position,
+        routing,
     })
 }
 
 /// Encodes an envelope the way this node's own publishers do.
 pub fn encode_envelope(event: &str, data: &RawValue, fence: Option<u64>) -> String {
+    encode_routed_envelope(event, data, fence, &Routing::default())
+}
+
+/// [`encode_envelope`] with `except` and `rooms` (left out when empty).
+pub fn encode_routed_envelope(
+    event: &str,
+    data: &RawValue,
+    fence: Option<u64>,
+    routing: &Routing,
+) -> String {
     #[derive(Serialize)]
     struct Out<'a> {
         v: u32,
@@ -583,12 +651,21 @@ pub fn encode_envelope(event: &str, data: &RawValue, fence: Option<u64>) -> Stri
         data: &'a RawValue,
         #[serde(skip_serializing_if = "Option::is_none")]
         fence: Option<u64>,
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        except: &'a [String],
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        rooms: &'a [String],
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        spread: bool,
     }
     serde_json::to_string(&Out {
         v: 1,
         event,
         data,
         fence,
+        except: &routing.except,
+        rooms: &routing.rooms,
+        spread: routing.spread,
     })
     .expect("envelopes always serialize")
 }

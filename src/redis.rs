@@ -667,6 +667,77 @@ pub fn listen(
     Ok(rx)
 }
 
+/// Listens on `channels` and `patterns` (`PSUBSCRIBE`) on a connection of
+/// its own until `stop`, subscribing again after every reconnect, then
+/// closes the connection (a leader term's consumer must leave nothing
+/// behind). Messages arrive as `(channel, payload)`, in Redis's order; a
+/// receiver that lags loses messages, which is counted in the log.
+pub fn listen_patterns(
+    url: &str,
+    channels: Vec<String>,
+    patterns: Vec<String>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>, RedisError> {
+    let client = subscriber(url, 4096)?;
+    let mut messages = client.message_rx();
+    let mut reconnects = client.reconnect_rx();
+    client.connect();
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    let c = client.clone();
+    let stop2 = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = reconnects.recv() => match r {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // The first connection counts too: this is where we subscribe.
+                        let mut ok = true;
+                        if !channels.is_empty()
+                            && let Err(e) = within(COMMAND_TIMEOUT, c.subscribe(channels.clone())).await
+                        {
+                            ok = false;
+                            tracing::warn!(cause = %e, "subscribing to compat channels failed");
+                        }
+                        if !patterns.is_empty()
+                            && let Err(e) = within(COMMAND_TIMEOUT, c.psubscribe(patterns.clone())).await
+                        {
+                            ok = false;
+                            tracing::warn!(cause = %e, "subscribing to compat patterns failed");
+                        }
+                        if ok {
+                            tracing::info!(?channels, ?patterns, "listening on compat channels");
+                        }
+                    }
+                    Err(_) => break,
+                },
+                _ = stop2.cancelled() => break,
+            }
+        }
+        let _ = within(COMMAND_TIMEOUT, c.quit()).await;
+    });
+    tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! {
+                m = messages.recv() => m,
+                _ = stop.cancelled() => return,
+            };
+            match msg {
+                Ok(m) => {
+                    let payload = m.value.into_bytes().unwrap_or_default();
+                    if tx.send((m.channel.to_string(), payload)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(lost = n, "compat channel receiver lagged: messages lost");
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(rx)
+}
+
 /// A dedicated subscriber connection, for `backplane/redis.rs`.
 pub fn subscriber(
     url: &str,

@@ -277,8 +277,21 @@ fn accept(peer: &dyn Peer, s: &Session, kind: &'static str) -> bool {
     false
 }
 
-/// Right after the CONNECT ack: topic `device` and its four state events.
+/// Right after the CONNECT ack: topic `device` and its four state events;
+/// with a compat emitter source on, the broadcast topic (its emits "to
+/// everyone" reach every socket, as on a Socket.IO server).
 pub async fn connected(peer: &Arc<dyn Peer>, s: &Session, node: &Node) {
+    if node.config().compat.broadcasts() && s.may_subscribe(crate::compat::BROADCAST) {
+        let request = SubscribeRequest {
+            topic: crate::compat::BROADCAST.to_string(),
+            positions: false,
+            since: None,
+            data: None,
+        };
+        if let Err(e) = join(peer, s, node, request, Box::new(|_| {})).await {
+            emit_error(&**peer, None, &e);
+        }
+    }
     if !s.may_subscribe(TOPIC) {
         return;
     }

@@ -312,10 +312,20 @@ impl Dispatcher {
             threshold: range.top,
         };
         let mut replayed = 0u64;
-        for stored in replay.unwrap_or_default() {
-            if let Some(p) = stored_publication(topic, stored)
-                && sub.deliver_numbered(&p, topic_id) == Delivery::Queued
-            {
+        let replay: Vec<_> = replay
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|stored| stored_publication(topic, stored))
+            .collect();
+        let excluded: Vec<bool> = {
+            let topics = self.hub.inner.topics.read().unwrap();
+            replay
+                .iter()
+                .map(|p| super::fanout::excluded(&topics, p, id))
+                .collect()
+        };
+        for (p, excluded) in replay.iter().zip(excluded) {
+            if !excluded && sub.deliver_numbered(p, topic_id) == Delivery::Queued {
                 replayed += 1;
             }
         }

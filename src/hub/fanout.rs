@@ -1,6 +1,7 @@
 //! The fan-out slices: each hands the dispatcher's items, in its order, to
 //! its share of every topic's subscribers.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::pacer::{Held, Pacer};
-use super::{Delivery, GateState, Hub, Item, Subscriber};
+use super::{ConnId, Delivery, GateState, Hub, Item, Members, Publication, Subscriber};
 use crate::history::Seam;
 use crate::metrics as m;
 
@@ -79,8 +80,13 @@ impl Hub {
                 continue;
             };
             handed(topic, subs.slices[slice].len());
-            for member in subs.slices[slice].values() {
+            for (&id, member) in &subs.slices[slice] {
                 for &item in group {
+                    if let Item::Pub(p) = item
+                        && excluded(&topics, p, id)
+                    {
+                        continue;
+                    }
                     let delivery = match &member.gate {
                         None => hand(&*member.sub, item, subs.id, None),
                         Some(gate) => {
@@ -171,6 +177,19 @@ impl Hub {
             }
         }
     }
+}
+
+/// Whether connection `id` must not get `p` (its routing: `except`, or an
+/// earlier room of the same emit that `id` subscribes to on this node).
+pub(super) fn excluded(topics: &HashMap<Arc<str>, Members>, p: &Publication, id: ConnId) -> bool {
+    let Some(r) = &p.routing else {
+        return false;
+    };
+    r.except_ids.contains(&id)
+        || r.except_topics
+            .iter()
+            .chain(&r.earlier_rooms)
+            .any(|t| topics.get(&**t).is_some_and(|m| m.contains(id)))
 }
 
 /// Hands one item to one subscriber, through its seam when it has one.

@@ -42,7 +42,7 @@ mod publication;
 pub(crate) mod testing;
 
 pub use fanout::Fanout;
-pub use publication::Publication;
+pub use publication::{Publication, Routed, client_conn_id};
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -618,7 +618,22 @@ impl Hub {
         data: &RawValue,
         fence: Option<u64>,
     ) -> Result<Option<Position>, PublishError> {
-        let payload = protocol::encode_envelope(event, data, fence);
+        self.publish_routed(topic, event, data, fence, &protocol::Routing::default())
+            .await
+    }
+
+    /// Like [`Hub::publish_fenced`], with `except` and `rooms` in the
+    /// envelope (compat emits): the same one path, so every node's fan-out
+    /// (and every replay from history) honours them.
+    pub async fn publish_routed(
+        &self,
+        topic: &str,
+        event: &str,
+        data: &RawValue,
+        fence: Option<u64>,
+        routing: &protocol::Routing,
+    ) -> Result<Option<Position>, PublishError> {
+        let payload = protocol::encode_routed_envelope(event, data, fence, routing);
         let res = if self.is_history(topic) {
             self.inner
                 .history
@@ -704,6 +719,72 @@ mod tests {
         assert!(a.frames.lock().unwrap()[0].contains(r#""data":{"n":1}"#));
         assert!(b.frames.lock().unwrap().is_empty());
         assert_eq!(hub.last("news").unwrap().data.get(), r#"{"n":1}"#);
+    }
+
+    #[tokio::test]
+    async fn except_and_rooms_decide_who_gets_an_emit_live_and_on_replay() {
+        let (hub, rx) = testing::hub(&["h.*"]);
+        hub.spawn_dispatcher(rx);
+        // 1: in h.a only; 2: in h.a and h.b; 3: in h.b and h.skip; 4: h.a, skipped by id.
+        let probes: Vec<Arc<Probe>> = (0..5).map(|_| Arc::new(Probe::default())).collect();
+        for (id, topics) in [
+            (1, &["h.a"][..]),
+            (2, &["h.a", "h.b"]),
+            (3, &["h.b", "h.skip"]),
+            (4, &["h.a"]),
+        ] {
+            for t in topics {
+                hub.subscribe(t, id, probes[id as usize].clone(), None, quiet())
+                    .await
+                    .unwrap();
+            }
+        }
+        let routing = protocol::Routing {
+            except: vec!["h.skip".into(), format!("{:016x}", 4u64)],
+            rooms: vec!["h.a".into(), "h.b".into()],
+            spread: false,
+        };
+        for room in ["h.a", "h.b"] {
+            hub.publish_routed(room, "e", &raw(r#"{"n":1}"#), None, &routing)
+                .await
+                .unwrap();
+        }
+        settle().await;
+        let got = |id: usize| numbers(&probes[id]);
+        assert_eq!(got(1), [1], "h.a");
+        assert_eq!(got(2), [1], "in both rooms: once");
+        assert!(got(3).is_empty(), "in an excepted room");
+        assert!(got(4).is_empty(), "excepted by client id");
+        // A late subscriber of h.b that is also in h.a replays neither twice.
+        let late = Arc::new(Probe::default());
+        hub.subscribe("h.a", 9, late.clone(), None, quiet())
+            .await
+            .unwrap();
+        let since = Some(Since {
+            offset: 0,
+            epoch: hub
+                .latest("h.b")
+                .await
+                .unwrap()
+                .unwrap()
+                .epoch
+                .unwrap()
+                .to_string(),
+        });
+        hub.subscribe("h.b", 9, late.clone(), since.clone(), quiet())
+            .await
+            .unwrap();
+        let lone = Arc::new(Probe::default());
+        hub.subscribe("h.b", 10, lone.clone(), since, quiet())
+            .await
+            .unwrap();
+        settle().await;
+        assert!(
+            numbers(&late).is_empty(),
+            "h.b's copy is h.a's: {:?}",
+            late.frames
+        );
+        assert_eq!(numbers(&lone), [1], "replayed");
     }
 
     #[tokio::test]

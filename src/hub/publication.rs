@@ -7,6 +7,7 @@ use std::time::Instant;
 use axum::extract::ws::Utf8Bytes;
 use serde_json::value::RawValue;
 
+use super::ConnId;
 use crate::history::Stored;
 use crate::protocol;
 
@@ -18,6 +19,11 @@ pub struct Publication {
     pub received_at: Instant,
     /// Fencing epoch, on device state published by the leader.
     pub fence: Option<u64>,
+    /// `data` is the list of a Socket.IO emit's arguments ([`protocol::Envelope::spread`]).
+    pub spread: bool,
+    /// Who must not get it besides the topic's subscribers' own say: set
+    /// only for publications with an `except` or `rooms` (compat emits).
+    pub routing: Option<Box<Routed>>,
     /// History topics: the publication's offset …
     pub offset: Option<u64>,
     /// … in this epoch of the topic's history.
@@ -47,6 +53,8 @@ impl Publication {
             data,
             received_at,
             fence: None,
+            spread: false,
+            routing: None,
             offset: None,
             epoch: None,
             timestamp: protocol::timestamp(),
@@ -69,6 +77,10 @@ impl Publication {
         };
         let mut p = Publication::new(topic, event, env.data, received_at);
         p.fence = env.fence;
+        p.spread = env.routing.spread;
+        if !env.routing.is_empty() {
+            p.routing = Some(Box::new(Routed::new(&p.topic, &env.routing)));
+        }
         if let Some((offset, epoch)) = env.position {
             p.offset = Some(offset);
             p.epoch = Some(Arc::from(epoch));
@@ -95,8 +107,24 @@ impl Publication {
             String::with_capacity(self.data.get().len() + self.event.len() + 48 + spare);
         frame.push_str("42[");
         frame.push_str(&serde_json::to_string(&*self.event).expect("strings serialize"));
-        frame.push(',');
-        frame.push_str(self.data.get());
+        let data = self.data.get().trim();
+        match (
+            self.spread,
+            data.strip_prefix('[').and_then(|d| d.strip_suffix(']')),
+        ) {
+            // The emit's arguments, each its own (none for `null` or `[]`).
+            (true, _) if data == "null" => {}
+            (true, Some(args)) => {
+                if !args.trim().is_empty() {
+                    frame.push(',');
+                    frame.push_str(args);
+                }
+            }
+            _ => {
+                frame.push(',');
+                frame.push_str(data);
+            }
+        }
         if let (true, Some(offset)) = (with, self.offset) {
             frame.push_str(",{\"topic\":");
             frame.push_str(&serde_json::to_string(&*self.topic).expect("strings serialize"));
@@ -157,6 +185,55 @@ impl Publication {
     }
 }
 
+/// A publication's [`protocol::Routing`], ready for the fan-out.
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// The connection ids of `except` entries that are client ids (16 hex
+    /// digits, as every client id is: the connection id in hex).
+    pub except_ids: Vec<ConnId>,
+    /// Every `except` entry, as a topic.
+    pub except_topics: Vec<Arc<str>>,
+    /// The rooms of the same emit listed before this publication's topic.
+    pub earlier_rooms: Vec<Arc<str>>,
+}
+
+impl Routed {
+    fn new(topic: &str, routing: &protocol::Routing) -> Self {
+        let except_ids = routing
+            .except
+            .iter()
+            .filter_map(|e| client_conn_id(e))
+            .collect();
+        let except_topics = routing
+            .except
+            .iter()
+            .map(|e| Arc::from(e.as_str()))
+            .collect();
+        // A topic missing from its own `rooms` excludes nobody by them.
+        let at = routing.rooms.iter().position(|r| r == topic).unwrap_or(0);
+        let earlier_rooms = routing.rooms[..at]
+            .iter()
+            .map(|r| Arc::from(r.as_str()))
+            .collect();
+        Routed {
+            except_ids,
+            except_topics,
+            earlier_rooms,
+        }
+    }
+}
+
+/// The connection id a client id names (`format!("{id:016x}")`, native and
+/// Socket.IO alike), if `client` is one.
+pub fn client_conn_id(client: &str) -> Option<ConnId> {
+    (client.len() == 16
+        && client
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then(|| u64::from_str_radix(client, 16).ok())
+    .flatten()
+}
+
 /// A stored history entry as a publication (`None` if it does not parse,
 /// which the history function's own checks rule out).
 pub(super) fn stored_publication(topic: &str, stored: &Stored) -> Option<Publication> {
@@ -172,6 +249,21 @@ pub(super) fn stored_publication(topic: &str, stored: &Stored) -> Option<Publica
 mod tests {
     use super::*;
     use crate::hub::testing::*;
+
+    #[test]
+    fn spread_data_is_a_socketio_argument_list() {
+        let frame = |data: &str, spread: bool| {
+            let mut p =
+                Publication::new("t".into(), "e".into(), Arc::from(raw(data)), Instant::now());
+            p.spread = spread;
+            p.socketio_frame(false).to_string()
+        };
+        assert_eq!(frame("[1,{\"a\":2}]", true), r#"42["e",1,{"a":2}]"#);
+        assert_eq!(frame("null", true), r#"42["e"]"#);
+        assert_eq!(frame("[]", true), r#"42["e"]"#);
+        assert_eq!(frame("[1,2]", false), r#"42["e",[1,2]]"#);
+        assert_eq!(frame("7", true), r#"42["e",7]"#);
+    }
 
     #[test]
     fn native_frame_is_serialized_once_and_shared() {

@@ -1,0 +1,266 @@
+//! Just enough MessagePack to read what `@socket.io/redis-emitter`
+//! (notepack) and `channels_redis` (msgpack-python) publish, as JSON values.
+//!
+//! Our own reader, not a crate: it must refuse what cannot become JSON
+//! (binary, extension types, non-string map keys, NaN) with a sentence, stop
+//! at a depth limit before recursing further (a 20,000-level message costs
+//! nothing), and never trust a length prefix for an allocation.
+
+use serde_json::{Map, Number, Value};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MsgpackError {
+    #[error("not MessagePack: it ends in the middle of a value")]
+    Truncated,
+    #[error("not MessagePack: {0} bytes follow the first value")]
+    Trailing(usize),
+    #[error("not MessagePack: byte 0x{0:02x} starts no value")]
+    BadByte(u8),
+    #[error("nested deeper than {0} levels of arrays and maps")]
+    TooDeep(usize),
+    #[error("binary data cannot be served (only JSON-like values)")]
+    Binary,
+    #[error("a MessagePack extension (type {0}) cannot be served")]
+    Extension(i8),
+    #[error("a map key that is not a string cannot be served")]
+    KeyNotString,
+    #[error("a string is not UTF-8")]
+    NotUtf8,
+    #[error("a number that JSON cannot carry (NaN or infinite)")]
+    NotJsonNumber,
+}
+
+/// Decodes one MessagePack value (the whole of `bytes`) into JSON, nesting
+/// at most `max_depth` levels of arrays and maps.
+pub fn decode(bytes: &[u8], max_depth: usize) -> Result<Value, MsgpackError> {
+    let mut r = Reader { bytes, at: 0 };
+    let v = r.value(0, max_depth)?;
+    match bytes.len() - r.at {
+        0 => Ok(v),
+        n => Err(MsgpackError::Trailing(n)),
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], MsgpackError> {
+        let end = self.at.checked_add(n).ok_or(MsgpackError::Truncated)?;
+        let s = self
+            .bytes
+            .get(self.at..end)
+            .ok_or(MsgpackError::Truncated)?;
+        self.at = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8, MsgpackError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn be(&mut self, n: usize) -> Result<u64, MsgpackError> {
+        Ok(self
+            .take(n)?
+            .iter()
+            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+    }
+
+    fn value(&mut self, depth: usize, max: usize) -> Result<Value, MsgpackError> {
+        let b = self.u8()?;
+        Ok(match b {
+            0x00..=0x7f => Value::from(b),
+            0x80..=0x8f => return self.map(usize::from(b & 0x0f), depth, max),
+            0x90..=0x9f => return self.array(usize::from(b & 0x0f), depth, max),
+            0xa0..=0xbf => self.str(usize::from(b & 0x1f))?,
+            0xc0 => Value::Null,
+            0xc2 => Value::Bool(false),
+            0xc3 => Value::Bool(true),
+            0xc4..=0xc6 => return Err(MsgpackError::Binary),
+            0xc7..=0xc9 => {
+                let n = self.be(1 << (b - 0xc7))? as usize;
+                return self.ext(n);
+            }
+            0xca => float(f64::from(f32::from_bits(self.be(4)? as u32)))?,
+            0xcb => float(f64::from_bits(self.be(8)?))?,
+            0xcc => Value::from(self.be(1)?),
+            0xcd => Value::from(self.be(2)?),
+            0xce => Value::from(self.be(4)?),
+            0xcf => Value::from(self.be(8)?),
+            0xd0 => Value::from(self.be(1)? as u8 as i8),
+            0xd1 => Value::from(self.be(2)? as u16 as i16),
+            0xd2 => Value::from(self.be(4)? as u32 as i32),
+            0xd3 => Value::from(self.be(8)? as i64),
+            0xd4..=0xd8 => return self.ext(1 << (b - 0xd4)),
+            0xd9 => {
+                let n = self.be(1)? as usize;
+                self.str(n)?
+            }
+            0xda => {
+                let n = self.be(2)? as usize;
+                self.str(n)?
+            }
+            0xdb => {
+                let n = self.be(4)? as usize;
+                self.str(n)?
+            }
+            0xdc => {
+                let n = self.be(2)? as usize;
+                return self.array(n, depth, max);
+            }
+            0xdd => {
+                let n = self.be(4)? as usize;
+                return self.array(n, depth, max);
+            }
+            0xde => {
+                let n = self.be(2)? as usize;
+                return self.map(n, depth, max);
+            }
+            0xdf => {
+                let n = self.be(4)? as usize;
+                return self.map(n, depth, max);
+            }
+            0xe0..=0xff => Value::from(b as i8),
+            0xc1 => return Err(MsgpackError::BadByte(b)),
+        })
+    }
+
+    /// An extension of `n` data bytes. notepack writes JavaScript's
+    /// `undefined` as the 1-byte extension 0 with data 0: that one is `null`
+    /// (what `JSON.stringify` makes of it in an array).
+    fn ext(&mut self, n: usize) -> Result<Value, MsgpackError> {
+        let kind = self.u8()? as i8;
+        let data = self.take(n)?;
+        if kind == 0 && data == [0] {
+            return Ok(Value::Null);
+        }
+        Err(MsgpackError::Extension(kind))
+    }
+
+    fn str(&mut self, n: usize) -> Result<Value, MsgpackError> {
+        let s = self.take(n)?;
+        Ok(Value::String(
+            std::str::from_utf8(s)
+                .map_err(|_| MsgpackError::NotUtf8)?
+                .to_string(),
+        ))
+    }
+
+    fn array(&mut self, n: usize, depth: usize, max: usize) -> Result<Value, MsgpackError> {
+        if depth >= max {
+            return Err(MsgpackError::TooDeep(max));
+        }
+        // Every element takes at least one byte: a length beyond what is
+        // left is a lie, and never an allocation.
+        if n > self.bytes.len() - self.at {
+            return Err(MsgpackError::Truncated);
+        }
+        let mut items = Vec::with_capacity(n);
+        for _ in 0..n {
+            items.push(self.value(depth + 1, max)?);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn map(&mut self, n: usize, depth: usize, max: usize) -> Result<Value, MsgpackError> {
+        if depth >= max {
+            return Err(MsgpackError::TooDeep(max));
+        }
+        if n > (self.bytes.len() - self.at) / 2 {
+            return Err(MsgpackError::Truncated);
+        }
+        let mut map = Map::new();
+        for _ in 0..n {
+            let Value::String(k) = self.value(depth + 1, max)? else {
+                return Err(MsgpackError::KeyNotString);
+            };
+            let v = self.value(depth + 1, max)?;
+            map.insert(k, v);
+        }
+        Ok(Value::Object(map))
+    }
+}
+
+fn float(f: f64) -> Result<Value, MsgpackError> {
+    // Whole numbers stay integers, as JavaScript (and JSON.stringify) would
+    // write them: notepack sends `7` as a float64 when it is not an int.
+    if f.fract() == 0.0 && f.abs() < 9.0e15 {
+        return Ok(Value::from(f as i64));
+    }
+    Number::from_f64(f)
+        .map(Value::Number)
+        .ok_or(MsgpackError::NotJsonNumber)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_what_notepack_and_msgpack_python_write() {
+        // ["emitter", {"type": 2, "data": ["ev", 1.5, -3, null], "nsp": "/"}, {"rooms": ["a"]}]
+        let bytes = [
+            0x93, 0xa7, b'e', b'm', b'i', b't', b't', b'e', b'r', 0x83, 0xa4, b't', b'y', b'p',
+            b'e', 0x02, 0xa4, b'd', b'a', b't', b'a', 0x94, 0xa2, b'e', b'v', 0xcb, 0x3f, 0xf8, 0,
+            0, 0, 0, 0, 0, 0xfd, 0xd4, 0x00, 0x00, 0xa3, b'n', b's', b'p', 0xa1, b'/', 0x81, 0xa5,
+            b'r', b'o', b'o', b'm', b's', 0x91, 0xa1, b'a',
+        ];
+        assert_eq!(
+            decode(&bytes, 8).unwrap(),
+            json!(["emitter", {"type": 2, "data": ["ev", 1.5, -3, null], "nsp": "/"}, {"rooms": ["a"]}])
+        );
+        assert_eq!(decode(&[0xcd, 0x01, 0x00], 1).unwrap(), json!(256));
+        assert_eq!(
+            decode(&[0xd3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], 1).unwrap(),
+            json!(-1)
+        );
+        assert_eq!(
+            decode(&[0xcb, 0x40, 0x1c, 0, 0, 0, 0, 0, 0], 1).unwrap(),
+            json!(7)
+        );
+    }
+
+    #[test]
+    fn refuses_what_json_cannot_carry_and_lies() {
+        assert_eq!(decode(&[0xc4, 1, 0], 4), Err(MsgpackError::Binary));
+        assert_eq!(
+            decode(&[0xd6, 0xff, 0, 0, 0, 0], 4),
+            Err(MsgpackError::Extension(-1))
+        );
+        assert_eq!(
+            decode(&[0x81, 0x01, 0x01], 4),
+            Err(MsgpackError::KeyNotString)
+        );
+        assert_eq!(
+            decode(&[0xdd, 0xff, 0xff, 0xff, 0xff], 4),
+            Err(MsgpackError::Truncated)
+        );
+        assert_eq!(
+            decode(&[0xdb, 0xff, 0xff, 0xff, 0xff, b'a'], 4),
+            Err(MsgpackError::Truncated)
+        );
+        assert_eq!(decode(&[0xa2, 0xff, 0xfe], 4), Err(MsgpackError::NotUtf8));
+        assert_eq!(decode(&[0xc0, 0xc0], 4), Err(MsgpackError::Trailing(1)));
+        assert_eq!(decode(&[0xc1], 4), Err(MsgpackError::BadByte(0xc1)));
+        assert_eq!(
+            decode(&[0xcb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0], 4),
+            Err(MsgpackError::NotJsonNumber)
+        );
+        assert_eq!(
+            decode(b"{\"json\": 1}", 4).unwrap_err(),
+            MsgpackError::Trailing(10)
+        );
+        let deep = vec![0x91; 20_000];
+        assert_eq!(decode(&deep, 72), Err(MsgpackError::TooDeep(72)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = decode(&bytes, 16);
+        }
+    }
+}
