@@ -1028,7 +1028,19 @@ impl Config {
         });
         let compat_python = p.optional(names::COMPAT_PYTHON_SOCKETIO, parse_compat_name);
         let compat_emitter = p.optional(names::COMPAT_SOCKETIO_EMITTER, parse_compat_name);
-        let compat_channels = p.optional(names::COMPAT_CHANNELS_PREFIX, parse_compat_name);
+        // On by default with Redis (channels_redis's own prefix): a Channels
+        // app's group sends then arrive without a setting; empty turns it off.
+        let compat_channels_given = p
+            .src
+            .get(names::COMPAT_CHANNELS_PREFIX)
+            .is_some_and(|v| !v.trim().is_empty());
+        let compat_channels = p.parse(names::COMPAT_CHANNELS_PREFIX, "asgi", |v| {
+            if v.is_empty() {
+                Ok(None)
+            } else {
+                parse_compat_name(v).map(Some)
+            }
+        });
         let redis_ca_file = p.optional(names::REDIS_CA_FILE, |v| {
             use rustls::pki_types::CertificateDer;
             use rustls::pki_types::pem::PemObject;
@@ -1150,6 +1162,11 @@ impl Config {
             socketio_emitter: compat_emitter.flatten(),
             channels_prefix: compat_channels.flatten(),
         };
+        let mut compat = compat;
+        if redis_url.is_none() && !compat_channels_given {
+            // The default prefix means nothing without Redis.
+            compat.channels_prefix = None;
+        }
         if redis_url.is_none() {
             for (name, value) in [
                 (names::COMPAT_PYTHON_SOCKETIO, &compat.python_socketio),

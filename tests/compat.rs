@@ -460,7 +460,15 @@ async fn redis_emitter_emits_and_sockets_join() {
 async fn channels_group_send_is_an_event_on_the_group() {
     let redis = Redis::start();
     let pfx = prefix("compat-dj");
-    let a = start("a", &redis, &pfx);
+    // No COMPAT_* setting at all: channels_redis's default prefix `asgi` is
+    // the node's default too, so an unchanged Channels app needs none.
+    let a = Node::start_on_redis(
+        "a",
+        &redis.url(),
+        &pfx,
+        &[("LEADER_LEASE_MS", "3000")],
+        Duration::from_secs(15),
+    );
     consuming(&[&a]);
     let mut c = native(&a, &["feature_42"]).await;
     Proc::spawn(
