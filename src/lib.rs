@@ -22,6 +22,7 @@
 //! - [`registry`]: every live node's announcement, for cluster-wide stats.
 //! - [`redis`]: building fred clients; key and channel names.
 //! - [`node`]: one node's handles wired together, and its drain.
+//! - [`presence`]: who is on a `PRESENCE_TOPICS` topic, cluster-wide (`memory`, `redis`); batched `presence_diff`; dead nodes' entries reaped.
 
 pub mod api;
 pub mod auth;
@@ -40,6 +41,7 @@ pub mod leader;
 pub mod lingering;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod protocol;
 pub mod proxy;
 pub mod redis;
