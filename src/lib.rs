@@ -71,7 +71,8 @@ pub fn app(node: Node) -> Router {
         .route("/api/state", get(api::state))
         .route("/api/apps", get(api::apps))
         .route("/api/frame", get(dashboard::frame))
-        .route("/api/history/{*topic}", get(api::history));
+        .route("/api/history/{*topic}", get(api::history))
+        .route("/api/presence/{*topic}", get(api::presence));
     // Commands and publishing: `API_TOKEN` when configured.
     let commands = Router::new()
         .route("/api/publish", post(api::publish))

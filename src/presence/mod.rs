@@ -106,14 +106,20 @@ pub trait Store: Send + Sync + 'static {
         ops: &'a [Op],
     ) -> BoxFuture<'a, Result<Applied, RedisError>>;
     /// Every entry of `topic`: (client id, `{"user","info"}`).
-    fn list<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Vec<(String, String)>, RedisError>>;
+    fn list<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, String)>, RedisError>>;
     fn stats<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Stats, RedisError>>;
     /// Records that `node` has entries on `topic` (before its first join
     /// there), so that the reaper finds them.
     fn hold<'a>(&'a self, node: &'a str, topic: &'a str) -> BoxFuture<'a, Result<(), RedisError>>;
     /// `node` has no entry left on `topic`.
-    fn release<'a>(&'a self, node: &'a str, topic: &'a str)
-    -> BoxFuture<'a, Result<(), RedisError>>;
+    fn release<'a>(
+        &'a self,
+        node: &'a str,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<(), RedisError>>;
     /// Marks `node` alive for `ttl`; false when its mark was gone (first
     /// start, or cut off longer than the TTL: it may have been reaped).
     fn heartbeat<'a>(
@@ -132,8 +138,11 @@ pub trait Store: Send + Sync + 'static {
         force: bool,
     ) -> BoxFuture<'a, Result<Vec<String>, RedisError>>;
     /// Removes every entry node `node` has on `topic`.
-    fn purge<'a>(&'a self, node: &'a str, topic: &'a str)
-    -> BoxFuture<'a, Result<Applied, RedisError>>;
+    fn purge<'a>(
+        &'a self,
+        node: &'a str,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<Applied, RedisError>>;
     /// Sends one diff message to every node (this one included).
     fn broadcast(&self, message: String) -> BoxFuture<'_, Result<(), RedisError>>;
 }
@@ -247,6 +256,12 @@ impl PresenceError {
     }
 }
 
+/// This node's connections present on one topic, by client id.
+type Members = HashMap<Arc<str>, Member>;
+
+/// A topic's coalesced changes and the watchers to hand them to.
+type Ready = (String, Batch, Vec<Arc<dyn Watcher>>);
+
 /// A connection present on one topic.
 struct Member {
     user: Arc<str>,
@@ -267,7 +282,7 @@ struct Inner {
     /// std Mutexes below: held for map updates only, never across `.await`.
     /// This node's present connections: topic → client id → member (to
     /// leave by id, and to write them again after being reaped).
-    local: Mutex<HashMap<Arc<str>, HashMap<Arc<str>, Member>>>,
+    local: Mutex<HashMap<Arc<str>, Members>>,
     /// Changes not yet written, per topic in order.
     pending: Mutex<HashMap<Arc<str>, Vec<Op>>>,
     wake: Notify,
@@ -451,7 +466,9 @@ impl Presence {
             let wake = self.inner.wake.notified();
             let batch: Vec<(Arc<str>, Vec<Op>)> = {
                 let mut pending = self.inner.pending.lock().unwrap();
-                self.inner.busy.store(!pending.is_empty(), Ordering::Release);
+                self.inner
+                    .busy
+                    .store(!pending.is_empty(), Ordering::Release);
                 pending.drain().collect()
             };
             if batch.is_empty() {
@@ -572,7 +589,8 @@ impl Presence {
     /// This node's changes of the interval, to every node, in messages of
     /// at most [`CHUNK`] entries.
     async fn send_outgoing(&self) {
-        let outgoing: HashMap<String, Batch> = std::mem::take(&mut *self.inner.outgoing.lock().unwrap());
+        let outgoing: HashMap<String, Batch> =
+            std::mem::take(&mut *self.inner.outgoing.lock().unwrap());
         let mut message = Wire {
             node: self.inner.node.clone(),
             topics: HashMap::new(),
@@ -621,7 +639,7 @@ impl Presence {
 
     /// One `presence_diff` per watched topic that changed, to its watchers.
     fn deliver(&self) {
-        let ready: Vec<(String, Batch, Vec<Arc<dyn Watcher>>)> = {
+        let ready: Vec<Ready> = {
             let mut watched = self.inner.watched.lock().unwrap();
             watched
                 .iter_mut()
@@ -709,7 +727,11 @@ impl Presence {
     async fn take_over(&self, node: &str, force: bool) -> Result<(), RedisError> {
         let topics = self.inner.store.claim(node, force).await?;
         if !topics.is_empty() {
-            tracing::info!(node, topics = topics.len(), "removing a gone node's presence");
+            tracing::info!(
+                node,
+                topics = topics.len(),
+                "removing a gone node's presence"
+            );
         }
         for topic in topics {
             let mut tries = 0;
@@ -739,7 +761,9 @@ impl Presence {
     /// member is written again (joins of present entries change nothing).
     fn reassert(&self, after: Duration) {
         let p = self.clone();
-        tracing::warn!("this node's presence mark had expired (cut off from Redis longer than PRESENCE_TTL_MS): writing its entries again");
+        tracing::warn!(
+            "this node's presence mark had expired (cut off from Redis longer than PRESENCE_TTL_MS): writing its entries again"
+        );
         tokio::spawn(async move {
             tokio::time::sleep(after * 2).await;
             p.inner.held.lock().unwrap().clear();
@@ -843,7 +867,9 @@ fn member_event(kind: &'static str, topic: &str, value: &str) -> Event {
         _ => serde_json::Map::new(),
     };
     fields.entry("info").or_insert(serde_json::Value::Null);
-    fields.entry("user").or_insert(serde_json::Value::String(String::new()));
+    fields
+        .entry("user")
+        .or_insert(serde_json::Value::String(String::new()));
     fields.insert("topic".into(), topic.into());
     Event::new(kind, fields)
 }
