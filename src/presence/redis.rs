@@ -23,10 +23,31 @@ use tokio_util::sync::CancellationToken;
 use super::{Applied, Op, Stats, Store};
 use crate::redis::{COMMAND_TIMEOUT, Keys, LuaScript, Nested, Redis, RedisError};
 
+/// The Lua function `compact(key)`: Redis never turns a hash that grew
+/// past `hash-max-listpack-entries` back into a listpack, so after a storm
+/// of leaves a small hash would keep the big encoding (about 4× the
+/// memory). A hash of at most 64 fields in that encoding is written anew.
+macro_rules! compact_lua {
+    () => {
+        r"
+local function compact(k)
+  local n = redis.call('HLEN', k)
+  if n > 0 and n <= 64 and redis.call('OBJECT', 'ENCODING', k) == 'hashtable' then
+    local all = redis.call('HGETALL', k)
+    redis.call('DEL', k)
+    redis.call('HSET', k, unpack(all))
+  end
+end
+"
+    };
+}
+
 /// Applies a node's changes on a topic. KEYS: users, nodes, the node's
 /// hash. ARGV: node, then per change `op` (`j`/`l`), client, user, entry.
 /// Answers {joins, leaves, users added, users removed, node share empty}.
-const APPLY: &str = r"
+const APPLY: &str = concat!(
+    compact_lua!(),
+    r"
 local joins, leaves, added, removed = {}, {}, {}, {}
 for i = 2, #ARGV, 4 do
   local op, c, u, v = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
@@ -52,11 +73,15 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
 else
   redis.call('SREM', KEYS[2], ARGV[1]); empty = 1
 end
+if #leaves > 0 then compact(KEYS[3]); compact(KEYS[1]) end
 return {joins, leaves, added, removed, empty}
-";
+"
+);
 
 /// Removes a node's whole share of a topic; same keys and answer as APPLY.
-const PURGE: &str = r"
+const PURGE: &str = concat!(
+    compact_lua!(),
+    r"
 local all = redis.call('HGETALL', KEYS[3])
 redis.call('DEL', KEYS[3])
 redis.call('SREM', KEYS[2], ARGV[1])
@@ -71,8 +96,10 @@ for i = 1, #all, 2 do
     redis.call('HDEL', KEYS[1], u); removed[#removed+1] = v
   end
 end
+compact(KEYS[1])
 return {{}, leaves, {}, removed, 1}
-";
+"
+);
 
 /// Every entry of a topic. KEYS: nodes. ARGV: the node hashes' name
 /// without the node id.
