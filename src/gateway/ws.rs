@@ -839,8 +839,9 @@ impl Session {
             Ok(Subscribed::New | Subscribed::Already) => {
                 let presence = self.node.presence();
                 if watch && !presence.covers(&topic) {
+                    // No `replyTo`: the subscription itself succeeded.
                     self.outbox.error_reply(
-                        Some("subscribe"),
+                        None,
                         format!("\"{topic}\" keeps no presence (PRESENCE_TOPICS): subscribed without presence_diff"),
                         "no_presence",
                         Some(&topic),
