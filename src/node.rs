@@ -123,8 +123,13 @@ fn backends(
         registry.clone(),
         stop.clone(),
     )?;
-    let (presence, diffs) =
-        crate::presence::redis::RedisStore::start(url, redis.clone(), keys.clone(), stop.clone())?;
+    let (presence, diffs) = crate::presence::redis::RedisStore::start(
+        url,
+        redis.clone(),
+        keys.clone(),
+        config.presence.enabled(),
+        stop.clone(),
+    )?;
     Ok(Backends {
         presence: (Arc::new(presence), diffs),
         history: RedisHistory::start(redis.clone(), keys.clone(), &config.history, stop.clone()),

@@ -524,6 +524,7 @@ impl Presence {
             }
         }
         let gone = !self.inner.local.lock().unwrap().contains_key(topic);
+        let held = self.inner.held.lock().unwrap().contains(topic);
         if empty && gone && held {
             if let Err(e) = self.inner.store.release(&self.inner.node, topic).await {
                 tracing::debug!(topic = &**topic, cause = %e, "presence topic not released");

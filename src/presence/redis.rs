@@ -164,23 +164,27 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// The store and the receiver of every node's diff messages.
+    /// The store and the receiver of every node's diff messages (`enabled`:
+    /// presence is on; otherwise no subscriber connection is opened).
     pub fn start(
         url: &str,
         redis: Redis,
         keys: Keys,
+        enabled: bool,
         stop: CancellationToken,
     ) -> Result<(RedisStore, mpsc::Receiver<bytes::Bytes>), RedisError> {
-        let channel = keys.presence_diffs();
-        let mut rx = crate::redis::listen(url, vec![channel], stop)?;
         let (tx, diffs) = mpsc::channel(1024);
-        tokio::spawn(async move {
-            while let Some((_, payload)) = rx.recv().await {
-                if tx.send(payload).await.is_err() {
-                    return;
+        if enabled {
+            let channel = keys.presence_diffs();
+            let mut rx = crate::redis::listen(url, vec![channel], stop)?;
+            tokio::spawn(async move {
+                while let Some((_, payload)) = rx.recv().await {
+                    if tx.send(payload).await.is_err() {
+                        return;
+                    }
                 }
-            }
-        });
+            });
+        }
         Ok((
             RedisStore {
                 redis,
