@@ -689,3 +689,71 @@ async fn an_embedded_node_keeps_presence_in_memory() {
     let e = frame(&mut w, "error").await;
     assert_eq!(e["code"], "no_presence", "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_redis_cluster_a_topics_presence_lives_in_its_slot() {
+    let cluster = common::RedisCluster::start(3, 0);
+    let prefix = common::prefix("presence-c");
+    let env = [
+        ("REDIS_URL", cluster.url()),
+        ("REDIS_PREFIX", prefix.clone()),
+        ("PRESENCE_TOPICS", "room.*".to_string()),
+        ("PRESENCE_DIFF_INTERVAL_MS", "100".to_string()),
+        ("AUTH_JWT_SECRET", JWT_SECRET.to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = Node::start("ca", &env);
+    let b = Node::start("cb", &env);
+    let reader = token("reader", json!(null));
+    for n in [&a, &b] {
+        assert!(
+            until(Duration::from_secs(20), async || get(n, "/readyz").await.0
+                == 200)
+            .await,
+            "{} not ready",
+            n.name
+        );
+    }
+    // Two topics in (most likely) different slots, tabs on both nodes.
+    let mut tabs = Vec::new();
+    for (i, topic) in ["room.c1", "room.c2"].iter().enumerate() {
+        for (j, n) in [&a, &b, &a].iter().enumerate() {
+            let user = format!("u{j}");
+            let mut c = connect(n, &token(&user, json!({"name": format!("N{user}")}))).await;
+            c.subscribe(topic).await;
+            tabs.push((i, c));
+        }
+    }
+    for topic in ["room.c1", "room.c2"] {
+        for n in [&a, &b] {
+            assert!(
+                until(Duration::from_secs(10), async || rest_stats(
+                    n, topic, &reader
+                )
+                .await
+                    == (3, 3))
+                .await,
+                "{topic} on {}",
+                n.name
+            );
+            let (_, v) = get(n, &format!("/api/presence/{topic}?token={reader}")).await;
+            assert_eq!(v["data"]["clients"].as_object().unwrap().len(), 3, "{v}");
+        }
+        // Every key of the topic sits on the shard that owns the topic.
+        let owner = cluster.owner(topic).expect("owner");
+        let keys = owner
+            .call(&["KEYS", &format!("{prefix}:presence*{{{topic}}}*")])
+            .unwrap();
+        assert!(keys.len() >= 3, "{keys:?}");
+    }
+    tabs.retain(|(i, _)| *i == 1);
+    assert!(
+        until(Duration::from_secs(10), async || rest_stats(
+            &b, "room.c1", &reader
+        )
+        .await
+            == (0, 0))
+        .await
+    );
+    assert_eq!(rest_stats(&a, "room.c2", &reader).await, (3, 3));
+}
