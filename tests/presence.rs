@@ -19,7 +19,7 @@ use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
 const JWT_SECRET: &str = "a-test-secret-of-some-length";
-const TTL_MS: u64 = 3000;
+const TTL_MS: u64 = 5000;
 
 fn token(sub: &str, info: Value) -> String {
     let exp = std::time::SystemTime::now()
@@ -276,6 +276,10 @@ async fn thirty_tabs_of_ten_users_seen_from_both_nodes_and_a_killed_node_leaves(
         "leaves seen {seen:?} after the kill (bound {bound:?})"
     );
     assert_eq!(rest_stats(&a, topic, &reader).await, (16, 5));
+    let (_, v) = get(&a, &format!("/api/presence/{topic}?token={reader}")).await;
+    let listed = v["data"]["clients"].as_object().unwrap();
+    assert_eq!(listed.len(), 16, "{v}");
+    assert!(listed.keys().all(|id| !on_b.contains(id)), "{v}");
     eprintln!("kill -9: b's 15 leaves seen by a watcher on a after {seen:?}");
 }
 
