@@ -407,12 +407,14 @@ pub async fn attach(
         .await
         .map_err(|e| format!("could not subscribe to \"{topic}\": {e}"))?;
     s.topics.lock().unwrap().insert(topic.to_string());
-    let (user, info) = {
-        let identity = s.identity.lock().unwrap();
-        (identity.user().to_string(), identity.info().cloned())
-    };
-    node.presence()
-        .joined(topic, &s.client_id, &user, info.as_deref(), None);
+    if node.presence().covers(topic) {
+        let (user, info) = {
+            let identity = s.identity.lock().unwrap();
+            (identity.user().to_string(), identity.info().cloned())
+        };
+        node.presence()
+            .joined(topic, &s.client_id, &user, info.as_deref(), None);
+    }
     Ok(())
 }
 
