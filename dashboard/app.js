@@ -422,12 +422,62 @@ function log(topic, kind, text) {
   while (list.children.length > 200) list.lastChild.remove();
 }
 
+/** Whether `topic` keeps presence on this node (`PRESENCE_TOPICS`, `*` wildcards). */
+function presenceKept(topic) {
+  const escape = (part) => part.replace(/[.+?^${}()|[\]\\/]/g, "\\$&");
+  return (page.settings.presenceTopics ?? []).some((p) => new RegExp("^" + p.split("*").map(escape).join(".*") + "$").test(topic));
+}
+
+/** Topics with at most this many clients show who they are. */
+const SMALL_TOPIC = 20;
+
+/** Shows an inspected topic's clients and users, and who they are when few. */
+async function showPresence(topic) {
+  const entry = page.inspected.get(topic);
+  if (!entry || entry.reading) {
+    if (entry) entry.again = true;
+    return;
+  }
+  entry.reading = true;
+  try {
+    const stats = await entry.sub.presenceStats();
+    entry.counts.textContent = `${stats.clients} ${stats.clients === 1 ? "client" : "clients"} · ${stats.users} ${stats.users === 1 ? "user" : "users"}`;
+    entry.li.dataset.clients = String(stats.clients);
+    entry.li.dataset.users = String(stats.users);
+    const items = [];
+    if (stats.clients <= SMALL_TOPIC) {
+      const who = await entry.sub.presence();
+      for (const [id, e] of Object.entries(who).sort(([a], [b]) => a.localeCompare(b))) {
+        const li = document.createElement("li");
+        li.dataset.client = id;
+        const info = e.info == null ? "" : ` ${JSON.stringify(e.info)}`;
+        li.textContent = `${e.user || "anonymous"} · ${id}${id === page.client.clientId ? " (this page)" : ""}${info}`;
+        items.push(li);
+      }
+    }
+    entry.who.replaceChildren(...items);
+  } catch (e) {
+    entry.counts.textContent = `presence unavailable: ${e.message}`;
+  } finally {
+    entry.reading = false;
+    if (entry.again) {
+      entry.again = false;
+      showPresence(topic);
+    }
+  }
+}
+
 function inspect(topic) {
   if (page.inspected.has(topic)) return;
-  const sub = page.client.subscribe(topic, (data, meta) => {
-    const offset = meta.offset == null ? "" : ` #${meta.offset}`;
-    log(topic, "event", `${meta.name}${offset} ${JSON.stringify(data)}`);
-  });
+  const presence = presenceKept(topic);
+  const sub = page.client.subscribe(
+    topic,
+    (data, meta) => {
+      const offset = meta.offset == null ? "" : ` #${meta.offset}`;
+      log(topic, "event", `${meta.name}${offset} ${JSON.stringify(data)}`);
+    },
+    presence ? { presence: true } : {},
+  );
   sub.on("subscribed", (i) => log(topic, "subscribed", `subscribed${i.epoch ? ` at #${i.offset} (epoch ${i.epoch})` : ""}`));
   sub.on("recovered", (r) => log(topic, "recovered", `recovered ${r.from}..${r.to}`));
   sub.on("gap", (g) => log(topic, "gap", `gap: ${g.from}..${g.to} lost`));
@@ -450,9 +500,18 @@ function inspect(topic) {
     sub.unsubscribe();
     drop(topic);
   });
-  li.append(topic, b);
+  const counts = document.createElement("span");
+  counts.className = "presence-counts";
+  const who = document.createElement("ul");
+  who.className = "presence-who";
+  who.setAttribute("aria-label", `Who is on ${topic}`);
+  li.append(topic, " ", counts, b, who);
   $("inspected-topics").append(li);
-  page.inspected.set(topic, { sub, li });
+  page.inspected.set(topic, { sub, li, counts, who });
+  if (presence) {
+    sub.on("subscribed", () => showPresence(topic));
+    sub.on("presence_diff", () => showPresence(topic));
+  }
 }
 
 function drop(topic) {

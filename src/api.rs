@@ -379,6 +379,63 @@ pub async fn history(
     })))
 }
 
+/// `GET /api/presence/{topic}` (who: client id → `{user, info}`) and
+/// `GET /api/presence/{topic}/stats` (`clients`, `users`): read permission
+/// on the topic as for history. A topic whose name ends in `/stats` is
+/// read with `…/stats/stats` (its list: not available by REST).
+pub async fn presence(
+    State(node): State<Node>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let (topic, stats) = match path.strip_suffix("/stats") {
+        Some(t) => (t.to_string(), true),
+        None => (path, false),
+    };
+    if !protocol::valid_topic(&topic) {
+        return Err(ApiError::BadRequest(format!(
+            "invalid topic \"{}\": must match {TOPIC_PATTERN}",
+            topic.chars().take(140).collect::<String>()
+        )));
+    }
+    let token = crate::auth::token_from(&headers, query.as_deref());
+    let identity = node
+        .config()
+        .auth
+        .authenticate(token.as_deref())
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+    match node.hooks().subscribe_access(&identity, &topic) {
+        crate::backend::Access::Allowed => {}
+        crate::backend::Access::Forbidden => {
+            return Err(ApiError::Forbidden(format!(
+                "not allowed to read \"{topic}\""
+            )));
+        }
+        crate::backend::Access::AskHook => {
+            return Err(ApiError::Forbidden(format!(
+                "\"{topic}\" is decided by the subscribe hook (PROXY_SUBSCRIBE_TOPICS): read its presence through a connection"
+            )));
+        }
+    }
+    let failed = |e: crate::presence::PresenceError| match e {
+        crate::presence::PresenceError::NotKept(_) => ApiError::NotFound(e.to_string()),
+        crate::presence::PresenceError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+    };
+    if stats {
+        let s = node.presence().stats(&topic).await.map_err(failed)?;
+        return Ok(
+            envelope(json!({"topic": topic, "clients": s.clients, "users": s.users}))
+                .into_response(),
+        );
+    }
+    let list = node.presence().list(&topic).await.map_err(failed)?;
+    let clients: Box<serde_json::value::RawValue> =
+        serde_json::value::RawValue::from_string(crate::presence::clients_json(&list))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(envelope(json!({"topic": topic, "clients": clients})).into_response())
+}
+
 // === admin ===
 
 /// `POST /admin/events/{name}`: publishes a configured mock event once.

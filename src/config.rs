@@ -103,6 +103,9 @@ pub mod names {
     pub const COMPAT_PYTHON_SOCKETIO: &str = "COMPAT_PYTHON_SOCKETIO";
     pub const COMPAT_SOCKETIO_EMITTER: &str = "COMPAT_SOCKETIO_EMITTER";
     pub const COMPAT_CHANNELS_PREFIX: &str = "COMPAT_CHANNELS_PREFIX";
+    pub const PRESENCE_TOPICS: &str = "PRESENCE_TOPICS";
+    pub const PRESENCE_TTL_MS: &str = "PRESENCE_TTL_MS";
+    pub const PRESENCE_DIFF_INTERVAL_MS: &str = "PRESENCE_DIFF_INTERVAL_MS";
 
     /// Every name above, for `--help` and to reject unknown flags.
     pub const ALL: &[&str] = &[
@@ -184,6 +187,9 @@ pub mod names {
         COMPAT_PYTHON_SOCKETIO,
         COMPAT_SOCKETIO_EMITTER,
         COMPAT_CHANNELS_PREFIX,
+        PRESENCE_TOPICS,
+        PRESENCE_TTL_MS,
+        PRESENCE_DIFF_INTERVAL_MS,
     ];
 
     /// The hook URLs: shown without a password when refused, like `REDIS_URL`.
@@ -535,6 +541,8 @@ pub struct Config {
     pub hooks: HooksConfig,
     /// Drop-in sources of publications (`COMPAT_*`, see `compat`).
     pub compat: CompatConfig,
+    /// Which topics keep presence, and its timings (`PRESENCE_*`).
+    pub presence: PresenceConfig,
     /// Accepted but weak settings, logged at start-up (never with values).
     pub warnings: Vec<String>,
 }
@@ -714,6 +722,30 @@ impl HistoryConfig {
     /// (`device.frame`) never does, whatever the patterns say.
     pub fn covers(&self, topic: &str) -> bool {
         topic != crate::device::frame::TOPIC && self.topics.iter().any(|p| p.matches(topic))
+    }
+}
+
+/// `PRESENCE_TOPICS` / `PRESENCE_TTL_MS` / `PRESENCE_DIFF_INTERVAL_MS`.
+#[derive(Debug, Clone)]
+pub struct PresenceConfig {
+    /// Topic patterns (`*` wildcard) whose subscribers are recorded as
+    /// present. Empty by default: every join and leave costs Redis writes.
+    pub topics: Vec<Pattern>,
+    /// How long a node's entries outlive its last sign of life.
+    pub ttl: Duration,
+    /// How long changes are coalesced before `presence_diff` goes out.
+    pub diff_interval: Duration,
+}
+
+impl PresenceConfig {
+    /// Whether `topic` keeps presence.
+    pub fn covers(&self, topic: &str) -> bool {
+        self.topics.iter().any(|p| p.matches(topic))
+    }
+
+    /// Whether any topic keeps presence (the node runs the presence tasks).
+    pub fn enabled(&self) -> bool {
+        !self.topics.is_empty()
     }
 }
 
@@ -985,6 +1017,13 @@ impl Config {
         });
         let history_ttl = p.parse(names::HISTORY_TTL_MS, "600000", |v| {
             parse_ms(v, 1_000, 30 * 86_400_000)
+        });
+        let presence_topics = p.parse(names::PRESENCE_TOPICS, "", parse_topic_patterns);
+        let presence_ttl = p.parse(names::PRESENCE_TTL_MS, "10000", |v| {
+            parse_ms(v, 1_000, 600_000)
+        });
+        let presence_interval = p.parse(names::PRESENCE_DIFF_INTERVAL_MS, "500", |v| {
+            parse_ms(v, 50, 60_000)
         });
         let rate = p.parse(names::WEBSOCKET_RATE_LIMIT, "100", |v| {
             parse_range(v, 0, 1_000_000)
@@ -1272,6 +1311,11 @@ impl Config {
                 max_inflight: hook_max_inflight.unwrap(),
             },
             compat,
+            presence: PresenceConfig {
+                topics: presence_topics.unwrap(),
+                ttl: presence_ttl.unwrap(),
+                diff_interval: presence_interval.unwrap(),
+            },
             warnings,
         })
     }

@@ -80,6 +80,8 @@ async fn settings(State(node): State<Node>) -> AxumJson<Value> {
         "apiToken": config.api_token.is_some(),
         "adminToken": config.admin_token.is_some(),
         "adminOnThisPort": config.admin_port.is_none(),
+        // Topics whose inspector entry shows who is there (`PRESENCE_TOPICS`).
+        "presenceTopics": config.presence.topics.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
     }))
 }
 

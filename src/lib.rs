@@ -23,6 +23,7 @@
 //! - [`registry`]: every live node's announcement, for cluster-wide stats.
 //! - [`redis`]: building fred clients; key and channel names.
 //! - [`node`]: one node's handles wired together, and its drain.
+//! - [`presence`]: who is on a `PRESENCE_TOPICS` topic, cluster-wide (`memory`, `redis`); batched `presence_diff`; dead nodes' entries reaped.
 
 pub mod api;
 pub mod auth;
@@ -42,6 +43,7 @@ pub mod leader;
 pub mod lingering;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod protocol;
 pub mod proxy;
 pub mod redis;
@@ -71,7 +73,8 @@ pub fn app(node: Node) -> Router {
         .route("/api/state", get(api::state))
         .route("/api/apps", get(api::apps))
         .route("/api/frame", get(dashboard::frame))
-        .route("/api/history/{*topic}", get(api::history));
+        .route("/api/history/{*topic}", get(api::history))
+        .route("/api/presence/{*topic}", get(api::presence));
     // Commands and publishing: `API_TOKEN` when configured.
     let commands = Router::new()
         .route("/api/publish", post(api::publish))

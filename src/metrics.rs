@@ -54,6 +54,12 @@ pub const WEBHOOK_QUEUE: &str = "switchboard_webhook_queue";
 pub const COMPAT_MESSAGES: &str = "switchboard_compat_messages_total";
 /// Control commands this node applied (`POST /api/subscribe` etc.), by `command`.
 pub const CONTROL_COMMANDS: &str = "switchboard_control_commands_total";
+/// Presence entries written or removed, by `change` (`join`, `leave`, `reaped`).
+pub const PRESENCE_CHANGES: &str = "switchboard_presence_changes_total";
+/// Presence store calls that failed (retried).
+pub const PRESENCE_ERRORS: &str = "switchboard_presence_errors_total";
+/// `presence_diff` frames queued to this node's watchers.
+pub const PRESENCE_DIFFS: &str = "switchboard_presence_diffs_total";
 
 /// Label values of [`SOCKETIO_RECOVERIES`].
 pub mod recovery {
@@ -309,5 +315,17 @@ fn describe() {
     describe_counter!(
         DEVICE_FRAMES_SKIPPED,
         "Live-stream frames replaced by a newer frame before the backplane took them."
+    );
+    describe_counter!(
+        PRESENCE_CHANGES,
+        "Presence entries this node wrote or removed, by change (join, leave, reaped: a dead node's)."
+    );
+    describe_counter!(
+        PRESENCE_ERRORS,
+        "Presence store calls that failed (retried after a pause)."
+    );
+    describe_counter!(
+        PRESENCE_DIFFS,
+        "presence_diff frames queued to this node's watchers."
     );
 }

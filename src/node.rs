@@ -61,6 +61,11 @@ struct Backends {
     ledger: Arc<dyn Ledger>,
     /// Socket.IO session records (connection state recovery).
     sio_sessions: Arc<dyn SessionStore>,
+    /// Presence, and every node's presence diff messages.
+    presence: (
+        Arc<dyn crate::presence::Store>,
+        tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    ),
 }
 
 /// The only place that looks at `REDIS_URL`: memory implementations for one
@@ -74,7 +79,9 @@ fn backends(
 ) -> Result<Backends, BuildError> {
     let Some(url) = &config.redis_url else {
         let backplane: Arc<dyn Backplane> = Arc::new(MemoryBackplane::new(inbound_tx));
+        let (presence, diffs) = crate::presence::memory::MemoryStore::new();
         return Ok(Backends {
+            presence: (Arc::new(presence), diffs),
             history: Arc::new(MemoryHistory::new(backplane.clone(), &config.history)),
             backplane,
             election: Arc::new(MemoryElection::new(config.node_id.clone())),
@@ -116,7 +123,15 @@ fn backends(
         registry.clone(),
         stop.clone(),
     )?;
+    let (presence, diffs) = crate::presence::redis::RedisStore::start(
+        url,
+        redis.clone(),
+        keys.clone(),
+        config.presence.enabled(),
+        stop.clone(),
+    )?;
     Ok(Backends {
+        presence: (Arc::new(presence), diffs),
         history: RedisHistory::start(redis.clone(), keys.clone(), &config.history, stop.clone()),
         backplane: RedisBackplane::start(
             url,
@@ -178,6 +193,8 @@ struct Inner {
     /// Set when `WEBHOOK_URL` is.
     webhooks: Option<Webhooks>,
     watch: Option<Watch>,
+    /// Who is on which `PRESENCE_TOPICS` topic.
+    presence: crate::presence::Presence,
 }
 
 impl Node {
@@ -203,6 +220,7 @@ impl Node {
             control,
             ledger,
             sio_sessions,
+            presence,
         } = backends(
             &config,
             inbound_tx,
@@ -232,6 +250,14 @@ impl Node {
                 leadership: election.watch(),
             })
         });
+        let presence = crate::presence::Presence::start(
+            config.presence.clone(),
+            &config.node_id,
+            presence.0,
+            presence.1,
+            webhooks.clone(),
+            election.watch(),
+        );
         let device = Device::new(device::Parts {
             apps: config.device_apps.clone(),
             store,
@@ -293,6 +319,7 @@ impl Node {
                 control,
                 webhooks,
                 watch,
+                presence,
             }),
         };
         tokio::spawn(announce_loop(node.clone()));
@@ -332,6 +359,11 @@ impl Node {
     /// Commands for connections on any node (the control API).
     pub fn control(&self) -> &Arc<dyn ControlBus> {
         &self.inner.control
+    }
+
+    /// Who is on which presence topic, cluster-wide.
+    pub fn presence(&self) -> &crate::presence::Presence {
+        &self.inner.presence
     }
 
     /// The webhook queue, when `WEBHOOK_URL` is set.
@@ -511,6 +543,9 @@ impl Node {
                 "grace period over with sessions still open"
             );
         }
+        // Presence: the sessions' leaves written and announced, this
+        // node's entries gone.
+        self.inner.presence.shutdown(deadline).await;
         // Webhooks: the last disconnections and vacated topics, delivered
         // within what is left of the grace period.
         if let Some(w) = &self.inner.watch {

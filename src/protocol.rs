@@ -85,11 +85,21 @@ pub enum ClientMessage {
         since: Option<Since>,
         /// Passed to the subscribe hook (`PROXY_SUBSCRIBE_URL`).
         data: Option<Box<RawValue>>,
+        /// `"presence": true`: the client wants `presence_diff` frames.
+        presence: bool,
     },
     Unsubscribe {
         event: String,
     },
     Request {
+        event: String,
+    },
+    /// Who is present on topic `event` (`PRESENCE_TOPICS`).
+    Presence {
+        event: String,
+    },
+    /// How many clients and users are present on topic `event`.
+    PresenceStats {
         event: String,
     },
     Ping,
@@ -132,9 +142,11 @@ pub enum ProtocolError {
     #[error("\"type\" must be a string")]
     TypeNotString,
     #[error(
-        "unknown message type \"{0}\": expected subscribe, unsubscribe, request, ping, publish, refresh or rpc"
+        "unknown message type \"{0}\": expected subscribe, unsubscribe, request, presence, presence_stats, ping, publish, refresh or rpc"
     )]
     UnknownType(String),
+    #[error("\"presence\" must be true or false")]
+    InvalidPresence,
     #[error("\"{0}\" message needs an \"event\" field naming the topic")]
     MissingEvent(&'static str),
     #[error("\"event\" must be a string")]
@@ -166,7 +178,7 @@ impl ProtocolError {
     pub fn reply_to(&self) -> Option<&'static str> {
         match self {
             ProtocolError::MissingEvent(kind) => Some(kind),
-            ProtocolError::InvalidSince => Some("subscribe"),
+            ProtocolError::InvalidSince | ProtocolError::InvalidPresence => Some("subscribe"),
             ProtocolError::MissingData | ProtocolError::InvalidName(_) => Some("publish"),
             ProtocolError::MissingToken => Some("refresh"),
             ProtocolError::BadRpcId | ProtocolError::BadRpc { .. } => Some("rpc"),
@@ -188,6 +200,7 @@ impl ProtocolError {
             ProtocolError::MissingData
             | ProtocolError::InvalidName(_)
             | ProtocolError::InvalidSince
+            | ProtocolError::InvalidPresence
             | ProtocolError::TooDeep
             | ProtocolError::MissingToken
             | ProtocolError::BadRpcId
@@ -237,12 +250,23 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
                         .map_err(|e| ProtocolError::NotJson(e.to_string()))?,
                 ),
             },
+            presence: match obj.get("presence") {
+                None | Some(serde_json::Value::Null) => false,
+                Some(serde_json::Value::Bool(b)) => *b,
+                Some(_) => return Err(ProtocolError::InvalidPresence),
+            },
         }),
         "unsubscribe" => Ok(ClientMessage::Unsubscribe {
             event: event("unsubscribe")?,
         }),
         "request" => Ok(ClientMessage::Request {
             event: event("request")?,
+        }),
+        "presence" => Ok(ClientMessage::Presence {
+            event: event("presence")?,
+        }),
+        "presence_stats" => Ok(ClientMessage::PresenceStats {
+            event: event("presence_stats")?,
         }),
         "ping" => Ok(ClientMessage::Ping),
         "publish" => {
@@ -678,7 +702,7 @@ mod tests {
     fn parses_every_client_message() {
         assert!(matches!(
             parse_client_message(r#"{"type":"subscribe","event":"ticker"}"#),
-            Ok(ClientMessage::Subscribe { event, since: None, data: None }) if event == "ticker"
+            Ok(ClientMessage::Subscribe { event, since: None, data: None, presence: false }) if event == "ticker"
         ));
         assert!(matches!(
             parse_client_message(r#"{"type":"unsubscribe","event":"a.b:c/d-e_f"}"#),
@@ -722,6 +746,19 @@ mod tests {
         assert!(matches!(
             parse_client_message(r#"{"type":"subscribe","event":"room.1","data":{"k":[1]}}"#),
             Ok(ClientMessage::Subscribe { data: Some(d), .. }) if d.get() == r#"{"k":[1]}"#
+        ));
+        assert!(matches!(
+            parse_client_message(r#"{"type":"subscribe","event":"room","presence":true}"#),
+            Ok(ClientMessage::Subscribe { presence: true, .. })
+        ));
+        assert_eq!(
+            parse_client_message(r#"{"type":"subscribe","event":"room","presence":1}"#)
+                .unwrap_err(),
+            ProtocolError::InvalidPresence
+        );
+        assert!(matches!(
+            parse_client_message(r#"{"type":"presence_stats","event":"room"}"#),
+            Ok(ClientMessage::PresenceStats { event }) if event == "room"
         ));
         assert!(matches!(
             parse_client_message(r#"{"type":"rpc","id":7,"method":"your_action","data":{"a":1}}"#),

@@ -202,6 +202,50 @@ impl Keys {
             format!("{}:probe:{node}", self.prefix)
         }
     }
+
+    // Presence (`presence::redis`). A topic's keys always carry the topic
+    // as hash tag (new names, like the history keys): one script touches
+    // one slot; node `id`'s own keys share the node keys' slot.
+
+    /// Node `id`'s present clients on `topic`: client id → `{"user","info"}`.
+    pub fn presence(&self, topic: &str, id: &str) -> String {
+        format!("{}{id}", self.presence_base(topic))
+    }
+
+    /// [`Keys::presence`] without the node id (the scripts append it).
+    pub fn presence_base(&self, topic: &str) -> String {
+        format!("{}:presence:{{{topic}}}:", self.prefix)
+    }
+
+    /// The nodes with present clients on `topic`.
+    pub fn presence_nodes(&self, topic: &str) -> String {
+        format!("{}:presence-nodes:{{{topic}}}", self.prefix)
+    }
+
+    /// `topic`'s users → their number of present connections.
+    pub fn presence_users(&self, topic: &str) -> String {
+        format!("{}:presence-users:{{{topic}}}", self.prefix)
+    }
+
+    /// The topics where node `id` has present clients (for the reaper).
+    pub fn presence_topics(&self, id: &str) -> String {
+        format!("{}:presence-topics:{id}", self.own())
+    }
+
+    /// Node `id`'s sign of life for presence (`PX PRESENCE_TTL_MS`).
+    pub fn presence_alive(&self, id: &str) -> String {
+        format!("{}:presence-alive:{id}", self.own())
+    }
+
+    /// The nodes that keep presence entries: the ones the reaper watches.
+    pub fn presence_hosts(&self) -> String {
+        format!("{}:presence-hosts", self.own())
+    }
+
+    /// Presence changes, batched per node and interval, for every node.
+    pub fn presence_diffs(&self) -> String {
+        format!("{}:presence-diffs", self.prefix)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

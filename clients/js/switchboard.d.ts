@@ -120,9 +120,28 @@ export interface SwitchboardError extends Error {
   backendCode?: number;
 }
 
+/** A present client: its user (`""` when anonymous) and `info`. */
+export interface PresenceEntry {
+  user: string;
+  info: any;
+}
+
+/** One coalesced presence change of a topic (`PRESENCE_DIFF_INTERVAL_MS`). */
+export interface PresenceDiff {
+  joins: Record<string, PresenceEntry>;
+  leaves: Record<string, PresenceEntry>;
+}
+
+export interface PresenceHandlers {
+  join?: (clientId: string, entry: PresenceEntry) => void;
+  leave?: (clientId: string, entry: PresenceEntry) => void;
+}
+
 export interface SubscribeOptions {
   /** Sent to the server's subscribe hook with every (re)subscription. */
   data?: any;
+  /** Asks for the topic's `presence_diff` (a `PRESENCE_TOPICS` topic). */
+  presence?: boolean | PresenceHandlers;
 }
 
 /** What `refresh()` resolves with. */
@@ -145,6 +164,11 @@ export declare class Subscription {
   /** Gets every publication of the topic; set it on a server-side subscription. */
   handler: (data: any, meta: EventMeta) => void;
   unsubscribe(): void;
+  /** Who is on the topic: client id → `{user, info}`. */
+  presence(): Promise<Record<string, PresenceEntry>>;
+  /** How many clients and users are on the topic. */
+  presenceStats(): Promise<{ clients: number; users: number }>;
+  on(event: "presence_diff", fn: Listener<PresenceDiff>): this;
   on(event: "subscribed", fn: Listener<SubscribedInfo>): this;
   on(event: "recovered", fn: Listener<RecoveredInfo>): this;
   on(event: "gap", fn: Listener<GapInfo>): this;
@@ -170,6 +194,9 @@ export declare class Switchboard {
   /** Throws when not connected. The server sends no acknowledgement. */
   publish(topic: string, data: any, options?: { name?: string }): void;
   request(topic: string): Promise<{ data: any; offset: number | null; timestamp: string }>;
+  /** Who is on `topic` (`PRESENCE_TOPICS`); rejects with `no_presence`, `forbidden`, `unavailable`. */
+  presence(topic: string): Promise<Record<string, PresenceEntry>>;
+  presenceStats(topic: string): Promise<{ clients: number; users: number }>;
   /** Not connected: only keeps the token for the next connect (`applied: "on next connect"`). */
   refresh(token: string): Promise<RefreshResult>;
   /** Round-trip time in ms. */

@@ -113,6 +113,16 @@ export class Subscription extends Emitter {
   unsubscribe() {
     this.client._unsubscribe(this);
   }
+
+  /** Who is on the topic (`PRESENCE_TOPICS`): resolves with `{clientId: {user, info}}`. */
+  presence() {
+    return this.client.presence(this.topic);
+  }
+
+  /** Resolves with `{clients, users}` present on the topic. */
+  presenceStats() {
+    return this.client.presenceStats(this.topic);
+  }
 }
 
 /** A client of the native protocol. See docs/client.md. */
@@ -394,10 +404,20 @@ export class Switchboard extends Emitter {
    * Survives reconnects: the topic is subscribed again with `since`.
    * `options.data` goes to the server's subscribe hook with every
    * (re)subscription of the topic (the first subscription's data counts).
+   * `options.presence` (`true` or `{join(clientId, entry), leave(clientId,
+   * entry)}`) asks for the topic's `presence_diff`: the handlers get each
+   * client that joined or left (`entry` = `{user, info}`), and the
+   * subscription emits `presence_diff` with `{joins, leaves}`.
    */
   subscribe(topic, handler = () => {}, options = {}) {
     const sub = new Subscription(this, topic, handler);
+    if (options.presence) sub._presence = typeof options.presence === "object" ? options.presence : {};
     let t = this._topics.get(topic);
+    if (t && sub._presence && !t.presence) {
+      // Asked for now: the server is told by subscribing again.
+      t.presence = true;
+      if (this.state === "connected") this._sendSubscribe(topic, t);
+    }
     if (!t) {
       t = {
         offset: null,
@@ -407,6 +427,7 @@ export class Switchboard extends Emitter {
         recovering: false,
         resubscribing: false,
         data: options.data,
+        presence: Boolean(sub._presence),
       };
       this._topics.set(topic, t);
       t.subs.add(sub);
@@ -427,6 +448,7 @@ export class Switchboard extends Emitter {
   _sendSubscribe(topic, t) {
     const msg = { type: "subscribe", event: topic };
     if (t.data !== undefined && t.data !== null) msg.data = t.data;
+    if (t.presence) msg.presence = true;
     t.recovering = t.epoch != null && t.offset != null;
     if (t.recovering) msg.since = { offset: t.offset, epoch: t.epoch };
     this._pendingPush(topic, { kind: "subscribe" });
@@ -467,6 +489,16 @@ export class Switchboard extends Emitter {
     const msg = { type: "publish", event: topic, data: data === undefined ? null : data };
     if (name) msg.name = name;
     this._send(msg);
+  }
+
+  /** Who is on `topic`: resolves with `{clientId: {user, info}}` (needs read permission). */
+  presence(topic) {
+    return this._op(topic, "presence", () => this._send({ type: "presence", event: topic }));
+  }
+
+  /** How many clients and users are on `topic`: resolves with `{clients, users}`. */
+  presenceStats(topic) {
+    return this._op(topic, "presence_stats", () => this._send({ type: "presence_stats", event: topic }));
   }
 
   /** The topic's current data: resolves with `{data, offset, timestamp}`. */
@@ -613,6 +645,18 @@ export class Switchboard extends Emitter {
         op?.resolve({ data: msg.data, offset: msg.offset ?? null, timestamp: msg.timestamp });
         return;
       }
+      case "presence": {
+        const op = this._take(msg.event, "presence");
+        op?.resolve(msg.clients ?? {});
+        return;
+      }
+      case "presence_stats": {
+        const op = this._take(msg.event, "presence_stats");
+        op?.resolve({ clients: msg.clients, users: msg.users });
+        return;
+      }
+      case "presence_diff":
+        return this._onPresenceDiff(msg);
       case "refreshed": {
         const op = this._refreshes.shift();
         if (op) {
@@ -817,6 +861,19 @@ export class Switchboard extends Emitter {
     this._emit(name, { topic, ...info });
   }
 
+  _onPresenceDiff(msg) {
+    const t = this._topics.get(msg.event);
+    if (!t) return;
+    const diff = { joins: msg.joins ?? {}, leaves: msg.leaves ?? {} };
+    for (const sub of [...t.subs]) {
+      if (!sub._presence) continue;
+      for (const [id, entry] of Object.entries(diff.leaves)) sub._presence.leave?.(id, entry);
+      for (const [id, entry] of Object.entries(diff.joins)) sub._presence.join?.(id, entry);
+      sub._emit("presence_diff", diff);
+    }
+    this._emit("presence_diff", { topic: msg.event, ...diff });
+  }
+
   _onError(msg) {
     const topic = msg.event;
     const code = msg.code;
@@ -849,8 +906,8 @@ export class Switchboard extends Emitter {
           sub._rejectReady(err);
         }
       }
-    } else if (kind === "request" && topic != null) {
-      op = this._take(topic, "request");
+    } else if ((kind === "request" || kind === "presence" || kind === "presence_stats") && topic != null) {
+      op = this._take(topic, kind);
       op?.reject(err);
     } else if (kind === "refresh" && this._refreshes.length) {
       op = this._refreshes.shift();
@@ -863,6 +920,10 @@ export class Switchboard extends Emitter {
   /** For a server without `replyTo`: what the code and the pending calls tell, or null. */
   _replyToByCode(topic, code) {
     if (code === "no_data") return "request";
+    if (code === "no_presence") {
+      const kinds = (topic == null ? [] : (this._pending.get(topic) ?? [])).map((op) => op.kind);
+      return kinds.find((k) => k === "presence" || k === "presence_stats") ?? null;
+    }
     if (code === "subscription_limit") return "subscribe";
     if (code === "bad_token") return "refresh";
     const kinds = new Set((topic == null ? [] : (this._pending.get(topic) ?? [])).map((op) => op.kind));

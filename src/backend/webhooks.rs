@@ -54,6 +54,10 @@ pub mod kind {
     pub const TOPIC_OCCUPIED: &str = "topic_occupied";
     pub const TOPIC_VACATED: &str = "topic_vacated";
     pub const CLIENT_EVENT: &str = "client_event";
+    /// A user's first connection joined a presence topic (`presence`).
+    pub const MEMBER_ADDED: &str = crate::presence::MEMBER_ADDED;
+    /// A user's last connection left a presence topic.
+    pub const MEMBER_REMOVED: &str = crate::presence::MEMBER_REMOVED;
 }
 
 /// One webhook event, serialized once when it is made.

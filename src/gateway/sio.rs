@@ -215,6 +215,7 @@ async fn server_command(
                 positions: false,
                 since: None,
                 data: None,
+                presence: false,
             };
             let announce = {
                 let peer = peer.clone();
@@ -235,6 +236,7 @@ async fn server_command(
             let was = s.topics.lock().unwrap().remove(&*topic);
             if was {
                 node.hub().unsubscribe(&topic, s.id).await;
+                node.presence().left(&topic, &s.client_id);
                 if let Some(r) = peer.recovery() {
                     r.leave(&topic).await;
                 }
@@ -287,6 +289,7 @@ pub async fn connected(peer: &Arc<dyn Peer>, s: &Session, node: &Node) {
             positions: false,
             since: None,
             data: None,
+            presence: false,
         };
         if let Err(e) = join(peer, s, node, request, Box::new(|_| {})).await {
             emit_error(&**peer, None, &e);
@@ -302,6 +305,7 @@ pub async fn connected(peer: &Arc<dyn Peer>, s: &Session, node: &Node) {
         positions: false,
         since: None,
         data: None,
+        presence: false,
     };
     if let Err(e) = join(peer, s, node, request, Box::new(|_| {})).await {
         emit_error(&**peer, None, &e);
@@ -327,6 +331,8 @@ struct SubscribeRequest {
     since: Option<Since>,
     /// Passed to the subscribe hook.
     data: Option<Box<RawValue>>,
+    /// `presence: true` (object form): `presence_diff` events.
+    presence: bool,
 }
 
 async fn join(
@@ -365,7 +371,39 @@ async fn join(
     if let (Err(_), Some(r)) = (&joined, recorded) {
         r.leave(topic).await;
     }
+    if joined.is_ok() && request.presence {
+        if node.presence().covers(topic) {
+            let (user, info) = {
+                let identity = s.identity.lock().unwrap();
+                (identity.user().to_string(), identity.info().cloned())
+            };
+            node.presence().joined(
+                topic,
+                &s.client_id,
+                &user,
+                info.as_deref(),
+                Some(Arc::new(Watcher(peer.clone()))),
+            );
+        } else {
+            emit_error(
+                &**peer,
+                Some(topic),
+                &format!(
+                    "\"{topic}\" keeps no presence (PRESENCE_TOPICS): subscribed without presence_diff"
+                ),
+            );
+        }
+    }
     joined
+}
+
+/// A socket subscribed with `presence: true`.
+struct Watcher(Arc<dyn Peer>);
+
+impl crate::presence::Watcher for Watcher {
+    fn diff(&self, diff: &crate::presence::Diff) {
+        self.0.emit("presence_diff", &diff.object);
+    }
 }
 
 /// Subscribes the socket to `topic` on the hub with `subscriber` (from
@@ -383,6 +421,14 @@ pub async fn attach(
         .await
         .map_err(|e| format!("could not subscribe to \"{topic}\": {e}"))?;
     s.topics.lock().unwrap().insert(topic.to_string());
+    if node.presence().covers(topic) {
+        let (user, info) = {
+            let identity = s.identity.lock().unwrap();
+            (identity.user().to_string(), identity.info().cloned())
+        };
+        node.presence()
+            .joined(topic, &s.client_id, &user, info.as_deref(), None);
+    }
     Ok(())
 }
 
@@ -396,6 +442,7 @@ fn subscribe_arg(data: &Result<Value, String>) -> Result<SubscribeRequest, Strin
             positions: false,
             since: None,
             data: None,
+            presence: false,
         });
     };
     let since = match (o.get("offset"), o.get("epoch")) {
@@ -406,11 +453,17 @@ fn subscribe_arg(data: &Result<Value, String>) -> Result<SubscribeRequest, Strin
         None | Some(Value::Null) => None,
         Some(d) => Some(serde_json::value::to_raw_value(d).map_err(|e| e.to_string())?),
     };
+    let presence = match o.get("presence") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("\"presence\" must be true or false".into()),
+    };
     Ok(SubscribeRequest {
         topic,
         positions: o.contains_key("topic"),
         since,
         data,
+        presence,
     })
 }
 
@@ -453,12 +506,14 @@ fn subscribe_ack(topic: &str, outcome: &Outcome) -> Value {
 
 /// The client events Switchboard answers; others are ignored (unless they
 /// are RPCs), as a Socket.IO server ignores an event without a handler.
-pub const CLIENT_EVENTS: [&str; 5] = [
+pub const CLIENT_EVENTS: [&str; 7] = [
     "subscribe",
     "unsubscribe",
     "request_state",
     "publish",
     "refresh",
+    "presence",
+    "presence_stats",
 ];
 
 /// Runs client event `event` with its first argument and acknowledgement
@@ -489,6 +544,8 @@ pub async fn handle(
         "request_state" => request_state(peer, s, node, ack),
         "publish" => publish(peer, s, node, data, ack).await,
         "refresh" => refresh(peer, s, node, data, ack).await,
+        "presence" => presence(peer, s, node, data, ack, false).await,
+        "presence_stats" => presence(peer, s, node, data, ack, true).await,
         _ => {}
     }
 }
@@ -642,6 +699,7 @@ async fn unsubscribe(
             let was = s.topics.lock().unwrap().remove(&topic);
             if was {
                 node.hub().unsubscribe(&topic, s.id).await;
+                node.presence().left(&topic, &s.client_id);
                 if let Some(r) = peer.recovery() {
                     r.leave(&topic).await;
                 }
@@ -651,6 +709,60 @@ async fn unsubscribe(
         Err(e) => Err(e),
     };
     reply(&**peer, ack, res, named_topic(&data).as_deref());
+}
+
+/// `presence` / `presence_stats` (`stats`) with a topic (same argument forms
+/// as `subscribe`), allowed like subscribing to it. Ack `{"ok": true,
+/// "topic", "clients": {id: {user, info}}}` or `{"ok": true, "topic",
+/// "clients": N, "users": M}`; a failure `{"ok": false, "code", "error",
+/// "topic"}` and an `error` event.
+async fn presence(
+    peer: &Arc<dyn Peer>,
+    s: &Session,
+    node: &Node,
+    data: Result<Value, String>,
+    ack: Ack,
+    stats: bool,
+) {
+    let topic = match topic_arg(&data) {
+        Ok(t) => t,
+        Err(e) => return reply(&**peer, ack, Err(e), named_topic(&data).as_deref()),
+    };
+    let identity = s.identity();
+    if let Err(denial) = node
+        .hooks()
+        .authorize_subscribe(caller(s, &identity), &identity, &topic, None)
+        .await
+    {
+        let denial = match denial {
+            Denial::Forbidden(_) if !node.hooks().covers_subscribe(&topic) => {
+                Denial::Forbidden(format!("not allowed to read \"{topic}\""))
+            }
+            other => other,
+        };
+        return deny(&**peer, s, ack, denial, &topic);
+    }
+    let presence = node.presence();
+    let answer = if stats {
+        presence
+            .stats(&topic)
+            .await
+            .map(|st| json!({"ok": true, "topic": topic, "clients": st.clients, "users": st.users}))
+    } else {
+        presence.list(&topic).await.map(|list| {
+            let clients: Value = serde_json::from_str(&crate::presence::clients_json(&list))
+                .unwrap_or_else(|_| json!({}));
+            json!({"ok": true, "topic": topic, "clients": clients})
+        })
+    };
+    match answer {
+        Ok(a) => ack(a),
+        Err(e) => {
+            let message = e.to_string();
+            ack(json!({"ok": false, "code": e.code(), "error": message, "topic": topic}));
+            emit_error(&**peer, Some(&topic), &message);
+        }
+    }
 }
 
 /// `request_state`: the four device events again.
@@ -803,6 +915,7 @@ async fn refresh(
         let was = s.topics.lock().unwrap().remove(&topic);
         if was {
             node.hub().unsubscribe(&topic, s.id).await;
+            node.presence().left(&topic, &s.client_id);
             if let Some(r) = peer.recovery() {
                 r.leave(&topic).await;
             }
@@ -860,6 +973,7 @@ pub async fn disconnected(s: &Session, node: &Node, reason: &'static str) {
     let topics: Vec<String> = s.topics.lock().unwrap().drain().collect();
     for topic in topics {
         node.hub().unsubscribe(&topic, s.id).await;
+        node.presence().left(&topic, &s.client_id);
     }
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::SOCKETIO).decrement(1.0);
     metrics::counter!(m::CONNECTIONS_CLOSED, "transport" => m::transport::SOCKETIO, "reason" => reason)

@@ -308,7 +308,7 @@ async fn run(
     };
     if let Some(topic) = initial_topic {
         // Allowed before the upgrade (the subscribe hook included).
-        Box::pin(session.join(topic, None)).await;
+        Box::pin(session.join(topic, None, false)).await;
     }
     read_loop(&mut session, stream, &mut writer, &liveness, &mailbox).await;
 
@@ -323,6 +323,7 @@ async fn run(
     }
     for topic in session.topics.drain() {
         node.hub().unsubscribe(&topic, id).await;
+        node.presence().left(&topic, &session.client_id);
     }
     let reason = match outbox.close.code() {
         close::TRY_AGAIN_LATER => m::reason::SLOW_CONSUMER,
@@ -510,6 +511,7 @@ impl Session {
         for topic in lost {
             self.topics.remove(&topic);
             self.node.hub().unsubscribe(&topic, self.id).await;
+            self.node.presence().left(&topic, &self.client_id);
             self.outbox.send(&ServerMessage::Unsubscribed {
                 event: &topic,
                 reason: Some("permission revoked"),
@@ -543,13 +545,19 @@ impl Session {
     /// Handles one text frame; returns the message type for metrics.
     async fn handle_text(&mut self, text: &str) -> &'static str {
         match protocol::parse_client_message(text) {
-            Ok(ClientMessage::Subscribe { event, since, data }) => {
-                self.subscribe(event, since, data).await;
+            Ok(ClientMessage::Subscribe {
+                event,
+                since,
+                data,
+                presence,
+            }) => {
+                self.subscribe(event, since, data, presence).await;
                 "subscribe"
             }
             Ok(ClientMessage::Unsubscribe { event }) => {
                 if self.topics.remove(&event) {
                     self.node.hub().unsubscribe(&event, self.id).await;
+                    self.node.presence().left(&event, &self.client_id);
                 }
                 self.outbox.send(&ServerMessage::Unsubscribed {
                     event: &event,
@@ -578,6 +586,14 @@ impl Session {
                     Err(denial) => self.deny("request", denial, Some(&event)),
                 }
                 "request"
+            }
+            Ok(ClientMessage::Presence { event }) => {
+                self.presence(&event, false).await;
+                "presence"
+            }
+            Ok(ClientMessage::PresenceStats { event }) => {
+                self.presence(&event, true).await;
+                "presence_stats"
             }
             Ok(ClientMessage::Refresh { token }) => {
                 self.refresh(&token).await;
@@ -615,10 +631,11 @@ impl Session {
         use crate::clients::Command;
         match command {
             // Server-side: the back end decided, no permission check.
-            Command::Subscribe { topic } => self.join(topic.to_string(), None).await,
+            Command::Subscribe { topic } => self.join(topic.to_string(), None, false).await,
             Command::Unsubscribe { topic } => {
                 if self.topics.remove(&*topic) {
                     self.node.hub().unsubscribe(&topic, self.id).await;
+                    self.node.presence().left(&topic, &self.client_id);
                     self.outbox.send(&ServerMessage::Unsubscribed {
                         event: &topic,
                         reason: Some("server"),
@@ -746,6 +763,7 @@ impl Session {
         topic: String,
         since: Option<Since>,
         data: Option<Box<RawValue>>,
+        presence: bool,
     ) {
         if let Err(denial) = self
             .node
@@ -755,11 +773,12 @@ impl Session {
         {
             return self.deny("subscribe", denial, Some(&topic));
         }
-        self.join(topic, since).await;
+        self.join(topic, since, presence).await;
     }
 
-    /// Subscribes an allowed topic: the subscription limit, then the hub.
-    async fn join(&mut self, topic: String, since: Option<Since>) {
+    /// Subscribes an allowed topic: the subscription limit, then the hub,
+    /// then presence (`watch`: with `presence_diff` frames).
+    async fn join(&mut self, topic: String, since: Option<Since>, watch: bool) {
         let limit = self.node.config().max_subscriptions;
         if !self.topics.contains(&topic) && self.topics.len() >= limit {
             self.outbox.error_reply(
@@ -824,6 +843,25 @@ impl Session {
             .await
         {
             Ok(Subscribed::New | Subscribed::Already) => {
+                let presence = self.node.presence();
+                if watch && !presence.covers(&topic) {
+                    // No `replyTo`: the subscription itself succeeded.
+                    self.outbox.error_reply(
+                        None,
+                        format!("\"{topic}\" keeps no presence (PRESENCE_TOPICS): subscribed without presence_diff"),
+                        "no_presence",
+                        Some(&topic),
+                    );
+                }
+                let watcher: Option<Arc<dyn crate::presence::Watcher>> =
+                    watch.then(|| Arc::new(Watcher(self.outbox.clone())) as _);
+                presence.joined(
+                    &topic,
+                    &self.client_id,
+                    self.identity.user(),
+                    self.identity.info().map(|i| &**i),
+                    watcher,
+                );
                 self.topics.insert(topic);
             }
             Err(err) => {
@@ -835,6 +873,55 @@ impl Session {
                     Some(&topic),
                 );
             }
+        }
+    }
+
+    /// Answers `presence` (`stats`: `presence_stats`), allowed like
+    /// subscribing to the topic.
+    async fn presence(&mut self, event: &str, stats: bool) {
+        let kind = if stats { "presence_stats" } else { "presence" };
+        match self
+            .node
+            .hooks()
+            .authorize_subscribe(self.caller(), &self.identity, event, None)
+            .await
+        {
+            Ok(()) => {}
+            Err(Denial::Forbidden(_)) if !self.node.hooks().covers_subscribe(event) => {
+                return self.outbox.error_reply(
+                    Some(kind),
+                    format!("not allowed to read \"{event}\""),
+                    "forbidden",
+                    Some(event),
+                );
+            }
+            Err(denial) => return self.deny(kind, denial, Some(event)),
+        }
+        let presence = self.node.presence();
+        let frame = if stats {
+            presence.stats(event).await.map(|s| {
+                serde_json::json!({
+                    "type": "presence_stats", "event": event,
+                    "clients": s.clients, "users": s.users,
+                })
+                .to_string()
+            })
+        } else {
+            presence.list(event).await.map(|list| {
+                format!(
+                    r#"{{"type":"presence","event":{},"clients":{}}}"#,
+                    serde_json::to_string(event).expect("strings serialize"),
+                    crate::presence::clients_json(&list)
+                )
+            })
+        };
+        match frame {
+            Ok(frame) => {
+                self.outbox.push(frame.into());
+            }
+            Err(e) => self
+                .outbox
+                .error_reply(Some(kind), e.to_string(), e.code(), Some(event)),
         }
     }
 
@@ -905,5 +992,15 @@ fn rpc_failed(outbox: &Outbox, id: &RawValue, e: HookError) {
             outbox.close.request(code);
         }
         HookError::Unavailable(why) => rpc_error(outbox, id, "unavailable", why, None),
+    }
+}
+
+/// A native subscriber with `presence: true`: the diff frame, built once
+/// for every watcher, through the connection's queue.
+struct Watcher(Arc<Outbox>);
+
+impl crate::presence::Watcher for Watcher {
+    fn diff(&self, diff: &crate::presence::Diff) {
+        self.0.push(diff.native.clone());
     }
 }

@@ -97,7 +97,7 @@ test(
   scoped(async (s) => {
     const redis = await s.redis();
     const prefix = `dash${process.pid}`;
-    const env = { REDIS_URL: redis.url, REDIS_PREFIX: prefix };
+    const env = { REDIS_URL: redis.url, REDIS_PREFIX: prefix, PRESENCE_TOPICS: "room.*", PRESENCE_DIFF_INTERVAL_MS: "100" };
     const a = await s.node("dash-a", env);
     const b = await s.node("dash-b", env);
     await eventually(async () => (await a.get("/api/health")).body.nodes?.length === 2, 10000, "both nodes registered");
@@ -145,6 +145,27 @@ test(
     await pageA.getByLabel("Data (JSON)").fill('{"from":"page A"}');
     await pageA.getByRole("button", { name: "Publish test event" }).click();
     await pageB.locator('#inspector-log li[data-kind="event"]', { hasText: "page A" }).waitFor({ timeout: 3000 });
+
+    // Presence: both pages inspect a presence topic; each shows 2 clients,
+    // 0 users (anonymous pages) and who they are, page A's client among them.
+    for (const pg of [pageA, pageB]) {
+      await pg.getByLabel("Topic", { exact: true }).fill("room.dash");
+      await pg.getByRole("button", { name: "Subscribe", exact: true }).click();
+    }
+    const clientA = await pageA.locator("#client-id").textContent();
+    for (const pg of [pageA, pageB]) {
+      const entry = pg.locator('#inspected-topics li[data-topic="room.dash"][data-clients="2"]');
+      await entry.waitFor({ timeout: 5000 });
+      assert.equal(await entry.getAttribute("data-users"), "0");
+      assert.match(await entry.locator(".presence-counts").textContent(), /^2 clients · 0 users$/);
+      await pg.locator(`#inspected-topics li[data-topic="room.dash"] .presence-who li[data-client="${clientA}"]`).waitFor({ timeout: 5000 });
+      assert.equal(await entry.locator(".presence-who li").count(), 2);
+    }
+    // Page A leaves: page B shows one client.
+    await pageA.getByRole("button", { name: "Unsubscribe from room.dash" }).click();
+    await pageB.locator('#inspected-topics li[data-topic="room.dash"][data-clients="1"]').waitFor({ timeout: 5000 });
+    // A topic without presence shows no counts.
+    assert.equal(await pageB.locator('#inspected-topics li[data-topic="inspect-me"] .presence-counts').textContent(), "");
 
     await pageA.screenshot({ path: path.join(OUT, "dashboard-node-a.png"), fullPage: true });
     await pageB.screenshot({ path: path.join(OUT, "dashboard-node-b.png"), fullPage: true });

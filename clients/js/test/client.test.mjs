@@ -415,3 +415,35 @@ test(
     assert.equal(health.body.connections, 0);
   }),
 );
+
+test(
+  "presence: sub.presence(), sub.presenceStats() and the presence option's join/leave handlers",
+  scoped(async (s) => {
+    const node = await s.node("js-presence", { PRESENCE_TOPICS: "room.*", PRESENCE_DIFF_INTERVAL_MS: "100" });
+    const watcher = client(s, node.ws);
+    await watcher.connect();
+    const joined = new Map();
+    const left = new Map();
+    const diffs = [];
+    const sub = watcher.subscribe("room.1", () => {}, {
+      presence: { join: (id, e) => joined.set(id, e), leave: (id, e) => left.set(id, e) },
+    });
+    sub.on("presence_diff", (d) => diffs.push(d));
+    await sub.ready;
+    const other = client(s, node.ws);
+    await other.connect();
+    const otherSub = other.subscribe("room.1");
+    await otherSub.ready;
+    await eventually(() => joined.has(other.clientId), 5000, "the other client's join");
+    assert.deepEqual(joined.get(other.clientId), { user: "", info: null });
+    assert.ok(joined.has(watcher.clientId), "its own join too");
+    assert.ok(diffs.length >= 1);
+    const who = await sub.presence();
+    assert.deepEqual(Object.keys(who).sort(), [other.clientId, watcher.clientId].sort());
+    assert.deepEqual(await otherSub.presenceStats(), { clients: 2, users: 0 });
+    other.close();
+    await eventually(() => left.has(other.clientId), 5000, "the other client's leave");
+    assert.deepEqual(await watcher.presenceStats("room.1"), { clients: 1, users: 0 });
+    await assert.rejects(watcher.presence("news"), (e) => e.code === "no_presence");
+  }),
+);

@@ -1,0 +1,933 @@
+//! Presence: who is subscribed to a topic, cluster-wide.
+//!
+//! A connection subscribed to a topic that matches `PRESENCE_TOPICS` is
+//! present there under its client id, with its `user` and `info`. The
+//! gateways report each subscription's start ([`Presence::joined`]) and end
+//! ([`Presence::left`]); everything else happens here, off the connections'
+//! tasks:
+//!
+//! - **The writer** applies the changes to the [`Store`] (Redis, or memory
+//!   on an embedded node), one call per topic for all the changes waiting,
+//!   and learns which were effective and which made a user's first
+//!   connection join or last one leave (→ `member_added` /
+//!   `member_removed` webhooks, once per user, not per tab).
+//! - **The ticker**, every `PRESENCE_DIFF_INTERVAL_MS`, sends this node's
+//!   effective changes of the interval to every node (one message per node
+//!   and interval, coalesced: a join and a leave of one client cancel),
+//!   and hands each watched topic's coalesced changes to its watchers as
+//!   one `presence_diff`. A storm of N joins so costs each watcher one
+//!   frame per interval, not N.
+//! - **Liveness and the reaper.** A node marks itself alive for
+//!   `PRESENCE_TTL_MS` every third of it; the leader looks for nodes whose
+//!   mark expired every [`reap_every`] and removes their entries, announcing
+//!   the leaves. A dead node's clients so disappear within
+//!   `PRESENCE_TTL_MS` + [`reap_every`] of its last mark.
+//!
+//! Reads (`presence`, `presence_stats`) go to the store directly: stats are
+//! kept counts (O(nodes), never O(members)).
+
+pub mod memory;
+pub mod redis;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::webhooks::{Event, Webhooks};
+use crate::config::PresenceConfig;
+use crate::election::Leadership;
+use crate::metrics as m;
+use crate::redis::RedisError;
+
+/// Changes per store call (and entries per diff message).
+const CHUNK: usize = 500;
+/// Topics written at once.
+const PARALLEL: usize = 32;
+/// Pause after a failed store call before the changes are tried again.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// How often the leader looks for dead nodes: at most every second, and at
+/// least four times per TTL.
+pub fn reap_every(ttl: Duration) -> Duration {
+    (ttl / 4).min(Duration::from_secs(1))
+}
+
+/// One change for the store, in the order the node saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `value` is the entry as stored and shown: `{"user": …, "info": …}`.
+    Join {
+        client: Arc<str>,
+        user: Arc<str>,
+        value: Arc<str>,
+    },
+    Leave {
+        client: Arc<str>,
+        user: Arc<str>,
+    },
+}
+
+/// What a store call changed: the effective joins and leaves (client id,
+/// entry), and the entries whose user came (first connection) or went (last
+/// one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub joins: Vec<(String, String)>,
+    pub leaves: Vec<(String, String)>,
+    pub users_added: Vec<String>,
+    pub users_removed: Vec<String>,
+    /// The node has no entry left on the topic.
+    pub empty: bool,
+}
+
+/// `presence_stats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub clients: u64,
+    pub users: u64,
+}
+
+/// Where presence lives: Redis for a cluster, memory for an embedded node.
+/// Anonymous connections (user `""`) count as clients, not as users.
+pub trait Store: Send + Sync + 'static {
+    /// Applies node `node`'s changes on `topic`, in order.
+    fn apply<'a>(
+        &'a self,
+        node: &'a str,
+        topic: &'a str,
+        ops: &'a [Op],
+    ) -> BoxFuture<'a, Result<Applied, RedisError>>;
+    /// Every entry of `topic`: (client id, `{"user","info"}`).
+    fn list<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, String)>, RedisError>>;
+    fn stats<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Stats, RedisError>>;
+    /// Records that `node` has entries on `topic` (before its first join
+    /// there), so that the reaper finds them.
+    fn hold<'a>(&'a self, node: &'a str, topic: &'a str) -> BoxFuture<'a, Result<(), RedisError>>;
+    /// `node` has no entry left on `topic`.
+    fn release<'a>(
+        &'a self,
+        node: &'a str,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<(), RedisError>>;
+    /// Marks `node` alive for `ttl`; false when its mark was gone (first
+    /// start, or cut off longer than the TTL: it may have been reaped).
+    fn heartbeat<'a>(
+        &'a self,
+        node: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, RedisError>>;
+    /// Nodes other than `me` whose mark expired.
+    fn dead<'a>(&'a self, me: &'a str) -> BoxFuture<'a, Result<Vec<String>, RedisError>>;
+    /// Takes node `node`'s topics and stops watching it, in one step (two
+    /// reapers never both get them); unless `force`, only while its mark
+    /// is gone.
+    fn claim<'a>(
+        &'a self,
+        node: &'a str,
+        force: bool,
+    ) -> BoxFuture<'a, Result<Vec<String>, RedisError>>;
+    /// Removes every entry node `node` has on `topic`.
+    fn purge<'a>(
+        &'a self,
+        node: &'a str,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<Applied, RedisError>>;
+    /// Sends one diff message to every node (this one included).
+    fn broadcast(&self, message: String) -> BoxFuture<'_, Result<(), RedisError>>;
+}
+
+/// Hears one topic's `presence_diff` (a subscriber with `presence: true`).
+pub trait Watcher: Send + Sync {
+    fn diff(&self, diff: &Diff);
+}
+
+/// One coalesced change of a topic, built once for every watcher.
+pub struct Diff {
+    /// The native frame `{"type":"presence_diff","event",…}`.
+    pub native: Utf8Bytes,
+    /// The Socket.IO `presence_diff` argument `{"topic","joins","leaves"}`.
+    pub object: serde_json::Value,
+}
+
+/// Joins and leaves of one topic, coalesced: a client that joins and
+/// leaves (or leaves and joins again) within one batch is in neither list.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Batch {
+    #[serde(default)]
+    pub joins: BTreeMap<String, Box<RawValue>>,
+    #[serde(default)]
+    pub leaves: BTreeMap<String, Box<RawValue>>,
+}
+
+impl Batch {
+    pub fn join(&mut self, client: String, value: Box<RawValue>) {
+        if self.leaves.remove(&client).is_none() {
+            self.joins.insert(client, value);
+        }
+    }
+
+    pub fn leave(&mut self, client: String, value: Box<RawValue>) {
+        if self.joins.remove(&client).is_none() {
+            self.leaves.insert(client, value);
+        }
+    }
+
+    pub fn merge(&mut self, other: Batch) {
+        // Leaves first: a batch's joins are never older than its own leaves
+        // of the same client (coalescing kept at most one of the two).
+        for (c, v) in other.leaves {
+            self.leave(c, v);
+        }
+        for (c, v) in other.joins {
+            self.join(c, v);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.joins.is_empty() && self.leaves.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.joins.len() + self.leaves.len()
+    }
+}
+
+/// A diff message between nodes: `{"node", "topics": {topic: {joins, leaves}}}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Wire {
+    pub node: String,
+    pub topics: HashMap<String, Batch>,
+}
+
+/// The stored entry of a connection: `{"user": …, "info": …}`.
+pub fn entry(user: &str, info: Option<&RawValue>) -> String {
+    #[derive(Serialize)]
+    struct Entry<'a> {
+        user: &'a str,
+        info: Option<&'a RawValue>,
+    }
+    serde_json::to_string(&Entry { user, info }).expect("entries serialize")
+}
+
+/// `{"<client>": <entry>, …}` from a store's list; entries that are not
+/// JSON (not written by a node) are left out.
+pub fn clients_json(entries: &[(String, String)]) -> String {
+    let map: BTreeMap<&str, &RawValue> = entries
+        .iter()
+        .filter_map(|(c, v)| {
+            let raw: &RawValue = serde_json::from_str(v).ok()?;
+            Some((c.as_str(), raw))
+        })
+        .collect();
+    serde_json::to_string(&map).expect("entries serialize")
+}
+
+fn raw(value: &str) -> Option<Box<RawValue>> {
+    RawValue::from_string(value.to_string()).ok()
+}
+
+/// Why presence cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PresenceError {
+    #[error("\"{0}\" keeps no presence (PRESENCE_TOPICS)")]
+    NotKept(String),
+    #[error("presence unavailable: {0}")]
+    Unavailable(#[from] RedisError),
+}
+
+impl PresenceError {
+    /// The `code` of the native `error` frame.
+    pub fn code(&self) -> &'static str {
+        match self {
+            PresenceError::NotKept(_) => "no_presence",
+            PresenceError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// This node's connections present on one topic, by client id.
+type Members = HashMap<Arc<str>, Member>;
+
+/// A topic's coalesced changes and the watchers to hand them to.
+type Ready = (String, Batch, Vec<Arc<dyn Watcher>>);
+
+/// A connection present on one topic.
+struct Member {
+    user: Arc<str>,
+    value: Arc<str>,
+}
+
+/// Cheap-to-clone handle to this node's presence.
+#[derive(Clone)]
+pub struct Presence {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: PresenceConfig,
+    node: String,
+    store: Arc<dyn Store>,
+    webhooks: Option<Webhooks>,
+    /// std Mutexes below: held for map updates only, never across `.await`.
+    /// This node's present connections: topic → client id → member (to
+    /// leave by id, and to write them again after being reaped).
+    local: Mutex<HashMap<Arc<str>, Members>>,
+    /// Changes not yet written, per topic in order.
+    pending: Mutex<HashMap<Arc<str>, Vec<Op>>>,
+    wake: Notify,
+    /// Set while the writer works on changes it took from `pending`.
+    busy: AtomicBool,
+    /// Topics this node told the store it holds.
+    held: Mutex<HashSet<Arc<str>>>,
+    /// Effective changes written since the last tick, for the other nodes.
+    outgoing: Mutex<HashMap<String, Batch>>,
+    /// Watched topics: their watchers by client id, and the changes heard
+    /// since the last tick.
+    watched: Mutex<HashMap<String, Watched>>,
+    stop: CancellationToken,
+}
+
+#[derive(Default)]
+struct Watched {
+    watchers: HashMap<Arc<str>, Arc<dyn Watcher>>,
+    batch: Batch,
+}
+
+impl Presence {
+    /// Starts the writer, the ticker (with the diff receiver) and liveness
+    /// with the reaper. `diffs`: every node's diff messages, as the store
+    /// receives them.
+    pub fn start(
+        config: PresenceConfig,
+        node: &str,
+        store: Arc<dyn Store>,
+        diffs: mpsc::Receiver<bytes::Bytes>,
+        webhooks: Option<Webhooks>,
+        leadership: watch::Receiver<Leadership>,
+    ) -> Presence {
+        let p = Presence {
+            inner: Arc::new(Inner {
+                config,
+                node: node.to_string(),
+                store,
+                webhooks,
+                local: Mutex::new(HashMap::new()),
+                pending: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+                busy: AtomicBool::new(false),
+                held: Mutex::new(HashSet::new()),
+                outgoing: Mutex::new(HashMap::new()),
+                watched: Mutex::new(HashMap::new()),
+                stop: CancellationToken::new(),
+            }),
+        };
+        if p.inner.config.enabled() {
+            let (ready_tx, ready) = watch::channel(false);
+            tokio::spawn(p.clone().liveness(leadership, ready_tx));
+            tokio::spawn(p.clone().writer(ready));
+            tokio::spawn(p.clone().ticker());
+            tokio::spawn(p.clone().receiver(diffs));
+        }
+        p
+    }
+
+    /// Whether `topic` keeps presence.
+    pub fn covers(&self, topic: &str) -> bool {
+        self.inner.config.covers(topic)
+    }
+
+    /// A connection's subscription to `topic` started (or was asked for
+    /// again). `watcher`: it wants `presence_diff` (`None` stops that).
+    pub fn joined(
+        &self,
+        topic: &str,
+        client: &str,
+        user: &str,
+        info: Option<&RawValue>,
+        watcher: Option<Arc<dyn Watcher>>,
+    ) {
+        if !self.covers(topic) {
+            return;
+        }
+        let client: Arc<str> = client.into();
+        {
+            let mut watched = self.inner.watched.lock().unwrap();
+            match watcher {
+                Some(w) => {
+                    watched
+                        .entry(topic.to_string())
+                        .or_default()
+                        .watchers
+                        .insert(client.clone(), w);
+                }
+                None => unwatch(&mut watched, topic, &client),
+            }
+        }
+        let topic: Arc<str> = topic.into();
+        let value: Arc<str> = entry(user, info).into();
+        let user: Arc<str> = user.into();
+        {
+            let mut local = self.inner.local.lock().unwrap();
+            let members = local.entry(topic.clone()).or_default();
+            if members.contains_key(&client) {
+                return;
+            }
+            members.insert(
+                client.clone(),
+                Member {
+                    user: user.clone(),
+                    value: value.clone(),
+                },
+            );
+        }
+        self.queue(
+            topic,
+            Op::Join {
+                client,
+                user,
+                value,
+            },
+        );
+    }
+
+    /// A connection's subscription to `topic` ended (unsubscribe, close,
+    /// permission revoked).
+    pub fn left(&self, topic: &str, client: &str) {
+        if !self.covers(topic) {
+            return;
+        }
+        unwatch(&mut self.inner.watched.lock().unwrap(), topic, client);
+        let member = {
+            let mut local = self.inner.local.lock().unwrap();
+            let Some(members) = local.get_mut(topic) else {
+                return;
+            };
+            let member = members.remove(client);
+            if members.is_empty() {
+                local.remove(topic);
+            }
+            member
+        };
+        if let Some(member) = member {
+            self.queue(
+                topic.into(),
+                Op::Leave {
+                    client: client.into(),
+                    user: member.user,
+                },
+            );
+        }
+    }
+
+    fn queue(&self, topic: Arc<str>, op: Op) {
+        let first = {
+            let mut pending = self.inner.pending.lock().unwrap();
+            let first = pending.is_empty();
+            pending.entry(topic).or_default().push(op);
+            first
+        };
+        if first {
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Everyone present on `topic`: (client id, entry).
+    pub async fn list(&self, topic: &str) -> Result<Vec<(String, String)>, PresenceError> {
+        if !self.covers(topic) {
+            return Err(PresenceError::NotKept(topic.to_string()));
+        }
+        Ok(self.inner.store.list(topic).await?)
+    }
+
+    pub async fn stats(&self, topic: &str) -> Result<Stats, PresenceError> {
+        if !self.covers(topic) {
+            return Err(PresenceError::NotKept(topic.to_string()));
+        }
+        Ok(self.inner.store.stats(topic).await?)
+    }
+
+    // === the writer ===
+
+    async fn writer(self, mut ready: watch::Receiver<bool>) {
+        // This node's leftovers from an earlier life go first.
+        let _ = ready.wait_for(|r| *r).await;
+        loop {
+            let wake = self.inner.wake.notified();
+            let batch: Vec<(Arc<str>, Vec<Op>)> = {
+                let mut pending = self.inner.pending.lock().unwrap();
+                self.inner
+                    .busy
+                    .store(!pending.is_empty(), Ordering::Release);
+                pending.drain().collect()
+            };
+            if batch.is_empty() {
+                tokio::select! {
+                    _ = wake => {}
+                    _ = self.inner.stop.cancelled() => return,
+                }
+                continue;
+            }
+            let mut failed = false;
+            for chunk in batch.chunks(PARALLEL) {
+                let results = futures_util::future::join_all(
+                    chunk.iter().map(|(topic, ops)| self.write(topic, ops)),
+                )
+                .await;
+                for ((topic, ops), ok) in chunk.iter().zip(results) {
+                    if !ok {
+                        failed = true;
+                        // Back in front of what came meanwhile, order kept.
+                        let mut pending = self.inner.pending.lock().unwrap();
+                        let later = pending.remove(topic).unwrap_or_default();
+                        let mut all = ops.clone();
+                        all.extend(later);
+                        pending.insert(topic.clone(), all);
+                    }
+                }
+            }
+            self.inner.busy.store(false, Ordering::Release);
+            if failed {
+                tokio::time::sleep(RETRY_AFTER).await;
+            }
+        }
+    }
+
+    /// Writes one topic's changes; false when the store failed.
+    async fn write(&self, topic: &Arc<str>, ops: &[Op]) -> bool {
+        let held = self.inner.held.lock().unwrap().contains(topic);
+        let has_join = ops.iter().any(|o| matches!(o, Op::Join { .. }));
+        if !held && has_join {
+            if let Err(e) = self.inner.store.hold(&self.inner.node, topic).await {
+                return self.failed(topic, e);
+            }
+            self.inner.held.lock().unwrap().insert(topic.clone());
+        }
+        let mut empty = false;
+        for chunk in ops.chunks(CHUNK) {
+            match self.inner.store.apply(&self.inner.node, topic, chunk).await {
+                Ok(applied) => {
+                    empty = applied.empty;
+                    self.record(topic, applied, "join", "leave");
+                }
+                Err(e) => return self.failed(topic, e),
+            }
+        }
+        let gone = !self.inner.local.lock().unwrap().contains_key(topic);
+        let held = self.inner.held.lock().unwrap().contains(topic);
+        if empty && gone && held {
+            if let Err(e) = self.inner.store.release(&self.inner.node, topic).await {
+                tracing::debug!(topic = &**topic, cause = %e, "presence topic not released");
+            } else {
+                self.inner.held.lock().unwrap().remove(topic);
+            }
+        }
+        true
+    }
+
+    fn failed(&self, topic: &str, e: RedisError) -> bool {
+        metrics::counter!(m::PRESENCE_ERRORS).increment(1);
+        tracing::warn!(topic, cause = %e, "presence not written; retrying");
+        false
+    }
+
+    /// Effective changes go to the other nodes at the next tick; users
+    /// that came or went to the webhooks.
+    fn record(&self, topic: &str, applied: Applied, join: &'static str, leave: &'static str) {
+        metrics::counter!(m::PRESENCE_CHANGES, "change" => join)
+            .increment(applied.joins.len() as u64);
+        metrics::counter!(m::PRESENCE_CHANGES, "change" => leave)
+            .increment(applied.leaves.len() as u64);
+        if !applied.joins.is_empty() || !applied.leaves.is_empty() {
+            let mut outgoing = self.inner.outgoing.lock().unwrap();
+            let batch = outgoing.entry(topic.to_string()).or_default();
+            for (c, v) in applied.joins {
+                if let Some(v) = raw(&v) {
+                    batch.join(c, v);
+                }
+            }
+            for (c, v) in applied.leaves {
+                if let Some(v) = raw(&v) {
+                    batch.leave(c, v);
+                }
+            }
+        }
+        if let Some(w) = &self.inner.webhooks {
+            for v in applied.users_added {
+                w.emit(member_event(MEMBER_ADDED, topic, &v));
+            }
+            for v in applied.users_removed {
+                w.emit(member_event(MEMBER_REMOVED, topic, &v));
+            }
+        }
+    }
+
+    // === the ticker and the receiver ===
+
+    async fn ticker(self) {
+        let mut tick = tokio::time::interval(self.inner.config.diff_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.inner.stop.cancelled() => return,
+            }
+            self.send_outgoing().await;
+            self.deliver();
+        }
+    }
+
+    /// This node's changes of the interval, to every node, in messages of
+    /// at most [`CHUNK`] entries.
+    async fn send_outgoing(&self) {
+        let outgoing: HashMap<String, Batch> =
+            std::mem::take(&mut *self.inner.outgoing.lock().unwrap());
+        let mut message = Wire {
+            node: self.inner.node.clone(),
+            topics: HashMap::new(),
+        };
+        let mut size = 0;
+        for (topic, batch) in outgoing.into_iter().filter(|(_, b)| !b.is_empty()) {
+            size += batch.len();
+            message.topics.insert(topic, batch);
+            if size >= CHUNK {
+                self.send(&mut message).await;
+                size = 0;
+            }
+        }
+        if !message.topics.is_empty() {
+            self.send(&mut message).await;
+        }
+    }
+
+    async fn send(&self, message: &mut Wire) {
+        let json = serde_json::to_string(&*message).expect("diffs serialize");
+        message.topics.clear();
+        if let Err(e) = self.inner.store.broadcast(json).await {
+            metrics::counter!(m::PRESENCE_ERRORS).increment(1);
+            tracing::warn!(cause = %e, "presence changes not sent to the other nodes");
+        }
+    }
+
+    /// Takes every node's diff messages into the watched topics' batches.
+    async fn receiver(self, mut diffs: mpsc::Receiver<bytes::Bytes>) {
+        while let Some(payload) = diffs.recv().await {
+            let wire: Wire = match serde_json::from_slice(&payload) {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "unreadable presence diff ignored");
+                    continue;
+                }
+            };
+            let mut watched = self.inner.watched.lock().unwrap();
+            for (topic, batch) in wire.topics {
+                if let Some(w) = watched.get_mut(&topic) {
+                    w.batch.merge(batch);
+                }
+            }
+        }
+    }
+
+    /// One `presence_diff` per watched topic that changed, to its watchers.
+    fn deliver(&self) {
+        let ready: Vec<Ready> = {
+            let mut watched = self.inner.watched.lock().unwrap();
+            watched
+                .iter_mut()
+                .filter(|(_, w)| !w.batch.is_empty())
+                .map(|(t, w)| {
+                    (
+                        t.clone(),
+                        std::mem::take(&mut w.batch),
+                        w.watchers.values().cloned().collect(),
+                    )
+                })
+                .collect()
+        };
+        for (topic, batch, watchers) in ready {
+            let diff = diff(&topic, &batch);
+            metrics::counter!(m::PRESENCE_DIFFS).increment(watchers.len() as u64);
+            for w in watchers {
+                w.diff(&diff);
+            }
+        }
+    }
+
+    // === liveness and the reaper ===
+
+    async fn liveness(self, leadership: watch::Receiver<Leadership>, ready: watch::Sender<bool>) {
+        let ttl = self.inner.config.ttl;
+        let me = self.inner.node.clone();
+        // Leftovers of an earlier process with this id: removed (and their
+        // leaves announced) before this life writes anything.
+        loop {
+            match self.take_over(&me, true).await {
+                Ok(()) => break,
+                Err(e) => tracing::debug!(cause = %e, "presence start-up cleanup: retrying"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = self.inner.stop.cancelled() => return,
+            }
+        }
+        let _ = ready.send(true);
+        let every = reap_every(ttl);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_mark: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.inner.stop.cancelled() => return,
+            }
+            let due = last_mark.is_none_or(|t| t.elapsed() >= ttl / 3);
+            if due {
+                match self.inner.store.heartbeat(&me, ttl).await {
+                    Ok(alive) => {
+                        if !alive && last_mark.is_some() {
+                            self.reassert(every);
+                        }
+                        last_mark = Some(tokio::time::Instant::now());
+                    }
+                    Err(e) => tracing::debug!(cause = %e, "presence mark not renewed"),
+                }
+            }
+            if leadership.borrow().leader {
+                self.reap(&me).await;
+            }
+        }
+    }
+
+    /// On the leader: removes the entries of every node whose mark expired.
+    async fn reap(&self, me: &str) {
+        let dead = match self.inner.store.dead(me).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(cause = %e, "presence reaper: nodes unreadable");
+                return;
+            }
+        };
+        for node in dead {
+            if let Err(e) = self.take_over(&node, false).await {
+                tracing::warn!(node, cause = %e, "presence reaper: a dead node's entries stay for now");
+            }
+        }
+    }
+
+    /// Removes what node `node` left and announces the leaves.
+    async fn take_over(&self, node: &str, force: bool) -> Result<(), RedisError> {
+        let topics = self.inner.store.claim(node, force).await?;
+        if !topics.is_empty() {
+            tracing::info!(
+                node,
+                topics = topics.len(),
+                "removing a gone node's presence"
+            );
+        }
+        for topic in topics {
+            let mut tries = 0;
+            loop {
+                match self.inner.store.purge(node, &topic).await {
+                    Ok(applied) => {
+                        self.record(&topic, applied, "join", "reaped");
+                        break;
+                    }
+                    Err(e) if tries < 5 => {
+                        tries += 1;
+                        tracing::warn!(topic, cause = %e, "purging a gone node's presence failed; retrying");
+                        tokio::time::sleep(RETRY_AFTER).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(topic, cause = %e, "a gone node's presence stays");
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This node's mark had expired: the reaper may have removed its
+    /// entries. After one reaper round (so its purge is over), every local
+    /// member is written again (joins of present entries change nothing).
+    fn reassert(&self, after: Duration) {
+        let p = self.clone();
+        tracing::warn!(
+            "this node's presence mark had expired (cut off from Redis longer than PRESENCE_TTL_MS): writing its entries again"
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(after * 2).await;
+            p.inner.held.lock().unwrap().clear();
+            let ops: Vec<(Arc<str>, Op)> = {
+                let local = p.inner.local.lock().unwrap();
+                local
+                    .iter()
+                    .flat_map(|(topic, members)| {
+                        members.iter().map(|(c, mem)| {
+                            (
+                                topic.clone(),
+                                Op::Join {
+                                    client: c.clone(),
+                                    user: mem.user.clone(),
+                                    value: mem.value.clone(),
+                                },
+                            )
+                        })
+                    })
+                    .collect()
+            };
+            for (topic, op) in ops {
+                p.queue(topic, op);
+            }
+        });
+    }
+
+    /// The drain, once the sessions are over: their leaves written and
+    /// sent, then whatever this node still has removed, until `deadline`.
+    pub async fn shutdown(&self, deadline: tokio::time::Instant) {
+        if !self.inner.config.enabled() {
+            return;
+        }
+        while tokio::time::Instant::now() < deadline {
+            let idle = self.inner.pending.lock().unwrap().is_empty()
+                && !self.inner.busy.load(Ordering::Acquire);
+            if idle {
+                break;
+            }
+            self.inner.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let me = self.inner.node.clone();
+        let _ = tokio::time::timeout_at(deadline, async {
+            if let Err(e) = self.take_over(&me, true).await {
+                tracing::warn!(cause = %e, "this node's presence was not removed; the reaper will");
+            }
+            self.send_outgoing().await;
+        })
+        .await;
+        self.inner.stop.cancel();
+    }
+}
+
+fn unwatch(watched: &mut HashMap<String, Watched>, topic: &str, client: &str) {
+    if let Some(w) = watched.get_mut(topic) {
+        w.watchers.remove(client);
+        if w.watchers.is_empty() {
+            watched.remove(topic);
+        }
+    }
+}
+
+/// The frames of one topic's coalesced change.
+pub fn diff(topic: &str, batch: &Batch) -> Diff {
+    #[derive(Serialize)]
+    struct Native<'a> {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        event: &'a str,
+        joins: &'a BTreeMap<String, Box<RawValue>>,
+        leaves: &'a BTreeMap<String, Box<RawValue>>,
+    }
+    let native = serde_json::to_string(&Native {
+        ty: "presence_diff",
+        event: topic,
+        joins: &batch.joins,
+        leaves: &batch.leaves,
+    })
+    .expect("diffs serialize");
+    let object = serde_json::json!({
+        "topic": topic,
+        "joins": &batch.joins,
+        "leaves": &batch.leaves,
+    });
+    Diff {
+        native: native.into(),
+        object,
+    }
+}
+
+/// Webhook `type` of a user's first connection joining a topic.
+pub const MEMBER_ADDED: &str = "member_added";
+/// Webhook `type` of a user's last connection leaving a topic.
+pub const MEMBER_REMOVED: &str = "member_removed";
+
+/// `{"type", "topic", "user", "info"}` from a stored entry.
+fn member_event(kind: &'static str, topic: &str, value: &str) -> Event {
+    let mut fields = match serde_json::from_str::<serde_json::Value>(value) {
+        Ok(serde_json::Value::Object(o)) => o,
+        _ => serde_json::Map::new(),
+    };
+    fields.entry("info").or_insert(serde_json::Value::Null);
+    fields
+        .entry("user")
+        .or_insert(serde_json::Value::String(String::new()));
+    fields.insert("topic".into(), topic.into());
+    Event::new(kind, fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_string()).unwrap()
+    }
+
+    #[test]
+    fn a_join_and_a_leave_of_one_client_cancel_in_either_order() {
+        let mut b = Batch::default();
+        b.join("a".into(), v("1"));
+        b.leave("a".into(), v("1"));
+        assert!(b.is_empty());
+        b.leave("b".into(), v("2"));
+        b.join("b".into(), v("2"));
+        assert!(b.is_empty());
+        b.join("c".into(), v("3"));
+        let mut other = Batch::default();
+        other.leave("c".into(), v("3"));
+        other.join("d".into(), v("4"));
+        b.merge(other);
+        assert_eq!(b.joins.keys().collect::<Vec<_>>(), ["d"]);
+        assert!(b.leaves.is_empty());
+    }
+
+    #[test]
+    fn frames_carry_the_topic_and_both_lists() {
+        let mut b = Batch::default();
+        b.join("c1".into(), v(r#"{"user":"u","info":null}"#));
+        let d = diff("room", &b);
+        assert_eq!(
+            d.native.as_str(),
+            r#"{"type":"presence_diff","event":"room","joins":{"c1":{"user":"u","info":null}},"leaves":{}}"#
+        );
+        assert_eq!(d.object["joins"]["c1"]["user"], "u");
+        assert_eq!(d.object["topic"], "room");
+    }
+
+    #[test]
+    fn entries_and_member_events() {
+        let info = v(r#"{"name":"Ann"}"#);
+        let e = entry("u1", Some(&info));
+        assert_eq!(e, r#"{"user":"u1","info":{"name":"Ann"}}"#);
+        let ev: serde_json::Value =
+            serde_json::from_str(member_event(MEMBER_ADDED, "t", &e).json()).unwrap();
+        assert_eq!(
+            ev,
+            serde_json::json!({"type":"member_added","topic":"t","user":"u1","info":{"name":"Ann"}})
+        );
+        assert_eq!(
+            clients_json(&[("c".into(), e.clone()), ("bad".into(), "{".into())]),
+            format!(r#"{{"c":{e}}}"#)
+        );
+    }
+}
