@@ -13,7 +13,7 @@
 //! - [`election`]: who leads, with which fencing epoch (`memory`, `redis`), and the fence every act on the device wire passes.
 //! - [`leader`]: duties that run only on the leader (device driver, carousel, mock-event timers).
 //! - [`device`]: LED board state, command validation, rendering, the live frame stream, drivers (DDP, E1.31), fenced persistence, command forwarding.
-//! - [`gateway`]: client transports into the hub (native WebSocket, Socket.IO).
+//! - [`gateway`]: client transports into the hub (native WebSocket, Socket.IO, Server-Sent Events).
 //! - [`proxy`]: `WEBSOCKET_PATH/proxy/{name}` to configured upstream feeds.
 //! - [`api`]: HTTP endpoints and the error format.
 //! - [`dashboard`]: the live dashboard page at `/` (assets compiled in) and `GET /api/frame`.
@@ -84,7 +84,21 @@ pub fn app(node: Node) -> Router {
             node.clone(),
             api::require_api_token,
         ));
-    let mut router = open.merge(commands);
+    // SSE streams' own commands: authenticated like the stream, from any node.
+    let sse_commands = Router::new()
+        .route(
+            "/api/sse/{session}/subscribe",
+            post(gateway::sse::subscribe),
+        )
+        .route(
+            "/api/sse/{session}/unsubscribe",
+            post(gateway::sse::unsubscribe),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            node.clone(),
+            gateway::check_origin,
+        ));
+    let mut router = open.merge(commands).merge(sse_commands);
     if config.dashboard_enabled {
         router = router.merge(dashboard::routes());
     }
@@ -110,6 +124,15 @@ pub fn app(node: Node) -> Router {
             ));
         router = router.merge(ws);
     }
+    // Server-Sent Events: long-lived responses, so outside the timeout.
+    let sse = Router::new()
+        .route("/sse", get(gateway::sse::open))
+        .route("/sse/{*topic}", get(gateway::sse::open_topic))
+        .route_layer(middleware::from_fn_with_state(
+            node.clone(),
+            gateway::check_origin,
+        ));
+    router = router.merge(sse);
     let mut router = router
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)

@@ -7,6 +7,7 @@ pub mod outbox;
 pub mod polling;
 pub mod recovery;
 pub mod sio;
+pub mod sse;
 pub mod ws;
 
 use axum::extract::{Request, State};
