@@ -1,5 +1,5 @@
 //! This node's open client connections, by client id and by user, whatever
-//! transport carries them (native WebSocket, Socket.IO; later SSE).
+//! transport carries them (native WebSocket, Socket.IO, Server-Sent Events).
 //!
 //! A session registers once it is admitted and ends its [`Registration`]
 //! with a reason when it closes. Through the [`Handle`] it registered, the
