@@ -459,11 +459,7 @@ fn topics(path: Option<String>, query: Option<&str>, max: usize) -> Result<Vec<S
             ProtocolError::InvalidTopic(bad.chars().take(140).collect()).to_string(),
         ));
     }
-    if topics.is_empty() {
-        return Err(ApiError::BadRequest(
-            "name at least one topic: /sse/{topic} or /sse?topic=a&topic=b".into(),
-        ));
-    }
+    // None is fine: topics can be added with `POST /api/sse/{session}/subscribe`.
     Ok(topics)
 }
 
@@ -1008,7 +1004,7 @@ mod tests {
             .unwrap(),
             ["a", "b", "c/d"]
         );
-        assert!(topics(None, Some("token=x"), 10).is_err());
+        assert!(topics(None, Some("token=x"), 10).unwrap().is_empty());
         assert!(topics(None, Some("topic=bad%20topic"), 10).is_err());
         assert!(topics(None, Some("topic=a&topic=b"), 1).is_err());
         assert!(topics(None, Some("topic=%ZZ"), 10).is_err());
