@@ -357,12 +357,10 @@ impl Events {
         outbox.close_queue();
         if code == close::GOING_AWAY || code == close::RESTART {
             let retry = rand::random_range(DRAIN_RETRY_MS);
-            let data = json!({
-                "type": "reconnect",
-                "reason": "server shutting down: reconnect (another node will answer)",
-                "retry": retry,
-                "timestamp": protocol::timestamp(),
-            });
+            let data = format!(
+                r#"{{"type":"reconnect","reason":"server shutting down: reconnect (another node will answer)","retry":{retry},"timestamp":"{}"}}"#,
+                protocol::timestamp()
+            );
             out.extend_from_slice(
                 format!("retry: {retry}\nevent: reconnect\ndata: {data}\n\n").as_bytes(),
             );
@@ -551,16 +549,15 @@ async fn start(
 
     let stream = Arc::new(Stream::new(&config));
     stream.outbox.push(format!("retry: {RETRY_MS}\n\n").into());
-    let connected = json!({
-        "type": "connected",
-        "clientId": client_id,
-        "session": client_id,
-        "timestamp": protocol::timestamp(),
-        "message": "Connected to Switchboard",
-    });
-    stream
-        .outbox
-        .push(event("connected", None, &connected.to_string()));
+    let connected = Connected {
+        ty: "connected",
+        client_id: &client_id,
+        session: &client_id,
+        timestamp: protocol::timestamp(),
+        message: "Connected to Switchboard",
+    };
+    let connected = serde_json::to_string(&connected).expect("serializes");
+    stream.outbox.push(event("connected", None, &connected));
     if let Some(e) = bad_id {
         stream.error(
             format!("{e}; streaming from now"),
@@ -628,6 +625,18 @@ async fn start(
     // nginx buffers proxied responses unless told not to.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(res)
+}
+
+/// The first event: the native `connected` frame with the stream's `session`.
+#[derive(serde::Serialize)]
+struct Connected<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    #[serde(rename = "clientId")]
+    client_id: &'a str,
+    session: &'a str,
+    timestamp: String,
+    message: &'static str,
 }
 
 // === session ===
