@@ -482,3 +482,46 @@ fn token_expiry_and_drain_end_the_stream_with_an_event() {
     assert!((500..=3000).contains(&retry), "{retry}");
     assert!(s.next(Duration::from_secs(3)).is_none(), "the stream ended");
 }
+
+#[test]
+fn a_stream_that_does_not_keep_up_ends_with_an_error_event_and_is_counted() {
+    let node = Node::start(
+        "sse-slow",
+        &[
+            ("WEBSOCKET_CLIENT_QUEUE_MESSAGES", "16"),
+            ("HISTORY_TOPICS", ""),
+        ],
+    );
+    // A client that sends its request and then reads nothing.
+    let mut sock = TcpStream::connect(&node.addr).unwrap();
+    write!(sock, "GET /sse/slow HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let pad = "x".repeat(60_000);
+    let metrics = || node.get("/metrics").1.as_str().unwrap_or("").to_string();
+    let counted = r#"switchboard_slow_consumer_disconnects_total{transport="sse"} 1"#;
+    let mut n = 0;
+    while !metrics().contains(counted) {
+        for _ in 0..20 {
+            publish_pad(&node, n, &pad);
+            n += 1;
+        }
+        assert!(n < 2_000, "never a slow consumer after {n} publications");
+    }
+    // What it reads in the end: what fit, then the reason.
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut all = Vec::new();
+    let _ = sock.read_to_end(&mut all);
+    let text = String::from_utf8_lossy(&all);
+    let tail = &text[text.len().saturating_sub(600)..];
+    assert!(tail.contains("event: error\ndata: {"), "{tail}");
+    assert!(tail.contains(r#""code":"slow_consumer""#), "{tail}");
+    assert_eq!(node.get("/healthz").0, 200);
+}
+
+fn publish_pad(node: &Node, n: u64, pad: &str) {
+    let (status, body) = node.post(
+        "/api/publish",
+        &json!({"topic": "slow", "data": {"n": n, "pad": pad}}).to_string(),
+    );
+    assert!(status == 200 || status == 202, "{status} {body}");
+}
