@@ -995,7 +995,7 @@ mod tests {
     #[test]
     fn events_are_one_line_per_field() {
         let e = event("tick\nx", Some("1"), "{\n\"a\": 1\r\n}");
-        assert_eq!(e.as_str(), "event: tick x\nid: 1\ndata: {  \"a\": 1  }\n\n");
+        assert_eq!(e.as_str(), "event: tick x\nid: 1\ndata: { \"a\": 1  }\n\n");
         assert_eq!(
             event("connected", None, "{}").as_str(),
             "event: connected\ndata: {}\n\n"
