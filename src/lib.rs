@@ -232,15 +232,28 @@ pub async fn serve(
                 }
             }
         });
-        let conn = builder
-            .serve_connection_with_upgrades(
-                TokioIo::new(lingering::Lingering::new(stream, lingering.clone())),
-                service,
-            )
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let (builder, watcher, lingering, router) = (
+            builder.clone(),
+            graceful.watcher(),
+            lingering.clone(),
+            router.clone(),
+        );
         tokio::spawn(async move {
-            let _ = conn.await;
+            // Server-Sent Events streams are served without hyper's
+            // per-connection buffers (`gateway::sse_conn`).
+            if gateway::sse_conn::wants(&stream, handshake_timeout).await {
+                let io = lingering::Lingering::new(stream, lingering);
+                gateway::sse_conn::serve(io, peer, router, handshake_timeout, max_header_bytes)
+                    .await;
+                return;
+            }
+            let conn = builder
+                .serve_connection_with_upgrades(
+                    TokioIo::new(lingering::Lingering::new(stream, lingering)),
+                    service,
+                )
+                .into_owned();
+            let _ = watcher.watch(conn).await;
         });
     }
     graceful.shutdown().await;

@@ -8,6 +8,7 @@ pub mod polling;
 pub mod recovery;
 pub mod sio;
 pub mod sse;
+pub mod sse_conn;
 pub mod ws;
 
 use axum::extract::{Request, State};
