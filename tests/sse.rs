@@ -164,10 +164,13 @@ fn publish(node: &Node, topic: &str, n: u64) {
 fn curl_shows_ticker_events_with_event_id_and_one_data_line() {
     let node = Node::start(
         "sse-curl",
-        &[(
-            "WEBSOCKET_MOCK_EVENTS",
-            r#"[{"name":"ticker","interval":500,"data":{"symbol":"DEMO","price":1}}]"#,
-        )],
+        &[
+            (
+                "WEBSOCKET_MOCK_EVENTS",
+                r#"[{"name":"ticker","interval":500,"data":{"symbol":"DEMO","price":1}}]"#,
+            ),
+            ("WEBSOCKET_HEARTBEAT_INTERVAL", "700"),
+        ],
     );
     let started = Instant::now();
     let out = Command::new("curl")
@@ -193,6 +196,8 @@ fn curl_shows_ticker_events_with_event_id_and_one_data_line() {
         assert!(data["offset"].as_u64().is_some());
     }
     assert!(text.starts_with("retry: "), "{text}");
+    // Heartbeats: comment lines, about every WEBSOCKET_HEARTBEAT_INTERVAL.
+    assert!(text.matches("\n:\n").count() >= 2, "{text}");
     assert!(text.contains("event: connected\ndata: {"), "{text}");
 }
 
