@@ -455,7 +455,7 @@ export class Switchboard extends Emitter {
   /** The stream's URL: every current topic, and the positions to resume them from. */
   _sseUrl(token, data) {
     const url = new URL(this._httpBase());
-    url.pathname = url.pathname.replace(/\/ws\/?$/, "") + "/sse";
+    url.pathname = url.pathname.replace(/\/ws\/?$/, "").replace(/\/$/, "") + "/sse";
     let id = "1";
     for (const [topic, t] of this._topics) {
       url.searchParams.append("topic", topic);

@@ -7,7 +7,7 @@ import test from "node:test";
 import assert from "node:assert/strict";
 
 import { Switchboard, sseTopicKey } from "../switchboard.js";
-import { requireTool, scoped, freePort, eventually, sleep } from "./harness.mjs";
+import { requireTool, scoped, freePort, eventually, sleep, jwt } from "./harness.mjs";
 
 const WebSocket = requireTool("ws");
 
@@ -80,5 +80,41 @@ test(
       [1, 2, 3, 4, 5, 6, 7, 8, 9],
     );
     assert.deepEqual(extra, [1]);
+  }),
+);
+
+test(
+  "over SSE a token that expires ends the stream; getToken's next one resumes without a loss",
+  { timeout: 60_000 },
+  scoped(async (s) => {
+    const SECRET = "a-test-secret-of-some-length";
+    const node = await s.node("js-sse-token", { AUTH_JWT_SECRET: SECRET, WEBSOCKET_ENABLED: "false" });
+    const now = () => Math.floor(Date.now() / 1000);
+    const short = jwt(SECRET, { sub: "u1", exp: now() + 2 });
+    // Asked before the WebSocket attempt, the SSE one, then after the expiry.
+    const tokens = [short, short, jwt(SECRET, { sub: "u1", exp: now() + 600 })];
+    let asked = 0;
+    const c = new Switchboard(`${node.http}/ws`, {
+      WebSocket,
+      transports: ["websocket", "sse"],
+      minDelay: 100,
+      maxDelay: 500,
+      getToken: () => tokens[Math.min(asked++, tokens.length - 1)],
+    });
+    s.defer(() => c.close());
+    const expired = [];
+    c.on("token_expired", (m) => expired.push(m.code));
+    const got = [];
+    const sub = c.subscribe("news", (data) => got.push(data.n));
+    await c.connect();
+    await sub.ready;
+    await node.post("/api/publish", { topic: "news", data: { n: 1 } });
+    await eventually(() => expired.length === 1, 5000, "token_expired");
+    await node.post("/api/publish", { topic: "news", data: { n: 2 } });
+    await eventually(() => c.state === "connected" && got.length === 2, 5000, "reconnected and resumed");
+    await node.post("/api/publish", { topic: "news", data: { n: 3 } });
+    await eventually(() => got.length === 3, 5000, "live");
+    assert.deepEqual(got, [1, 2, 3]);
+    assert.equal(c.transport, "sse");
   }),
 );
