@@ -246,7 +246,8 @@ fn resume_on_another_node_replays_the_missed_then_live_and_old_ids_get_a_gap() {
         publish(&b, "r1", n);
         publish(&b, "r2", n);
     }
-    // Python httpx, as a reader of the docs would: the id to node B.
+    // Python httpx, as a reader of the docs would: the id to node B, then
+    // the same id once history no longer holds what it missed (a gap).
     common::run_interop(
         &common::python(),
         &[
@@ -256,24 +257,6 @@ fn resume_on_another_node_replays_the_missed_then_live_and_old_ids_get_a_gap() {
             &a.addr,
         ],
     );
-    // The same id, now older than the 50 publications history holds.
-    for n in 0..60 {
-        publish(&a, "r1", 100 + n);
-    }
-    let s = Sse::open(&b.addr, "/sse?topic=r1", &[("Last-Event-ID", &last)]);
-    let sub = s.expect("subscribed");
-    assert_eq!(sub.data["recovered"], false, "{:?}", sub.data);
-    let gap = s.expect("gap");
-    assert_eq!(gap.data["event"], "r1");
-    assert_eq!(gap.data["from"], 6);
-    assert_eq!(
-        gap.data["to"],
-        9 + 1 + 60,
-        "the whole range: since-recovery is all or nothing"
-    );
-    publish(&a, "r1", 1000);
-    let live = s.expect("r1");
-    assert_eq!(live.data["data"]["n"], 1000);
 }
 
 #[test]

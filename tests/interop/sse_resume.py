@@ -4,7 +4,9 @@ Usage: sse_resume.py <node B addr> <last event id from node A> <node A addr>
 
 Node A's stream received r1 and r2 publications 1..5 before it was
 closed; 6..9 of each were published since. Reconnecting to node B with
-Last-Event-ID must give exactly 6..9 of each topic, then live ones.
+Last-Event-ID must give exactly 6..9 of each topic, then live ones. Then,
+with 60 more publications than the nodes' HISTORY_SIZE=50 keeps, the same
+id gets a `gap` for r1, then live.
 """
 
 import json
@@ -56,4 +58,28 @@ with httpx.Client(timeout=10) as client:
             if all(len(v) == 5 for v in got.values()):
                 break
 assert got == {"r1": [6, 7, 8, 9, 10], "r2": [6, 7, 8, 9, 10]}, got
-print("OK", got)
+
+with httpx.Client(timeout=10) as client:
+    for n in range(60):
+        client.post(
+            f"http://{a}/api/publish", json={"topic": "r1", "data": {"n": 100 + n}}
+        ).raise_for_status()
+    with client.stream(
+        "GET", f"http://{b}/sse?topic=r1", headers={"Last-Event-ID": last_id}
+    ) as response:
+        seen = []
+        for event, data in events(response):
+            seen.append(event)
+            if event == "subscribed":
+                assert data["recovered"] is False, data
+                client.post(
+                    f"http://{a}/api/publish", json={"topic": "r1", "data": {"n": 1000}}
+                ).raise_for_status()
+            elif event == "gap":
+                # Offsets 6..70 (10 + 60): since-recovery is all or nothing.
+                assert (data["event"], data["from"], data["to"]) == ("r1", 6, 70), data
+            elif event == "r1":
+                assert data["data"]["n"] == 1000, data
+                break
+        assert seen == ["connected", "subscribed", "gap", "r1"], seen
+print("OK", got, "then a gap")
