@@ -1,5 +1,5 @@
 //! This node's open client connections, by client id and by user, whatever
-//! transport carries them (native WebSocket, Socket.IO; later SSE).
+//! transport carries them (native WebSocket, Socket.IO, Server-Sent Events).
 //!
 //! A session registers once it is admitted and ends its [`Registration`]
 //! with a reason when it closes. Through the [`Handle`] it registered, the
@@ -24,6 +24,7 @@ use crate::metrics as m;
 pub mod transport {
     pub const WEBSOCKET: &str = "websocket";
     pub const SOCKETIO: &str = "socketio";
+    pub const SSE: &str = "sse";
 }
 
 /// What the registry knows about one connection.
@@ -60,6 +61,13 @@ pub enum Command {
     Unsubscribe { topic: Arc<str> },
     /// Closes the connection with `code` (4000–4999) and `reason`.
     Disconnect { code: u16, reason: Arc<str> },
+    /// `POST /api/sse/{session}/subscribe`: the stream's own client asks
+    /// (its permission was checked where the request landed). Reaches only
+    /// an SSE stream of the same `user`, so another user's request cannot
+    /// tell a live session from an ended one.
+    SseSubscribe { topic: Arc<str>, user: Arc<str> },
+    /// `POST /api/sse/{session}/unsubscribe`, as [`Command::SseSubscribe`].
+    SseUnsubscribe { topic: Arc<str>, user: Arc<str> },
 }
 
 impl Command {
@@ -69,6 +77,16 @@ impl Command {
             Command::Subscribe { .. } => "subscribe",
             Command::Unsubscribe { .. } => "unsubscribe",
             Command::Disconnect { .. } => "disconnect",
+            Command::SseSubscribe { .. } => "sse_subscribe",
+            Command::SseUnsubscribe { .. } => "sse_unsubscribe",
+        }
+    }
+
+    /// The user an SSE session command is limited to.
+    fn sse_user(&self) -> Option<&str> {
+        match self {
+            Command::SseSubscribe { user, .. } | Command::SseUnsubscribe { user, .. } => Some(user),
+            _ => None,
         }
     }
 }
@@ -180,6 +198,11 @@ impl Clients {
                 Target::Client(id) => state
                     .by_id
                     .get(id.as_str())
+                    .filter(|e| {
+                        command.sse_user().is_none_or(|user| {
+                            e.info.transport == transport::SSE && *e.info.user == *user
+                        })
+                    })
                     .map(|e| e.handle.clone())
                     .into_iter()
                     .collect(),

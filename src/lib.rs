@@ -14,7 +14,7 @@
 //! - [`election`]: who leads, with which fencing epoch (`memory`, `redis`), and the fence every act on the device wire passes.
 //! - [`leader`]: duties that run only on the leader (device driver, carousel, mock-event timers).
 //! - [`device`]: LED board state, command validation, rendering, the live frame stream, drivers (DDP, E1.31), fenced persistence, command forwarding.
-//! - [`gateway`]: client transports into the hub (native WebSocket, Socket.IO).
+//! - [`gateway`]: client transports into the hub (native WebSocket, Socket.IO, Server-Sent Events).
 //! - [`proxy`]: `WEBSOCKET_PATH/proxy/{name}` to configured upstream feeds.
 //! - [`api`]: HTTP endpoints and the error format.
 //! - [`dashboard`]: the live dashboard page at `/` (assets compiled in) and `GET /api/frame`.
@@ -89,7 +89,21 @@ pub fn app(node: Node) -> Router {
             node.clone(),
             api::require_api_token,
         ));
-    let mut router = open.merge(commands);
+    // SSE streams' own commands: authenticated like the stream, from any node.
+    let sse_commands = Router::new()
+        .route(
+            "/api/sse/{session}/subscribe",
+            post(gateway::sse::subscribe),
+        )
+        .route(
+            "/api/sse/{session}/unsubscribe",
+            post(gateway::sse::unsubscribe),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            node.clone(),
+            gateway::check_origin,
+        ));
+    let mut router = open.merge(commands).merge(sse_commands);
     if config.dashboard_enabled {
         router = router.merge(dashboard::routes());
     }
@@ -115,6 +129,15 @@ pub fn app(node: Node) -> Router {
             ));
         router = router.merge(ws);
     }
+    // Server-Sent Events: long-lived responses, so outside the timeout.
+    let sse = Router::new()
+        .route("/sse", get(gateway::sse::open))
+        .route("/sse/{*topic}", get(gateway::sse::open_topic))
+        .route_layer(middleware::from_fn_with_state(
+            node.clone(),
+            gateway::check_origin,
+        ));
+    router = router.merge(sse);
     let mut router = router
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
@@ -214,15 +237,28 @@ pub async fn serve(
                 }
             }
         });
-        let conn = builder
-            .serve_connection_with_upgrades(
-                TokioIo::new(lingering::Lingering::new(stream, lingering.clone())),
-                service,
-            )
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let (builder, watcher, lingering, router) = (
+            builder.clone(),
+            graceful.watcher(),
+            lingering.clone(),
+            router.clone(),
+        );
         tokio::spawn(async move {
-            let _ = conn.await;
+            // Server-Sent Events streams are served without hyper's
+            // per-connection buffers (`gateway::sse_conn`).
+            if gateway::sse_conn::wants(&stream, handshake_timeout).await {
+                let io = lingering::Lingering::new(stream, lingering);
+                gateway::sse_conn::serve(io, peer, router, handshake_timeout, max_header_bytes)
+                    .await;
+                return;
+            }
+            let conn = builder
+                .serve_connection_with_upgrades(
+                    TokioIo::new(lingering::Lingering::new(stream, lingering)),
+                    service,
+                )
+                .into_owned();
+            let _ = watcher.watch(conn).await;
         });
     }
     graceful.shutdown().await;

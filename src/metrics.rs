@@ -133,6 +133,7 @@ pub mod transport {
     pub const WS: &str = "ws";
     pub const SOCKETIO: &str = "socketio";
     pub const PROXY: &str = "proxy";
+    pub const SSE: &str = "sse";
 }
 
 /// Close-reason label values (`reason` on [`super::CONNECTIONS_CLOSED`]).

@@ -70,7 +70,9 @@ SCENARIOS
            every connection has every missed offset, and server and Redis CPU
 
 OPTIONS
-  --protocol native|socketio   wire protocol (default native; Socket.IO is EIO=4 websocket)
+  --protocol native|socketio|sse
+                               wire protocol (default native; Socket.IO is EIO=4 websocket;
+                               sse: Server-Sent Events at /sse/<topic>)
   --target ADDR[,ADDR…]        nodes, used round-robin (repeatable)
   --connections N              default 1000
   --topic NAME                 default bench-<random>
@@ -324,6 +326,7 @@ impl Opts {
                     o.protocol = match value()?.as_str() {
                         "native" => Protocol::Native,
                         "socketio" | "socket.io" => Protocol::Socketio,
+                        "sse" => Protocol::Sse,
                         v => return Err(bad(v, "expected native or socketio")),
                     }
                 }
@@ -753,6 +756,7 @@ fn coordinate(o: &Opts) -> anyhow::Result<ExitCode> {
                 (Protocol::Native, true, _) => "switchboard native, history",
                 (Protocol::Socketio, true, _) => "switchboard socket.io, history",
                 (Protocol::Socketio, ..) => "switchboard socket.io",
+                (Protocol::Sse, ..) => "switchboard sse",
             }
             .into()
         }),

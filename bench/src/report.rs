@@ -434,6 +434,7 @@ impl Outcome {
         let proto = match self.protocol {
             Protocol::Native => "native",
             Protocol::Socketio => "socket.io",
+            Protocol::Sse => "sse",
         };
         let _ = writeln!(
             s,

@@ -43,6 +43,8 @@ use super::ws::{self, Ended, Out};
 pub enum Protocol {
     Native,
     Socketio,
+    /// Server-Sent Events (`/sse/<topic>`): the native frames as `data:` lines.
+    Sse,
 }
 
 /// Sequence numbers at or beyond this are counted as unexpected instead of
@@ -240,7 +242,9 @@ async fn run(
 ) -> anyhow::Result<()> {
     let prefix = match cfg.protocol {
         Protocol::Native if cfg.compact => "[".to_string(),
-        Protocol::Native => format!(r#"{{"type":"event","name":"{}""#, cfg.event),
+        Protocol::Native | Protocol::Sse => {
+            format!(r#"{{"type":"event","name":"{}""#, cfg.event)
+        }
         Protocol::Socketio => format!(r#"42["{}","#, cfg.event),
     }
     .into_bytes();
@@ -584,10 +588,17 @@ async fn session(
         }
         Protocol::Native => format!("/ws{query}"),
         Protocol::Socketio => "/socket.io/?EIO=4&transport=websocket".to_string(),
+        Protocol::Sse if cfg.subscribe => format!("/sse/{topic}"),
+        Protocol::Sse => "/sse".to_string(),
     };
     let handshake_deadline = Instant::now() + Duration::from_millis(cfg.connect_timeout_ms);
-    let conn =
-        tokio::time::timeout_at(handshake_deadline, ws::connect(target, source, &path)).await;
+    let connect = async {
+        match cfg.protocol {
+            Protocol::Sse => ws::connect_sse(target, source, &path).await,
+            _ => ws::connect(target, source, &path).await,
+        }
+    };
+    let conn = tokio::time::timeout_at(handshake_deadline, connect).await;
     let mut conn = match conn {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -727,7 +738,7 @@ fn on_message(
         return;
     }
     match st.protocol {
-        Protocol::Native => {
+        Protocol::Native | Protocol::Sse => {
             if msg.starts_with(br#"{"type":"connected""#) {
                 opened(st, agg, now);
             } else if msg.starts_with(br#"{"type":"subscribed""#) {

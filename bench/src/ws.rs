@@ -5,6 +5,10 @@
 //! frame in it is handed to a callback as a borrowed slice, so receiving a
 //! publication allocates nothing. Control frames are handled inline: pings
 //! are answered with pongs, close frames end the connection.
+//!
+//! The same connection reads a Server-Sent Events stream ([`connect_sse`]):
+//! an HTTP/1.0 request, so the body is the raw stream until EOF (no chunk
+//! framing), and every event's `data:` line is handed to the callback.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -30,6 +34,8 @@ pub struct Conn {
     /// A fragmented message being assembled (servers rarely fragment).
     frag: Vec<u8>,
     in_frag: bool,
+    /// A Server-Sent Events stream, not WebSocket frames.
+    sse: bool,
 }
 
 /// Outgoing frames, masked as RFC 6455 requires of clients.
@@ -78,6 +84,31 @@ impl Out {
 /// Opens a TCP connection (from `source` if given) and performs the
 /// WebSocket upgrade for `path`.
 pub async fn connect(target: SocketAddr, source: Option<IpAddr>, path: &str) -> io::Result<Conn> {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: c3dpdGNoYm9hcmQtYmVuY2g=\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    open(target, source, &request, b"HTTP/1.1 101", false).await
+}
+
+/// Opens a Server-Sent Events stream at `path` (HTTP/1.0: the body is not chunked).
+pub async fn connect_sse(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    path: &str,
+) -> io::Result<Conn> {
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: {target}\r\nAccept: text/event-stream\r\n\r\n");
+    open(target, source, &request, b"HTTP/1.", true).await
+}
+
+async fn open(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    request: &str,
+    expect: &[u8],
+    sse: bool,
+) -> io::Result<Conn> {
     let socket = if target.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -88,10 +119,6 @@ pub async fn connect(target: SocketAddr, source: Option<IpAddr>, path: &str) -> 
     }
     let mut stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: c3dpdGNoYm9hcmQtYmVuY2g=\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
     stream.write_all(request.as_bytes()).await?;
     let mut buf = vec![0u8; INITIAL_BUFFER];
     let mut len = 0;
@@ -115,7 +142,8 @@ pub async fn connect(target: SocketAddr, source: Option<IpAddr>, path: &str) -> 
         }
     };
     let status_line = buf[..head_end].split(|&b| b == b'\r').next().unwrap_or(&[]);
-    if !status_line.starts_with(b"HTTP/1.1 101") {
+    let ok = status_line.starts_with(expect) && (!sse || status_line.get(8..12) == Some(b" 200"));
+    if !ok {
         return Err(io::Error::other(format!(
             "upgrade refused: {}",
             String::from_utf8_lossy(status_line)
@@ -132,6 +160,7 @@ pub async fn connect(target: SocketAddr, source: Option<IpAddr>, path: &str) -> 
         },
         frag: Vec::new(),
         in_frag: false,
+        sse,
     })
 }
 
@@ -200,6 +229,9 @@ impl Conn {
     /// (with the outgoing queue, for replies). Returns `Err` when the server
     /// closed the connection or broke the protocol.
     pub fn drain(&mut self, mut on_msg: impl FnMut(&[u8], &mut Out)) -> Result<(), Ended> {
+        if self.sse {
+            return self.drain_sse(on_msg);
+        }
         loop {
             let avail = &self.buf[self.pos..self.len];
             if avail.len() < 2 {
@@ -273,6 +305,24 @@ impl Conn {
         }
     }
 
+    /// Every complete SSE event in the buffer: its `data:` line (comments
+    /// and `retry:` have none). A partial event waits for the next read.
+    fn drain_sse(&mut self, mut on_msg: impl FnMut(&[u8], &mut Out)) -> Result<(), Ended> {
+        loop {
+            let Some(end) = find(&self.buf[self.pos..self.len], b"\n\n") else {
+                return Ok(());
+            };
+            let block = self.pos..self.pos + end;
+            self.pos += end + 2;
+            let block = &self.buf[block];
+            if let Some(i) = find(block, b"data: ") {
+                let data = &block[i + 6..];
+                let line = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
+                on_msg(&data[..line], &mut self.out);
+            }
+        }
+    }
+
     /// Writes queued frames.
     pub async fn flush(&mut self) -> io::Result<()> {
         if !self.out.bytes.is_empty() {
@@ -286,6 +336,11 @@ impl Conn {
     /// closes, so that TIME_WAIT stays on the server side and the client's
     /// ephemeral ports are free for the next scenario.
     pub async fn close(&mut self) {
+        if self.sse {
+            // Nothing to say on a stream: closing the socket ends it.
+            let _ = self.stream.shutdown().await;
+            return;
+        }
         self.out.close(1000);
         if self.flush().await.is_err() {
             return;

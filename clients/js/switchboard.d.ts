@@ -48,6 +48,12 @@ export interface SwitchboardOptions {
   compact?: boolean;
   /** Random source for the jitter (tests). */
   random?: () => number;
+  /** `["websocket", "sse"]`: Server-Sent Events when a WebSocket cannot be opened (default `["websocket"]`). */
+  transports?: ("websocket" | "sse")[];
+  /** Base URL for SSE (default: `url` with `/ws` replaced by `/sse`, `ws` by `http`). */
+  sseUrl?: string;
+  /** `fetch` for the SSE transport (default `globalThis.fetch`). */
+  fetch?: typeof fetch;
 }
 
 export interface DisconnectInfo {
@@ -185,6 +191,8 @@ export declare class Switchboard {
   readonly state: ConnectionState;
   /** Server-assigned id of the current connection. */
   readonly clientId: string | null;
+  /** The transport in use: `"websocket"`, or `"sse"` after a fallback. */
+  readonly transport: "websocket" | "sse";
   token: string | null;
   connect(): Promise<Switchboard>;
   close(code?: number, reason?: string): void;
@@ -202,6 +210,7 @@ export declare class Switchboard {
   /** Round-trip time in ms. */
   ping(): Promise<number>;
   on(event: "connecting", fn: Listener<{ attempt: number }>): this;
+  on(event: "transport", fn: Listener<{ transport: "sse" }>): this;
   on(event: "connected", fn: Listener<{ clientId: string | null; reconnected: boolean }>): this;
   on(event: "disconnected", fn: Listener<DisconnectInfo>): this;
   on(event: "event", fn: Listener<EventMeta & { data: any }>): this;
@@ -221,3 +230,6 @@ export declare class Switchboard {
 }
 
 export default Switchboard;
+
+/** A topic's key in SSE event ids (FNV-1a of its name, base 36). */
+export function sseTopicKey(topic: string): string;

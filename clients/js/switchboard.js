@@ -1,6 +1,8 @@
 // @switchboard/client: the official client of Switchboard's native WebSocket
 // protocol (docs/protocol.md). One ES module, no runtime dependencies; runs in
 // browsers and in Node 20 (pass `WebSocket` from the `ws` package there).
+// With `transports: ["websocket", "sse"]` it falls back to Server-Sent
+// Events (`/sse`, over `fetch`) when a WebSocket cannot be opened.
 // API and recovery semantics: docs/client.md.
 
 export const VERSION = "0.1.0";
@@ -25,7 +27,178 @@ const DEFAULTS = {
   pingTimeout: 10000,
   connectTimeout: 10000,
   requestTimeout: 10000,
+  transports: ["websocket"],
 };
+
+/** A topic's key in SSE event ids: FNV-1a (32 bits) of its name, base 36. */
+export function sseTopicKey(topic) {
+  let h = 0x811c9dc5;
+  for (const b of new TextEncoder().encode(topic)) {
+    h ^= b;
+    h = Math.imul(h, 0x01000193) >>> 0;
+  }
+  return h.toString(36);
+}
+
+/**
+ * The SSE transport behind the interface the client uses of a WebSocket
+ * (`onopen`, `onmessage`, `onclose`, `onerror`, `send`, `close`): the
+ * stream's events are native frames already; what the client sends becomes
+ * `POST /api/sse/{session}/subscribe|unsubscribe` (topics of the stream's
+ * URL were subscribed by opening it); `ping` is answered here (the stream's
+ * heartbeats and `fetch` tell a dead stream). Other messages (publish,
+ * request, refresh, rpc) get an `error` `unsupported`: SSE is one-way.
+ */
+class SseSocket {
+  constructor(url, { api, topics, token, fetch }) {
+    this.onopen = this.onmessage = this.onclose = this.onerror = null;
+    this._api = api;
+    this._urlTopics = new Set(topics);
+    this._token = token;
+    this._fetch = fetch;
+    this._abort = new AbortController();
+    this._done = false;
+    this._end = { code: 1006, reason: "stream ended" };
+    this._session = null;
+    this._run(url);
+  }
+
+  async _run(url) {
+    let res;
+    try {
+      const headers = { accept: "text/event-stream" };
+      if (this._token) headers.authorization = `Bearer ${this._token}`;
+      res = await this._fetch(url, { headers, signal: this._abort.signal });
+    } catch (err) {
+      return this._finish(1006, String(err?.message ?? err));
+    }
+    if (res.status !== 200) {
+      this.onerror?.({ message: `Unexpected server response: ${res.status}` });
+      await res.text().catch(() => "");
+      return this._finish(1006, `HTTP ${res.status}`);
+    }
+    this.onopen?.();
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        buf += decoder.decode(value, { stream: true });
+        let i;
+        while ((i = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          this._event(block);
+        }
+      }
+    } catch {
+      /* aborted or dropped */
+    }
+    this._finish(this._end.code, this._end.reason);
+  }
+
+  _event(block) {
+    let name = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (line.startsWith("event:")) name = line.slice(6).trim();
+      else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+    }
+    if (data.length === 0) return;
+    const text = data.join("\n");
+    if (name === "connected") {
+      try {
+        this._session = JSON.parse(text).session;
+      } catch {
+        /* not JSON: ignored below too */
+      }
+    } else if (name === "reconnect") {
+      // The node drains: come back at once (the native 1012).
+      this._end = { code: 1012, reason: "server restarting, reconnect" };
+      return;
+    } else if (name === "error") {
+      const code = (() => {
+        try {
+          return JSON.parse(text).code;
+        } catch {
+          return null;
+        }
+      })();
+      if (code === "slow_consumer") this._end = { code: 1013, reason: "slow consumer" };
+      if (code === "token_expired") this._end = { code: TOKEN_EXPIRED, reason: "token expired" };
+      if (code === "disconnected") this._end = { code: BACKEND_RECONNECT[0], reason: "disconnected" };
+    }
+    this.onmessage?.({ data: text });
+  }
+
+  _finish(code, reason) {
+    if (this._done) return;
+    this._done = true;
+    this.onclose?.({ code, reason });
+  }
+
+  _reply(msg) {
+    queueMicrotask(() => this.onmessage?.({ data: JSON.stringify(msg) }));
+  }
+
+  send(text) {
+    const msg = JSON.parse(text);
+    const timestamp = new Date().toISOString();
+    switch (msg.type) {
+      case "subscribe":
+        if (this._urlTopics.delete(msg.event)) return; // the stream's URL asked already
+        return void this._post("subscribe", msg.event);
+      case "unsubscribe":
+        this._urlTopics.delete(msg.event);
+        return void this._post("unsubscribe", msg.event);
+      case "ping":
+        return this._reply({ type: "pong", timestamp });
+      default:
+        return this._reply({
+          type: "error",
+          code: "unsupported",
+          error: `"${msg.type}" is not available over SSE (one-way): use a WebSocket or the REST API`,
+          event: msg.event,
+          replyTo: msg.type,
+          timestamp,
+        });
+    }
+  }
+
+  async _post(op, topic) {
+    const headers = { "content-type": "application/json" };
+    if (this._token) headers.authorization = `Bearer ${this._token}`;
+    let res = null;
+    try {
+      res = await this._fetch(`${this._api}/${encodeURIComponent(this._session ?? "")}/${op}`, {
+        method: "POST",
+        headers,
+        body: JSON.stringify({ topic }),
+      });
+      if (res.ok) return;
+    } catch {
+      /* answered below */
+    }
+    const body = res ? await res.json().catch(() => null) : null;
+    if (op === "subscribe") {
+      this._reply({
+        type: "error",
+        code: body?.code ?? "unavailable",
+        error: body?.error ?? "the subscription could not be sent",
+        event: topic,
+        replyTo: "subscribe",
+        timestamp: new Date().toISOString(),
+      });
+    }
+  }
+
+  close() {
+    this._done = true;
+    this._abort.abort();
+  }
+}
 
 /** A tiny event emitter: `on`, `off`, `once`. Listener errors never break the client. */
 class Emitter {
@@ -136,7 +309,13 @@ export class Switchboard extends Emitter {
     this.url = url;
     this.options = { ...DEFAULTS, ...options };
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
-    if (typeof this.WebSocket !== "function") {
+    /** "websocket" until a WebSocket cannot be opened and `transports` allows "sse". */
+    this.transport = this.options.transports[0] ?? "websocket";
+    this._fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
+    if (this.transport !== "sse" && typeof this.WebSocket !== "function" && this.options.transports.includes("sse")) {
+      this.transport = "sse";
+    }
+    if (this.transport !== "sse" && typeof this.WebSocket !== "function") {
       throw new TypeError(
         "no WebSocket implementation: pass options.WebSocket (Node 20: the `ws` package)",
       );
@@ -230,7 +409,15 @@ export class Switchboard extends Emitter {
     }
     let socket;
     try {
-      socket = new this.WebSocket(this._socketUrl(token, data));
+      socket =
+        this.transport === "sse"
+          ? new SseSocket(this._sseUrl(token, data), {
+              api: this._sseApi(),
+              topics: [...this._topics.keys()],
+              token,
+              fetch: this._fetch,
+            })
+          : new this.WebSocket(this._socketUrl(token, data));
     } catch (err) {
       this._settleConnect(err);
       this._setState("closed");
@@ -275,6 +462,38 @@ export class Switchboard extends Emitter {
     return url.toString();
   }
 
+  /** The stream's URL: every current topic, and the positions to resume them from. */
+  _sseUrl(token, data) {
+    const url = new URL(this._httpBase());
+    url.pathname = url.pathname.replace(/\/ws\/?$/, "").replace(/\/$/, "") + "/sse";
+    let id = "1";
+    for (const [topic, t] of this._topics) {
+      url.searchParams.append("topic", topic);
+      if (t.epoch != null && t.offset != null) id += `_${sseTopicKey(topic)}.${t.epoch}.${t.offset.toString(36)}`;
+    }
+    if (id !== "1") url.searchParams.set("lastEventId", id);
+    if (token) url.searchParams.set("token", token);
+    if (data !== undefined && data !== null) url.searchParams.set("data", JSON.stringify(data));
+    return url.toString();
+  }
+
+  _sseApi() {
+    const url = new URL(this._httpBase());
+    return `${url.origin}/api/sse`;
+  }
+
+  _httpBase() {
+    let base = this.options.sseUrl ?? this.url;
+    if (typeof location !== "undefined" && !/^[a-z]+:\/\//i.test(base)) {
+      base = new URL(base, location.href).toString();
+    }
+    const url = new URL(base);
+    if (url.protocol === "ws:") url.protocol = "http:";
+    if (url.protocol === "wss:") url.protocol = "https:";
+    url.search = "";
+    return url.toString();
+  }
+
   /** Detaches a socket's handlers and timers. */
   _teardown(socket) {
     socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
@@ -304,6 +523,13 @@ export class Switchboard extends Emitter {
     if (this._closedByUser) return;
     const status = this._opened ? null : this._handshakeStatus;
     const refused = status === 401 || status === 403 || code === TOKEN_EXPIRED;
+    if (!this._opened && !refused && this.transport === "websocket" && this.options.transports.includes("sse")) {
+      // The WebSocket could not be opened (a proxy that drops upgrades, …):
+      // Server-Sent Events from now on, resuming every topic.
+      this.transport = "sse";
+      this._emit("transport", { transport: "sse" });
+      return this._scheduleReconnect({ code, reason, status, wasConnected });
+    }
     let retry =
       RECONNECT_CODES.has(code) || code === LIVENESS || (code >= BACKEND_RECONNECT[0] && code <= BACKEND_RECONNECT[1]);
     if (refused || (code >= BACKEND_FINAL[0] && code <= BACKEND_FINAL[1])) retry = false;

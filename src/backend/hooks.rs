@@ -34,6 +34,8 @@ pub mod transport {
     pub const WEBSOCKET: &str = "websocket";
     /// Socket.IO, either transport.
     pub const SOCKETIO: &str = "socketio";
+    /// Server-Sent Events (`/sse`).
+    pub const SSE: &str = "sse";
 }
 
 /// One of the hooks.

@@ -110,12 +110,30 @@ impl Wire {
                 wire.code = Some(*code);
                 wire.reason = Some(reason.to_string());
             }
+            // The session is the client; `user` the one it must belong to.
+            Command::SseSubscribe { topic, user } | Command::SseUnsubscribe { topic, user } => {
+                wire.topic = Some(topic.to_string());
+                wire.user = Some(user.to_string());
+            }
         }
         wire
     }
 
     /// The target and command, when this node knows the command.
     pub fn decode(&self) -> Option<(Target, Command)> {
+        if let Some(sse) = self.op.strip_prefix("sse_") {
+            let (client, topic, user) = (
+                self.client.clone()?,
+                self.topic.as_deref()?.into(),
+                self.user.as_deref()?.into(),
+            );
+            let command = match sse {
+                "subscribe" => Command::SseSubscribe { topic, user },
+                "unsubscribe" => Command::SseUnsubscribe { topic, user },
+                _ => return None,
+            };
+            return Some((Target::Client(client), command));
+        }
         let target = match (&self.client, &self.user) {
             (Some(c), None) => Target::Client(c.clone()),
             (None, Some(u)) => Target::User(u.clone()),

@@ -118,14 +118,14 @@ pub fn connect_data(query: Option<&str>) -> Result<Option<Box<RawValue>>, String
 }
 
 /// The raw (still encoded) value of `name` in a query string.
-fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query
         .split('&')
         .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
 }
 
 /// Decodes `%XX` escapes and `+` (a space in query strings).
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -7,6 +7,8 @@ pub mod outbox;
 pub mod polling;
 pub mod recovery;
 pub mod sio;
+pub mod sse;
+pub mod sse_conn;
 pub mod ws;
 
 use axum::extract::{Request, State};

@@ -251,6 +251,18 @@ impl Outbox {
         std::future::poll_fn(|cx| self.queue.poll_take(cx, batch)).await
     }
 
+    /// [`Outbox::next_batch`] for a consumer that is itself polled (the
+    /// SSE response body): ready once something was moved into `batch`.
+    pub fn poll_take(&self, cx: &mut Context<'_>, batch: &mut VecDeque<Utf8Bytes>) -> Poll<()> {
+        self.queue.poll_take(cx, batch)
+    }
+
+    /// Wakes the consumer waiting in [`Outbox::poll_take`] (to look at the
+    /// close signal when nothing new is queued).
+    pub fn wake(&self) {
+        self.queue.waker.wake();
+    }
+
     /// Accepts no more frames and drops what is queued.
     pub fn close_queue(&self) {
         self.queue.close();

@@ -254,6 +254,8 @@ async fn server_command(
             s.closing(m::reason::BACKEND);
             peer.disconnect();
         }
+        // Only SSE streams are reached by these (`Clients::apply`).
+        Command::SseSubscribe { .. } | Command::SseUnsubscribe { .. } => {}
     }
 }
 

@@ -647,6 +647,8 @@ impl Session {
                 self.outbox.close.request_with_reason(code, &reason);
                 return true;
             }
+            // Only SSE streams are reached by these (`Clients::apply`).
+            Command::SseSubscribe { .. } | Command::SseUnsubscribe { .. } => {}
         }
         false
     }

@@ -1,0 +1,120 @@
+// The client's Server-Sent Events fallback (`transports: ["websocket",
+// "sse"]`) against real nodes whose WebSocket endpoint is off: the same
+// subscription API, topics added and removed on a live stream, and
+// recovery across a node restart with every publication exactly once.
+
+import test from "node:test";
+import assert from "node:assert/strict";
+
+import { Switchboard, sseTopicKey } from "../switchboard.js";
+import { requireTool, scoped, freePort, eventually, sleep, jwt } from "./harness.mjs";
+
+const WebSocket = requireTool("ws");
+
+test("SSE topic keys are the server's", () => {
+  // The key the server wrote for `ticker` in docs/protocol.md.
+  assert.equal(sseTopicKey("ticker"), "qduo37");
+});
+
+test(
+  "falls back to SSE when the WebSocket cannot be opened; same API, recovery across a restart",
+  { timeout: 60_000 },
+  scoped(async (s) => {
+    const redis = await s.redis();
+    const port = await freePort();
+    const env = {
+      REDIS_URL: redis.url,
+      REDIS_PREFIX: "js-sse",
+      WEBSOCKET_ENABLED: "false",
+      SHUTDOWN_DRAIN_MS: "0",
+    };
+    let a = await s.node("js-sse-a", env, { port });
+    const b = await s.node("js-sse-b", env);
+    const c = new Switchboard(`ws://127.0.0.1:${port}/ws`, {
+      WebSocket,
+      transports: ["websocket", "sse"],
+      minDelay: 100,
+      maxDelay: 500,
+    });
+    s.defer(() => c.close());
+    const transports = [];
+    c.on("transport", (e) => transports.push(e.transport));
+    const got = [];
+    const news = c.subscribe("news", (data, meta) => got.push([meta.offset, data.n]));
+    await c.connect();
+    assert.equal(c.transport, "sse");
+    assert.deepEqual(transports, ["sse"]);
+    await news.ready;
+    for (let n = 1; n <= 3; n++) await b.post("/api/publish", { topic: "news", data: { n } });
+    await eventually(() => got.length === 3, 5000, "three events over SSE");
+
+    // A topic added on the live stream (POST to the node holding it), and removed.
+    const extra = [];
+    const sub = c.subscribe("extra", (data) => extra.push(data.n));
+    await sub.ready;
+    await b.post("/api/publish", { topic: "extra", data: { n: 1 } });
+    await eventually(() => extra.length === 1, 5000, "an event of the added topic");
+    sub.unsubscribe();
+    await sleep(200);
+    await b.post("/api/publish", { topic: "extra", data: { n: 2 } });
+
+    // One-way: a publish is refused with a clear error.
+    const errors = [];
+    c.on("error", (e) => errors.push(e.code));
+    c.publish("news", { n: 0 });
+    await eventually(() => errors.includes("unsupported"), 5000, "unsupported publish");
+
+    // The node goes away; publications continue on the other; it comes back.
+    await a.stop("SIGTERM");
+    for (let n = 4; n <= 8; n++) await b.post("/api/publish", { topic: "news", data: { n } });
+    a = await s.node("js-sse-a2", env, { port });
+    await eventually(() => got.length === 8, 10000, "the missed publications");
+    await b.post("/api/publish", { topic: "news", data: { n: 9 } });
+    await eventually(() => got.length === 9, 5000, "live again");
+    assert.deepEqual(
+      got.map(([, n]) => n),
+      [1, 2, 3, 4, 5, 6, 7, 8, 9],
+    );
+    assert.deepEqual(
+      got.map(([o]) => o),
+      [1, 2, 3, 4, 5, 6, 7, 8, 9],
+    );
+    assert.deepEqual(extra, [1]);
+  }),
+);
+
+test(
+  "over SSE a token that expires ends the stream; getToken's next one resumes without a loss",
+  { timeout: 60_000 },
+  scoped(async (s) => {
+    const SECRET = "a-test-secret-of-some-length";
+    const node = await s.node("js-sse-token", { AUTH_JWT_SECRET: SECRET, WEBSOCKET_ENABLED: "false" });
+    const now = () => Math.floor(Date.now() / 1000);
+    const short = jwt(SECRET, { sub: "u1", exp: now() + 2 });
+    // Asked before the WebSocket attempt, the SSE one, then after the expiry.
+    const tokens = [short, short, jwt(SECRET, { sub: "u1", exp: now() + 600 })];
+    let asked = 0;
+    const c = new Switchboard(`${node.http}/ws`, {
+      WebSocket,
+      transports: ["websocket", "sse"],
+      minDelay: 100,
+      maxDelay: 500,
+      getToken: () => tokens[Math.min(asked++, tokens.length - 1)],
+    });
+    s.defer(() => c.close());
+    const expired = [];
+    c.on("token_expired", (m) => expired.push(m.code));
+    const got = [];
+    const sub = c.subscribe("news", (data) => got.push(data.n));
+    await c.connect();
+    await sub.ready;
+    await node.post("/api/publish", { topic: "news", data: { n: 1 } });
+    await eventually(() => expired.length === 1, 5000, "token_expired");
+    await node.post("/api/publish", { topic: "news", data: { n: 2 } });
+    await eventually(() => c.state === "connected" && got.length === 2, 5000, "reconnected and resumed");
+    await node.post("/api/publish", { topic: "news", data: { n: 3 } });
+    await eventually(() => got.length === 3, 5000, "live");
+    assert.deepEqual(got, [1, 2, 3]);
+    assert.equal(c.transport, "sse");
+  }),
+);

@@ -1,0 +1,515 @@
+//! Server-Sent Events: `curl -N`, resume by event id on another node, gaps,
+//! commands from the node that does not hold the stream, drain, token
+//! expiry and hostile input.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{Node, Redis, eventually, http, prefix};
+use jsonwebtoken::{EncodingKey, Header, encode};
+use serde_json::{Value, json};
+
+const SECRET: &str = "a-test-secret-of-some-length";
+
+/// One SSE event as received.
+#[derive(Debug, Clone)]
+struct Ev {
+    event: String,
+    id: Option<String>,
+    data: Value,
+    /// `data:` lines in the event (the protocol promises one).
+    data_lines: usize,
+    retry: Option<u64>,
+}
+
+/// A minimal SSE client: HTTP/1.1, chunked body, events on a channel.
+struct Sse {
+    status: u16,
+    head: String,
+    rx: mpsc::Receiver<Ev>,
+    sock: TcpStream,
+}
+
+impl Sse {
+    fn open(addr: &str, path: &str, headers: &[(&str, &str)]) -> Sse {
+        let mut sock = TcpStream::connect(addr).expect("connect");
+        let mut req =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        sock.write_all(req.as_bytes()).unwrap();
+        let mut reader = BufReader::new(sock.try_clone().unwrap());
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let (tx, rx) = mpsc::channel();
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        std::thread::spawn(move || {
+            let mut buf = String::new();
+            loop {
+                let piece = if chunked {
+                    let mut size = String::new();
+                    if reader.read_line(&mut size).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    let mut data = vec![0; n + 2];
+                    if reader.read_exact(&mut data).is_err() {
+                        return;
+                    }
+                    data.truncate(n);
+                    String::from_utf8_lossy(&data).into_owned()
+                } else {
+                    let mut data = String::new();
+                    if reader.read_to_string(&mut data).is_err() || data.is_empty() {
+                        return;
+                    }
+                    data
+                };
+                buf.push_str(&piece);
+                while let Some(end) = buf.find("\n\n") {
+                    let block: String = buf.drain(..end + 2).collect();
+                    let mut ev = Ev {
+                        event: String::new(),
+                        id: None,
+                        data: Value::Null,
+                        data_lines: 0,
+                        retry: None,
+                    };
+                    let mut data = String::new();
+                    for line in block.lines() {
+                        if let Some(v) = line.strip_prefix("event: ") {
+                            ev.event = v.into();
+                        } else if let Some(v) = line.strip_prefix("id: ") {
+                            ev.id = Some(v.into());
+                        } else if let Some(v) = line.strip_prefix("data: ") {
+                            data.push_str(v);
+                            ev.data_lines += 1;
+                        } else if let Some(v) = line.strip_prefix("retry: ") {
+                            ev.retry = v.parse().ok();
+                        }
+                    }
+                    if ev.event.is_empty() && ev.retry.is_none() {
+                        continue; // a heartbeat comment
+                    }
+                    ev.data = serde_json::from_str(&data).unwrap_or(Value::String(data));
+                    if tx.send(ev).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Sse {
+            status,
+            head,
+            rx,
+            sock,
+        }
+    }
+
+    fn next(&self, within: Duration) -> Option<Ev> {
+        self.rx.recv_timeout(within).ok()
+    }
+
+    /// The next event named `name` (skipping others), or a panic.
+    fn expect(&self, name: &str) -> Ev {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Some(ev) = self.next(deadline.saturating_duration_since(Instant::now())) {
+            if ev.event == name {
+                return ev;
+            }
+        }
+        panic!("no `{name}` event within 10 s");
+    }
+
+    fn close(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn publish(node: &Node, topic: &str, n: u64) {
+    let (status, body) = node.post(
+        "/api/publish",
+        &json!({"topic": topic, "data": {"n": n}}).to_string(),
+    );
+    assert!(status == 200 || status == 202, "{status} {body}");
+}
+
+#[test]
+fn curl_shows_ticker_events_with_event_id_and_one_data_line() {
+    let node = Node::start(
+        "sse-curl",
+        &[
+            (
+                "WEBSOCKET_MOCK_EVENTS",
+                r#"[{"name":"ticker","interval":500,"data":{"symbol":"DEMO","price":1}}]"#,
+            ),
+            ("WEBSOCKET_HEARTBEAT_INTERVAL", "700"),
+        ],
+    );
+    let started = Instant::now();
+    let out = Command::new("curl")
+        .args(["-sN", "--max-time", "3"])
+        .arg(format!("http://{}/sse/ticker", node.addr))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let tickers: Vec<&str> = text
+        .split("\n\n")
+        .filter(|b| b.starts_with("event: ticker\n"))
+        .collect();
+    assert!(tickers.len() >= 2, "{text}");
+    for block in tickers {
+        let lines: Vec<&str> = block.lines().collect();
+        assert_eq!(lines.len(), 3, "{block}");
+        assert!(lines[1].starts_with("id: 1_"), "{block}");
+        let data: Value = serde_json::from_str(lines[2].strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(data["type"], "event");
+        assert_eq!(data["name"], "ticker");
+        assert_eq!(data["data"]["symbol"], "DEMO");
+        assert!(data["offset"].as_u64().is_some());
+    }
+    assert!(text.starts_with("retry: "), "{text}");
+    // Heartbeats: comment lines, about every WEBSOCKET_HEARTBEAT_INTERVAL.
+    assert!(text.matches("\n:\n").count() >= 2, "{text}");
+    assert!(text.contains("event: connected\ndata: {"), "{text}");
+}
+
+fn two_nodes(name: &str, extra: &[(&str, &str)]) -> (Redis, Node, Node) {
+    let redis = Redis::start();
+    let p = prefix(name);
+    let a = Node::start_on_redis(
+        &format!("{name}-a"),
+        &redis.url(),
+        &p,
+        extra,
+        Duration::from_secs(10),
+    );
+    let b = Node::start_on_redis(
+        &format!("{name}-b"),
+        &redis.url(),
+        &p,
+        extra,
+        Duration::from_secs(10),
+    );
+    (redis, a, b)
+}
+
+#[test]
+fn resume_on_another_node_replays_the_missed_then_live_and_old_ids_get_a_gap() {
+    let (_redis, a, b) = two_nodes("sse-resume", &[("HISTORY_SIZE", "50")]);
+    let s = Sse::open(&a.addr, "/sse?topic=r1&topic=r2", &[]);
+    assert_eq!(s.status, 200, "{}", s.head);
+    assert!(s.head.contains("text/event-stream"), "{}", s.head);
+    s.expect("connected");
+    s.expect("subscribed");
+    s.expect("subscribed");
+    for n in 1..=5 {
+        publish(&a, "r1", n);
+        publish(&a, "r2", n);
+    }
+    let mut last = None;
+    for _ in 0..10 {
+        let ev = s.next(Duration::from_secs(5)).expect("live event");
+        assert_eq!(ev.data_lines, 1);
+        last = ev.id;
+    }
+    s.close();
+    let last = last.unwrap();
+    for n in 6..=9 {
+        publish(&b, "r1", n);
+        publish(&b, "r2", n);
+    }
+    // Python httpx, as a reader of the docs would: the id to node B, then
+    // the same id once history no longer holds what it missed (a gap).
+    common::run_interop(
+        &common::python(),
+        &[
+            &common::interop_script("sse_resume.py"),
+            &b.addr,
+            &last,
+            &a.addr,
+        ],
+    );
+}
+
+#[test]
+fn subscribe_from_the_node_that_does_not_hold_the_stream() {
+    let (_redis, a, b) = two_nodes("sse-post", &[]);
+    let s = Sse::open(&a.addr, "/sse/base", &[]);
+    let session = s.expect("connected").data["session"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.expect("subscribed");
+    let path = |op: &str| format!("/api/sse/{session}/{op}");
+    let mut took = Vec::new();
+    for i in 0..200 {
+        let body = json!({"topic": "extra"}).to_string();
+        let t = Instant::now();
+        let (status, answer) = b.post(&path("subscribe"), &body);
+        assert_eq!(status, 200, "{answer}");
+        let ev = s.expect("subscribed");
+        took.push(t.elapsed());
+        assert_eq!(ev.data["event"], "extra");
+        if i == 0 {
+            publish(&b, "extra", 7);
+            let live = s.expect("extra");
+            assert_eq!(live.data["data"]["n"], 7);
+        }
+        let (status, answer) = b.post(&path("unsubscribe"), &body);
+        assert_eq!(status, 200, "{answer}");
+        s.expect("unsubscribed");
+    }
+    took.sort();
+    let p99 = took[197];
+    eprintln!(
+        "POST subscribe on the other node → subscribed: p50 {:?}, p99 {p99:?}",
+        took[100]
+    );
+    assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
+    // The holder and the other node answer alike.
+    let (sa, ba) = a.post(&path("subscribe"), r#"{"topic":"x"}"#);
+    let (sb, bb) = b.post(&path("subscribe"), r#"{"topic":"x"}"#);
+    assert_eq!((sa, sb), (200, 200));
+    assert_eq!(ba["data"], bb["data"]);
+    // An ended session, an unknown one: 404 on either node.
+    s.close();
+    assert!(eventually(Duration::from_secs(5), || {
+        a.post(&path("subscribe"), r#"{"topic":"x"}"#).0 == 404
+    }));
+    for node in [&a, &b] {
+        let (status, body) = node.post("/api/sse/0123456789abcdef/subscribe", r#"{"topic":"x"}"#);
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(body["code"], "not_found");
+        let (status, body) = node.post(&path("subscribe"), r#"{"topic":"bad topic"}"#);
+        assert_eq!(status, 400, "{body}");
+    }
+}
+
+fn token(claims: Value) -> String {
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_the_node_stays_healthy() {
+    let node = Node::start(
+        "sse-bad",
+        &[
+            ("AUTH_JWT_SECRET", SECRET),
+            ("CORS_ALLOWED_ORIGINS", "https://app.example"),
+        ],
+    );
+    let good = token(json!({"sub": "u1", "exp": now() + 600, "topics": ["news.*"]}));
+    let other = token(json!({"sub": "u2", "exp": now() + 600, "topics": ["news.*"]}));
+    let q = |rest: &str| format!("/sse?token={good}&{rest}");
+    let (status, body) = http(&node.addr, "GET", &q("topic=bad%20topic"), None, &[]);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("invalid topic"),
+        "{body}"
+    );
+    let (status, body) = http(&node.addr, "GET", &q("topic=secret"), None, &[]);
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = http(&node.addr, "GET", "/sse?topic=news.a", None, &[]);
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = http(
+        &node.addr,
+        "GET",
+        &q("topic=news.a"),
+        None,
+        &[("Origin", "https://evil.example")],
+    );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "forbidden_origin");
+    // A 1 MB query string.
+    let huge = format!("/sse?topic={}", "a".repeat(1 << 20));
+    let (status, _) = http(&node.addr, "GET", &huge, None, &[]);
+    assert!(status == 431 || status == 414 || status == 400, "{status}");
+    // Garbage and too long ids: an error event, then a stream from now.
+    for id in ["garbage", &"1_a.b.c".repeat(1000)] {
+        let s = Sse::open(
+            &node.addr,
+            &q("topic=news.a"),
+            &[("Last-Event-ID", id), ("Origin", "https://app.example")],
+        );
+        assert_eq!(s.status, 200, "{}", s.head);
+        assert!(
+            s.head
+                .to_ascii_lowercase()
+                .contains("access-control-allow-origin: https://app.example"),
+            "{}",
+            s.head
+        );
+        s.expect("connected");
+        let err = s.expect("error");
+        assert_eq!(err.data["code"], "bad_event_id", "{:?}", err.data);
+        s.expect("subscribed");
+    }
+    // Commands need the stream's own user.
+    let s = Sse::open(&node.addr, &q("topic=news.a"), &[]);
+    let session = s.expect("connected").data["session"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/api/sse/{session}/subscribe");
+    let (status, _) = http(
+        &node.addr,
+        "POST",
+        &path,
+        Some(r#"{"topic":"news.b"}"#),
+        &[],
+    );
+    assert_eq!(status, 401);
+    let auth_other = format!("Bearer {other}");
+    let (status, _) = http(
+        &node.addr,
+        "POST",
+        &path,
+        Some(r#"{"topic":"news.b"}"#),
+        &[("Authorization", &auth_other)],
+    );
+    assert_eq!(
+        status, 404,
+        "another user's request cannot reach the stream"
+    );
+    let auth = format!("Bearer {good}");
+    let (status, body) = http(
+        &node.addr,
+        "POST",
+        &path,
+        Some(r#"{"topic":"secret"}"#),
+        &[("Authorization", &auth)],
+    );
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = http(
+        &node.addr,
+        "POST",
+        &path,
+        Some("{"),
+        &[("Authorization", &auth)],
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = http(
+        &node.addr,
+        "POST",
+        &path,
+        Some(r#"{"topic":"news.b"}"#),
+        &[("Authorization", &auth)],
+    );
+    assert_eq!(status, 200, "{body}");
+    s.expect("subscribed");
+    s.expect("subscribed");
+    assert_eq!(node.get("/healthz").0, 200);
+}
+
+#[test]
+fn token_expiry_and_drain_end_the_stream_with_an_event() {
+    let node = Node::start(
+        "sse-life",
+        &[("AUTH_JWT_SECRET", SECRET), ("SHUTDOWN_DRAIN_MS", "500")],
+    );
+    let short = token(json!({"sub": "u1", "exp": now() + 2}));
+    let s = Sse::open(&node.addr, &format!("/sse/t?token={short}"), &[]);
+    let err = s.expect("error");
+    assert_eq!(err.data["code"], "token_expired");
+    assert!(s.next(Duration::from_secs(3)).is_none(), "the stream ended");
+
+    let long = token(json!({"sub": "u1", "exp": now() + 600}));
+    let s = Sse::open(&node.addr, &format!("/sse/t?token={long}"), &[]);
+    s.expect("subscribed");
+    let metrics = node.get("/metrics").1;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains(r#"switchboard_connections{transport="sse"} 1"#),
+        "{metrics}"
+    );
+    node.signal("TERM");
+    let bye = s.expect("reconnect");
+    let retry = bye.retry.expect("retry: with the last event");
+    assert!((500..=3000).contains(&retry), "{retry}");
+    assert!(s.next(Duration::from_secs(3)).is_none(), "the stream ended");
+}
+
+#[test]
+fn a_stream_that_does_not_keep_up_ends_with_an_error_event_and_is_counted() {
+    let node = Node::start(
+        "sse-slow",
+        &[
+            ("WEBSOCKET_CLIENT_QUEUE_MESSAGES", "16"),
+            ("HISTORY_TOPICS", ""),
+        ],
+    );
+    // A client that sends its request and then reads nothing.
+    let mut sock = TcpStream::connect(&node.addr).unwrap();
+    write!(sock, "GET /sse/slow HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let pad = "x".repeat(60_000);
+    let metrics = || node.get("/metrics").1.as_str().unwrap_or("").to_string();
+    let counted = r#"switchboard_slow_consumer_disconnects_total{transport="sse"} 1"#;
+    let mut n = 0;
+    while !metrics().contains(counted) {
+        for _ in 0..20 {
+            publish_pad(&node, n, &pad);
+            n += 1;
+        }
+        assert!(n < 2_000, "never a slow consumer after {n} publications");
+    }
+    // What it reads in the end: what fit, then the reason.
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut all = Vec::new();
+    let _ = sock.read_to_end(&mut all);
+    let text = String::from_utf8_lossy(&all);
+    let tail = &text[text.len().saturating_sub(600)..];
+    assert!(tail.contains("event: error\ndata: {"), "{tail}");
+    assert!(tail.contains(r#""code":"slow_consumer""#), "{tail}");
+    assert_eq!(node.get("/healthz").0, 200);
+}
+
+fn publish_pad(node: &Node, n: u64, pad: &str) {
+    let (status, body) = node.post(
+        "/api/publish",
+        &json!({"topic": "slow", "data": {"n": n, "pad": pad}}).to_string(),
+    );
+    assert!(status == 200 || status == 202, "{status} {body}");
+}
