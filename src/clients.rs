@@ -309,6 +309,10 @@ pub struct Mailbox {
     /// std Mutex: a push or a pop, never held across `.await`.
     queue: Mutex<std::collections::VecDeque<Command>>,
     notify: tokio::sync::Notify,
+    /// Set once a disconnect was taken: the connection is on its way out
+    /// and takes no more commands (a second disconnect would count it as
+    /// reached again while it closes).
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 impl Mailbox {
@@ -328,8 +332,14 @@ impl Handle for Mailbox {
     fn send(&self, command: Command) -> bool {
         {
             let mut q = self.queue.lock().unwrap();
-            if q.len() >= PENDING_COMMANDS {
+            if self.leaving.load(std::sync::atomic::Ordering::Acquire)
+                || q.len() >= PENDING_COMMANDS
+            {
                 return false;
+            }
+            if matches!(command, Command::Disconnect { .. }) {
+                self.leaving
+                    .store(true, std::sync::atomic::Ordering::Release);
             }
             q.push_back(command);
         }

@@ -152,6 +152,7 @@ pub fn register(node: &Node, peer: &Arc<dyn Peer>, s: &Arc<Session>) {
         session: Arc::downgrade(s),
         node: node.clone(),
         pending: Arc::new(AtomicUsize::new(0)),
+        leaving: std::sync::atomic::AtomicBool::new(false),
     });
     let registration = node.clients().register(
         crate::clients::ClientInfo {
@@ -174,6 +175,10 @@ struct Handle {
     session: Weak<Session>,
     node: Node,
     pending: Arc<AtomicUsize>,
+    /// Set once a disconnect was taken: the socket is on its way out (its
+    /// session ends only when the transport has closed) and is not reached
+    /// by later commands.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 impl crate::clients::Handle for Handle {
@@ -181,8 +186,15 @@ impl crate::clients::Handle for Handle {
         let Some(s) = self.session.upgrade() else {
             return false;
         };
-        if s.gone.is_cancelled()
-            || self.pending.fetch_add(1, Ordering::AcqRel) >= crate::clients::PENDING_COMMANDS
+        if s.gone.is_cancelled() || self.leaving.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= crate::clients::PENDING_COMMANDS {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        if matches!(command, crate::clients::Command::Disconnect { .. })
+            && self.leaving.swap(true, Ordering::AcqRel)
         {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             return false;
