@@ -307,7 +307,8 @@ async fn tokens_expire_unless_refreshed() {
     assert!(kept.recv_within(Duration::from_millis(300)).await.is_none());
 
     // Socket.IO through python-socketio.
-    let short = token(json!({"exp": now() + 3, "topics": ["a", "b", "device"]}));
+    // Long enough for the interpreter to start and connect on a busy machine.
+    let short = token(json!({"exp": now() + 7, "topics": ["a", "b", "device"]}));
     let long = token(json!({"exp": now() + 600, "topics": ["a", "b", "device"]}));
     let narrow = token(json!({"exp": now() + 600, "topics": ["a", "device"]}));
     let base = format!("http://{}", node.addr);

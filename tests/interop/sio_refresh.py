@@ -2,7 +2,7 @@
 
 usage: python sio_refresh.py <url> <short_token> <long_token> <narrow_token>
 
-short_token expires in about 2 s and allows topics a and b; long_token
+short_token expires in about 7 s and allows topics a and b; long_token
 allows a and b for longer; narrow_token allows only a.
 - a socket that sends `refresh` with long_token before expiry stays
   connected past the short token's exp;
@@ -42,7 +42,7 @@ async def main(url: str, short: str, long: str, narrow: str) -> None:
         gone.set()
 
     await expired.connect(url, auth={"token": short}, transports=["websocket"], wait_timeout=5)
-    await asyncio.wait_for(gone.wait(), 6)
+    await asyncio.wait_for(gone.wait(), 12)
     assert any(e.get("code") == "token_expired" for e in errors), errors
     print("[python] expired socket got", errors, flush=True)
 
