@@ -743,7 +743,7 @@ impl Recovery {
                 // publication after the position is there, all of them are.
                 let whole = match hub.history().read(&topic, since.offset, 1).await {
                     Ok(range) => {
-                        *range.epoch == *since.epoch
+                        range.continues(&since.epoch)
                             && since.offset <= range.top
                             && (since.offset == range.top
                                 || range
