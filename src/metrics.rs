@@ -141,6 +141,23 @@ pub mod reason {
     pub const BACKEND: &str = "backend";
 }
 
+/// Refusals by a limit (`MAX_CONNECTIONS_PER_ADDRESS`, …), label `limit`.
+pub const LIMIT_REFUSALS: &str = "switchboard_limit_refusals_total";
+
+/// `limit` label values of [`LIMIT_REFUSALS`].
+pub mod limit {
+    /// `MAX_CONNECTIONS`.
+    pub const CONNECTIONS_PER_NODE: &str = "connections_per_node";
+    /// `MAX_CONNECTIONS_PER_ADDRESS`.
+    pub const CONNECTIONS_PER_ADDRESS: &str = "connections_per_address";
+    /// `MAX_CONNECTIONS_PER_USER`.
+    pub const CONNECTIONS_PER_USER: &str = "connections_per_user";
+    /// `MAX_TOPICS_PER_NODE`.
+    pub const TOPICS_PER_NODE: &str = "topics_per_node";
+    /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`.
+    pub const SUBSCRIBE_RATE: &str = "subscribe_rate";
+}
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
@@ -169,6 +186,10 @@ pub fn spawn_upkeep(handle: PrometheusHandle) {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(CONNECTIONS, "Open client connections, by transport.");
+    describe_counter!(
+        LIMIT_REFUSALS,
+        "Connections, subscriptions and subscribes refused by a limit, by limit."
+    );
     describe_counter!(
         CONNECTIONS_OPENED,
         "Client connections accepted, by transport."

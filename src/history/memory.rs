@@ -212,7 +212,10 @@ mod tests {
         let pending = h.read("t", 0, 10).await.unwrap();
         assert_eq!(pending.top, 0);
         assert!(super::super::is_pending(&pending.epoch));
-        assert!(h.topics.lock().await.map.is_empty(), "a read stores nothing");
+        assert!(
+            h.topics.lock().await.map.is_empty(),
+            "a read stores nothing"
+        );
         let mut first = None;
         for i in 1..=5u64 {
             let p = h.publish("t", format!(r#"{{"data":{i}}}"#)).await.unwrap();
@@ -220,7 +223,10 @@ mod tests {
             assert_eq!(p.epoch, *first.get_or_insert(p.epoch.clone()));
         }
         let first = h.read("t", 0, 0).await.unwrap();
-        assert!(first.continues(&pending.epoch), "the read before the first publication");
+        assert!(
+            first.continues(&pending.epoch),
+            "the read before the first publication"
+        );
         let r = h.read("t", 0, 10).await.unwrap();
         assert_eq!(r.top, 5);
         assert_eq!(

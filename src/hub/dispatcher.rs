@@ -454,7 +454,11 @@ mod tests {
             assert_eq!(p.epoch, *epoch.get_or_insert(p.epoch.clone()));
         }
         settle().await;
-        assert_eq!(first.offsets(), [1, 2, 3, 4, 5], "the first epoch is no gap");
+        assert_eq!(
+            first.offsets(),
+            [1, 2, 3, 4, 5],
+            "the first epoch is no gap"
+        );
         // A position taken before the first publication recovers all of it.
         let pending = before.position.unwrap().epoch.to_string();
         let early = subscribe_recording(&hub, 4, Some((0, &pending))).await;
