@@ -51,6 +51,23 @@ pub const WEBHOOK_QUEUE: &str = "switchboard_webhook_queue";
 /// Control commands this node applied (`POST /api/subscribe` etc.), by `command`.
 pub const CONTROL_COMMANDS: &str = "switchboard_control_commands_total";
 
+/// Refusals by a limit (`MAX_CONNECTIONS_PER_ADDRESS`, …), label `limit`.
+pub const LIMIT_REFUSALS: &str = "switchboard_limit_refusals_total";
+
+/// `limit` label values of [`LIMIT_REFUSALS`].
+pub mod limit {
+    /// `MAX_CONNECTIONS`.
+    pub const CONNECTIONS_PER_NODE: &str = "connections_per_node";
+    /// `MAX_CONNECTIONS_PER_ADDRESS`.
+    pub const CONNECTIONS_PER_ADDRESS: &str = "connections_per_address";
+    /// `MAX_CONNECTIONS_PER_USER`.
+    pub const CONNECTIONS_PER_USER: &str = "connections_per_user";
+    /// `MAX_TOPICS_PER_NODE`.
+    pub const TOPICS_PER_NODE: &str = "topics_per_node";
+    /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`.
+    pub const SUBSCRIBE_RATE: &str = "subscribe_rate";
+}
+
 /// Label values of [`SOCKETIO_RECOVERIES`].
 pub mod recovery {
     /// Same `pid`: every subscription back, every missed publication replayed.
@@ -139,23 +156,6 @@ pub mod reason {
     pub const ERROR: &str = "error";
     /// Closed by the back end (`POST /api/disconnect`).
     pub const BACKEND: &str = "backend";
-}
-
-/// Refusals by a limit (`MAX_CONNECTIONS_PER_ADDRESS`, …), label `limit`.
-pub const LIMIT_REFUSALS: &str = "switchboard_limit_refusals_total";
-
-/// `limit` label values of [`LIMIT_REFUSALS`].
-pub mod limit {
-    /// `MAX_CONNECTIONS`.
-    pub const CONNECTIONS_PER_NODE: &str = "connections_per_node";
-    /// `MAX_CONNECTIONS_PER_ADDRESS`.
-    pub const CONNECTIONS_PER_ADDRESS: &str = "connections_per_address";
-    /// `MAX_CONNECTIONS_PER_USER`.
-    pub const CONNECTIONS_PER_USER: &str = "connections_per_user";
-    /// `MAX_TOPICS_PER_NODE`.
-    pub const TOPICS_PER_NODE: &str = "topics_per_node";
-    /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`.
-    pub const SUBSCRIBE_RATE: &str = "subscribe_rate";
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
