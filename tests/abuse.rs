@@ -74,7 +74,10 @@ async fn first_publication_after_a_pending_subscription(
     tokio::time::sleep(Duration::from_millis(1500)).await;
     publish(1);
     let event = early.expect("event").await;
-    assert_eq!(event["offset"], 1, "the first publication, not a gap: {event}");
+    assert_eq!(
+        event["offset"], 1,
+        "the first publication, not a gap: {event}"
+    );
     assert_eq!(event["data"]["n"], 1);
     // A client whose position is from before the first publication
     // reconnects (to another node): it recovers it.
@@ -85,7 +88,10 @@ async fn first_publication_after_a_pending_subscription(
     let epoch = resumed["epoch"].as_str().unwrap();
     assert!(!epoch.starts_with('~'), "the real epoch now: {resumed}");
     let replayed = back.expect("event").await;
-    assert_eq!((replayed["offset"].as_u64(), &replayed["data"]["n"]), (Some(1), &json!(1)));
+    assert_eq!(
+        (replayed["offset"].as_u64(), &replayed["data"]["n"]),
+        (Some(1), &json!(1))
+    );
     // Live ones continue on both.
     publish(2);
     assert_eq!(early.expect("event").await["offset"], 2);
@@ -129,7 +135,14 @@ async fn reads_of_a_topic_never_published_create_no_key_and_the_first_publicatio
     let publish = |n: u64| {
         let envelope = json!({"event": "quiet.news", "data": {"n": n}}).to_string();
         redis
-            .call(&["FCALL", "switchboard_publish", "1", "quiet.news", &envelope, &pfx])
+            .call(&[
+                "FCALL",
+                "switchboard_publish",
+                "1",
+                "quiet.news",
+                &envelope,
+                &pfx,
+            ])
             .unwrap_or_else(|e| panic!("FCALL failed: {e}"));
     };
     first_publication_after_a_pending_subscription(&a, &b, publish).await;
@@ -247,7 +260,8 @@ async fn topic_churn_leaves_redis_and_the_nodes_where_they_were() {
         memory_max - memory_before
     );
     assert!(
-        eventually(Duration::from_secs(60), || dbsize(&redis) - keys_before <= 100),
+        eventually(Duration::from_secs(60), || dbsize(&redis) - keys_before
+            <= 100),
         "keys did not come back: {}",
         dbsize(&redis)
     );
@@ -367,7 +381,10 @@ async fn the_101st_connection_from_one_address_is_refused_before_the_upgrade() {
     closing.ws.close(None).await.unwrap();
     let reopened = async {
         loop {
-            if tokio_tungstenite::connect_async(node.ws_url("/ws")).await.is_ok() {
+            if tokio_tungstenite::connect_async(node.ws_url("/ws"))
+                .await
+                .is_ok()
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -311,8 +311,10 @@ impl Seam {
 
     /// The part of `gap` the subscriber must be told about, if any.
     pub fn admit_gap(&mut self, gap: &GapRange) -> Option<GapRange> {
-        if is_pending(&self.epoch) && !is_pending(&gap.epoch) && gap.previous_epoch.is_none() {
-            // Offsets of the first real epoch lost: a plain gap of it.
+        if is_pending(&self.epoch) && !is_pending(&gap.epoch) {
+            // Offsets of the first real epoch lost: a plain gap of it, from
+            // offset 1 (whatever epoch the node had before, the subscriber
+            // never had a position in it).
             self.epoch = gap.epoch.clone();
             self.threshold = 0;
         }
@@ -498,6 +500,20 @@ mod tests {
         };
         assert_eq!(seam.admit_gap(&gap), Some(gap.clone()));
         assert!(seam.admit(&real, 3));
+        // The node's reset to the first epoch is nothing to a pending
+        // subscriber when nothing of it is lost.
+        let mut seam = Seam {
+            epoch: pending_epoch(1),
+            threshold: 0,
+        };
+        let reset = GapRange {
+            from: 1,
+            to: 0,
+            epoch: real.clone(),
+            previous_epoch: Some(new_epoch(0)),
+        };
+        assert_eq!(seam.admit_gap(&reset), None);
+        assert!(seam.admit(&real, 1));
     }
 
     /// One item a subscriber can be handed: a publication or a gap.

@@ -260,6 +260,17 @@ impl Dispatcher {
                 if history::is_pending(&range.epoch) && history::is_pending(&seq.epoch) {
                     return; // Still no epoch: nothing to compare.
                 }
+                if history::is_pending(&range.epoch)
+                    && let (Some(read), Some(created)) = (
+                        history::epoch_time(&range.epoch),
+                        history::epoch_time(&seq.epoch),
+                    )
+                    && created >= read
+                {
+                    // Read before the topic's first publication, which came
+                    // since: nothing lost.
+                    return;
+                }
                 if history::is_pending(&seq.epoch) {
                     // The topic's first epoch, whose publications this node
                     // was subscribed for: from offset 1 on, no reset.
