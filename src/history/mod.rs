@@ -91,15 +91,20 @@ impl Range {
     /// past it the position is not trusted (not recovered, never a silent
     /// loss).
     pub fn continues(&self, epoch: &str) -> bool {
-        if *self.epoch == *epoch {
-            return true;
-        }
-        let (Some(pending), Some(created)) = (pending_time(epoch), epoch_time(&self.epoch)) else {
-            return false;
-        };
-        let ttl = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
-        pending >= self.floor && pending <= created && created - pending < ttl
+        *self.epoch == *epoch || continues_into(epoch, &self.epoch, self.floor, self.ttl)
     }
+}
+
+/// Whether a position in the pending epoch `pending` is one of `epoch`
+/// ([`Range::continues`]): `epoch` (or a later pending read) was created at
+/// or after the pending read, less than `ttl` after it, and the pending read
+/// is not older than `floor`.
+pub fn continues_into(pending: &str, epoch: &str, floor: u64, ttl: Duration) -> bool {
+    let (Some(pending), Some(created)) = (pending_time(pending), epoch_time(epoch)) else {
+        return false;
+    };
+    let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    pending >= floor && pending <= created && created - pending < ttl
 }
 
 #[derive(Debug, thiserror::Error)]
