@@ -30,6 +30,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
+use crate::api::ApiError;
 use crate::backend::hooks::{Hello, transport};
 use crate::gateway::admission::Seats;
 use crate::gateway::outbox::{self, Heartbeat, Liveness, Outbox, WRITE_TIMEOUT, Writer, close};
@@ -144,10 +145,9 @@ pub(super) struct Handshake {
 impl Handshake {
     /// The handshake of a new session, refused (429, the JSON error format)
     /// when the client's address is at its connection limit.
-    pub(super) fn of(node: &Node, req: &Request) -> Result<Self, Response> {
+    pub(super) fn of(node: &Node, req: &Request) -> Result<Self, ApiError> {
         let remote = crate::gateway::admission::remote_addr(req.extensions());
-        let seats =
-            Seats::address(node, remote, req.headers()).map_err(IntoResponse::into_response)?;
+        let seats = Seats::address(node, remote, req.headers())?;
         let mut headers = HeaderMap::new();
         if node.hooks().connect_enabled() {
             for name in &node.config().hooks.headers {
@@ -361,7 +361,7 @@ pub fn opens_websocket(req: &Request) -> bool {
 pub async fn upgrade(node: Node, req: Request) -> Response {
     let handshake = match Handshake::of(&node, &req) {
         Ok(handshake) => handshake,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let ws = match WebSocketUpgrade::from_request(req, &()).await {
         Ok(ws) => ws,

@@ -58,7 +58,7 @@ const LAST_POLL: Duration = Duration::from_secs(5);
 pub(super) fn open(node: Node, req: Request) -> Response {
     let handshake = match Handshake::of(&node, &req) {
         Ok(handshake) => handshake,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let sid: Arc<str> = format!("{:032x}", rand::random::<u128>()).into();
     let conn = Conn::new(&node, handshake, Some(sid));
