@@ -338,7 +338,11 @@ async fn the_101st_connection_from_one_address_is_refused_before_the_upgrade() {
             .contains("MAX_CONNECTIONS_PER_ADDRESS"),
         "{body}"
     );
-    // Socket.IO shares the count: its handshake is refused the same way.
+    // Socket.IO shares the count: its handshake is refused the same way, on
+    // either transport, before any upgrade.
+    let (status, body) =
+        refused_upgrade(&node.ws_url("/socket.io/?EIO=4&transport=websocket")).await;
+    assert_eq!((status, &body["code"]), (429, &json!("too_many_requests")));
     let (status, body) = http(
         &node.addr,
         "GET",
@@ -403,4 +407,121 @@ async fn the_101st_connection_from_one_address_is_refused_before_the_upgrade() {
         .unwrap_or_else(|| panic!("no refusal metric:\n{metrics}"));
     assert!(refused >= 2.0, "{refused}");
     assert!(node.log().contains("refused by a limit"), "a log line");
+}
+
+fn token(sub: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": sub, "exp": 4_000_000_000u64}),
+        &jsonwebtoken::EncodingKey::from_secret(b"a-test-secret-of-some-length"),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn users_subscribe_rates_and_topics_per_node_are_limited_with_clear_errors() {
+    let node = Node::start(
+        "limits",
+        &[
+            ("AUTH_JWT_SECRET", "a-test-secret-of-some-length"),
+            ("AUTH_PUBLIC_TOPICS", "*"),
+            ("MAX_CONNECTIONS_PER_USER", "2"),
+            ("WEBSOCKET_SUBSCRIBE_RATE_LIMIT", "1"),
+            ("WEBSOCKET_SUBSCRIBE_RATE_BURST", "4"),
+            ("MAX_TOPICS_PER_NODE", "6"),
+        ],
+    );
+    // Per user: the third connection of alice is refused before the upgrade;
+    // bob and anonymous clients are not counted with her.
+    let alice = node.ws_url(&format!("/ws?token={}", token("alice")));
+    let _a1 = Client::connect(&alice).await;
+    let _a2 = Client::connect(&alice).await;
+    let (status, body) = refused_upgrade(&alice).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("MAX_CONNECTIONS_PER_USER"),
+        "{body}"
+    );
+    let _b = Client::connect(&node.ws_url(&format!("/ws?token={}", token("bob")))).await;
+    let anonymous = node.ws_url("/ws");
+    let mut _anon = Vec::new();
+    for _ in 0..3 {
+        _anon.push(Client::connect(&anonymous).await);
+    }
+    // Socket.IO: the same user limit, as connect_error.
+    let (mut sio, _) =
+        tokio_tungstenite::connect_async(node.ws_url("/socket.io/?EIO=4&transport=websocket"))
+            .await
+            .unwrap();
+    let _open = sio.next().await;
+    let t = token("alice");
+    sio.send(Message::Text(format!(r#"40{{"token":"{t}"}}"#).into()))
+        .await
+        .unwrap();
+    let refused = loop {
+        let Some(Ok(Message::Text(t))) = sio.next().await else {
+            panic!("no CONNECT answer")
+        };
+        if t.starts_with("44") {
+            break t.to_string();
+        }
+    };
+    assert!(refused.contains("MAX_CONNECTIONS_PER_USER"), "{refused}");
+
+    // Subscribe rate: a burst of 4, then 1 a second; unsubscribes always pass.
+    let mut c = Client::connect(&node.ws_url("/ws")).await;
+    for i in 0..4 {
+        c.subscribe(&format!("rate.{i}")).await;
+    }
+    c.send(json!({"type": "subscribe", "event": "rate.4"}))
+        .await;
+    let e = c.expect("error").await;
+    assert_eq!(e["code"], "subscribe_rate_limited", "{e}");
+    assert_eq!(e["replyTo"], "subscribe");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("WEBSOCKET_SUBSCRIBE_RATE_LIMIT"),
+        "{e}"
+    );
+    c.send(json!({"type": "unsubscribe", "event": "rate.0"}))
+        .await;
+    assert_eq!(c.expect("unsubscribed").await["event"], "rate.0");
+
+    // Topics per node: 6 (rate.1–3 are still held, and the node's own
+    // `device`); a new one past it is refused, one the node holds is not.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut d = Client::connect(&node.ws_url("/ws")).await;
+    let mut new_topics = 0;
+    let e = loop {
+        assert!(new_topics < 6, "never refused");
+        d.send(json!({"type": "subscribe", "event": format!("more.{new_topics}")}))
+            .await;
+        let m = d.recv().await;
+        if m["type"] == "error" {
+            break m;
+        }
+        new_topics += 1;
+    };
+    assert_eq!(new_topics, 2, "6 topics: device, rate.1–3, more.0–1");
+    assert_eq!(e["code"], "topic_limit", "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("MAX_TOPICS_PER_NODE"),
+        "{e}"
+    );
+    d.subscribe("rate.1").await;
+
+    let (_, metrics) = common::http_text(&node.addr, "GET", "/metrics", None, &[]);
+    for limit in ["connections_per_user", "subscribe_rate", "topics_per_node"] {
+        assert!(
+            metrics.contains(&format!(
+                "switchboard_limit_refusals_total{{limit=\"{limit}\"}}"
+            )),
+            "{limit}:\n{metrics}"
+        );
+    }
 }
