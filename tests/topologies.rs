@@ -163,8 +163,13 @@ async fn watch(url: String, topic: &'static str, seen: Arc<Mutex<Seen>>, until: 
                             // pending epoch): the events are of the topic's
                             // first epoch, which the node names.
                             let addr = url.trim_start_matches("ws://").trim_end_matches("/ws");
-                            let (_, body) =
-                                common::http(addr, "GET", &format!("/api/history/{topic}"), None, &[]);
+                            let (_, body) = common::http(
+                                addr,
+                                "GET",
+                                &format!("/api/history/{topic}"),
+                                None,
+                                &[],
+                            );
                             if let Some(e) = body["data"]["epoch"].as_str() {
                                 seen.epoch = e.to_string();
                             }
