@@ -1051,7 +1051,7 @@ impl Config {
         let subscribe_rate = p.parse(names::WEBSOCKET_SUBSCRIBE_RATE_LIMIT, "20", |v| {
             parse_range(v, 0, 1_000_000)
         });
-        let subscribe_burst = p.parse(names::WEBSOCKET_SUBSCRIBE_RATE_BURST, "1000", |v| {
+        let subscribe_burst = p.parse(names::WEBSOCKET_SUBSCRIBE_RATE_BURST, "100", |v| {
             parse_range(v, 1, 10_000_000)
         });
         let http_body_limit = p.parse(names::HTTP_BODY_LIMIT, "1048576", |v| {
