@@ -106,6 +106,12 @@ pub mod names {
     pub const PRESENCE_TOPICS: &str = "PRESENCE_TOPICS";
     pub const PRESENCE_TTL_MS: &str = "PRESENCE_TTL_MS";
     pub const PRESENCE_DIFF_INTERVAL_MS: &str = "PRESENCE_DIFF_INTERVAL_MS";
+    pub const MAX_CONNECTIONS_PER_ADDRESS: &str = "MAX_CONNECTIONS_PER_ADDRESS";
+    pub const MAX_CONNECTIONS_PER_USER: &str = "MAX_CONNECTIONS_PER_USER";
+    pub const TRUSTED_PROXIES: &str = "TRUSTED_PROXIES";
+    pub const MAX_TOPICS_PER_NODE: &str = "MAX_TOPICS_PER_NODE";
+    pub const WEBSOCKET_SUBSCRIBE_RATE_LIMIT: &str = "WEBSOCKET_SUBSCRIBE_RATE_LIMIT";
+    pub const WEBSOCKET_SUBSCRIBE_RATE_BURST: &str = "WEBSOCKET_SUBSCRIBE_RATE_BURST";
 
     /// Every name above, for `--help` and to reject unknown flags.
     pub const ALL: &[&str] = &[
@@ -190,6 +196,12 @@ pub mod names {
         PRESENCE_TOPICS,
         PRESENCE_TTL_MS,
         PRESENCE_DIFF_INTERVAL_MS,
+        MAX_CONNECTIONS_PER_ADDRESS,
+        MAX_CONNECTIONS_PER_USER,
+        TRUSTED_PROXIES,
+        MAX_TOPICS_PER_NODE,
+        WEBSOCKET_SUBSCRIBE_RATE_LIMIT,
+        WEBSOCKET_SUBSCRIBE_RATE_BURST,
     ];
 
     /// The hook URLs: shown without a password when refused, like `REDIS_URL`.
@@ -526,6 +538,17 @@ pub struct Config {
     pub rate_limit: Option<RateLimit>,
     /// Client connections per node; `None` = unlimited.
     pub max_connections: Option<usize>,
+    /// Client connections per client address (IPv6: per /64); `None` = unlimited.
+    pub max_connections_per_address: Option<usize>,
+    /// Client connections per user (token `sub` or connect hook `user`;
+    /// anonymous clients are not counted per user); `None` = unlimited.
+    pub max_connections_per_user: Option<usize>,
+    /// Peers whose `X-Forwarded-For` names the client's address.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Distinct topics a node holds subscribers for; `None` = unlimited.
+    pub max_topics_per_node: Option<usize>,
+    /// Subscribes (and unsubscribes) per second per connection; `None` = unlimited.
+    pub subscribe_rate_limit: Option<RateLimit>,
     pub http_body_limit: usize,
     pub http_request_timeout: Duration,
     /// Request line plus headers, in bytes; more is answered 431.
@@ -816,6 +839,59 @@ pub struct RateLimit {
     pub burst: f64,
 }
 
+/// An IP network of `TRUSTED_PROXIES`: an address, or `address/prefix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+fn parse_cidrs(v: &str) -> Result<Vec<Cidr>, String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let bad =
+                || format!("{s:?} is not an IP address or network (such as 10.0.0.0/8 or ::1)");
+            let (addr, prefix) = match s.split_once('/') {
+                Some((a, p)) => (a, Some(p)),
+                None => (s, None),
+            };
+            let net: IpAddr = addr.parse().map_err(|_| bad())?;
+            let max = if net.is_ipv4() { 32 } else { 128 };
+            let prefix = match prefix {
+                None => max,
+                Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
+            };
+            Ok(Cidr { net, prefix })
+        })
+        .collect()
+}
+
 /// The demo events served when `WEBSOCKET_MOCK_EVENTS` is not set.
 pub const DEFAULT_MOCK_EVENTS: &str = r#"[
   {"name":"ticker","interval":2000,"data":{"symbol":"DEMO","price":101.25,"change":0.42}},
@@ -1033,6 +1109,22 @@ impl Config {
         });
         let max_connections = p.parse(names::MAX_CONNECTIONS, "0", |v| {
             parse_range(v, 0, 10_000_000)
+        });
+        let max_per_address = p.parse(names::MAX_CONNECTIONS_PER_ADDRESS, "1000", |v| {
+            parse_range(v, 0, 10_000_000)
+        });
+        let max_per_user = p.parse(names::MAX_CONNECTIONS_PER_USER, "100", |v| {
+            parse_range(v, 0, 10_000_000)
+        });
+        let trusted_proxies = p.parse(names::TRUSTED_PROXIES, "", parse_cidrs);
+        let max_topics = p.parse(names::MAX_TOPICS_PER_NODE, "100000", |v| {
+            parse_range(v, 0, 100_000_000)
+        });
+        let subscribe_rate = p.parse(names::WEBSOCKET_SUBSCRIBE_RATE_LIMIT, "20", |v| {
+            parse_range(v, 0, 1_000_000)
+        });
+        let subscribe_burst = p.parse(names::WEBSOCKET_SUBSCRIBE_RATE_BURST, "100", |v| {
+            parse_range(v, 1, 10_000_000)
         });
         let http_body_limit = p.parse(names::HTTP_BODY_LIMIT, "1048576", |v| {
             parse_range(v, 1024, 1 << 30)
@@ -1288,6 +1380,16 @@ impl Config {
             webhooks: webhooks.unwrap(),
             rate_limit,
             max_connections: Some(max_connections.unwrap()).filter(|n| *n > 0),
+            max_connections_per_address: Some(max_per_address.unwrap()).filter(|n| *n > 0),
+            max_connections_per_user: Some(max_per_user.unwrap()).filter(|n| *n > 0),
+            trusted_proxies: trusted_proxies.unwrap(),
+            max_topics_per_node: Some(max_topics.unwrap()).filter(|n| *n > 0),
+            subscribe_rate_limit: Some(subscribe_rate.unwrap())
+                .filter(|n| *n > 0)
+                .map(|rate| RateLimit {
+                    per_second: rate as f64,
+                    burst: subscribe_burst.unwrap() as f64,
+                }),
             http_body_limit: http_body_limit.unwrap(),
             http_request_timeout: http_request_timeout.unwrap(),
             http_max_header_bytes: http_max_header_bytes.unwrap(),

@@ -18,6 +18,7 @@
 //! - [`proxy`]: `WEBSOCKET_PATH/proxy/{name}` to configured upstream feeds.
 //! - [`api`]: HTTP endpoints and the error format.
 //! - [`dashboard`]: the live dashboard page at `/` (assets compiled in) and `GET /api/frame`.
+//! - [`limits`]: connections per client address and per user, refusals of every limit (metric, rate-limited log).
 //! - [`lingering`]: closing accepted connections without a TCP reset (drain until the peer's EOF).
 //! - [`metrics`]: metric names, recorder, `/metrics`.
 //! - [`registry`]: every live node's announcement, for cluster-wide stats.
@@ -40,6 +41,7 @@ pub mod gateway;
 pub mod history;
 pub mod hub;
 pub mod leader;
+pub mod limits;
 pub mod lingering;
 pub mod metrics;
 pub mod node;

@@ -61,6 +61,23 @@ pub const PRESENCE_ERRORS: &str = "switchboard_presence_errors_total";
 /// `presence_diff` frames queued to this node's watchers.
 pub const PRESENCE_DIFFS: &str = "switchboard_presence_diffs_total";
 
+/// Refusals by a limit (`MAX_CONNECTIONS_PER_ADDRESS`, …), label `limit`.
+pub const LIMIT_REFUSALS: &str = "switchboard_limit_refusals_total";
+
+/// `limit` label values of [`LIMIT_REFUSALS`].
+pub mod limit {
+    /// `MAX_CONNECTIONS`.
+    pub const CONNECTIONS_PER_NODE: &str = "connections_per_node";
+    /// `MAX_CONNECTIONS_PER_ADDRESS`.
+    pub const CONNECTIONS_PER_ADDRESS: &str = "connections_per_address";
+    /// `MAX_CONNECTIONS_PER_USER`.
+    pub const CONNECTIONS_PER_USER: &str = "connections_per_user";
+    /// `MAX_TOPICS_PER_NODE`.
+    pub const TOPICS_PER_NODE: &str = "topics_per_node";
+    /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`.
+    pub const SUBSCRIBE_RATE: &str = "subscribe_rate";
+}
+
 /// Label values of [`SOCKETIO_RECOVERIES`].
 pub mod recovery {
     /// Same `pid`: every subscription back, every missed publication replayed.
@@ -180,6 +197,10 @@ pub fn spawn_upkeep(handle: PrometheusHandle) {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(CONNECTIONS, "Open client connections, by transport.");
+    describe_counter!(
+        LIMIT_REFUSALS,
+        "Connections, subscriptions and subscribes refused by a limit, by limit."
+    );
     describe_counter!(
         CONNECTIONS_OPENED,
         "Client connections accepted, by transport."

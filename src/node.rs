@@ -176,6 +176,8 @@ struct Inner {
     sessions: TaskTracker,
     connections: AtomicUsize,
     proxy_connections: AtomicUsize,
+    /// Connections per client address and per user.
+    limits: Arc<crate::limits::Limits>,
     metrics: Option<PrometheusHandle>,
     /// Engine.IO sessions reachable by sid (long-polling, upgrades).
     engineio: crate::gateway::engineio::Sessions,
@@ -234,6 +236,7 @@ impl Node {
             config.history.clone(),
             Fanout::per_worker(config.websocket_flush_interval),
         );
+        hub.set_max_topics(config.max_topics_per_node);
         hub.spawn_dispatcher(inbound_rx);
         hub.spawn_checker(stop.clone());
         let webhooks = config
@@ -293,6 +296,7 @@ impl Node {
         let socketio_recovery = config
             .socketio_state_recovery
             .then(|| recovery::Registry::start(sio_sessions, config.history.ttl, stop.clone()));
+        let limits = crate::limits::Limits::new(&config);
         let node = Node {
             inner: Arc::new(Inner {
                 leadership: election.watch(),
@@ -308,6 +312,7 @@ impl Node {
                 sessions: TaskTracker::new(),
                 connections: AtomicUsize::new(0),
                 proxy_connections: AtomicUsize::new(0),
+                limits,
                 metrics,
                 engineio: Default::default(),
                 socketio_recovery,
@@ -442,6 +447,11 @@ impl Node {
     }
 
     /// Engine.IO sessions reachable by sid.
+    /// Connections per client address and per user (`MAX_CONNECTIONS_PER_*`).
+    pub fn limits(&self) -> &Arc<crate::limits::Limits> {
+        &self.inner.limits
+    }
+
     pub fn engineio(&self) -> &crate::gateway::engineio::Sessions {
         &self.inner.engineio
     }

@@ -159,8 +159,10 @@ impl Keys {
         }
     }
 
-    /// The last seq of `topic`'s occupancy transitions (kept a day), in the
-    /// slot of [`Keys::occupancy`].
+    /// The last seq of `topic`'s occupancy transitions, in the slot of
+    /// [`Keys::occupancy`]. Kept 10 s only: one key per topic a client ever
+    /// touched would let hostile clients grow Redis without bound (issue 26),
+    /// and after 10 s the Redis clock has moved past the last seq anyway.
     pub fn occupancy_seq(&self, topic: &str) -> String {
         if self.cluster {
             format!("{}:occupancy-seq:{{{topic}}}", self.prefix)

@@ -158,6 +158,22 @@ async fn watch(url: String, topic: &'static str, seen: Arc<Mutex<Seen>>, until: 
                 match m["type"].as_str() {
                     Some("subscribed") => seen.epoch = m["epoch"].as_str().unwrap().to_string(),
                     Some("event") => {
+                        if seen.epoch.starts_with('~') {
+                            // Subscribed before the first publication (a
+                            // pending epoch): the events are of the topic's
+                            // first epoch, which the node names.
+                            let addr = url.trim_start_matches("ws://").trim_end_matches("/ws");
+                            let (_, body) = common::http(
+                                addr,
+                                "GET",
+                                &format!("/api/history/{topic}"),
+                                None,
+                                &[],
+                            );
+                            if let Some(e) = body["data"]["epoch"].as_str() {
+                                seen.epoch = e.to_string();
+                            }
+                        }
                         let at = (seen.epoch.clone(), m["offset"].as_u64().unwrap());
                         seen.offsets.push(at);
                     }

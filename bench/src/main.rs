@@ -20,6 +20,7 @@
 //! - `report.rs`: the table, targets and Markdown;
 //! - `probe.rs`: the physical-limit probe (`write(2)` to N loopback sockets).
 
+mod abuse;
 mod hist;
 mod probe;
 mod procfs;
@@ -54,6 +55,11 @@ USAGE
   switchboard-bench probe [--pairs N] [--rate R] [--duration D] [--size B] [--label L] [--out F]
                                           CPU per write(2) of one frame to each of N
                                           loopback sockets (the receiving side drains)
+  switchboard-bench abuse --target HOST:PORT[,…] --redis HOST:PORT [--clients N] [--rate R]
+                    [--duration D] [--after D] [--pid NAME=PID]… [--label L] [--out F]
+                                          hostile clients subscribing to and unsubscribing
+                                          from new random topics; Redis used_memory, DBSIZE
+                                          and node RSS during and after, per client-second
   switchboard-bench report FILE.jsonl     Markdown tables of recorded results
   switchboard-bench free-port             print a free TCP port on 127.0.0.1
   switchboard-bench wait-ready [--timeout 60s] URL…
@@ -161,6 +167,7 @@ fn main() -> ExitCode {
             None => Err(anyhow::anyhow!("report needs a FILE.jsonl")),
         },
         Some("probe") => probe::main(&args[1..]).map(|_| ExitCode::SUCCESS),
+        Some("abuse") => abuse::main(&args[1..]).map(|_| ExitCode::SUCCESS),
         Some("idle" | "connect" | "fanout" | "maxrate" | "recovery") => {
             Opts::parse(&args).and_then(|o| coordinate(&o))
         }

@@ -967,10 +967,14 @@ export class Switchboard extends Emitter {
     const resubscribe = t.resubscribing === true;
     t.everConfirmed = true;
     let outcome = null;
-    if (wasRecovering && msg.recovered === true && msg.epoch === previous.epoch) {
+    // A pending epoch ("~…": subscribed before the topic's first
+    // publication) recovers into the topic's first epoch.
+    const continued = msg.epoch === previous.epoch || (previous.epoch?.startsWith("~") ?? false);
+    if (wasRecovering && msg.recovered === true && continued) {
       // Missed publications follow as ordinary events; the offset moves with
       // them. `from`..`to`: the offsets replayed, like a gap's (from > to:
       // nothing was missed).
+      t.epoch = msg.epoch;
       outcome = ["recovered", { from: previous.offset + 1, to: msg.offset, epoch: msg.epoch }];
     } else {
       if (hasHistory) {
@@ -1062,7 +1066,10 @@ export class Switchboard extends Emitter {
     if (!t) return;
     let name;
     let info;
-    if (t.epoch == null || msg.epoch === t.epoch) {
+    // A pending epoch ("~…", subscribed before the topic's first
+    // publication) is continued by the topic's first epoch: a gap in it is a
+    // plain gap, not a reset.
+    if (t.epoch == null || t.epoch.startsWith("~") || msg.epoch === t.epoch) {
       // Our position is in this epoch already: offsets from..to of it are lost.
       name = "gap";
       info = { from: msg.from, to: msg.to, epoch: msg.epoch };

@@ -179,7 +179,7 @@ local function next_seq(key)
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local last = tonumber(redis.call('GET', key) or '0')
   local seq = math.max(now, last + 1)
-  redis.call('SET', key, string.format('%.0f', seq), 'PX', 86400000)
+  redis.call('SET', key, string.format('%.0f', seq), 'PX', 10000)
   return seq
 end
 "

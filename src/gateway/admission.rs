@@ -11,6 +11,7 @@ use crate::api::ApiError;
 use crate::auth::{self, Identity};
 use crate::backend::HookError;
 use crate::backend::hooks::Hello;
+use crate::limits::{self, Limit, LimitError, Seat};
 use crate::node::Node;
 use crate::protocol;
 
@@ -40,11 +41,51 @@ pub fn capacity(node: &Node) -> Result<(), ApiError> {
     if let Some(max) = node.config().max_connections
         && node.total_connections() >= max
     {
+        limits::refused(Limit::ConnectionsPerNode, "the node is full");
         return Err(ApiError::Unavailable(format!(
             "this node is at its limit of {max} connections; try another node or later"
         )));
     }
     Ok(())
+}
+
+/// A connection's places under the per-address and per-user limits
+/// (`MAX_CONNECTIONS_PER_ADDRESS`, `MAX_CONNECTIONS_PER_USER`), held for
+/// its whole life and given back when dropped. Every transport takes them
+/// at admission: [`Seats::address`] first (cheap, before a token check or
+/// a connect hook call), then [`Seats::user`] once the user is known.
+#[derive(Debug, Default)]
+pub struct Seats {
+    _address: Option<Seat>,
+    _user: Option<Seat>,
+}
+
+impl Seats {
+    /// A seat for one more connection from the client address of a request
+    /// that came from `remote` with `headers` (`X-Forwarded-For` believed
+    /// only from `TRUSTED_PROXIES`). Refused with 429.
+    pub fn address(
+        node: &Node,
+        remote: Option<SocketAddr>,
+        headers: &HeaderMap,
+    ) -> Result<Seats, ApiError> {
+        let limits = node.limits();
+        let address = limits.client_address(remote, headers);
+        let seat = limits
+            .address_seat(address)
+            .map_err(|e| ApiError::TooManyRequests(e.to_string()))?;
+        Ok(Seats {
+            _address: seat,
+            _user: None,
+        })
+    }
+
+    /// Adds the seat of `identity`'s user (anonymous: none). Refused with
+    /// 429; the text is the client's error.
+    pub fn user(&mut self, node: &Node, identity: &Identity) -> Result<(), LimitError> {
+        self._user = node.limits().user_seat(identity.user())?;
+        Ok(())
+    }
 }
 
 /// Why a client was not admitted; each transport words it its own way

@@ -30,7 +30,9 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
+use crate::api::ApiError;
 use crate::backend::hooks::{Hello, transport};
+use crate::gateway::admission::Seats;
 use crate::gateway::outbox::{self, Heartbeat, Liveness, Outbox, WRITE_TIMEOUT, Writer, close};
 use crate::gateway::polling;
 use crate::gateway::recovery::Recovery;
@@ -134,10 +136,18 @@ pub(super) struct Handshake {
     /// socket keeps this for its whole life.
     headers: HeaderMap,
     remote: Option<SocketAddr>,
+    /// The session's place under `MAX_CONNECTIONS_PER_ADDRESS` (taken at
+    /// the handshake, before any upgrade), then `MAX_CONNECTIONS_PER_USER`
+    /// (at CONNECT); given back when the session ends.
+    pub(super) seats: Mutex<Seats>,
 }
 
 impl Handshake {
-    pub(super) fn of(node: &Node, req: &Request) -> Self {
+    /// The handshake of a new session, refused (429, the JSON error format)
+    /// when the client's address is at its connection limit.
+    pub(super) fn of(node: &Node, req: &Request) -> Result<Self, ApiError> {
+        let remote = crate::gateway::admission::remote_addr(req.extensions());
+        let seats = Seats::address(node, remote, req.headers())?;
         let mut headers = HeaderMap::new();
         if node.hooks().connect_enabled() {
             for name in &node.config().hooks.headers {
@@ -148,11 +158,12 @@ impl Handshake {
                 }
             }
         }
-        Handshake {
+        Ok(Handshake {
             token: crate::auth::token_from(req.headers(), req.uri().query()),
             headers,
-            remote: crate::gateway::admission::remote_addr(req.extensions()),
-        }
+            remote,
+            seats: Mutex::new(seats),
+        })
     }
 }
 
@@ -309,6 +320,7 @@ pub(super) async fn on_text(conn: &Arc<Conn>, st: &mut SocketState, text: &str) 
 /// its recovery record. `code`: the close the transport ended with.
 pub(super) async fn finish(conn: &Arc<Conn>, st: &mut SocketState, code: u16) {
     conn.node.engineio().remove(&conn.sid);
+    drop(std::mem::take(&mut *conn.handshake.seats.lock().unwrap()));
     conn.set_phase(Phase::Closed);
     conn.outbox.close_queue();
     let Some(s) = st.session.take() else {
@@ -347,7 +359,10 @@ pub fn opens_websocket(req: &Request) -> bool {
 
 /// Upgrades and runs a session that opens on websocket.
 pub async fn upgrade(node: Node, req: Request) -> Response {
-    let handshake = Handshake::of(&node, &req);
+    let handshake = match Handshake::of(&node, &req) {
+        Ok(handshake) => handshake,
+        Err(refusal) => return refusal.into_response(),
+    };
     let ws = match WebSocketUpgrade::from_request(req, &()).await {
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),

@@ -56,7 +56,10 @@ const LAST_POLL: Duration = Duration::from_secs(5);
 
 /// The handshake: a new session, answered with its OPEN packet.
 pub(super) fn open(node: Node, req: Request) -> Response {
-    let handshake = Handshake::of(&node, &req);
+    let handshake = match Handshake::of(&node, &req) {
+        Ok(handshake) => handshake,
+        Err(refusal) => return refusal.into_response(),
+    };
     let sid: Arc<str> = format!("{:032x}", rand::random::<u128>()).into();
     let conn = Conn::new(&node, handshake, Some(sid));
     let open = conn.open_packet(true);

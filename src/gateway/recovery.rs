@@ -461,6 +461,14 @@ impl Ledger {
             s.offset = Some(offset);
             return false;
         }
+        if crate::history::is_pending(&s.epoch) && !crate::history::is_pending(epoch) {
+            // The topic's first epoch: the slot's offsets continue into it
+            // (the record's pending epoch stands for it until the next
+            // write, `Range::continues`), so no reassignment.
+            s.epoch = epoch.clone();
+            s.offset = Some(offset);
+            return false;
+        }
         // The hub announces an epoch change as a gap first; should a
         // publication ever come without it, the slot restarts before it.
         s.epoch = epoch.clone();
@@ -477,6 +485,10 @@ impl Ledger {
         };
         if !s.history {
             return false;
+        }
+        if crate::history::is_pending(&s.epoch) && !crate::history::is_pending(&gap.epoch) {
+            // Lost offsets of the topic's first epoch: a plain gap of it.
+            s.epoch = gap.epoch.clone();
         }
         if s.epoch == gap.epoch {
             s.offset = Some(s.offset.unwrap_or(s.base).max(gap.to));
@@ -743,7 +755,7 @@ impl Recovery {
                 // publication after the position is there, all of them are.
                 let whole = match hub.history().read(&topic, since.offset, 1).await {
                     Ok(range) => {
-                        *range.epoch == *since.epoch
+                        range.continues(&since.epoch)
                             && since.offset <= range.top
                             && (since.offset == range.top
                                 || range
@@ -845,7 +857,11 @@ impl Recovery {
             if !(lost_anyway || o.recovered == Some(false)) {
                 return;
             }
-            let gap = if *p.epoch == *since.epoch {
+            // A record written before the topic's first publication names
+            // a pending epoch: the first epoch continues it.
+            let same = *p.epoch == *since.epoch
+                || crate::history::continues_into(&since.epoch, &p.epoch, 0, me.registry.inner.ttl);
+            let gap = if same {
                 GapRange {
                     from: since.offset + 1,
                     to: p.offset,

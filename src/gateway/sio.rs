@@ -60,6 +60,12 @@ pub struct Session {
     /// Cancelled when the socket is gone.
     pub gone: CancellationToken,
     bucket: Option<Mutex<TokenBucket>>,
+    /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`: the client's subscribes and
+    /// unsubscribes (the server's own and the back end's are not counted).
+    subscribes: Option<Mutex<TokenBucket>>,
+    /// The socket's place under `MAX_CONNECTIONS_PER_USER`, given back on
+    /// disconnect.
+    seat: Mutex<Option<crate::limits::Seat>>,
     /// Why the server is disconnecting this socket, for the metric.
     closing: Mutex<Option<&'static str>>,
     /// Its place in the node's client registry, ended on disconnect.
@@ -108,10 +114,15 @@ pub async fn open(
     if let Some(max) = node.config().max_connections
         && node.total_connections() >= max
     {
+        crate::limits::refused(crate::limits::Limit::ConnectionsPerNode, "the node is full");
         return Err(format!("this node is at its limit of {max} connections"));
     }
     let identity = crate::gateway::admission::identify(node, token, hello)
         .await
+        .map_err(|e| e.to_string())?;
+    let seat = node
+        .limits()
+        .user_seat(identity.user())
         .map_err(|e| e.to_string())?;
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::SOCKETIO).increment(1.0);
     metrics::counter!(m::CONNECTIONS_OPENED, "transport" => m::transport::SOCKETIO).increment(1);
@@ -127,6 +138,11 @@ pub async fn open(
             .config()
             .rate_limit
             .map(|l| Mutex::new(TokenBucket::new(l))),
+        subscribes: node
+            .config()
+            .subscribe_rate_limit
+            .map(|l| Mutex::new(TokenBucket::new(l))),
+        seat: Mutex::new(seat),
         closing: Mutex::new(None),
         registration: Mutex::new(None),
     }))
@@ -667,6 +683,12 @@ async fn subscribe(
         Ok(r) => r,
         Err(e) => return reply(&**peer, ack, Err(e), named_topic(&data).as_deref()),
     };
+    if let Some(bucket) = &s.subscribes
+        && !bucket.lock().unwrap().take()
+    {
+        let e = crate::limits::subscribe_rate_refusal(node, &request.topic);
+        return reply(&**peer, ack, Err(e), Some(&request.topic));
+    }
     let identity = s.identity();
     if let Err(denial) = node
         .hooks()
@@ -708,6 +730,10 @@ async fn unsubscribe(
     data: Result<Value, String>,
     ack: Ack,
 ) {
+    if let Some(bucket) = &s.subscribes {
+        // Counted, never refused: leaving a topic must always work.
+        bucket.lock().unwrap().take();
+    }
     let res = match topic_arg(&data) {
         Ok(topic) => {
             let was = s.topics.lock().unwrap().remove(&topic);
@@ -980,6 +1006,7 @@ pub async fn expire_when_due(peer: Arc<dyn Peer>, s: Arc<Session>) {
 /// The socket is gone: leave its topics, count it with `reason`.
 pub async fn disconnected(s: &Session, node: &Node, reason: &'static str) {
     s.gone.cancel();
+    drop(s.seat.lock().unwrap().take());
     let registration = s.registration.lock().unwrap().take();
     if let Some(r) = registration {
         r.end(reason);

@@ -50,7 +50,7 @@ use crate::auth::{self, Identity};
 use crate::backend::hooks::{Hello, transport};
 use crate::backend::{Caller, Denial};
 use crate::clients::{ClientInfo, Command, Mailbox, Registration, Target};
-use crate::gateway::admission::{self, capacity, identify};
+use crate::gateway::admission::{self, Seats, capacity, identify};
 use crate::gateway::outbox::{Outbox, WRITE_TIMEOUT, close};
 use crate::history::GapRange;
 use crate::hub::{ConnId, Delivery, Outcome, Publication, Subscribed, Subscriber};
@@ -528,9 +528,15 @@ async fn start(
     let config = node.config().clone();
     let topics = topics(path_topic, query, config.max_subscriptions)?;
     capacity(&node)?;
+    // The per-address and per-user limits, as for a WebSocket: held for
+    // the stream's life.
+    let mut seats = Seats::address(&node, admission::remote_addr(extensions), headers)?;
     let id = crate::hub::new_conn_id();
     let client_id = format!("{id:016x}");
     let identity = who(&node, &client_id, headers, query, extensions).await?;
+    seats
+        .user(&node, &identity)
+        .map_err(|e| ApiError::TooManyRequests(e.to_string()))?;
     for topic in &topics {
         node.hooks()
             .authorize_subscribe(caller(&client_id, &identity), &identity, topic, None)
@@ -608,6 +614,7 @@ async fn start(
         stream,
         topics: HashSet::new(),
         identity,
+        _seats: seats,
     };
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::SSE).increment(1.0);
     metrics::counter!(m::CONNECTIONS_OPENED, "transport" => m::transport::SSE).increment(1);
@@ -647,6 +654,8 @@ struct Session {
     stream: Arc<Stream>,
     topics: HashSet<String>,
     identity: Identity,
+    /// Given back when the session ends.
+    _seats: Seats,
 }
 
 async fn run(

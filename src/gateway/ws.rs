@@ -24,10 +24,12 @@ use crate::auth::{self, Identity};
 use crate::backend::hooks::{Hello, transport};
 use crate::backend::{Caller, Denial, HookError};
 use crate::config::RateLimit;
-use crate::gateway::admission::{self, capacity, identify};
+use crate::gateway::admission::{self, Seats, capacity, identify};
 use crate::gateway::outbox::{self, Heartbeat, Liveness, Outbox, WRITE_TIMEOUT, Writer};
 use crate::history::GapRange;
-use crate::hub::{ConnId, Delivery, Outcome, Publication, PublishError, Subscribed, Subscriber};
+use crate::hub::{
+    ConnId, Delivery, HubError, Outcome, Publication, PublishError, Subscribed, Subscriber,
+};
 use crate::metrics as m;
 use crate::node::Node;
 use crate::protocol::{self, ClientMessage, ProtocolError, ServerMessage, Since};
@@ -49,7 +51,7 @@ pub async fn upgrade(
     let id = crate::hub::new_conn_id();
     let remote = admission::remote_addr(&extensions);
     match admit_native(&node, &headers, query.as_deref(), id, remote).await {
-        Ok(identity) => accept(node, ws, id, identity, None, compact),
+        Ok((identity, seats)) => accept(node, ws, id, (identity, seats), None, compact),
         Err(refusal) => refusal.into_response(),
     }
 }
@@ -101,8 +103,9 @@ pub async fn upgrade_topic(
     };
     let id = crate::hub::new_conn_id();
     let remote = admission::remote_addr(&extensions);
-    let identity = match admit_native(&node, &headers, query.as_deref(), id, remote).await {
-        Ok(identity) => identity,
+    let (identity, seats) = match admit_native(&node, &headers, query.as_deref(), id, remote).await
+    {
+        Ok(admitted) => admitted,
         Err(refusal) => return refusal.into_response(),
     };
     let client = format!("{id:016x}");
@@ -120,19 +123,21 @@ pub async fn upgrade_topic(
         }
         .into_response();
     }
-    accept(node, ws, id, identity, Some(topic), compact)
+    accept(node, ws, id, (identity, seats), Some(topic), compact)
 }
 
-/// Admission of a native client: the drain and connection limit, then its
-/// token or the connect hook (with `?data=`), before the upgrade.
+/// Admission of a native client: the drain and connection limit, the
+/// per-address limit, then its token or the connect hook (with `?data=`)
+/// and the per-user limit, all before the upgrade.
 async fn admit_native(
     node: &Node,
     headers: &axum::http::HeaderMap,
     query: Option<&str>,
     id: ConnId,
     remote: Option<SocketAddr>,
-) -> Result<Identity, ApiError> {
+) -> Result<(Identity, Seats), ApiError> {
     capacity(node)?;
+    let mut seats = Seats::address(node, remote, headers)?;
     let token = auth::token_from(headers, query);
     let asks_hook =
         node.hooks().connect_enabled() && node.config().auth.wants_hook(token.as_deref());
@@ -149,7 +154,11 @@ async fn admit_native(
         headers,
         data: data.as_deref(),
     };
-    Ok(identify(node, token.as_deref(), hello).await?)
+    let identity = identify(node, token.as_deref(), hello).await?;
+    seats
+        .user(node, &identity)
+        .map_err(|e| ApiError::TooManyRequests(e.to_string()))?;
+    Ok((identity, seats))
 }
 
 /// Who a native connection is, for the back end.
@@ -162,17 +171,19 @@ fn caller<'a>(client: &'a str, identity: &'a Identity) -> Caller<'a> {
     }
 }
 
+/// Upgrades an admitted client; its seats are held until the session ends.
 fn accept(
     node: Node,
     ws: WebSocketUpgrade,
     id: ConnId,
-    identity: Identity,
+    (identity, seats): (Identity, Seats),
     topic: Option<String>,
     compact: bool,
 ) -> Response {
     let n = node.clone();
-    outbox::upgrade(&n, ws, move |socket| {
-        run(node, socket, id, identity, topic, compact)
+    outbox::upgrade(&n, ws, move |socket| async move {
+        run(node, socket, id, identity, topic, compact).await;
+        drop(seats);
     })
 }
 
@@ -305,6 +316,7 @@ async fn run(
         topics: HashSet::new(),
         identity,
         bucket: config.rate_limit.map(TokenBucket::new),
+        subscribes: config.subscribe_rate_limit.map(TokenBucket::new),
     };
     if let Some(topic) = initial_topic {
         // Allowed before the upgrade (the subscribe hook included).
@@ -441,6 +453,9 @@ struct Session {
     topics: HashSet<String>,
     identity: Identity,
     bucket: Option<TokenBucket>,
+    /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`: the client's subscribes and
+    /// unsubscribes (the back end's and the path's topic are not counted).
+    subscribes: Option<TokenBucket>,
 }
 
 /// Per-connection message rate limit; owned by the reader, so no locking.
@@ -551,10 +566,26 @@ impl Session {
                 data,
                 presence,
             }) => {
+                if let Some(bucket) = &mut self.subscribes
+                    && !bucket.take()
+                {
+                    let e = crate::limits::subscribe_rate_refusal(&self.node, &event);
+                    self.outbox.error_reply(
+                        Some("subscribe"),
+                        e,
+                        "subscribe_rate_limited",
+                        Some(&event),
+                    );
+                    return "subscribe";
+                }
                 self.subscribe(event, since, data, presence).await;
                 "subscribe"
             }
             Ok(ClientMessage::Unsubscribe { event }) => {
+                if let Some(bucket) = &mut self.subscribes {
+                    // Counted, never refused: leaving a topic must always work.
+                    bucket.take();
+                }
                 if self.topics.remove(&event) {
                     self.node.hub().unsubscribe(&event, self.id).await;
                     self.node.presence().left(&event, &self.client_id);
@@ -865,6 +896,14 @@ impl Session {
                     watcher,
                 );
                 self.topics.insert(topic);
+            }
+            Err(err @ HubError::TopicLimit(_)) => {
+                self.outbox.error_reply(
+                    Some("subscribe"),
+                    format!("could not subscribe to \"{topic}\": {err}"),
+                    "topic_limit",
+                    Some(&topic),
+                );
             }
             Err(err) => {
                 tracing::warn!(topic, cause = %err, "subscribe failed");

@@ -3,7 +3,8 @@
 //! Same semantics as Redis: offsets without holes, an epoch per topic that
 //! is new whenever the topic's history is lost (here: a new process, or the
 //! topic idle past `HISTORY_TTL_MS`), data kept `HISTORY_TTL_MS` after the
-//! last publication, the epoch kept alive while the topic is read.
+//! last publication, the epoch kept alive while the topic is read, and a
+//! read of a topic without an epoch stores nothing (a pending epoch).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -20,6 +21,9 @@ pub struct MemoryHistory {
     backplane: Arc<dyn Backplane>,
     size: usize,
     ttl: Duration,
+    /// When this history began (ms since the Unix epoch): a pending position
+    /// from before was handed out by another process, whose epochs are lost.
+    started: u64,
     /// An async lock: a publication is appended and handed to the backplane
     /// under it, so offsets reach the hub in order. Only publishers of this
     /// one embedded node take it; the backplane send does not wait unless the
@@ -49,14 +53,14 @@ impl MemoryHistory {
             backplane,
             size: config.size,
             ttl: config.ttl,
+            started: super::now_ms(),
             topics: tokio::sync::Mutex::new(Topics::default()),
         }
     }
 }
 
 impl Topics {
-    /// The topic's ring, new (with a new epoch) when it never existed or expired.
-    fn ring(&mut self, topic: &str, now: Instant, ttl: Duration) -> &mut Ring {
+    fn sweep(&mut self, now: Instant) {
         if self
             .swept
             .is_none_or(|t| now.duration_since(t) > Duration::from_secs(60))
@@ -64,27 +68,57 @@ impl Topics {
             self.map.retain(|_, r| r.meta_until > now);
             self.swept = Some(now);
         }
-        let ring = self.map.entry(topic.to_string()).or_insert_with(|| Ring {
-            epoch: super::new_epoch(),
+    }
+
+    /// The topic's ring, new (with a new epoch) when it never existed or
+    /// expired: what a publication writes to.
+    fn ring(&mut self, topic: &str, now: Instant, ttl: Duration) -> &mut Ring {
+        self.sweep(now);
+        let fresh = || Ring {
+            epoch: super::new_epoch(super::now_ms()),
             top: 0,
             entries: VecDeque::new(),
             data_until: now + ttl,
             meta_until: now + ttl,
-        });
+        };
+        let ring = self.map.entry(topic.to_string()).or_insert_with(fresh);
         if ring.meta_until <= now {
-            *ring = Ring {
-                epoch: super::new_epoch(),
-                top: 0,
-                entries: VecDeque::new(),
-                data_until: now + ttl,
-                meta_until: now + ttl,
-            };
+            *ring = fresh();
         }
         if ring.data_until <= now {
             ring.entries.clear();
         }
         ring.meta_until = ring.meta_until.max(now + ttl);
         ring
+    }
+
+    /// The topic's live ring for a read (its epoch kept alive), `None`
+    /// when it has no epoch: a read creates nothing.
+    fn existing(&mut self, topic: &str, now: Instant, ttl: Duration) -> Option<&mut Ring> {
+        self.sweep(now);
+        let ring = self.map.get_mut(topic).filter(|r| r.meta_until > now)?;
+        if ring.data_until <= now {
+            ring.entries.clear();
+        }
+        ring.meta_until = ring.meta_until.max(now + ttl);
+        Some(ring)
+    }
+}
+
+impl MemoryHistory {
+    /// A range of `ring`, or the pending one of a topic without an epoch.
+    fn range(&self, ring: Option<&mut Ring>, entries: impl FnOnce(&Ring) -> Vec<Stored>) -> Range {
+        let (epoch, top, entries) = match ring {
+            Some(r) => (r.epoch.clone(), r.top, entries(r)),
+            None => (super::pending_epoch(super::now_ms()), 0, Vec::new()),
+        };
+        Range {
+            epoch,
+            top,
+            entries,
+            floor: self.started,
+            ttl: self.ttl,
+        }
     }
 }
 
@@ -129,31 +163,23 @@ impl History for MemoryHistory {
     ) -> BoxFuture<'a, Result<Range, HistoryError>> {
         Box::pin(async move {
             let mut topics = self.topics.lock().await;
-            let ring = topics.ring(topic, Instant::now(), self.ttl);
-            let entries = ring
-                .entries
-                .iter()
-                .filter(|e| e.offset > since)
-                .take(limit)
-                .cloned()
-                .collect();
-            Ok(Range {
-                epoch: ring.epoch.clone(),
-                top: ring.top,
-                entries,
-            })
+            let ring = topics.existing(topic, Instant::now(), self.ttl);
+            Ok(self.range(ring, |r| {
+                r.entries
+                    .iter()
+                    .filter(|e| e.offset > since)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            }))
         })
     }
 
     fn latest<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Range, HistoryError>> {
         Box::pin(async move {
             let mut topics = self.topics.lock().await;
-            let ring = topics.ring(topic, Instant::now(), self.ttl);
-            Ok(Range {
-                epoch: ring.epoch.clone(),
-                top: ring.top,
-                entries: ring.entries.back().cloned().into_iter().collect(),
-            })
+            let ring = topics.existing(topic, Instant::now(), self.ttl);
+            Ok(self.range(ring, |r| r.entries.back().cloned().into_iter().collect()))
         })
     }
 }
@@ -183,16 +209,24 @@ mod tests {
     #[tokio::test]
     async fn offsets_count_up_and_the_ring_is_bounded() {
         let (h, _rx) = history(3);
-        let first = h.read("t", 0, 10).await.unwrap();
-        assert_eq!(first.top, 0);
+        let pending = h.read("t", 0, 10).await.unwrap();
+        assert_eq!(pending.top, 0);
+        assert!(super::super::is_pending(&pending.epoch));
+        assert!(
+            h.topics.lock().await.map.is_empty(),
+            "a read stores nothing"
+        );
+        let mut first = None;
         for i in 1..=5u64 {
             let p = h.publish("t", format!(r#"{{"data":{i}}}"#)).await.unwrap();
             assert_eq!(p.offset, i);
-            assert_eq!(
-                p.epoch, first.epoch,
-                "the epoch announced before the first publication"
-            );
+            assert_eq!(p.epoch, *first.get_or_insert(p.epoch.clone()));
         }
+        let first = h.read("t", 0, 0).await.unwrap();
+        assert!(
+            first.continues(&pending.epoch),
+            "the read before the first publication"
+        );
         let r = h.read("t", 0, 10).await.unwrap();
         assert_eq!(r.top, 5);
         assert_eq!(

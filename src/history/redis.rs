@@ -9,6 +9,8 @@
 //! Cluster slot, the one a cluster-aware client routes `<topic>` to:
 //! `{prefix}:history:{<topic>}` (a stream; entry ID = offset) and
 //! `{prefix}:history-meta:{<topic>}` (a hash: `e` epoch, `s` top offset).
+//! Only `switchboard_publish` creates them: `switchboard_history` on a topic
+//! without them answers a pending epoch and writes nothing.
 
 use std::sync::Arc;
 
@@ -23,7 +25,10 @@ use crate::redis::{Keys, Redis, RedisError};
 /// The library, with `__SIZE__`, `__TTL__`, `__MAX_DEPTH__`, `__PATTERNS__`
 /// and `__SHARDED__` filled in from the loading node's settings.
 const LIBRARY: &str = r#"#!lua name=switchboard
--- Switchboard history functions (src/history/redis.rs). Every node loads this
+-- Switchboard history functions, library version 2 (src/history/redis.rs).
+-- Version 2: reads create no key (a topic without an epoch is read as the
+-- pending epoch '~<ms base 36>'); epochs are '<ms base 36>.<random>'.
+-- Every node loads this
 -- library with FUNCTION LOAD REPLACE at start and after each reconnect; the
 -- settings below are the loading node's HISTORY_SIZE, HISTORY_TTL_MS and
 -- HISTORY_TOPICS, so all nodes of a deployment must share them.
@@ -79,11 +84,20 @@ local function b36(n)
   return s
 end
 
--- A new epoch: the server clock (so a Redis that restarted empty never hands
--- out an earlier epoch again) plus a random part.
-local function new_epoch()
+-- Milliseconds since the Unix epoch, by the server clock (the clock of
+-- the topic's shard: pending epochs and epochs are compared by it).
+local function now_ms()
   local t = redis.call('TIME')
-  return b36(tonumber(t[1])) .. b36(tonumber(t[2])) .. b36(math.random(0, 1295))
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- A new epoch: its creation time (so a Redis that restarted empty never
+-- hands out an earlier epoch again, and a pending position can be compared
+-- with it), a dot and a random part.
+local function new_epoch()
+  local r = ''
+  for _ = 1, 4 do r = r .. b36(math.random(0, 35)) end
+  return b36(now_ms()) .. '.' .. r
 end
 
 local function meta_of(meta)
@@ -156,7 +170,12 @@ end
 local function history(keys, args)
   local topic, since, limit, prefix = keys[1], args[1], tonumber(args[2]) or 0, args[3] or 'switchboard'
   local stream, meta = names(topic, prefix)
-  local epoch, top = meta_of(meta)
+  local m = redis.call('HMGET', meta, 'e', 's')
+  if not m[1] then
+    -- No epoch (never published, or expired): a read writes nothing.
+    return {'~' .. b36(now_ms()), 0}
+  end
+  local epoch, top = m[1], tonumber(m[2])
   redis.call('PEXPIRE', meta, TTL)
   local out = {epoch, top}
   local entries = {}
@@ -211,6 +230,7 @@ pub struct RedisHistory {
     redis: Redis,
     keys: Keys,
     library: String,
+    ttl: std::time::Duration,
 }
 
 impl RedisHistory {
@@ -223,6 +243,7 @@ impl RedisHistory {
     ) -> Arc<Self> {
         let history = Arc::new(Self {
             library: library(config, keys.sharded()),
+            ttl: config.ttl,
             redis,
             keys,
         });
@@ -286,7 +307,7 @@ impl RedisHistory {
                 &[since, &limit, self.keys.prefix()],
             )
             .await?;
-        parse_range(reply)
+        parse_range(reply, self.ttl)
             .ok_or_else(|| HistoryError::Unavailable("unexpected history reply".into()))
     }
 }
@@ -300,7 +321,7 @@ fn number(b: &[u8]) -> Option<u64> {
 }
 
 /// `{epoch, top, id, payload, …}` with ids `N-0`.
-fn parse_range(reply: Vec<Bytes>) -> Option<Range> {
+fn parse_range(reply: Vec<Bytes>, ttl: std::time::Duration) -> Option<Range> {
     let mut it = reply.into_iter();
     let epoch = String::from_utf8(it.next()?.to_vec()).ok()?;
     let top = number(&it.next()?)?;
@@ -314,6 +335,9 @@ fn parse_range(reply: Vec<Bytes>) -> Option<Range> {
         epoch: Arc::from(epoch),
         top,
         entries,
+        // A Redis that lost its data says nothing about it to a read.
+        floor: 0,
+        ttl,
     })
 }
 
@@ -377,8 +401,13 @@ mod tests {
 
     #[test]
     fn range_replies() {
-        let r = parse_range(vec!["ep".into(), "7".into(), "6-0".into(), "{}".into()]).unwrap();
+        let ttl = std::time::Duration::from_secs(1);
+        let r = parse_range(
+            vec!["ep".into(), "7".into(), "6-0".into(), "{}".into()],
+            ttl,
+        )
+        .unwrap();
         assert_eq!((&*r.epoch, r.top, r.entries[0].offset), ("ep", 7, 6));
-        assert!(parse_range(vec!["ep".into()]).is_none());
+        assert!(parse_range(vec!["ep".into()], ttl).is_none());
     }
 }

@@ -257,6 +257,33 @@ impl Dispatcher {
                 let Some(seq) = self.sequences.get(&topic) else {
                     return;
                 };
+                if history::is_pending(&range.epoch) && history::is_pending(&seq.epoch) {
+                    return; // Still no epoch: nothing to compare.
+                }
+                if history::is_pending(&range.epoch)
+                    && let (Some(read), Some(created)) = (
+                        history::epoch_time(&range.epoch),
+                        history::epoch_time(&seq.epoch),
+                    )
+                    && created >= read
+                {
+                    // Read before the topic's first publication, which came
+                    // since: nothing lost.
+                    return;
+                }
+                if history::is_pending(&seq.epoch) {
+                    // The topic's first epoch, whose publications this node
+                    // was subscribed for: from offset 1 on, no reset.
+                    self.sequences.insert(
+                        topic.clone(),
+                        Sequence {
+                            epoch: range.epoch.clone(),
+                            last: range.top,
+                        },
+                    );
+                    self.fill(&topic, &range.epoch, 1, range.top, None).await;
+                    return;
+                }
                 if seq.epoch == range.epoch {
                     if range.top > seq.last {
                         let from = seq.last + 1;
@@ -432,7 +459,12 @@ mod tests {
         .unwrap();
         let before = told.lock().unwrap().clone().unwrap();
         assert_eq!(before.position.as_ref().unwrap().offset, 0);
+        assert!(
+            history::is_pending(&before.position.as_ref().unwrap().epoch),
+            "no epoch before the first publication"
+        );
         assert_eq!(before.recovered, None);
+        let mut epoch = None;
         for i in 1..=5 {
             let p = hub
                 .publish("h.x", "h.x", &raw(&i.to_string()))
@@ -440,16 +472,22 @@ mod tests {
                 .unwrap()
                 .unwrap();
             assert_eq!(p.offset, i);
-            assert_eq!(
-                p.epoch,
-                before.position.as_ref().unwrap().epoch,
-                "announced epoch"
-            );
+            assert_eq!(p.epoch, *epoch.get_or_insert(p.epoch.clone()));
         }
         settle().await;
-        assert_eq!(first.offsets(), [1, 2, 3, 4, 5]);
+        assert_eq!(
+            first.offsets(),
+            [1, 2, 3, 4, 5],
+            "the first epoch is no gap"
+        );
+        // A position taken before the first publication recovers all of it.
+        let pending = before.position.unwrap().epoch.to_string();
+        let early = subscribe_recording(&hub, 4, Some((0, &pending))).await;
+        assert_eq!(early.frames.lock().unwrap()[0], "subscribed Some(true)");
+        assert_eq!(early.offsets(), [1, 2, 3, 4, 5]);
+        hub.unsubscribe("h.x", 4).await;
         // A client that saw up to 2 recovers 3..5, then receives live ones.
-        let epoch = before.position.unwrap().epoch.to_string();
+        let epoch = epoch.unwrap().to_string();
         let late = subscribe_recording(&hub, 2, Some((2, &epoch))).await;
         hub.publish("h.x", "h.x", &raw("6")).await.unwrap();
         settle().await;

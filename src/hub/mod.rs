@@ -115,6 +115,12 @@ pub enum HubError {
     Backplane(#[from] BackplaneError),
     #[error("could not read the topic's history: {0}")]
     History(#[from] HistoryError),
+    /// `MAX_TOPICS_PER_NODE`: the topic is new to this node and the node
+    /// holds as many as it may.
+    #[error(
+        "this node is at its limit of {0} topics (MAX_TOPICS_PER_NODE): subscribing to a topic it does not hold yet is refused; try again later"
+    )]
+    TopicLimit(usize),
 }
 
 /// Why a publication was not accepted.
@@ -269,6 +275,10 @@ struct Inner {
     control: mpsc::Sender<Control>,
     control_rx: Mutex<Option<mpsc::Receiver<Control>>>,
     observer: OnceLock<Observer>,
+    /// `MAX_TOPICS_PER_NODE` (0: unlimited): topics the map may hold,
+    /// lingering empty ones included (they hold memory and a backplane
+    /// subscription too).
+    max_topics: AtomicUsize,
 }
 
 /// Work for the dispatcher besides publications.
@@ -324,6 +334,7 @@ impl Hub {
                 control,
                 control_rx: Mutex::new(Some(control_rx)),
                 observer: OnceLock::new(),
+                max_topics: AtomicUsize::new(0),
             }),
         }
     }
@@ -344,6 +355,13 @@ impl Hub {
     /// `HISTORY_SIZE`: the most a read of one topic can return.
     pub fn history_size(&self) -> usize {
         self.inner.history_config.size
+    }
+
+    /// Sets `MAX_TOPICS_PER_NODE` (`None`: unlimited).
+    pub fn set_max_topics(&self, max: Option<usize>) {
+        self.inner
+            .max_topics
+            .store(max.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Sets the observer of client occupancy (once).
@@ -402,12 +420,23 @@ impl Hub {
                         })
                     }),
                 };
+                let max_topics = self.inner.max_topics.load(Ordering::Relaxed);
+                let full = id != INTERNAL && max_topics > 0 && topics.len() >= max_topics;
                 match topics.get_mut(topic) {
                     Some(subs) if subs.contains(id) => Err(subs.id),
                     Some(subs) => {
                         subs.insert(id, member);
                         self.observe(topic, id, subs.clients(), true);
                         Ok((false, subs.id))
+                    }
+                    None if full => {
+                        let max = max_topics;
+                        drop(topics);
+                        crate::limits::refused(
+                            crate::limits::Limit::TopicsPerNode,
+                            &format!("the node holds {max} topics"),
+                        );
+                        return Err(HubError::TopicLimit(max));
                     }
                     None => {
                         let topic_id = self.inner.topic_ids.fetch_add(1, Ordering::Relaxed);

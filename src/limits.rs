@@ -1,0 +1,383 @@
+//! What one client address, one user or one connection may make a node
+//! hold, whatever transport it comes by: connections per address
+//! (`MAX_CONNECTIONS_PER_ADDRESS`, the address behind `TRUSTED_PROXIES`
+//! from `X-Forwarded-For`), connections per user (`MAX_CONNECTIONS_PER_USER`),
+//! and the refusals of every limit (these, `MAX_CONNECTIONS`,
+//! `MAX_TOPICS_PER_NODE`, the subscribe rate): one metric
+//! (`switchboard_limit_refusals_total{limit}`) and a log line that is itself
+//! rate limited, so a flood of refusals cannot flood the log.
+//!
+//! Transports take a [`Seat`] at admission (before the upgrade where they
+//! can) and keep it for the connection's life; dropping it gives it back.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+
+use crate::config::{Cidr, Config};
+use crate::metrics as m;
+
+/// A limit that refused something (the metric's `limit` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `MAX_CONNECTIONS`.
+    ConnectionsPerNode,
+    /// `MAX_CONNECTIONS_PER_ADDRESS`.
+    ConnectionsPerAddress,
+    /// `MAX_CONNECTIONS_PER_USER`.
+    ConnectionsPerUser,
+    /// `MAX_TOPICS_PER_NODE`.
+    TopicsPerNode,
+    /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`.
+    SubscribeRate,
+}
+
+impl Limit {
+    const ALL: [Limit; 5] = [
+        Limit::ConnectionsPerNode,
+        Limit::ConnectionsPerAddress,
+        Limit::ConnectionsPerUser,
+        Limit::TopicsPerNode,
+        Limit::SubscribeRate,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::ConnectionsPerNode => m::limit::CONNECTIONS_PER_NODE,
+            Limit::ConnectionsPerAddress => m::limit::CONNECTIONS_PER_ADDRESS,
+            Limit::ConnectionsPerUser => m::limit::CONNECTIONS_PER_USER,
+            Limit::TopicsPerNode => m::limit::TOPICS_PER_NODE,
+            Limit::SubscribeRate => m::limit::SUBSCRIBE_RATE,
+        }
+    }
+
+    fn index(self) -> usize {
+        Limit::ALL.iter().position(|l| *l == self).unwrap_or(0)
+    }
+}
+
+/// How often each limit may log a refusal; the ones in between are counted
+/// and reported with the next line.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Counts a refusal by `limit` and logs it, at most once per [`LOG_EVERY`]
+/// per limit (`detail` must not name an unbounded number of things the
+/// operator cannot act on; it is only in the log).
+pub fn refused(limit: Limit, detail: &str) {
+    metrics::counter!(m::LIMIT_REFUSALS, "limit" => limit.label()).increment(1);
+    static LOGS: OnceLock<[(AtomicU64, AtomicU64); 5]> = OnceLock::new();
+    static START: OnceLock<Instant> = OnceLock::new();
+    let logs = LOGS.get_or_init(Default::default);
+    let (last, suppressed) = &logs[limit.index()];
+    let every = LOG_EVERY.as_millis() as u64;
+    // Offset by one period, so the very first refusal is logged.
+    let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + every;
+    let then = last.load(Ordering::Relaxed);
+    if now.saturating_sub(then) >= every
+        && last
+            .compare_exchange(then, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let suppressed = suppressed.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            limit = limit.label(),
+            suppressed,
+            "refused by a limit: {detail} (further refusals of this limit within 10 s are only counted)"
+        );
+    } else {
+        suppressed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts and logs a subscribe refused by `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`;
+/// the text is the client's error.
+pub fn subscribe_rate_refusal(node: &crate::node::Node, topic: &str) -> String {
+    refused(Limit::SubscribeRate, "a connection subscribes too fast");
+    let (rate, burst) = node
+        .config()
+        .subscribe_rate_limit
+        .map_or((0.0, 0.0), |l| (l.per_second, l.burst));
+    format!(
+        "subscribe rate limit of {rate} per second (burst {burst}, WEBSOCKET_SUBSCRIBE_RATE_LIMIT) exceeded: \"{topic}\" was not subscribed; try again later"
+    )
+}
+
+/// A connection refused by a per-address or per-user limit; the text is
+/// what the client is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error(
+        "too many connections from this address: at most {0} per address (MAX_CONNECTIONS_PER_ADDRESS); close some or try again later"
+    )]
+    Address(usize),
+    #[error(
+        "too many connections for this user: at most {0} per user (MAX_CONNECTIONS_PER_USER); close some or try again later"
+    )]
+    User(usize),
+}
+
+/// Open connections per client address and per user on this node.
+#[derive(Debug)]
+pub struct Limits {
+    per_address: Option<usize>,
+    per_user: Option<usize>,
+    trusted: Vec<Cidr>,
+    /// std Mutex: held only to count, never across `.await`.
+    counts: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    addresses: HashMap<IpAddr, usize>,
+    users: HashMap<Arc<str>, usize>,
+}
+
+#[derive(Debug)]
+enum Key {
+    Address(IpAddr),
+    User(Arc<str>),
+}
+
+/// One connection's place under a per-address or per-user limit, given
+/// back when dropped.
+#[derive(Debug)]
+pub struct Seat {
+    limits: Arc<Limits>,
+    key: Key,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let mut counts = self.limits.counts.lock().unwrap();
+        match &self.key {
+            Key::Address(ip) => release(&mut counts.addresses, ip),
+            Key::User(user) => release(&mut counts.users, user),
+        }
+    }
+}
+
+/// One fewer; the entry goes with the last one (the maps hold only what is open).
+fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    match map.get_mut(key) {
+        Some(n) if *n > 1 => *n -= 1,
+        _ => {
+            map.remove(key);
+        }
+    }
+}
+
+impl Limits {
+    pub fn new(config: &Config) -> Arc<Self> {
+        Arc::new(Limits {
+            per_address: config.max_connections_per_address,
+            per_user: config.max_connections_per_user,
+            trusted: config.trusted_proxies.clone(),
+            counts: Mutex::new(Counts::default()),
+        })
+    }
+
+    /// The client's address: the peer's, or when the peer is a trusted
+    /// proxy (`TRUSTED_PROXIES`) the nearest address in `X-Forwarded-For`
+    /// that is not one (read from the right: entries further left are the
+    /// client's own say and could be anything).
+    pub fn client_address(
+        &self,
+        remote: Option<SocketAddr>,
+        headers: &HeaderMap,
+    ) -> Option<IpAddr> {
+        let mut ip = canonical(remote?.ip());
+        if !self.is_trusted(ip) {
+            return Some(ip);
+        }
+        let hops: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect();
+        for hop in hops.iter().rev() {
+            let Ok(hop) = hop.trim().parse::<IpAddr>() else {
+                break; // Garbage: trust no further.
+            };
+            ip = canonical(hop);
+            if !self.is_trusted(ip) {
+                break;
+            }
+        }
+        Some(ip)
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|c| c.contains(ip))
+    }
+
+    /// A seat for one more connection from `address` (`None`: unknown,
+    /// in-process routers; not counted).
+    pub fn address_seat(
+        self: &Arc<Self>,
+        address: Option<IpAddr>,
+    ) -> Result<Option<Seat>, LimitError> {
+        let (Some(max), Some(address)) = (self.per_address, address) else {
+            return Ok(None);
+        };
+        let key = group(address);
+        let mut counts = self.counts.lock().unwrap();
+        let n = counts.addresses.entry(key).or_default();
+        if *n >= max {
+            drop(counts);
+            refused(
+                Limit::ConnectionsPerAddress,
+                &format!("{key} has {max} connections"),
+            );
+            return Err(LimitError::Address(max));
+        }
+        *n += 1;
+        Ok(Some(Seat {
+            limits: self.clone(),
+            key: Key::Address(key),
+        }))
+    }
+
+    /// A seat for one more connection of `user` (`""`, anonymous: not
+    /// counted per user; the address limit covers them).
+    pub fn user_seat(self: &Arc<Self>, user: &str) -> Result<Option<Seat>, LimitError> {
+        let Some(max) = self.per_user.filter(|_| !user.is_empty()) else {
+            return Ok(None);
+        };
+        let mut counts = self.counts.lock().unwrap();
+        if let Some(n) = counts.users.get_mut(user) {
+            if *n >= max {
+                drop(counts);
+                refused(Limit::ConnectionsPerUser, "a user is at the limit");
+                return Err(LimitError::User(max));
+            }
+            *n += 1;
+        } else {
+            counts.users.insert(Arc::from(user), 1);
+        }
+        Ok(Some(Seat {
+            limits: self.clone(),
+            key: Key::User(Arc::from(user)),
+        }))
+    }
+
+    /// Addresses (IPv6: /64 networks) and users with open connections.
+    pub fn tracked(&self) -> (usize, usize) {
+        let counts = self.counts.lock().unwrap();
+        (counts.addresses.len(), counts.users.len())
+    }
+}
+
+/// An IPv4 address in IPv6 form is the IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// What one address limit counts: an IPv4 address, or an IPv6 /64 (one
+/// subscriber line usually gets a whole /64, so counting single IPv6
+/// addresses would limit nothing).
+fn group(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap as Map;
+
+    fn limits(env: &[(&str, &str)]) -> Arc<Limits> {
+        let src: Map<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Limits::new(&Config::from_source(&src).unwrap())
+    }
+
+    fn headers(xff: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", xff.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn forwarded_addresses_count_only_from_trusted_proxies() {
+        let l = limits(&[("TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1")]);
+        let proxy: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let other: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            l.client_address(Some(proxy), &headers("203.0.113.9")),
+            Some(ip("203.0.113.9"))
+        );
+        // The client's own entries (left) are not believed past the first
+        // untrusted hop from the right.
+        assert_eq!(
+            l.client_address(Some(proxy), &headers("1.1.1.1, 203.0.113.9, 10.0.0.1")),
+            Some(ip("203.0.113.9"))
+        );
+        assert_eq!(
+            l.client_address(Some(other), &headers("203.0.113.9")),
+            Some(ip("192.0.2.7")),
+            "not from a trusted proxy"
+        );
+        assert_eq!(
+            l.client_address(Some(proxy), &headers("junk, 203.0.113.9")),
+            Some(ip("203.0.113.9"))
+        );
+        assert_eq!(
+            l.client_address(Some(proxy), &headers("junk")),
+            Some(ip("10.1.2.3"))
+        );
+        assert_eq!(
+            l.client_address(Some(proxy), &HeaderMap::new()),
+            Some(ip("10.1.2.3"))
+        );
+    }
+
+    #[test]
+    fn seats_are_limited_per_address_and_per_user_and_given_back() {
+        let l = limits(&[
+            ("MAX_CONNECTIONS_PER_ADDRESS", "2"),
+            ("MAX_CONNECTIONS_PER_USER", "1"),
+        ]);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let one = l.address_seat(Some(a)).unwrap().unwrap();
+        let _two = l.address_seat(Some(a)).unwrap().unwrap();
+        assert_eq!(l.address_seat(Some(a)).unwrap_err(), LimitError::Address(2));
+        assert!(
+            l.address_seat(Some(b)).unwrap().is_some(),
+            "another address"
+        );
+        drop(one);
+        assert!(l.address_seat(Some(a)).unwrap().is_some(), "given back");
+        // IPv6 counts per /64.
+        let x: IpAddr = "2001:db8::1".parse().unwrap();
+        let y: IpAddr = "2001:db8::2".parse().unwrap();
+        let _x = l.address_seat(Some(x)).unwrap();
+        let _y = l.address_seat(Some(y)).unwrap();
+        assert!(
+            l.address_seat(Some("2001:db8::3".parse().unwrap()))
+                .is_err()
+        );
+        let u = l.user_seat("alice").unwrap().unwrap();
+        assert_eq!(l.user_seat("alice").unwrap_err(), LimitError::User(1));
+        assert!(l.user_seat("").unwrap().is_none(), "anonymous");
+        drop(u);
+        let _u = l.user_seat("alice").unwrap().unwrap();
+        assert_eq!(l.tracked().1, 1);
+    }
+}
