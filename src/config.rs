@@ -1110,7 +1110,11 @@ impl Config {
         let max_connections = p.parse(names::MAX_CONNECTIONS, "0", |v| {
             parse_range(v, 0, 10_000_000)
         });
-        let max_per_address = p.parse(names::MAX_CONNECTIONS_PER_ADDRESS, "1000", |v| {
+        // Off by default: behind a load balancer, a corporate NAT or a
+        // benchmark's load generator many clients share one address, and a
+        // default that caps them together breaks those deployments before
+        // anyone sets TRUSTED_PROXIES.
+        let max_per_address = p.parse(names::MAX_CONNECTIONS_PER_ADDRESS, "0", |v| {
             parse_range(v, 0, 10_000_000)
         });
         let max_per_user = p.parse(names::MAX_CONNECTIONS_PER_USER, "100", |v| {
