@@ -1370,6 +1370,7 @@ fn costs(o: &Opts, a: &Snap, b: &Snap, gen_cpu_s: f64, deliveries: u64) -> Value
         "server_cpu_us_per_delivery": if deliveries > 0 { server * 1e6 / deliveries as f64 } else { 0.0 },
         "redis_cpu_s": redis,
         "redis_used_memory": b.redis.used_memory,
+        "redis_used_memory_grew": b.redis.used_memory as i64 - a.redis.used_memory as i64,
         "redis_rss": b.redis.rss,
         "machine_busy_s": busy,
         "generator_cpu_s": gen_cpu_s,
@@ -1497,6 +1498,10 @@ fn drive(
             "rss_per_conn_bytes": rss_grew as f64 / ready.ready.max(1) as f64,
             "redis_used_memory": held.redis.used_memory,
             "redis_used_memory_grew": redis_grew,
+            "server_cpu_us_per_connection": (held.nodes.iter().zip(&p.before.nodes)
+                .map(|(b, a)| (b.cpu_s - a.cpu_s).max(0.0)).sum::<f64>()) * 1e6 / ready.ready.max(1) as f64,
+            "redis_cpu_us_per_subscribe": (held.redis.cpu_s - p.before.redis.cpu_s).max(0.0) * 1e6
+                / (2 * ready.ready).max(1) as f64,
             "costs": costs(o, &p.before, &held, 0.0, 0),
         }),
     ));
@@ -1544,6 +1549,8 @@ fn drive(
                              "errors": pubr.errors, "max_behind_ms": pubr.max_behind_ms },
                 "delivery": delivery(&t, &lat, pubr.events, pubr.first_us),
                 "costs": costs(o, &a, &b, g - gen_before, t.unique),
+                "redis_cpu_us_per_publication": (b.redis.cpu_s - a.redis.cpu_s).max(0.0) * 1e6
+                    / pubr.events.max(1) as f64,
             }),
         ));
         gen_before = g;
@@ -1667,6 +1674,8 @@ fn drive(
                          "errors": pubr.errors, "max_behind_ms": pubr.max_behind_ms },
             "delivery": delivery(&t, &lat, pubr.events, pubr.first_us),
             "costs": costs(o, &a, &b, g - gen_before, t.unique),
+            "redis_cpu_us_per_publication": (b.redis.cpu_s - a.redis.cpu_s).max(0.0) * 1e6
+                / pubr.events.max(1) as f64,
             "storm": {
                 "victim": o.pids[p.victim].0,
                 "victim_connections": victim_conns,
@@ -1689,6 +1698,10 @@ fn drive(
                 "survivors_latency_ms_before": quantiles_ms(&before_kill),
                 "window_s": window_s,
                 "redis_cpu_s_during": redis_storm,
+                "history_reads": 2 * t.back,
+                "redis_cpu_us_per_history_read": if t.back > 0 {
+                    (redis_storm - redis_calm / calm_s.max(1e-9) * window_s).max(0.0) * 1e6 / (2 * t.back) as f64
+                } else { 0.0 },
                 "redis_cpu_share_during": if window_s > 0.0 { redis_storm / window_s } else { 0.0 },
                 "redis_cpu_share_before": if calm_s > 0.0 { redis_calm / calm_s } else { 0.0 },
                 "survivors_cpu_s_during": survivors_cpu,
@@ -1709,7 +1722,7 @@ pub fn markdown(rows: &[Value]) -> String {
     let mut s = String::new();
     let connects: Vec<&Value> = rows.iter().filter(|r| r["connect"].is_object()).collect();
     if !connects.is_empty() {
-        s.push_str("\n| Scale: connect | Nodes | Connections | Subscriptions | Failed | Connect s | Connects/s | Handshake p99 ms | RSS/conn per node | Mean RSS/conn | Redis used memory | Generator workers | Other CPU s |\n|---|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|\n");
+        s.push_str("\n| Scale: connect | Nodes | Connections | Subscriptions | Failed | Connect s | Connects/s | Handshake p99 ms | RSS/conn per node | Mean RSS/conn | Server CPU µs/connection | Redis used memory | Redis CPU µs/subscribe | Generator workers | Other CPU s |\n|---|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|\n");
         for r in connects {
             let per_node: Vec<String> = r["per_node"]
                 .as_array()
@@ -1719,7 +1732,7 @@ pub fn markdown(rows: &[Value]) -> String {
                 .collect();
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} B | {:.1} MB | {} | {:.1} |",
+                "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} B | {:.1} | {:.1} MB | {:.1} | {} | {:.1} |",
                 r["scenario"].as_str().unwrap_or("?"),
                 f(r, "/nodes"),
                 th(f(r, "/connect/ready")),
@@ -1730,7 +1743,9 @@ pub fn markdown(rows: &[Value]) -> String {
                 f(r, "/connect/handshake_ms/p99"),
                 per_node.join(", "),
                 th(f(r, "/rss_per_conn_bytes")),
+                f(r, "/server_cpu_us_per_connection"),
                 f(r, "/redis_used_memory") / 1e6,
+                f(r, "/redis_cpu_us_per_subscribe"),
                 f(r, "/workers"),
                 f(r, "/costs/other_cpu_s"),
             );
@@ -1738,11 +1753,11 @@ pub fn markdown(rows: &[Value]) -> String {
     }
     let runs: Vec<&Value> = rows.iter().filter(|r| r["delivery"].is_object()).collect();
     if !runs.is_empty() {
-        s.push_str("\n| Scale: publish | Connections | Topics | Events | Delivered / expected | Lost | Dup. | Deliveries/s | p50 ms | p99 ms | max ms | Server CPU s | Server CPU µs/delivery | Redis CPU s | Redis memory | Generator CPU s | Other CPU s |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+        s.push_str("\n| Scale: publish | Connections | Topics | Events | Delivered / expected | Lost | Dup. | Deliveries/s | p50 ms | p99 ms | max ms | Server CPU s | Server CPU µs/delivery | Redis CPU s | Redis CPU µs/publication | Redis memory (change) | Generator CPU s | Other CPU s |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
         for r in runs {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} @ {}/s | {} / {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.1} MB | {:.1} | {:.1} |",
+                "| {} | {} | {} | {} @ {}/s | {} / {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} MB ({:+.1}) | {:.1} | {:.1} |",
                 r["scenario"].as_str().unwrap_or("?"),
                 th(f(r, "/connections")),
                 f(r, "/publish/topics"),
@@ -1759,7 +1774,9 @@ pub fn markdown(rows: &[Value]) -> String {
                 f(r, "/costs/server_cpu_s"),
                 f(r, "/costs/server_cpu_us_per_delivery"),
                 f(r, "/costs/redis_cpu_s"),
+                f(r, "/redis_cpu_us_per_publication"),
                 f(r, "/costs/redis_used_memory") / 1e6,
+                f(r, "/costs/redis_used_memory_grew") / 1e6,
                 f(r, "/costs/generator_cpu_s"),
                 f(r, "/costs/other_cpu_s"),
             );
@@ -1767,7 +1784,7 @@ pub fn markdown(rows: &[Value]) -> String {
     }
     let storms: Vec<&Value> = rows.iter().filter(|r| r["storm"].is_object()).collect();
     if !storms.is_empty() {
-        s.push_str("\n| Scale: node death | Killed | Its connections | Back | `recovered: true` | All back after s | All hold every missed offset after s | Lost | Dup. | Reconnect attempts (failed) | Came back per node | Survivors' p99 before / during ms | Redis CPU during (share of a core) | Redis CPU before (share) |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|\n");
+        s.push_str("\n| Scale: node death | Killed | Its connections | Back | `recovered: true` | All back after s | All hold every missed offset after s | Lost | Dup. | Reconnect attempts (failed) | Came back per node | Survivors' p99 before / during ms | Redis CPU during (share of a core) | Redis CPU before (share) | History reads | Redis CPU µs/history read |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|\n");
         for r in storms {
             let per_node: Vec<String> = r
                 .pointer("/storm/back_per_node")
@@ -1778,7 +1795,7 @@ pub fn markdown(rows: &[Value]) -> String {
                 .collect();
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {} | {} ({}) | {} | {} / {} | {:.2} s ({:.0} %) | {:.0} % |",
+                "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {} | {} ({}) | {} | {} / {} | {:.2} s ({:.0} %) | {:.0} % | {} | {:.1} |",
                 r["scenario"].as_str().unwrap_or("?"),
                 r.pointer("/storm/victim")
                     .and_then(Value::as_str)
@@ -1798,6 +1815,8 @@ pub fn markdown(rows: &[Value]) -> String {
                 f(r, "/storm/redis_cpu_s_during"),
                 f(r, "/storm/redis_cpu_share_during") * 100.0,
                 f(r, "/storm/redis_cpu_share_before") * 100.0,
+                th(f(r, "/storm/history_reads")),
+                f(r, "/storm/redis_cpu_us_per_history_read"),
             );
         }
     }
