@@ -674,6 +674,21 @@ enum SessionEnd {
     Dropped(u16, String),
 }
 
+/// The longest wait before reconnect attempt `attempt` (0 = the first after
+/// a drop), as `clients/js`: a random time in `[min, min(max, min·2^(n+1))]`
+/// (full jitter with a floor).
+fn backoff_cap(min: u64, max: u64, attempt: u32) -> u64 {
+    max.min(min.saturating_mul(1u64 << (attempt + 1).min(20)))
+        .max(min)
+}
+
+/// Target `r` (in `0..targets - 1`) of the others than `current`: a load
+/// balancer that took the node which dropped or refused us out.
+fn other_target(current: usize, targets: usize, r: usize) -> usize {
+    debug_assert!(targets >= 2 && r < targets - 1);
+    if r >= current { r + 1 } else { r }
+}
+
 /// Close codes the official client reconnects on (docs/client.md).
 fn reconnects_on(code: u16) -> bool {
     matches!(
@@ -726,19 +741,13 @@ async fn connection(sh: Rc<Shared>, li: usize) {
         initial = false;
         // Full jitter with a floor, as clients/js: attempt n waits a random
         // time in [min, min(max, min·2^(n+1))].
-        let min = sh.cfg.min_delay_ms;
-        let cap = sh
-            .cfg
-            .max_delay_ms
-            .min(min.saturating_mul(1u64 << (attempt + 1).min(20)));
-        let wait = rand::random_range(min..=cap.max(min));
+        let cap = backoff_cap(sh.cfg.min_delay_ms, sh.cfg.max_delay_ms, attempt);
+        let wait = rand::random_range(sh.cfg.min_delay_ms..=cap);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
             _ = sh.close_all.cancelled() => break,
         }
-        // Another node than the one that dropped or refused us.
-        let other = rand::random_range(0..targets - 1);
-        target = if other >= target { other + 1 } else { other };
+        target = other_target(target, targets, rand::random_range(0..targets - 1));
         sh.agg.borrow_mut().report.attempts += 1;
     }
     let mut c = sh.conns.borrow_mut();
@@ -1823,4 +1832,48 @@ pub fn markdown(rows: &[Value]) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_follows_the_official_client() {
+        assert_eq!(backoff_cap(500, 30_000, 0), 1_000);
+        assert_eq!(backoff_cap(500, 30_000, 1), 2_000);
+        assert_eq!(backoff_cap(500, 30_000, 5), 30_000);
+        assert_eq!(backoff_cap(500, 30_000, 400), 30_000);
+        assert_eq!(backoff_cap(500, 400, 0), 500);
+    }
+
+    #[test]
+    fn reconnects_go_to_every_other_node_and_never_back() {
+        for current in 0..6 {
+            let mut seen: Vec<usize> = (0..5).map(|r| other_target(current, 6, r)).collect();
+            seen.sort();
+            let others: Vec<usize> = (0..6).filter(|&t| t != current).collect();
+            assert_eq!(seen, others);
+        }
+    }
+
+    #[test]
+    fn close_codes_as_clients_js() {
+        for code in [1000, 1001, 1005, 1006, 1011, 1012, 1013, 1014, 4000, 4499] {
+            assert!(reconnects_on(code), "{code}");
+        }
+        for code in [1002, 1008, 3000, 4500, 4999] {
+            assert!(!reconnects_on(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn frames_are_read_without_parsing() {
+        let ev = br#"{"type":"event","name":"tick","topic":"hist.scale-1-3","data":{"seq":7,"ts":123,"pad":"x"},"offset":42,"timestamp":"t"}"#;
+        assert_eq!(number_after(ev, b"\"seq\":"), Some(7));
+        assert_eq!(number_after(ev, b"\"offset\":"), Some(42));
+        let sub =
+            br#"{"type":"subscribed","event":"hist.a","offset":5,"epoch":"k3","recovered":true}"#;
+        assert_eq!(string_after(sub, b"\"epoch\":\""), Some("k3".into()));
+    }
 }
