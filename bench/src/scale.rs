@@ -1672,6 +1672,10 @@ fn drive(
         .unwrap_or_else(|| a.clone());
     let calm_s = pre.at_us.saturating_sub(calm.at_us) as f64 / 1e6;
     let redis_calm = (pre.redis.cpu_s - calm.redis.cpu_s).max(0.0);
+    let survivors_calm: f64 = (0..targets)
+        .filter(|&i| i != p.victim)
+        .map(|i| (pre.nodes[i].cpu_s - calm.nodes[i].cpu_s).max(0.0))
+        .sum();
     let mut storm_lossless = lossless(&t);
     if t.back < t.dropped || t.caught_up < t.dropped || t.not_recovered > 0 {
         storm_lossless = false;
@@ -1716,6 +1720,7 @@ fn drive(
                 "redis_cpu_share_during": if window_s > 0.0 { redis_storm / window_s } else { 0.0 },
                 "redis_cpu_share_before": if calm_s > 0.0 { redis_calm / calm_s } else { 0.0 },
                 "survivors_cpu_s_during": survivors_cpu,
+                "survivors_cpu_share_before": if calm_s > 0.0 { survivors_calm / calm_s } else { 0.0 },
             },
         }),
     ));
