@@ -803,6 +803,14 @@ async fn session(sh: &Shared, li: usize, gi: usize, target: usize, initial: bool
     tokio::pin!(handshake);
     let mut pending = conn.has_buffered();
     let mut keep_wait = Box::pin(sh.keep_changed.notified());
+    // `{"type":"ping"}` every 25 s like clients/js (pingInterval): when the
+    // machine is saturated, the server's own pings wait behind tens of
+    // seconds of queued events, and a client that sends nothing would look
+    // silent to the server's heartbeat.
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_millis(rand::random_range(1_000..25_000)),
+        Duration::from_secs(25),
+    );
     let ended: Result<(), (u16, String)> = loop {
         if gi >= sh.keep.get() || sh.close_all.is_cancelled() {
             break Ok(());
@@ -819,6 +827,10 @@ async fn session(sh: &Shared, li: usize, gi: usize, target: usize, initial: bool
                     continue;
                 }
                 _ = &mut handshake, if !ready => break Err((1006, "handshake timed out".into())),
+                _ = ping.tick() => {
+                    conn.out.text(br#"{"type":"ping"}"#);
+                    continue;
+                }
                 r = conn.fill() => r,
             };
             match r {
