@@ -321,6 +321,10 @@ pub struct PhaseReport {
     /// Reconnect attempts, and those that failed (refused, timed out).
     pub attempts: u64,
     pub failed_attempts: u64,
+    /// `error` answers to a subscription (the session was closed and
+    /// retried with backoff, like a failed attempt).
+    #[serde(default)]
+    pub subscribe_errors: u64,
     /// Where the dropped connections came back: per target index.
     pub back_per_target: Vec<usize>,
     /// Connections ended for good (a close code the official client does
@@ -360,6 +364,9 @@ struct ConnState {
     /// Subscribed acknowledgements in the current session (bit per topic).
     subs: u8,
     resubscribing: bool,
+    /// An `error` frame before both `subscribed` (e.g. the node could not
+    /// read the topic's history in time): the session is retried.
+    sub_error: Option<String>,
     /// Storm bookkeeping.
     dropped: bool,
     back_us: u64,
@@ -782,6 +789,7 @@ async fn session(sh: &Shared, li: usize, gi: usize, target: usize, initial: bool
         let mut c = sh.conns.borrow_mut();
         let st = &mut c[li];
         st.subs = 0;
+        st.sub_error = None;
         st.resubscribing = !initial;
         let names = [
             cfg.all_topic.clone(),
@@ -853,6 +861,9 @@ async fn session(sh: &Shared, li: usize, gi: usize, target: usize, initial: bool
                 Ended::Close(None) => (1005, "close".into()),
                 Ended::Protocol(p) => (1002, format!("protocol: {p}")),
             });
+        }
+        if !ready && let Some(e) = sh.conns.borrow_mut()[li].sub_error.take() {
+            break Err((4000, e));
         }
         if !ready && sh.conns.borrow()[li].subs == 0b11 {
             ready = true;
@@ -992,6 +1003,12 @@ fn on_message(
         }
     } else if msg.starts_with(br#"{"type":"gap""#) {
         a.report.gaps += 1;
+    } else if msg.starts_with(br#"{"type":"error""#) && st.subs != 0b11 {
+        a.report.subscribe_errors += 1;
+        st.sub_error = Some(format!(
+            "subscribe refused: {}",
+            String::from_utf8_lossy(msg)
+        ));
     }
 }
 
@@ -1352,6 +1369,7 @@ fn merged(reports: &[PhaseReport]) -> (PhaseReport, Hist) {
         t.last_caught_up_us = t.last_caught_up_us.max(r.last_caught_up_us);
         t.attempts += r.attempts;
         t.failed_attempts += r.failed_attempts;
+        t.subscribe_errors += r.subscribe_errors;
         if t.back_per_target.len() < r.back_per_target.len() {
             t.back_per_target.resize(r.back_per_target.len(), 0);
         }
@@ -1716,6 +1734,7 @@ fn drive(
                 "seconds_until_all_caught_up": if t.caught_up > 0 { rel(t.last_caught_up_us) } else { 0.0 },
                 "attempts": t.attempts,
                 "failed_attempts": t.failed_attempts,
+                "subscribe_errors": t.subscribe_errors,
                 "back_per_node": t.back_per_target,
                 "stopped": t.stopped,
                 "stop_reasons": t.stop_reasons,
