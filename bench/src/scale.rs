@@ -75,7 +75,7 @@ switchboard-bench scale --target A,B,… --pid node-1=PID … --redis HOST:PORT 
   --all-duration D     each (default 10s)
   --topic-rate R       own topics, combined events/s (default 2000)
   --topic-duration D   default 5s
-  --storm-rate R       own topics during the node death (default 100)
+  --storm-rate R       own topics during the node death (default 20)
   --storm-duration D   default 20s
   --kill-after D       SIGKILL of the victim this long into it (default 5s)
   --victim K           target index to kill (default: the last one)
@@ -142,7 +142,7 @@ impl Opts {
             all_duration: Duration::from_secs(10),
             topic_rate: 2000.0,
             topic_duration: Duration::from_secs(5),
-            storm_rate: 100.0,
+            storm_rate: 20.0,
             storm_duration: Duration::from_secs(20),
             kill_after: Duration::from_secs(5),
             victim: None,
