@@ -615,10 +615,18 @@ async fn drain(sh: &Shared, tick: &mut tokio::time::Interval) {
             break;
         }
         let now = tokio::time::Instant::now();
+        // A dropped client still backing off (up to --max-delay) is waited
+        // for until --drain-max, not given up after --drain-idle.
+        let backing_off = sh.kind.get() == Kind::Storm
+            && sh
+                .conns
+                .borrow()
+                .iter()
+                .any(|c| c.counted && c.dropped && !c.gone && c.back_us == 0);
         if unique != last {
             last = unique;
             last_change = now;
-        } else if now - last_change >= idle || now >= deadline {
+        } else if (now - last_change >= idle && !backing_off) || now >= deadline {
             break;
         }
     }
