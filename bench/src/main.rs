@@ -18,7 +18,11 @@
 //! - `hist.rs`: the latency histogram;
 //! - `procfs.rs`: `/proc` samples and `RLIMIT_NOFILE`;
 //! - `report.rs`: the table, targets and Markdown;
-//! - `probe.rs`: the physical-limit probe (`write(2)` to N loopback sockets).
+//! - `probe.rs`: the physical-limit probe (`write(2)` to N loopback sockets);
+//! - `abuse.rs`: hostile clients churning random topics (issue 26);
+//! - `scale.rs`: the scale-out scenario (its own coordinator and workers:
+//!   several phases on the same connections, a node killed, clients that
+//!   reconnect like the official one).
 
 mod abuse;
 mod hist;
@@ -26,6 +30,7 @@ mod probe;
 mod procfs;
 mod publish;
 mod report;
+mod scale;
 mod worker;
 mod ws;
 
@@ -60,6 +65,10 @@ USAGE
                                           hostile clients subscribing to and unsubscribing
                                           from new random topics; Redis used_memory, DBSIZE
                                           and node RSS during and after, per client-second
+  switchboard-bench scale --target A,…,F --pid node-1=PID,… --redis HOST:PORT [OPTIONS]
+                                          the scale-out scenario: many connections over
+                                          many nodes, a shared topic and own topics, one
+                                          node killed (scale --help)
   switchboard-bench report FILE.jsonl     Markdown tables of recorded results
   switchboard-bench free-port             print a free TCP port on 127.0.0.1
   switchboard-bench wait-ready [--timeout 60s] URL…
@@ -168,6 +177,11 @@ fn main() -> ExitCode {
         },
         Some("probe") => probe::main(&args[1..]).map(|_| ExitCode::SUCCESS),
         Some("abuse") => abuse::main(&args[1..]).map(|_| ExitCode::SUCCESS),
+        Some("__scale_worker") => {
+            scale::worker_main(args.get(1).map(String::as_str).unwrap_or("{}"))
+                .map(|_| ExitCode::SUCCESS)
+        }
+        Some("scale") => scale::main(&args[1..]),
         Some("idle" | "connect" | "fanout" | "maxrate" | "recovery") => {
             Opts::parse(&args).and_then(|o| coordinate(&o))
         }

@@ -631,6 +631,14 @@ pub fn markdown(path: &str) -> anyhow::Result<String> {
         .filter(|l| !l.trim().is_empty())
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
+    // The scale scenario's rows have their own tables (scripts/bench puts
+    // them in their own section).
+    let (scale, rows): (Vec<Value>, Vec<Value>) = rows
+        .into_iter()
+        .partition(|r| r["mode"].as_str() == Some("scale"));
+    if rows.is_empty() {
+        return Ok(super::scale::markdown(&scale));
+    }
     let mut s = String::new();
     s.push_str(
         "| Scenario | System | Connections | Events | Delivered / expected | Lost | Dup. | Closed early | Deliveries/s | p50 ms | p90 ms | p99 ms | max ms | Opened/s | Server RSS/conn | Server CPU s | Server CPU µs/delivery | Redis CPU s | Generator CPU s | Other CPU s |\n",

@@ -115,6 +115,7 @@ async fn open(
         TcpSocket::new_v6()?
     };
     if let Some(ip) = source {
+        bind_address_no_port(&socket);
         socket.bind(SocketAddr::new(ip, 0))?;
     }
     let mut stream = socket.connect(target).await?;
@@ -162,6 +163,27 @@ async fn open(
         in_frag: false,
         sse,
     })
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`: a socket bound to a source address gets its
+/// port at `connect`, unique per (source, destination) pair, instead of at
+/// `bind`, unique per source. Without it one 127.0.0.x holds at most the
+/// ~28,000 ports of `ip_local_port_range` over all nodes together, and the
+/// scale scenario's reconnects could run out. Best effort: on a kernel
+/// without it the bind takes a port as before.
+fn bind_address_no_port(socket: &TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor, a c_int option of the given size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 impl Conn {
