@@ -420,6 +420,7 @@ async fn write_loop(mut w: Writer) {
             () = std::future::poll_fn(|cx| outbox.queue.poll_take(cx, &mut batch)) => {
                 if !write_batch(&mut w, &mut batch).await {
                     outbox.queue.close();
+                    flush_close_answer(&mut w).await;
                     return;
                 }
             }
@@ -430,6 +431,7 @@ async fn write_loop(mut w: Writer) {
                 }
                 let ping = tokio::time::timeout(WRITE_TIMEOUT, w.sink.send(w.heartbeat.probe()));
                 if !matches!(ping.await, Ok(Ok(()))) {
+                    flush_close_answer(&mut w).await;
                     return;
                 }
             }
@@ -477,6 +479,15 @@ async fn write_loop(mut w: Writer) {
         let _ = w.sink.close().await;
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), finish).await;
+}
+
+/// After a failed write: a client whose Close arrived while a frame was
+/// being written makes that write fail (no data frame may follow its
+/// Close), and the answer tungstenite queued for it is only written by a
+/// flush. Without this the client would see EOF and no Close frame. Bounded:
+/// on a dead connection it fails or times out at once.
+async fn flush_close_answer(w: &mut Writer) {
+    let _ = tokio::time::timeout(Duration::from_millis(500), w.sink.close()).await;
 }
 
 /// Writes the whole batch and flushes once. Returns false when the
