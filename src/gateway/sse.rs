@@ -117,18 +117,27 @@ pub fn parse_id(id: &str) -> Result<HashMap<u32, Since>, IdError> {
     }
     let mut out = HashMap::new();
     for entry in parts {
-        let mut fields = entry.split('.');
-        let (Some(key), Some(epoch), Some(offset), None) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
-        else {
+        // Epochs carry dots themselves (`<ms>.<random>`) and pending ones
+        // start with `~`: the key ends at the first dot, the offset starts
+        // after the last.
+        let Some((key, rest)) = entry.split_once('.') else {
+            return Err(IdError::Malformed("a topic entry is not key.epoch.offset"));
+        };
+        let Some((epoch, offset)) = rest.rsplit_once('.') else {
             return Err(IdError::Malformed("a topic entry is not key.epoch.offset"));
         };
         let key = parse_base36(key)
             .and_then(|k| u32::try_from(k).ok())
             .ok_or(IdError::Malformed("a topic key is not a base-36 number"))?;
-        if epoch.is_empty() || epoch.len() > 32 || !epoch.bytes().all(|b| b.is_ascii_alphanumeric())
+        if epoch.is_empty()
+            || epoch.len() > 32
+            || !epoch
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'~')
         {
-            return Err(IdError::Malformed("an epoch is not 1-32 letters or digits"));
+            return Err(IdError::Malformed(
+                "an epoch is not 1-32 letters, digits, dots or ~",
+            ));
         }
         let offset =
             parse_base36(offset).ok_or(IdError::Malformed("an offset is not a base-36 number"))?;
@@ -996,6 +1005,14 @@ mod tests {
         assert_eq!(back[&topic_key("b")].offset, 0);
         p.set("b", &e, u64::MAX);
         assert_eq!(parse_id(p.id()).unwrap()[&topic_key("b")].offset, u64::MAX);
+        // Today's epochs carry a dot (`<ms>.<random>`); pending ones a `~`.
+        for epoch in ["mx67cmcx.eucg", "~mx67cmcx"] {
+            let e: Arc<str> = epoch.into();
+            p.set("c", &e, 5);
+            let back = parse_id(p.id()).unwrap();
+            assert_eq!(back[&topic_key("c")].epoch, epoch);
+            assert_eq!(back[&topic_key("c")].offset, 5);
+        }
     }
 
     #[test]
@@ -1006,7 +1023,7 @@ mod tests {
             "x",
             "1_",
             "1_a.b",
-            "1_a.b.c.d",
+            "1_a.b_c.1",
             "1_zzzzzzz.e.1",
             "1_a..1",
             "1_a.e!.1",
