@@ -55,9 +55,9 @@ pub mod kind {
     pub const TOPIC_VACATED: &str = "topic_vacated";
     pub const CLIENT_EVENT: &str = "client_event";
     /// A user's first connection joined a presence topic (`presence`).
-    pub const MEMBER_ADDED: &str = crate::presence::MEMBER_ADDED;
+    pub const MEMBER_ADDED: &str = "member_added";
     /// A user's last connection left a presence topic.
-    pub const MEMBER_REMOVED: &str = crate::presence::MEMBER_REMOVED;
+    pub const MEMBER_REMOVED: &str = "member_removed";
 }
 
 /// One webhook event, serialized once when it is made.

@@ -41,6 +41,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::webhooks::kind::{MEMBER_ADDED, MEMBER_REMOVED};
 use crate::backend::webhooks::{Event, Webhooks};
 use crate::config::PresenceConfig;
 use crate::election::Leadership;
@@ -855,11 +856,6 @@ pub fn diff(topic: &str, batch: &Batch) -> Diff {
         object,
     }
 }
-
-/// Webhook `type` of a user's first connection joining a topic.
-pub const MEMBER_ADDED: &str = "member_added";
-/// Webhook `type` of a user's last connection leaving a topic.
-pub const MEMBER_REMOVED: &str = "member_removed";
 
 /// `{"type", "topic", "user", "info"}` from a stored entry.
 fn member_event(kind: &'static str, topic: &str, value: &str) -> Event {
