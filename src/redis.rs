@@ -668,7 +668,7 @@ pub fn listen(
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>, RedisError> {
     let client = subscriber(url, 256)?;
-    let mut messages = client.message_rx();
+    let messages = client.message_rx();
     let mut reconnects = client.reconnect_rx();
     client.connect();
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -690,26 +690,12 @@ pub fn listen(
             }
         }
     });
-    tokio::spawn(async move {
-        loop {
-            let msg = tokio::select! {
-                m = messages.recv() => m,
-                _ = stop.cancelled() => return,
-            };
-            match msg {
-                Ok(m) => {
-                    let payload = m.value.into_bytes().unwrap_or_default();
-                    if tx.send((m.channel.to_string(), payload)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(lost = n, "control channel receiver lagged");
-                }
-                Err(_) => return,
-            }
-        }
-    });
+    tokio::spawn(forward(
+        messages,
+        tx,
+        stop,
+        "control channel receiver lagged",
+    ));
     Ok(rx)
 }
 
@@ -725,7 +711,7 @@ pub fn listen_patterns(
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>, RedisError> {
     let client = subscriber(url, 4096)?;
-    let mut messages = client.message_rx();
+    let messages = client.message_rx();
     let mut reconnects = client.reconnect_rx();
     client.connect();
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
@@ -761,27 +747,42 @@ pub fn listen_patterns(
         }
         let _ = within(COMMAND_TIMEOUT, c.quit()).await;
     });
-    tokio::spawn(async move {
-        loop {
-            let msg = tokio::select! {
-                m = messages.recv() => m,
-                _ = stop.cancelled() => return,
-            };
-            match msg {
-                Ok(m) => {
-                    let payload = m.value.into_bytes().unwrap_or_default();
-                    if tx.send((m.channel.to_string(), payload)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(lost = n, "compat channel receiver lagged: messages lost");
-                }
-                Err(_) => return,
-            }
-        }
-    });
+    tokio::spawn(forward(
+        messages,
+        tx,
+        stop,
+        "compat channel receiver lagged: messages lost",
+    ));
     Ok(rx)
+}
+
+/// Hands a subscriber connection's messages to `tx` as `(channel,
+/// payload)` until `stop` or the receiver is gone; a lag is logged with
+/// `lagged` (those messages are lost).
+async fn forward(
+    mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+    tx: tokio::sync::mpsc::Sender<(String, bytes::Bytes)>,
+    stop: tokio_util::sync::CancellationToken,
+    lagged: &'static str,
+) {
+    loop {
+        let msg = tokio::select! {
+            m = messages.recv() => m,
+            _ = stop.cancelled() => return,
+        };
+        match msg {
+            Ok(m) => {
+                let payload = m.value.into_bytes().unwrap_or_default();
+                if tx.send((m.channel.to_string(), payload)).await.is_err() {
+                    return;
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(lost = n, "{lagged}");
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// A dedicated subscriber connection, for `backplane/redis.rs`.
