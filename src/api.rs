@@ -287,6 +287,40 @@ pub async fn publish(
     Ok((StatusCode::ACCEPTED, envelope(data)).into_response())
 }
 
+/// Whether the request's client token may read `topic` (as for subscribing):
+/// a valid topic name, a valid token, and the topic allowed. A topic left
+/// to the subscribe hook cannot be decided here (there is no connection to
+/// ask about): `instead` says how to read it then.
+fn may_read(
+    node: &Node,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    topic: &str,
+    instead: &str,
+) -> Result<(), ApiError> {
+    if !protocol::valid_topic(topic) {
+        return Err(ApiError::BadRequest(format!(
+            "invalid topic \"{}\": must match {TOPIC_PATTERN}",
+            topic.chars().take(140).collect::<String>()
+        )));
+    }
+    let token = crate::auth::token_from(headers, query);
+    let identity = node
+        .config()
+        .auth
+        .authenticate(token.as_deref())
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+    match node.hooks().subscribe_access(&identity, topic) {
+        crate::backend::Access::Allowed => Ok(()),
+        crate::backend::Access::Forbidden => Err(ApiError::Forbidden(format!(
+            "not allowed to read \"{topic}\""
+        ))),
+        crate::backend::Access::AskHook => Err(ApiError::Forbidden(format!(
+            "\"{topic}\" is decided by the subscribe hook (PROXY_SUBSCRIBE_TOPICS): read {instead}"
+        ))),
+    }
+}
+
 /// `GET /api/history/{topic}?since=N&limit=M`: stored publications of a
 /// history topic after offset `since` (default 0), at most `limit` (default
 /// 100, at most `HISTORY_SIZE`). Needs read permission on the topic (a
@@ -297,32 +331,13 @@ pub async fn history(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<AxumJson<Value>, ApiError> {
-    if !protocol::valid_topic(&topic) {
-        return Err(ApiError::BadRequest(format!(
-            "invalid topic \"{}\": must match {TOPIC_PATTERN}",
-            topic.chars().take(140).collect::<String>()
-        )));
-    }
-    let token = crate::auth::token_from(&headers, query.as_deref());
-    let identity = node
-        .config()
-        .auth
-        .authenticate(token.as_deref())
-        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
-    match node.hooks().subscribe_access(&identity, &topic) {
-        crate::backend::Access::Allowed => {}
-        crate::backend::Access::Forbidden => {
-            return Err(ApiError::Forbidden(format!(
-                "not allowed to read \"{topic}\""
-            )));
-        }
-        // No client connection to ask the hook for: read it by subscribing.
-        crate::backend::Access::AskHook => {
-            return Err(ApiError::Forbidden(format!(
-                "\"{topic}\" is decided by the subscribe hook (PROXY_SUBSCRIBE_TOPICS): read it through a subscription with `since`"
-            )));
-        }
-    }
+    may_read(
+        &node,
+        &headers,
+        query.as_deref(),
+        &topic,
+        "it through a subscription with `since`",
+    )?;
     if !node.hub().is_history(&topic) {
         return Err(ApiError::NotFound(format!(
             "\"{topic}\" keeps no history (HISTORY_TOPICS)"
@@ -397,31 +412,13 @@ pub async fn presence(
         Some(t) => (t.to_string(), true),
         None => (path, false),
     };
-    if !protocol::valid_topic(&topic) {
-        return Err(ApiError::BadRequest(format!(
-            "invalid topic \"{}\": must match {TOPIC_PATTERN}",
-            topic.chars().take(140).collect::<String>()
-        )));
-    }
-    let token = crate::auth::token_from(&headers, query.as_deref());
-    let identity = node
-        .config()
-        .auth
-        .authenticate(token.as_deref())
-        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
-    match node.hooks().subscribe_access(&identity, &topic) {
-        crate::backend::Access::Allowed => {}
-        crate::backend::Access::Forbidden => {
-            return Err(ApiError::Forbidden(format!(
-                "not allowed to read \"{topic}\""
-            )));
-        }
-        crate::backend::Access::AskHook => {
-            return Err(ApiError::Forbidden(format!(
-                "\"{topic}\" is decided by the subscribe hook (PROXY_SUBSCRIBE_TOPICS): read its presence through a connection"
-            )));
-        }
-    }
+    may_read(
+        &node,
+        &headers,
+        query.as_deref(),
+        &topic,
+        "its presence through a connection",
+    )?;
     let failed = |e: crate::presence::PresenceError| match e {
         crate::presence::PresenceError::NotKept(_) => ApiError::NotFound(e.to_string()),
         crate::presence::PresenceError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
