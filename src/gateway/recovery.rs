@@ -861,25 +861,11 @@ impl Recovery {
             // a pending epoch: the first epoch continues it.
             let same = *p.epoch == *since.epoch
                 || crate::history::continues_into(&since.epoch, &p.epoch, 0, me.registry.inner.ttl);
-            let gap = if same {
-                GapRange {
-                    from: since.offset + 1,
-                    to: p.offset,
-                    epoch: p.epoch.clone(),
-                    previous_epoch: None,
+            match GapRange::missed(&since.epoch, since.offset, &p.epoch, p.offset, same) {
+                Some(gap) => {
+                    sub.gap(&topic, &gap);
                 }
-            } else {
-                GapRange {
-                    from: 1,
-                    to: p.offset,
-                    epoch: p.epoch.clone(),
-                    previous_epoch: Some(since.epoch.into()),
-                }
-            };
-            if gap.from <= gap.to || gap.previous_epoch.is_some() {
-                sub.gap(&topic, &gap);
-            } else {
-                me.restart(slot, p);
+                None => me.restart(slot, p),
             }
         })
     }

@@ -823,22 +823,10 @@ impl Session {
             else {
                 return;
             };
-            let gap = if *p.epoch == *since.epoch {
-                GapRange {
-                    from: since.offset + 1,
-                    to: p.offset,
-                    epoch: p.epoch.clone(),
-                    previous_epoch: None,
-                }
-            } else {
-                GapRange {
-                    from: 1,
-                    to: p.offset,
-                    epoch: p.epoch.clone(),
-                    previous_epoch: Some(since.epoch.into()),
-                }
-            };
-            if gap.from <= gap.to || gap.previous_epoch.is_some() {
+            let same = *p.epoch == *since.epoch;
+            if let Some(gap) =
+                GapRange::missed(&since.epoch, since.offset, &p.epoch, p.offset, same)
+            {
                 stream.gap(&name, &gap);
             }
         });

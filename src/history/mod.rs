@@ -297,6 +297,37 @@ pub struct GapRange {
     pub previous_epoch: Option<Arc<str>>,
 }
 
+impl GapRange {
+    /// What a subscriber that stood at `since_offset` of `since_epoch` and
+    /// could not be replayed to `offset` of `epoch` lost: the offsets after
+    /// its position when `same_epoch`, else the new epoch from 1 (a reset).
+    /// `None` when that is nothing.
+    pub fn missed(
+        since_epoch: &str,
+        since_offset: u64,
+        epoch: &Arc<str>,
+        offset: u64,
+        same_epoch: bool,
+    ) -> Option<GapRange> {
+        let gap = if same_epoch {
+            GapRange {
+                from: since_offset + 1,
+                to: offset,
+                epoch: epoch.clone(),
+                previous_epoch: None,
+            }
+        } else {
+            GapRange {
+                from: 1,
+                to: offset,
+                epoch: epoch.clone(),
+                previous_epoch: Some(since_epoch.into()),
+            }
+        };
+        (gap.from <= gap.to || gap.previous_epoch.is_some()).then_some(gap)
+    }
+}
+
 impl Seam {
     /// Whether publication `offset` of `epoch` goes to the subscriber.
     pub fn admit(&mut self, epoch: &Arc<str>, offset: u64) -> bool {
