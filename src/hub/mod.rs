@@ -266,6 +266,10 @@ struct Inner {
     /// Last publication per topic, for `request`. std Mutex, no `.await`.
     last: Mutex<HashMap<Arc<str>, LastPublication>>,
     subscriptions: AtomicUsize,
+    /// Topics with at least one subscriber, kept as they change: counting
+    /// them from the map on every (un)subscribe made topic churn quadratic
+    /// (a hostile client's random topics linger a second each).
+    occupied: AtomicUsize,
     /// The next [`Outcome::topic_id`].
     topic_ids: AtomicU32,
     delivered: AtomicU64,
@@ -324,6 +328,7 @@ impl Hub {
                 hasher: RandomState::new(),
                 last: Mutex::new(HashMap::new()),
                 subscriptions: AtomicUsize::new(0),
+                occupied: AtomicUsize::new(0),
                 topic_ids: AtomicU32::new(1),
                 delivered: AtomicU64::new(0),
                 invalid: InvalidLog::default(),
@@ -425,6 +430,9 @@ impl Hub {
                 match topics.get_mut(topic) {
                     Some(subs) if subs.contains(id) => Err(subs.id),
                     Some(subs) => {
+                        if subs.is_empty() {
+                            self.inner.occupied.fetch_add(1, Ordering::Relaxed);
+                        }
                         subs.insert(id, member);
                         self.observe(topic, id, subs.clients(), true);
                         Ok((false, subs.id))
@@ -444,6 +452,7 @@ impl Hub {
                         subs.insert(id, member);
                         self.observe(topic, id, subs.clients(), true);
                         topics.insert(Arc::from(topic), subs);
+                        self.inner.occupied.fetch_add(1, Ordering::Relaxed);
                         Ok((true, topic_id))
                     }
                 }
@@ -467,10 +476,12 @@ impl Hub {
             if first && let Err(e) = self.inner.backplane.subscribe(topic).await {
                 metrics::counter!(m::BACKPLANE_ERRORS, "op" => "subscribe").increment(1);
                 let mut topics = self.inner.topics.write().unwrap();
-                if let Some(subs) = topics.get_mut(topic) {
-                    subs.remove(id);
+                if let Some(subs) = topics.get_mut(topic)
+                    && subs.remove(id).is_some()
+                {
                     self.observe(topic, id, subs.clients(), false);
                     if subs.is_empty() {
+                        self.inner.occupied.fetch_sub(1, Ordering::Relaxed);
                         topics.remove(topic);
                     }
                 }
@@ -534,7 +545,11 @@ impl Hub {
             if removed {
                 self.observe(topic, id, subs.clients(), false);
             }
-            (removed, removed && subs.is_empty())
+            let now_empty = removed && subs.is_empty();
+            if now_empty {
+                self.inner.occupied.fetch_sub(1, Ordering::Relaxed);
+            }
+            (removed, now_empty)
         };
         if removed && id != INTERNAL {
             self.inner.subscriptions.fetch_sub(1, Ordering::Relaxed);
@@ -592,13 +607,7 @@ impl Hub {
 
     /// Topics with at least one local subscriber.
     pub fn topic_count(&self) -> usize {
-        self.inner
-            .topics
-            .read()
-            .unwrap()
-            .values()
-            .filter(|subs| !subs.is_empty())
-            .count()
+        self.inner.occupied.load(Ordering::Relaxed)
     }
 
     /// Client subscriptions (connection × topic), internal ones excluded.
@@ -838,6 +847,36 @@ mod tests {
         assert!(!hub.unsubscribe("t", 1).await);
         assert_eq!(hub.topic_count(), 0);
         assert_eq!(hub.subscription_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_topic_count_follows_churn_and_lingering_topics() {
+        let (hub, rx) = testing::hub(&[]);
+        hub.spawn_dispatcher(rx);
+        let a = Arc::new(Probe::default());
+        for round in 0..3u64 {
+            for t in 0..10u64 {
+                for id in 1..=3 {
+                    hub.subscribe(&format!("t{t}"), id + round, a.clone(), None, quiet())
+                        .await
+                        .unwrap();
+                }
+            }
+            assert_eq!(hub.topic_count(), 10);
+            for t in 0..10u64 {
+                for id in 1..=3 {
+                    assert!(hub.unsubscribe(&format!("t{t}"), id + round).await);
+                }
+                assert_eq!(hub.topic_count(), 9 - t as usize);
+            }
+            // Empty topics linger, counted as none, and a subscriber
+            // coming back within the linger counts them again.
+            hub.subscribe("t0", 7, a.clone(), None, quiet()).await.unwrap();
+            assert_eq!(hub.topic_count(), 1);
+            assert!(hub.unsubscribe("t0", 7).await);
+            tokio::time::sleep(UNSUBSCRIBE_LINGER * 2).await;
+            assert_eq!(hub.topic_count(), 0);
+        }
     }
 
     #[tokio::test]
