@@ -34,6 +34,7 @@ use crate::election::redis::RedisElection;
 use crate::election::{Election, Leadership};
 use crate::gateway::recovery::{self, SessionStore};
 use crate::history::History;
+use crate::history::coalesce::Coalesced;
 use crate::history::memory::MemoryHistory;
 use crate::history::redis::RedisHistory;
 use crate::hub::{Fanout, Hub};
@@ -132,7 +133,12 @@ fn backends(
     )?;
     Ok(Backends {
         presence: (Arc::new(presence), diffs),
-        history: RedisHistory::start(redis.clone(), keys.clone(), &config.history, stop.clone()),
+        history: Arc::new(Coalesced::new(RedisHistory::start(
+            redis.clone(),
+            keys.clone(),
+            &config.history,
+            stop.clone(),
+        ))),
         backplane: RedisBackplane::start(
             url,
             keys.clone(),

@@ -27,6 +27,7 @@
 //! receive (no duplicate, nothing out of order at the seam between replay and
 //! live publications). The hub does the I/O around them.
 
+pub mod coalesce;
 pub mod memory;
 pub mod redis;
 
@@ -107,7 +108,7 @@ pub fn continues_into(pending: &str, epoch: &str, floor: u64, ttl: Duration) -> 
     pending >= floor && pending <= created && created - pending < ttl
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HistoryError {
     #[error("history unavailable: {0}")]
     Unavailable(String),

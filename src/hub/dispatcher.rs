@@ -23,6 +23,13 @@ use crate::protocol::{self, Since};
 /// from history like any other hole.
 const PENDING_LIMIT: usize = 65_536;
 
+/// Reads a repair makes before it gives up and announces a gap; the pause
+/// before attempt *n* + 1 is *n* × [`REPAIR_RETRY_PAUSE`]. The dispatcher
+/// waits meanwhile (order first: nothing of the topic may overtake the
+/// hole), so this stays short: at the 2 s command timeout, 7 s at most.
+const REPAIR_ATTEMPTS: u32 = 3;
+const REPAIR_RETRY_PAUSE: Duration = Duration::from_millis(250);
+
 impl Hub {
     /// Runs the dispatcher: every publication from the backplane's queue and
     /// every ordering-sensitive step, one at a time, until the queue closes.
@@ -176,7 +183,7 @@ impl Dispatcher {
         let mut next = from;
         if from <= to {
             let limit = usize::try_from(to - from + 1).unwrap_or(usize::MAX);
-            match self.hub.inner.history.read(topic, from - 1, limit).await {
+            match self.repair_read(topic, from - 1, limit).await {
                 Ok(range) if range.epoch == *epoch => {
                     let mut repaired = 0u64;
                     for stored in range.entries.iter().filter(|s| s.offset <= to) {
@@ -205,6 +212,30 @@ impl Dispatcher {
         }
         if next <= to || previous.is_some() {
             self.gap(topic, epoch, next, to, previous).await;
+        }
+    }
+
+    /// Reads what a repair needs, trying again after a failure: a read that
+    /// timed out says nothing about what history holds (a busy Redis answers
+    /// late, typically right when a node fell behind and has holes to fill),
+    /// and a gap announced for it would be a loss the history could have
+    /// prevented. Past the last attempt the hole becomes a `gap`.
+    async fn repair_read(
+        &self,
+        topic: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Range, history::HistoryError> {
+        let mut attempt = 0;
+        loop {
+            match self.hub.inner.history.read(topic, since, limit).await {
+                Err(history::HistoryError::Unavailable(cause)) if attempt + 1 < REPAIR_ATTEMPTS => {
+                    attempt += 1;
+                    tracing::info!(%topic, attempt, %cause, "gap repair read failed; trying again");
+                    tokio::time::sleep(REPAIR_RETRY_PAUSE * attempt).await;
+                }
+                other => return other,
+            }
         }
     }
 
