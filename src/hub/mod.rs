@@ -871,7 +871,9 @@ mod tests {
             }
             // Empty topics linger, counted as none, and a subscriber
             // coming back within the linger counts them again.
-            hub.subscribe("t0", 7, a.clone(), None, quiet()).await.unwrap();
+            hub.subscribe("t0", 7, a.clone(), None, quiet())
+                .await
+                .unwrap();
             assert_eq!(hub.topic_count(), 1);
             assert!(hub.unsubscribe("t0", 7).await);
             tokio::time::sleep(UNSUBSCRIBE_LINGER * 2).await;
