@@ -259,6 +259,47 @@ fn resume_on_another_node_replays_the_missed_then_live_and_old_ids_get_a_gap() {
     );
 }
 
+/// An id taken before a topic's first publication names a pending epoch.
+/// When history no longer holds what followed it, the resume announces a
+/// gap from offset 1 of the topic's first epoch, which continues the
+/// pending one: not an epoch reset.
+#[test]
+fn an_id_from_before_the_first_publication_gets_a_gap_from_1_not_a_reset() {
+    let (_redis, a, b) = two_nodes("sse-pending", &[("HISTORY_SIZE", "3")]);
+    let s = Sse::open(&a.addr, "/sse?topic=fresh.p1", &[]);
+    assert_eq!(s.status, 200, "{}", s.head);
+    s.expect("connected");
+    let sub = s.expect("subscribed");
+    assert_eq!(sub.data["offset"], 0, "{:?}", sub.data);
+    let pending = sub.data["epoch"].as_str().unwrap().to_string();
+    assert!(pending.starts_with('~'), "{pending}");
+    let id = sub.id.expect("subscribed carries an id");
+    s.close();
+    for n in 1..=8 {
+        publish(&b, "fresh.p1", n);
+    }
+    let r = Sse::open(&b.addr, "/sse?topic=fresh.p1", &[("Last-Event-ID", &id)]);
+    assert_eq!(r.status, 200, "{}", r.head);
+    let sub = r.expect("subscribed");
+    assert_eq!(sub.data["recovered"], false, "{:?}", sub.data);
+    let gap = r.expect("gap");
+    assert_eq!(
+        (gap.data["from"].as_u64(), gap.data["to"].as_u64()),
+        (Some(1), Some(8)),
+        "{:?}",
+        gap.data
+    );
+    assert!(
+        gap.data.get("previousEpoch").is_none(),
+        "not a reset: {:?}",
+        gap.data
+    );
+    assert_ne!(gap.data["epoch"].as_str(), Some(pending.as_str()));
+    publish(&a, "fresh.p1", 9);
+    let live = r.expect("fresh.p1");
+    assert_eq!(live.data["offset"], 9, "{:?}", live.data);
+}
+
 #[test]
 fn subscribe_from_the_node_that_does_not_hold_the_stream() {
     let (_redis, a, b) = two_nodes("sse-post", &[]);

@@ -815,6 +815,7 @@ impl Session {
         let stream = self.stream.clone();
         let name = topic.clone();
         let wanted = since.clone();
+        let ttl = self.node.config().history.ttl;
         let announce = Box::new(move |outcome: &Outcome| {
             stream.subscribed(&name, outcome, wanted.as_ref());
             // What the replay cannot bring back is a gap, before anything live.
@@ -823,7 +824,10 @@ impl Session {
             else {
                 return;
             };
-            let same = *p.epoch == *since.epoch;
+            // An id taken before the topic's first publication names a
+            // pending epoch: the first epoch continues it (no reset).
+            let same = *p.epoch == *since.epoch
+                || crate::history::continues_into(&since.epoch, &p.epoch, 0, ttl);
             if let Some(gap) =
                 GapRange::missed(&since.epoch, since.offset, &p.epoch, p.offset, same)
             {
