@@ -45,7 +45,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::hist::{Hist, SparseHist};
-use super::worker::{share, topic_index, topic_name};
+use super::worker::{
+    self, frame_bytes, number_after, print_line, share, short, string_after, topic_index,
+    topic_name,
+};
 use super::ws::{self, Ended, Out};
 use super::{dur, named_pid, now_us, num, procfs, publish, report, resolve, wait_quiet};
 
@@ -407,33 +410,9 @@ struct Shared {
 pub fn worker_main(cfg_json: &str) -> anyhow::Result<()> {
     let cfg: ScaleWorkerConfig = serde_json::from_str(cfg_json)?;
     let max_time = Duration::from_millis(cfg.max_time_ms);
-    std::thread::spawn(move || {
-        std::thread::sleep(max_time);
-        eprintln!("switchboard-bench scale worker: time limit reached, exiting");
-        std::process::exit(3);
-    });
-    let (ctl_tx, ctl_rx) = tokio::sync::mpsc::channel::<String>(4);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if ctl_tx.blocking_send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, run(cfg, ctl_rx))
-}
-
-fn print_line(value: &impl Serialize) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer(&mut out, value)?;
-    out.write_all(b"\n")?;
-    out.flush()?;
-    Ok(())
+    worker::process("switchboard-bench scale worker", max_time, |ctl| {
+        run(cfg, ctl)
+    })
 }
 
 fn say(line: &str) -> anyhow::Result<()> {
@@ -1020,42 +999,6 @@ fn on_message(
     }
 }
 
-fn frame_bytes(payload: usize) -> u64 {
-    let header = match payload {
-        0..=125 => 2,
-        126..=65_535 => 4,
-        _ => 10,
-    };
-    (header + payload) as u64
-}
-
-fn short(reason: &str) -> String {
-    reason
-        .split(" (os error")
-        .next()
-        .unwrap_or(reason)
-        .chars()
-        .take(120)
-        .collect()
-}
-
-fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
-    let i = ws::find(hay, key)? + key.len();
-    let len = hay[i..].iter().position(|&b| b == b'"' || b == b'\\')?;
-    (hay[i + len] == b'"').then(|| String::from_utf8_lossy(&hay[i..i + len]).into_owned())
-}
-
-fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
-    let i = ws::find(hay, key)? + key.len();
-    let mut n: u64 = 0;
-    let mut any = false;
-    for &d in hay[i..].iter().take_while(|b| b.is_ascii_digit()) {
-        n = n.checked_mul(10)?.checked_add((d - b'0') as u64)?;
-        any = true;
-    }
-    any.then_some(n)
-}
-
 // === coordinator ===
 
 struct WorkerProc {
@@ -1123,12 +1066,14 @@ fn redis_info(addr: SocketAddr, section: &str) -> anyhow::Result<BTreeMap<String
         .collect())
 }
 
-/// Redis CPU seconds (user + sys) and memory bytes (used, RSS), from INFO.
+/// Redis CPU seconds (user + sys), memory bytes (used, RSS) and `FCALL`s
+/// served so far (history publications and reads), from INFO.
 #[derive(Clone, Copy, Default)]
 struct RedisSample {
     cpu_s: f64,
     used_memory: u64,
     rss: u64,
+    fcalls: u64,
 }
 
 fn redis_sample(addr: SocketAddr) -> RedisSample {
@@ -1145,6 +1090,15 @@ fn redis_sample(addr: SocketAddr) -> RedisSample {
         let f = |k: &str| mem.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         s.used_memory = f("used_memory");
         s.rss = f("used_memory_rss");
+    }
+    if let Ok(stats) = redis_info(addr, "commandstats") {
+        // cmdstat_fcall:calls=N,usec=…
+        s.fcalls = stats
+            .get("cmdstat_fcall")
+            .and_then(|v| v.strip_prefix("calls="))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
     }
     s
 }
@@ -1753,6 +1707,11 @@ fn drive(
                 "window_s": window_s,
                 "redis_cpu_s_during": redis_storm,
                 "history_reads": 2 * t.back,
+                // What Redis served: every FCALL in the window less the
+                // publications (at the storm rate); the nodes share
+                // concurrent reads of one topic (history::coalesce).
+                "redis_history_calls": post.redis.fcalls.saturating_sub(pre.redis.fcalls)
+                    .saturating_sub((rate * window_s).round() as u64),
                 "redis_cpu_us_per_history_read": if t.back > 0 {
                     (redis_storm - redis_calm / calm_s.max(1e-9) * window_s).max(0.0) * 1e6 / (2 * t.back) as f64
                 } else { 0.0 },
@@ -1839,7 +1798,7 @@ pub fn markdown(rows: &[Value]) -> String {
     }
     let storms: Vec<&Value> = rows.iter().filter(|r| r["storm"].is_object()).collect();
     if !storms.is_empty() {
-        s.push_str("\n| Scale: node death | Killed | Its connections | Back | `recovered: true` | All back after s | All hold every missed offset after s | Lost | Dup. | Reconnect attempts (failed) | Came back per node | Survivors' p99 before / during ms | Redis CPU during (share of a core) | Redis CPU before (share) | History reads | Redis CPU µs/history read |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|\n");
+        s.push_str("\n| Scale: node death | Killed | Its connections | Back | `recovered: true` | All back after s | All hold every missed offset after s | Lost | Dup. | Reconnect attempts (failed) | Came back per node | Survivors' p99 before / during ms | Redis CPU during (share of a core) | Redis CPU before (share) | Resubscriptions with `since` | Redis history calls | Redis CPU µs/resubscription |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|\n");
         for r in storms {
             let per_node: Vec<String> = r
                 .pointer("/storm/back_per_node")
@@ -1850,7 +1809,7 @@ pub fn markdown(rows: &[Value]) -> String {
                 .collect();
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {} | {} ({}) | {} | {} / {} | {:.2} s ({:.0} %) | {:.0} % | {} | {:.1} |",
+                "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {} | {} ({}) | {} | {} / {} | {:.2} s ({:.0} %) | {:.0} % | {} | {} | {:.1} |",
                 r["scenario"].as_str().unwrap_or("?"),
                 r.pointer("/storm/victim")
                     .and_then(Value::as_str)
@@ -1871,6 +1830,7 @@ pub fn markdown(rows: &[Value]) -> String {
                 f(r, "/storm/redis_cpu_share_during") * 100.0,
                 f(r, "/storm/redis_cpu_share_before") * 100.0,
                 th(f(r, "/storm/history_reads")),
+                th(f(r, "/storm/redis_history_calls")),
                 f(r, "/storm/redis_cpu_us_per_history_read"),
             );
         }

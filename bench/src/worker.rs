@@ -206,12 +206,22 @@ struct Shared {
 pub fn main(cfg_json: &str) -> anyhow::Result<()> {
     let cfg: WorkerConfig = serde_json::from_str(cfg_json)?;
     let max_time = Duration::from_millis(cfg.max_time_ms);
+    process("switchboard-bench worker", max_time, |ctl| run(cfg, ctl))
+}
+
+/// A worker process's frame, shared by the fan-out and scale workers: a
+/// hard time limit (exit 3), the coordinator's control lines from stdin
+/// (EOF means "stop now"), and `run` on a single-threaded local runtime.
+pub fn process<F, Fut>(name: &'static str, max_time: Duration, run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(tokio::sync::mpsc::Receiver<String>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     std::thread::spawn(move || {
         std::thread::sleep(max_time);
-        eprintln!("switchboard-bench worker: time limit reached, exiting");
+        eprintln!("{name}: time limit reached, exiting");
         std::process::exit(3);
     });
-    // Control lines from the coordinator; EOF means "stop now".
     let (ctl_tx, ctl_rx) = tokio::sync::mpsc::channel::<String>(4);
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {
@@ -225,10 +235,11 @@ pub fn main(cfg_json: &str) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, run(cfg, ctl_rx))
+    local.block_on(&rt, run(ctl_rx))
 }
 
-fn print_line(value: &impl Serialize) -> anyhow::Result<()> {
+/// One JSON line on stdout, flushed: the coordinator reads them as they come.
+pub fn print_line(value: &impl Serialize) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, value)?;
     out.write_all(b"\n")?;
@@ -706,7 +717,7 @@ fn fail(shared: &Shared, reason: &str) {
 
 /// Error texts carry addresses and ports; keep the kind only so that the
 /// reasons aggregate.
-fn short(reason: &str) -> String {
+pub fn short(reason: &str) -> String {
     reason
         .split(" (os error")
         .next()
@@ -780,7 +791,7 @@ fn on_message(
 }
 
 /// The size of a server's (unmasked) WebSocket frame with `payload` bytes.
-fn frame_bytes(payload: usize) -> u64 {
+pub fn frame_bytes(payload: usize) -> u64 {
     let header = match payload {
         0..=125 => 2,
         126..=65_535 => 4,
@@ -873,14 +884,14 @@ fn on_event(
 
 /// The JSON string (without escapes) right after `key` (which ends with
 /// the opening quote) in `hay`.
-fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
+pub fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
     let i = ws::find(hay, key)? + key.len();
     let len = hay[i..].iter().position(|&b| b == b'"' || b == b'\\')?;
     (hay[i + len] == b'"').then(|| String::from_utf8_lossy(&hay[i..i + len]).into_owned())
 }
 
 /// Parses the unsigned integer right after `key` in `hay`.
-fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
+pub fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
     let i = ws::find(hay, key)? + key.len();
     let digits = hay[i..].iter().take_while(|b| b.is_ascii_digit());
     let mut n: u64 = 0;
