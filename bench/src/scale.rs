@@ -290,6 +290,10 @@ pub struct ScaleReady {
     pub first_start_us: u64,
     pub last_ready_us: u64,
     pub open_us: SparseHist,
+    /// The worker's CPU so far (its phase reports count from its start too,
+    /// so the first phase's generator CPU is taken from here).
+    #[serde(default)]
+    pub cpu_s: f64,
 }
 
 /// One worker's counts for one phase.
@@ -474,6 +478,7 @@ async fn run(
     {
         let mut a = shared.agg.borrow_mut();
         a.ready.open_us = a.open.to_sparse();
+        a.ready.cpu_s = procfs::sample(std::process::id()).cpu_s;
         print_line(&a.ready)?;
     }
     while let Some(line) = ctl.recv().await {
@@ -1446,6 +1451,7 @@ fn drive(
         }
         ready.first_start_us = ready.first_start_us.min(r.first_start_us);
         ready.last_ready_us = ready.last_ready_us.max(r.last_ready_us);
+        ready.cpu_s += r.cpu_s;
         open.merge(&r.open_us);
     }
     eprintln!(
@@ -1505,11 +1511,13 @@ fn drive(
                 .map(|(b, a)| (b.cpu_s - a.cpu_s).max(0.0)).sum::<f64>()) * 1e6 / ready.ready.max(1) as f64,
             "redis_cpu_us_per_subscribe": (held.redis.cpu_s - p.before.redis.cpu_s).max(0.0) * 1e6
                 / (2 * ready.ready).max(1) as f64,
-            "costs": costs(o, &p.before, &held, 0.0, 0),
+            "costs": costs(o, &p.before, &held, ready.cpu_s, 0),
         }),
     ));
     let gen_cpu = |reports: &[PhaseReport]| reports.iter().map(|r| r.cpu_s).sum::<f64>();
-    let mut gen_before = 0.0;
+    // The workers count CPU from their start: what connecting cost is not
+    // the first phase's.
+    let mut gen_before = ready.cpu_s;
 
     // === the shared topic, then the own topics ===
     let mut phases: Vec<(String, &str, publish::Plan)> = o
