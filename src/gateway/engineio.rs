@@ -368,11 +368,13 @@ pub async fn upgrade(node: Node, req: Request) -> Response {
         Err(rejection) => return rejection.into_response(),
     };
     let n = node.clone();
-    outbox::upgrade(&n, ws, move |socket| async move {
+    outbox::upgrade(&n, ws, move |socket| {
+        // The session future is returned, not awaited in an `async` block
+        // (which would hold it and the socket twice in every task).
         let conn = Conn::new(&node, handshake, None);
         conn.set_phase(Phase::Websocket);
         conn.outbox.push(conn.open_packet(false).into());
-        run_websocket(conn, socket).await
+        run_websocket(conn, socket)
     })
 }
 

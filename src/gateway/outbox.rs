@@ -9,6 +9,7 @@
 //! `docs/protocol.md`) and the fan-out moves on without waiting.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -16,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
-use futures_util::SinkExt;
 use futures_util::stream::SplitSink;
 use futures_util::task::AtomicWaker;
+use futures_util::{FutureExt, SinkExt};
 use tokio::sync::Notify;
 
 use crate::config::Config;
@@ -64,9 +65,11 @@ where
         .max_write_buffer_size(max.saturating_mul(2).max(1 << 20))
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            session(socket).await;
-            drop(guard);
+        .on_upgrade(move |socket| {
+            // Chained, not awaited in an `async` block: the block would hold
+            // the session future twice (its capture and its await), and
+            // every connection's task would pay for the copy.
+            session(socket).map(move |()| drop(guard))
         })
 }
 
@@ -391,15 +394,16 @@ async fn write_loop(mut w: Writer) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let shutdown = w.node.shutdown_token();
     // Armed on shutdown: each connection closes at its own point in the drain
-    // window so that clients do not all reconnect in one burst.
-    let close_at = tokio::time::sleep(Duration::from_secs(86_400 * 365));
+    // window so that clients do not all reconnect in one burst. Boxed, and
+    // only then: every idle connection's task stays smaller by a timer.
+    let mut close_at: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // Created once, not per loop turn: registering a waiter costs a lock.
     let outbox = w.outbox.clone();
     // Checks the code first: a close may have been asked for before this
     // writer started (during an Engine.IO upgrade).
     let close_requested = outbox.close.requested();
     let shutdown_started = shutdown.cancelled();
-    tokio::pin!(close_at, close_requested, shutdown_started);
+    tokio::pin!(close_requested, shutdown_started);
     let mut draining = false;
     let mut batch = VecDeque::new();
 
@@ -411,16 +415,21 @@ async fn write_loop(mut w: Writer) {
                 draining = true;
                 let window = config.shutdown_drain.as_millis() as u64;
                 let offset = if window == 0 { 0 } else { w.id % window };
-                close_at.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(offset));
+                close_at = Some(Box::pin(tokio::time::sleep(Duration::from_millis(offset))));
             }
-            _ = &mut close_at => {
+            _ = async {
+                match close_at.as_mut() {
+                    Some(sleep) => sleep.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 w.outbox.close.request(config.shutdown_close_code);
                 break w.outbox.close.code();
             }
             () = std::future::poll_fn(|cx| outbox.queue.poll_take(cx, &mut batch)) => {
                 if !write_batch(&mut w, &mut batch).await {
                     outbox.queue.close();
-                    flush_close_answer(&mut w).await;
+                    Box::pin(flush_close_answer(&mut w)).await;
                     return;
                 }
             }
@@ -429,21 +438,30 @@ async fn write_loop(mut w: Writer) {
                     w.outbox.close.request(close::HEARTBEAT_TIMEOUT);
                     break w.outbox.close.code();
                 }
-                let ping = tokio::time::timeout(WRITE_TIMEOUT, w.sink.send(w.heartbeat.probe()));
+                // Boxed: a ping every heartbeat interval, its timer is not
+                // worth a place in every connection's task.
+                let ping = Box::pin(tokio::time::timeout(WRITE_TIMEOUT, w.sink.send(w.heartbeat.probe())));
                 if !matches!(ping.await, Ok(Ok(()))) {
-                    flush_close_answer(&mut w).await;
+                    Box::pin(flush_close_answer(&mut w)).await;
                     return;
                 }
             }
         }
     };
-    // What was queued before the close (an `error` explaining it, say) goes
-    // out first, unless the queue is the problem or the client closed (no
-    // data frame may follow its Close).
+    Box::pin(close_connection(&mut w, code, &mut batch)).await;
+}
+
+/// The writer's last words: what was queued before the close (an `error`
+/// explaining it, say) goes out first, unless the queue is the problem or
+/// the client closed (no data frame may follow its Close); then the Close
+/// frame. A function of its own, boxed by the caller: it runs once per
+/// connection and its timers would otherwise sit in every idle task.
+async fn close_connection(w: &mut Writer, code: u16, batch: &mut VecDeque<Utf8Bytes>) {
+    let outbox = w.outbox.clone();
     if code != close::TRY_AGAIN_LATER
         && code != close::HEARTBEAT_TIMEOUT
         && code != close::BY_CLIENT
-        && outbox.queue.take(&mut batch)
+        && outbox.queue.take(batch)
     {
         let pending = async {
             for frame in batch.drain(..) {

@@ -15,8 +15,8 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
-use futures_util::stream::SplitStream;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{FutureExt, StreamExt};
 use serde_json::value::RawValue;
 
 use crate::api::ApiError;
@@ -181,9 +181,13 @@ fn accept(
     compact: bool,
 ) -> Response {
     let n = node.clone();
-    outbox::upgrade(&n, ws, move |socket| async move {
-        run(node, socket, id, identity, topic, compact).await;
-        drop(seats);
+    outbox::upgrade(&n, ws, move |socket| {
+        // Split here and chained with `map`, not awaited in an `async`
+        // block: a future held by a block (or an `async fn`'s argument)
+        // keeps its room next to the one being polled, and every
+        // connection's task pays for it.
+        let (sink, stream) = socket.split();
+        run(node, sink, stream, id, identity, topic, compact).map(move |()| drop(seats))
     })
 }
 
@@ -266,7 +270,8 @@ impl Subscriber for Compact {
 
 async fn run(
     node: Node,
-    socket: WebSocket,
+    sink: SplitSink<WebSocket, Message>,
+    stream: SplitStream<WebSocket>,
     id: ConnId,
     identity: Identity,
     initial_topic: Option<String>,
@@ -275,7 +280,6 @@ async fn run(
     let config = node.config().clone();
     let client_id = format!("{id:016x}");
     let outbox = Arc::new(Outbox::new(&config, m::transport::WS));
-    let (sink, stream) = socket.split();
 
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::WS).increment(1.0);
     metrics::counter!(m::CONNECTIONS_OPENED, "transport" => m::transport::WS).increment(1);
@@ -323,35 +327,39 @@ async fn run(
         Box::pin(session.join(topic, None, false)).await;
     }
     read_loop(&mut session, stream, &mut writer, &liveness, &mailbox).await;
-
-    // The reader is done: let the writer send its close frame and finish.
-    // The socket is dropped with the writer's half; `Lingering` then
-    // half-closes it and drains what the client still sends, so the close
-    // frame is not lost to a TCP reset.
-    outbox.close.request(close::NORMAL);
-    if !writer.is_finished() {
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, &mut writer).await;
-        writer.abort();
-    }
-    for topic in session.topics.drain() {
-        node.hub().unsubscribe(&topic, id).await;
-        node.presence().left(&topic, &session.client_id);
-    }
-    let reason = match outbox.close.code() {
-        close::TRY_AGAIN_LATER => m::reason::SLOW_CONSUMER,
-        close::TOO_BIG => m::reason::TOO_BIG,
-        close::GOING_AWAY | close::RESTART => m::reason::SHUTDOWN,
-        close::POLICY => m::reason::POLICY,
-        close::HEARTBEAT_TIMEOUT => m::reason::HEARTBEAT,
-        close::TOKEN_EXPIRED => m::reason::TOKEN_EXPIRED,
-        4000..=4999 => m::reason::BACKEND,
-        _ => m::reason::CLIENT,
-    };
-    registration.end(reason);
-    metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::WS).decrement(1.0);
-    metrics::counter!(m::CONNECTIONS_CLOSED, "transport" => m::transport::WS, "reason" => reason)
-        .increment(1);
-    node.connection_closed();
+    // The teardown runs once; boxed so that its timers and unsubscribe
+    // futures take no room in every idle connection's task.
+    Box::pin(async move {
+        // The reader is done: let the writer send its close frame and finish.
+        // The socket is dropped with the writer's half; `Lingering` then
+        // half-closes it and drains what the client still sends, so the close
+        // frame is not lost to a TCP reset.
+        outbox.close.request(close::NORMAL);
+        if !writer.is_finished() {
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, &mut writer).await;
+            writer.abort();
+        }
+        for topic in session.topics.drain() {
+            node.hub().unsubscribe(&topic, id).await;
+            node.presence().left(&topic, &session.client_id);
+        }
+        let reason = match outbox.close.code() {
+            close::TRY_AGAIN_LATER => m::reason::SLOW_CONSUMER,
+            close::TOO_BIG => m::reason::TOO_BIG,
+            close::GOING_AWAY | close::RESTART => m::reason::SHUTDOWN,
+            close::POLICY => m::reason::POLICY,
+            close::HEARTBEAT_TIMEOUT => m::reason::HEARTBEAT,
+            close::TOKEN_EXPIRED => m::reason::TOKEN_EXPIRED,
+            4000..=4999 => m::reason::BACKEND,
+            _ => m::reason::CLIENT,
+        };
+        registration.end(reason);
+        metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::WS).decrement(1.0);
+        metrics::counter!(m::CONNECTIONS_CLOSED, "transport" => m::transport::WS, "reason" => reason)
+            .increment(1);
+        node.connection_closed();
+    })
+    .await;
 }
 
 async fn read_loop(
