@@ -242,18 +242,24 @@ mod tests {
         }
     }
 
+    /// A history of offsets `oldest..=top` and its coalesced wrapper.
+    fn histories(top: u64, oldest: u64) -> (Arc<Slow>, Arc<Coalesced>) {
+        let slow = Arc::new(Slow {
+            top,
+            oldest,
+            reads: AtomicUsize::new(0),
+        });
+        let coalesced = Arc::new(Coalesced::new(slow.clone()));
+        (slow, coalesced)
+    }
+
     fn offsets(r: &Range) -> Vec<u64> {
         r.entries.iter().map(|s| s.offset).collect()
     }
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_readers_share_reads_and_each_gets_its_own_answer() {
-        let slow = Arc::new(Slow {
-            top: 100,
-            oldest: 41,
-            reads: AtomicUsize::new(0),
-        });
-        let coalesced = Arc::new(Coalesced::new(slow.clone()));
+        let (slow, coalesced) = histories(100, 41);
         let asks: Vec<(u64, usize)> = (0..200)
             .map(|i| match i % 5 {
                 0 => (0, 0),
@@ -286,12 +292,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn readers_arriving_during_a_read_share_the_next_one() {
-        let slow = Arc::new(Slow {
-            top: 30,
-            oldest: 1,
-            reads: AtomicUsize::new(0),
-        });
-        let coalesced = Arc::new(Coalesced::new(slow.clone()));
+        let (slow, coalesced) = histories(30, 1);
         let c = coalesced.clone();
         let first = tokio::spawn(async move { c.read("t", 5, 100).await.unwrap() });
         tokio::time::sleep(Duration::from_millis(5)).await;
