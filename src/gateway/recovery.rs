@@ -58,7 +58,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gateway::outbox::Outbox;
 use crate::gateway::sio::{self, Peer, Session};
-use crate::history::{GapRange, Position};
+use crate::history::{GapRange, Position, push_base36};
 use crate::hub::{Announce, Delivery, Outcome, Publication, Subscriber};
 use crate::metrics as m;
 use crate::node::Node;
@@ -527,22 +527,6 @@ impl Ledger {
     }
 }
 
-const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-
-fn push36(out: &mut String, mut n: u64) {
-    let mut buf = [0u8; 13];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = DIGITS[(n % 36) as usize];
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    out.push_str(std::str::from_utf8(&buf[i..]).expect("ASCII"));
-}
-
 fn parse36(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 13 {
         return None;
@@ -561,7 +545,7 @@ fn parse36(s: &str) -> Option<u64> {
 
 fn encode(rev: u64, values: impl Iterator<Item = Option<u64>>) -> String {
     let mut token = String::with_capacity(32);
-    push36(&mut token, rev);
+    push_base36(&mut token, rev);
     let mut empties = 0;
     for value in values {
         match value {
@@ -571,7 +555,7 @@ fn encode(rev: u64, values: impl Iterator<Item = Option<u64>>) -> String {
                     token.push('.');
                 }
                 empties = 0;
-                push36(&mut token, v);
+                push_base36(&mut token, v);
             }
         }
     }

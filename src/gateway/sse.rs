@@ -52,7 +52,7 @@ use crate::backend::{Caller, Denial};
 use crate::clients::{ClientInfo, Command, Mailbox, Registration, Target};
 use crate::gateway::admission::{self, Seats, capacity, identify};
 use crate::gateway::outbox::{Outbox, WRITE_TIMEOUT, close};
-use crate::history::GapRange;
+use crate::history::{GapRange, push_base36};
 use crate::hub::{ConnId, Delivery, Outcome, Publication, Subscribed, Subscriber};
 use crate::metrics as m;
 use crate::node::Node;
@@ -73,21 +73,6 @@ pub fn topic_key(topic: &str) -> u32 {
     topic.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     })
-}
-
-fn push_base36(out: &mut String, mut n: u64) {
-    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut buf = [0u8; 13];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = DIGITS[(n % 36) as usize];
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    out.push_str(std::str::from_utf8(&buf[i..]).expect("ASCII digits"));
 }
 
 fn parse_base36(s: &str) -> Option<u64> {

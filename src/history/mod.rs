@@ -152,17 +152,26 @@ pub fn stamp(envelope: &str, offset: u64, epoch: &str) -> String {
 
 const BASE36: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 
-fn base36(mut n: u64) -> String {
-    let mut digits = Vec::new();
+fn base36(n: u64) -> String {
+    let mut s = String::new();
+    push_base36(&mut s, n);
+    s
+}
+
+/// Appends `n` in base 36 (`0-9a-z`), without allocating: the form of
+/// epochs here, of SSE event ids and of Socket.IO recovery tokens.
+pub fn push_base36(out: &mut String, mut n: u64) {
+    let mut buf = [0u8; 13];
+    let mut i = buf.len();
     loop {
-        digits.push(BASE36[(n % 36) as usize]);
+        i -= 1;
+        buf[i] = BASE36[(n % 36) as usize];
         n /= 36;
         if n == 0 {
             break;
         }
     }
-    digits.reverse();
-    String::from_utf8(digits).unwrap_or_default()
+    out.push_str(std::str::from_utf8(&buf[i..]).expect("ASCII digits"));
 }
 
 fn parse_base36(s: &str) -> Option<u64> {
