@@ -539,6 +539,23 @@ pub enum Nested {
     List(Vec<Nested>),
 }
 
+impl Nested {
+    /// A list of strings (nil: none); `None` for any other shape.
+    pub fn texts(&self) -> Option<Vec<String>> {
+        match self {
+            Nested::List(items) => items
+                .iter()
+                .map(|i| match i {
+                    Nested::Text(t) => Some(t.clone()),
+                    _ => None,
+                })
+                .collect(),
+            Nested::Nil => Some(Vec::new()),
+            Nested::Text(_) => None,
+        }
+    }
+}
+
 impl FromValue for Nested {
     fn from_value(value: Value) -> Result<Self, fred::error::Error> {
         Ok(match value {

@@ -390,19 +390,7 @@ fn leftovers(reply: Nested) -> Result<Option<Leftovers>, RedisError> {
         Nested::List(parts) if parts.len() == 2 => parts,
         _ => return Err(bad()),
     };
-    let texts = |n: &Nested| -> Result<Vec<String>, RedisError> {
-        match n {
-            Nested::List(items) => items
-                .iter()
-                .map(|i| match i {
-                    Nested::Text(t) => Ok(t.clone()),
-                    _ => Err(bad()),
-                })
-                .collect(),
-            Nested::Nil => Ok(Vec::new()),
-            Nested::Text(_) => Err(bad()),
-        }
-    };
+    let texts = |n: &Nested| n.texts().ok_or_else(bad);
     let flat = texts(&parts[0])?;
     let mut clients = Vec::with_capacity(flat.len() / 2);
     for pair in flat.chunks(2) {

@@ -215,17 +215,7 @@ fn bad() -> RedisError {
 }
 
 fn texts(n: &Nested) -> Result<Vec<String>, RedisError> {
-    match n {
-        Nested::List(items) => items
-            .iter()
-            .map(|i| match i {
-                Nested::Text(t) => Ok(t.clone()),
-                _ => Err(bad()),
-            })
-            .collect(),
-        Nested::Nil => Ok(Vec::new()),
-        Nested::Text(_) => Err(bad()),
-    }
+    n.texts().ok_or_else(bad)
 }
 
 fn pairs(flat: Vec<String>) -> Vec<(String, String)> {
