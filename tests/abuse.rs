@@ -273,6 +273,78 @@ async fn topic_churn_leaves_redis_and_the_nodes_where_they_were() {
     }
 }
 
+/// Many topics subscribed at once on one node (its backplane subscribes
+/// them in batches) each hear their publication from the other node; once
+/// their subscribers leave, Redis holds none of their channels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_new_topics_hears_every_publication_and_leaves_no_channel_behind() {
+    const CLIENTS: usize = 10;
+    const TOPICS: usize = 50;
+    let redis = Redis::start();
+    let pfx = prefix("burst");
+    let a = redis_node("a", &redis, &pfx, &[]);
+    let b = redis_node("b", &redis, &pfx, &[]);
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(Client::connect(&a.ws_url("/ws")).await);
+    }
+    // Every subscribe goes out before any answer is read: the node gets
+    // CLIENTS × TOPICS new topics at once.
+    for (i, c) in clients.iter_mut().enumerate() {
+        for t in 0..TOPICS {
+            c.send(json!({"type": "subscribe", "event": format!("burst.{i}.{t}")}))
+                .await;
+        }
+    }
+    for c in clients.iter_mut() {
+        for _ in 0..TOPICS {
+            c.expect("subscribed").await;
+        }
+    }
+    let channels = |pattern: &str| -> usize {
+        redis
+            .call(&["PUBSUB", "CHANNELS", pattern])
+            .unwrap()
+            .iter()
+            .filter(|c| !c.is_empty())
+            .count()
+    };
+    assert_eq!(channels(&format!("{pfx}:t:burst.*")), CLIENTS * TOPICS);
+    let stats = redis.cmd(&["INFO", "commandstats"]);
+    let subscribes = stats.lines().find(|l| l.starts_with("cmdstat_subscribe:"));
+    eprintln!(
+        "{} new topics: {}",
+        CLIENTS * TOPICS,
+        subscribes.unwrap_or("no SUBSCRIBE")
+    );
+    for i in 0..CLIENTS {
+        for t in 0..TOPICS {
+            let body = json!({"topic": format!("burst.{i}.{t}"), "data": {"i": i, "t": t}});
+            let (_, answer) = b.post("/api/publish", &body.to_string());
+            assert_eq!(answer["success"], true, "{answer}");
+        }
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut heard = std::collections::HashSet::new();
+        while heard.len() < TOPICS {
+            let event = c.expect("event").await;
+            // `topic` is left out where it equals `name`.
+            let topic = event["topic"].as_str().or(event["name"].as_str());
+            let topic = topic.unwrap().to_string();
+            assert!(topic.starts_with(&format!("burst.{i}.")), "{event}");
+            assert!(heard.insert(topic), "heard twice: {event}");
+        }
+    }
+    drop(clients);
+    assert!(
+        eventually(Duration::from_secs(10), || channels(&format!(
+            "{pfx}:t:burst.*"
+        )) == 0),
+        "channels left: {}",
+        channels(&format!("{pfx}:t:burst.*"))
+    );
+}
+
 type Sink = futures_util::stream::SplitSink<common::WsStream, Message>;
 
 /// A hostile client's writer: a new topic subscribed and unsubscribed

@@ -20,7 +20,7 @@
 //! broadcast into our own queue at once by a loop that counts lag instead of
 //! ending on it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ use fred::clients::SubscriberClient;
 use fred::interfaces::{ClientLike, ClusterInterface, EventInterface, PubsubInterface};
 use futures_util::future::BoxFuture;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Backplane, BackplaneError, Inbound, Status};
@@ -56,7 +56,21 @@ pub struct RedisBackplane {
     probes: Mutex<HashMap<String, Probe>>,
     /// Set while a deaf subscription is being restored: the node is not ready.
     deaf: AtomicBool,
+    /// The hub's (un)subscribes, for [`apply_changes`]. Unbounded because
+    /// every sender waits for its answer: at most one change per topic is
+    /// queued (the hub's topic lock), so the queue is bounded by the topics.
+    changes: mpsc::UnboundedSender<Change>,
 }
+
+/// A subscribe or unsubscribe of one channel, waiting for the next batch.
+struct Change {
+    channel: String,
+    subscribe: bool,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// The most channels one batched `SUBSCRIBE`/`UNSUBSCRIBE` names.
+const MAX_BATCH: usize = 1024;
 
 #[derive(Debug, Clone, Copy)]
 struct Probe {
@@ -84,6 +98,10 @@ impl RedisBackplane {
         let messages = subscriber.message_rx();
         let reconnects = subscriber.reconnect_rx();
         subscriber.connect();
+        let (changes, changes_rx) = mpsc::unbounded_channel();
+        if !keys.sharded() {
+            tokio::spawn(apply_changes(subscriber.clone(), changes_rx, stop.clone()));
+        }
         let backplane = Arc::new(Self {
             keys,
             node_id: node_id.to_string(),
@@ -95,6 +113,7 @@ impl RedisBackplane {
             losses: watch::Sender::new(0),
             probes: Mutex::new(HashMap::new()),
             deaf: AtomicBool::new(false),
+            changes,
         });
         tokio::spawn(receive_loop(
             backplane.clone(),
@@ -134,6 +153,34 @@ impl RedisBackplane {
             within(COMMAND_TIMEOUT, self.subscriber.sunsubscribe(channel)).await
         } else {
             within(COMMAND_TIMEOUT, self.subscriber.unsubscribe(channel)).await
+        }
+    }
+
+    /// The hub's subscribe (`subscribe`: true) or unsubscribe of `topic`.
+    /// On one Redis it joins the next batch ([`apply_changes`]); a sharded
+    /// subscription is sent alone, as fred never pipelines `SSUBSCRIBE`
+    /// (it must follow the slot's redirections).
+    async fn change(&self, topic: &str, subscribe: bool) -> Result<(), BackplaneError> {
+        let channel = self.keys.topic(topic);
+        if self.keys.sharded() {
+            let done = match subscribe {
+                true => self.subscribe_channel(channel).await,
+                false => self.unsubscribe_channel(channel).await,
+            };
+            return done.map_err(|e| BackplaneError::Unavailable(e.to_string()));
+        }
+        let (done, answer) = oneshot::channel();
+        let change = Change {
+            channel,
+            subscribe,
+            done,
+        };
+        if self.changes.send(change).is_err() {
+            return Err(BackplaneError::Closed);
+        }
+        match answer.await {
+            Ok(result) => result.map_err(BackplaneError::Unavailable),
+            Err(_) => Err(BackplaneError::Closed),
         }
     }
 
@@ -255,19 +302,11 @@ impl Backplane for RedisBackplane {
     }
 
     fn subscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BackplaneError>> {
-        Box::pin(async move {
-            self.subscribe_channel(self.keys.topic(topic))
-                .await
-                .map_err(|e| BackplaneError::Unavailable(e.to_string()))
-        })
+        Box::pin(self.change(topic, true))
     }
 
     fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BackplaneError>> {
-        Box::pin(async move {
-            self.unsubscribe_channel(self.keys.topic(topic))
-                .await
-                .map_err(|e| BackplaneError::Unavailable(e.to_string()))
-        })
+        Box::pin(self.change(topic, false))
     }
 
     fn status(&self) -> watch::Receiver<Status> {
@@ -276,6 +315,64 @@ impl Backplane for RedisBackplane {
 
     fn losses(&self) -> watch::Receiver<u64> {
         self.losses.subscribe()
+    }
+}
+
+/// Sends the hub's (un)subscribes in batches: everything queued while the
+/// previous batch was on its way goes in one `SUBSCRIBE` and one
+/// `UNSUBSCRIBE`. fred sends pub/sub commands one at a time, each waiting
+/// for its answer, on the connection that also brings the messages; one
+/// command per topic made a churn of short-lived topics (a reconnect storm,
+/// a hostile client) queue on Redis round trips and cost a command's
+/// overhead each. A lone change still goes at once. A channel named twice
+/// in one batch (subscribe, then unsubscribe) splits it, so the order holds.
+async fn apply_changes(
+    subscriber: SubscriberClient,
+    mut changes: mpsc::UnboundedReceiver<Change>,
+    stop: CancellationToken,
+) {
+    let mut queued = Vec::new();
+    let mut named = HashSet::new();
+    loop {
+        let n = tokio::select! {
+            n = changes.recv_many(&mut queued, MAX_BATCH) => n,
+            _ = stop.cancelled() => return,
+        };
+        if n == 0 {
+            return;
+        }
+        let mut batch = Vec::with_capacity(queued.len());
+        for change in queued.drain(..) {
+            if !named.insert(change.channel.clone()) {
+                send_batch(&subscriber, std::mem::take(&mut batch)).await;
+                named.clear();
+                named.insert(change.channel.clone());
+            }
+            batch.push(change);
+        }
+        send_batch(&subscriber, batch).await;
+        named.clear();
+    }
+}
+
+/// One `SUBSCRIBE` for the batch's subscribes, then one `UNSUBSCRIBE` for
+/// its unsubscribes; every change hears its command's outcome.
+async fn send_batch(subscriber: &SubscriberClient, batch: Vec<Change>) {
+    let (subscribes, unsubscribes): (Vec<Change>, Vec<Change>) =
+        batch.into_iter().partition(|c| c.subscribe);
+    for (subscribe, changes) in [(true, subscribes), (false, unsubscribes)] {
+        if changes.is_empty() {
+            continue;
+        }
+        let channels: Vec<String> = changes.iter().map(|c| c.channel.clone()).collect();
+        let sent = match subscribe {
+            true => within(COMMAND_TIMEOUT, subscriber.subscribe(channels)).await,
+            false => within(COMMAND_TIMEOUT, subscriber.unsubscribe(channels)).await,
+        };
+        let outcome = sent.map_err(|e| e.to_string());
+        for change in changes {
+            let _ = change.done.send(outcome.clone());
+        }
     }
 }
 
