@@ -355,14 +355,16 @@ async fn apply_changes(
     }
 }
 
-/// One `SUBSCRIBE` for the batch's subscribes, then one `UNSUBSCRIBE` for
-/// its unsubscribes; every change hears its command's outcome.
+/// One `SUBSCRIBE` for the batch's subscribes and one `UNSUBSCRIBE` for its
+/// unsubscribes, under way together (no channel is in both), so a batch
+/// waits at most one command timeout while Redis is away; every change
+/// hears its command's outcome.
 async fn send_batch(subscriber: &SubscriberClient, batch: Vec<Change>) {
     let (subscribes, unsubscribes): (Vec<Change>, Vec<Change>) =
         batch.into_iter().partition(|c| c.subscribe);
-    for (subscribe, changes) in [(true, subscribes), (false, unsubscribes)] {
+    let send = |subscribe: bool, changes: Vec<Change>| async move {
         if changes.is_empty() {
-            continue;
+            return;
         }
         let channels: Vec<String> = changes.iter().map(|c| c.channel.clone()).collect();
         let sent = match subscribe {
@@ -373,7 +375,8 @@ async fn send_batch(subscriber: &SubscriberClient, batch: Vec<Change>) {
         for change in changes {
             let _ = change.done.send(outcome.clone());
         }
-    }
+    };
+    tokio::join!(send(true, subscribes), send(false, unsubscribes));
 }
 
 /// Moves every message into the hub's queue at once. Never ends on lag:
