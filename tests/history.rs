@@ -565,6 +565,7 @@ async fn publications_lost_by_a_lagging_receiver_are_repaired_too() {
     assert_eq!(sub["offset"], 0);
     const TOTAL: u64 = 3000;
     // Every FCALL written at once on one connection, replies read after.
+    let started = Instant::now();
     let port = redis.port;
     let p = pfx.clone();
     tokio::task::spawn_blocking(move || {
@@ -595,14 +596,23 @@ async fn publications_lost_by_a_lagging_receiver_are_repaired_too() {
     // No gap, no other frame: every offset once, in order.
     let every: Vec<u64> = (1..=TOTAL).collect();
     assert_eq!(offsets(&mut c, every.len()).await, every);
+    let burst = started.elapsed();
     let lagged = metric(&a, "switchboard_backplane_lagged_messages_total");
     let repaired = metric(&a, "switchboard_history_repaired_publications_total");
     println!(
-        "lagging receiver: {lagged} publications lost in transit, {repaired} repaired from history"
+        "lagging receiver: {lagged} publications lost in transit, {repaired} repaired from history \
+         in a burst of {burst:?}"
     );
     assert!(lagged > 0.0, "the burst overflowed the buffer");
     // The backplane's self-probe (one a second) shares the connection: one
-    // lost with the burst is counted as lagged and needs no repair.
-    assert!(repaired + 2.0 >= lagged, "everything lost was repaired");
+    // lost with the burst is counted as lagged and needs no repair. A slow
+    // machine spreads the burst over several seconds, and as many probes
+    // (one more at each end of it).
+    let probes = burst.as_secs_f64().ceil() + 2.0;
+    assert!(
+        repaired + probes >= lagged,
+        "everything lost was repaired: {lagged} lost, {repaired} repaired, \
+         at most {probes} probes in {burst:?}"
+    );
     assert_eq!(metric(&a, "switchboard_history_gaps_total"), 0.0);
 }
