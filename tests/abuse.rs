@@ -301,15 +301,16 @@ async fn a_burst_of_new_topics_hears_every_publication_and_leaves_no_channel_beh
             c.expect("subscribed").await;
         }
     }
-    let channels = |pattern: &str| -> usize {
+    let pattern = format!("{pfx}:t:burst.*");
+    let channels = || -> usize {
         redis
-            .call(&["PUBSUB", "CHANNELS", pattern])
+            .call(&["PUBSUB", "CHANNELS", &pattern])
             .unwrap()
             .iter()
             .filter(|c| !c.is_empty())
             .count()
     };
-    assert_eq!(channels(&format!("{pfx}:t:burst.*")), CLIENTS * TOPICS);
+    assert_eq!(channels(), CLIENTS * TOPICS);
     let stats = redis.cmd(&["INFO", "commandstats"]);
     let subscribes = stats.lines().find(|l| l.starts_with("cmdstat_subscribe:"));
     eprintln!(
@@ -337,11 +338,9 @@ async fn a_burst_of_new_topics_hears_every_publication_and_leaves_no_channel_beh
     }
     drop(clients);
     assert!(
-        eventually(Duration::from_secs(10), || channels(&format!(
-            "{pfx}:t:burst.*"
-        )) == 0),
+        eventually(Duration::from_secs(10), || channels() == 0),
         "channels left: {}",
-        channels(&format!("{pfx}:t:burst.*"))
+        channels()
     );
 }
 
