@@ -48,6 +48,8 @@ pub enum BuildError {
     Redis(#[from] RedisError),
     #[error(transparent)]
     Hooks(#[from] crate::backend::hooks::BuildError),
+    #[error("could not start the client input runtime: {0}")]
+    Ingress(std::io::Error),
 }
 
 /// The parts that differ between embedded and cluster mode.
@@ -203,6 +205,8 @@ struct Inner {
     watch: Option<Watch>,
     /// Who is on which `PRESENCE_TOPICS` topic.
     presence: crate::presence::Presence,
+    /// WebSocket sessions run there, below the deliveries' priority.
+    ingress: crate::gateway::ingress::Ingress,
 }
 
 impl Node {
@@ -303,6 +307,12 @@ impl Node {
             .socketio_state_recovery
             .then(|| recovery::Registry::start(sio_sessions, config.history.ttl, stop.clone()));
         let limits = crate::limits::Limits::new(&config);
+        let workers = config.worker_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        });
+        let ingress =
+            crate::gateway::ingress::Ingress::start(workers, tokio::runtime::Handle::current())
+                .map_err(BuildError::Ingress)?;
         let node = Node {
             inner: Arc::new(Inner {
                 leadership: election.watch(),
@@ -331,6 +341,7 @@ impl Node {
                 webhooks,
                 watch,
                 presence,
+                ingress,
             }),
         };
         tokio::spawn(announce_loop(node.clone()));
@@ -438,6 +449,11 @@ impl Node {
 
     pub fn metrics(&self) -> Option<&PrometheusHandle> {
         self.inner.metrics.as_ref()
+    }
+
+    /// Where WebSocket sessions run (see `gateway::ingress`).
+    pub fn ingress(&self) -> &crate::gateway::ingress::Ingress {
+        &self.inner.ingress
     }
 
     pub fn sessions(&self) -> &TaskTracker {

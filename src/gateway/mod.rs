@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod engineio;
+pub mod ingress;
 pub mod outbox;
 pub mod polling;
 pub mod recovery;

@@ -60,16 +60,21 @@ where
 {
     let max = node.config().max_payload;
     let guard = node.sessions().token();
+    let node = node.clone();
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(max.saturating_mul(2).max(1 << 20))
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
-            // Chained, not awaited in an `async` block: the block would hold
-            // the session future twice (its capture and its await), and
-            // every connection's task would pay for the copy.
-            session(socket).map(move |()| drop(guard))
+            // The session moves to the readers' runtime (`ingress`) and the
+            // upgrade's own task ends. Chained, not awaited in an `async`
+            // block: the block would hold the session future twice (its
+            // capture and its await), and every connection's task would pay
+            // for the copy.
+            node.ingress()
+                .spawn(session(socket).map(move |()| drop(guard)));
+            std::future::ready(())
         })
 }
 
@@ -380,7 +385,7 @@ impl Writer {
             liveness: liveness.clone(),
             heartbeat,
         };
-        (tokio::spawn(write_loop(writer)), liveness)
+        (node.ingress().spawn_writer(write_loop(writer)), liveness)
     }
 }
 
