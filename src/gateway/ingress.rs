@@ -104,3 +104,28 @@ fn lower_priority() {
 
 #[cfg(not(target_os = "linux"))]
 fn lower_priority() {}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    fn own_nice() -> i32 {
+        // SAFETY: reads the calling thread's nice value.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[tokio::test]
+    async fn sessions_run_below_the_main_runtime_and_writers_on_it() {
+        let main = own_nice();
+        let ingress = Ingress::start(1, Handle::current()).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        ingress.spawn(async move {
+            let _ = tx.send(own_nice());
+        });
+        assert_eq!(rx.await.unwrap(), (main + NICENESS).min(19));
+        let writer = ingress.spawn_writer(async move {
+            assert_eq!(own_nice(), main);
+        });
+        writer.await.unwrap();
+    }
+}
