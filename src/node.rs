@@ -307,12 +307,8 @@ impl Node {
             .socketio_state_recovery
             .then(|| recovery::Registry::start(sio_sessions, config.history.ttl, stop.clone()));
         let limits = crate::limits::Limits::new(&config);
-        let workers = config.worker_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-        });
-        let ingress =
-            crate::gateway::ingress::Ingress::start(workers, tokio::runtime::Handle::current())
-                .map_err(BuildError::Ingress)?;
+        let ingress = crate::gateway::ingress::Ingress::start(tokio::runtime::Handle::current())
+            .map_err(BuildError::Ingress)?;
         let node = Node {
             inner: Arc::new(Inner {
                 leadership: election.watch(),

@@ -24,7 +24,6 @@
 //! separate run queues remain.
 
 use std::future::Future;
-use std::sync::Mutex;
 
 use tokio::runtime::{Handle, Runtime};
 
@@ -34,25 +33,25 @@ const NICENESS: i32 = 10;
 
 pub struct Ingress {
     /// Taken by `Drop`.
-    runtime: Mutex<Option<Runtime>>,
+    runtime: Option<Runtime>,
     handle: Handle,
     /// The runtime the node was built on: where writers go.
     main: Handle,
 }
 
 impl Ingress {
-    /// Starts the readers' runtime with `threads` workers; `main` is the
+    /// Starts the readers' runtime with as many workers as `main`, the
     /// runtime the deliveries run on.
-    pub fn start(threads: usize, main: Handle) -> std::io::Result<Self> {
+    pub fn start(main: Handle) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
+            .worker_threads(main.metrics().num_workers().max(1))
             .thread_name("switchboard-ingress")
             .on_thread_start(lower_priority)
             .enable_all()
             .build()?;
         Ok(Self {
             handle: runtime.handle().clone(),
-            runtime: Mutex::new(Some(runtime)),
+            runtime: Some(runtime),
             main,
         })
     }
@@ -79,7 +78,7 @@ impl Drop for Ingress {
         // The last node handle may go on one of this runtime's own threads
         // (a session ending), where a runtime cannot be dropped; a thread of
         // its own can, without waiting for the sessions left.
-        if let Some(runtime) = self.runtime.lock().unwrap().take() {
+        if let Some(runtime) = self.runtime.take() {
             let _ = std::thread::Builder::new()
                 .name("switchboard-ingress-stop".into())
                 .spawn(move || runtime.shutdown_background());
@@ -117,7 +116,7 @@ mod tests {
     #[tokio::test]
     async fn sessions_run_below_the_main_runtime_and_writers_on_it() {
         let main = own_nice();
-        let ingress = Ingress::start(1, Handle::current()).unwrap();
+        let ingress = Ingress::start(Handle::current()).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
         ingress.spawn(async move {
             let _ = tx.send(own_nice());
