@@ -566,8 +566,10 @@ async fn packet(conn: &Arc<Conn>, st: &mut SocketState, p: &str) -> bool {
                     let sid = format!("{:016x}", s.id);
                     match node.socketio_recovery() {
                         None => {
-                            push(outbox, format!("40{}", json!({"sid": &sid})));
+                            // Registered before the answer: the back end may
+                            // address the sid as soon as the client has it.
                             sio::register(node, &peer, &s);
+                            push(outbox, format!("40{}", json!({"sid": &sid})));
                             tokio::spawn(sio::expire_when_due(peer.clone(), s.clone()));
                         }
                         Some(registry) => {
@@ -575,11 +577,11 @@ async fn packet(conn: &Arc<Conn>, st: &mut SocketState, p: &str) -> bool {
                             let (r, plan) =
                                 Recovery::connect(registry, node, &s, outbox.clone(), resume).await;
                             let _ = conn.peer.recovery.set(r.clone());
+                            sio::register(node, &peer, &s);
                             push(
                                 outbox,
                                 format!("40{}", json!({"sid": &sid, "pid": r.pid()})),
                             );
-                            sio::register(node, &peer, &s);
                             tokio::spawn(sio::expire_when_due(peer.clone(), s.clone()));
                             r.restore(&peer, &s, node, plan).await;
                         }

@@ -285,6 +285,19 @@ async fn run(
     metrics::counter!(m::CONNECTIONS_OPENED, "transport" => m::transport::WS).increment(1);
     node.connection_opened();
 
+    // Registered before `connected` is queued: the writer runs on the main
+    // runtime and the client may call the control API (`POST
+    // /api/subscribe`) with its id before this task goes on.
+    let mailbox = Arc::new(crate::clients::Mailbox::default());
+    let registration = node.clients().register(
+        crate::clients::ClientInfo {
+            id: client_id.as_str().into(),
+            user: identity.user().into(),
+            info: identity.info().cloned(),
+            transport: crate::clients::transport::WEBSOCKET,
+        },
+        mailbox.clone(),
+    );
     outbox.send(&ServerMessage::Connected {
         client_id: &client_id,
         timestamp: protocol::timestamp(),
@@ -296,16 +309,6 @@ async fn run(
     };
     let (mut writer, liveness) = Writer::spawn(sink, &outbox, &node, id, heartbeat);
 
-    let mailbox = Arc::new(crate::clients::Mailbox::default());
-    let registration = node.clients().register(
-        crate::clients::ClientInfo {
-            id: client_id.as_str().into(),
-            user: identity.user().into(),
-            info: identity.info().cloned(),
-            transport: crate::clients::transport::WEBSOCKET,
-        },
-        mailbox.clone(),
-    );
     let subscriber: Arc<dyn Subscriber> = match compact {
         true => Arc::new(Compact(outbox.clone())),
         false => outbox.clone(),
