@@ -552,6 +552,8 @@ impl Node {
     /// sessions (spread over `SHUTDOWN_DRAIN_MS`), give up the lease, and
     /// wait for the sessions until `deadline`.
     pub async fn finish_drain(&self, deadline: tokio::time::Instant) {
+        // Draining is marked before the token is cancelled: a connection's
+        // writer reads the flag and polls the token only once it is set.
         self.begin_drain();
         self.inner.shutdown.cancel();
         // The duties end (the last frame on the wire) before the lease is

@@ -389,14 +389,40 @@ impl Writer {
     }
 }
 
+/// What woke the writer, in the order it looks.
+enum Turn {
+    /// A close was requested (`CloseSignal`).
+    Close,
+    /// The node's drain began.
+    Shutdown,
+    /// This connection's point of the drain window came.
+    Drained,
+    /// Frames were moved into the batch.
+    Batch,
+    /// The heartbeat is due.
+    Tick,
+}
+
 /// Writes what the outbox queues until a close is requested, the node
 /// shuts down (at this connection's point of the drain window) or the peer
 /// goes silent; then the queued explanation and the Close frame.
+///
+/// Woken once per batch under load, so each turn looks at as little as it
+/// can. The close signal and the node's shutdown are futures registered
+/// once with this task's waker (which never changes) and afterwards only
+/// looked at through their flags: polling them again would take a lock each
+/// turn, the shutdown's shared by every connection of the node (a measured
+/// share of the fan-out's CPU). The heartbeat's timer is polled only when
+/// its deadline has passed, or to arm it again after it fired.
 async fn write_loop(mut w: Writer) {
     let config = w.node.config().clone();
     let heartbeat = w.heartbeat.interval();
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Boxed (as an `Interval` would): a timer inline would grow every
+    // connection's task.
+    let mut tick = Box::pin(tokio::time::sleep_until(
+        tokio::time::Instant::now() + heartbeat,
+    ));
+    let mut tick_armed = false;
     let shutdown = w.node.shutdown_token();
     // Armed on shutdown: each connection closes at its own point in the drain
     // window so that clients do not all reconnect in one burst. Boxed, and
@@ -409,43 +435,78 @@ async fn write_loop(mut w: Writer) {
     let close_requested = outbox.close.requested();
     let shutdown_started = shutdown.cancelled();
     tokio::pin!(close_requested, shutdown_started);
+    let mut registered = false;
     let mut draining = false;
     let mut batch = VecDeque::new();
 
     let code = loop {
-        tokio::select! {
-            biased;
-            _ = &mut close_requested => break w.outbox.close.code(),
-            _ = &mut shutdown_started, if !draining => {
+        let turn = std::future::poll_fn(|cx| {
+            if !registered {
+                registered = true;
+                if close_requested.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Turn::Close);
+                }
+                if shutdown_started.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Turn::Shutdown);
+                }
+            }
+            // `request` sets the code before it notifies.
+            if outbox.close.code() != 0 {
+                return Poll::Ready(Turn::Close);
+            }
+            // The node marks itself draining before it cancels the token.
+            if !draining && w.node.is_draining() && shutdown_started.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Turn::Shutdown);
+            }
+            if let Some(sleep) = close_at.as_mut()
+                && sleep.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Turn::Drained);
+            }
+            if outbox.queue.poll_take(cx, &mut batch).is_ready() {
+                return Poll::Ready(Turn::Batch);
+            }
+            if (!tick_armed || tokio::time::Instant::now() >= tick.deadline())
+                && tick.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Turn::Tick);
+            }
+            tick_armed = true;
+            Poll::Pending
+        })
+        .await;
+        match turn {
+            Turn::Close => break w.outbox.close.code(),
+            Turn::Shutdown => {
                 draining = true;
                 let window = config.shutdown_drain.as_millis() as u64;
                 let offset = if window == 0 { 0 } else { w.id % window };
                 close_at = Some(Box::pin(tokio::time::sleep(Duration::from_millis(offset))));
             }
-            _ = async {
-                match close_at.as_mut() {
-                    Some(sleep) => sleep.as_mut().await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            Turn::Drained => {
                 w.outbox.close.request(config.shutdown_close_code);
                 break w.outbox.close.code();
             }
-            () = std::future::poll_fn(|cx| outbox.queue.poll_take(cx, &mut batch)) => {
+            Turn::Batch => {
                 if !write_batch(&mut w, &mut batch).await {
                     outbox.queue.close();
                     Box::pin(flush_close_answer(&mut w)).await;
                     return;
                 }
             }
-            _ = ticker.tick() => {
+            Turn::Tick => {
+                tick.as_mut().reset(tokio::time::Instant::now() + heartbeat);
+                tick_armed = false;
                 if w.liveness.silent_for() > w.heartbeat.silence() {
                     w.outbox.close.request(close::HEARTBEAT_TIMEOUT);
                     break w.outbox.close.code();
                 }
                 // Boxed: a ping every heartbeat interval, its timer is not
                 // worth a place in every connection's task.
-                let ping = Box::pin(tokio::time::timeout(WRITE_TIMEOUT, w.sink.send(w.heartbeat.probe())));
+                let ping = Box::pin(tokio::time::timeout(
+                    WRITE_TIMEOUT,
+                    w.sink.send(w.heartbeat.probe()),
+                ));
                 if !matches!(ping.await, Ok(Ok(()))) {
                     Box::pin(flush_close_answer(&mut w)).await;
                     return;
