@@ -314,24 +314,21 @@ fn accept(peer: &dyn Peer, s: &Session, kind: &'static str) -> bool {
 /// everyone" reach every socket, as on a Socket.IO server).
 pub async fn connected(peer: &Arc<dyn Peer>, s: &Session, node: &Node) {
     if node.config().compat.broadcasts() && s.may_subscribe(crate::compat::BROADCAST) {
-        let request = SubscribeRequest {
-            topic: crate::compat::BROADCAST.to_string(),
-            positions: false,
-            since: None,
-            data: None,
-            presence: false,
-        };
-        if let Err(e) = join(peer, s, node, request, Box::new(|_| {})).await {
-            emit_error(&**peer, None, &e);
-        }
+        join_for_server(peer, s, node, crate::compat::BROADCAST).await;
     }
     if !s.may_subscribe(TOPIC) {
         return;
     }
-    // The server's own subscription: the identity decides, not the
-    // subscribe hook (docs/backend.md).
+    join_for_server(peer, s, node, TOPIC).await;
+    send_state(&**peer, node);
+}
+
+/// One of the server's own subscriptions: the identity decides, not the
+/// subscribe hook (docs/backend.md); a refusal is answered as an `error`
+/// event.
+async fn join_for_server(peer: &Arc<dyn Peer>, s: &Session, node: &Node, topic: &str) {
     let request = SubscribeRequest {
-        topic: TOPIC.to_string(),
+        topic: topic.to_string(),
         positions: false,
         since: None,
         data: None,
@@ -340,7 +337,6 @@ pub async fn connected(peer: &Arc<dyn Peer>, s: &Session, node: &Node) {
     if let Err(e) = join(peer, s, node, request, Box::new(|_| {})).await {
         emit_error(&**peer, None, &e);
     }
-    send_state(&**peer, node);
 }
 
 fn send_state(peer: &dyn Peer, node: &Node) {
