@@ -406,18 +406,20 @@ pub(super) async fn run_websocket(conn: Arc<Conn>, socket: WebSocket) {
                 continue;
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            // The client's own close, unless it answers the server's (a
+            // client closes its transport when the server's `41` arrives,
+            // and the reader may see that before the writer's end).
             Some(Ok(Message::Close(_))) => {
-                outbox.close.request(close::BY_CLIENT);
-                st.client_closed = true;
+                st.client_closed = outbox.close.request(close::BY_CLIENT);
                 break;
             }
             None | Some(Err(_)) => {
-                st.client_closed = true;
+                st.client_closed = outbox.close.code() == 0;
                 break;
             }
         };
         if let Flow::Left = on_text(&conn, &mut st, &text).await {
-            st.client_closed = true;
+            st.client_closed = outbox.close.code() == 0;
             break;
         }
     }
