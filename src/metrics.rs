@@ -26,6 +26,8 @@ pub const INVALID_PUBLICATIONS: &str = "switchboard_invalid_publications_total";
 pub const LEADER: &str = "switchboard_leader";
 pub const LEADER_EPOCH: &str = "switchboard_leader_epoch";
 pub const FANOUT_SECONDS: &str = "switchboard_fanout_seconds";
+/// The CPU pressure the fan-out's pacers weigh their demand by.
+pub const CPU_PRESSURE: &str = "switchboard_fanout_cpu_pressure";
 pub const COMMAND_SECONDS: &str = "switchboard_command_seconds";
 pub const HTTP_REQUESTS: &str = "switchboard_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "switchboard_http_request_duration_seconds";
@@ -260,6 +262,10 @@ fn describe() {
     describe_histogram!(
         FANOUT_SECONDS,
         "Backplane receive to queued on every local subscriber."
+    );
+    describe_gauge!(
+        CPU_PRESSURE,
+        "Share of time runnable threads waited for a CPU (PSI), as the fan-out batches by it."
     );
     describe_histogram!(
         COMMAND_SECONDS,

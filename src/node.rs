@@ -248,6 +248,7 @@ impl Node {
         );
         hub.set_max_topics(config.max_topics_per_node);
         hub.spawn_dispatcher(inbound_rx);
+        hub.spawn_pressure_sampler();
         hub.spawn_checker(stop.clone());
         let webhooks = config
             .webhooks

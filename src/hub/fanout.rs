@@ -53,6 +53,17 @@ impl Fanout {
 }
 
 impl Hub {
+    /// Lets the pacers follow the machine's CPU pressure (see
+    /// [`super::pressure`]); until then they work from their demand alone,
+    /// which the hub's tests rely on for the same pacing on a busy machine.
+    /// `None` without batching or where the system reports no pressure.
+    pub fn spawn_pressure_sampler(&self) -> Option<tokio::task::JoinHandle<()>> {
+        if self.inner.fanout.max_hold.is_zero() {
+            return None;
+        }
+        self.inner.pressure.spawn_sampler()
+    }
+
     /// Hands `items` (in order) to the local subscribers of their topics in
     /// fan-out slice `slice`. Runs on that slice's task only (or on the
     /// dispatcher when it fans out itself), which is what keeps each
@@ -136,7 +147,11 @@ impl Hub {
     /// that a busy topic's publications reach each connection together.
     /// Ends with the dispatcher.
     pub(super) async fn serve_slice(self, slice: usize, mut rx: mpsc::Receiver<Arc<Work>>) {
-        let mut pacer = Pacer::new(self.inner.fanout.max_hold, Instant::now());
+        let mut pacer = Pacer::new(
+            self.inner.fanout.max_hold,
+            self.inner.pressure.clone(),
+            Instant::now(),
+        );
         let mut held = Held::default();
         let mut batch: Vec<Arc<Work>> = Vec::with_capacity(64);
         loop {

@@ -31,12 +31,14 @@
 //! its shared state; `publication.rs` the [`Publication`] and its frames;
 //! `dispatcher.rs` the dispatcher and sequencing; `fanout.rs` the fan-out
 //! slices; `pacer.rs` how long a busy slice holds a publication;
+//! `pressure.rs` the CPU pressure the pacer weighs its demand by;
 //! `checker.rs` the periodic history check.
 
 mod checker;
 mod dispatcher;
 mod fanout;
 mod pacer;
+mod pressure;
 mod publication;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -275,6 +277,8 @@ struct Inner {
     delivered: AtomicU64,
     invalid: InvalidLog,
     fanout: Fanout,
+    /// Read by every slice's pacer; sampled once [`Hub::spawn_pressure_sampler`] runs.
+    pressure: Arc<pressure::Pressure>,
     /// Steps that must run in order with the publications, on the dispatcher.
     control: mpsc::Sender<Control>,
     control_rx: Mutex<Option<mpsc::Receiver<Control>>>,
@@ -336,6 +340,7 @@ impl Hub {
                     slices: fanout.slices.max(1),
                     ..fanout
                 },
+                pressure: pressure::Pressure::new(),
                 control,
                 control_rx: Mutex::new(Some(control_rx)),
                 observer: OnceLock::new(),

@@ -18,6 +18,13 @@
 //!   writes back to about the budget. A publication waits until its topic has
 //!   that many pending, or until the time that many would take at the
 //!   topic's own rate (its mean interval, with some slack for jitter).
+//! - The budget shrinks as the machine's CPUs get contended: the demand is
+//!   weighed by `1 + pressure`, the share of time that runnable threads
+//!   waited for a CPU ([`Pressure`]). A write is then taken from somebody
+//!   else's CPU time and a publication's latency is mostly that wait, so a
+//!   busy slice goes from pairs to threes, which lowers both (measured,
+//!   docs/benchmarks.md). A slice under half the budget (16,000 writes/s;
+//!   the `moderate` shape is 12,500) is never held, whatever the pressure.
 //! - Only topics that are a real part of the load are held: one whose own
 //!   writes are under an eighth of the budget (few subscribers here, or
 //!   rare) goes at once even in a busy slice, since holding it saves little.
@@ -37,6 +44,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Item;
+use super::pressure::Pressure;
 
 /// Writes per second a slice may cause before it batches. A write of a small
 /// frame costs 3.5–5 µs of CPU on the benchmark's machine (its kernel part
@@ -78,6 +86,9 @@ pub struct Pacer {
     demand: f64,
     topics: HashMap<Arc<str>, Pace>,
     pruned_at: Instant,
+    pressure: Arc<Pressure>,
+    /// `pressure`'s share, read once per window.
+    contention: f64,
 }
 
 /// One topic as this slice sees it.
@@ -90,7 +101,7 @@ struct Pace {
 }
 
 impl Pacer {
-    pub fn new(ceiling: Duration, now: Instant) -> Self {
+    pub fn new(ceiling: Duration, pressure: Arc<Pressure>, now: Instant) -> Self {
         Self {
             ceiling,
             window_start: now,
@@ -98,6 +109,8 @@ impl Pacer {
             demand: 0.0,
             topics: HashMap::new(),
             pruned_at: now,
+            pressure,
+            contention: 0.0,
         }
     }
 
@@ -136,7 +149,7 @@ impl Pacer {
             }),
         };
         self.window_writes += pace.subscribers as u64;
-        let busy = self.demand / BUDGET;
+        let busy = self.demand * (1.0 + self.contention) / BUDGET;
         if busy <= 1.0 {
             return at_once;
         }
@@ -180,6 +193,7 @@ impl Pacer {
         };
         self.window_start = now;
         self.window_writes = 0;
+        self.contention = self.pressure.share();
         if now.saturating_duration_since(self.pruned_at) >= FORGET {
             self.topics
                 .retain(|_, pace| now.saturating_duration_since(pace.last) < FORGET);
@@ -267,7 +281,7 @@ mod tests {
     async fn light_load_goes_at_once() {
         let start = Instant::now();
         let mut now = start;
-        let mut pacer = Pacer::new(Duration::from_millis(20), start);
+        let mut pacer = Pacer::new(Duration::from_millis(20), Pressure::new(), start);
         // 25 subscribers at 500/s: 12,500 writes/s.
         let hold = feed(
             &mut pacer,
@@ -294,7 +308,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_busy_topic_goes_in_pairs_held_at_most_its_interval_with_slack() {
         let mut now = Instant::now();
-        let mut pacer = Pacer::new(Duration::from_millis(20), now);
+        let mut pacer = Pacer::new(Duration::from_millis(20), Pressure::new(), now);
         // 250 subscribers at 200/s: 50,000 writes/s, about 1.6 budgets.
         let hold = feed(
             &mut pacer,
@@ -313,9 +327,50 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn cpu_pressure_turns_a_busy_slices_pairs_into_threes_and_holds_no_light_one() {
+        // The `fanout` shape's slice (250 × 200/s) at half the time waiting
+        // for a CPU: 50,000 × 1.5 is 2.3 budgets.
+        let mut now = Instant::now();
+        let mut pacer = Pacer::new(Duration::from_millis(20), Pressure::fixed(0.5), now);
+        let hold = feed(
+            &mut pacer,
+            &mut now,
+            "t",
+            250,
+            Duration::from_millis(5),
+            400,
+        );
+        assert_eq!(hold.want, 3);
+        assert_eq!(hold.until - now, Duration::from_millis(15));
+        // A little pressure leaves it in pairs.
+        let mut pacer = Pacer::new(Duration::from_millis(20), Pressure::fixed(0.2), now);
+        let hold = feed(
+            &mut pacer,
+            &mut now,
+            "t",
+            250,
+            Duration::from_millis(5),
+            400,
+        );
+        assert_eq!(hold.want, 2);
+        // The `moderate` shape's slice (25 × 500/s, 12,500 writes/s) goes at
+        // once even when every moment some thread waits for a CPU.
+        let mut pacer = Pacer::new(Duration::from_millis(20), Pressure::fixed(1.0), now);
+        let hold = feed(
+            &mut pacer,
+            &mut now,
+            "t",
+            25,
+            Duration::from_millis(2),
+            1000,
+        );
+        assert_eq!(hold.want, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_busier_slice_gathers_more_up_to_the_ceiling() {
         let mut now = Instant::now();
-        let mut pacer = Pacer::new(Duration::from_millis(20), now);
+        let mut pacer = Pacer::new(Duration::from_millis(20), Pressure::new(), now);
         // 1,250 subscribers at 100/s: 125,000 writes/s wants fours, but
         // 20 ms gathers three publications at 100/s.
         let hold = feed(
@@ -329,7 +384,7 @@ mod tests {
         assert_eq!(hold.want, 3);
         assert_eq!(hold.until - now, Duration::from_millis(20), "the ceiling");
         // With a longer ceiling, four.
-        let mut pacer = Pacer::new(Duration::from_millis(50), now);
+        let mut pacer = Pacer::new(Duration::from_millis(50), Pressure::new(), now);
         let hold = feed(
             &mut pacer,
             &mut now,
@@ -345,7 +400,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slow_or_thin_topic_in_a_busy_slice_is_not_held() {
         let mut now = Instant::now();
-        let mut pacer = Pacer::new(Duration::from_millis(20), now);
+        let mut pacer = Pacer::new(Duration::from_millis(20), Pressure::new(), now);
         feed(
             &mut pacer,
             &mut now,
@@ -391,7 +446,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn after_a_quiet_spell_the_first_publication_goes_at_once() {
         let mut now = Instant::now();
-        let mut pacer = Pacer::new(Duration::from_millis(20), now);
+        let mut pacer = Pacer::new(Duration::from_millis(20), Pressure::new(), now);
         let hold = feed(
             &mut pacer,
             &mut now,
@@ -414,7 +469,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_zero_ceiling_never_holds() {
         let mut now = Instant::now();
-        let mut pacer = Pacer::new(Duration::ZERO, now);
+        let mut pacer = Pacer::new(Duration::ZERO, Pressure::fixed(1.0), now);
         let hold = feed(
             &mut pacer,
             &mut now,
