@@ -328,43 +328,23 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn cpu_pressure_turns_a_busy_slices_pairs_into_threes_and_holds_no_light_one() {
+        // A fresh slice under `pressure`, fed `subscribers` × one every `ms`:
+        // its last hold and how long that one may wait.
+        let settle = |pressure: f64, subscribers: usize, ms: u64, count: usize| {
+            let mut now = Instant::now();
+            let mut pacer = Pacer::new(Duration::from_millis(20), Pressure::fixed(pressure), now);
+            let every = Duration::from_millis(ms);
+            let hold = feed(&mut pacer, &mut now, "t", subscribers, every, count);
+            (hold.want, hold.until - now)
+        };
         // The `fanout` shape's slice (250 × 200/s) at half the time waiting
         // for a CPU: 50,000 × 1.5 is 2.3 budgets.
-        let mut now = Instant::now();
-        let mut pacer = Pacer::new(Duration::from_millis(20), Pressure::fixed(0.5), now);
-        let hold = feed(
-            &mut pacer,
-            &mut now,
-            "t",
-            250,
-            Duration::from_millis(5),
-            400,
-        );
-        assert_eq!(hold.want, 3);
-        assert_eq!(hold.until - now, Duration::from_millis(15));
+        assert_eq!(settle(0.5, 250, 5, 400), (3, Duration::from_millis(15)));
         // A little pressure leaves it in pairs.
-        let mut pacer = Pacer::new(Duration::from_millis(20), Pressure::fixed(0.2), now);
-        let hold = feed(
-            &mut pacer,
-            &mut now,
-            "t",
-            250,
-            Duration::from_millis(5),
-            400,
-        );
-        assert_eq!(hold.want, 2);
+        assert_eq!(settle(0.2, 250, 5, 400).0, 2);
         // The `moderate` shape's slice (25 × 500/s, 12,500 writes/s) goes at
         // once even when every moment some thread waits for a CPU.
-        let mut pacer = Pacer::new(Duration::from_millis(20), Pressure::fixed(1.0), now);
-        let hold = feed(
-            &mut pacer,
-            &mut now,
-            "t",
-            25,
-            Duration::from_millis(2),
-            1000,
-        );
-        assert_eq!(hold.want, 1);
+        assert_eq!(settle(1.0, 25, 2, 1000).0, 1);
     }
 
     #[tokio::test(start_paused = true)]
