@@ -19,12 +19,13 @@
 //!   that many pending, or until the time that many would take at the
 //!   topic's own rate (its mean interval, with some slack for jitter).
 //! - The budget shrinks as the machine's CPUs get contended: the demand is
-//!   weighed by `1 + pressure`, the share of time that runnable threads
-//!   waited for a CPU ([`Pressure`]). A write is then taken from somebody
-//!   else's CPU time and a publication's latency is mostly that wait, so a
-//!   busy slice goes from pairs to threes, which lowers both (measured,
-//!   docs/benchmarks.md). A slice under half the budget (16,000 writes/s;
-//!   the `moderate` shape is 12,500) is never held, whatever the pressure.
+//!   weighed by `1 + 2 × pressure`, the pressure being the share of time
+//!   that runnable threads waited for a CPU ([`Pressure`]). A write is then
+//!   taken from somebody else's CPU time and a publication's latency is
+//!   mostly that wait, so a busy slice goes from pairs to threes or fours,
+//!   which lowers both (measured, docs/benchmarks.md). A slice under half
+//!   the budget (16,000 writes/s; the `moderate` shape is 12,500) is never
+//!   held, whatever the pressure.
 //! - Only topics that are a real part of the load are held: one whose own
 //!   writes are under an eighth of the budget (few subscribers here, or
 //!   rare) goes at once even in a busy slice, since holding it saves little.
@@ -54,6 +55,15 @@ use super::pressure::Pressure;
 /// is 50,000 (pairs), 5,000 × 100/s is 125,000 (fours, capped by the
 /// ceiling).
 pub const BUDGET: f64 = 32_000.0;
+
+/// How much the machine's CPU pressure weighs on the demand: a slice's
+/// demand counts `1 + CONTENTION_WEIGHT × pressure` times. Measured on a
+/// saturated 2-vCPU machine (the `fanout` shape, pressure 0.6–0.8): weight
+/// 1 (threes) against 2 (fours), four alternating runs each, server CPU per
+/// delivery 4.7–6.1 µs against 4.4–4.8 and the Socket.IO p99 30–91 ms
+/// against 29–35 ms (docs/benchmarks.md). When threads queue for a CPU, a
+/// publication's latency is mostly that queue, which fewer writes shorten.
+const CONTENTION_WEIGHT: f64 = 2.0;
 
 /// How often the demand is re-estimated.
 const WINDOW: Duration = Duration::from_millis(100);
@@ -149,7 +159,10 @@ impl Pacer {
             }),
         };
         self.window_writes += pace.subscribers as u64;
-        let busy = self.demand * (1.0 + self.contention) / BUDGET;
+        if self.demand < BUDGET / 2.0 {
+            return at_once;
+        }
+        let busy = self.demand * (1.0 + CONTENTION_WEIGHT * self.contention) / BUDGET;
         if busy <= 1.0 {
             return at_once;
         }
@@ -327,7 +340,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn cpu_pressure_turns_a_busy_slices_pairs_into_threes_and_holds_no_light_one() {
+    async fn cpu_pressure_makes_a_busy_slice_gather_more_and_holds_no_light_one() {
         // A fresh slice under `pressure`, fed `subscribers` × one every `ms`:
         // its last hold and how long that one may wait.
         let settle = |pressure: f64, subscribers: usize, ms: u64, count: usize| {
@@ -338,12 +351,17 @@ mod tests {
             (hold.want, hold.until - now)
         };
         // The `fanout` shape's slice (250 × 200/s) at half the time waiting
-        // for a CPU: 50,000 × 1.5 is 2.3 budgets.
-        assert_eq!(settle(0.5, 250, 5, 400), (3, Duration::from_millis(15)));
-        // A little pressure leaves it in pairs.
-        assert_eq!(settle(0.2, 250, 5, 400).0, 2);
-        // The `moderate` shape's slice (25 × 500/s, 12,500 writes/s) goes at
-        // once even when every moment some thread waits for a CPU.
+        // for a CPU: 50,000 × (1 + 2 × 0.5) is 3.1 budgets; four take 15 ms
+        // at its rate, which with the slack passes the 20 ms ceiling.
+        assert_eq!(settle(0.5, 250, 5, 400), (4, Duration::from_millis(20)));
+        // A little pressure: 50,000 × 1.4 is 2.2 budgets.
+        assert_eq!(settle(0.2, 250, 5, 400).0, 3);
+        // Hardly any: pairs, as without pressure.
+        assert_eq!(settle(0.05, 250, 5, 400).0, 2);
+        assert_eq!(settle(0.0, 250, 5, 400).0, 2);
+        // The `moderate` shape's slice (25 × 500/s, 12,500 writes/s, under
+        // half the budget) goes at once even when every moment some thread
+        // waits for a CPU, where its weighed demand would be 1.2 budgets.
         assert_eq!(settle(1.0, 25, 2, 1000).0, 1);
     }
 
