@@ -201,20 +201,37 @@ impl App {
         }
     }
 
-    /// Waits for lines starting with each of `prefixes`, in any order.
-    fn expect_all(&self, prefixes: &[&str], within: Duration) {
+    /// Waits for lines starting with each of `prefixes`, in any order, and
+    /// returns the rest of each (in the order of `prefixes`; the first line
+    /// with that prefix).
+    fn expect_all(&self, prefixes: &[&str], within: Duration) -> Vec<String> {
         let deadline = Instant::now() + within;
-        let mut missing: Vec<&str> = prefixes.to_vec();
-        while !missing.is_empty() {
+        let mut found: Vec<Option<String>> = vec![None; prefixes.len()];
+        while found.iter().any(Option::is_none) {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) => missing.retain(|p| !line.starts_with(p)),
+                Ok(line) => {
+                    for (prefix, slot) in prefixes.iter().zip(&mut found) {
+                        if slot.is_none()
+                            && let Some(rest) = line.strip_prefix(prefix)
+                        {
+                            *slot = Some(rest.trim().to_string());
+                        }
+                    }
+                }
                 Err(_) => panic!(
-                    "the app did not print {missing:?} within {within:?}; it printed:\n{}",
+                    "the app did not print {:?} within {within:?}; it printed:\n{}",
+                    prefixes
+                        .iter()
+                        .zip(&found)
+                        .filter(|(_, f)| f.is_none())
+                        .map(|(p, _)| p)
+                        .collect::<Vec<_>>(),
                     self.log.lock().unwrap().join("\n")
                 ),
             }
         }
+        found.into_iter().flatten().collect()
     }
 
     fn report(&mut self) -> Value {
@@ -329,10 +346,13 @@ fn an_unchanged_client_recovers_every_publication_after_kill_9_of_its_node() {
         "polling",
         "the default: long-polling first"
     );
-    let first: Value =
-        serde_json::from_str(&app.expect("CONNECT ", Duration::from_secs(20))).unwrap();
+    // The upgrade to WebSocket may finish before or after the connect.
+    let seen = app.expect_all(
+        &["CONNECT ", "SUBSCRIBED", "UPGRADED"],
+        Duration::from_secs(20),
+    );
+    let first: Value = serde_json::from_str(&seen[0]).unwrap();
     assert_eq!(first["recovered"], false);
-    app.expect_all(&["SUBSCRIBED", "UPGRADED"], Duration::from_secs(20));
 
     // Three publishers at 100/s each; after a while the app's node dies.
     let publishers = Publishers::start(&redis, &pfx);
