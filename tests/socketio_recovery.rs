@@ -184,21 +184,7 @@ impl App {
 
     /// The rest of the next line that starts with `prefix` (others skipped).
     fn expect(&self, prefix: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix(prefix) {
-                        return rest.trim().to_string();
-                    }
-                }
-                Err(_) => panic!(
-                    "the app did not print {prefix:?} within {within:?}; it printed:\n{}",
-                    self.log.lock().unwrap().join("\n")
-                ),
-            }
-        }
+        self.expect_all(&[prefix], within).remove(0)
     }
 
     /// Waits for lines starting with each of `prefixes`, in any order, and
