@@ -554,3 +554,37 @@ fn publish_pad(node: &Node, n: u64, pad: &str) {
     );
     assert!(status == 200 || status == 202, "{status} {body}");
 }
+
+#[test]
+fn a_stream_past_the_nodes_topic_limit_is_told_so_and_keeps_its_other_topics() {
+    let node = Node::start("sse-topic-limit", &[("MAX_TOPICS_PER_NODE", "4")]);
+    let topics: Vec<String> = (0..6).map(|i| format!("limit.{i}")).collect();
+    let query: Vec<String> = topics.iter().map(|t| format!("topic={t}")).collect();
+    let s = Sse::open(&node.addr, &format!("/sse?{}", query.join("&")), &[]);
+    assert_eq!(s.status, 200, "{}", s.head);
+    s.expect("connected");
+    let (mut subscribed, mut refused) = (Vec::new(), Vec::new());
+    while subscribed.len() + refused.len() < topics.len() {
+        let ev = s
+            .next(Duration::from_secs(10))
+            .expect("an answer for every topic");
+        match ev.event.as_str() {
+            "subscribed" => subscribed.push(ev.data["event"].as_str().unwrap().to_string()),
+            "error" => {
+                assert_eq!(ev.data["code"], "topic_limit", "{:?}", ev.data);
+                let text = ev.data["error"].as_str().unwrap();
+                assert!(text.contains("MAX_TOPICS_PER_NODE"), "{text}");
+                refused.push(ev.data["event"].as_str().unwrap().to_string());
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        !subscribed.is_empty() && !refused.is_empty(),
+        "{subscribed:?} {refused:?}"
+    );
+    // The topics it holds still deliver.
+    publish(&node, &subscribed[0], 1);
+    s.expect(&subscribed[0]);
+    assert_eq!(node.get("/healthz").0, 200);
+}

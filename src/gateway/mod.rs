@@ -19,7 +19,31 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::config::Origins;
+use crate::hub::HubError;
 use crate::node::Node;
+
+/// What a native or SSE client is told when the hub refuses its
+/// subscription to `topic`: the error's text and code. A node at
+/// `MAX_TOPICS_PER_NODE` says so (`topic_limit`: retrying soon will not
+/// help); anything else is Redis being away (`unavailable`: retry), logged
+/// here since the client's answer does not carry the cause.
+pub fn subscribe_refused(topic: &str, err: &HubError) -> (String, &'static str) {
+    match err {
+        HubError::TopicLimit(_) => (
+            format!("could not subscribe to \"{topic}\": {err}"),
+            "topic_limit",
+        ),
+        HubError::Backplane(_) | HubError::History(_) => {
+            tracing::warn!(topic, cause = %err, "subscribe failed");
+            (
+                format!(
+                    "could not subscribe to \"{topic}\": the backplane is unavailable, try again"
+                ),
+                "unavailable",
+            )
+        }
+    }
+}
 
 /// Refuses WebSocket and Socket.IO handshakes whose `Origin` is not on
 /// `CORS_ALLOWED_ORIGINS` (403). CORS headers do not protect WebSockets, so

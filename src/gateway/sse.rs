@@ -842,13 +842,9 @@ impl Session {
                 self.topics.insert(topic);
             }
             Err(err) => {
-                tracing::warn!(topic, cause = %err, "subscribe failed");
-                self.stream.error(
-                    format!("could not subscribe to \"{topic}\": the backplane is unavailable, try again"),
-                    "unavailable",
-                    Some(&topic),
-                    Some("subscribe"),
-                );
+                let (error, code) = super::subscribe_refused(&topic, &err);
+                self.stream
+                    .error(error, code, Some(&topic), Some("subscribe"));
             }
         }
     }

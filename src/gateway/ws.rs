@@ -27,9 +27,7 @@ use crate::config::RateLimit;
 use crate::gateway::admission::{self, Seats, capacity, identify};
 use crate::gateway::outbox::{self, Heartbeat, Liveness, Outbox, WRITE_TIMEOUT, Writer};
 use crate::history::GapRange;
-use crate::hub::{
-    ConnId, Delivery, HubError, Outcome, Publication, PublishError, Subscribed, Subscriber,
-};
+use crate::hub::{ConnId, Delivery, Outcome, Publication, PublishError, Subscribed, Subscriber};
 use crate::metrics as m;
 use crate::node::Node;
 use crate::protocol::{self, ClientMessage, ProtocolError, ServerMessage, Since};
@@ -908,22 +906,10 @@ impl Session {
                 );
                 self.topics.insert(topic);
             }
-            Err(err @ HubError::TopicLimit(_)) => {
-                self.outbox.error_reply(
-                    Some("subscribe"),
-                    format!("could not subscribe to \"{topic}\": {err}"),
-                    "topic_limit",
-                    Some(&topic),
-                );
-            }
             Err(err) => {
-                tracing::warn!(topic, cause = %err, "subscribe failed");
-                self.outbox.error_reply(
-                    Some("subscribe"),
-                    format!("could not subscribe to \"{topic}\": the backplane is unavailable, try again"),
-                    "unavailable",
-                    Some(&topic),
-                );
+                let (error, code) = super::subscribe_refused(&topic, &err);
+                self.outbox
+                    .error_reply(Some("subscribe"), error, code, Some(&topic));
             }
         }
     }
