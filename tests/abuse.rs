@@ -596,3 +596,47 @@ async fn users_subscribe_rates_and_topics_per_node_are_limited_with_clear_errors
         );
     }
 }
+
+/// Presence entries (issue 26's audit): a client that joins and leaves
+/// presence topics leaves no key behind, on the node that served it or in
+/// Redis, once the leaves are written (at most `PRESENCE_DIFF_INTERVAL_MS`
+/// later).
+#[tokio::test]
+async fn presence_churn_leaves_redis_where_it_was() {
+    let redis = Redis::start();
+    let pfx = prefix("presence-churn");
+    let a = redis_node("a", &redis, &pfx, &[("PRESENCE_TOPICS", "room.*")]);
+    // Let the node's own keys settle (registry, lease, device, presence mark).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let keys = dbsize(&redis);
+    let mut c = Client::connect(&a.ws_url("/ws")).await;
+    let mut keys_max = keys;
+    for i in 0..40 {
+        let topic = format!("room.{i}");
+        // Present without asking for diffs: its own diffs would arrive
+        // between the answers.
+        c.subscribe(&topic).await;
+        if i % 10 == 9 {
+            // The joins are written: the entries exist while subscribed.
+            assert!(
+                eventually(Duration::from_secs(5), || dbsize(&redis) > keys),
+                "joins were never written"
+            );
+            keys_max = keys_max.max(dbsize(&redis));
+        }
+        c.send(json!({"type": "unsubscribe", "event": topic})).await;
+        c.expect("unsubscribed").await;
+    }
+    assert!(
+        keys_max > keys,
+        "presence wrote nothing: {keys} → {keys_max}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || dbsize(&redis) == keys),
+        "keys {keys} before, {} after the leaves",
+        dbsize(&redis)
+    );
+    let (status, v) = a.get("/api/presence/room.3/stats");
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["data"]["clients"], 0, "{v}");
+}

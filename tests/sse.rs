@@ -588,3 +588,52 @@ fn a_stream_past_the_nodes_topic_limit_is_told_so_and_keeps_its_other_topics() {
     s.expect(&subscribed[0]);
     assert_eq!(node.get("/healthz").0, 200);
 }
+
+#[test]
+fn a_stream_that_opens_new_topics_too_fast_is_refused_and_held_topics_are_not_counted() {
+    let node = Node::start(
+        "sse-churn",
+        &[
+            ("WEBSOCKET_SUBSCRIBE_RATE_LIMIT", "1"),
+            ("WEBSOCKET_SUBSCRIBE_RATE_BURST", "2"),
+        ],
+    );
+    let s = Sse::open(&node.addr, "/sse", &[]);
+    let session = s.expect("connected").data["session"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let post = |op: &str, topic: &str| {
+        let (status, body) = node.post(
+            &format!("/api/sse/{session}/{op}"),
+            &json!({ "topic": topic }).to_string(),
+        );
+        assert_eq!(status, 200, "{body}");
+    };
+    // Two new topics take the burst; the third is refused on the stream.
+    for topic in ["churn.0", "churn.1"] {
+        post("subscribe", topic);
+        assert_eq!(s.expect("subscribed").data["event"], topic);
+    }
+    post("subscribe", "churn.2");
+    let e = s.expect("error");
+    assert_eq!(e.data["code"], "subscribe_rate_limited", "{:?}", e.data);
+    assert_eq!(e.data["event"], "churn.2");
+    let text = e.data["error"].as_str().unwrap();
+    assert!(text.contains("WEBSOCKET_SUBSCRIBE_RATE_LIMIT"), "{text}");
+    // Leaving and joining again a topic the node still holds costs nothing:
+    // any number of times within the same second.
+    for _ in 0..5 {
+        post("unsubscribe", "churn.0");
+        s.expect("unsubscribed");
+        post("subscribe", "churn.0");
+        assert_eq!(s.expect("subscribed").data["event"], "churn.0");
+    }
+    publish(&node, "churn.0", 1);
+    s.expect("churn.0");
+    let (_, metrics) = common::http_text(&node.addr, "GET", "/metrics", None, &[]);
+    assert!(
+        metrics.contains("switchboard_limit_refusals_total{limit=\"subscribe_rate\"}"),
+        "{metrics}"
+    );
+}

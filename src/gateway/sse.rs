@@ -608,6 +608,10 @@ async fn start(
         stream,
         topics: HashSet::new(),
         identity,
+        new_topics: node
+            .config()
+            .subscribe_rate_limit
+            .map(crate::gateway::ws::TokenBucket::new),
         _seats: seats,
     };
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::SSE).increment(1.0);
@@ -648,6 +652,13 @@ struct Session {
     stream: Arc<Stream>,
     topics: HashSet<String>,
     identity: Identity,
+    /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT` for the stream's own subscribe
+    /// requests to topics this node does not hold yet: the ones that cost
+    /// Redis work (a channel subscribed and later released, a history read)
+    /// and node memory. Each request is an HTTP request of its own, so
+    /// subscribing again to a topic the node holds (or that lingers after its
+    /// last subscriber) is not counted, nor are unsubscribes.
+    new_topics: Option<crate::gateway::ws::TokenBucket>,
     /// Given back when the session ends.
     _seats: Seats,
 }
@@ -752,7 +763,21 @@ impl Session {
         match command {
             // The back end's (no permission check) or the client's own,
             // checked where its request landed.
-            Command::Subscribe { topic } | Command::SseSubscribe { topic, .. } => {
+            Command::Subscribe { topic } => self.join(topic.to_string(), None).await,
+            Command::SseSubscribe { topic, .. } => {
+                if let Some(bucket) = &mut self.new_topics
+                    && !self.topics.contains(&*topic)
+                    && !self.node.hub().holds(&topic)
+                    && !bucket.take()
+                {
+                    let e = crate::limits::subscribe_rate_refusal(&self.node, &topic);
+                    return self.stream.error(
+                        e,
+                        "subscribe_rate_limited",
+                        Some(&topic),
+                        Some("subscribe"),
+                    );
+                }
                 self.join(topic.to_string(), None).await
             }
             Command::Unsubscribe { topic } => self.leave(&topic, Some("server")).await,

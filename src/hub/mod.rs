@@ -379,6 +379,13 @@ impl Hub {
         let _ = self.inner.observer.set(observer);
     }
 
+    /// Whether this node holds `topic`: it has subscribers here, or lingers
+    /// after its last one. Subscribing to a topic the node holds costs no
+    /// Redis subscription and no new entry.
+    pub fn holds(&self, topic: &str) -> bool {
+        self.inner.topics.read().unwrap().contains_key(topic)
+    }
+
     /// Whether `topic` has local client subscribers.
     pub fn has_clients(&self, topic: &str) -> bool {
         self.inner
