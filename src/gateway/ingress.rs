@@ -40,11 +40,21 @@ pub struct Ingress {
 }
 
 impl Ingress {
-    /// Starts the readers' runtime with as many workers as `main`, the
-    /// runtime the deliveries run on.
+    /// Starts the readers' runtime with half as many workers as `main`, the
+    /// runtime the deliveries run on (at least one).
+    ///
+    /// Half: clients' input can then never hold every CPU at once, so a
+    /// delivery thread that wakes finds an idle CPU instead of waiting for
+    /// the kernel to preempt a reader (niceness weighs CPU time, it does not
+    /// preempt at once). With as many readers as workers on 2 vCPUs, other
+    /// clients' p99 under the abuse scenario rose 1.8–2.3× beside the
+    /// `fanout` shape and 1.1–2.4× beside a light load; with one reader
+    /// 1.3–1.7× and 0.9–1.6× (docs/benchmarks.md, Abuse). Input that needs
+    /// more than half the node waits in its sockets, which is where a burst
+    /// of it belongs.
     pub fn start(main: Handle) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(main.metrics().num_workers().max(1))
+            .worker_threads((main.metrics().num_workers() / 2).max(1))
             .thread_name("switchboard-ingress")
             .on_thread_start(lower_priority)
             .enable_all()
