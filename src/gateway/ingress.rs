@@ -49,7 +49,7 @@ impl Ingress {
     /// preempt at once). With as many readers as workers on 2 vCPUs, other
     /// clients' p99 under the abuse scenario rose 1.8–2.3× beside the
     /// `fanout` shape and 1.1–2.4× beside a light load; with one reader
-    /// 1.3–1.7× and 0.9–1.6× (docs/benchmarks.md, Abuse). Input that needs
+    /// 1.3–1.9× and 0.9–1.8× (docs/benchmarks.md, Abuse). Input that needs
     /// more than half the node waits in its sockets, which is where a burst
     /// of it belongs.
     pub fn start(main: Handle) -> std::io::Result<Self> {
