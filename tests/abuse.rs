@@ -598,9 +598,8 @@ async fn users_subscribe_rates_and_topics_per_node_are_limited_with_clear_errors
 }
 
 /// Presence entries (issue 26's audit): a client that joins and leaves
-/// presence topics leaves no key behind, on the node that served it or in
-/// Redis, once the leaves are written (at most `PRESENCE_DIFF_INTERVAL_MS`
-/// later).
+/// presence topics leaves no key behind in Redis once the leaves are
+/// written (within seconds), and the topic's presence counts are back to 0.
 #[tokio::test]
 async fn presence_churn_leaves_redis_where_it_was() {
     let redis = Redis::start();
