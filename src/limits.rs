@@ -2,7 +2,7 @@
 //! hold, whatever transport it comes by: connections per address
 //! (`MAX_CONNECTIONS_PER_ADDRESS`, the address behind `TRUSTED_PROXIES`
 //! from `X-Forwarded-For`), connections per user (`MAX_CONNECTIONS_PER_USER`),
-//! and the refusals of every limit (these, `MAX_CONNECTIONS`,
+//! the token bucket of a connection's rates, and the refusals of every limit (these, `MAX_CONNECTIONS`,
 //! `MAX_TOPICS_PER_NODE`, the subscribe rate): one metric
 //! (`switchboard_limit_refusals_total{limit}`) and a log line that is itself
 //! rate limited, so a flood of refusals cannot flood the log.
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 
-use crate::config::{Cidr, Config};
+use crate::config::{Cidr, Config, RateLimit};
 use crate::metrics as m;
 
 /// A limit that refused something (the metric's `limit` label).
@@ -104,6 +104,43 @@ pub fn subscribe_rate_refusal(node: &crate::node::Node, topic: &str) -> String {
     format!(
         "subscribe rate limit of {rate} per second (burst {burst}, WEBSOCKET_SUBSCRIBE_RATE_LIMIT) exceeded: \"{topic}\" was not subscribed; try again later"
     )
+}
+
+/// A per-connection rate (`WEBSOCKET_RATE_LIMIT`,
+/// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`), owned by the connection's reader, so
+/// no locking; every transport's sessions keep theirs.
+pub struct TokenBucket {
+    limit: RateLimit,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(limit: RateLimit) -> Self {
+        TokenBucket {
+            limit,
+            tokens: limit.burst,
+            at: Instant::now(),
+        }
+    }
+
+    pub fn limit(&self) -> RateLimit {
+        self.limit
+    }
+
+    /// Takes one token; false when the client is over its rate.
+    pub fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.limit.per_second;
+        self.tokens = (self.tokens + refill).min(self.limit.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// A connection refused by a per-address or per-user limit; the text is

@@ -611,7 +611,7 @@ async fn start(
         new_topics: node
             .config()
             .subscribe_rate_limit
-            .map(crate::gateway::ws::TokenBucket::new),
+            .map(crate::limits::TokenBucket::new),
         _seats: seats,
     };
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::SSE).increment(1.0);
@@ -658,7 +658,7 @@ struct Session {
     /// and node memory. Each request is an HTTP request of its own, so
     /// subscribing again to a topic the node holds (or that lingers after its
     /// last subscriber) is not counted, nor are unsubscribes.
-    new_topics: Option<crate::gateway::ws::TokenBucket>,
+    new_topics: Option<crate::limits::TokenBucket>,
     /// Given back when the session ends.
     _seats: Seats,
 }

@@ -9,7 +9,6 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -23,11 +22,11 @@ use crate::api::ApiError;
 use crate::auth::{self, Identity};
 use crate::backend::hooks::{Hello, transport};
 use crate::backend::{Caller, Denial, HookError};
-use crate::config::RateLimit;
 use crate::gateway::admission::{self, Seats, capacity, identify};
 use crate::gateway::outbox::{self, Heartbeat, Liveness, Outbox, WRITE_TIMEOUT, Writer};
 use crate::history::GapRange;
 use crate::hub::{ConnId, Delivery, Outcome, Publication, PublishError, Subscribed, Subscriber};
+use crate::limits::TokenBucket;
 use crate::metrics as m;
 use crate::node::Node;
 use crate::protocol::{self, ClientMessage, ProtocolError, ServerMessage, Since};
@@ -467,37 +466,6 @@ struct Session {
     subscribes: Option<TokenBucket>,
 }
 
-/// Per-connection message rate limit; owned by the reader, so no locking.
-pub struct TokenBucket {
-    limit: RateLimit,
-    tokens: f64,
-    at: Instant,
-}
-
-impl TokenBucket {
-    pub fn new(limit: RateLimit) -> Self {
-        TokenBucket {
-            limit,
-            tokens: limit.burst,
-            at: Instant::now(),
-        }
-    }
-
-    /// Takes one token; false when the client is over its rate.
-    pub fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * self.limit.per_second;
-        self.tokens = (self.tokens + refill).min(self.limit.burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 impl Session {
     /// The token expired without a refresh: an `error`, then close 3000.
     fn expire(&self) {
@@ -556,7 +524,7 @@ impl Session {
         if bucket.take() {
             return true;
         }
-        let limit = bucket.limit.per_second;
+        let limit = bucket.limit().per_second;
         self.outbox.error_text(
             format!("rate limit of {limit} messages per second exceeded; closing"),
             "rate_limited",
