@@ -49,7 +49,10 @@ impl Ingress {
     /// preempt at once). With as many readers as workers on 2 vCPUs, other
     /// clients' p99 under the abuse scenario rose 1.8–2.3× beside the
     /// `fanout` shape and 1.1–2.4× beside a light load; with one reader
-    /// 1.3–1.9× and 0.9–1.8× (docs/benchmarks.md, Abuse). Input that needs
+    /// 1.3–1.9× and 0.9–1.8×, on the VM where the two were alternated
+    /// (docs/benchmarks.md, Abuse; later VMs gave one reader 0.9–2.4×
+    /// beside the light load, the spread of a sub-millisecond p99 on a
+    /// shared machine). Input that needs
     /// more than half the node waits in its sockets, which is where a burst
     /// of it belongs.
     pub fn start(main: Handle) -> std::io::Result<Self> {
