@@ -41,14 +41,11 @@ impl Hub {
     }
 
     async fn check_all(&self, stop: &CancellationToken) {
-        let mut pending: Vec<Arc<str>> = {
-            let topics = self.inner.topics.read().unwrap();
-            topics
-                .keys()
-                .filter(|t| self.is_history(t))
-                .cloned()
-                .collect()
-        };
+        let mut pending: Vec<Arc<str>> = self
+            .held_topics()
+            .into_iter()
+            .filter(|t| self.is_history(t))
+            .collect();
         // Right after a reconnect the command connection may still be on its
         // way back: retry what could not be read for a while.
         for attempt in 0..20 {

@@ -375,15 +375,8 @@ impl Dispatcher {
             .iter()
             .filter_map(|stored| stored_publication(topic, stored))
             .collect();
-        let excluded: Vec<bool> = {
-            let topics = self.hub.inner.topics.read().unwrap();
-            replay
-                .iter()
-                .map(|p| super::fanout::excluded(&topics, p, id))
-                .collect()
-        };
-        for (p, excluded) in replay.iter().zip(excluded) {
-            if !excluded && sub.deliver_numbered(p, topic_id) == Delivery::Queued {
+        for p in &replay {
+            if !self.hub.excluded(p, id) && sub.deliver_numbered(p, topic_id) == Delivery::Queued {
                 replayed += 1;
             }
         }

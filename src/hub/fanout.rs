@@ -1,7 +1,7 @@
 //! The fan-out slices: each hands the dispatcher's items, in its order, to
 //! its share of every topic's subscribers.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::pacer::{Held, Pacer};
-use super::{ConnId, Delivery, GateState, Hub, Item, Members, Publication, Subscriber};
+use super::{ConnId, Delivery, GateState, Hub, Item, Publication, Subscriber};
 use crate::history::Seam;
 use crate::metrics as m;
 
@@ -86,15 +86,22 @@ impl Hub {
             let n = rest.iter().take_while(|i| i.topic() == topic).count();
             let (group, tail) = rest.split_at(n);
             rest = tail;
-            let topics = self.inner.topics.read().unwrap();
+            // Taken before the topic's shard: one shard locked at a time.
+            let exclusions: Vec<Option<HashSet<ConnId>>> = match group.iter().any(|i| routed(i)) {
+                true => group.iter().map(|i| self.exclusions(i)).collect(),
+                false => Vec::new(),
+            };
+            let topics = self.shard(topic).read().unwrap();
             let Some(subs) = topics.get(topic) else {
                 continue;
             };
             handed(topic, subs.slices[slice].len());
             for (&id, member) in &subs.slices[slice] {
-                for &item in group {
-                    if let Item::Pub(p) = item
-                        && excluded(&topics, p, id)
+                for (i, &item) in group.iter().enumerate() {
+                    if exclusions
+                        .get(i)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|ids| ids.contains(&id))
                     {
                         continue;
                     }
@@ -194,17 +201,39 @@ impl Hub {
     }
 }
 
-/// Whether connection `id` must not get `p` (its routing: `except`, or an
-/// earlier room of the same emit that `id` subscribes to on this node).
-pub(super) fn excluded(topics: &HashMap<Arc<str>, Members>, p: &Publication, id: ConnId) -> bool {
-    let Some(r) = &p.routing else {
-        return false;
-    };
-    r.except_ids.contains(&id)
-        || r.except_topics
-            .iter()
-            .chain(&r.earlier_rooms)
-            .any(|t| topics.get(&**t).is_some_and(|m| m.contains(id)))
+impl Hub {
+    /// Whether connection `id` must not get `p` (its routing: `except`, or an
+    /// earlier room of the same emit that `id` subscribes to on this node).
+    pub(super) fn excluded(&self, p: &Publication, id: ConnId) -> bool {
+        let Some(r) = &p.routing else {
+            return false;
+        };
+        r.except_ids.contains(&id)
+            || r.except_topics
+                .iter()
+                .chain(&r.earlier_rooms)
+                .any(|t| self.is_member(t, id))
+    }
+
+    /// The connections that must not get `item` ([`Hub::excluded`] for all
+    /// of them at once), `None` when it has no routing.
+    fn exclusions(&self, item: &Item) -> Option<HashSet<ConnId>> {
+        let Item::Pub(p) = item else {
+            return None;
+        };
+        let r = p.routing.as_ref()?;
+        let mut ids: HashSet<ConnId> = r.except_ids.iter().copied().collect();
+        for t in r.except_topics.iter().chain(&r.earlier_rooms) {
+            if let Some(m) = self.shard(t).read().unwrap().get(&**t) {
+                ids.extend(m.slices.iter().flat_map(|s| s.keys().copied()));
+            }
+        }
+        Some(ids)
+    }
+}
+
+fn routed(item: &Item) -> bool {
+    matches!(item, Item::Pub(p) if p.routing.is_some())
 }
 
 /// Hands one item to one subscriber, through its seam when it has one.

@@ -80,6 +80,12 @@ pub fn new_conn_id() -> ConnId {
 /// subscriber left.
 const UNSUBSCRIBE_LINGER: Duration = Duration::from_secs(1);
 
+/// Stripes of the topic map and of the topic locks.
+const STRIPES: usize = 64;
+
+/// One shard of the topic map: its topics and their local subscribers.
+type Shard = HashMap<Arc<str>, Members>;
+
 /// How many topics keep their last publication for `request`.
 const LAST_PUBLICATIONS: usize = 10_000;
 
@@ -256,9 +262,23 @@ struct Inner {
     backplane: Arc<dyn Backplane>,
     history: Arc<dyn History>,
     history_config: HistoryConfig,
-    /// std RwLock: never held across `.await`. Fan-out holds the read side
-    /// while it queues (non-blocking) to each subscriber.
-    topics: RwLock<HashMap<Arc<str>, Members>>,
+    /// The topics this node holds, in [`STRIPES`] shards by topic hash (the
+    /// stripes of `topic_locks`). std RwLocks: never held across `.await`,
+    /// and never two at once. The fan-out holds a shard's read side while
+    /// it queues (non-blocking) to each subscriber of a topic in it.
+    ///
+    /// Shards because subscribes and unsubscribes run on the readers'
+    /// runtime, whose threads have a lower priority: on a busy machine the
+    /// kernel preempts one now and then while it holds the write side, for
+    /// a scheduler slice. With one map, under the abuse scenario (hostile
+    /// clients churning random topics) that held the write side for 1–5 ms
+    /// about 65 times a run per node, and stopped every publication's
+    /// fan-out on the node meanwhile (waits of up to 8 ms). Sharded, such a
+    /// stall holds up the topics of one shard in 64.
+    topics: Box<[RwLock<Shard>]>,
+    /// Entries in `topics`, lingering empty ones included: what
+    /// `MAX_TOPICS_PER_NODE` counts, reserved before an entry is made.
+    entries: AtomicUsize,
     /// Striped async locks, one stripe per topic hash: they order the hub
     /// entry change and the backplane (un)subscribe of one topic, so a
     /// last-leave UNSUBSCRIBE can never overtake a first-join SUBSCRIBE.
@@ -320,14 +340,15 @@ impl Hub {
         history_config: HistoryConfig,
         fanout: Fanout,
     ) -> Self {
-        let topic_locks = (0..64).map(|_| tokio::sync::Mutex::new(())).collect();
+        let topic_locks = (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
         let (control, control_rx) = mpsc::channel(4096);
         Self {
             inner: Arc::new(Inner {
                 backplane,
                 history,
                 history_config,
-                topics: RwLock::new(HashMap::new()),
+                topics: (0..STRIPES).map(|_| RwLock::default()).collect(),
+                entries: AtomicUsize::new(0),
                 topic_locks,
                 hasher: RandomState::new(),
                 last: Mutex::new(HashMap::new()),
@@ -383,13 +404,12 @@ impl Hub {
     /// after its last one. Subscribing to a topic the node holds costs no
     /// Redis subscription and no new entry.
     pub fn holds(&self, topic: &str) -> bool {
-        self.inner.topics.read().unwrap().contains_key(topic)
+        self.shard(topic).read().unwrap().contains_key(topic)
     }
 
     /// Whether `topic` has local client subscribers.
     pub fn has_clients(&self, topic: &str) -> bool {
-        self.inner
-            .topics
+        self.shard(topic)
             .read()
             .unwrap()
             .get(topic)
@@ -408,8 +428,51 @@ impl Hub {
     }
 
     fn topic_lock(&self, topic: &str) -> &tokio::sync::Mutex<()> {
-        let i = self.inner.hasher.hash_one(topic) as usize % self.inner.topic_locks.len();
-        &self.inner.topic_locks[i]
+        &self.inner.topic_locks[self.stripe(topic)]
+    }
+
+    fn stripe(&self, topic: &str) -> usize {
+        self.inner.hasher.hash_one(topic) as usize % STRIPES
+    }
+
+    /// The shard of the topic map that holds `topic`.
+    fn shard(&self, topic: &str) -> &RwLock<Shard> {
+        &self.inner.topics[self.stripe(topic)]
+    }
+
+    /// Every topic the node holds (one shard locked at a time).
+    fn held_topics(&self) -> Vec<Arc<str>> {
+        self.inner
+            .topics
+            .iter()
+            .flat_map(|shard| shard.read().unwrap().keys().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// Whether connection `id` is subscribed to `topic` here.
+    fn is_member(&self, topic: &str, id: ConnId) -> bool {
+        self.shard(topic)
+            .read()
+            .unwrap()
+            .get(topic)
+            .is_some_and(|m| m.contains(id))
+    }
+
+    /// Counts a new entry in the topic map unless `MAX_TOPICS_PER_NODE`
+    /// (`max`, 0: none) is reached; the node's own subscriptions always
+    /// get theirs. Reserved before the entry is made, so subscribes of new
+    /// topics in different shards cannot pass the limit together.
+    fn reserve_entry(&self, id: ConnId, max: usize) -> bool {
+        if id == INTERNAL || max == 0 {
+            self.inner.entries.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        self.inner
+            .entries
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     /// Adds `subscriber` to `topic`. `announce` runs before any publication
@@ -428,7 +491,7 @@ impl Hub {
         let topic_id = {
             let _guard = self.topic_lock(topic).lock().await;
             let first = {
-                let mut topics = self.inner.topics.write().unwrap();
+                let mut topics = self.shard(topic).write().unwrap();
                 let member = Member {
                     sub: subscriber,
                     gate: history.then(|| {
@@ -438,7 +501,6 @@ impl Hub {
                     }),
                 };
                 let max_topics = self.inner.max_topics.load(Ordering::Relaxed);
-                let full = id != INTERNAL && max_topics > 0 && topics.len() >= max_topics;
                 match topics.get_mut(topic) {
                     Some(subs) if subs.contains(id) => Err(subs.id),
                     Some(subs) => {
@@ -449,7 +511,7 @@ impl Hub {
                         self.observe(topic, id, subs.clients(), true);
                         Ok((false, subs.id))
                     }
-                    None if full => {
+                    None if !self.reserve_entry(id, max_topics) => {
                         let max = max_topics;
                         drop(topics);
                         crate::limits::refused(
@@ -487,7 +549,7 @@ impl Hub {
             };
             if first && let Err(e) = self.inner.backplane.subscribe(topic).await {
                 metrics::counter!(m::BACKPLANE_ERRORS, "op" => "subscribe").increment(1);
-                let mut topics = self.inner.topics.write().unwrap();
+                let mut topics = self.shard(topic).write().unwrap();
                 if let Some(subs) = topics.get_mut(topic)
                     && subs.remove(id).is_some()
                 {
@@ -495,6 +557,7 @@ impl Hub {
                     if subs.is_empty() {
                         self.inner.occupied.fetch_sub(1, Ordering::Relaxed);
                         topics.remove(topic);
+                        self.inner.entries.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
                 return Err(e.into());
@@ -549,7 +612,7 @@ impl Hub {
     pub async fn unsubscribe(&self, topic: &str, id: ConnId) -> bool {
         let _guard = self.topic_lock(topic).lock().await;
         let (removed, now_empty) = {
-            let mut topics = self.inner.topics.write().unwrap();
+            let mut topics = self.shard(topic).write().unwrap();
             let Some(subs) = topics.get_mut(topic) else {
                 return false;
             };
@@ -585,10 +648,11 @@ impl Hub {
     async fn release_if_empty(&self, topic: &str) {
         let _guard = self.topic_lock(topic).lock().await;
         {
-            let mut topics = self.inner.topics.write().unwrap();
+            let mut topics = self.shard(topic).write().unwrap();
             match topics.get(topic) {
                 Some(subs) if subs.is_empty() => {
                     topics.remove(topic);
+                    self.inner.entries.fetch_sub(1, Ordering::Relaxed);
                 }
                 _ => return,
             }
@@ -730,14 +794,14 @@ impl Hub {
     /// The gate of member `id` of `topic`, with its subscriber and the
     /// topic's number.
     fn gated(&self, topic: &str, id: ConnId) -> Option<(Arc<dyn Subscriber>, Arc<Gate>, u32)> {
-        let topics = self.inner.topics.read().unwrap();
+        let topics = self.shard(topic).read().unwrap();
         let subs = topics.get(topic)?;
         let member = subs.get(id)?;
         Some((member.sub.clone(), member.gate.clone()?, subs.id))
     }
 
     fn has_topic(&self, topic: &str) -> bool {
-        self.inner.topics.read().unwrap().contains_key(topic)
+        self.shard(topic).read().unwrap().contains_key(topic)
     }
 }
 
