@@ -88,7 +88,7 @@ impl Hub {
             rest = tail;
             // Taken before the topic's shard: one shard locked at a time.
             let exclusions: Vec<Option<HashSet<ConnId>>> = match group.iter().any(|i| routed(i)) {
-                true => group.iter().map(|i| self.exclusions(i)).collect(),
+                true => group.iter().map(|i| self.exclusions(i, slice)).collect(),
                 false => Vec::new(),
             };
             let topics = self.shard(topic).read().unwrap();
@@ -215,9 +215,11 @@ impl Hub {
                 .any(|t| self.is_member(t, id))
     }
 
-    /// The connections that must not get `item` ([`Hub::excluded`] for all
-    /// of them at once), `None` when it has no routing.
-    fn exclusions(&self, item: &Item) -> Option<HashSet<ConnId>> {
+    /// The connections of fan-out slice `slice` that must not get `item`
+    /// ([`Hub::excluded`] for all of them at once), `None` when it has no
+    /// routing. Every topic splits its members by the same rule (connection
+    /// id modulo the hub's slices), so only that slice of each is needed.
+    fn exclusions(&self, item: &Item, slice: usize) -> Option<HashSet<ConnId>> {
         let Item::Pub(p) = item else {
             return None;
         };
@@ -225,7 +227,7 @@ impl Hub {
         let mut ids: HashSet<ConnId> = r.except_ids.iter().copied().collect();
         for t in r.except_topics.iter().chain(&r.earlier_rooms) {
             if let Some(m) = self.shard(t).read().unwrap().get(&**t) {
-                ids.extend(m.slices.iter().flat_map(|s| s.keys().copied()));
+                ids.extend(m.slices[slice].keys().copied());
             }
         }
         Some(ids)

@@ -837,68 +837,71 @@ mod tests {
 
     #[tokio::test]
     async fn except_and_rooms_decide_who_gets_an_emit_live_and_on_replay() {
-        let (hub, rx) = testing::hub(&["h.*"]);
-        hub.spawn_dispatcher(rx);
-        // 1: in h.a only; 2: in h.a and h.b; 3: in h.b and h.skip; 4: h.a, skipped by id.
-        let probes: Vec<Arc<Probe>> = (0..5).map(|_| Arc::new(Probe::default())).collect();
-        for (id, topics) in [
-            (1, &["h.a"][..]),
-            (2, &["h.a", "h.b"]),
-            (3, &["h.b", "h.skip"]),
-            (4, &["h.a"]),
-        ] {
-            for t in topics {
-                hub.subscribe(t, id, probes[id as usize].clone(), None, quiet())
+        // One slice, and three (each gathers its share of the exclusions).
+        for slices in [1, 3] {
+            let (hub, rx) = testing::sliced(&["h.*"], slices);
+            hub.spawn_dispatcher(rx);
+            // 1: in h.a only; 2: in h.a and h.b; 3: in h.b and h.skip; 4: h.a, skipped by id.
+            let probes: Vec<Arc<Probe>> = (0..5).map(|_| Arc::new(Probe::default())).collect();
+            for (id, topics) in [
+                (1, &["h.a"][..]),
+                (2, &["h.a", "h.b"]),
+                (3, &["h.b", "h.skip"]),
+                (4, &["h.a"]),
+            ] {
+                for t in topics {
+                    hub.subscribe(t, id, probes[id as usize].clone(), None, quiet())
+                        .await
+                        .unwrap();
+                }
+            }
+            let routing = protocol::Routing {
+                except: vec!["h.skip".into(), format!("{:016x}", 4u64)],
+                rooms: vec!["h.a".into(), "h.b".into()],
+                spread: false,
+            };
+            for room in ["h.a", "h.b"] {
+                hub.publish_routed(room, "e", &raw(r#"{"n":1}"#), None, &routing)
                     .await
                     .unwrap();
             }
-        }
-        let routing = protocol::Routing {
-            except: vec!["h.skip".into(), format!("{:016x}", 4u64)],
-            rooms: vec!["h.a".into(), "h.b".into()],
-            spread: false,
-        };
-        for room in ["h.a", "h.b"] {
-            hub.publish_routed(room, "e", &raw(r#"{"n":1}"#), None, &routing)
+            settle().await;
+            let got = |id: usize| numbers(&probes[id]);
+            assert_eq!(got(1), [1], "h.a");
+            assert_eq!(got(2), [1], "in both rooms: once");
+            assert!(got(3).is_empty(), "in an excepted room");
+            assert!(got(4).is_empty(), "excepted by client id");
+            // A late subscriber of h.b that is also in h.a replays neither twice.
+            let late = Arc::new(Probe::default());
+            hub.subscribe("h.a", 9, late.clone(), None, quiet())
                 .await
                 .unwrap();
-        }
-        settle().await;
-        let got = |id: usize| numbers(&probes[id]);
-        assert_eq!(got(1), [1], "h.a");
-        assert_eq!(got(2), [1], "in both rooms: once");
-        assert!(got(3).is_empty(), "in an excepted room");
-        assert!(got(4).is_empty(), "excepted by client id");
-        // A late subscriber of h.b that is also in h.a replays neither twice.
-        let late = Arc::new(Probe::default());
-        hub.subscribe("h.a", 9, late.clone(), None, quiet())
-            .await
-            .unwrap();
-        let since = Some(Since {
-            offset: 0,
-            epoch: hub
-                .latest("h.b")
+            let since = Some(Since {
+                offset: 0,
+                epoch: hub
+                    .latest("h.b")
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .epoch
+                    .unwrap()
+                    .to_string(),
+            });
+            hub.subscribe("h.b", 9, late.clone(), since.clone(), quiet())
                 .await
-                .unwrap()
-                .unwrap()
-                .epoch
-                .unwrap()
-                .to_string(),
-        });
-        hub.subscribe("h.b", 9, late.clone(), since.clone(), quiet())
-            .await
-            .unwrap();
-        let lone = Arc::new(Probe::default());
-        hub.subscribe("h.b", 10, lone.clone(), since, quiet())
-            .await
-            .unwrap();
-        settle().await;
-        assert!(
-            numbers(&late).is_empty(),
-            "h.b's copy is h.a's: {:?}",
-            late.frames
-        );
-        assert_eq!(numbers(&lone), [1], "replayed");
+                .unwrap();
+            let lone = Arc::new(Probe::default());
+            hub.subscribe("h.b", 10, lone.clone(), since, quiet())
+                .await
+                .unwrap();
+            settle().await;
+            assert!(
+                numbers(&late).is_empty(),
+                "h.b's copy is h.a's: {:?}",
+                late.frames
+            );
+            assert_eq!(numbers(&lone), [1], "replayed");
+        }
     }
 
     #[tokio::test]
@@ -955,6 +958,47 @@ mod tests {
             tokio::time::sleep(UNSUBSCRIBE_LINGER * 2).await;
             assert_eq!(hub.topic_count(), 0);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_topic_limit_counts_lingering_topics_across_shards_and_not_the_nodes_own() {
+        let (hub, rx) = testing::hub(&[]);
+        hub.spawn_dispatcher(rx);
+        hub.set_max_topics(Some(20));
+        let a = Arc::new(Probe::default());
+        // Twenty topics land in different shards: all of them count.
+        for t in 0..20 {
+            hub.subscribe(&format!("t{t}"), 1, a.clone(), None, quiet())
+                .await
+                .unwrap();
+        }
+        let refused = hub.subscribe("new", 1, a.clone(), None, quiet()).await;
+        assert!(
+            matches!(refused, Err(HubError::TopicLimit(20))),
+            "{refused:?}"
+        );
+        // A topic the node holds takes more subscribers.
+        hub.subscribe("t0", 2, a.clone(), None, quiet())
+            .await
+            .unwrap();
+        // The node's own subscriptions are never refused (and count).
+        hub.subscribe("internal", INTERNAL, a.clone(), None, quiet())
+            .await
+            .unwrap();
+        // A lingering topic still counts; once released, its place is free,
+        // but the node's own topic holds it.
+        let refuse = |r: Result<Subscribed, HubError>| {
+            assert!(matches!(r, Err(HubError::TopicLimit(20))), "{r:?}");
+        };
+        assert!(hub.unsubscribe("t1", 1).await);
+        refuse(hub.subscribe("new", 1, a.clone(), None, quiet()).await);
+        tokio::time::sleep(UNSUBSCRIBE_LINGER * 2).await;
+        refuse(hub.subscribe("new", 1, a.clone(), None, quiet()).await);
+        assert!(hub.unsubscribe("internal", INTERNAL).await);
+        tokio::time::sleep(UNSUBSCRIBE_LINGER * 2).await;
+        hub.subscribe("new", 1, a.clone(), None, quiet())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
