@@ -86,7 +86,11 @@ const STRIPES: usize = 64;
 /// One shard of the topic map: its topics and their local subscribers.
 type Shard = HashMap<Arc<str>, Members>;
 
-/// How many topics keep their last publication for `request`.
+/// One shard of the last publications kept for `request`.
+type LastShard = HashMap<Arc<str>, LastPublication>;
+
+/// How many topics keep their last publication for `request` (a share of it
+/// per stripe).
 const LAST_PUBLICATIONS: usize = 10_000;
 
 /// Outcome of handing a publication to one subscriber.
@@ -286,7 +290,10 @@ struct Inner {
     topic_locks: Box<[tokio::sync::Mutex<()>]>,
     hasher: RandomState,
     /// Last publication per topic, for `request`. std Mutex, no `.await`.
-    last: Mutex<HashMap<Arc<str>, LastPublication>>,
+    /// In [`STRIPES`] shards like `topics`, for the same reason: `request`
+    /// reads it on the readers' threads, the dispatcher writes it for every
+    /// publication.
+    last: Box<[Mutex<LastShard>]>,
     subscriptions: AtomicUsize,
     /// Topics with at least one subscriber, kept as they change: counting
     /// them from the map on every (un)subscribe made topic churn quadratic
@@ -351,7 +358,7 @@ impl Hub {
                 entries: AtomicUsize::new(0),
                 topic_locks,
                 hasher: RandomState::new(),
-                last: Mutex::new(HashMap::new()),
+                last: (0..STRIPES).map(|_| Mutex::default()).collect(),
                 subscriptions: AtomicUsize::new(0),
                 occupied: AtomicUsize::new(0),
                 topic_ids: AtomicU32::new(1),
@@ -698,7 +705,11 @@ impl Hub {
 
     /// The last publication this node delivered on `topic`, if any.
     pub fn last(&self, topic: &str) -> Option<LastPublication> {
-        self.inner.last.lock().unwrap().get(topic).cloned()
+        self.inner.last[self.stripe(topic)]
+            .lock()
+            .unwrap()
+            .get(topic)
+            .cloned()
     }
 
     /// The newest publication of a history topic, from history (right on
@@ -775,8 +786,10 @@ impl Hub {
 
     /// Keeps `publication` as its topic's last one, for `request`.
     fn remember(&self, publication: &Publication) {
-        let mut last = self.inner.last.lock().unwrap();
-        if last.len() >= LAST_PUBLICATIONS
+        let mut last = self.inner.last[self.stripe(&publication.topic)]
+            .lock()
+            .unwrap();
+        if last.len() >= LAST_PUBLICATIONS / STRIPES
             && !last.contains_key(&publication.topic)
             && let Some(k) = last.keys().next().cloned()
         {
@@ -999,6 +1012,23 @@ mod tests {
         hub.subscribe("new", 1, a.clone(), None, quiet())
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_last_publications_kept_for_request_stay_bounded() {
+        let (hub, _rx) = testing::hub(&[]);
+        let data: Arc<RawValue> = Arc::from(raw("1"));
+        for t in 0..3 * LAST_PUBLICATIONS {
+            let topic: Arc<str> = format!("t{t}").into();
+            let p = Publication::new(topic, "e".into(), data.clone(), std::time::Instant::now());
+            hub.remember(&p);
+            assert!(hub.last(&format!("t{t}")).is_some(), "the newest is kept");
+        }
+        let kept: usize = hub.inner.last.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(
+            (LAST_PUBLICATIONS * 9 / 10..=LAST_PUBLICATIONS).contains(&kept),
+            "{kept}"
+        );
     }
 
     #[tokio::test]
