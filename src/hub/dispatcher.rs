@@ -138,7 +138,7 @@ impl Dispatcher {
             return;
         }
         if !self.sequences.contains_key(&p.topic) {
-            if self.hub.has_topic(&p.topic) {
+            if self.hub.holds(&p.topic) {
                 let pending = self.pending.entry(p.topic.clone()).or_default();
                 if pending.len() >= PENDING_LIMIT {
                     pending.remove(0);

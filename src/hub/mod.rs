@@ -449,11 +449,11 @@ impl Hub {
 
     /// Every topic the node holds (one shard locked at a time).
     fn held_topics(&self) -> Vec<Arc<str>> {
-        self.inner
-            .topics
-            .iter()
-            .flat_map(|shard| shard.read().unwrap().keys().cloned().collect::<Vec<_>>())
-            .collect()
+        let mut held = Vec::new();
+        for shard in &self.inner.topics {
+            held.extend(shard.read().unwrap().keys().cloned());
+        }
+        held
     }
 
     /// Whether connection `id` is subscribed to `topic` here.
@@ -811,10 +811,6 @@ impl Hub {
         let subs = topics.get(topic)?;
         let member = subs.get(id)?;
         Some((member.sub.clone(), member.gate.clone()?, subs.id))
-    }
-
-    fn has_topic(&self, topic: &str) -> bool {
-        self.shard(topic).read().unwrap().contains_key(topic)
     }
 }
 
