@@ -94,15 +94,19 @@ pub fn refused(limit: Limit, detail: &str) {
 }
 
 /// Counts and logs a subscribe refused by `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`;
-/// the text is the client's error.
-pub fn subscribe_rate_refusal(node: &crate::node::Node, topic: &str) -> String {
+/// the client's error text and its code (`subscribe_rate_limited`), as
+/// [`crate::gateway::subscribe_refused`] gives them for the hub's refusals.
+pub fn subscribe_rate_refusal(node: &crate::node::Node, topic: &str) -> (String, &'static str) {
     refused(Limit::SubscribeRate, "a connection subscribes too fast");
     let (rate, burst) = node
         .config()
         .subscribe_rate_limit
         .map_or((0.0, 0.0), |l| (l.per_second, l.burst));
-    format!(
-        "subscribe rate limit of {rate} per second (burst {burst}, WEBSOCKET_SUBSCRIBE_RATE_LIMIT) exceeded: \"{topic}\" was not subscribed; try again later"
+    (
+        format!(
+            "subscribe rate limit of {rate} per second (burst {burst}, WEBSOCKET_SUBSCRIBE_RATE_LIMIT) exceeded: \"{topic}\" was not subscribed; try again later"
+        ),
+        "subscribe_rate_limited",
     )
 }
 

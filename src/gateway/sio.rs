@@ -682,7 +682,8 @@ async fn subscribe(
     if let Some(bucket) = &s.subscribes
         && !bucket.lock().unwrap().take()
     {
-        let e = crate::limits::subscribe_rate_refusal(node, &request.topic);
+        // The ack's documented shape carries the text only.
+        let (e, _code) = crate::limits::subscribe_rate_refusal(node, &request.topic);
         return reply(&**peer, ack, Err(e), Some(&request.topic));
     }
     let identity = s.identity();

@@ -770,13 +770,8 @@ impl Session {
                     && !self.node.hub().holds(&topic)
                     && !bucket.take()
                 {
-                    let e = crate::limits::subscribe_rate_refusal(&self.node, &topic);
-                    return self.stream.error(
-                        e,
-                        "subscribe_rate_limited",
-                        Some(&topic),
-                        Some("subscribe"),
-                    );
+                    let (e, code) = crate::limits::subscribe_rate_refusal(&self.node, &topic);
+                    return self.stream.error(e, code, Some(&topic), Some("subscribe"));
                 }
                 self.join(topic.to_string(), None).await
             }

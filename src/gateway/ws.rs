@@ -546,13 +546,9 @@ impl Session {
                 if let Some(bucket) = &mut self.subscribes
                     && !bucket.take()
                 {
-                    let e = crate::limits::subscribe_rate_refusal(&self.node, &event);
-                    self.outbox.error_reply(
-                        Some("subscribe"),
-                        e,
-                        "subscribe_rate_limited",
-                        Some(&event),
-                    );
+                    let (e, code) = crate::limits::subscribe_rate_refusal(&self.node, &event);
+                    self.outbox
+                        .error_reply(Some("subscribe"), e, code, Some(&event));
                     return "subscribe";
                 }
                 self.subscribe(event, since, data, presence).await;
