@@ -304,7 +304,8 @@ fn rustls_native_certs_or_empty() -> Vec<rustls::pki_types::CertificateDer<'stat
 }
 
 /// Builds a fred config from `url`, with reconnection forever (fred does not
-/// reconnect by default) and bounded command and connect timeouts.
+/// reconnect by default) and bounded command and connect timeouts. Start
+/// its clients with [`start_connecting`].
 ///
 /// `pubsub_capacity` sizes fred's notification channels: every client has
 /// several and each preallocates its capacity, so only the backplane's
@@ -363,7 +364,7 @@ impl Redis {
     pub fn connect(url: &str) -> Result<Redis, RedisError> {
         let mode = check_url(url).map_err(RedisError::Reply)?;
         let client = builder(url, 32)?.build()?;
-        client.connect();
+        start_connecting(&client, None);
         let options = Options {
             fail_fast: true,
             timeout: Some(COMMAND_TIMEOUT),
@@ -687,7 +688,7 @@ pub fn listen(
     let client = subscriber(url, 256)?;
     let messages = client.message_rx();
     let mut reconnects = client.reconnect_rx();
-    client.connect();
+    start_connecting(&client, Some(stop.clone()));
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let c = client.clone();
     let stop2 = stop.clone();
@@ -730,7 +731,7 @@ pub fn listen_patterns(
     let client = subscriber(url, 4096)?;
     let messages = client.message_rx();
     let mut reconnects = client.reconnect_rx();
-    client.connect();
+    start_connecting(&client, Some(stop.clone()));
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
     let c = client.clone();
     let stop2 = stop.clone();
@@ -800,6 +801,43 @@ async fn forward(
             Err(_) => return,
         }
     }
+}
+
+/// Starts `client`'s connection task and, while its first connection fails,
+/// starts it again (after 100 ms, doubling to 2 s) until `stop`.
+///
+/// fred ends the task when the first connection fails (`fail_fast`, its
+/// default), so a node started before its Redis (a pod scheduled first, a
+/// compose file without ordering) would never connect. fred's own retry of
+/// the first connection (`fail_fast: false`) waits out its reconnect delay
+/// before the first attempt even when Redis is there, which slows every
+/// start. Once connected, the reconnect policy handles every later drop.
+pub fn start_connecting<C>(client: &C, stop: Option<tokio_util::sync::CancellationToken>)
+where
+    C: ClientLike + Clone + Send + Sync + 'static,
+{
+    let client = client.clone();
+    let stop = stop.unwrap_or_default();
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            // Runs for the client's life once connected; ends at once when
+            // the first connection fails.
+            let ended = tokio::select! {
+                ended = client.connect() => ended,
+                _ = stop.cancelled() => return,
+            };
+            if matches!(ended, Ok(Ok(()))) {
+                // `quit`.
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => return,
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    });
 }
 
 /// A dedicated subscriber connection, for `backplane/redis.rs`.

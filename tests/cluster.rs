@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Client, Node, Redis, eventually, prefix};
+use common::{Client, Node, Redis, eventually, free_port, prefix};
 use serde_json::{Value, json};
 
 fn start_nodes(redis: &Redis, test: &str, n: usize, extra: &[(&str, &str)]) -> Vec<Node> {
@@ -22,6 +22,11 @@ fn start_nodes(redis: &Redis, test: &str, n: usize, extra: &[(&str, &str)]) -> V
 
 fn ready(node: &Node) -> bool {
     node.get("/readyz").0 == 200
+}
+
+/// Whether `node` logs that its backplane is not ready within `limit`.
+fn warns_within(node: &Node, limit: Duration) -> bool {
+    eventually(limit, || node.log().contains("backplane not ready"))
 }
 
 fn leaders(nodes: &[&Node]) -> Vec<String> {
@@ -208,6 +213,8 @@ async fn redis_outage_and_restart() {
     let nodes = start_nodes(&redis, "outage", 2, &[]);
     for n in &nodes {
         assert!(eventually(Duration::from_secs(10), || ready(n)));
+        // A normal start is no warning; losing Redis (below) is.
+        assert!(!n.log().contains("backplane not ready"), "{}", n.log());
     }
     let mut clients = Vec::new();
     for n in &nodes {
@@ -226,6 +233,7 @@ async fn redis_outage_and_restart() {
             "{} not ready within 5 s",
             n.name
         );
+        assert!(warns_within(n, Duration::from_secs(2)), "{}", n.log());
         let health = n.health();
         assert_eq!(health["status"], "degraded");
         assert!(
@@ -269,6 +277,47 @@ async fn redis_outage_and_restart() {
         assert_eq!(m["type"], "event", "{m}");
         assert_eq!(m["data"], "after");
     }
+}
+
+/// A node started before its Redis is reachable: not ready, "connecting to
+/// Redis", no warning for the first seconds (a normal start passes
+/// through that state too), a warning once it lasts, ready when Redis comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_redis_warns_after_its_grace_and_becomes_ready() {
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let pfx = prefix("early");
+    let started = Instant::now();
+    let node = Node::start(
+        "early-0",
+        &[("REDIS_URL", url.as_str()), ("REDIS_PREFIX", pfx.as_str())],
+    );
+    let (status, body) = node.get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("connecting to Redis")),
+        "{body}"
+    );
+    if started.elapsed() < Duration::from_secs(4) {
+        assert!(
+            !node.log().contains("backplane not ready"),
+            "{}",
+            node.log()
+        );
+    }
+    assert!(
+        warns_within(&node, Duration::from_secs(8)),
+        "{}",
+        node.log()
+    );
+    let _redis = Redis::start_on(port);
+    assert!(
+        eventually(Duration::from_secs(10), || ready(&node)),
+        "ready once Redis is there:\n{}",
+        node.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,8 @@ use crate::redis::{COMMAND_TIMEOUT, Keys, Redis, RedisError, within};
 
 /// How often the connection health is checked.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a starting node may take to reach Redis before its log warns.
+const STARTUP_GRACE: Duration = Duration::from_secs(5);
 /// How often the node probes its own subscriptions.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a probe may take to come back before the subscription counts
@@ -97,7 +99,7 @@ impl RedisBackplane {
         // Take the receivers before connecting so that no event is missed.
         let messages = subscriber.message_rx();
         let reconnects = subscriber.reconnect_rx();
-        subscriber.connect();
+        crate::redis::start_connecting(&subscriber, Some(stop.clone()));
         let (changes, changes_rx) = mpsc::unbounded_channel();
         if !keys.sharded() {
             tokio::spawn(apply_changes(subscriber.clone(), changes_rx, stop.clone()));
@@ -478,6 +480,12 @@ async fn monitor(
 ) {
     let mut tick = tokio::time::interval(HEALTH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Before the first connection the states a start passes through (the
+    // connection not up yet, the subscriptions being restored) are no
+    // warning; one that lasts past STARTUP_GRACE is.
+    let started = Instant::now();
+    let mut connected_once = false;
+    let mut warned_at_start = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -486,7 +494,12 @@ async fn monitor(
         }
         let status = if !backplane.subscriber.is_connected() {
             Status::Disconnected {
-                reason: "Redis subscriber connection is down".into(),
+                reason: if connected_once {
+                    "Redis subscriber connection is down"
+                } else {
+                    "connecting to Redis"
+                }
+                .into(),
             }
         } else if !restored.load(Ordering::Acquire) {
             Status::Disconnected {
@@ -521,8 +534,20 @@ async fn monitor(
                 0.0
             });
             match &status {
-                Status::Connected => tracing::info!("backplane connected"),
-                Status::Disconnected { reason } => tracing::warn!(reason, "backplane not ready"),
+                Status::Connected => {
+                    connected_once = true;
+                    tracing::info!("backplane connected");
+                }
+                Status::Disconnected { reason } if connected_once => {
+                    tracing::warn!(reason, "backplane not ready")
+                }
+                Status::Disconnected { reason } => tracing::info!(reason, "backplane connecting"),
+            }
+        }
+        if !connected_once && !warned_at_start && started.elapsed() >= STARTUP_GRACE {
+            warned_at_start = true;
+            if let Status::Disconnected { reason } = &status {
+                tracing::warn!(reason, "backplane not ready");
             }
         }
     }
