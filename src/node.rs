@@ -69,6 +69,8 @@ struct Backends {
         Arc<dyn crate::presence::Store>,
         tokio::sync::mpsc::Receiver<bytes::Bytes>,
     ),
+    /// The subscriber connections besides the backplane's, for `/readyz`.
+    listeners: crate::redis::Listeners,
 }
 
 /// The only place that looks at `REDIS_URL`: memory implementations for one
@@ -94,6 +96,7 @@ fn backends(
             control: Arc::new(LocalBus::new(clients.clone())),
             ledger: Arc::new(MemoryLedger::default()),
             sio_sessions: Arc::new(recovery::MemoryStore::default()),
+            listeners: Default::default(),
         });
     };
     if let Some(ca) = &config.redis_ca_file {
@@ -101,6 +104,7 @@ fn backends(
     }
     let redis = Redis::connect(url)?;
     let keys = Keys::new(&config.redis_prefix, redis.mode());
+    let listeners = crate::redis::Listeners::new(url, redis.clone(), keys.clone(), &config.node_id);
     let election = Arc::new(RedisElection::start(
         redis.clone(),
         keys.clone(),
@@ -108,7 +112,7 @@ fn backends(
         config.leader_lease,
     ));
     let bus = RedisBus::start(
-        url,
+        &listeners,
         redis.clone(),
         keys.clone(),
         config.node_id.clone(),
@@ -118,7 +122,7 @@ fn backends(
     )?;
     let registry: Arc<dyn Registry> = Arc::new(RedisRegistry::new(redis.clone(), keys.clone()));
     let control = RedisControl::start(
-        url,
+        &listeners,
         redis.clone(),
         keys.clone(),
         config.node_id.clone(),
@@ -127,7 +131,7 @@ fn backends(
         stop.clone(),
     )?;
     let (presence, diffs) = crate::presence::redis::RedisStore::start(
-        url,
+        &listeners,
         redis.clone(),
         keys.clone(),
         config.presence.enabled(),
@@ -157,6 +161,7 @@ fn backends(
         control,
         ledger: Arc::new(RedisLedger::new(redis.clone(), keys.clone())),
         sio_sessions: Arc::new(recovery::RedisStore::new(redis, keys)),
+        listeners,
     })
 }
 
@@ -207,6 +212,8 @@ struct Inner {
     presence: crate::presence::Presence,
     /// WebSocket sessions run there, below the deliveries' priority.
     ingress: crate::gateway::ingress::Ingress,
+    /// Not ready until these are subscribed.
+    listeners: crate::redis::Listeners,
 }
 
 impl Node {
@@ -233,6 +240,7 @@ impl Node {
             ledger,
             sio_sessions,
             presence,
+            listeners,
         } = backends(
             &config,
             inbound_tx,
@@ -339,6 +347,7 @@ impl Node {
                 watch,
                 presence,
                 ingress,
+                listeners,
             }),
         };
         tokio::spawn(announce_loop(node.clone()));
@@ -538,10 +547,11 @@ impl Node {
         if self.is_draining() {
             return Some("node is shutting down".into());
         }
-        match self.backplane_status() {
-            Status::Connected => None,
-            Status::Disconnected { reason } => Some(format!("backplane disconnected: {reason}")),
+        if let Status::Disconnected { reason } = self.backplane_status() {
+            return Some(format!("backplane disconnected: {reason}"));
         }
+        let what = self.inner.listeners.not_subscribed()?;
+        Some(format!("not subscribed to {what} yet"))
     }
 
     /// Step 1 of the drain: stop being ready.

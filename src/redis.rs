@@ -205,6 +205,17 @@ impl Keys {
         }
     }
 
+    /// Where node `node`'s listener of `what` (`Listeners::listen`) proves
+    /// its subscription: subscribed in the same `SUBSCRIBE` as its channels,
+    /// so a probe that comes back says Redis accepted all of them.
+    pub fn listener_probe(&self, node: &str, what: &str) -> String {
+        format!(
+            "{}:listener-probe:{node}:{}",
+            self.prefix,
+            what.replace(' ', "-")
+        )
+    }
+
     // Presence (`presence::redis`). A topic's keys always carry the topic
     // as hash tag (new names, like the history keys): one script touches
     // one slot; node `id`'s own keys share the node keys' slot.
@@ -677,44 +688,158 @@ pub async fn within<T>(
     }
 }
 
-/// Listens on a fixed set of channels (device commands and replies) on a
-/// connection of its own, re-subscribing after every reconnect. Messages
-/// arrive as `(channel, payload)`.
-pub fn listen(
-    url: &str,
-    channels: Vec<String>,
-    stop: tokio_util::sync::CancellationToken,
-) -> Result<tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>, RedisError> {
-    let client = subscriber(url, 256)?;
-    let messages = client.message_rx();
-    let mut reconnects = client.reconnect_rx();
-    start_connecting(&client, Some(stop.clone()));
-    let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    let c = client.clone();
-    let stop2 = stop.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                r = reconnects.recv() => match r {
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+/// The subscriber connections a node must have subscribed before it takes
+/// traffic: the control channel's (control API, SSE commands from other
+/// nodes), the device commands' and presence's. Each has a connection of
+/// its own, so the backplane being ready says nothing about them; a node
+/// that reported ready before they were could answer a command with
+/// `reached: 0`. `Default`: none, for the embedded backplane.
+#[derive(Clone, Default)]
+pub struct Listeners {
+    /// The URL to listen on, the client that publishes the probes, the
+    /// names and the node id; `None` without Redis.
+    redis: Option<(String, Redis, Keys, String)>,
+    started: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<Listener>>>>,
+}
+
+struct Listener {
+    /// What it listens to, for `/readyz` and the log.
+    what: &'static str,
+    /// The last probe that came back on the current connection
+    /// ([`Keys::listener_probe`]); 0 after a reconnect, until one does.
+    confirmed: tokio::sync::watch::Sender<u64>,
+    client: fred::clients::SubscriberClient,
+}
+
+impl Listener {
+    fn subscribed(&self) -> bool {
+        self.client.is_connected() && *self.confirmed.borrow() > 0
+    }
+}
+
+impl Listeners {
+    /// The listeners of node `node_id` on the Redis at `url` (checked by
+    /// [`Redis::connect`]); `redis` publishes their probes.
+    pub fn new(url: &str, redis: Redis, keys: Keys, node_id: &str) -> Listeners {
+        Listeners {
+            redis: Some((url.to_string(), redis, keys, node_id.to_string())),
+            started: Default::default(),
+        }
+    }
+
+    /// What the first listener that is not subscribed listens to, or `None`
+    /// when every one is.
+    pub fn not_subscribed(&self) -> Option<&'static str> {
+        self.started
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| !l.subscribed())
+            .map(|l| l.what)
+    }
+
+    /// Listens on a fixed set of channels (`what`: device commands, control
+    /// commands, presence changes) on a connection of its own. It counts for
+    /// readiness from now on: subscribed once a probe published on its own
+    /// probe channel, subscribed in the same `SUBSCRIBE`, came back (fred
+    /// resolves a `SUBSCRIBE` when it is written, and Redis refuses one, e.g.
+    /// for an ACL, out of band). Subscribes again after every reconnect and,
+    /// while the probe does not come back within 2 s, every 100 ms doubling
+    /// to 2 s. Messages arrive as `(channel, payload)`.
+    pub fn listen(
+        &self,
+        what: &'static str,
+        mut channels: Vec<String>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>, RedisError> {
+        let Some((url, redis, keys, node_id)) = &self.redis else {
+            let e =
+                fred::error::Error::new(fred::error::ErrorKind::Config, "no Redis to listen on");
+            return Err(e.into());
+        };
+        let probe = keys.listener_probe(node_id, what);
+        channels.push(probe.clone());
+        let client = subscriber(url, 256)?;
+        let messages = client.message_rx();
+        let mut reconnects = client.reconnect_rx();
+        let listener = std::sync::Arc::new(Listener {
+            what,
+            confirmed: tokio::sync::watch::Sender::new(0),
+            client: client.clone(),
+        });
+        self.started.lock().unwrap().push(listener.clone());
+        start_connecting(&client, Some(stop.clone()));
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let stop2 = stop.clone();
+        let (redis, probe2) = (redis.clone(), probe.clone());
+        let l = listener.clone();
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            // Set while the last try failed: the delay before the next.
+            let mut retry: Option<Duration> = None;
+            loop {
+                tokio::select! {
+                    r = reconnects.recv() => match r {
                         // The first connection counts too: this is where we subscribe.
-                        if let Err(e) = within(COMMAND_TIMEOUT, c.subscribe(channels.clone())).await {
-                            tracing::warn!(cause = %e, "subscribing to control channels failed");
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            l.confirmed.send_replace(0);
+                        }
+                        Err(_) => return,
+                    },
+                    _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
+                    _ = stop2.cancelled() => return,
+                }
+                sent += 1;
+                let mut confirmed = l.confirmed.subscribe();
+                let tried = async {
+                    within(COMMAND_TIMEOUT, l.client.subscribe(channels.clone())).await?;
+                    redis.publish(&probe2, sent.to_string().into()).await?;
+                    match tokio::time::timeout(COMMAND_TIMEOUT, confirmed.wait_for(|n| *n >= sent))
+                        .await
+                    {
+                        Ok(Ok(_)) => Ok(()),
+                        _ => Err(RedisError::Timeout(COMMAND_TIMEOUT)),
+                    }
+                };
+                match tried.await {
+                    Ok(()) => {
+                        if retry.take().is_some() {
+                            tracing::info!(listener = what, "subscribed");
                         }
                     }
-                    Err(_) => return,
-                },
-                _ = stop2.cancelled() => return,
+                    Err(e) => {
+                        if retry.is_none() {
+                            tracing::warn!(
+                                listener = what,
+                                cause = %e,
+                                "subscribing failed (no probe back): trying again"
+                            );
+                        }
+                        let next = retry.map_or(Duration::from_millis(100), |d| d * 2);
+                        retry = Some(next.min(Duration::from_secs(2)));
+                    }
+                }
             }
-        }
-    });
-    tokio::spawn(forward(
-        messages,
-        tx,
-        stop,
-        "control channel receiver lagged",
-    ));
-    Ok(rx)
+        });
+        let confirm = move |channel: &str, payload: &[u8]| {
+            if channel != probe {
+                return false;
+            }
+            if let Some(n) = std::str::from_utf8(payload)
+                .ok()
+                .and_then(|p| p.parse().ok())
+            {
+                listener.confirmed.send_if_modified(|c| {
+                    let newer = n > *c;
+                    *c = (*c).max(n);
+                    newer
+                });
+            }
+            true
+        };
+        tokio::spawn(forward(messages, tx, stop, what, confirm));
+        Ok(rx)
+    }
 }
 
 /// Listens on `channels` and `patterns` (`PSUBSCRIBE`) on a connection of
@@ -765,23 +890,20 @@ pub fn listen_patterns(
         }
         let _ = within(COMMAND_TIMEOUT, c.quit()).await;
     });
-    tokio::spawn(forward(
-        messages,
-        tx,
-        stop,
-        "compat channel receiver lagged: messages lost",
-    ));
+    tokio::spawn(forward(messages, tx, stop, "compat channels", |_, _| false));
     Ok(rx)
 }
 
 /// Hands a subscriber connection's messages to `tx` as `(channel,
-/// payload)` until `stop` or the receiver is gone; a lag is logged with
-/// `lagged` (those messages are lost).
+/// payload)` until `stop` or the receiver is gone, but those `own` takes
+/// (true: a probe of the connection's own); a lag (those messages are lost)
+/// is logged with `what` the connection listens to.
 async fn forward(
     mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
     tx: tokio::sync::mpsc::Sender<(String, bytes::Bytes)>,
     stop: tokio_util::sync::CancellationToken,
-    lagged: &'static str,
+    what: &'static str,
+    own: impl Fn(&str, &[u8]) -> bool,
 ) {
     loop {
         let msg = tokio::select! {
@@ -791,12 +913,15 @@ async fn forward(
         match msg {
             Ok(m) => {
                 let payload = m.value.into_bytes().unwrap_or_default();
+                if own(&m.channel, &payload) {
+                    continue;
+                }
                 if tx.send((m.channel.to_string(), payload)).await.is_err() {
                     return;
                 }
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(lost = n, "{lagged}");
+                tracing::warn!(listener = what, lost = n, "receiver lagged: messages lost");
             }
             Err(_) => return,
         }

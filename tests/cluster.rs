@@ -320,6 +320,63 @@ async fn a_node_started_before_redis_warns_after_its_grace_and_becomes_ready() {
     );
 }
 
+/// The control commands (control API, SSE commands from other nodes) come
+/// over a subscriber connection of their own: a node whose backplane is up
+/// but whose control subscription is refused must not report ready, and
+/// must subscribe once it may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_not_ready_until_its_control_listener_is_subscribed() {
+    let redis = Redis::start();
+    let pfx = prefix("listeners");
+    // Every channel of this prefix but `{pfx}:control` (`cmd` and
+    // `control-reply:*` are the other names that start with a c).
+    redis.cmd(&[
+        "ACL",
+        "SETUSER",
+        "default",
+        "resetchannels",
+        &format!("&{pfx}:[^c]*"),
+        &format!("&{pfx}:cmd"),
+        &format!("&{pfx}:control-*"),
+    ]);
+    let url = redis.url();
+    let node = Node::start(
+        "listeners-0",
+        &[("REDIS_URL", url.as_str()), ("REDIS_PREFIX", pfx.as_str())],
+    );
+    let refused = || {
+        let (status, body) = node.get("/readyz");
+        status == 503
+            && body["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("not subscribed to control commands"))
+    };
+    assert!(
+        eventually(Duration::from_secs(5), refused),
+        "{:?}\n{}",
+        node.get("/readyz"),
+        node.log()
+    );
+    // Still refused a while later: the backplane alone does not make it ready.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(refused(), "{:?}", node.get("/readyz"));
+    // The probe that did not come back within 2 s.
+    assert!(
+        eventually(Duration::from_secs(5), || node
+            .log()
+            .contains("subscribing failed")),
+        "{}",
+        node.log()
+    );
+    assert!(refused(), "{:?}", node.get("/readyz"));
+    redis.cmd(&["ACL", "SETUSER", "default", "allchannels"]);
+    assert!(
+        eventually(Duration::from_secs(5), || ready(&node)),
+        "ready once the control channel may be subscribed:\n{}",
+        node.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_and_cluster_stats() {
     let redis = Redis::start();

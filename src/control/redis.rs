@@ -43,7 +43,7 @@ impl RedisControl {
     /// Listens for other nodes' commands (applied to this node's clients)
     /// and for the answers to this node's own.
     pub fn start(
-        url: &str,
+        listeners: &crate::redis::Listeners,
         redis: Redis,
         keys: Keys,
         node_id: String,
@@ -53,7 +53,8 @@ impl RedisControl {
     ) -> Result<Arc<Self>, RedisError> {
         let control = keys.control();
         let replies = keys.control_replies(&node_id);
-        let mut rx = crate::redis::listen(url, vec![control.clone(), replies], stop)?;
+        let channels = vec![control.clone(), replies];
+        let mut rx = listeners.listen("control commands", channels, stop)?;
         let bus = Arc::new(RedisControl {
             redis,
             keys,

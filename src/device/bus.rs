@@ -72,7 +72,7 @@ impl RedisBus {
     /// Listens for commands (applied when this node leads) and for replies
     /// to this node's own forwarded commands.
     pub fn start(
-        url: &str,
+        listeners: &crate::redis::Listeners,
         redis: Redis,
         keys: Keys,
         node_id: String,
@@ -82,7 +82,8 @@ impl RedisBus {
     ) -> Result<Arc<Self>, RedisError> {
         let cmd_channel = keys.commands();
         let reply_channel = keys.replies(&node_id);
-        let mut rx = crate::redis::listen(url, vec![cmd_channel.clone(), reply_channel], stop)?;
+        let channels = vec![cmd_channel.clone(), reply_channel];
+        let mut rx = listeners.listen("device commands", channels, stop)?;
         let bus = Arc::new(RedisBus {
             redis,
             keys,

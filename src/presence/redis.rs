@@ -167,7 +167,7 @@ impl RedisStore {
     /// The store and the receiver of every node's diff messages (`enabled`:
     /// presence is on; otherwise no subscriber connection is opened).
     pub fn start(
-        url: &str,
+        listeners: &crate::redis::Listeners,
         redis: Redis,
         keys: Keys,
         enabled: bool,
@@ -176,7 +176,7 @@ impl RedisStore {
         let (tx, diffs) = mpsc::channel(1024);
         if enabled {
             let channel = keys.presence_diffs();
-            let mut rx = crate::redis::listen(url, vec![channel], stop)?;
+            let mut rx = listeners.listen("presence changes", vec![channel], stop)?;
             tokio::spawn(async move {
                 while let Some((_, payload)) = rx.recv().await {
                     if tx.send(payload).await.is_err() {
