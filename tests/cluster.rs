@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Client, Node, Redis, eventually, free_port, prefix};
+use common::{Client, Node, Redis, eventually, prefix};
 use serde_json::{Value, json};
 
 fn start_nodes(redis: &Redis, test: &str, n: usize, extra: &[(&str, &str)]) -> Vec<Node> {
@@ -279,12 +279,56 @@ async fn redis_outage_and_restart() {
     }
 }
 
+/// Keeps a free port taken until dropped, answering every connection by
+/// closing it (to the node, as good as nothing listening): left free for
+/// seconds, the port can go to any socket on the machine (other tests'
+/// outgoing connections draw from the same ephemeral range) and
+/// redis-server could not bind it.
+struct HeldPort {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HeldPort {
+    fn new() -> HeldPort {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Acquire) {
+                match listener.accept() {
+                    Ok((conn, _)) => drop(conn),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        HeldPort {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HeldPort {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A node started before its Redis is reachable: not ready, "connecting to
 /// Redis", no warning for the first seconds (a normal start passes
 /// through that state too), a warning once it lasts, ready when Redis comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_started_before_redis_warns_after_its_grace_and_becomes_ready() {
-    let port = free_port();
+    let held = HeldPort::new();
+    let port = held.port;
     let url = format!("redis://127.0.0.1:{port}");
     let pfx = prefix("early");
     let started = Instant::now();
@@ -312,6 +356,7 @@ async fn a_node_started_before_redis_warns_after_its_grace_and_becomes_ready() {
         "{}",
         node.log()
     );
+    drop(held);
     let _redis = Redis::start_on(port);
     assert!(
         eventually(Duration::from_secs(10), || ready(&node)),
