@@ -705,15 +705,19 @@ pub struct Listeners {
 struct Listener {
     /// What it listens to, for `/readyz` and the log.
     what: &'static str,
-    /// The last probe that came back on the current connection
-    /// ([`Keys::listener_probe`]); 0 after a reconnect, until one does.
+    /// The number of the current try's probe ([`Keys::listener_probe`]);
+    /// raised before every (re)subscribe, so that a probe of an earlier
+    /// connection, still on its way, proves nothing.
+    tried: std::sync::atomic::AtomicU64,
+    /// The highest probe that came back.
     confirmed: tokio::sync::watch::Sender<u64>,
     client: fred::clients::SubscriberClient,
 }
 
 impl Listener {
     fn subscribed(&self) -> bool {
-        self.client.is_connected() && *self.confirmed.borrow() > 0
+        let tried = self.tried.load(std::sync::atomic::Ordering::Acquire);
+        self.client.is_connected() && *self.confirmed.borrow() >= tried
     }
 }
 
@@ -764,6 +768,7 @@ impl Listeners {
         let mut reconnects = client.reconnect_rx();
         let listener = std::sync::Arc::new(Listener {
             what,
+            tried: 1.into(),
             confirmed: tokio::sync::watch::Sender::new(0),
             client: client.clone(),
         });
@@ -781,15 +786,14 @@ impl Listeners {
                 tokio::select! {
                     r = reconnects.recv() => match r {
                         // The first connection counts too: this is where we subscribe.
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            l.confirmed.send_replace(0);
-                        }
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         Err(_) => return,
                     },
                     _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
                     _ = stop2.cancelled() => return,
                 }
                 sent += 1;
+                l.tried.store(sent, std::sync::atomic::Ordering::Release);
                 let mut confirmed = l.confirmed.subscribe();
                 let tried = async {
                     within(COMMAND_TIMEOUT, l.client.subscribe(channels.clone())).await?;
