@@ -271,6 +271,17 @@ pub enum RedisError {
     Reply(String),
 }
 
+/// The delays between tries against Redis, everywhere a node tries again:
+/// fred's reconnect policy, a first connection ([`start_connecting`]) and
+/// a listener's subscription ([`Listeners::listen`]).
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// The delay after `last` (`None`: the first), doubling up to [`RETRY_MAX`].
+fn next_retry(last: Option<Duration>) -> Duration {
+    last.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX))
+}
+
 /// How long a plain command may take before it counts as failed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -331,7 +342,12 @@ fn builder(url: &str, pubsub_capacity: usize) -> Result<Builder, RedisError> {
     }
     let mut builder = Builder::from_config(config);
     builder
-        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+        .set_policy(ReconnectPolicy::new_exponential(
+            0,
+            RETRY_FIRST.as_millis() as u32,
+            RETRY_MAX.as_millis() as u32,
+            2,
+        ))
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);
             c.internal_command_timeout = Duration::from_secs(2);
@@ -819,8 +835,7 @@ impl Listeners {
                                 "subscribing failed (no probe back): trying again"
                             );
                         }
-                        let next = retry.map_or(Duration::from_millis(100), |d| d * 2);
-                        retry = Some(next.min(Duration::from_secs(2)));
+                        retry = Some(next_retry(retry));
                     }
                 }
             }
@@ -948,7 +963,7 @@ where
     let client = client.clone();
     let stop = stop.unwrap_or_default();
     tokio::spawn(async move {
-        let mut delay = Duration::from_millis(100);
+        let mut delay = None;
         loop {
             // Runs for the client's life once connected; ends at once when
             // the first connection fails.
@@ -960,11 +975,12 @@ where
                 // `quit`.
                 return;
             }
+            let next = next_retry(delay);
+            delay = Some(next);
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(next) => {}
                 _ = stop.cancelled() => return,
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     });
 }
@@ -980,6 +996,16 @@ pub fn subscriber(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_double_from_100_ms_to_2_s() {
+        let mut delays = vec![next_retry(None)];
+        for _ in 0..6 {
+            delays.push(next_retry(delays.last().copied()));
+        }
+        let ms: Vec<u128> = delays.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 2000, 2000]);
+    }
 
     #[test]
     fn cluster_names_share_slots() {
