@@ -549,3 +549,51 @@ async fn the_connect_answer_has_a_pid_and_publications_carry_the_positions_of_ev
     let (_ws, answer) = connect(&b, json!({"pid": "0".repeat(32), "offset": "1"})).await;
     assert_ne!(answer["pid"], json!("0".repeat(32)));
 }
+
+/// A recovery that fails answers with a new pid; when that answer is lost
+/// (the connection drops again first), the client comes back with the old
+/// pid and position and must be told the same: the old record stays.
+#[tokio::test]
+async fn a_failed_recovery_whose_answer_is_lost_fails_the_same_way_again() {
+    let redis = Redis::start();
+    let pfx = prefix("csr-lost");
+    let small = [("HISTORY_SIZE", "2")];
+    let a = csr_node("a", &redis, &pfx, &small);
+    let b = csr_node("b", &redis, &pfx, &small);
+    let (mut ws, answer) = connect(&a, json!({})).await;
+    let pid = answer["pid"].as_str().expect("pid").to_string();
+    ws.send(Message::Text(r#"420["subscribe","x"]"#.into()))
+        .await
+        .unwrap();
+    assert!(until(&mut ws, "430").await.contains(r#""ok":true"#));
+    let publish = |n: u64| {
+        let (status, _) = b.post(
+            "/api/publish",
+            &json!({"topic": "x", "data": {"n": n}}).to_string(),
+        );
+        assert_eq!(status, 202);
+    };
+    publish(1);
+    let first = until(&mut ws, r#"42["x""#).await;
+    let token: Value = serde_json::from_str(&first[2..]).unwrap();
+    let token = token[2].as_str().expect("positions token").to_string();
+    drop(ws);
+    // History keeps 3 and 4 of x: 2 is gone, so 2 to 4 are announced lost
+    // (nothing of a broken range is replayed).
+    for n in 2..=4 {
+        publish(n);
+    }
+    for node in [&b, &a] {
+        let (mut ws, answer) = connect(node, json!({"pid": pid, "offset": token})).await;
+        assert_ne!(answer["pid"], json!(pid), "not recovered: {answer}");
+        let gap = until(&mut ws, r#"42["gap""#).await;
+        let gap: Value = serde_json::from_str(&gap[2..]).unwrap();
+        assert_eq!(
+            (&gap[1]["topic"], &gap[1]["from"], &gap[1]["to"]),
+            (&json!("x"), &json!(2), &json!(4)),
+            "{gap}"
+        );
+        // This connection drops before the client could keep its new pid.
+        drop(ws);
+    }
+}

@@ -91,12 +91,8 @@ pub trait SessionStore: Send + Sync + 'static {
         pids: &'a [Arc<str>],
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
-    /// Deletes `pid`'s record when `owner` holds it (whoever does, with `None`).
-    fn delete<'a>(
-        &'a self,
-        pid: &'a str,
-        owner: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Deletes `pid`'s record when `owner` holds it.
+    fn delete<'a>(&'a self, pid: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 /// Records of one embedded node.
@@ -150,16 +146,9 @@ impl SessionStore for MemoryStore {
         Box::pin(async { Ok(()) })
     }
 
-    fn delete<'a>(
-        &'a self,
-        pid: &'a str,
-        owner: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn delete<'a>(&'a self, pid: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         let mut records = self.records.lock().unwrap();
-        if records
-            .get(pid)
-            .is_some_and(|(o, _, _)| owner.is_none_or(|owner| o == owner))
-        {
+        if records.get(pid).is_some_and(|(o, _, _)| o == owner) {
             records.remove(pid);
         }
         Box::pin(async { Ok(()) })
@@ -180,14 +169,12 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 return 1
 "#;
 
-/// `DEL` when ARGV[1] owns the record (or ARGV[1] is empty).
+/// `DEL` when ARGV[1] owns the record.
 const DELETE: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
-if ARGV[1] ~= '' then
-  local ok, rec = pcall(cjson.decode, cur)
-  if ok and type(rec) == 'table' and rec.o ~= ARGV[1] then return 0 end
-end
+local ok, rec = pcall(cjson.decode, cur)
+if ok and type(rec) == 'table' and rec.o ~= ARGV[1] then return 0 end
 return redis.call('DEL', KEYS[1])
 "#;
 
@@ -273,17 +260,13 @@ impl SessionStore for RedisStore {
         })
     }
 
-    fn delete<'a>(
-        &'a self,
-        pid: &'a str,
-        owner: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn delete<'a>(&'a self, pid: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             self.redis
                 .eval::<i64>(
                     &self.delete,
                     vec![self.keys.socketio_session(pid)],
-                    vec![owner.unwrap_or("").to_string()],
+                    vec![owner.to_string()],
                     SCRIPT_TIMEOUT,
                 )
                 .await
@@ -786,11 +769,11 @@ impl Recovery {
         if let Err(e) = r.write(true).await {
             tracing::warn!(cause = %e, "could not store a recovered Socket.IO session");
         }
-        if *r.pid != *pid
-            && let Err(e) = registry.inner.store.delete(&pid, None).await
-        {
-            tracing::debug!(cause = %e, "could not delete an old Socket.IO session record");
-        }
+        // A recovery that failed leaves the old record to its TTL: should
+        // this CONNECT answer never reach the client (the connection lost
+        // again before it), the client comes back with the old `pid` and
+        // gets the same `gap` events again instead of an empty session
+        // that announces nothing.
         (r, plan)
     }
 
@@ -1072,7 +1055,7 @@ impl Recovery {
                 .touch(std::slice::from_ref(&self.pid), self.registry.inner.ttl)
                 .await
         } else {
-            store.delete(&self.pid, Some(&self.owner)).await
+            store.delete(&self.pid, &self.owner).await
         };
         if let Err(e) = done {
             tracing::debug!(cause = %e, "could not update a Socket.IO session record at its end");
