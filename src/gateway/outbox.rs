@@ -100,7 +100,7 @@ impl CloseSignal {
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if first {
-            self.notify.notify_one();
+            self.notify.notify_waiters();
         }
         first
     }
@@ -118,7 +118,7 @@ impl CloseSignal {
                 end -= 1;
             }
             let _ = self.reason.set(reason[..end].into());
-            self.notify.notify_one();
+            self.notify.notify_waiters();
         }
         first
     }
@@ -133,7 +133,10 @@ impl CloseSignal {
     }
 
     /// Completes once a close has been requested (at once when it already
-    /// was). One waiter at a time: the writer, or the long-polling driver.
+    /// was). Every waiter wakes: during an Engine.IO upgrade the long-polling
+    /// driver may still be waiting when the websocket's writer starts to, and
+    /// a single wake-up taken by the driver left the writer deaf to the
+    /// client's Close (no answer, the client saw 1006 after 10 s).
     pub async fn requested(&self) {
         let notified = self.notify.notified();
         if self.code() != 0 {
@@ -600,4 +603,44 @@ async fn write_batch(w: &mut Writer, batch: &mut VecDeque<Utf8Bytes>) -> bool {
         *batch = VecDeque::new();
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal() -> CloseSignal {
+        CloseSignal {
+            code: AtomicU16::new(0),
+            notify: Notify::new(),
+            reason: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The long-polling driver and the websocket's writer wait at once
+    /// during an upgrade: a close must reach both, and a waiter that starts
+    /// after it sees it at once.
+    #[tokio::test]
+    async fn a_close_wakes_every_waiter() {
+        let signal = Arc::new(signal());
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let signal = signal.clone();
+                tokio::spawn(async move { signal.requested().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert!(signal.request(close::BY_CLIENT));
+        assert!(!signal.request(close::NORMAL), "the first request wins");
+        for waiter in waiters {
+            tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("woken")
+                .unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(5), signal.requested())
+            .await
+            .expect("already requested");
+        assert_eq!(signal.code(), close::BY_CLIENT);
+    }
 }
