@@ -416,12 +416,21 @@ impl Redis {
         self.client.with_options(&self.options)
     }
 
-    /// Waits up to `timeout` for the first connection.
+    /// Waits up to `timeout` until the client is connected. Looks at its
+    /// state every 10 ms: fred's `wait_for_connect` reads the state and then
+    /// waits for the next connection event, so a connection made between
+    /// the two is missed (seen: 2 s lost at a start).
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        matches!(
-            tokio::time::timeout(timeout, self.client.wait_for_connect()).await,
-            Ok(Ok(()))
-        )
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.client.is_connected() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub async fn ping(&self) -> Result<(), RedisError> {
@@ -704,6 +713,9 @@ pub async fn within<T>(
     }
 }
 
+/// How long a listener's probe may take before it is published again.
+const PROBE_AGAIN: Duration = Duration::from_millis(100);
+
 /// The subscriber connections a node must have subscribed before it takes
 /// traffic: the control channel's (control API, SSE commands from other
 /// nodes), the device commands' and presence's. Each has a connection of
@@ -813,12 +825,24 @@ impl Listeners {
                 let mut confirmed = l.confirmed.subscribe();
                 let tried = async {
                     within(COMMAND_TIMEOUT, l.client.subscribe(channels.clone())).await?;
-                    redis.publish(&probe2, sent.to_string().into()).await?;
-                    match tokio::time::timeout(COMMAND_TIMEOUT, confirmed.wait_for(|n| *n >= sent))
-                        .await
-                    {
-                        Ok(Ok(_)) => Ok(()),
-                        _ => Err(RedisError::Timeout(COMMAND_TIMEOUT)),
+                    // At a start the subscriber may connect before the
+                    // commands client, which refuses commands until it has
+                    // (fail-fast): the probe waits for it instead.
+                    if !redis.wait_connected(COMMAND_TIMEOUT).await {
+                        return Err(RedisError::Timeout(COMMAND_TIMEOUT));
+                    }
+                    // The SUBSCRIBE is only written, and a probe published on
+                    // the commands connection can reach Redis before it: the
+                    // probe goes again every 100 ms until one comes back.
+                    let deadline = tokio::time::Instant::now() + COMMAND_TIMEOUT;
+                    loop {
+                        redis.publish(&probe2, sent.to_string().into()).await?;
+                        let back = confirmed.wait_for(|n| *n >= sent);
+                        match tokio::time::timeout(PROBE_AGAIN, back).await {
+                            Ok(Ok(_)) => return Ok(()),
+                            Err(_) if tokio::time::Instant::now() < deadline => {}
+                            _ => return Err(RedisError::Timeout(COMMAND_TIMEOUT)),
+                        }
                     }
                 };
                 match tried.await {

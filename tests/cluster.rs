@@ -422,6 +422,44 @@ async fn a_node_is_not_ready_until_its_control_listener_is_subscribed() {
     );
 }
 
+/// Nodes started at once on one Redis subscribe their listeners without a
+/// warning: a listener's subscriber may connect before the commands client
+/// (which refuses commands until it has), and its probe, published on the
+/// commands connection, may reach Redis before the SUBSCRIBE does. Each
+/// once made a normal start log `subscribing failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_started_together_subscribe_their_listeners_without_a_warning() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let pfx = prefix("together");
+    let nodes: Vec<Node> = (0..4)
+        .map(|i| {
+            let (url, pfx) = (url.clone(), pfx.clone());
+            std::thread::spawn(move || {
+                Node::start(
+                    &format!("together-{i}"),
+                    &[("REDIS_URL", url.as_str()), ("REDIS_PREFIX", pfx.as_str())],
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    for node in &nodes {
+        assert!(
+            eventually(Duration::from_secs(10), || ready(node)),
+            "{}",
+            node.log()
+        );
+    }
+    // Past a probe's 2 s, the time a failed try takes to be logged.
+    std::thread::sleep(Duration::from_millis(2500));
+    for node in &nodes {
+        assert!(!node.log().contains("subscribing failed"), "{}", node.log());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_and_cluster_stats() {
     let redis = Redis::start();
