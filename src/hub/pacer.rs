@@ -19,8 +19,10 @@
 //!   that many pending, or until the time that many would take at the
 //!   topic's own rate (its mean interval, with some slack for jitter).
 //! - The budget shrinks as the machine's CPUs get contended: the demand is
-//!   weighed by `1 + 2 × pressure`, the pressure being the share of time
-//!   that runnable threads waited for a CPU ([`Pressure`]). A write is then
+//!   weighed by `1 + 5 × contention`, the contention being the part above
+//!   0.4 of the pressure, the share of time that runnable threads waited
+//!   for a CPU ([`Pressure`]); below 0.4 that share is wake-up bursts on a
+//!   machine with CPU to spare. A write is then
 //!   taken from somebody else's CPU time and a publication's latency is
 //!   mostly that wait, so a busy slice goes from pairs to threes or fours,
 //!   which lowers both (measured, docs/benchmarks.md). A slice under half
@@ -56,14 +58,29 @@ use super::pressure::Pressure;
 /// ceiling).
 pub const BUDGET: f64 = 32_000.0;
 
-/// How much the machine's CPU pressure weighs on the demand: a slice's
-/// demand counts `1 + CONTENTION_WEIGHT × pressure` times. Measured on a
-/// saturated 2-vCPU machine (the `fanout` shape, pressure 0.6–0.8): weight
-/// 1 (threes) against 2 (fours), four alternating runs each, server CPU per
-/// delivery 4.7–6.1 µs against 4.4–4.8 and the Socket.IO p99 30–91 ms
-/// against 29–35 ms (docs/benchmarks.md). When threads queue for a CPU, a
-/// publication's latency is mostly that queue, which fewer writes shorten.
-const CONTENTION_WEIGHT: f64 = 2.0;
+/// How much the machine's CPU contention weighs on the demand: a slice's
+/// demand counts `1 + CONTENTION_WEIGHT × contention` times, the contention
+/// being the pressure's part above [`CONTENTION_FLOOR`]. On saturated
+/// 2-vCPU machines (the `fanout` shape, pressure 0.5–0.8) that is 1.5–3,
+/// about the `1 + 2 × pressure` measured there before the floor (threes
+/// and fours: server CPU per delivery 4.4–4.8 µs against 4.7–6.1 with
+/// `1 + pressure`, the Socket.IO p99 29–35 ms against 30–91;
+/// docs/benchmarks.md). When threads queue for a CPU, a publication's
+/// latency is mostly that queue, which fewer writes shorten.
+const CONTENTION_WEIGHT: f64 = 5.0;
+
+/// The pressure below which the machine counts as uncontended. Wake-up
+/// bursts alone read 0.16–0.33 on 2-vCPU machines a quarter to a third
+/// busy (the `fanout` shape at defaults), where the time a publication
+/// takes is the batch's hold, not a CPU queue: weighing that pressure took
+/// the shape from pairs to threes and fours, and its p99 from under half
+/// socketioxide's to 0.6–0.9× (docs/benchmarks.md, the thirteenth VM).
+const CONTENTION_FLOOR: f64 = 0.4;
+
+/// The contention a CPU pressure `share` (0–1) stands for.
+fn contention(share: f64) -> f64 {
+    (share - CONTENTION_FLOOR).max(0.0)
+}
 
 /// How often the demand is re-estimated.
 const WINDOW: Duration = Duration::from_millis(100);
@@ -97,7 +114,7 @@ pub struct Pacer {
     topics: HashMap<Arc<str>, Pace>,
     pruned_at: Instant,
     pressure: Arc<Pressure>,
-    /// `pressure`'s share, read once per window.
+    /// The contention `pressure` stands for, read once per window.
     contention: f64,
 }
 
@@ -206,7 +223,7 @@ impl Pacer {
         };
         self.window_start = now;
         self.window_writes = 0;
-        self.contention = self.pressure.share();
+        self.contention = contention(self.pressure.share());
         if now.saturating_duration_since(self.pruned_at) >= FORGET {
             self.topics
                 .retain(|_, pace| now.saturating_duration_since(pace.last) < FORGET);
@@ -350,13 +367,15 @@ mod tests {
             let hold = feed(&mut pacer, &mut now, "t", subscribers, every, count);
             (hold.want, hold.until - now)
         };
-        // The `fanout` shape's slice (250 × 200/s) at half the time waiting
-        // for a CPU: 50,000 × (1 + 2 × 0.5) is 3.1 budgets; four take 15 ms
-        // at its rate, which with the slack passes the 20 ms ceiling.
-        assert_eq!(settle(0.5, 250, 5, 400), (4, Duration::from_millis(20)));
-        // A little pressure: 50,000 × 1.4 is 2.2 budgets.
-        assert_eq!(settle(0.2, 250, 5, 400).0, 3);
-        // Hardly any: pairs, as without pressure.
+        // The `fanout` shape's slice (250 × 200/s) on a saturated machine:
+        // pressure 0.7, 50,000 × (1 + 5 × 0.3) is 3.9 budgets; four take
+        // 15 ms at its rate, which with the slack passes the 20 ms ceiling.
+        assert_eq!(settle(0.7, 250, 5, 400), (4, Duration::from_millis(20)));
+        // Pressure 0.5: 50,000 × 1.5 is 2.3 budgets.
+        assert_eq!(settle(0.5, 250, 5, 400).0, 3);
+        // What wake-up bursts alone read on a machine a third busy, and
+        // none at all: pairs.
+        assert_eq!(settle(0.3, 250, 5, 400).0, 2);
         assert_eq!(settle(0.05, 250, 5, 400).0, 2);
         assert_eq!(settle(0.0, 250, 5, 400).0, 2);
         // The `moderate` shape's slice (25 × 500/s, 12,500 writes/s, under
