@@ -494,9 +494,14 @@ export class Switchboard extends Emitter {
     return url.toString();
   }
 
-  /** Detaches a socket's handlers and timers. */
+  /**
+   * Detaches a socket's handlers and timers. `onerror` stays a no-op: Node's
+   * `ws` reports a close during the handshake as an `error` event, which
+   * with no listener would be thrown and end the app.
+   */
   _teardown(socket) {
-    socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
+    socket.onopen = socket.onmessage = socket.onclose = null;
+    socket.onerror = () => {};
     if (this._socket === socket) this._socket = null;
     clearTimeout(this._connectTimer);
     clearInterval(this._pingTimer);

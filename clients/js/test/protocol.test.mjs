@@ -214,6 +214,24 @@ test("liveness: a connection that stops answering pings is dropped and reconnect
   }
 });
 
+test("close() while the handshake is under way ends quietly (Node ws reports it as an error event)", async () => {
+  const net = await import("node:net");
+  const sockets = [];
+  // Accepts and never answers the upgrade: the client stays in its handshake.
+  const server = net.createServer((s) => sockets.push(s));
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  const client = new Switchboard(`ws://127.0.0.1:${server.address().port}/ws`, { WebSocket });
+  const connecting = client.connect().catch((e) => e);
+  await eventually(() => sockets.length === 1, 3000, "handshake started");
+  client.close();
+  assert.equal(client.state, "closed");
+  assert.match(String(await connecting), /client closed/);
+  // An unhandled `error` event would fail the test here, a tick later.
+  await new Promise((r) => setTimeout(r, 100));
+  for (const s of sockets) s.destroy();
+  await new Promise((r) => server.close(r));
+});
+
 test("close codes: 1008 and 3000 stop; 1013 reconnects; close() is final", async () => {
   const codes = [1013, 1008];
   const server = await fakeServer((conn) => {
