@@ -380,7 +380,8 @@ mod tests {
         assert_eq!(settle(0.0, 250, 5, 400).0, 2);
         // The `moderate` shape's slice (25 × 500/s, 12,500 writes/s, under
         // half the budget) goes at once even when every moment some thread
-        // waits for a CPU, where its weighed demand would be 1.2 budgets.
+        // waits for a CPU, where its weighed demand (× (1 + 5 × 0.6)) would
+        // be 1.6 budgets.
         assert_eq!(settle(1.0, 25, 2, 1000).0, 1);
     }
 
