@@ -1124,7 +1124,7 @@ impl Config {
         let max_topics = p.parse(names::MAX_TOPICS_PER_NODE, "100000", |v| {
             parse_range(v, 0, 100_000_000)
         });
-        let subscribe_rate = p.parse(names::WEBSOCKET_SUBSCRIBE_RATE_LIMIT, "20", |v| {
+        let subscribe_rate = p.parse(names::WEBSOCKET_SUBSCRIBE_RATE_LIMIT, "10", |v| {
             parse_range(v, 0, 1_000_000)
         });
         let subscribe_burst = p.parse(names::WEBSOCKET_SUBSCRIBE_RATE_BURST, "100", |v| {

@@ -164,7 +164,7 @@ async fn the_embedded_node_hands_out_pending_positions_too() {
 /// 200 anonymous clients, each subscribing to and unsubscribing from a new
 /// topic 50 times a second, against 2 nodes on one Redis. The nodes are
 /// configured so that this is allowed (`WEBSOCKET_RATE_LIMIT` 1000,
-/// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT` 200: the defaults, 100 messages and 20
+/// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT` 200: the defaults, 100 messages and 10
 /// subscribes a second, would refuse most of it): what is measured is what
 /// the churn leaves behind, not the limits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
