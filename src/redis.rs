@@ -269,6 +269,9 @@ pub enum RedisError {
     Timeout(Duration),
     #[error("redis: unexpected reply: {0}")]
     Reply(String),
+    /// A subscription Redis did not take (fred cannot tell why).
+    #[error("redis: subscription refused: {0}")]
+    Refused(String),
 }
 
 /// The delays between tries against Redis, everywhere a node tries again:
@@ -888,15 +891,23 @@ impl Listeners {
 /// Listens on `channels` and `patterns` (`PSUBSCRIBE`) on a connection of
 /// its own until `stop`, subscribing again after every reconnect, then
 /// closes the connection (a leader term's consumer must leave nothing
-/// behind). Messages arrive as `(channel, payload)`, in Redis's order; a
-/// receiver that lags loses messages, which is counted in the log.
+/// behind). A subscription Redis refuses (an ACL without these channels) or
+/// that times out is tried again, 100 ms doubling to [`RETRY_MAX`] apart,
+/// until it holds: a leader deaf to the compat channels until its next
+/// reconnect would lose every emit meanwhile. Messages arrive as
+/// `(channel, payload)`, in Redis's order; a receiver that lags loses
+/// messages, which is counted in the log.
 pub fn listen_patterns(
     url: &str,
     channels: Vec<String>,
     patterns: Vec<String>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>, RedisError> {
-    let client = subscriber(url, 4096)?;
+    // RESP3: a subscribed connection may then ask what it holds
+    // (`subscribe_all`).
+    let client = builder(url, 4096)?
+        .with_config(|c| c.version = fred::types::RespVersion::RESP3)
+        .build_subscriber_client()?;
     let messages = client.message_rx();
     let mut reconnects = client.reconnect_rx();
     start_connecting(&client, Some(stop.clone()));
@@ -904,37 +915,100 @@ pub fn listen_patterns(
     let c = client.clone();
     let stop2 = stop.clone();
     tokio::spawn(async move {
+        // Set while the last try failed: the next one is due after it.
+        let mut retry: Option<Duration> = None;
         loop {
             tokio::select! {
                 r = reconnects.recv() => match r {
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        // The first connection counts too: this is where we subscribe.
-                        let mut ok = true;
-                        if !channels.is_empty()
-                            && let Err(e) = within(COMMAND_TIMEOUT, c.subscribe(channels.clone())).await
-                        {
-                            ok = false;
-                            tracing::warn!(cause = %e, "subscribing to compat channels failed");
-                        }
-                        if !patterns.is_empty()
-                            && let Err(e) = within(COMMAND_TIMEOUT, c.psubscribe(patterns.clone())).await
-                        {
-                            ok = false;
-                            tracing::warn!(cause = %e, "subscribing to compat patterns failed");
-                        }
-                        if ok {
-                            tracing::info!(?channels, ?patterns, "listening on compat channels");
-                        }
-                    }
+                    // The first connection counts too: this is where we subscribe.
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(_) => break,
                 },
+                () = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
                 _ = stop2.cancelled() => break,
+            }
+            match subscribe_all(&c, &channels, &patterns).await {
+                Ok(()) => {
+                    retry = None;
+                    tracing::info!(?channels, ?patterns, "listening on compat channels");
+                }
+                Err(e) => {
+                    let next = next_retry(retry);
+                    retry = Some(next);
+                    tracing::warn!(
+                        cause = %e,
+                        ?channels,
+                        ?patterns,
+                        retry_in_ms = next.as_millis() as u64,
+                        "subscribing to compat channels failed"
+                    );
+                }
             }
         }
         let _ = within(COMMAND_TIMEOUT, c.quit()).await;
     });
     tokio::spawn(forward(messages, tx, stop, "compat channels", |_, _| false));
     Ok(rx)
+}
+
+/// Subscribes `c` to `channels` and `patterns`, and learns whether Redis
+/// accepted them. fred counts a `(P)SUBSCRIBE` done once it is written and
+/// drops a reply it does not wait for, so a refusal (`NOPERM`, an ACL
+/// without these channels) would go unseen. `CLIENT INFO` on the same
+/// connection, which Redis answers after the `(P)SUBSCRIBE`, counts what
+/// the connection holds (`sub=`, `psub=`); RESP3 lets a subscribed
+/// connection ask. No probe is published: the compat channels belong to the
+/// Socket.IO servers being migrated from, which would read it.
+async fn subscribe_all(
+    c: &fred::clients::SubscriberClient,
+    channels: &[String],
+    patterns: &[String],
+) -> Result<(), RedisError> {
+    if !channels.is_empty() {
+        within(COMMAND_TIMEOUT, c.subscribe(channels.to_vec())).await?;
+    }
+    if !patterns.is_empty() {
+        within(COMMAND_TIMEOUT, c.psubscribe(patterns.to_vec())).await?;
+    }
+    // In a cluster fred sends (P)SUBSCRIBE to the node of the client's id's
+    // slot; the question must take the same connection.
+    let client_info = fred::types::CustomCommand::new_static(
+        "CLIENT",
+        fred::types::ClusterHash::Custom(fred::util::redis_keyslot(c.id().as_bytes())),
+        false,
+    );
+    let info = match within(
+        COMMAND_TIMEOUT,
+        c.custom::<String, _>(client_info, vec!["INFO"]),
+    )
+    .await
+    {
+        Ok(info) => info,
+        // A user without `CLIENT INFO` (`@connection`): the subscription
+        // cannot be checked, and is taken as it was sent. (A refused
+        // subscription's `NOPERM`, which may arrive in the question's
+        // place, names channels, not the command.)
+        Err(e) if e.to_string().contains("client|info") => {
+            tracing::debug!(cause = %e, "cannot check the compat subscriptions");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let held = |field: &str| {
+        info.split_ascii_whitespace()
+            .find_map(|kv| kv.strip_prefix(field)?.strip_prefix('='))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    let (sub, psub) = (held("sub"), held("psub"));
+    if sub < channels.len() || psub < patterns.len() {
+        return Err(RedisError::Refused(format!(
+            "the connection holds {sub} of {} channels and {psub} of {} patterns (does the Redis user's ACL allow them?)",
+            channels.len(),
+            patterns.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Hands a subscriber connection's messages to `tx` as `(channel,

@@ -490,6 +490,124 @@ async fn channels_group_send_is_an_event_on_the_group() {
     assert_eq!(m["offset"], 1, "{m}");
 }
 
+/// A leader whose compat subscription is refused (a Redis ACL without the
+/// compat channels, or a `PSUBSCRIBE` that timed out) keeps trying, and
+/// consumes once it may, without waiting for a reconnect or a new term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_compat_subscription_is_tried_again_until_it_holds() {
+    let redis = Redis::start();
+    let pfx = prefix("compat-acl");
+    // The node's own user may use its prefix's channels only; the Channels
+    // app publishes as `default`, which may use every channel.
+    redis.cmd(&[
+        "ACL",
+        "SETUSER",
+        "sb",
+        "on",
+        ">sb-pass",
+        "~*",
+        "+@all",
+        "resetchannels",
+        &format!("&{pfx}:*"),
+    ]);
+    let port = redis.url().rsplit(':').next().unwrap().to_string();
+    let url = format!("redis://sb:sb-pass@127.0.0.1:{port}");
+    let a = Node::start_on_redis(
+        "a",
+        &url,
+        &pfx,
+        &[
+            ("LEADER_LEASE_MS", "3000"),
+            ("RUST_LOG", "info,switchboard::compat=debug"),
+        ],
+        Duration::from_secs(15),
+    );
+    // Refused, and refused again on every try while the ACL stands (the
+    // tries 100, 200 and 400 ms apart).
+    assert!(
+        eventually(Duration::from_secs(15), || a
+            .log()
+            .matches("subscribing to compat channels failed")
+            .count()
+            >= 4),
+        "{}",
+        a.log()
+    );
+    assert!(
+        !a.log().contains("listening on compat channels"),
+        "{}",
+        a.log()
+    );
+    redis.cmd(&[
+        "ACL",
+        "SETUSER",
+        "sb",
+        &format!("&{CHANNELS_PREFIX}__group__*"),
+    ]);
+    consuming(&[&a]);
+    let mut c = native(&a, &["feature_7"]).await;
+    Proc::spawn(
+        &python(),
+        &[
+            &interop_script("compat_channels.py"),
+            &redis.url(),
+            CHANNELS_PREFIX,
+            "send",
+            "feature_7",
+            r#"{"type": "status_update", "value": 8}"#,
+        ],
+    )
+    .finish(Duration::from_secs(20));
+    let m = c.expect("event").await;
+    assert_eq!(m["name"], "status_update", "{m}");
+    assert_eq!(m["data"], json!({"value": 8}), "{m}");
+}
+
+/// A Redis user without `CLIENT INFO` cannot have its compat subscription
+/// checked: the consumer takes it as sent, and consumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_client_info_the_compat_subscription_is_taken_as_sent() {
+    let redis = Redis::start();
+    let pfx = prefix("compat-noinfo");
+    redis.cmd(&[
+        "ACL",
+        "SETUSER",
+        "sb",
+        "on",
+        ">sb-pass",
+        "~*",
+        "+@all",
+        "-client|info",
+        "allchannels",
+    ]);
+    let port = redis.url().rsplit(':').next().unwrap().to_string();
+    let url = format!("redis://sb:sb-pass@127.0.0.1:{port}");
+    let a = Node::start_on_redis(
+        "a",
+        &url,
+        &pfx,
+        &[("LEADER_LEASE_MS", "3000")],
+        Duration::from_secs(15),
+    );
+    consuming(&[&a]);
+    assert!(!a.log().contains("compat channels failed"), "{}", a.log());
+    let mut c = native(&a, &["feature_8"]).await;
+    Proc::spawn(
+        &python(),
+        &[
+            &interop_script("compat_channels.py"),
+            &redis.url(),
+            CHANNELS_PREFIX,
+            "send",
+            "feature_8",
+            r#"{"type": "status_update", "value": 9}"#,
+        ],
+    )
+    .finish(Duration::from_secs(20));
+    let m = c.expect("event").await;
+    assert_eq!(m["data"], json!({"value": 9}), "{m}");
+}
+
 // === malformed input ===
 
 /// `PUBLISH channel payload` over a raw connection: payloads of any bytes

@@ -114,6 +114,8 @@ async fn on_a_redis_cluster_two_nodes_share_topics_one_stream_one_leader() {
         fcall(owner, &pfx, topic, data).expect("FCALL on the owner")
     })
     .await;
+    let anywhere = format!("redis://127.0.0.1:{}", cluster.ports()[1]);
+    channels_send_arrives(&url, &anywhere).await;
     // The topics' keys live on the shard that owns the topic.
     let pfx = prefix("topo");
     let owner = cluster.owner("news").unwrap();
@@ -132,6 +134,45 @@ async fn behind_sentinel_two_nodes_share_topics_one_stream_one_leader() {
         fcall(primary, &prefix("topo"), topic, data).expect("FCALL on the primary")
     })
     .await;
+    channels_send_arrives(&url, &primary.url()).await;
+}
+
+/// The leader's compat consumer (`PSUBSCRIBE` on a RESP3 connection of its
+/// own, checked with `CLIENT INFO`) holds on this topology: a Django
+/// Channels `group_send`, published by `channels_redis` at `publisher_url`,
+/// reaches a native client.
+async fn channels_send_arrives(url: &str, publisher_url: &str) {
+    let pfx = prefix("topo-compat");
+    let a = node("compat", url, &pfx, &[("LEADER_LEASE_MS", "2000")]);
+    assert!(
+        eventually(Duration::from_secs(15), || a
+            .log()
+            .contains("listening on compat channels")),
+        "{}",
+        a.log()
+    );
+    assert!(!a.log().contains("compat channels failed"), "{}", a.log());
+    let mut c = Client::connect(&a.ws_url("/ws")).await;
+    c.subscribe("feature_9").await;
+    let out = std::process::Command::new(common::python())
+        .args([
+            &common::interop_script("compat_channels.py"),
+            publisher_url,
+            "asgi",
+            "send",
+            "feature_9",
+            r#"{"type": "status_update", "value": 9}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = c.expect("event").await;
+    assert_eq!(m["name"], "status_update", "{m}");
+    assert_eq!(m["data"], json!({"value": 9}), "{m}");
 }
 
 /// Follows `topic` on one connection: every `event` position and `gap`
