@@ -917,6 +917,11 @@ pub fn listen_patterns(
     tokio::spawn(async move {
         // Set while the last try failed: the next one is due after it.
         let mut retry: Option<Duration> = None;
+        // Failed tries in a row, and when the last of them was logged: a
+        // refusal that lasts (an ACL without the default `asgi` channels)
+        // is logged once a minute, not at every try.
+        let mut failures = 0u32;
+        let mut logged: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 r = reconnects.recv() => match r {
@@ -930,18 +935,24 @@ pub fn listen_patterns(
             match subscribe_all(&c, &channels, &patterns).await {
                 Ok(()) => {
                     retry = None;
+                    (failures, logged) = (0, None);
                     tracing::info!(?channels, ?patterns, "listening on compat channels");
                 }
                 Err(e) => {
                     let next = next_retry(retry);
                     retry = Some(next);
-                    tracing::warn!(
-                        cause = %e,
-                        ?channels,
-                        ?patterns,
-                        retry_in_ms = next.as_millis() as u64,
-                        "subscribing to compat channels failed"
-                    );
+                    failures += 1;
+                    if logged.is_none_or(|at| at.elapsed() >= COMPAT_WARN_EVERY) {
+                        logged = Some(tokio::time::Instant::now());
+                        tracing::warn!(
+                            cause = %e,
+                            ?channels,
+                            ?patterns,
+                            failures,
+                            retry_in_ms = next.as_millis() as u64,
+                            "subscribing to compat channels failed (the COMPAT_* settings name them; an empty one turns its source off)"
+                        );
+                    }
                 }
             }
         }
@@ -950,6 +961,9 @@ pub fn listen_patterns(
     tokio::spawn(forward(messages, tx, stop, "compat channels", |_, _| false));
     Ok(rx)
 }
+
+/// How often a compat subscription that keeps failing is logged again.
+const COMPAT_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Subscribes `c` to `channels` and `patterns`, and learns whether Redis
 /// accepted them. fred counts a `(P)SUBSCRIBE` done once it is written and
