@@ -456,6 +456,16 @@ async fn redis_emitter_emits_and_sockets_join() {
     assert_eq!(history(&b, "r4").len(), 1);
 }
 
+/// A Redis user `sb` with `rules` besides its password; the URL that logs
+/// in as it.
+fn acl_user(redis: &Redis, rules: &[&str]) -> String {
+    let mut cmd = vec!["ACL", "SETUSER", "sb", "on", ">sb-pass"];
+    cmd.extend_from_slice(rules);
+    redis.cmd(&cmd);
+    let port = redis.url().rsplit(':').next().unwrap().to_string();
+    format!("redis://sb:sb-pass@127.0.0.1:{port}")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_group_send_is_an_event_on_the_group() {
     let redis = Redis::start();
@@ -470,20 +480,7 @@ async fn channels_group_send_is_an_event_on_the_group() {
         Duration::from_secs(15),
     );
     consuming(&[&a]);
-    let mut c = native(&a, &["feature_42"]).await;
-    Proc::spawn(
-        &python(),
-        &[
-            &interop_script("compat_channels.py"),
-            &redis.url(),
-            CHANNELS_PREFIX,
-            "send",
-            "feature_42",
-            r#"{"type": "status_update", "value": 7}"#,
-        ],
-    )
-    .finish(Duration::from_secs(20));
-    let m = c.expect("event").await;
+    let m = common::group_send_arrives(&a, &redis.url(), CHANNELS_PREFIX, "feature_42", 7).await;
     assert_eq!(m["name"], "status_update", "{m}");
     assert_eq!(m["topic"], "feature_42", "{m}");
     assert_eq!(m["data"], json!({"value": 7}), "{m}");
@@ -499,19 +496,8 @@ async fn a_refused_compat_subscription_is_tried_again_until_it_holds() {
     let pfx = prefix("compat-acl");
     // The node's own user may use its prefix's channels only; the Channels
     // app publishes as `default`, which may use every channel.
-    redis.cmd(&[
-        "ACL",
-        "SETUSER",
-        "sb",
-        "on",
-        ">sb-pass",
-        "~*",
-        "+@all",
-        "resetchannels",
-        &format!("&{pfx}:*"),
-    ]);
-    let port = redis.url().rsplit(':').next().unwrap().to_string();
-    let url = format!("redis://sb:sb-pass@127.0.0.1:{port}");
+    let own = format!("&{pfx}:*");
+    let url = acl_user(&redis, &["~*", "+@all", "resetchannels", &own]);
     let a = Node::start_on_redis(
         "a",
         &url,
@@ -553,20 +539,7 @@ async fn a_refused_compat_subscription_is_tried_again_until_it_holds() {
         &format!("&{CHANNELS_PREFIX}__group__*"),
     ]);
     consuming(&[&a]);
-    let mut c = native(&a, &["feature_7"]).await;
-    Proc::spawn(
-        &python(),
-        &[
-            &interop_script("compat_channels.py"),
-            &redis.url(),
-            CHANNELS_PREFIX,
-            "send",
-            "feature_7",
-            r#"{"type": "status_update", "value": 8}"#,
-        ],
-    )
-    .finish(Duration::from_secs(20));
-    let m = c.expect("event").await;
+    let m = common::group_send_arrives(&a, &redis.url(), CHANNELS_PREFIX, "feature_7", 8).await;
     assert_eq!(m["name"], "status_update", "{m}");
     assert_eq!(m["data"], json!({"value": 8}), "{m}");
 }
@@ -577,19 +550,7 @@ async fn a_refused_compat_subscription_is_tried_again_until_it_holds() {
 async fn without_client_info_the_compat_subscription_is_taken_as_sent() {
     let redis = Redis::start();
     let pfx = prefix("compat-noinfo");
-    redis.cmd(&[
-        "ACL",
-        "SETUSER",
-        "sb",
-        "on",
-        ">sb-pass",
-        "~*",
-        "+@all",
-        "-client|info",
-        "allchannels",
-    ]);
-    let port = redis.url().rsplit(':').next().unwrap().to_string();
-    let url = format!("redis://sb:sb-pass@127.0.0.1:{port}");
+    let url = acl_user(&redis, &["~*", "+@all", "-client|info", "allchannels"]);
     let a = Node::start_on_redis(
         "a",
         &url,
@@ -599,20 +560,7 @@ async fn without_client_info_the_compat_subscription_is_taken_as_sent() {
     );
     consuming(&[&a]);
     assert!(!a.log().contains("compat channels failed"), "{}", a.log());
-    let mut c = native(&a, &["feature_8"]).await;
-    Proc::spawn(
-        &python(),
-        &[
-            &interop_script("compat_channels.py"),
-            &redis.url(),
-            CHANNELS_PREFIX,
-            "send",
-            "feature_8",
-            r#"{"type": "status_update", "value": 9}"#,
-        ],
-    )
-    .finish(Duration::from_secs(20));
-    let m = c.expect("event").await;
+    let m = common::group_send_arrives(&a, &redis.url(), CHANNELS_PREFIX, "feature_8", 9).await;
     assert_eq!(m["data"], json!({"value": 9}), "{m}");
 }
 

@@ -152,25 +152,7 @@ async fn channels_send_arrives(url: &str, publisher_url: &str) {
         a.log()
     );
     assert!(!a.log().contains("compat channels failed"), "{}", a.log());
-    let mut c = Client::connect(&a.ws_url("/ws")).await;
-    c.subscribe("feature_9").await;
-    let out = std::process::Command::new(common::python())
-        .args([
-            &common::interop_script("compat_channels.py"),
-            publisher_url,
-            "asgi",
-            "send",
-            "feature_9",
-            r#"{"type": "status_update", "value": 9}"#,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let m = c.expect("event").await;
+    let m = common::group_send_arrives(&a, publisher_url, "asgi", "feature_9", 9).await;
     assert_eq!(m["name"], "status_update", "{m}");
     assert_eq!(m["data"], json!({"value": 9}), "{m}");
 }

@@ -875,3 +875,35 @@ impl Client {
 pub fn code(c: CloseCode) -> u16 {
     u16::from(c)
 }
+
+/// A native client on `node` subscribed to `group`, and a Django Channels
+/// app's `group_send(group, {"type": "status_update", "value": value})`
+/// through the real `channels_redis` (layer `prefix`) on the Redis at
+/// `redis_url`: the event the client gets.
+pub async fn group_send_arrives(
+    node: &Node,
+    redis_url: &str,
+    prefix: &str,
+    group: &str,
+    value: u32,
+) -> Value {
+    let mut c = Client::connect(&node.ws_url("/ws")).await;
+    c.subscribe(group).await;
+    let out = Command::new(python())
+        .args([
+            &interop_script("compat_channels.py"),
+            redis_url,
+            prefix,
+            "send",
+            group,
+            &serde_json::json!({"type": "status_update", "value": value}).to_string(),
+        ])
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.expect("event").await
+}
