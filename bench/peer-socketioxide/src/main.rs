@@ -83,8 +83,11 @@ async fn main() -> anyhow::Result<()> {
     let local = env("PEER_INGEST", "0") == "local";
     let ingest = local || matches!(env("PEER_INGEST", "0").as_str(), "1" | "true" | "yes");
 
+    // Not `init`ed here: the adapter's fred driver does that itself, and a
+    // second `init` of a connected client (fred resets its router task and
+    // connects again) now and then waited forever for the connect
+    // notification, so that a peer under load never started.
     let adapter_client = subscriber(&url)?;
-    adapter_client.init().await.context("connecting to Redis")?;
     let adapter = RedisAdapterCtr::new_with_fred_config(
         adapter_client,
         RedisAdapterConfig::new()
