@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{Client, Node, Redis, eventually, interop_script, prefix, python, tools};
+use common::{Client, Node, Redis, consuming, eventually, interop_script, prefix, python, tools};
 use serde_json::{Value, json};
 
 const PY_CHANNEL: &str = "socketio";
@@ -44,16 +44,6 @@ fn start(name: &str, redis: &Redis, pfx: &str) -> Node {
         &compat_env(),
         Duration::from_secs(15),
     )
-}
-
-/// Waits until the leader among `nodes` listens on the compat channels.
-fn consuming(nodes: &[&Node]) {
-    assert!(
-        eventually(Duration::from_secs(15), || nodes
-            .iter()
-            .any(|n| n.log().contains("listening on compat channels"))),
-        "no node consumes the compat channels"
-    );
 }
 
 fn node_bin() -> std::path::PathBuf {
@@ -462,8 +452,7 @@ fn acl_user(redis: &Redis, rules: &[&str]) -> String {
     let mut cmd = vec!["ACL", "SETUSER", "sb", "on", ">sb-pass"];
     cmd.extend_from_slice(rules);
     redis.cmd(&cmd);
-    let port = redis.url().rsplit(':').next().unwrap().to_string();
-    format!("redis://sb:sb-pass@127.0.0.1:{port}")
+    format!("redis://sb:sb-pass@127.0.0.1:{}", redis.port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -569,8 +558,7 @@ async fn without_client_info_the_compat_subscription_is_taken_as_sent() {
 /// `PUBLISH channel payload` over a raw connection: payloads of any bytes
 /// and any size (redis-cli arguments cannot carry 10 MB).
 fn publish_raw(redis: &Redis, channel: &str, payload: &[u8]) {
-    let port: u16 = redis.url().rsplit(':').next().unwrap().parse().unwrap();
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
     let mut cmd = Vec::new();
     for arg in [b"PUBLISH".as_slice(), channel.as_bytes(), payload] {
         cmd.extend(format!("${}\r\n", arg.len()).as_bytes());

@@ -907,3 +907,14 @@ pub async fn group_send_arrives(
     );
     c.expect("event").await
 }
+
+/// Waits until the leader among `nodes` listens on the compat channels
+/// (its consumer's subscription checked, `src/redis.rs`).
+pub fn consuming(nodes: &[&Node]) {
+    assert!(
+        eventually(Duration::from_secs(15), || nodes
+            .iter()
+            .any(|n| n.log().contains("listening on compat channels"))),
+        "no node consumes the compat channels"
+    );
+}
