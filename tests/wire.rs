@@ -139,3 +139,53 @@ async fn the_compact_form_works_with_a_path_topic_and_a_bad_format_is_refused() 
         }
     }
 }
+
+/// Frames a client sends in one write are answered in one go by the node
+/// (one wake-up of its writer): every answer still comes, in order, and a
+/// publication after them arrives as before.
+#[tokio::test]
+async fn frames_sent_together_are_each_answered_in_order() {
+    use futures_util::SinkExt;
+
+    let node = Node::start("wire-together", &[]);
+    let mut c = Client::connect(&node.ws_url("/ws")).await;
+    for text in [
+        json!({"type":"subscribe","event":"together.a"}).to_string(),
+        json!({"type":"unsubscribe","event":"together.a"}).to_string(),
+        "not json".to_string(),
+        json!({"type":"subscribe","event":"together.b"}).to_string(),
+    ] {
+        c.ws.feed(Message::Text(text.into())).await.unwrap();
+    }
+    c.ws.flush().await.unwrap();
+    let answers: Vec<Value> = [
+        c.recv().await,
+        c.recv().await,
+        c.recv().await,
+        c.recv().await,
+    ]
+    .into();
+    let kinds: Vec<(&str, &str)> = answers
+        .iter()
+        .map(|m| {
+            (
+                m["type"].as_str().unwrap(),
+                m["event"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("subscribed", "together.a"),
+            ("unsubscribed", "together.a"),
+            ("error", ""),
+            ("subscribed", "together.b"),
+        ],
+        "{answers:?}"
+    );
+    let (status, body) = node.post("/api/publish", r#"{"topic":"together.b","data":{"n":1}}"#);
+    assert_eq!(status, 202, "{body}");
+    let event = c.expect("event").await;
+    assert_eq!(event["name"], "together.b", "{event}");
+}

@@ -26,7 +26,7 @@ use axum::extract::Request;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
@@ -378,6 +378,43 @@ pub async fn upgrade(node: Node, req: Request) -> Response {
     })
 }
 
+/// Acts on one websocket frame from the client; false when the session
+/// ends.
+async fn on_frame(
+    conn: &Arc<Conn>,
+    st: &mut SocketState,
+    peer: &dyn Peer,
+    msg: Option<Result<Message, axum::Error>>,
+    liveness: &Liveness,
+) -> bool {
+    liveness.heard();
+    let outbox = &conn.outbox;
+    let text = match msg {
+        Some(Ok(Message::Text(text))) => text,
+        Some(Ok(Message::Binary(_))) => {
+            sio::emit_error(peer, None, "binary packets are not supported");
+            return true;
+        }
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => return true,
+        // The client's own close, unless it answers the server's (a
+        // client closes its transport when the server's `41` arrives,
+        // and the reader may see that before the writer's end).
+        Some(Ok(Message::Close(_))) => {
+            st.client_closed = outbox.close.request(close::BY_CLIENT);
+            return false;
+        }
+        None | Some(Err(_)) => {
+            st.client_closed = outbox.close.code() == 0;
+            return false;
+        }
+    };
+    if let Flow::Left = on_text(conn, st, &text).await {
+        st.client_closed = outbox.close.code() == 0;
+        return false;
+    }
+    true
+}
+
 /// Reads a websocket session (opened on websocket, or upgraded) until it
 /// ends, with the writer draining the outbox.
 pub(super) async fn run_websocket(conn: Arc<Conn>, socket: WebSocket) {
@@ -398,28 +435,26 @@ pub(super) async fn run_websocket(conn: Arc<Conn>, socket: WebSocket) {
             // heartbeat, server disconnect).
             _ = &mut writer => break,
         };
-        liveness.heard();
-        let text = match msg {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Binary(_))) => {
-                sio::emit_error(&*peer, None, "binary packets are not supported");
-                continue;
-            }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            // The client's own close, unless it answers the server's (a
-            // client closes its transport when the server's `41` arrives,
-            // and the reader may see that before the writer's end).
-            Some(Ok(Message::Close(_))) => {
-                st.client_closed = outbox.close.request(close::BY_CLIENT);
+        // The answers to this frame and to those that arrived with it go
+        // out in one write (`hold_wakes`).
+        let hold = outbox.hold_wakes();
+        let mut open = hold
+            .run(on_frame(&conn, &mut st, &*peer, msg, &liveness))
+            .await;
+        for _ in 1..outbox::READY_FRAMES {
+            if !open {
                 break;
             }
-            None | Some(Err(_)) => {
-                st.client_closed = outbox.close.code() == 0;
+            let Some(msg) = stream.next().now_or_never() else {
                 break;
-            }
-        };
-        if let Flow::Left = on_text(&conn, &mut st, &text).await {
-            st.client_closed = outbox.close.code() == 0;
+            };
+            hold.resume();
+            open = hold
+                .run(on_frame(&conn, &mut st, &*peer, msg, &liveness))
+                .await;
+        }
+        drop(hold);
+        if !open {
             break;
         }
     }

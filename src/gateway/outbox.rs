@@ -164,6 +164,12 @@ struct Queued {
     frames: VecDeque<Utf8Bytes>,
     bytes: usize,
     closed: bool,
+    /// The task holding the writer's wake-ups ([`Outbox::hold_wakes`]).
+    held_by: Option<tokio::task::Id>,
+    /// A frame was queued by that task while it held them: the writer is
+    /// woken when the hold ends, or at once by the next push of any other
+    /// task.
+    wake_owed: bool,
 }
 
 impl Queue {
@@ -177,14 +183,27 @@ impl Queue {
         if q.frames.len() >= self.max_frames || (q.bytes > 0 && q.bytes + len > self.max_bytes) {
             return Delivery::Overflow;
         }
-        let wake = q.frames.is_empty();
+        let wake = q.frames.is_empty() || q.wake_owed;
+        let defer = q.held_by.is_some() && q.held_by == tokio::task::try_id();
         q.frames.push_back(frame);
         q.bytes += len;
+        q.wake_owed = wake && defer;
         drop(q);
-        if wake {
+        if wake && !defer {
             self.waker.wake();
         }
         Delivery::Queued
+    }
+
+    /// Ends a hold: wakes the writer if a held frame owes it a wake-up.
+    fn release(&self) {
+        let mut q = self.inner.lock().unwrap();
+        q.held_by = None;
+        let owed = std::mem::take(&mut q.wake_owed);
+        drop(q);
+        if owed {
+            self.waker.wake();
+        }
     }
 
     /// Moves everything queued into `batch` (which must be empty).
@@ -195,6 +214,7 @@ impl Queue {
         }
         std::mem::swap(&mut q.frames, batch);
         q.bytes = 0;
+        q.wake_owed = false;
         true
     }
 
@@ -212,6 +232,7 @@ impl Queue {
         let mut q = self.inner.lock().unwrap();
         q.closed = true;
         q.frames = VecDeque::new();
+        q.wake_owed = false;
     }
 }
 
@@ -251,6 +272,23 @@ impl Outbox {
         }
     }
 
+    /// Until the guard goes (or is paused), what the calling task pushes
+    /// does not wake the writer; the guard's end does, once. The reader
+    /// holds them while it answers the frames a client sent together, so
+    /// the answers go out in one write. Why: the writer runs on the main runtime, at the
+    /// deliveries' priority; a client sending a `subscribe` and an
+    /// `unsubscribe` in one segment fifty times a second cost it two
+    /// wake-ups and two `send(2)`s per pair, most of the main runtime's
+    /// CPU under the abuse scenario (docs/benchmarks.md, Abuse). Other
+    /// tasks' pushes (deliveries, an RPC's answer) are never held: one
+    /// queued behind a held frame wakes the writer itself. Outside a tokio
+    /// task nothing is held.
+    pub fn hold_wakes(&self) -> WakeHold<'_> {
+        let hold = WakeHold(self);
+        hold.resume();
+        hold
+    }
+
     /// Moves everything queued into `batch` (which must be empty): for a
     /// consumer other than the [`Writer`] (Engine.IO long-polling).
     pub fn take(&self, batch: &mut VecDeque<Utf8Bytes>) -> bool {
@@ -285,6 +323,45 @@ impl Outbox {
                 .increment(1);
         }
         Delivery::Overflow
+    }
+}
+
+/// See [`Outbox::hold_wakes`].
+pub struct WakeHold<'a>(&'a Outbox);
+
+impl WakeHold<'_> {
+    /// Wakes the writer for what is held and holds nothing more until
+    /// [`WakeHold::resume`]: before the holder waits for something (a
+    /// hook, Redis), so that earlier answers are not kept waiting with it.
+    pub fn pause(&self) {
+        self.0.queue.release();
+    }
+
+    /// Holds the calling task's wake-ups again.
+    pub fn resume(&self) {
+        self.0.queue.inner.lock().unwrap().held_by = tokio::task::try_id();
+    }
+
+    /// Runs `answer` with the wake-ups held while it needs nothing to wait
+    /// for; if it has to wait (a hook, Redis) they are paused first, so the
+    /// answers already queued go out without waiting with it.
+    pub async fn run<F: Future>(&self, answer: F) -> F::Output {
+        let mut answer = std::pin::pin!(answer);
+        if let Poll::Ready(out) = futures_util::poll!(answer.as_mut()) {
+            return out;
+        }
+        self.pause();
+        answer.await
+    }
+}
+
+/// At most this many frames a client sent together are answered under one
+/// hold before the reader looks at its other duties again.
+pub const READY_FRAMES: usize = 16;
+
+impl Drop for WakeHold<'_> {
+    fn drop(&mut self) {
+        self.0.queue.release();
     }
 }
 
@@ -642,5 +719,87 @@ mod tests {
             .await
             .expect("already requested");
         assert_eq!(signal.code(), close::BY_CLIENT);
+    }
+
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl futures_util::task::ArcWake for Wakes {
+        fn wake_by_ref(this: &Arc<Self>) {
+            this.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The reader's answers to frames sent together cost the writer one
+    /// wake-up; nobody else's frames wait for the reader.
+    #[tokio::test]
+    async fn a_hold_wakes_the_writer_once_and_never_delays_other_tasks() {
+        // In a task of its own, as a reader is: a hold is per task.
+        tokio::spawn(holding_reader()).await.unwrap();
+    }
+
+    async fn holding_reader() {
+        let outbox = Arc::new(Outbox {
+            queue: Queue {
+                inner: Mutex::new(Queued::default()),
+                waker: AtomicWaker::new(),
+                max_frames: 100,
+                max_bytes: 1 << 20,
+            },
+            close: signal(),
+            transport: "ws",
+        });
+        let wakes = Arc::new(Wakes(Default::default()));
+        let waker = futures_util::task::waker(wakes.clone());
+        let woken = || wakes.0.load(Ordering::SeqCst);
+        let frame = Utf8Bytes::from_static;
+        let mut batch = VecDeque::new();
+
+        // Held answers: one wake-up when the hold ends.
+        outbox.queue.waker.register(&waker);
+        let hold = outbox.hold_wakes();
+        outbox.push(frame("subscribed"));
+        outbox.push(frame("unsubscribed"));
+        assert_eq!(woken(), 0);
+        drop(hold);
+        assert_eq!(woken(), 1);
+        assert!(outbox.take(&mut batch));
+        assert_eq!(batch.len(), 2);
+        batch.clear();
+
+        // A delivery from another task while the reader holds: at once.
+        outbox.queue.waker.register(&waker);
+        let hold = outbox.hold_wakes();
+        outbox.push(frame("held"));
+        let other = outbox.clone();
+        tokio::spawn(async move { other.push(frame("delivery")) })
+            .await
+            .unwrap();
+        assert_eq!(woken(), 2);
+        outbox.queue.waker.register(&waker);
+        drop(hold);
+        assert_eq!(woken(), 2, "the delivery's wake-up paid for the held frame");
+        assert!(outbox.take(&mut batch));
+        assert_eq!(batch, [frame("held"), frame("delivery")]);
+        batch.clear();
+
+        // Paused before a wait: what is held goes; later pushes wake as usual
+        // until the hold resumes.
+        let hold = outbox.hold_wakes();
+        outbox.push(frame("before the wait"));
+        hold.pause();
+        assert_eq!(woken(), 3);
+        assert!(outbox.take(&mut batch));
+        batch.clear();
+        outbox.queue.waker.register(&waker);
+        outbox.push(frame("after the wait"));
+        assert_eq!(woken(), 4);
+        assert!(outbox.take(&mut batch));
+        batch.clear();
+        outbox.queue.waker.register(&waker);
+        hold.resume();
+        outbox.push(frame("next frame's answer"));
+        assert_eq!(woken(), 4);
+        drop(hold);
+        assert_eq!(woken(), 5);
     }
 }

@@ -321,6 +321,7 @@ async fn run(
         identity,
         bucket: config.rate_limit.map(TokenBucket::new),
         subscribes: config.subscribe_rate_limit.map(TokenBucket::new),
+        refreshed: false,
     };
     if let Some(topic) = initial_topic {
         // Allowed before the upgrade (the subscribe hook included).
@@ -400,44 +401,76 @@ async fn read_loop(
                 continue;
             }
         };
-        liveness.heard();
-        match msg {
-            Some(Ok(Message::Text(text))) => {
-                if !session.within_rate() {
-                    return;
-                }
-                // Boxed: what a message may await (subscribe, request,
-                // publish) would otherwise be part of every idle
-                // connection's task.
-                let kind = Box::pin(session.handle_text(text.as_str())).await;
-                if kind == "refresh" {
-                    expiry = armed(session);
-                }
-                metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::WS, "type" => kind)
-                    .increment(1);
+        // The answers to this frame and to those that arrived with it go
+        // out in one write (`hold_wakes`).
+        let outbox = session.outbox.clone();
+        let hold = outbox.hold_wakes();
+        let mut go = hold.run(on_frame(session, msg, liveness)).await;
+        for _ in 1..outbox::READY_FRAMES {
+            if !go {
+                break;
             }
-            Some(Ok(Message::Binary(_))) => {
-                if !session.within_rate() {
-                    return;
-                }
-                metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::WS, "type" => "invalid")
-                    .increment(1);
-                session.outbox.error(&ProtocolError::Binary, None);
-            }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            Some(Ok(Message::Close(_))) => {
-                session.outbox.close.request(close::BY_CLIENT);
-                return;
-            }
-            None => return,
-            Some(Err(err)) => {
-                if is_too_big(err) {
-                    session.outbox.close.request(close::TOO_BIG);
-                }
-                return;
-            }
+            let Some(msg) = stream.next().now_or_never() else {
+                break;
+            };
+            hold.resume();
+            go = hold.run(on_frame(session, msg, liveness)).await;
+        }
+        drop(hold);
+        if !go {
+            return;
+        }
+        if session.refreshed {
+            session.refreshed = false;
+            expiry = armed(session);
         }
     }
+}
+
+/// Acts on one frame from the client; false when the session ends.
+async fn on_frame(
+    session: &mut Session,
+    msg: Option<Result<Message, axum::Error>>,
+    liveness: &Liveness,
+) -> bool {
+    liveness.heard();
+    match msg {
+        Some(Ok(Message::Text(text))) => {
+            if !session.within_rate() {
+                return false;
+            }
+            // Boxed: what a message may await (subscribe, request,
+            // publish) would otherwise be part of every idle
+            // connection's task.
+            let kind = Box::pin(session.handle_text(text.as_str())).await;
+            if kind == "refresh" {
+                session.refreshed = true;
+            }
+            metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::WS, "type" => kind)
+                .increment(1);
+        }
+        Some(Ok(Message::Binary(_))) => {
+            if !session.within_rate() {
+                return false;
+            }
+            metrics::counter!(m::CLIENT_MESSAGES, "transport" => m::transport::WS, "type" => "invalid")
+                .increment(1);
+            session.outbox.error(&ProtocolError::Binary, None);
+        }
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+        Some(Ok(Message::Close(_))) => {
+            session.outbox.close.request(close::BY_CLIENT);
+            return false;
+        }
+        None => return false,
+        Some(Err(err)) => {
+            if is_too_big(err) {
+                session.outbox.close.request(close::TOO_BIG);
+            }
+            return false;
+        }
+    }
+    true
 }
 
 fn is_too_big(err: axum::Error) -> bool {
@@ -464,6 +497,8 @@ struct Session {
     /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`: the client's subscribes and
     /// unsubscribes (the back end's and the path's topic are not counted).
     subscribes: Option<TokenBucket>,
+    /// A `refresh` moved the token's expiry since the reader last armed it.
+    refreshed: bool,
 }
 
 impl Session {
