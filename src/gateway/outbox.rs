@@ -275,14 +275,15 @@ impl Outbox {
     /// Until the guard goes (or is paused), what the calling task pushes
     /// does not wake the writer; the guard's end does, once. The reader
     /// holds them while it answers the frames a client sent together, so
-    /// the answers go out in one write. Why: the writer runs on the main runtime, at the
-    /// deliveries' priority; a client sending a `subscribe` and an
-    /// `unsubscribe` in one segment fifty times a second cost it two
-    /// wake-ups and two `send(2)`s per pair, most of the main runtime's
-    /// CPU under the abuse scenario (docs/benchmarks.md, Abuse). Other
-    /// tasks' pushes (deliveries, an RPC's answer) are never held: one
-    /// queued behind a held frame wakes the writer itself. Outside a tokio
-    /// task nothing is held.
+    /// the answers go out in one write. Why: the writer runs on the main
+    /// runtime, at the deliveries' priority, and under the abuse scenario
+    /// (clients sending a `subscribe` and an `unsubscribe` in one segment
+    /// fifty times a second) its wake-ups and `send(2)`s for those answers
+    /// were most of that runtime's CPU: 1.3 sends per pair, each answer
+    /// woken across runtimes (docs/benchmarks.md, Abuse). Other tasks'
+    /// pushes (deliveries, an RPC's answer) are never held: one queued
+    /// behind a held frame wakes the writer itself. Outside a tokio task
+    /// nothing is held.
     pub fn hold_wakes(&self) -> WakeHold<'_> {
         let hold = WakeHold(self);
         hold.resume();
