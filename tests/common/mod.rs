@@ -889,21 +889,16 @@ pub async fn group_send_arrives(
 ) -> Value {
     let mut c = Client::connect(&node.ws_url("/ws")).await;
     c.subscribe(group).await;
-    let out = Command::new(python())
-        .args([
+    run_interop(
+        &python(),
+        &[
             &interop_script("compat_channels.py"),
             redis_url,
             prefix,
             "send",
             group,
             &serde_json::json!({"type": "status_update", "value": value}).to_string(),
-        ])
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     c.expect("event").await
 }
