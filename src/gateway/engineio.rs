@@ -383,7 +383,6 @@ pub async fn upgrade(node: Node, req: Request) -> Response {
 async fn on_frame(
     conn: &Arc<Conn>,
     st: &mut SocketState,
-    peer: &dyn Peer,
     msg: Option<Result<Message, axum::Error>>,
     liveness: &Liveness,
 ) -> bool {
@@ -392,7 +391,7 @@ async fn on_frame(
     let text = match msg {
         Some(Ok(Message::Text(text))) => text,
         Some(Ok(Message::Binary(_))) => {
-            sio::emit_error(peer, None, "binary packets are not supported");
+            sio::emit_error(&*conn.peer, None, "binary packets are not supported");
             return true;
         }
         Some(Ok(Message::Ping(_) | Message::Pong(_))) => return true,
@@ -426,7 +425,6 @@ pub(super) async fn run_websocket(conn: Arc<Conn>, socket: WebSocket) {
     };
     let (mut writer, liveness) = Writer::spawn(sink, &conn.outbox, &conn.node, conn.id, heartbeat);
     let outbox = conn.outbox.clone();
-    let peer: Arc<dyn Peer> = conn.peer.clone();
     let mut st = conn.socket.lock().await;
     loop {
         let msg = tokio::select! {
@@ -438,9 +436,7 @@ pub(super) async fn run_websocket(conn: Arc<Conn>, socket: WebSocket) {
         // The answers to this frame and to those that arrived with it go
         // out in one write (`hold_wakes`).
         let hold = outbox.hold_wakes();
-        let mut open = hold
-            .run(on_frame(&conn, &mut st, &*peer, msg, &liveness))
-            .await;
+        let mut open = hold.run(on_frame(&conn, &mut st, msg, &liveness)).await;
         for _ in 1..outbox::READY_FRAMES {
             if !open {
                 break;
@@ -449,9 +445,7 @@ pub(super) async fn run_websocket(conn: Arc<Conn>, socket: WebSocket) {
                 break;
             };
             hold.resume();
-            open = hold
-                .run(on_frame(&conn, &mut st, &*peer, msg, &liveness))
-                .await;
+            open = hold.run(on_frame(&conn, &mut st, msg, &liveness)).await;
         }
         drop(hold);
         if !open {
