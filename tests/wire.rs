@@ -189,3 +189,69 @@ async fn frames_sent_together_are_each_answered_in_order() {
     let event = c.expect("event").await;
     assert_eq!(event["name"], "together.b", "{event}");
 }
+
+/// The answers to frames a client sends together and the publications it
+/// receives meanwhile are one stream: whichever side writes them (the
+/// writer, or the reader at the end of its hold), every publication arrives
+/// once and in order, and every answer in the order of its frame.
+#[tokio::test]
+async fn answers_and_deliveries_interleave_in_order() {
+    use futures_util::SinkExt;
+
+    const PUBLICATIONS: u64 = 300;
+    const PAIRS: usize = 100;
+    let node = Node::start(
+        "wire-interleave",
+        &[
+            ("WEBSOCKET_RATE_LIMIT", "0"),
+            ("WEBSOCKET_SUBSCRIBE_RATE_LIMIT", "0"),
+        ],
+    );
+    let mut c = Client::connect(&node.ws_url("/ws")).await;
+    subscribe(&mut c, "interleave.feed").await;
+    let addr = node.addr.clone();
+    let publisher = std::thread::spawn(move || {
+        for n in 0..PUBLICATIONS {
+            let body = json!({"topic":"interleave.feed","data":{"n":n}}).to_string();
+            let (status, answer) = common::http(&addr, "POST", "/api/publish", Some(&body), &[]);
+            assert_eq!(status, 202, "{answer}");
+        }
+    });
+    for i in 0..PAIRS {
+        let topic = format!("interleave.churn.{i}");
+        for kind in ["subscribe", "unsubscribe"] {
+            let text = json!({"type":kind,"event":topic}).to_string();
+            c.ws.feed(Message::Text(text.into())).await.unwrap();
+        }
+        c.ws.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut next_n = 0;
+    let mut answers = Vec::new();
+    while next_n < PUBLICATIONS || answers.len() < 2 * PAIRS {
+        let m = c.recv().await;
+        match m["type"].as_str().unwrap() {
+            "event" => {
+                assert_eq!(
+                    m["data"]["n"], next_n,
+                    "publications in order, none lost: {m}"
+                );
+                next_n += 1;
+            }
+            "subscribed" | "unsubscribed" => answers.push(m),
+            _ => panic!("unexpected frame {m}"),
+        }
+    }
+    publisher.join().unwrap();
+    for (i, pair) in answers.chunks(2).enumerate() {
+        let topic = format!("interleave.churn.{i}");
+        assert_eq!(pair[0]["type"], "subscribed", "{pair:?}");
+        assert_eq!(pair[0]["event"], topic.as_str(), "{pair:?}");
+        assert_eq!(pair[1]["type"], "unsubscribed", "{pair:?}");
+        assert_eq!(pair[1]["event"], topic.as_str(), "{pair:?}");
+    }
+    assert!(
+        c.recv_within(Duration::from_millis(300)).await.is_none(),
+        "nothing twice"
+    );
+}

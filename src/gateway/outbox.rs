@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
+use futures_util::lock::Mutex as AsyncMutex;
 use futures_util::stream::SplitSink;
 use futures_util::task::AtomicWaker;
-use futures_util::{FutureExt, SinkExt};
+use futures_util::{FutureExt, Sink, SinkExt};
 use tokio::sync::Notify;
 
 use crate::config::Config;
@@ -170,6 +171,13 @@ struct Queued {
     /// woken when the hold ends, or at once by the next push of any other
     /// task.
     wake_owed: bool,
+    /// Frames were taken to be written and are not on the socket yet (by
+    /// the writer, or by a reader at the end of its hold): nobody else takes
+    /// any until they are, so that frames reach the socket in queue order.
+    writing: bool,
+    /// A reader's write stopped short of the socket (its buffer was full):
+    /// the writer flushes for it.
+    flush_owed: bool,
 }
 
 impl Queue {
@@ -195,15 +203,30 @@ impl Queue {
         Delivery::Queued
     }
 
-    /// Ends a hold: wakes the writer if a held frame owes it a wake-up.
-    fn release(&self) {
+    /// For the writer: like [`Queue::poll_take`], but waits while a
+    /// reader writes, and is also ready (with nothing taken) when a reader
+    /// left a flush to it. Until [`Queue::written`], nobody else writes.
+    fn poll_take_to_write(
+        &self,
+        cx: &mut Context<'_>,
+        batch: &mut VecDeque<Utf8Bytes>,
+    ) -> Poll<()> {
+        self.waker.register(cx.waker());
         let mut q = self.inner.lock().unwrap();
-        q.held_by = None;
-        let owed = std::mem::take(&mut q.wake_owed);
-        drop(q);
-        if owed {
-            self.waker.wake();
+        if q.writing || (q.frames.is_empty() && !q.flush_owed) {
+            return Poll::Pending;
         }
+        std::mem::swap(&mut q.frames, batch);
+        q.bytes = 0;
+        q.wake_owed = false;
+        q.flush_owed = false;
+        q.writing = true;
+        Poll::Ready(())
+    }
+
+    /// What [`Queue::poll_take_to_write`] took is on the socket.
+    fn written(&self) {
+        self.inner.lock().unwrap().writing = false;
     }
 
     /// Moves everything queued into `batch` (which must be empty).
@@ -236,9 +259,17 @@ impl Queue {
     }
 }
 
+/// A websocket's sending half, shared by its writer and, at the end of a
+/// hold, its reader ([`Outbox::hold_wakes`]). An async lock, as the writer
+/// keeps it across its writes; the reader only ever tries it, and never
+/// keeps it across an `.await`.
+type SharedSink = AsyncMutex<SplitSink<WebSocket, Message>>;
+
 /// The producer side of one connection: its queue and its close signal.
 pub struct Outbox {
     queue: Queue,
+    /// Set when a [`Writer`] starts (never for long-polling or SSE).
+    sink: std::sync::OnceLock<Arc<SharedSink>>,
     pub close: CloseSignal,
     /// The `transport` label of its metrics.
     transport: &'static str,
@@ -255,6 +286,7 @@ impl Outbox {
                 max_frames: config.client_queue_messages,
                 max_bytes: config.client_queue_bytes,
             },
+            sink: std::sync::OnceLock::new(),
             close: CloseSignal {
                 code: AtomicU16::new(0),
                 notify: Notify::new(),
@@ -273,17 +305,20 @@ impl Outbox {
     }
 
     /// Until the guard goes (or is paused), what the calling task pushes
-    /// does not wake the writer; the guard's end does, once. The reader
-    /// holds them while it answers the frames a client sent together, so
-    /// the answers go out in one write. Why: the writer runs on the main
-    /// runtime, at the deliveries' priority, and under the abuse scenario
-    /// (clients sending a `subscribe` and an `unsubscribe` in one segment
-    /// fifty times a second) its wake-ups and `send(2)`s for those answers
-    /// were most of that runtime's CPU: 1.3 sends per pair, each answer
-    /// woken across runtimes (docs/benchmarks.md, Abuse). Other tasks'
-    /// pushes (deliveries, an RPC's answer) are never held: one queued
-    /// behind a held frame wakes the writer itself. Outside a tokio task
-    /// nothing is held.
+    /// does not wake the writer; at the guard's end the answers go out in
+    /// one write: the holder's own, on its thread, when the writer is idle
+    /// and the socket takes them without waiting, else the writer's, woken
+    /// once. The reader holds them while it answers the frames a client
+    /// sent together. Why: the writer runs on the main runtime, at the
+    /// deliveries' priority, and under the abuse scenario (clients sending
+    /// a `subscribe` and an `unsubscribe` in one segment fifty times a
+    /// second) its wake-ups and `send(2)`s for those answers were most of
+    /// that runtime's CPU: 1.3 sends per pair, each answer woken across
+    /// runtimes (docs/benchmarks.md, Abuse). Written by the reader they
+    /// cost the readers' niced thread instead, and no wake-up. Other
+    /// tasks' pushes (deliveries, an RPC's answer) are never held: one
+    /// queued behind a held frame wakes the writer itself. Outside a tokio
+    /// task nothing is held.
     pub fn hold_wakes(&self) -> WakeHold<'_> {
         let hold = WakeHold(self);
         hold.resume();
@@ -318,6 +353,48 @@ impl Outbox {
         self.queue.close();
     }
 
+    /// Ends a hold: what the holder queued is written here when the writer
+    /// is idle, no close is under way and the socket takes it at once;
+    /// otherwise (or for what the socket left) the writer is woken.
+    fn release(&self) {
+        let mut q = self.queue.inner.lock().unwrap();
+        q.held_by = None;
+        if !std::mem::take(&mut q.wake_owed) {
+            return;
+        }
+        let sink = match self.sink.get() {
+            Some(sink) if !q.writing && !q.closed && self.close.code() == 0 => sink.try_lock(),
+            _ => None,
+        };
+        let Some(mut sink) = sink else {
+            drop(q);
+            self.queue.waker.wake();
+            return;
+        };
+        q.writing = true;
+        q.bytes = 0;
+        let mut batch = std::mem::take(&mut q.frames);
+        drop(q);
+        let flushed = write_now(&mut sink, &mut batch);
+        drop(sink);
+        let mut q = self.queue.inner.lock().unwrap();
+        q.writing = false;
+        if !batch.is_empty() && !q.closed {
+            // The socket's buffer was full: the rest goes first.
+            q.bytes += batch.iter().map(|f| f.len()).sum::<usize>();
+            batch.append(&mut q.frames);
+            q.frames = batch;
+        } else if q.frames.is_empty() && batch.capacity() <= 64 {
+            q.frames = batch;
+        }
+        q.flush_owed |= !flushed;
+        let wake = !q.frames.is_empty() || q.flush_owed;
+        drop(q);
+        if wake {
+            self.queue.waker.wake();
+        }
+    }
+
     fn overflow(&self) -> Delivery {
         if self.close.request(close::TRY_AGAIN_LATER) {
             metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => self.transport)
@@ -335,7 +412,7 @@ impl WakeHold<'_> {
     /// [`WakeHold::resume`]: before the holder waits for something (a
     /// hook, Redis), so that earlier answers are not kept waiting with it.
     pub fn pause(&self) {
-        self.0.queue.release();
+        self.0.release();
     }
 
     /// Holds the calling task's wake-ups again.
@@ -362,8 +439,26 @@ pub const READY_FRAMES: usize = 16;
 
 impl Drop for WakeHold<'_> {
     fn drop(&mut self) {
-        self.0.queue.release();
+        self.0.release();
     }
+}
+
+/// Puts `batch` on the socket as far as it goes without waiting; true when
+/// all of it was written and flushed. What the socket did not take stays in
+/// `batch`; a flush it could not finish is the writer's (false).
+fn write_now(sink: &mut SplitSink<WebSocket, Message>, batch: &mut VecDeque<Utf8Bytes>) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut sink = Pin::new(sink);
+    while !batch.is_empty() {
+        if !matches!(sink.as_mut().poll_ready(&mut cx), Poll::Ready(Ok(()))) {
+            return false;
+        }
+        let frame = batch.pop_front().expect("not empty");
+        if sink.as_mut().start_send(Message::Text(frame)).is_err() {
+            return false;
+        }
+    }
+    matches!(sink.poll_flush(&mut cx), Poll::Ready(Ok(())))
 }
 
 /// How a connection proves the peer is alive.
@@ -439,7 +534,7 @@ impl Liveness {
 
 /// The consumer side of one connection: owns the socket's sink.
 pub struct Writer {
-    sink: SplitSink<WebSocket, Message>,
+    sink: Arc<SharedSink>,
     outbox: Arc<Outbox>,
     node: Node,
     id: ConnId,
@@ -458,6 +553,9 @@ impl Writer {
         heartbeat: Heartbeat,
     ) -> (tokio::task::JoinHandle<()>, Liveness) {
         let liveness = Liveness::new();
+        let sink = Arc::new(AsyncMutex::new(sink));
+        // One writer per outbox: an Engine.IO session upgrades once.
+        let _ = outbox.sink.set(sink.clone());
         let writer = Writer {
             sink,
             outbox: outbox.clone(),
@@ -544,7 +642,7 @@ async fn write_loop(mut w: Writer) {
             {
                 return Poll::Ready(Turn::Drained);
             }
-            if outbox.queue.poll_take(cx, &mut batch).is_ready() {
+            if outbox.queue.poll_take_to_write(cx, &mut batch).is_ready() {
                 return Poll::Ready(Turn::Batch);
             }
             if (!tick_armed || tokio::time::Instant::now() >= tick.deadline())
@@ -569,7 +667,9 @@ async fn write_loop(mut w: Writer) {
                 break w.outbox.close.code();
             }
             Turn::Batch => {
-                if !write_batch(&mut w, &mut batch).await {
+                let written = write_batch(&mut w, &mut batch).await;
+                outbox.queue.written();
+                if !written {
                     outbox.queue.close();
                     Box::pin(flush_close_answer(&mut w)).await;
                     return;
@@ -584,10 +684,10 @@ async fn write_loop(mut w: Writer) {
                 }
                 // Boxed: a ping every heartbeat interval, its timer is not
                 // worth a place in every connection's task.
-                let ping = Box::pin(tokio::time::timeout(
-                    WRITE_TIMEOUT,
-                    w.sink.send(w.heartbeat.probe()),
-                ));
+                let probe = w.heartbeat.probe();
+                let ping = Box::pin(tokio::time::timeout(WRITE_TIMEOUT, async {
+                    w.sink.lock().await.send(probe).await
+                }));
                 if !matches!(ping.await, Ok(Ok(()))) {
                     Box::pin(flush_close_answer(&mut w)).await;
                     return;
@@ -611,10 +711,11 @@ async fn close_connection(w: &mut Writer, code: u16, batch: &mut VecDeque<Utf8By
         && outbox.queue.take(batch)
     {
         let pending = async {
+            let mut sink = w.sink.lock().await;
             for frame in batch.drain(..) {
-                w.sink.feed(Message::Text(frame)).await?;
+                sink.feed(Message::Text(frame)).await?;
             }
-            w.sink.flush().await
+            sink.flush().await
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), pending).await;
     }
@@ -630,18 +731,19 @@ async fn close_connection(w: &mut Writer, code: u16, batch: &mut VecDeque<Utf8By
         _ => w.outbox.close.reason().unwrap_or(""),
     };
     let finish = async {
+        let mut sink = w.sink.lock().await;
         if code != close::BY_CLIENT {
             let frame = Message::Close(Some(CloseFrame {
                 code,
                 reason: reason.into(),
             }));
-            let _ = w.sink.send(frame).await;
+            let _ = sink.send(frame).await;
         }
         // Flushes whatever tungstenite still holds: our Close, or its answer
         // to the client's Close when the client started (or both sides
         // started at once). Dropping the socket then half-closes it and
         // drains what the client still sends (`Lingering`).
-        let _ = w.sink.close().await;
+        let _ = sink.close().await;
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), finish).await;
 }
@@ -652,17 +754,19 @@ async fn close_connection(w: &mut Writer, code: u16, batch: &mut VecDeque<Utf8By
 /// flush. Without this the client would see EOF and no Close frame. Bounded:
 /// on a dead connection it fails or times out at once.
 async fn flush_close_answer(w: &mut Writer) {
-    let _ = tokio::time::timeout(Duration::from_millis(500), w.sink.close()).await;
+    let close = async { w.sink.lock().await.close().await };
+    let _ = tokio::time::timeout(Duration::from_millis(500), close).await;
 }
 
 /// Writes the whole batch and flushes once. Returns false when the
 /// connection is unusable.
 async fn write_batch(w: &mut Writer, batch: &mut VecDeque<Utf8Bytes>) -> bool {
     let work = async {
+        let mut sink = w.sink.lock().await;
         for frame in batch.drain(..) {
-            w.sink.feed(Message::Text(frame)).await?;
+            sink.feed(Message::Text(frame)).await?;
         }
-        w.sink.flush().await
+        sink.flush().await
     };
     let ok = {
         let mut work = std::pin::pin!(work);
@@ -746,6 +850,7 @@ mod tests {
                 max_frames: 100,
                 max_bytes: 1 << 20,
             },
+            sink: std::sync::OnceLock::new(),
             close: signal(),
             transport: "ws",
         });
