@@ -15,9 +15,10 @@
 //!
 //! What runs here: each WebSocket connection's session (native and
 //! Socket.IO): reading frames, the rate limits, subscribing (hub, history
-//! reads), hooks, and the tasks those spawn. What does not: the writers,
-//! which [`Ingress::spawn_writer`] puts on the main runtime, and every HTTP
-//! request (long-polling, SSE, the REST API).
+//! reads), hooks, the tasks those spawn, and the writing of a reader's own
+//! answers when its writer is idle (`Outbox::hold_wakes`). What does not:
+//! the writers, which [`Ingress::spawn_writer`] puts on the main runtime,
+//! and every HTTP request (long-polling, SSE, the REST API).
 //!
 //! Raising one's own niceness needs no privilege. Where the kernel refuses
 //! (or off Linux) the threads keep the process's priority and only the
