@@ -420,16 +420,26 @@ impl WakeHold<'_> {
         self.0.queue.inner.lock().unwrap().held_by = tokio::task::try_id();
     }
 
-    /// Runs `answer` with the wake-ups held while it needs nothing to wait
-    /// for; if it has to wait (a hook, Redis) they are paused first, so the
-    /// answers already queued go out without waiting with it.
+    /// Runs `answer` with the wake-ups held while it runs; whenever it has
+    /// to wait (a hook, Redis) they are paused first, so the answers
+    /// already queued go out without waiting with it, and held again when
+    /// it goes on: the answer it pushes after the wait is the holder's to
+    /// write as well.
     pub async fn run<F: Future>(&self, answer: F) -> F::Output {
         let mut answer = std::pin::pin!(answer);
-        if let Poll::Ready(out) = futures_util::poll!(answer.as_mut()) {
-            return out;
-        }
-        self.pause();
-        answer.await
+        let mut paused = false;
+        std::future::poll_fn(|cx| {
+            if std::mem::take(&mut paused) {
+                self.resume();
+            }
+            let poll = answer.as_mut().poll(cx);
+            if poll.is_pending() {
+                self.pause();
+                paused = true;
+            }
+            poll
+        })
+        .await
     }
 }
 
