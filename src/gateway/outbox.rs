@@ -542,7 +542,9 @@ impl Liveness {
     }
 }
 
-/// The consumer side of one connection: owns the socket's sink.
+/// The consumer side of one connection: writes through the socket's sink,
+/// which the reader borrows only at the end of a hold, when this writer has
+/// nothing taken ([`Outbox::hold_wakes`]).
 pub struct Writer {
     sink: Arc<SharedSink>,
     outbox: Arc<Outbox>,
