@@ -375,7 +375,7 @@ impl Outbox {
         q.bytes = 0;
         let mut batch = std::mem::take(&mut q.frames);
         drop(q);
-        let flushed = write_now(&mut sink, &mut batch);
+        let flushed = write_now(&mut *sink, &mut batch);
         drop(sink);
         let mut q = self.queue.inner.lock().unwrap();
         q.writing = false;
@@ -456,7 +456,7 @@ impl Drop for WakeHold<'_> {
 /// Puts `batch` on the socket as far as it goes without waiting; true when
 /// all of it was written and flushed. What the socket did not take stays in
 /// `batch`; a flush it could not finish is the writer's (false).
-fn write_now(sink: &mut SplitSink<WebSocket, Message>, batch: &mut VecDeque<Utf8Bytes>) -> bool {
+fn write_now<S: Sink<Message> + Unpin>(sink: &mut S, batch: &mut VecDeque<Utf8Bytes>) -> bool {
     let mut cx = Context::from_waker(std::task::Waker::noop());
     let mut sink = Pin::new(sink);
     while !batch.is_empty() {
@@ -836,6 +836,95 @@ mod tests {
             .await
             .expect("already requested");
         assert_eq!(signal.code(), close::BY_CLIENT);
+    }
+
+    /// A socket that takes `room` frames, then has to wait; its flush
+    /// waits while anything is unflushed and `flush_waits`.
+    #[derive(Default)]
+    struct Socket {
+        room: usize,
+        flush_waits: bool,
+        sent: Vec<Message>,
+        unflushed: usize,
+    }
+
+    impl Sink<Message> for Socket {
+        type Error = std::io::Error;
+
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            match self.room {
+                0 => Poll::Pending,
+                _ => Poll::Ready(Ok(())),
+            }
+        }
+
+        fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            self.room -= 1;
+            self.unflushed += 1;
+            self.sent.push(item);
+            Ok(())
+        }
+
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
+            if self.flush_waits && self.unflushed > 0 {
+                return Poll::Pending;
+            }
+            self.unflushed = 0;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    /// The reader's write never waits and never loses a frame: what the
+    /// socket does not take stays, in order, for the writer.
+    #[test]
+    fn a_write_that_would_wait_leaves_the_rest_in_order() {
+        let frames =
+            || -> VecDeque<Utf8Bytes> { ["a", "b", "c"].map(Utf8Bytes::from_static).into() };
+        let text = |m: &Message| match m {
+            Message::Text(t) => t.to_string(),
+            other => panic!("{other:?}"),
+        };
+
+        let mut socket = Socket {
+            room: 10,
+            ..Default::default()
+        };
+        let mut batch = frames();
+        assert!(write_now(&mut socket, &mut batch));
+        assert!(batch.is_empty());
+        assert_eq!(
+            socket.sent.iter().map(text).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+
+        let mut socket = Socket {
+            room: 2,
+            ..Default::default()
+        };
+        let mut batch = frames();
+        assert!(!write_now(&mut socket, &mut batch), "the socket was full");
+        assert_eq!(socket.sent.iter().map(text).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(batch, [Utf8Bytes::from_static("c")], "the rest stays");
+
+        let mut socket = Socket {
+            room: 10,
+            flush_waits: true,
+            ..Default::default()
+        };
+        let mut batch = frames();
+        assert!(
+            !write_now(&mut socket, &mut batch),
+            "the flush is the writer's"
+        );
+        assert!(batch.is_empty());
+        assert_eq!(socket.sent.len(), 3);
     }
 
     struct Wakes(std::sync::atomic::AtomicUsize);
