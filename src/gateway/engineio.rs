@@ -26,14 +26,16 @@ use axum::extract::Request;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use crate::api::ApiError;
 use crate::backend::hooks::{Hello, transport};
 use crate::gateway::admission::Seats;
-use crate::gateway::outbox::{self, Heartbeat, Liveness, Outbox, WRITE_TIMEOUT, Writer, close};
+use crate::gateway::outbox::{
+    self, Frame, Heartbeat, Liveness, Outbox, ReadyFrames, WRITE_TIMEOUT, Writer, close,
+};
 use crate::gateway::polling;
 use crate::gateway::recovery::Recovery;
 use crate::gateway::sio::{self, Ack, Peer, Session};
@@ -380,12 +382,7 @@ pub async fn upgrade(node: Node, req: Request) -> Response {
 
 /// Acts on one websocket frame from the client; false when the session
 /// ends.
-async fn on_frame(
-    conn: &Arc<Conn>,
-    st: &mut SocketState,
-    msg: Option<Result<Message, axum::Error>>,
-    liveness: &Liveness,
-) -> bool {
+async fn on_frame(conn: &Arc<Conn>, st: &mut SocketState, msg: Frame, liveness: &Liveness) -> bool {
     liveness.heard();
     let outbox = &conn.outbox;
     let text = match msg {
@@ -436,15 +433,9 @@ pub(super) async fn run_websocket(conn: Arc<Conn>, socket: WebSocket) {
         // The answers to this frame and to those that arrived with it go
         // out in one write (`hold_wakes`).
         let hold = outbox.hold_wakes();
-        let mut open = hold.run(on_frame(&conn, &mut st, msg, &liveness)).await;
-        for _ in 1..outbox::READY_FRAMES {
-            if !open {
-                break;
-            }
-            let Some(msg) = stream.next().now_or_never() else {
-                break;
-            };
-            hold.resume();
+        let mut frames = ReadyFrames::after(msg);
+        let mut open = true;
+        while open && let Some(msg) = frames.next(&mut stream) {
             open = hold.run(on_frame(&conn, &mut st, msg, &liveness)).await;
         }
         drop(hold);

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::lock::Mutex as AsyncMutex;
-use futures_util::stream::SplitSink;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::task::AtomicWaker;
-use futures_util::{FutureExt, Sink, SinkExt};
+use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
 use tokio::sync::Notify;
 
 use crate::config::Config;
@@ -445,7 +445,35 @@ impl WakeHold<'_> {
 
 /// At most this many frames a client sent together are answered under one
 /// hold before the reader looks at its other duties again.
-pub const READY_FRAMES: usize = 16;
+const READY_FRAMES: usize = 16;
+
+/// A client's frame as the socket's stream yields it (`None`: the end).
+pub type Frame = Option<Result<Message, axum::Error>>;
+
+/// What one hold answers: the frame that woke the reader, then those
+/// already read behind it, up to [`READY_FRAMES`] in all.
+pub struct ReadyFrames {
+    first: Option<Frame>,
+    left: usize,
+}
+
+impl ReadyFrames {
+    pub fn after(first: Frame) -> Self {
+        Self {
+            first: Some(first),
+            left: READY_FRAMES,
+        }
+    }
+
+    /// The next frame to answer; never waits for one.
+    pub fn next(&mut self, stream: &mut SplitStream<WebSocket>) -> Option<Frame> {
+        self.left = self.left.checked_sub(1)?;
+        match self.first.take() {
+            Some(frame) => Some(frame),
+            None => stream.next().now_or_never(),
+        }
+    }
+}
 
 impl Drop for WakeHold<'_> {
     fn drop(&mut self) {

@@ -23,7 +23,9 @@ use crate::auth::{self, Identity};
 use crate::backend::hooks::{Hello, transport};
 use crate::backend::{Caller, Denial, HookError};
 use crate::gateway::admission::{self, Seats, capacity, identify};
-use crate::gateway::outbox::{self, Heartbeat, Liveness, Outbox, WRITE_TIMEOUT, Writer};
+use crate::gateway::outbox::{
+    self, Frame, Heartbeat, Liveness, Outbox, ReadyFrames, WRITE_TIMEOUT, Writer,
+};
 use crate::history::GapRange;
 use crate::hub::{ConnId, Delivery, Outcome, Publication, PublishError, Subscribed, Subscriber};
 use crate::limits::TokenBucket;
@@ -405,15 +407,9 @@ async fn read_loop(
         // out in one write (`hold_wakes`).
         let outbox = session.outbox.clone();
         let hold = outbox.hold_wakes();
-        let mut go = hold.run(on_frame(session, msg, liveness)).await;
-        for _ in 1..outbox::READY_FRAMES {
-            if !go {
-                break;
-            }
-            let Some(msg) = stream.next().now_or_never() else {
-                break;
-            };
-            hold.resume();
+        let mut frames = ReadyFrames::after(msg);
+        let mut go = true;
+        while go && let Some(msg) = frames.next(&mut stream) {
             go = hold.run(on_frame(session, msg, liveness)).await;
         }
         drop(hold);
@@ -428,11 +424,7 @@ async fn read_loop(
 }
 
 /// Acts on one frame from the client; false when the session ends.
-async fn on_frame(
-    session: &mut Session,
-    msg: Option<Result<Message, axum::Error>>,
-    liveness: &Liveness,
-) -> bool {
+async fn on_frame(session: &mut Session, msg: Frame, liveness: &Liveness) -> bool {
     liveness.heard();
     match msg {
         Some(Ok(Message::Text(text))) => {
