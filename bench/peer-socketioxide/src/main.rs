@@ -22,6 +22,13 @@
 //!   takes every publication from Redis and delivers locally), without the
 //!   adapter's hop. Every instance of a deployment runs it this way.
 //!
+//! - With `PEER_NODELAY=1` every accepted connection gets `TCP_NODELAY`, as
+//!   Switchboard's do. By default the peer keeps `axum::serve`'s sockets
+//!   as they come (Nagle's algorithm on), as a socketioxide user's server
+//!   has them: its small writes then wait in the kernel for the client's
+//!   ACK, and their transmission is done by the client's ACK processing
+//!   (docs/benchmarks.md, "The peer and Nagle's algorithm").
+//!
 //! Buffers are raised so that nothing is dropped under the benchmark's
 //! bursts: the adapter's `stream_buffer` and engine.io's `max_buffer_size`
 //! are [`BUFFER`], and both fred clients' pub/sub broadcast channels too.
@@ -134,6 +141,12 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {host}:{port}"))?;
     let addr: SocketAddr = listener.local_addr()?;
     eprintln!("peer-socketioxide: ingest={ingest} local={local} listening on http://{addr}");
+    let nodelay = matches!(env("PEER_NODELAY", "0").as_str(), "1" | "true" | "yes");
+    let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
+        if nodelay {
+            let _ = tcp.set_nodelay(true);
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let mut term =
