@@ -21,7 +21,6 @@
 //!   (`io.local().to(topic).emit(…)`): the shape Switchboard has (each node
 //!   takes every publication from Redis and delivers locally), without the
 //!   adapter's hop. Every instance of a deployment runs it this way.
-//!
 //! - With `PEER_NODELAY=1` every accepted connection gets `TCP_NODELAY`, as
 //!   Switchboard's do. By default the peer keeps `axum::serve`'s sockets
 //!   as they come (Nagle's algorithm on), as a socketioxide user's server
