@@ -180,6 +180,16 @@ struct Queued {
     flush_owed: bool,
 }
 
+impl Queued {
+    /// Moves every queued frame into `batch` (which must be empty): the
+    /// queue is then empty, and owes the writer no wake-up for them.
+    fn move_into(&mut self, batch: &mut VecDeque<Utf8Bytes>) {
+        std::mem::swap(&mut self.frames, batch);
+        self.bytes = 0;
+        self.wake_owed = false;
+    }
+}
+
 impl Queue {
     fn push(&self, frame: Utf8Bytes) -> Delivery {
         let len = frame.len();
@@ -216,9 +226,7 @@ impl Queue {
         if q.writing || (q.frames.is_empty() && !q.flush_owed) {
             return Poll::Pending;
         }
-        std::mem::swap(&mut q.frames, batch);
-        q.bytes = 0;
-        q.wake_owed = false;
+        q.move_into(batch);
         q.flush_owed = false;
         q.writing = true;
         Poll::Ready(())
@@ -235,9 +243,7 @@ impl Queue {
         if q.frames.is_empty() {
             return false;
         }
-        std::mem::swap(&mut q.frames, batch);
-        q.bytes = 0;
-        q.wake_owed = false;
+        q.move_into(batch);
         true
     }
 
@@ -372,8 +378,8 @@ impl Outbox {
             return;
         };
         q.writing = true;
-        q.bytes = 0;
-        let mut batch = std::mem::take(&mut q.frames);
+        let mut batch = VecDeque::new();
+        q.move_into(&mut batch);
         drop(q);
         let flushed = write_now(&mut *sink, &mut batch);
         drop(sink);
