@@ -382,8 +382,11 @@ impl Outbox {
         q.move_into(&mut batch);
         drop(q);
         let flushed = write_now(&mut *sink, &mut batch);
-        drop(sink);
+        // The sink is let go only once what it did not take is back in the
+        // queue: a closing writer takes the sink before the queue, so it
+        // finds those frames there, in order, rather than losing them.
         let mut q = self.queue.inner.lock().unwrap();
+        drop(sink);
         q.writing = false;
         if !batch.is_empty() && !q.closed {
             // The socket's buffer was full: the rest goes first.
@@ -754,14 +757,19 @@ async fn close_connection(w: &mut Writer, code: u16, batch: &mut VecDeque<Utf8By
     if code != close::TRY_AGAIN_LATER
         && code != close::HEARTBEAT_TIMEOUT
         && code != close::BY_CLIENT
-        && outbox.queue.take(batch)
     {
         let pending = async {
+            // The sink first, then the queue: a reader writing its answers
+            // at the end of a hold puts back what the socket did not take
+            // before it lets the sink go, so nothing is taken out of order.
             let mut sink = w.sink.lock().await;
-            for frame in batch.drain(..) {
-                sink.feed(Message::Text(frame)).await?;
+            if outbox.queue.take(batch) {
+                for frame in batch.drain(..) {
+                    sink.feed(Message::Text(frame)).await?;
+                }
+                sink.flush().await?;
             }
-            sink.flush().await
+            Ok::<(), axum::Error>(())
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), pending).await;
     }
