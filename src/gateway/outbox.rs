@@ -764,10 +764,7 @@ async fn close_connection(w: &mut Writer, code: u16, batch: &mut VecDeque<Utf8By
             // before it lets the sink go, so nothing is taken out of order.
             let mut sink = w.sink.lock().await;
             if outbox.queue.take(batch) {
-                for frame in batch.drain(..) {
-                    sink.feed(Message::Text(frame)).await?;
-                }
-                sink.flush().await?;
+                write_all(&mut sink, batch).await?;
             }
             Ok::<(), axum::Error>(())
         };
@@ -812,16 +809,21 @@ async fn flush_close_answer(w: &mut Writer) {
     let _ = tokio::time::timeout(Duration::from_millis(500), close).await;
 }
 
+/// Feeds every frame of `batch` to the socket and flushes once.
+async fn write_all(
+    sink: &mut SplitSink<WebSocket, Message>,
+    batch: &mut VecDeque<Utf8Bytes>,
+) -> Result<(), axum::Error> {
+    for frame in batch.drain(..) {
+        sink.feed(Message::Text(frame)).await?;
+    }
+    sink.flush().await
+}
+
 /// Writes the whole batch and flushes once. Returns false when the
 /// connection is unusable.
 async fn write_batch(w: &mut Writer, batch: &mut VecDeque<Utf8Bytes>) -> bool {
-    let work = async {
-        let mut sink = w.sink.lock().await;
-        for frame in batch.drain(..) {
-            sink.feed(Message::Text(frame)).await?;
-        }
-        sink.flush().await
-    };
+    let work = async { write_all(&mut *w.sink.lock().await, batch).await };
     let ok = {
         let mut work = std::pin::pin!(work);
         // Most batches complete at once; only a write that has to wait arms
