@@ -69,6 +69,11 @@ fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
+/// A switch: on when the variable is `1`, `true` or `yes`.
+fn flag(name: &str) -> bool {
+    matches!(env(name, "0").as_str(), "1" | "true" | "yes")
+}
+
 /// A fred client with reconnection, RESP3 (the adapter needs it) and a large
 /// pub/sub channel (fred's default of 32 drops messages under load).
 fn subscriber(url: &str) -> anyhow::Result<SubscriberClient> {
@@ -87,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
     let url = env("REDIS_URL", "redis://127.0.0.1:6379");
     let prefix = env("REDIS_PREFIX", "switchboard");
     let local = env("PEER_INGEST", "0") == "local";
-    let ingest = local || matches!(env("PEER_INGEST", "0").as_str(), "1" | "true" | "yes");
+    let ingest = local || flag("PEER_INGEST");
 
     // Not `init`ed here: the adapter's fred driver does that itself, and a
     // second `init` of a connected client (fred resets its router task and
@@ -140,7 +145,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {host}:{port}"))?;
     let addr: SocketAddr = listener.local_addr()?;
     eprintln!("peer-socketioxide: ingest={ingest} local={local} listening on http://{addr}");
-    let nodelay = matches!(env("PEER_NODELAY", "0").as_str(), "1" | "true" | "yes");
+    let nodelay = flag("PEER_NODELAY");
     let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
         if nodelay {
             let _ = tcp.set_nodelay(true);
