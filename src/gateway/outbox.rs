@@ -256,6 +256,39 @@ impl Queue {
         }
     }
 
+    /// A reader's write at the end of its hold ([`Outbox::release`]), with
+    /// the queue's lock `q` (the writer idle, the queue open) and the sink.
+    /// True when the writer is owed a wake-up: for what the socket did not
+    /// take, or for a flush it could not finish.
+    fn write_held<S: Sink<Message> + Unpin>(
+        &self,
+        mut q: std::sync::MutexGuard<'_, Queued>,
+        mut sink: futures_util::lock::MutexGuard<'_, S>,
+    ) -> bool {
+        q.writing = true;
+        let mut batch = VecDeque::new();
+        q.move_into(&mut batch);
+        drop(q);
+        let flushed = write_now(&mut *sink, &mut batch);
+        // The sink is let go only once what it did not take is back in the
+        // queue: a closing writer takes the sink before the queue
+        // ([`write_queued`]), so it finds those frames there, in order,
+        // rather than losing them.
+        let mut q = self.inner.lock().unwrap();
+        drop(sink);
+        q.writing = false;
+        if !batch.is_empty() && !q.closed {
+            // The socket's buffer was full: the rest goes first.
+            q.bytes += batch.iter().map(|f| f.len()).sum::<usize>();
+            batch.append(&mut q.frames);
+            q.frames = batch;
+        } else if q.frames.is_empty() && batch.capacity() <= 64 {
+            q.frames = batch;
+        }
+        q.flush_owed |= !flushed;
+        !q.frames.is_empty() || q.flush_owed
+    }
+
     /// No more frames are accepted; what is queued is dropped.
     fn close(&self) {
         let mut q = self.inner.lock().unwrap();
@@ -372,34 +405,12 @@ impl Outbox {
             Some(sink) if !q.writing && !q.closed && self.close.code() == 0 => sink.try_lock(),
             _ => None,
         };
-        let Some(mut sink) = sink else {
+        let Some(sink) = sink else {
             drop(q);
             self.queue.waker.wake();
             return;
         };
-        q.writing = true;
-        let mut batch = VecDeque::new();
-        q.move_into(&mut batch);
-        drop(q);
-        let flushed = write_now(&mut *sink, &mut batch);
-        // The sink is let go only once what it did not take is back in the
-        // queue: a closing writer takes the sink before the queue, so it
-        // finds those frames there, in order, rather than losing them.
-        let mut q = self.queue.inner.lock().unwrap();
-        drop(sink);
-        q.writing = false;
-        if !batch.is_empty() && !q.closed {
-            // The socket's buffer was full: the rest goes first.
-            q.bytes += batch.iter().map(|f| f.len()).sum::<usize>();
-            batch.append(&mut q.frames);
-            q.frames = batch;
-        } else if q.frames.is_empty() && batch.capacity() <= 64 {
-            q.frames = batch;
-        }
-        q.flush_owed |= !flushed;
-        let wake = !q.frames.is_empty() || q.flush_owed;
-        drop(q);
-        if wake {
+        if self.queue.write_held(q, sink) {
             self.queue.waker.wake();
         }
     }
@@ -758,16 +769,7 @@ async fn close_connection(w: &mut Writer, code: u16, batch: &mut VecDeque<Utf8By
         && code != close::HEARTBEAT_TIMEOUT
         && code != close::BY_CLIENT
     {
-        let pending = async {
-            // The sink first, then the queue: a reader writing its answers
-            // at the end of a hold puts back what the socket did not take
-            // before it lets the sink go, so nothing is taken out of order.
-            let mut sink = w.sink.lock().await;
-            if outbox.queue.take(batch) {
-                write_all(&mut sink, batch).await?;
-            }
-            Ok::<(), axum::Error>(())
-        };
+        let pending = write_queued(&w.sink, &outbox.queue, batch);
         let _ = tokio::time::timeout(Duration::from_secs(1), pending).await;
     }
     outbox.queue.close();
@@ -809,11 +811,27 @@ async fn flush_close_answer(w: &mut Writer) {
     let _ = tokio::time::timeout(Duration::from_millis(500), close).await;
 }
 
-/// Feeds every frame of `batch` to the socket and flushes once.
-async fn write_all(
-    sink: &mut SplitSink<WebSocket, Message>,
+/// A closing writer's last data frames: what is queued. The sink first,
+/// then the queue: a reader writing its answers at the end of a hold
+/// ([`Queue::write_held`]) puts back what the socket did not take before it
+/// lets the sink go, so nothing is taken out of order or left behind.
+async fn write_queued<S: Sink<Message> + Unpin>(
+    sink: &AsyncMutex<S>,
+    queue: &Queue,
     batch: &mut VecDeque<Utf8Bytes>,
-) -> Result<(), axum::Error> {
+) -> Result<(), S::Error> {
+    let mut sink = sink.lock().await;
+    if queue.take(batch) {
+        write_all(&mut *sink, batch).await?;
+    }
+    Ok(())
+}
+
+/// Feeds every frame of `batch` to the socket and flushes once.
+async fn write_all<S: Sink<Message> + Unpin>(
+    sink: &mut S,
+    batch: &mut VecDeque<Utf8Bytes>,
+) -> Result<(), S::Error> {
     for frame in batch.drain(..) {
         sink.feed(Message::Text(frame)).await?;
     }
@@ -845,6 +863,9 @@ async fn write_batch(w: &mut Writer, batch: &mut VecDeque<Utf8Bytes>) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::{Cell, RefCell};
+    use std::rc::Rc;
+
     use super::*;
 
     fn signal() -> CloseSignal {
@@ -925,16 +946,28 @@ mod tests {
         }
     }
 
+    fn queue() -> Queue {
+        Queue {
+            inner: Mutex::new(Queued::default()),
+            waker: AtomicWaker::new(),
+            max_frames: 100,
+            max_bytes: 1 << 20,
+        }
+    }
+
+    fn text(m: &Message) -> String {
+        match m {
+            Message::Text(t) => t.to_string(),
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// The reader's write never waits and never loses a frame: what the
     /// socket does not take stays, in order, for the writer.
     #[test]
     fn a_write_that_would_wait_leaves_the_rest_in_order() {
         let frames =
             || -> VecDeque<Utf8Bytes> { ["a", "b", "c"].map(Utf8Bytes::from_static).into() };
-        let text = |m: &Message| match m {
-            Message::Text(t) => t.to_string(),
-            other => panic!("{other:?}"),
-        };
 
         let mut socket = Socket {
             room: 10,
@@ -971,6 +1004,102 @@ mod tests {
         assert_eq!(socket.sent.len(), 3);
     }
 
+    /// A socket with room for as many frames as the test says, which runs
+    /// `when_full` the first time a write has to wait for room: what other
+    /// tasks do while a reader's write is stuck.
+    struct WatchedSocket {
+        room: Rc<Cell<usize>>,
+        sent: Rc<RefCell<Vec<Message>>>,
+        when_full: Option<Box<dyn FnOnce()>>,
+    }
+
+    impl Sink<Message> for WatchedSocket {
+        type Error = std::io::Error;
+
+        fn poll_ready(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
+            if self.room.get() > 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(when_full) = self.when_full.take() {
+                when_full();
+            }
+            Poll::Pending
+        }
+
+        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            self.room.set(self.room.get() - 1);
+            self.sent.borrow_mut().push(item);
+            Ok(())
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A close asked for while a reader writes its answers, the socket full
+    /// after two of three, finds the one left over in the queue ahead of a
+    /// delivery queued meanwhile, and writes them in order, because the
+    /// closing writer waits for the sink before it takes the queue (taking
+    /// the queue first wrote `a b d` and left `c` behind). The reader's half,
+    /// putting back what the socket left before it lets the sink go, matters
+    /// only when the closer runs on another thread between those two steps,
+    /// which a single-threaded test cannot place.
+    #[test]
+    fn a_close_during_a_readers_write_loses_and_reorders_nothing() {
+        let frame = Utf8Bytes::from_static;
+        let queue = Arc::new(queue());
+        for f in ["a", "b", "c"] {
+            queue.push(frame(f));
+        }
+        let room = Rc::new(Cell::new(2));
+        let sent = Rc::new(RefCell::new(Vec::new()));
+        let sink = Rc::new(AsyncMutex::new(WatchedSocket {
+            room: room.clone(),
+            sent: sent.clone(),
+            when_full: None,
+        }));
+        let closer = Rc::new(RefCell::new(Box::pin({
+            let (sink, queue) = (sink.clone(), queue.clone());
+            async move { write_queued(&sink, &queue, &mut VecDeque::new()).await }
+        })));
+
+        let mut held = sink.try_lock().expect("the writer is idle");
+        held.when_full = Some(Box::new({
+            let (closer, queue) = (closer.clone(), queue.clone());
+            move || {
+                queue.push(frame("d"));
+                let mut closer = closer.borrow_mut();
+                assert!(
+                    closer.as_mut().now_or_never().is_none(),
+                    "the closer waits for the sink"
+                );
+            }
+        }));
+        let q = queue.inner.lock().unwrap();
+        assert!(queue.write_held(q, held), "the rest is the writer's");
+        assert_eq!(sent.borrow().len(), 2);
+
+        room.set(10);
+        let mut closer = closer.borrow_mut();
+        closer
+            .as_mut()
+            .now_or_never()
+            .expect("the sink is free")
+            .unwrap();
+        assert_eq!(
+            sent.borrow().iter().map(text).collect::<Vec<_>>(),
+            ["a", "b", "c", "d"]
+        );
+    }
+
     struct Wakes(std::sync::atomic::AtomicUsize);
 
     impl futures_util::task::ArcWake for Wakes {
@@ -989,12 +1118,7 @@ mod tests {
 
     async fn holding_reader() {
         let outbox = Arc::new(Outbox {
-            queue: Queue {
-                inner: Mutex::new(Queued::default()),
-                waker: AtomicWaker::new(),
-                max_frames: 100,
-                max_bytes: 1 << 20,
-            },
+            queue: queue(),
             sink: std::sync::OnceLock::new(),
             close: signal(),
             transport: "ws",
