@@ -123,6 +123,16 @@ struct Counts {
     subscribed: AtomicU64,
     refused: AtomicU64,
     closed: AtomicU64,
+    /// Why, by kind: the connect failed, the node closed the socket, or
+    /// a read or write failed.
+    why_closed: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Counts {
+    fn closed(&self, why: String) {
+        self.closed.fetch_add(1, Ordering::Relaxed);
+        *self.why_closed.lock().unwrap().entry(why).or_default() += 1;
+    }
 }
 
 /// One hostile client: a new topic subscribed and unsubscribed `rate`
@@ -134,29 +144,29 @@ async fn hostile(
     until: Instant,
     counts: Arc<Counts>,
 ) {
-    let Ok(mut conn) = ws::connect(target, None, "/ws").await else {
-        counts.closed.fetch_add(1, Ordering::Relaxed);
-        return;
+    let mut conn = match ws::connect(target, None, "/ws").await {
+        Ok(conn) => conn,
+        Err(e) => return counts.closed(format!("connect: {e}")),
     };
     // Bounded by `until` even when the node stops reading (its readers wait
     // on Redis) and a write blocks: what is still in the socket buffers
     // then is the node's backlog, not this client's doing.
     let churn = churn(&mut conn, client, rate, until, &counts);
-    if tokio::time::timeout_at(until.into(), churn).await == Ok(false) {
-        counts.closed.fetch_add(1, Ordering::Relaxed);
-        return;
+    if let Ok(Err(why)) = tokio::time::timeout_at(until.into(), churn).await {
+        return counts.closed(why);
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
 }
 
-/// The client's loop; false when the node closed the connection.
+/// The client's loop; an error saying why when the connection ended
+/// before `until`.
 async fn churn(
     conn: &mut ws::Conn,
     client: usize,
     rate: u64,
     until: Instant,
     counts: &Counts,
-) -> bool {
+) -> Result<(), String> {
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut n = 0u64;
@@ -175,21 +185,20 @@ async fn churn(
                 conn.out.text(format!(r#"{{"type":"unsubscribe","event":"{topic}"}}"#).as_bytes());
                 n += 1;
                 counts.sent.fetch_add(1, Ordering::Relaxed);
-                if conn.flush().await.is_err() {
-                    return false;
-                }
+                conn.flush().await.map_err(|e| format!("write: {e}"))?;
             }
             read = conn.fill() => {
-                if !matches!(read, Ok(true)) || conn.drain(count).is_err() {
-                    return false;
+                match read {
+                    Ok(true) => {}
+                    Ok(false) => return Err("the node closed the socket".into()),
+                    Err(e) => return Err(format!("read: {e}")),
                 }
-                if conn.flush().await.is_err() {
-                    return false;
-                }
+                conn.drain(count).map_err(|e| format!("{e:?}"))?;
+                conn.flush().await.map_err(|e| format!("write: {e}"))?;
             }
         }
     }
-    true
+    Ok(())
 }
 
 pub fn main(args: &[String]) -> anyhow::Result<()> {
@@ -256,6 +265,7 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
         "subscribes_accepted": subscribed,
         "subscribes_refused": refused,
         "clients_closed_by_node": counts.closed.load(Ordering::Relaxed),
+        "clients_closed_why": &*counts.why_closed.lock().unwrap(),
         "redis_used_memory": {"before": mem0, "max_during": mem_max, "after": mem_end},
         "redis_keys": {"before": keys0, "max_during": keys_max, "after": keys_end},
         "node_rss": o.pids.iter().zip(rss0.iter().zip(rss_max.iter().zip(&rss_end)))
@@ -270,6 +280,7 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     });
     eprintln!(
         "abuse {}: {} clients × {}/s for {:.0} s: {sent} subscribes sent, {subscribed} accepted, {refused} refused\n\
+         closed before the end: {:?}\n\
          Redis used_memory {mem0} → max {mem_max} → {mem_end} after {:.0} s; keys {keys0} → max {keys_max} → {keys_end}\n\
          node RSS before {:?}, max {:?}, after {:?}\n\
          growth per client-second: {:.1} B of Redis memory, {:.4} keys, {:.1} B of node RSS",
@@ -277,6 +288,7 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
         o.clients,
         o.rate,
         run_s,
+        counts.why_closed.lock().unwrap(),
         o.after.as_secs_f64(),
         rss0,
         rss_max,
