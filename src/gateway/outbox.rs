@@ -48,6 +48,15 @@ pub mod close {
     /// after the peer's Close tungstenite refuses every other frame. 1005 is
     /// the code that may never appear on the wire, so it cannot collide.
     pub const BY_CLIENT: u16 = 1005;
+
+    /// Whether a close with `code` drops what is still queued rather than
+    /// sending it first: when the queue is the problem (slow consumer), the
+    /// peer is gone (heartbeat) or the client closed (no data frame may
+    /// follow its Close). The websocket writer and the long-polling
+    /// session's last poll both go by it.
+    pub const fn drops_queued(code: u16) -> bool {
+        matches!(code, TRY_AGAIN_LATER | HEARTBEAT_TIMEOUT | BY_CLIENT)
+    }
 }
 
 /// Upgrades a client connection with the buffer sizes and limits every
@@ -765,10 +774,7 @@ async fn write_loop(mut w: Writer) {
 /// connection and its timers would otherwise sit in every idle task.
 async fn close_connection(w: &mut Writer, code: u16, batch: &mut VecDeque<Utf8Bytes>) {
     let outbox = w.outbox.clone();
-    if code != close::TRY_AGAIN_LATER
-        && code != close::HEARTBEAT_TIMEOUT
-        && code != close::BY_CLIENT
-    {
+    if !close::drops_queued(code) {
         let pending = write_queued(&w.sink, &outbox.queue, batch);
         let _ = tokio::time::timeout(Duration::from_secs(1), pending).await;
     }

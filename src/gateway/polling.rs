@@ -123,11 +123,7 @@ pub(super) async fn poll(conn: Arc<Conn>) -> Response {
 /// payload a tick after the CLOSE in it) the CLOSE packet.
 fn last_poll(conn: &Conn, code: u16) -> Response {
     let mut batch = VecDeque::new();
-    if !matches!(
-        code,
-        close::TRY_AGAIN_LATER | close::HEARTBEAT_TIMEOUT | close::BY_CLIENT
-    ) && conn.outbox.take(&mut batch)
-    {
+    if !close::drops_queued(code) && conn.outbox.take(&mut batch) {
         return text(payload(&mut batch));
     }
     conn.set_phase(Phase::Closed);
