@@ -123,6 +123,9 @@ struct Counts {
     subscribed: AtomicU64,
     refused: AtomicU64,
     closed: AtomicU64,
+    /// The longest any client waited for the answer to one of its frames,
+    /// in µs: how far behind its hostile clients a node's readers fell.
+    answer_lag_us: AtomicU64,
     /// Why, by kind: the connect failed, the node closed the socket, or
     /// a read or write failed.
     why_closed: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
@@ -170,13 +173,10 @@ async fn churn(
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut n = 0u64;
-    let count = |payload: &[u8], _: &mut ws::Out| {
-        if ws::find(payload, br#""type":"subscribed""#).is_some() {
-            counts.subscribed.fetch_add(1, Ordering::Relaxed);
-        } else if ws::find(payload, br#""type":"error""#).is_some() {
-            counts.refused.fetch_add(1, Ordering::Relaxed);
-        }
-    };
+    // When each frame not yet answered was sent: every frame gets one
+    // answer, in order.
+    let mut unanswered = std::collections::VecDeque::new();
+    let mut lag = Duration::ZERO;
     while Instant::now() < until {
         tokio::select! {
             _ = tick.tick() => {
@@ -184,6 +184,8 @@ async fn churn(
                 conn.out.text(format!(r#"{{"type":"subscribe","event":"{topic}"}}"#).as_bytes());
                 conn.out.text(format!(r#"{{"type":"unsubscribe","event":"{topic}"}}"#).as_bytes());
                 n += 1;
+                let now = Instant::now();
+                unanswered.extend([now, now]);
                 counts.sent.fetch_add(1, Ordering::Relaxed);
                 conn.flush().await.map_err(|e| format!("write: {e}"))?;
             }
@@ -193,7 +195,18 @@ async fn churn(
                     Ok(false) => return Err("the node closed the socket".into()),
                     Err(e) => return Err(format!("read: {e}")),
                 }
-                conn.drain(count).map_err(|e| format!("{e:?}"))?;
+                let drained = conn.drain(|payload: &[u8], _: &mut ws::Out| {
+                    if let Some(sent) = unanswered.pop_front() {
+                        lag = lag.max(sent.elapsed());
+                    }
+                    if ws::find(payload, br#""type":"subscribed""#).is_some() {
+                        counts.subscribed.fetch_add(1, Ordering::Relaxed);
+                    } else if ws::find(payload, br#""type":"error""#).is_some() {
+                        counts.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                counts.answer_lag_us.fetch_max(lag.as_micros() as u64, Ordering::Relaxed);
+                drained.map_err(|e| format!("{e:?}"))?;
                 conn.flush().await.map_err(|e| format!("write: {e}"))?;
             }
         }
@@ -266,6 +279,7 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
         "subscribes_refused": refused,
         "clients_closed_by_node": counts.closed.load(Ordering::Relaxed),
         "clients_closed_why": &*counts.why_closed.lock().unwrap(),
+        "answer_lag_max_ms": counts.answer_lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
         "redis_used_memory": {"before": mem0, "max_during": mem_max, "after": mem_end},
         "redis_keys": {"before": keys0, "max_during": keys_max, "after": keys_end},
         "node_rss": o.pids.iter().zip(rss0.iter().zip(rss_max.iter().zip(&rss_end)))
@@ -280,7 +294,7 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     });
     eprintln!(
         "abuse {}: {} clients × {}/s for {:.0} s: {sent} subscribes sent, {subscribed} accepted, {refused} refused\n\
-         closed before the end: {:?}\n\
+         closed before the end: {:?}; longest wait for an answer {:.0} ms\n\
          Redis used_memory {mem0} → max {mem_max} → {mem_end} after {:.0} s; keys {keys0} → max {keys_max} → {keys_end}\n\
          node RSS before {:?}, max {:?}, after {:?}\n\
          growth per client-second: {:.1} B of Redis memory, {:.4} keys, {:.1} B of node RSS",
@@ -289,6 +303,7 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
         o.rate,
         run_s,
         counts.why_closed.lock().unwrap(),
+        counts.answer_lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
         o.after.as_secs_f64(),
         rss0,
         rss_max,
