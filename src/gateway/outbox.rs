@@ -869,7 +869,7 @@ async fn write_batch(w: &mut Writer, batch: &mut VecDeque<Utf8Bytes>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::{Cell, RefCell};
+    use std::cell::RefCell;
     use std::rc::Rc;
 
     use super::*;
@@ -909,24 +909,33 @@ mod tests {
         assert_eq!(signal.code(), close::BY_CLIENT);
     }
 
-    /// A socket that takes `room` frames, then has to wait; its flush
-    /// waits while anything is unflushed and `flush_waits`.
+    /// A socket that takes `room` frames, then has to wait, and runs
+    /// `when_full` the first time it does (what other tasks do while a
+    /// reader's write is stuck); its flush waits while anything is
+    /// unflushed and `flush_waits`.
     #[derive(Default)]
     struct Socket {
         room: usize,
         flush_waits: bool,
         sent: Vec<Message>,
         unflushed: usize,
+        when_full: Option<Box<dyn FnOnce()>>,
     }
 
     impl Sink<Message> for Socket {
         type Error = std::io::Error;
 
-        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            match self.room {
-                0 => Poll::Pending,
-                _ => Poll::Ready(Ok(())),
+        fn poll_ready(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
+            if self.room > 0 {
+                return Poll::Ready(Ok(()));
             }
+            if let Some(when_full) = self.when_full.take() {
+                when_full();
+            }
+            Poll::Pending
         }
 
         fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
@@ -1010,46 +1019,6 @@ mod tests {
         assert_eq!(socket.sent.len(), 3);
     }
 
-    /// A socket with room for as many frames as the test says, which runs
-    /// `when_full` the first time a write has to wait for room: what other
-    /// tasks do while a reader's write is stuck.
-    struct WatchedSocket {
-        room: Rc<Cell<usize>>,
-        sent: Rc<RefCell<Vec<Message>>>,
-        when_full: Option<Box<dyn FnOnce()>>,
-    }
-
-    impl Sink<Message> for WatchedSocket {
-        type Error = std::io::Error;
-
-        fn poll_ready(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Result<(), Self::Error>> {
-            if self.room.get() > 0 {
-                return Poll::Ready(Ok(()));
-            }
-            if let Some(when_full) = self.when_full.take() {
-                when_full();
-            }
-            Poll::Pending
-        }
-
-        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
-            self.room.set(self.room.get() - 1);
-            self.sent.borrow_mut().push(item);
-            Ok(())
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
     /// A close asked for while a reader writes its answers, the socket full
     /// after two of three, finds the one left over in the queue ahead of a
     /// delivery queued meanwhile, and writes them in order, because the
@@ -1065,12 +1034,9 @@ mod tests {
         for f in ["a", "b", "c"] {
             queue.push(frame(f));
         }
-        let room = Rc::new(Cell::new(2));
-        let sent = Rc::new(RefCell::new(Vec::new()));
-        let sink = Rc::new(AsyncMutex::new(WatchedSocket {
-            room: room.clone(),
-            sent: sent.clone(),
-            when_full: None,
+        let sink = Rc::new(AsyncMutex::new(Socket {
+            room: 2,
+            ..Default::default()
         }));
         let closer = Rc::new(RefCell::new(Box::pin({
             let (sink, queue) = (sink.clone(), queue.clone());
@@ -1091,17 +1057,20 @@ mod tests {
         }));
         let q = queue.inner.lock().unwrap();
         assert!(queue.write_held(q, held), "the rest is the writer's");
-        assert_eq!(sent.borrow().len(), 2);
+        let mut socket = sink.try_lock().expect("let go");
+        assert_eq!(socket.sent.len(), 2);
+        socket.room = 10;
+        drop(socket);
 
-        room.set(10);
         let mut closer = closer.borrow_mut();
         closer
             .as_mut()
             .now_or_never()
             .expect("the sink is free")
             .unwrap();
+        let socket = sink.try_lock().expect("let go");
         assert_eq!(
-            sent.borrow().iter().map(text).collect::<Vec<_>>(),
+            socket.sent.iter().map(text).collect::<Vec<_>>(),
             ["a", "b", "c", "d"]
         );
     }
