@@ -267,6 +267,8 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     let sent = counts.sent.load(Ordering::Relaxed);
     let subscribed = counts.subscribed.load(Ordering::Relaxed);
     let refused = counts.refused.load(Ordering::Relaxed);
+    let why_closed = std::mem::take(&mut *counts.why_closed.lock().unwrap());
+    let answer_lag_ms = counts.answer_lag_us.load(Ordering::Relaxed) as f64 / 1000.0;
     let result = serde_json::json!({
         "label": o.label,
         "mode": "abuse",
@@ -278,8 +280,8 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
         "subscribes_accepted": subscribed,
         "subscribes_refused": refused,
         "clients_closed_by_node": counts.closed.load(Ordering::Relaxed),
-        "clients_closed_why": &*counts.why_closed.lock().unwrap(),
-        "answer_lag_max_ms": counts.answer_lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        "clients_closed_why": &why_closed,
+        "answer_lag_max_ms": answer_lag_ms,
         "redis_used_memory": {"before": mem0, "max_during": mem_max, "after": mem_end},
         "redis_keys": {"before": keys0, "max_during": keys_max, "after": keys_end},
         "node_rss": o.pids.iter().zip(rss0.iter().zip(rss_max.iter().zip(&rss_end)))
@@ -294,7 +296,7 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     });
     eprintln!(
         "abuse {}: {} clients × {}/s for {:.0} s: {sent} subscribes sent, {subscribed} accepted, {refused} refused\n\
-         closed before the end: {:?}; longest wait for an answer {:.0} ms\n\
+         closed before the end: {why_closed:?}; longest wait for an answer {answer_lag_ms:.0} ms\n\
          Redis used_memory {mem0} → max {mem_max} → {mem_end} after {:.0} s; keys {keys0} → max {keys_max} → {keys_end}\n\
          node RSS before {:?}, max {:?}, after {:?}\n\
          growth per client-second: {:.1} B of Redis memory, {:.4} keys, {:.1} B of node RSS",
@@ -302,8 +304,6 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
         o.clients,
         o.rate,
         run_s,
-        counts.why_closed.lock().unwrap(),
-        counts.answer_lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
         o.after.as_secs_f64(),
         rss0,
         rss_max,
