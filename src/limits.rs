@@ -113,6 +113,19 @@ pub fn subscribe_rate_refusal(node: &crate::node::Node, topic: &str) -> (String,
 /// A per-connection rate (`WEBSOCKET_RATE_LIMIT`,
 /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`), owned by the connection's reader, so
 /// no locking; every transport's sessions keep theirs.
+///
+/// It charges a client for the rate it sends at, not for the node's own
+/// delays. A websocket reader reads a frame only once it has answered the
+/// one before, and an answer may wait on Redis, so a client sending at
+/// exactly the rate finds the frames it sent meanwhile read as a burst.
+/// The reader says whether a frame was already waiting for it
+/// ([`TokenBucket::pace`]): then the time since the last one refills at
+/// the rate without the burst's cap (it was the node's time, not the
+/// client's pause); when it had to wait, the cap applies again. A refill never adds more than the rate times the time
+/// passed, so over its whole life a client still gets at most one burst
+/// plus the rate times its age; only the burst's shape changes. Readers
+/// that cannot tell (long-polling, SSE) only `take`, which never goes past
+/// the cap.
 pub struct TokenBucket {
     limit: RateLimit,
     tokens: f64,
@@ -121,10 +134,14 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(limit: RateLimit) -> Self {
+        Self::new_at(limit, Instant::now())
+    }
+
+    fn new_at(limit: RateLimit, now: Instant) -> Self {
         TokenBucket {
             limit,
             tokens: limit.burst,
-            at: Instant::now(),
+            at: now,
         }
     }
 
@@ -134,16 +151,53 @@ impl TokenBucket {
 
     /// Takes one token; false when the client is over its rate.
     pub fn take(&mut self) -> bool {
+        self.take_at(Instant::now())
+    }
+
+    /// A websocket reader is about to act on a frame. `queued`: the frame
+    /// was already waiting, so the time since the last call was the node's,
+    /// not the client's pause. Otherwise the reader had to wait for the
+    /// client (or for anything else while nothing from the client was
+    /// waiting), and whatever the node's busy time added beyond the burst
+    /// goes.
+    pub fn pace(&mut self, queued: bool) {
         let now = Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * self.limit.per_second;
-        self.tokens = (self.tokens + refill).min(self.limit.burst);
-        self.at = now;
+        if queued {
+            self.behind_at(now);
+        } else {
+            self.caught_up_at(now);
+        }
+    }
+
+    fn take_at(&mut self, now: Instant) -> bool {
+        self.refill(now, false);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+
+    fn behind_at(&mut self, now: Instant) {
+        self.refill(now, true);
+    }
+
+    fn caught_up_at(&mut self, now: Instant) {
+        self.refill(now, false);
+        self.tokens = self.tokens.min(self.limit.burst);
+    }
+
+    /// Adds the rate times the time since the last call; up to the burst
+    /// unless `uncapped`, and never taking away what is there.
+    fn refill(&mut self, now: Instant, uncapped: bool) {
+        let added = now.duration_since(self.at).as_secs_f64() * self.limit.per_second;
+        self.tokens = if uncapped {
+            self.tokens + added
+        } else {
+            self.tokens.max((self.tokens + added).min(self.limit.burst))
+        };
+        self.at = now;
     }
 }
 
@@ -420,5 +474,98 @@ mod tests {
         drop(u);
         let _u = l.user_seat("alice").unwrap().unwrap();
         assert_eq!(l.tracked().1, 1);
+    }
+
+    fn bucket(per_second: f64, burst: f64, now: Instant) -> TokenBucket {
+        TokenBucket::new_at(RateLimit { per_second, burst }, now)
+    }
+
+    #[test]
+    fn take_alone_keeps_the_classic_bucket() {
+        let t0 = Instant::now();
+        let mut b = bucket(10.0, 5.0, t0);
+        assert_eq!((0..5).filter(|_| b.take_at(t0)).count(), 5);
+        assert!(!b.take_at(t0), "past the burst");
+        assert!(b.take_at(t0 + Duration::from_millis(100)), "one refilled");
+        assert!(!b.take_at(t0 + Duration::from_millis(100)));
+        // An hour idle refills to the burst, not beyond.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!((0..10).filter(|_| b.take_at(later)).count(), 5);
+    }
+
+    #[test]
+    fn a_client_at_the_rate_is_not_charged_for_the_nodes_delay() {
+        // 100/s with a 2 s burst. The client sends frame i at i × 10 ms; the
+        // node reads frame 0 at once, then is busy 3 s with it (waiting on
+        // Redis) and reads each later frame as soon as it is both sent and
+        // the node is free: the first 300 were waiting for it.
+        let t0 = Instant::now();
+        let busy_until = t0 + Duration::from_secs(3);
+        let schedule = |i: u32| {
+            let sent = t0 + Duration::from_millis(10) * i;
+            let read = if i == 0 { sent } else { sent.max(busy_until) };
+            (read, i > 0 && sent < busy_until)
+        };
+        let refused = |marks: bool| {
+            let mut b = bucket(100.0, 200.0, t0);
+            (0..1000)
+                .filter(|&i| {
+                    let (read, queued) = schedule(i);
+                    match (marks, queued) {
+                        (false, _) => {}
+                        (true, true) => b.behind_at(read),
+                        (true, false) => b.caught_up_at(read),
+                    }
+                    !b.take_at(read)
+                })
+                .count()
+        };
+        // Unaware of the backlog, the bucket reads the 300 frames sent in
+        // 3 s as a burst against a cap of 200, and refuses a third of them.
+        assert_eq!(refused(false), 100);
+        assert_eq!(refused(true), 0);
+    }
+
+    #[test]
+    fn a_client_over_the_rate_is_still_refused_while_the_node_is_behind() {
+        // 200/s against 100/s, read through the same 3 s backlog.
+        let t0 = Instant::now();
+        let mut b = bucket(100.0, 200.0, t0);
+        b.caught_up_at(t0);
+        assert!(b.take_at(t0));
+        let read = t0 + Duration::from_secs(3);
+        let mut accepted = 1;
+        for _ in 1..600 {
+            b.behind_at(read);
+            if b.take_at(read) {
+                accepted += 1;
+            }
+        }
+        // A burst and the rate times the 3 s: at most 500 of the 600.
+        assert_eq!(accepted, 500);
+    }
+
+    #[test]
+    fn catching_up_caps_the_bucket_again() {
+        let t0 = Instant::now();
+        let mut b = bucket(100.0, 200.0, t0);
+        b.caught_up_at(t0);
+        assert!(b.take_at(t0));
+        // The node was busy 10 s; one queued frame collects that time.
+        let busy = t0 + Duration::from_secs(10);
+        b.behind_at(busy);
+        assert!(b.take_at(busy));
+        // The reader then waits for the next frame, an hour later: the
+        // 10 s of credit are gone, and the hour refills to the burst only.
+        let later = busy + Duration::from_secs(3600);
+        b.caught_up_at(later);
+        let mut accepted = 0;
+        for _ in 0..1000 {
+            b.behind_at(later);
+            if b.take_at(later) {
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 200);
     }
 }

@@ -949,3 +949,92 @@ async fn without_an_rpc_hook_native_rpc_is_forbidden() {
     // A connection without hooks behaves as before: any topic.
     c.subscribe("room.2").await;
 }
+
+/// Sends a subscribe to `sleep.rate` (the back end sleeps past the node's
+/// 3 s hook timeout, so the node's reader waits 3 s on it), then `pings`
+/// pings at `per_second` on the client's own clock; returns the answers
+/// read and how the connection ended (`None`: still open).
+async fn paced_through_a_wait(
+    url: &str,
+    per_second: f64,
+    pings: u32,
+) -> (Vec<Value>, Option<Closed>) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut c = admitted(url, None).await;
+    let every = Duration::from_secs_f64(1.0 / per_second);
+    let start = tokio::time::Instant::now();
+    c.send(json!({"type": "subscribe", "event": "sleep.rate"}))
+        .await;
+    for i in 1..=pings {
+        tokio::time::sleep_until(start + every * i).await;
+        c.send(json!({"type": "ping"})).await;
+    }
+    let mut answers = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while answers.len() <= pings as usize {
+        match tokio::time::timeout_at(deadline, c.ws.next()).await {
+            Err(_) => panic!("{} answers within 10 s: {answers:?}", answers.len()),
+            Ok(Some(Ok(Message::Text(t)))) => answers.push(serde_json::from_str(&t).unwrap()),
+            Ok(Some(Ok(Message::Close(Some(f))))) => {
+                return (answers, Some(Closed::Code(f.code.into())));
+            }
+            Ok(Some(Ok(Message::Close(None)) | Err(_)) | None) => {
+                return (answers, Some(Closed::NoCode));
+            }
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+    (answers, None)
+}
+
+/// The rate limit charges a client for the rate it sends at, not for the
+/// time its node spent elsewhere: a client pinging at exactly
+/// `WEBSOCKET_RATE_LIMIT` while its node waits 3 s on the back end (30
+/// pings queue, past the burst of 20) is answered in full and stays open;
+/// one at twice the rate through the same wait is still closed with 1008.
+/// Native and socket.io-client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_at_its_rate_is_not_closed_for_the_time_its_node_waited() {
+    let backend = test_backend().await;
+    let node = start_node(
+        "hooks-rate",
+        &[
+            ("PROXY_TIMEOUT_MS", "3000"),
+            ("PROXY_SUBSCRIBE_TOPICS", "sleep.*"),
+            ("WEBSOCKET_RATE_LIMIT", "10"),
+        ],
+        &[("PROXY_SUBSCRIBE_URL", format!("http://{backend}/hook"))],
+    );
+    let url = node.ws_url("/ws");
+
+    let (answers, closed) = paced_through_a_wait(&url, 10.0, 50).await;
+    assert_eq!(closed, None, "closed after {answers:?}");
+    assert_eq!(answers[0]["type"], "error", "{}", answers[0]);
+    assert_eq!(answers[0]["code"], "unavailable", "{}", answers[0]);
+    assert!(
+        answers[1..].iter().all(|a| a["type"] == "pong"),
+        "{answers:?}"
+    );
+
+    let (answers, closed) = paced_through_a_wait(&url, 20.0, 100).await;
+    assert_eq!(closed, Some(Closed::Code(1008)), "{answers:?}");
+    let last = answers.last().unwrap();
+    assert_eq!(last["code"], "rate_limited", "{last}");
+    // A burst (20) and the rate times the wait (about 30) were answered.
+    let pongs = answers.iter().filter(|a| a["type"] == "pong").count();
+    assert!((45..=60).contains(&pongs), "{pongs} pongs: {answers:?}");
+
+    // The same for socket.io-client over websocket.
+    let script = interop_script("sio_rate_pace.mjs");
+    let url = format!("http://{}", node.addr);
+    for (rate, emits, expect) in [("10", "50", "open"), ("20", "100", "closed")] {
+        let args = [script.clone(), url.clone(), rate.into(), emits.into(), expect.into()];
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_interop(std::path::Path::new("node"), &args);
+        })
+        .await
+        .unwrap();
+    }
+}

@@ -34,7 +34,7 @@ use crate::api::ApiError;
 use crate::backend::hooks::{Hello, transport};
 use crate::gateway::admission::Seats;
 use crate::gateway::outbox::{
-    self, Frame, Heartbeat, Liveness, Outbox, ReadyFrames, WRITE_TIMEOUT, Writer, close,
+    self, Frame, Heartbeat, Liveness, Outbox, ReadyFrames, WRITE_TIMEOUT, Writer, close, next_frame,
 };
 use crate::gateway::polling;
 use crate::gateway::recovery::Recovery;
@@ -423,9 +423,13 @@ pub(super) async fn run_websocket(conn: Arc<Conn>, socket: WebSocket) {
     let (mut writer, liveness) = Writer::spawn(sink, &conn.outbox, &conn.node, conn.id, heartbeat);
     let outbox = conn.outbox.clone();
     let mut st = conn.socket.lock().await;
+    if let Some(session) = &st.session {
+        // Upgraded from long-polling: its frames start from a wait.
+        session.pace(false);
+    }
     loop {
         let msg = tokio::select! {
-            msg = stream.next() => msg,
+            msg = next_frame(&mut stream) => msg,
             // The writer closed the connection (slow consumer, shutdown,
             // heartbeat, server disconnect).
             _ = &mut writer => break,
@@ -435,7 +439,10 @@ pub(super) async fn run_websocket(conn: Arc<Conn>, socket: WebSocket) {
         let hold = outbox.hold_wakes();
         let mut frames = ReadyFrames::after(msg);
         let mut open = true;
-        while open && let Some(msg) = frames.next(&mut stream) {
+        while open && let Some((msg, queued)) = frames.next(&mut stream) {
+            if let Some(session) = &st.session {
+                session.pace(queued);
+            }
             open = hold.run(on_frame(&conn, &mut st, msg, &liveness)).await;
         }
         drop(hold);

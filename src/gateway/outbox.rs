@@ -480,14 +480,17 @@ const READY_FRAMES: usize = 16;
 pub type Frame = Option<Result<Message, axum::Error>>;
 
 /// What one hold answers: the frame that woke the reader, then those
-/// already read behind it, up to [`READY_FRAMES`] in all.
+/// already read behind it, up to [`READY_FRAMES`] in all. Each comes with
+/// whether it was already waiting when the reader asked for it (the client
+/// is ahead of the node), which the rate limit needs
+/// ([`crate::limits::TokenBucket::pace`]).
 pub struct ReadyFrames {
-    first: Option<Frame>,
+    first: Option<(Frame, bool)>,
     left: usize,
 }
 
 impl ReadyFrames {
-    pub fn after(first: Frame) -> Self {
+    pub fn after(first: (Frame, bool)) -> Self {
         Self {
             first: Some(first),
             left: READY_FRAMES,
@@ -495,13 +498,27 @@ impl ReadyFrames {
     }
 
     /// The next frame to answer; never waits for one.
-    pub fn next(&mut self, stream: &mut SplitStream<WebSocket>) -> Option<Frame> {
+    pub fn next(&mut self, stream: &mut SplitStream<WebSocket>) -> Option<(Frame, bool)> {
         self.left = self.left.checked_sub(1)?;
         match self.first.take() {
-            Some(frame) => Some(frame),
-            None => stream.next().now_or_never(),
+            Some(first) => Some(first),
+            None => stream.next().now_or_never().map(|frame| (frame, true)),
         }
     }
+}
+
+/// The stream's next frame, and whether it was there at once (true) or the
+/// reader had to wait for it; as cancel-safe as `StreamExt::next`, for a
+/// reader's `select!`.
+pub async fn next_frame(stream: &mut SplitStream<WebSocket>) -> (Frame, bool) {
+    let mut queued = true;
+    let frame = std::future::poll_fn(|cx| {
+        let polled = stream.poll_next_unpin(cx);
+        queued &= polled.is_ready();
+        polled
+    })
+    .await;
+    (frame, queued)
 }
 
 impl Drop for WakeHold<'_> {

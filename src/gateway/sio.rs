@@ -96,6 +96,15 @@ impl Session {
     pub fn closing_reason(&self) -> Option<&'static str> {
         *self.closing.lock().unwrap()
     }
+
+    /// A websocket reader tells the rate buckets whether the frame about to
+    /// be read was already waiting (`queued`) or it waited for the client;
+    /// long-polling does not (each POST is read whole, when it comes).
+    pub fn pace(&self, queued: bool) {
+        for bucket in [&self.bucket, &self.subscribes].into_iter().flatten() {
+            bucket.lock().unwrap().pace(queued);
+        }
+    }
 }
 
 /// Admits a new socket as connection `id`: the node must not be draining

@@ -24,7 +24,7 @@ use crate::backend::hooks::{Hello, transport};
 use crate::backend::{Caller, Denial, HookError};
 use crate::gateway::admission::{self, Seats, capacity, identify};
 use crate::gateway::outbox::{
-    self, Frame, Heartbeat, Liveness, Outbox, ReadyFrames, WRITE_TIMEOUT, Writer,
+    self, Frame, Heartbeat, Liveness, Outbox, ReadyFrames, WRITE_TIMEOUT, Writer, next_frame,
 };
 use crate::history::GapRange;
 use crate::hub::{ConnId, Delivery, Outcome, Publication, PublishError, Subscribed, Subscriber};
@@ -388,7 +388,7 @@ async fn read_loop(
             }
         };
         let msg = tokio::select! {
-            msg = stream.next() => msg,
+            msg = next_frame(&mut stream) => msg,
             // The writer closed the connection (slow consumer, shutdown, heartbeat).
             _ = &mut *writer => return,
             _ = expired => {
@@ -397,6 +397,10 @@ async fn read_loop(
             }
             // The back end (control API) acts on this connection.
             command = commands.recv() => {
+                // Counted as a wait for the client: the reader was idle
+                // until now, unless a frame came at the same moment, and
+                // then this errs toward the burst's cap.
+                session.pace(false);
                 if Box::pin(session.command(command)).await {
                     return;
                 }
@@ -409,7 +413,8 @@ async fn read_loop(
         let hold = outbox.hold_wakes();
         let mut frames = ReadyFrames::after(msg);
         let mut go = true;
-        while go && let Some(msg) = frames.next(&mut stream) {
+        while go && let Some((msg, queued)) = frames.next(&mut stream) {
+            session.pace(queued);
             go = hold.run(on_frame(session, msg, liveness)).await;
         }
         drop(hold);
@@ -541,6 +546,17 @@ impl Session {
             expires_at: self.identity.expires_at(),
             timestamp: protocol::timestamp(),
         });
+    }
+
+    /// Tells the rate buckets whether the frame about to be read was already
+    /// waiting (`queued`) or the reader waited for the client.
+    fn pace(&mut self, queued: bool) {
+        for bucket in [&mut self.bucket, &mut self.subscribes]
+            .into_iter()
+            .flatten()
+        {
+            bucket.pace(queued);
+        }
     }
 
     /// Applies the rate limit: past it, an `error` and close 1008.
