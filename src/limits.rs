@@ -121,11 +121,11 @@ pub fn subscribe_rate_refusal(node: &crate::node::Node, topic: &str) -> (String,
 /// The reader says whether a frame was already waiting for it
 /// ([`TokenBucket::pace`]): then the time since the last one refills at
 /// the rate without the burst's cap (it was the node's time, not the
-/// client's pause); when it had to wait, the cap applies again. A refill never adds more than the rate times the time
-/// passed, so over its whole life a client still gets at most one burst
-/// plus the rate times its age; only the burst's shape changes. Readers
-/// that cannot tell (long-polling, SSE) only `take`, which never goes past
-/// the cap.
+/// client's pause); when it had to wait, the cap applies again. A refill
+/// never adds more than the rate times the time passed, so over its whole
+/// life a client still gets at most one burst plus the rate times its age;
+/// only the burst's shape changes. Readers that cannot tell (long-polling,
+/// SSE) only `take`, which never goes past the cap.
 pub struct TokenBucket {
     limit: RateLimit,
     tokens: f64,
