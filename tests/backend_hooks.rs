@@ -1029,7 +1029,13 @@ async fn a_client_at_its_rate_is_not_closed_for_the_time_its_node_waited() {
     let script = interop_script("sio_rate_pace.mjs");
     let url = format!("http://{}", node.addr);
     for (rate, emits, expect) in [("10", "50", "open"), ("20", "100", "closed")] {
-        let args = [script.clone(), url.clone(), rate.into(), emits.into(), expect.into()];
+        let args = [
+            script.clone(),
+            url.clone(),
+            rate.into(),
+            emits.into(),
+            expect.into(),
+        ];
         tokio::task::spawn_blocking(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             run_interop(std::path::Path::new("node"), &args);
