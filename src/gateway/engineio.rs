@@ -41,6 +41,7 @@ use crate::gateway::recovery::Recovery;
 use crate::gateway::sio::{self, Ack, Peer, Session};
 use crate::history::GapRange;
 use crate::hub::{ConnId, Delivery, Publication, Subscriber};
+use crate::limits::Arrival;
 use crate::metrics as m;
 use crate::node::Node;
 
@@ -425,7 +426,7 @@ pub(super) async fn run_websocket(conn: Arc<Conn>, socket: WebSocket) {
     let mut st = conn.socket.lock().await;
     if let Some(session) = &st.session {
         // Upgraded from long-polling: its frames start from a wait.
-        session.pace(false);
+        session.pace(Arrival::idle());
     }
     loop {
         let msg = tokio::select! {
@@ -439,9 +440,9 @@ pub(super) async fn run_websocket(conn: Arc<Conn>, socket: WebSocket) {
         let hold = outbox.hold_wakes();
         let mut frames = ReadyFrames::after(msg);
         let mut open = true;
-        while open && let Some((msg, queued)) = frames.next(&mut stream) {
+        while open && let Some((msg, arrival)) = frames.next(&mut stream) {
             if let Some(session) = &st.session {
-                session.pace(queued);
+                session.pace(arrival);
             }
             open = hold.run(on_frame(&conn, &mut st, msg, &liveness)).await;
         }

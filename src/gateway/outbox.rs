@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -20,12 +20,13 @@ use axum::response::Response;
 use futures_util::lock::Mutex as AsyncMutex;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::task::AtomicWaker;
-use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::gateway::admission::READ_BUFFER;
 use crate::hub::{ConnId, Delivery};
+use crate::limits::Arrival;
 use crate::metrics as m;
 use crate::node::Node;
 
@@ -481,16 +482,15 @@ pub type Frame = Option<Result<Message, axum::Error>>;
 
 /// What one hold answers: the frame that woke the reader, then those
 /// already read behind it, up to [`READY_FRAMES`] in all. Each comes with
-/// whether it was already waiting when the reader asked for it (the client
-/// is ahead of the node), which the rate limit needs
+/// how it reached the reader, which the rate limit needs
 /// ([`crate::limits::TokenBucket::pace`]).
 pub struct ReadyFrames {
-    first: Option<(Frame, bool)>,
+    first: Option<(Frame, Arrival)>,
     left: usize,
 }
 
 impl ReadyFrames {
-    pub fn after(first: (Frame, bool)) -> Self {
+    pub fn after(first: (Frame, Arrival)) -> Self {
         Self {
             first: Some(first),
             left: READY_FRAMES,
@@ -498,27 +498,74 @@ impl ReadyFrames {
     }
 
     /// The next frame to answer; never waits for one.
-    pub fn next(&mut self, stream: &mut SplitStream<WebSocket>) -> Option<(Frame, bool)> {
+    pub fn next(&mut self, stream: &mut SplitStream<WebSocket>) -> Option<(Frame, Arrival)> {
         self.left = self.left.checked_sub(1)?;
         match self.first.take() {
             Some(first) => Some(first),
-            None => stream.next().now_or_never().map(|frame| (frame, true)),
+            None => stream
+                .next()
+                .now_or_never()
+                .map(|frame| (frame, Arrival::Waiting)),
         }
     }
 }
 
-/// The stream's next frame, and whether it was there at once (true) or the
-/// reader had to wait for it; as cancel-safe as `StreamExt::next`, for a
+/// The stream's next frame and how it reached the reader: there at once,
+/// or after a wait, woken when; as cancel-safe as `StreamExt::next`, for a
 /// reader's `select!`.
-pub async fn next_frame(stream: &mut SplitStream<WebSocket>) -> (Frame, bool) {
-    let mut queued = true;
+///
+/// The wake is stamped by a waker around the task's, because the moment
+/// the reader is polled again can be much later on a node short of CPU, and
+/// that delay is the node's, not a pause of the client's. A wait may also
+/// end within microseconds with the client's frames there all along: the
+/// connection's writer held the socket (the halves share a lock).
+pub async fn next_frame<S: Stream + Unpin>(stream: &mut S) -> (Option<S::Item>, Arrival) {
+    let mut waited: Option<(Instant, Arc<WakeStamp>)> = None;
     let frame = std::future::poll_fn(|cx| {
-        let polled = stream.poll_next_unpin(cx);
-        queued &= polled.is_ready();
+        let stamp = Arc::new(WakeStamp {
+            task: cx.waker().clone(),
+            woke: Mutex::new(None),
+        });
+        let waker = Waker::from(stamp.clone());
+        let polled = stream.poll_next_unpin(&mut Context::from_waker(&waker));
+        if polled.is_pending() {
+            let since = waited.take().map_or_else(Instant::now, |(since, _)| since);
+            waited = Some((since, stamp));
+        }
         polled
     })
     .await;
-    (frame, queued)
+    let arrival = match waited {
+        None => Arrival::Waiting,
+        Some((since, stamp)) => {
+            // Woken by something else (another branch of the `select!`):
+            // as of now.
+            let at = stamp.woke.lock().unwrap().unwrap_or_else(Instant::now);
+            Arrival::Woke {
+                at,
+                after: at.saturating_duration_since(since),
+            }
+        }
+    };
+    (frame, arrival)
+}
+
+/// The waker a waiting reader leaves with its socket: notes when it was
+/// first woken, then wakes the reader's task.
+struct WakeStamp {
+    task: Waker,
+    woke: Mutex<Option<Instant>>,
+}
+
+impl Wake for WakeStamp {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woke.lock().unwrap().get_or_insert_with(Instant::now);
+        self.task.wake_by_ref();
+    }
 }
 
 impl Drop for WakeHold<'_> {
@@ -1098,6 +1145,66 @@ mod tests {
         fn wake_by_ref(this: &Arc<Self>) {
             this.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    /// A stream of what the test puts in, which wakes the reader's waker.
+    #[derive(Default)]
+    struct Inlet(Arc<Mutex<(VecDeque<u32>, Option<Waker>)>>);
+
+    impl Inlet {
+        fn put(&self, item: u32) {
+            let mut inner = self.0.lock().unwrap();
+            inner.0.push_back(item);
+            if let Some(waker) = inner.1.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    impl Stream for Inlet {
+        type Item = u32;
+
+        fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<u32>> {
+            let mut inner = self.0.lock().unwrap();
+            match inner.0.pop_front() {
+                Some(item) => Poll::Ready(Some(item)),
+                None => {
+                    inner.1 = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        }
+    }
+
+    /// The rate limit learns when the client's frame woke a waiting reader,
+    /// not when the reader next ran: that delay is the node's.
+    #[test]
+    fn next_frame_tells_when_the_frame_woke_the_reader() {
+        let mut stream = Inlet::default();
+        stream.put(1);
+        let ready = next_frame(&mut stream).now_or_never();
+        assert_eq!(ready, Some((Some(1), Arrival::Waiting)));
+
+        let inlet = Inlet(stream.0.clone());
+        let mut frame = Box::pin(next_frame(&mut stream));
+        let mut cx = Context::from_waker(Waker::noop());
+        let asked = Instant::now();
+        assert!(frame.as_mut().poll(&mut cx).is_pending());
+        std::thread::sleep(Duration::from_millis(20));
+        inlet.put(2);
+        let woke = Instant::now();
+        // The reader runs 30 ms after the frame woke it.
+        std::thread::sleep(Duration::from_millis(30));
+        let Poll::Ready((Some(2), Arrival::Woke { at, after })) = frame.as_mut().poll(&mut cx)
+        else {
+            panic!("the frame was there");
+        };
+        assert!(
+            at >= asked + Duration::from_millis(20) && at <= woke,
+            "{at:?}"
+        );
+        assert!(after >= Duration::from_millis(20), "{after:?}");
+        assert!(after <= woke - asked, "{after:?}");
     }
 
     /// The reader's answers to frames sent together cost the writer one

@@ -23,7 +23,7 @@ use crate::backend::{Caller, Denial, HookError};
 use crate::device::state::{EVENTS, TOPIC};
 use crate::gateway::recovery::Recovery;
 use crate::hub::{Announce, ConnId, Outcome, Subscriber};
-use crate::limits::TokenBucket;
+use crate::limits::{Arrival, TokenBucket};
 use crate::metrics as m;
 use crate::node::Node;
 use crate::protocol::{self, Since, TOPIC_PATTERN};
@@ -97,12 +97,12 @@ impl Session {
         *self.closing.lock().unwrap()
     }
 
-    /// A websocket reader tells the rate buckets whether the frame about to
-    /// be read was already waiting (`queued`) or it waited for the client;
-    /// long-polling does not (each POST is read whole, when it comes).
-    pub fn pace(&self, queued: bool) {
+    /// A websocket reader tells the rate buckets how the frame about to be
+    /// read reached it; long-polling does not (each POST is read whole,
+    /// when it comes).
+    pub fn pace(&self, arrival: Arrival) {
         for bucket in [&self.bucket, &self.subscribes].into_iter().flatten() {
-            bucket.lock().unwrap().pace(queued);
+            bucket.lock().unwrap().pace(arrival);
         }
     }
 }

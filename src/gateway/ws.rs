@@ -28,7 +28,7 @@ use crate::gateway::outbox::{
 };
 use crate::history::GapRange;
 use crate::hub::{ConnId, Delivery, Outcome, Publication, PublishError, Subscribed, Subscriber};
-use crate::limits::TokenBucket;
+use crate::limits::{Arrival, TokenBucket};
 use crate::metrics as m;
 use crate::node::Node;
 use crate::protocol::{self, ClientMessage, ProtocolError, ServerMessage, Since};
@@ -400,7 +400,7 @@ async fn read_loop(
                 // Counted as a wait for the client: the reader was idle
                 // until now, unless a frame came at the same moment, and
                 // then this errs toward the burst's cap.
-                session.pace(false);
+                session.pace(Arrival::idle());
                 if Box::pin(session.command(command)).await {
                     return;
                 }
@@ -413,8 +413,8 @@ async fn read_loop(
         let hold = outbox.hold_wakes();
         let mut frames = ReadyFrames::after(msg);
         let mut go = true;
-        while go && let Some((msg, queued)) = frames.next(&mut stream) {
-            session.pace(queued);
+        while go && let Some((msg, arrival)) = frames.next(&mut stream) {
+            session.pace(arrival);
             go = hold.run(on_frame(session, msg, liveness)).await;
         }
         drop(hold);
@@ -548,14 +548,14 @@ impl Session {
         });
     }
 
-    /// Tells the rate buckets whether the frame about to be read was already
-    /// waiting (`queued`) or the reader waited for the client.
-    fn pace(&mut self, queued: bool) {
+    /// Tells the rate buckets how the frame about to be read reached the
+    /// reader.
+    fn pace(&mut self, arrival: Arrival) {
         for bucket in [&mut self.bucket, &mut self.subscribes]
             .into_iter()
             .flatten()
         {
-            bucket.pace(queued);
+            bucket.pace(arrival);
         }
     }
 
