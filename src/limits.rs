@@ -110,23 +110,6 @@ pub fn subscribe_rate_refusal(node: &crate::node::Node, topic: &str) -> (String,
     )
 }
 
-/// A per-connection rate (`WEBSOCKET_RATE_LIMIT`,
-/// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`), owned by the connection's reader, so
-/// no locking; every transport's sessions keep theirs.
-///
-/// It charges a client for the rate it sends at, not for the node's own
-/// delays. A websocket reader reads a frame only once it has answered the
-/// one before, and an answer may wait on Redis, so a client sending at
-/// exactly the rate finds the frames it sent meanwhile read as a burst.
-/// The reader says how each frame reached it ([`Arrival`],
-/// [`TokenBucket::pace`]): time the node spent elsewhere while the client's
-/// frames waited refills at the rate without the burst's cap; the cap
-/// applies again where the reader waited for the client, as of the moment
-/// the client's frame woke it. A refill never adds more than the rate times
-/// the time passed, so over its whole life a client still gets at most one
-/// burst plus the rate times its age; only the burst's shape changes.
-/// Readers that cannot tell (long-polling, SSE) only `take`, which never
-/// goes past the cap.
 /// How the frame a websocket reader is about to act on reached it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Arrival {
@@ -158,6 +141,23 @@ impl Arrival {
 /// token its frame takes.
 const NOT_A_PAUSE: Duration = Duration::from_millis(5);
 
+/// A per-connection rate (`WEBSOCKET_RATE_LIMIT`,
+/// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`), owned by the connection's reader, so
+/// no locking; every transport's sessions keep theirs.
+///
+/// It charges a client for the rate it sends at, not for the node's own
+/// delays. A websocket reader reads a frame only once it has answered the
+/// one before, and an answer may wait on Redis, so a client sending at
+/// exactly the rate finds the frames it sent meanwhile read as a burst.
+/// The reader says how each frame reached it ([`Arrival`],
+/// [`TokenBucket::pace`]): time the node spent elsewhere while the client's
+/// frames waited refills at the rate without the burst's cap; the cap
+/// applies again where the reader waited for the client, as of the moment
+/// the client's frame woke it. A refill never adds more than the rate times
+/// the time passed, so over its whole life a client still gets at most one
+/// burst plus the rate times its age; only the burst's shape changes.
+/// Readers that cannot tell (long-polling, SSE) only `take`, which never
+/// goes past the cap.
 pub struct TokenBucket {
     limit: RateLimit,
     tokens: f64,
@@ -545,37 +545,49 @@ mod tests {
         assert_eq!((0..10).filter(|_| b.take_at(later)).count(), 5);
     }
 
-    #[test]
-    fn a_client_at_the_rate_is_not_charged_for_the_nodes_delay() {
-        // 100/s with a 2 s burst. The client sends frame i at i × 10 ms; the
-        // node reads frame 0 at once, then is busy 3 s with it (waiting on
-        // Redis) and reads each later frame as soon as it is both sent and
-        // the node is free: the first 300 were waiting for it.
+    /// 100/s with a 2 s burst. The client sends frame i at i × 10 ms; the
+    /// node reads frame 0 at once, then is busy 3 s with it (waiting on
+    /// Redis) and reads each later frame as soon as it is both sent and the
+    /// node is free: the first 300 were waiting for it. How many of the
+    /// 1,000 frames are refused when the reader tells the bucket
+    /// `arrival(i, read, waiting)` of frame i (`None`: nothing).
+    fn refused_through_a_backlog(arrival: impl Fn(u32, Instant, bool) -> Option<Arrival>) -> usize {
         let t0 = Instant::now();
         let busy_until = t0 + Duration::from_secs(3);
-        let schedule = |i: u32| {
-            let sent = t0 + Duration::from_millis(10) * i;
-            let read = if i == 0 { sent } else { sent.max(busy_until) };
-            (read, i > 0 && sent < busy_until)
-        };
-        let refused = |marks: bool| {
-            let mut b = bucket(100.0, 200.0, t0);
-            (0..1000)
-                .filter(|&i| {
-                    let (read, queued) = schedule(i);
-                    match (marks, queued) {
-                        (false, _) => {}
-                        (true, true) => b.behind_at(read),
-                        (true, false) => b.caught_up_at(read),
-                    }
-                    !b.take_at(read)
-                })
-                .count()
-        };
+        let mut b = bucket(100.0, 200.0, t0);
+        (0..1000)
+            .filter(|&i| {
+                let sent = t0 + Duration::from_millis(10) * i;
+                let read = if i == 0 { sent } else { sent.max(busy_until) };
+                if let Some(a) = arrival(i, read, i > 0 && sent < busy_until) {
+                    b.pace_at(a, read);
+                }
+                !b.take_at(read)
+            })
+            .count()
+    }
+
+    /// How a frame of that backlog reached the reader: waiting while the
+    /// node was busy, else it woke the reader after a pause of the client's.
+    fn as_it_came(read: Instant, waiting: bool) -> Arrival {
+        match waiting {
+            true => Arrival::Waiting,
+            false => Arrival::Woke {
+                at: read,
+                after: Duration::from_millis(10),
+            },
+        }
+    }
+
+    #[test]
+    fn a_client_at_the_rate_is_not_charged_for_the_nodes_delay() {
         // Unaware of the backlog, the bucket reads the 300 frames sent in
         // 3 s as a burst against a cap of 200, and refuses a third of them.
-        assert_eq!(refused(false), 100);
-        assert_eq!(refused(true), 0);
+        assert_eq!(refused_through_a_backlog(|_, _, _| None), 100);
+        assert_eq!(
+            refused_through_a_backlog(|_, read, waiting| Some(as_it_came(read, waiting))),
+            0
+        );
     }
 
     #[test]
@@ -606,33 +618,15 @@ mod tests {
         assert_eq!(queued_taken(&mut b, later, 1000), 200);
     }
 
-    /// 100/s with a 2 s burst, the node busy 3 s with frame 0 while the
-    /// client sends one every 10 ms: how many of the 1,000 frames are
-    /// refused when the reader reports frame `odd` as `arrival` (the others
-    /// as they were: waiting while the node was busy, woken by the client
-    /// after it).
+    /// [`refused_through_a_backlog`] with frame `odd` reported as
+    /// `arrival`, the others as they came.
     fn refused_with(odd: u32, arrival: impl Fn(Instant) -> Arrival) -> usize {
-        let t0 = Instant::now();
-        let busy_until = t0 + Duration::from_secs(3);
-        let mut b = bucket(100.0, 200.0, t0);
-        (0..1000)
-            .filter(|&i| {
-                let sent = t0 + Duration::from_millis(10) * i;
-                let read = if i == 0 { sent } else { sent.max(busy_until) };
-                let a = if i == odd {
-                    arrival(read)
-                } else if i > 0 && sent < busy_until {
-                    Arrival::Waiting
-                } else {
-                    Arrival::Woke {
-                        at: read,
-                        after: Duration::from_millis(10),
-                    }
-                };
-                b.pace_at(a, read);
-                !b.take_at(read)
+        refused_through_a_backlog(|i, read, waiting| {
+            Some(match i == odd {
+                true => arrival(read),
+                false => as_it_came(read, waiting),
             })
-            .count()
+        })
     }
 
     #[test]
