@@ -3,7 +3,7 @@
 //! (`MAX_CONNECTIONS_PER_ADDRESS`, the address behind `TRUSTED_PROXIES`
 //! from `X-Forwarded-For`), connections per user (`MAX_CONNECTIONS_PER_USER`),
 //! the token bucket of a connection's rates, and the refusals of every limit (these, `MAX_CONNECTIONS`,
-//! `MAX_TOPICS_PER_NODE`, the subscribe rate): one metric
+//! `MAX_TOPICS_PER_NODE`, the message and subscribe rates): one metric
 //! (`switchboard_limit_refusals_total{limit}`) and a log line that is itself
 //! rate limited, so a flood of refusals cannot flood the log.
 //!
@@ -34,15 +34,18 @@ pub enum Limit {
     TopicsPerNode,
     /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`.
     SubscribeRate,
+    /// `WEBSOCKET_RATE_LIMIT`: the connection is closed.
+    MessageRate,
 }
 
 impl Limit {
-    const ALL: [Limit; 5] = [
+    const ALL: [Limit; 6] = [
         Limit::ConnectionsPerNode,
         Limit::ConnectionsPerAddress,
         Limit::ConnectionsPerUser,
         Limit::TopicsPerNode,
         Limit::SubscribeRate,
+        Limit::MessageRate,
     ];
 
     pub fn label(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Limit {
             Limit::ConnectionsPerUser => m::limit::CONNECTIONS_PER_USER,
             Limit::TopicsPerNode => m::limit::TOPICS_PER_NODE,
             Limit::SubscribeRate => m::limit::SUBSCRIBE_RATE,
+            Limit::MessageRate => m::limit::MESSAGE_RATE,
         }
     }
 
@@ -69,7 +73,7 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// operator cannot act on; it is only in the log).
 pub fn refused(limit: Limit, detail: &str) {
     metrics::counter!(m::LIMIT_REFUSALS, "limit" => limit.label()).increment(1);
-    static LOGS: OnceLock<[(AtomicU64, AtomicU64); 5]> = OnceLock::new();
+    static LOGS: OnceLock<[(AtomicU64, AtomicU64); Limit::ALL.len()]> = OnceLock::new();
     static START: OnceLock<Instant> = OnceLock::new();
     let logs = LOGS.get_or_init(Default::default);
     let (last, suppressed) = &logs[limit.index()];

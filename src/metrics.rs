@@ -78,6 +78,8 @@ pub mod limit {
     pub const TOPICS_PER_NODE: &str = "topics_per_node";
     /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`.
     pub const SUBSCRIBE_RATE: &str = "subscribe_rate";
+    /// `WEBSOCKET_RATE_LIMIT` (the connection is closed, 1008).
+    pub const MESSAGE_RATE: &str = "message_rate";
 }
 
 /// Label values of [`SOCKETIO_RECOVERIES`].
@@ -201,7 +203,7 @@ fn describe() {
     describe_gauge!(CONNECTIONS, "Open client connections, by transport.");
     describe_counter!(
         LIMIT_REFUSALS,
-        "Connections, subscriptions and subscribes refused by a limit, by limit."
+        "Connections, subscriptions and subscribes refused by a limit, and connections closed by the message rate limit, by limit."
     );
     describe_counter!(
         CONNECTIONS_OPENED,

@@ -1043,4 +1043,14 @@ async fn a_client_at_its_rate_is_not_closed_for_the_time_its_node_waited() {
         .await
         .unwrap();
     }
+    // Each close is counted with the other limits' refusals: the native
+    // one above, and the socket's (at least one: a burst of its emits may
+    // have been read before the disconnect took effect).
+    let (_, metrics) = common::http_text(&node.addr, "GET", "/metrics", None, &[]);
+    let closed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("switchboard_limit_refusals_total{limit=\"message_rate\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(closed >= 2, "{metrics}");
 }

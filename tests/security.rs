@@ -212,6 +212,12 @@ async fn rate_limit_and_connection_limit() {
         }
     }
     assert!(told, "a rate_limited error came before the close");
+    // Counted with the other limits' refusals, for the operator.
+    let (_, metrics) = common::http_text(&node.addr, "GET", "/metrics", None, &[]);
+    assert!(
+        metrics.contains("switchboard_limit_refusals_total{limit=\"message_rate\"} 1"),
+        "{metrics}"
+    );
     let sent = Instant::now();
     calm.send(json!({"type":"ping"})).await;
     calm.expect("pong").await;

@@ -312,6 +312,10 @@ fn accept(peer: &dyn Peer, s: &Session, kind: &'static str) -> bool {
     if bucket.lock().unwrap().take() {
         return true;
     }
+    crate::limits::refused(
+        crate::limits::Limit::MessageRate,
+        "a Socket.IO client sent faster than WEBSOCKET_RATE_LIMIT and is disconnected",
+    );
     emit_error(peer, None, "rate limit exceeded; disconnecting");
     s.closing(m::reason::POLICY);
     peer.disconnect();

@@ -568,6 +568,10 @@ impl Session {
             return true;
         }
         let limit = bucket.limit().per_second;
+        crate::limits::refused(
+            crate::limits::Limit::MessageRate,
+            "a websocket client sent faster than WEBSOCKET_RATE_LIMIT and is closed (1008)",
+        );
         self.outbox.error_text(
             format!("rate limit of {limit} messages per second exceeded; closing"),
             "rate_limited",
