@@ -1246,6 +1246,19 @@ impl Config {
                 ));
             }
         }
+        // Client identities are only as strong as the endpoints that act
+        // for a client: the control API subscribes any connection to any
+        // topic without a permission check, and `/api/publish` publishes
+        // anywhere.
+        let clients_checked = auth.enabled()
+            || hook_connect_url.as_ref().is_some_and(Option::is_some)
+            || hook_subscribe_url.as_ref().is_some_and(Option::is_some);
+        if clients_checked && api_token.as_ref().is_some_and(Option::is_none) {
+            warnings.push(format!(
+                "{} is not set although clients are authenticated: POST /api/publish, the device commands and the control API (/api/subscribe, /api/unsubscribe, /api/disconnect) are open to anyone who reaches this port, and /api/subscribe bypasses client tokens and the subscribe hook; set it, or keep the port internal",
+                names::API_TOKEN
+            ));
+        }
         let rate = rate.unwrap();
         let rate_limit = (rate > 0).then(|| RateLimit {
             per_second: rate as f64,
@@ -2208,6 +2221,27 @@ mod tests {
         assert!(!c.warnings[0].contains("short\""));
         let c = config(&[("ADMIN_TOKEN", "0123456789abcdef0123")]).unwrap();
         assert!(!format!("{c:?}").contains("0123456789abcdef0123"));
+    }
+
+    #[test]
+    fn authenticated_clients_with_open_commands_are_warned_about() {
+        let secret = ("AUTH_JWT_SECRET", "0123456789abcdef0123456789abcdef");
+        let c = config(&[secret]).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].starts_with("API_TOKEN is not set")
+                && c.warnings[0].contains("/api/subscribe"),
+            "{}",
+            c.warnings[0]
+        );
+        let hook = ("PROXY_CONNECT_URL", "http://127.0.0.1:9/connect");
+        assert_eq!(config(&[hook]).unwrap().warnings.len(), 1);
+        let token = ("API_TOKEN", "0123456789abcdef0123");
+        assert!(config(&[secret, token]).unwrap().warnings.is_empty());
+        assert!(
+            config(&[]).unwrap().warnings.is_empty(),
+            "open by design without client auth"
+        );
     }
 
     proptest::proptest! {

@@ -263,6 +263,12 @@ async fn tokens_expire_unless_refreshed() {
     let mut kept = Client::connect(&format!("{url}?token={short}")).await;
     kept.subscribe("a").await;
     kept.subscribe("b").await;
+    // A subscription the back end made, to a topic the token does not name:
+    // a refresh takes back only what the old token allowed.
+    let body = json!({"client": kept.client_id, "topic": "c"}).to_string();
+    let (status, v) = node.post("/api/subscribe", &body);
+    assert_eq!(v["data"]["reached"], 1, "{status} {v}");
+    assert_eq!(kept.expect("subscribed").await["event"], "c");
 
     // An invalid refresh changes nothing.
     kept.send(json!({"type":"refresh","token":"garbage"})).await;
@@ -305,6 +311,15 @@ async fn tokens_expire_unless_refreshed() {
         202
     );
     assert!(kept.recv_within(Duration::from_millis(300)).await.is_none());
+    assert_eq!(
+        node.post("/api/publish", r#"{"topic":"c","data":3}"#).0,
+        202
+    );
+    assert_eq!(
+        kept.expect("event").await["data"],
+        3,
+        "c outlived the refreshes"
+    );
 
     // Socket.IO through python-socketio.
     // Long enough for the interpreter to start and connect on a busy machine.

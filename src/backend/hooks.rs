@@ -299,6 +299,19 @@ impl Hooks {
         }
     }
 
+    /// Whether a `refresh` from `old` to `new` ends the subscription to
+    /// `topic`: only a permission the old identity itself gave and the new
+    /// one no longer gives. A subscription that the subscribe hook or the
+    /// control API granted was never the token's to take back, so a
+    /// routine refresh (the same claims, a later `exp`) keeps it.
+    pub fn revoked(&self, old: &Identity, new: &Identity, topic: &str) -> bool {
+        if self.covers_subscribe(topic) {
+            old.explicitly_allows(topic) && !new.explicitly_allows(topic)
+        } else {
+            old.may_subscribe(topic) && !new.may_subscribe(topic)
+        }
+    }
+
     /// Publishing from a client: a `publish` permission allows it; else the
     /// publish hook decides on the topics it covers; else it is forbidden.
     pub fn publish_access(&self, identity: &Identity, topic: &str) -> Access {

@@ -197,15 +197,16 @@ struct Inner {
 #[derive(Default)]
 struct Queue {
     events: VecDeque<Event>,
-    /// Events of the batch being sent.
-    in_flight: usize,
+    /// The types of the batch being sent: they count against the queue's
+    /// size until it is answered, and as `abandoned` if a drain ends first.
+    in_flight: Vec<&'static str>,
     overflowed: u64,
     overflow_logged: Option<Instant>,
 }
 
 impl Queue {
     fn pending(&self) -> usize {
-        self.events.len() + self.in_flight
+        self.events.len() + self.in_flight.len()
     }
 }
 
@@ -252,7 +253,7 @@ impl Webhooks {
     /// Queues `event`; when the queue is full it is dropped and counted.
     pub fn emit(&self, event: Event) {
         let mut q = self.inner.queue.lock().unwrap();
-        if q.events.len() >= self.inner.config.queue_size {
+        if q.pending() >= self.inner.config.queue_size {
             q.overflowed += 1;
             let log = q
                 .overflow_logged
@@ -306,8 +307,8 @@ impl Webhooks {
             }
         }
         let q = self.inner.queue.lock().unwrap();
-        for e in &q.events {
-            metrics::counter!(m::WEBHOOK_EVENTS, "type" => e.kind, "outcome" => m::webhook::ABANDONED)
+        for kind in q.in_flight.iter().chain(q.events.iter().map(|e| &e.kind)) {
+            metrics::counter!(m::WEBHOOK_EVENTS, "type" => *kind, "outcome" => m::webhook::ABANDONED)
                 .increment(1);
         }
         let left = q.pending();
@@ -342,8 +343,9 @@ impl Webhooks {
             let batch: Vec<Event> = {
                 let mut q = self.inner.queue.lock().unwrap();
                 let n = q.events.len().min(config.batch_max);
-                q.in_flight = n;
-                q.events.drain(..n).collect()
+                let batch: Vec<Event> = q.events.drain(..n).collect();
+                q.in_flight = batch.iter().map(|e| e.kind).collect();
+                batch
             };
             if let Some(hook) = self.inner.before_send.get() {
                 hook.before_send().await;
@@ -351,7 +353,7 @@ impl Webhooks {
             self.deliver(&batch).await;
             let pending = {
                 let mut q = self.inner.queue.lock().unwrap();
-                q.in_flight = 0;
+                q.in_flight.clear();
                 q.pending()
             };
             metrics::gauge!(m::WEBHOOK_QUEUE).set(pending as f64);

@@ -169,7 +169,7 @@ impl ControlBus for RedisControl {
 // === ledger ===
 
 /// The Lua function `next_seq(key)`: the next seq of a topic's transitions
-/// (kept in `key` for a day): the Redis clock in microseconds, or one more
+/// (kept in `key` for 10 s): the Redis clock in microseconds, or one more
 /// than the last seq when that is higher (a clock step back never
 /// reorders). A macro, so that `concat!` can put it in front of the scripts.
 macro_rules! next_seq_lua {

@@ -178,6 +178,7 @@ pub fn register(node: &Node, peer: &Arc<dyn Peer>, s: &Arc<Session>) {
         node: node.clone(),
         pending: Arc::new(AtomicUsize::new(0)),
         leaving: std::sync::atomic::AtomicBool::new(false),
+        commands: Arc::new(Mutex::new(Commands::default())),
     });
     let registration = node.clients().register(
         crate::clients::ClientInfo {
@@ -191,9 +192,10 @@ pub fn register(node: &Node, peer: &Arc<dyn Peer>, s: &Arc<Session>) {
     *s.registration.lock().unwrap() = Some(registration);
 }
 
-/// How the registry reaches a socket: each command runs in a task of its
-/// own (the session's state is behind its own locks), at most
-/// [`crate::clients::PENDING_COMMANDS`] at a time per socket.
+/// How the registry reaches a socket: its commands run one after another,
+/// in the order they came (an `/api/subscribe` then an `/api/unsubscribe`
+/// must not end subscribed), in a task that lives only while some are
+/// queued, at most [`crate::clients::PENDING_COMMANDS`] at a time per socket.
 struct Handle {
     peer: Arc<dyn Peer>,
     /// Weak: the registry must not keep a gone socket's session alive.
@@ -204,6 +206,14 @@ struct Handle {
     /// session ends only when the transport has closed) and is not reached
     /// by later commands.
     leaving: std::sync::atomic::AtomicBool,
+    commands: Arc<Mutex<Commands>>,
+}
+
+/// A socket's queued control commands; `running` while a task drains them.
+#[derive(Default)]
+struct Commands {
+    queue: std::collections::VecDeque<crate::clients::Command>,
+    running: bool,
 }
 
 impl crate::clients::Handle for Handle {
@@ -224,10 +234,30 @@ impl crate::clients::Handle for Handle {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
-        let (peer, node, pending) = (self.peer.clone(), self.node.clone(), self.pending.clone());
+        {
+            let mut commands = self.commands.lock().unwrap();
+            commands.queue.push_back(command);
+            if std::mem::replace(&mut commands.running, true) {
+                return true;
+            }
+        }
+        let (peer, node) = (self.peer.clone(), self.node.clone());
+        let (pending, commands) = (self.pending.clone(), self.commands.clone());
         tokio::spawn(async move {
-            server_command(&peer, &s, &node, command).await;
-            pending.fetch_sub(1, Ordering::AcqRel);
+            loop {
+                let command = {
+                    let mut commands = commands.lock().unwrap();
+                    let Some(command) = commands.queue.pop_front() else {
+                        commands.running = false;
+                        return;
+                    };
+                    command
+                };
+                if !s.gone.is_cancelled() {
+                    server_command(&peer, &s, &node, command).await;
+                }
+                pending.fetch_sub(1, Ordering::AcqRel);
+            }
         });
         true
     }
@@ -459,14 +489,35 @@ pub async fn attach(
         .subscribe(topic, s.id, subscriber, since, announce)
         .await
         .map_err(|e| format!("could not subscribe to \"{topic}\": {e}"))?;
-    s.topics.lock().unwrap().insert(topic.to_string());
-    if node.presence().covers(topic) {
+    let present = node.presence().covers(topic);
+    if present {
         let (user, info) = {
             let identity = s.identity.lock().unwrap();
             (identity.user().to_string(), identity.info().cloned())
         };
         node.presence()
             .joined(topic, &s.client_id, &user, info.as_deref(), None);
+    }
+    // A control command's subscribe can finish after the socket left:
+    // `disconnected` cancels `gone` before it takes the topics, so checked
+    // under the same lock, the subscription is either recorded in time to
+    // be ended there or undone here, never left in the hub.
+    let kept = {
+        let mut topics = s.topics.lock().unwrap();
+        let kept = !s.gone.is_cancelled();
+        if kept {
+            topics.insert(topic.to_string());
+        }
+        kept
+    };
+    if !kept {
+        node.hub().unsubscribe(topic, s.id).await;
+        if present {
+            node.presence().left(topic, &s.client_id);
+        }
+        return Err(format!(
+            "could not subscribe to \"{topic}\": the socket disconnected"
+        ));
     }
     Ok(())
 }
@@ -562,7 +613,7 @@ pub const CLIENT_EVENTS: [&str; 7] = [
 pub async fn handle(
     event: &str,
     peer: &Arc<dyn Peer>,
-    s: &Session,
+    s: &Arc<Session>,
     node: &Node,
     data: Result<Value, String>,
     ack: Ack,
@@ -609,7 +660,7 @@ fn caller<'a>(s: &'a Session, identity: &'a Identity) -> Caller<'a> {
 fn rpc(
     method: &str,
     peer: &Arc<dyn Peer>,
-    s: &Session,
+    s: &Arc<Session>,
     node: &Node,
     data: Result<Value, String>,
     ack: Option<Ack>,
@@ -641,7 +692,7 @@ fn rpc(
         Ok(call) => call,
         Err(e) => return fail(ack, "unavailable", e.to_string()),
     };
-    let peer = peer.clone();
+    let (peer, s) = (peer.clone(), s.clone());
     let method = method.to_string();
     tokio::spawn(async move {
         let (code, message, close) = match call.await {
@@ -663,6 +714,7 @@ fn rpc(
             &json!({"message": message, "code": code, "event": method, "topic": null}),
         );
         if close {
+            s.closing(m::reason::BACKEND);
             peer.disconnect();
         }
     });
@@ -951,12 +1003,13 @@ async fn refresh(
         }
     };
     let expires_at = identity.expires_at();
+    let old = s.identity();
     let lost: Vec<String> = s
         .topics
         .lock()
         .unwrap()
         .iter()
-        .filter(|t| !identity.may_subscribe(t))
+        .filter(|t| node.hooks().revoked(&old, &identity, t))
         .cloned()
         .collect();
     *s.identity.lock().unwrap() = identity;

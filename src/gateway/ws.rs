@@ -528,7 +528,7 @@ impl Session {
         let lost: Vec<String> = self
             .topics
             .iter()
-            .filter(|t| !identity.may_subscribe(t))
+            .filter(|t| self.node.hooks().revoked(&self.identity, &identity, t))
             .cloned()
             .collect();
         self.identity = identity;

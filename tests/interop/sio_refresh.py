@@ -7,7 +7,8 @@ allows a and b for longer; narrow_token allows only a.
 - a socket that sends `refresh` with long_token before expiry stays
   connected past the short token's exp;
 - a refresh with narrow_token unsubscribes b (an `unsubscribed` event with
-  a reason);
+  a reason), and keeps c, which the back end subscribed the socket to
+  (`POST /api/subscribe`) although no token names it;
 - an invalid refresh is refused in the ack;
 - a socket that does not refresh gets an `error` event with code
   token_expired, then is disconnected by the server.
@@ -15,6 +16,7 @@ allows a and b for longer; narrow_token allows only a.
 import asyncio
 import sys
 
+import httpx
 import socketio
 
 
@@ -26,6 +28,12 @@ async def main(url: str, short: str, long: str, narrow: str) -> None:
     for t in ("a", "b"):
         ack = await kept.call("subscribe", t, timeout=5)
         assert ack["ok"], ack
+    subscribed = asyncio.Event()
+    kept.on("subscribed", lambda d: subscribed.set() if d.get("topic") == "c" else None)
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"{url}/api/subscribe", json={"client": kept.get_sid(), "topic": "c"})
+        assert r.json()["data"]["reached"] == 1, r.text
+    await asyncio.wait_for(subscribed.wait(), 5)
     bad = await kept.call("refresh", "garbage", timeout=5)
     assert bad["ok"] is False and "refresh refused" in bad["error"], bad
     ack = await kept.call("refresh", {"token": long}, timeout=5)
@@ -50,7 +58,7 @@ async def main(url: str, short: str, long: str, narrow: str) -> None:
     ack = await kept.call("refresh", narrow, timeout=5)
     assert ack["ok"], ack
     await asyncio.sleep(0.3)
-    assert unsubscribed and unsubscribed[0]["topic"] == "b", unsubscribed
+    assert [u["topic"] for u in unsubscribed] == ["b"], unsubscribed
     assert unsubscribed[0]["reason"] == "permission revoked", unsubscribed
     await kept.disconnect()
     print("[python] OK", flush=True)
