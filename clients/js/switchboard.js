@@ -100,32 +100,30 @@ class SseSocket {
   }
 
   _event(block) {
-    let name = "message";
     const data = [];
     for (const line of block.split("\n")) {
-      if (line.startsWith("event:")) name = line.slice(6).trim();
-      else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
     }
     if (data.length === 0) return;
     const text = data.join("\n");
-    if (name === "connected") {
-      try {
-        this._session = JSON.parse(text).session;
-      } catch {
-        /* not JSON: ignored below too */
-      }
-    } else if (name === "reconnect") {
+    // Decided by the frame's `type`, never by the SSE event name: a
+    // publication's name is its own (a topic may well be called `error`
+    // or `reconnect`) and arrives as `type: "event"`.
+    let frame = null;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      /* not JSON: passed on, and reported there */
+    }
+    const type = frame?.type;
+    if (type === "connected") {
+      this._session = frame.session;
+    } else if (type === "reconnect") {
       // The node drains: come back at once (the native 1012).
       this._end = { code: 1012, reason: "server restarting, reconnect" };
       return;
-    } else if (name === "error") {
-      const code = (() => {
-        try {
-          return JSON.parse(text).code;
-        } catch {
-          return null;
-        }
-      })();
+    } else if (type === "error") {
+      const code = frame.code;
       if (code === "slow_consumer") this._end = { code: 1013, reason: "slow consumer" };
       if (code === "token_expired") this._end = { code: TOKEN_EXPIRED, reason: "token expired" };
       if (code === "disconnected") this._end = { code: BACKEND_RECONNECT[0], reason: "disconnected" };

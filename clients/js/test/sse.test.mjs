@@ -118,3 +118,39 @@ test(
     assert.equal(c.transport, "sse");
   }),
 );
+
+test(
+  "publications named like the stream's own events (connected, reconnect, error) are publications",
+  { timeout: 30_000 },
+  scoped(async (s) => {
+    const node = await s.node("js-sse-names", { WEBSOCKET_ENABLED: "false" });
+    const c = new Switchboard(`${node.http}/ws`, {
+      WebSocket,
+      transports: ["websocket", "sse"],
+      minDelay: 100,
+      maxDelay: 500,
+    });
+    s.defer(() => c.close());
+    const transports = [];
+    c.on("transport", (e) => transports.push(e.transport));
+    const got = [];
+    const news = c.subscribe("news", (data, meta) => got.push([meta.name, data.n]));
+    await c.connect();
+    await news.ready;
+    const names = ["connected", "reconnect", "error", "subscribed"];
+    for (const [n, event] of names.entries()) {
+      await node.post("/api/publish", { topic: "news", event, data: { n } });
+    }
+    await eventually(() => got.length === names.length, 5000, "every publication");
+    assert.deepEqual(got, names.map((event, n) => [event, n]));
+    // The stream was neither restarted nor lost its session: a topic added
+    // on it still works.
+    const extra = [];
+    const sub = c.subscribe("extra", (data) => extra.push(data.n));
+    await sub.ready;
+    await node.post("/api/publish", { topic: "extra", data: { n: 1 } });
+    await eventually(() => extra.length === 1, 5000, "an event of the added topic");
+    assert.deepEqual(transports, ["sse"]);
+    assert.equal(c.state, "connected");
+  }),
+);
