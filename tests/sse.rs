@@ -259,6 +259,137 @@ fn resume_on_another_node_replays_the_missed_then_live_and_old_ids_get_a_gap() {
     );
 }
 
+/// A resumed topic that cannot be subscribed on the node a stream comes
+/// back to (here its topic limit) keeps the position it came with in
+/// the stream's ids: the next resume, on a node that can take it, replays
+/// what it missed instead of starting it from now without a gap.
+#[test]
+fn a_resumed_topic_refused_on_one_node_keeps_its_position_for_the_next() {
+    let redis = Redis::start();
+    let p = prefix("sse-keep");
+    let a = Node::start_on_redis("sse-keep-a", &redis.url(), &p, &[], Duration::from_secs(10));
+    let b = Node::start_on_redis(
+        "sse-keep-b",
+        &redis.url(),
+        &p,
+        // Its own `device` and one more.
+        &[("MAX_TOPICS_PER_NODE", "2")],
+        Duration::from_secs(10),
+    );
+    let s = Sse::open(&a.addr, "/sse?topic=k1&topic=k2", &[]);
+    assert_eq!(s.status, 200, "{}", s.head);
+    s.expect("connected");
+    s.expect("subscribed");
+    s.expect("subscribed");
+    for n in 1..=2 {
+        publish(&a, "k1", n);
+        publish(&a, "k2", n);
+    }
+    let mut id = None;
+    for _ in 0..4 {
+        id = s.next(Duration::from_secs(5)).expect("live event").id;
+    }
+    s.close();
+    for n in 3..=4 {
+        publish(&a, "k2", n);
+    }
+    // Node b takes one topic more: k1 resumes, k2 is refused.
+    let r = Sse::open(
+        &b.addr,
+        "/sse?topic=k1&topic=k2",
+        &[("Last-Event-ID", &id.unwrap())],
+    );
+    assert_eq!(r.status, 200, "{}", r.head);
+    let refused = r.expect("error");
+    assert_eq!(refused.data["code"], "topic_limit", "{:?}", refused.data);
+    assert_eq!(refused.data["event"], "k2", "{:?}", refused.data);
+    publish(&a, "k1", 3);
+    let live = r.expect("k1");
+    r.close();
+    // Back on a: k2 replays 3 and 4, then goes on live.
+    let again = Sse::open(
+        &a.addr,
+        "/sse?topic=k1&topic=k2",
+        &[("Last-Event-ID", &live.id.unwrap())],
+    );
+    assert_eq!(again.status, 200, "{}", again.head);
+    let mut k2 = Vec::new();
+    while k2.len() < 2 {
+        let ev = again
+            .next(Duration::from_secs(5))
+            .expect("the missed k2 publications");
+        match ev.event.as_str() {
+            "k2" => k2.push(ev.data["offset"].as_u64().unwrap()),
+            "subscribed" if ev.data["event"] == "k2" => {
+                assert_eq!(ev.data["recovered"], true, "{:?}", ev.data)
+            }
+            "gap" | "error" => panic!("{ev:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(k2, [3, 4]);
+}
+
+/// A stream never writes an event id too long to be taken back: past the
+/// history topics its id can carry, a further one is refused with a clear
+/// error, and the id of the last one held resumes every one of them.
+#[test]
+fn a_stream_refuses_history_topics_its_event_id_could_not_carry() {
+    let node = Node::start("sse-id-cap", &[("WEBSOCKET_SUBSCRIBE_RATE_LIMIT", "0")]);
+    let topics: Vec<String> = (0..200).map(|i| format!("cap.topic.{i}")).collect();
+    let query: Vec<String> = topics.iter().map(|t| format!("topic={t}")).collect();
+    let s = Sse::open(&node.addr, &format!("/sse?{}", query.join("&")), &[]);
+    assert_eq!(s.status, 200, "{}", s.head);
+    s.expect("connected");
+    let (mut held, mut refused, mut id) = (0, 0, String::new());
+    while held + refused < topics.len() {
+        let ev = s
+            .next(Duration::from_secs(10))
+            .expect("an answer for every topic");
+        match ev.event.as_str() {
+            "subscribed" => {
+                held += 1;
+                id = ev.id.expect("subscribed carries an id");
+            }
+            "error" => {
+                assert_eq!(ev.data["code"], "subscription_limit", "{:?}", ev.data);
+                assert!(
+                    ev.data["error"].as_str().unwrap().contains("event id"),
+                    "{:?}",
+                    ev.data
+                );
+                refused += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(held, 113, "(4096 - 1) / 36 topics");
+    assert!(id.len() <= 4096, "{} bytes", id.len());
+    s.close();
+    for t in &topics[..held] {
+        publish(&node, t, 1);
+    }
+    // Every held topic resumes from the id: its one publication, no error.
+    let r = Sse::open(
+        &node.addr,
+        &format!("/sse?{}", query[..held].join("&")),
+        &[("Last-Event-ID", &id)],
+    );
+    assert_eq!(r.status, 200, "{}", r.head);
+    let mut replayed = 0;
+    while replayed < held {
+        let ev = r
+            .next(Duration::from_secs(10))
+            .expect("every missed publication");
+        match ev.event.as_str() {
+            "error" | "gap" => panic!("{ev:?}"),
+            "subscribed" => assert_eq!(ev.data["recovered"], true, "{:?}", ev.data),
+            e if e.starts_with("cap.topic.") => replayed += 1,
+            _ => {}
+        }
+    }
+}
+
 /// An id taken before a topic's first publication names a pending epoch.
 /// When history no longer holds what followed it, the resume announces a
 /// gap from offset 1 of the topic's first epoch, which continues the
@@ -631,6 +762,30 @@ fn a_stream_that_opens_new_topics_too_fast_is_refused_and_held_topics_are_not_co
     }
     publish(&node, "churn.0", 1);
     s.expect("churn.0");
+    // The topics of a stream's URL are its own subscribes too: a new stream
+    // gets its burst of new topics, no more; one the node holds is free.
+    let url = Sse::open(
+        &node.addr,
+        "/sse?topic=churn.0&topic=url.0&topic=url.1&topic=url.2",
+        &[],
+    );
+    assert_eq!(url.status, 200, "{}", url.head);
+    let (mut held, mut refused) = (Vec::new(), Vec::new());
+    while held.len() + refused.len() < 4 {
+        let ev = url
+            .next(Duration::from_secs(5))
+            .expect("an answer for every topic");
+        match ev.event.as_str() {
+            "subscribed" => held.push(ev.data["event"].as_str().unwrap().to_string()),
+            "error" => {
+                assert_eq!(ev.data["code"], "subscribe_rate_limited", "{:?}", ev.data);
+                refused.push(ev.data["event"].as_str().unwrap().to_string());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(held, ["churn.0", "url.0", "url.1"]);
+    assert_eq!(refused, ["url.2"]);
     let (_, metrics) = common::http_text(&node.addr, "GET", "/metrics", None, &[]);
     assert!(
         metrics.contains("switchboard_limit_refusals_total{limit=\"subscribe_rate\"}"),

@@ -17,7 +17,8 @@
 //! `_<key>.<epoch>.<offset>`, where key is the topic name's 32-bit FNV-1a
 //! hash in base 36 and offset is base 36 (`1_1x2f3k.mk2v9s1.2s`). Keyed by
 //! the topic, not by its place, so it stays right when topics come and go;
-//! ids longer than [`MAX_ID_BYTES`] are refused. Topics without history add
+//! ids longer than [`MAX_ID_BYTES`] are refused, and a stream holds no more
+//! history topics than its id can carry (113). Topics without history add
 //! nothing to it.
 //!
 //! The response body is not a task of its own: hyper polls [`Events`],
@@ -60,8 +61,16 @@ use crate::protocol::{self, ProtocolError, ServerMessage, Since};
 
 /// What `retry:` tells `EventSource` to wait before it reconnects.
 pub const RETRY_MS: u64 = 2_000;
-/// The longest event id taken back: about 150 history topics.
+/// The longest event id taken back.
 pub const MAX_ID_BYTES: usize = 4_096;
+/// The longest entry of one topic whose epoch this server made: `_`, a key
+/// of at most 7 base-36 digits, `.`, the epoch (13 bytes: 8 of creation
+/// time, `.`, 4 random), `.`, an offset of at most 13 digits. A stream holds
+/// at most as many history topics as such entries fit in [`MAX_ID_BYTES`]
+/// (113), so that no offset it reaches makes an id the next reconnect
+/// refuses. (An epoch comes from a client only in an id it sent back, up
+/// to 32 bytes; a forged one can only spoil its own stream's ids.)
+pub const ENTRY_BYTES: usize = 36;
 /// The drain's `retry:` is spread over this range, so that the clients of
 /// a node that goes away do not all come back in the same instant.
 const DRAIN_RETRY_MS: std::ops::RangeInclusive<u64> = 500..=3_000;
@@ -187,6 +196,15 @@ impl Positions {
         }
         &self.id
     }
+
+    /// Whether one more topic could make the id too long to be taken back.
+    fn full(&self) -> bool {
+        1 + (self.entries.len() + 1) * ENTRY_BYTES > MAX_ID_BYTES
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
 }
 
 /// Appends `text` as one SSE field value: a line break would end the
@@ -255,7 +273,8 @@ impl Stream {
         self.outbox.push(event("error", None, &message.to_json()));
     }
 
-    fn subscribed(&self, topic: &str, outcome: &Outcome, since: Option<&Since>) {
+    /// `held`: the stream already had the topic (a second subscribe).
+    fn subscribed(&self, topic: &str, outcome: &Outcome, since: Option<&Since>, held: bool) {
         let mut positions = self.positions.lock().unwrap();
         if let Some(p) = &outcome.position {
             // What the client holds: its own position when everything after
@@ -264,6 +283,11 @@ impl Stream {
                 Some(s) if outcome.recovered == Some(true) => {
                     positions.set(topic, &p.epoch, s.offset)
                 }
+                // Already delivering: the position is what the stream was
+                // given. The top can be ahead of publications still on
+                // their way to this node, and an id naming it would skip
+                // them on a resume.
+                None if held => {}
                 _ => positions.set(topic, &p.epoch, p.offset),
             }
         }
@@ -652,12 +676,13 @@ struct Session {
     stream: Arc<Stream>,
     topics: HashSet<String>,
     identity: Identity,
-    /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT` for the stream's own subscribe
-    /// requests to topics this node does not hold yet: the ones that cost
-    /// Redis work (a channel subscribed and later released, a history read)
-    /// and node memory. Each request is an HTTP request of its own, so
-    /// subscribing again to a topic the node holds (or that lingers after its
-    /// last subscriber) is not counted, nor are unsubscribes.
+    /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT` for the stream's own subscribes
+    /// (its URL's topics, then its requests) to topics this node does not
+    /// hold yet: the ones that cost Redis work (a channel subscribed and
+    /// later released, a history read) and node memory. Each request is an
+    /// HTTP request of its own, so subscribing again to a topic the node
+    /// holds (or that lingers after its last subscriber) is not counted, nor
+    /// are unsubscribes.
     new_topics: Option<crate::limits::TokenBucket>,
     /// Given back when the session ends.
     _seats: Seats,
@@ -672,6 +697,15 @@ async fn run(
 ) {
     let config = s.node.config().clone();
     for (topic, since) in joins {
+        // The topics of the URL are the stream's own subscribes, charged
+        // like its later requests: opening streams must not churn topics
+        // faster than subscribing on one.
+        if !s.may_open(&topic) {
+            s.keep_position(&topic, since.as_ref());
+            let (e, code) = crate::limits::subscribe_rate_refusal(&s.node, &topic);
+            s.stream.error(e, code, Some(&topic), Some("subscribe"));
+            continue;
+        }
         Box::pin(s.join(topic, since)).await;
     }
     let mut expiry = s
@@ -754,6 +788,18 @@ async fn run(
 }
 
 impl Session {
+    /// Whether the stream may subscribe `topic` by its own request: one
+    /// this node does not hold yet takes a token of
+    /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`.
+    fn may_open(&mut self, topic: &str) -> bool {
+        match &mut self.new_topics {
+            Some(bucket) if !self.topics.contains(topic) && !self.node.hub().holds(topic) => {
+                bucket.take()
+            }
+            _ => true,
+        }
+    }
+
     /// The stream's client id (and session id), as the registry knows it.
     fn client_id(&self) -> String {
         format!("{:016x}", self.id)
@@ -765,11 +811,7 @@ impl Session {
             // checked where its request landed.
             Command::Subscribe { topic } => self.join(topic.to_string(), None).await,
             Command::SseSubscribe { topic, .. } => {
-                if let Some(bucket) = &mut self.new_topics
-                    && !self.topics.contains(&*topic)
-                    && !self.node.hub().holds(&topic)
-                    && !bucket.take()
-                {
+                if !self.may_open(&topic) {
                     let (e, code) = crate::limits::subscribe_rate_refusal(&self.node, &topic);
                     return self.stream.error(e, code, Some(&topic), Some("subscribe"));
                 }
@@ -809,7 +851,9 @@ impl Session {
     /// Subscribes an allowed topic (from `since` when resuming).
     async fn join(&mut self, topic: String, since: Option<Since>) {
         let limit = self.node.config().max_subscriptions;
-        if !self.topics.contains(&topic) && self.topics.len() >= limit {
+        let held = self.topics.contains(&topic);
+        if !held && self.topics.len() >= limit {
+            self.keep_position(&topic, since.as_ref());
             return self.stream.error(
                 format!("subscription limit of {limit} topics per connection reached"),
                 "subscription_limit",
@@ -817,12 +861,28 @@ impl Session {
                 Some("subscribe"),
             );
         }
+        if !held && self.node.hub().is_history(&topic) {
+            let positions = self.stream.positions.lock().unwrap();
+            if positions.full() {
+                let n = positions.len();
+                drop(positions);
+                return self.stream.error(
+                    format!(
+                        "a stream holds at most the history topics whose positions fit in its event id ({MAX_ID_BYTES} bytes; this one holds {n}): \"{topic}\" was not subscribed; open another stream for more"
+                    ),
+                    "subscription_limit",
+                    Some(&topic),
+                    Some("subscribe"),
+                );
+            }
+        }
         let stream = self.stream.clone();
         let name = topic.clone();
         let wanted = since.clone();
+        let resume = since.clone();
         let ttl = self.node.config().history.ttl;
         let announce = Box::new(move |outcome: &Outcome| {
-            stream.subscribed(&name, outcome, wanted.as_ref());
+            stream.subscribed(&name, outcome, wanted.as_ref(), held);
             // What the replay cannot bring back is a gap, before anything live.
             let (Some(p), Some(since), Some(false)) =
                 (&outcome.position, wanted, outcome.recovered)
@@ -862,9 +922,26 @@ impl Session {
                 self.topics.insert(topic);
             }
             Err(err) => {
+                self.keep_position(&topic, resume.as_ref());
                 let (error, code) = super::subscribe_refused(&topic, &err);
                 self.stream
                     .error(error, code, Some(&topic), Some("subscribe"));
+            }
+        }
+    }
+
+    /// A topic the stream resumes but could not subscribe (Redis down for a
+    /// moment, a limit) keeps the position it came with in the stream's
+    /// ids, so that the next reconnect resumes it from there instead of
+    /// from now without a `gap`.
+    fn keep_position(&self, topic: &str, since: Option<&Since>) {
+        if let Some(since) = since
+            && !self.topics.contains(topic)
+        {
+            let epoch: Arc<str> = since.epoch.as_str().into();
+            let mut positions = self.stream.positions.lock().unwrap();
+            if !positions.full() {
+                positions.set(topic, &epoch, since.offset);
             }
         }
     }
@@ -962,6 +1039,15 @@ async fn command(
         .run(Target::Client(session.clone()), command)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    if reached.reached == 0 && !reached.unanswered.is_empty() {
+        // A node that did not answer in time may hold the stream: not
+        // found would tell the client to give up on a live session.
+        return Err(ApiError::Unavailable(format!(
+            "the stream's node did not answer within {} s (nodes {}); try again",
+            crate::control::ANSWER_TIMEOUT.as_secs(),
+            reached.unanswered.join(", ")
+        )));
+    }
     if reached.reached == 0 {
         return Err(not_found(&session));
     }
