@@ -688,6 +688,27 @@ async fn an_embedded_node_keeps_presence_in_memory() {
     drop(c);
     let d = frame(&mut w, "presence_diff").await;
     assert_eq!(d["leaves"].as_object().unwrap().len(), 1, "{d}");
+    // The back end subscribes the watcher to the topic again (control
+    // API): its diffs go on.
+    let body = json!({"client": w.client_id, "topic": "room.m"}).to_string();
+    let (status, v) = node.post("/api/subscribe", &body);
+    assert_eq!(v["data"]["reached"], 1, "{status} {v}");
+    frame(&mut w, "subscribed").await;
+    let mut again = Client::connect(&node.ws_url("/ws")).await;
+    again.subscribe("room.m").await;
+    let d = frame(&mut w, "presence_diff").await;
+    assert!(d["joins"].get(&again.client_id).is_some(), "{d}");
+    // Its own subscribe again without `presence`: no more diffs.
+    w.send(json!({"type": "subscribe", "event": "room.m"}))
+        .await;
+    frame(&mut w, "subscribed").await;
+    drop(again);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), frame(&mut w, "presence_diff"))
+            .await
+            .is_err(),
+        "a diff after the subscribe without presence"
+    );
     // A topic without presence is refused with its reason.
     w.send(json!({"type": "presence", "event": "news"})).await;
     let e = frame(&mut w, "error").await;

@@ -282,7 +282,7 @@ async fn server_command(
                 positions: false,
                 since: None,
                 data: None,
-                presence: false,
+                presence: None,
             };
             let announce = {
                 let peer = peer.clone();
@@ -375,7 +375,7 @@ async fn join_for_server(peer: &Arc<dyn Peer>, s: &Session, node: &Node, topic: 
         positions: false,
         since: None,
         data: None,
-        presence: false,
+        presence: None,
     };
     if let Err(e) = join(peer, s, node, request, Box::new(|_| {})).await {
         emit_error(&**peer, None, &e);
@@ -400,8 +400,10 @@ struct SubscribeRequest {
     since: Option<Since>,
     /// Passed to the subscribe hook.
     data: Option<Box<RawValue>>,
-    /// `presence: true` (object form): `presence_diff` events.
-    presence: bool,
+    /// The client's own subscribe: `presence: true` (object form) for
+    /// `presence_diff` events, false for none. `None`: the server's, which
+    /// leaves them as they were.
+    presence: Option<bool>,
 }
 
 async fn join(
@@ -440,7 +442,10 @@ async fn join(
     if let (Err(_), Some(r)) = (&joined, recorded) {
         r.leave(topic).await;
     }
-    if joined.is_ok() && request.presence {
+    if joined.is_ok() && request.presence == Some(false) {
+        node.presence().unwatch(topic, &s.client_id);
+    }
+    if joined.is_ok() && request.presence == Some(true) {
         if node.presence().covers(topic) {
             let (user, info) = {
                 let identity = s.identity.lock().unwrap();
@@ -532,7 +537,7 @@ fn subscribe_arg(data: &Result<Value, String>) -> Result<SubscribeRequest, Strin
             positions: false,
             since: None,
             data: None,
-            presence: false,
+            presence: Some(false),
         });
     };
     let since = match (o.get("offset"), o.get("epoch")) {
@@ -553,7 +558,7 @@ fn subscribe_arg(data: &Result<Value, String>) -> Result<SubscribeRequest, Strin
         positions: o.contains_key("topic"),
         since,
         data,
-        presence,
+        presence: Some(presence),
     })
 }
 

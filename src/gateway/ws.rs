@@ -327,7 +327,7 @@ async fn run(
     };
     if let Some(topic) = initial_topic {
         // Allowed before the upgrade (the subscribe hook included).
-        Box::pin(session.join(topic, None, false)).await;
+        Box::pin(session.join(topic, None, Some(false))).await;
     }
     read_loop(&mut session, stream, &mut writer, &liveness, &mailbox).await;
     // The teardown runs once; boxed so that its timers and unsubscribe
@@ -682,7 +682,7 @@ impl Session {
         use crate::clients::Command;
         match command {
             // Server-side: the back end decided, no permission check.
-            Command::Subscribe { topic } => self.join(topic.to_string(), None, false).await,
+            Command::Subscribe { topic } => self.join(topic.to_string(), None, None).await,
             Command::Unsubscribe { topic } => {
                 if self.topics.remove(&*topic) {
                     self.node.hub().unsubscribe(&topic, self.id).await;
@@ -826,12 +826,14 @@ impl Session {
         {
             return self.deny("subscribe", denial, Some(&topic));
         }
-        self.join(topic, since, presence).await;
+        self.join(topic, since, Some(presence)).await;
     }
 
     /// Subscribes an allowed topic: the subscription limit, then the hub,
-    /// then presence (`watch`: with `presence_diff` frames).
-    async fn join(&mut self, topic: String, since: Option<Since>, watch: bool) {
+    /// then presence (`watch`: the client's own subscribe, with
+    /// `presence_diff` frames or without; `None`, the server's, which
+    /// leaves them as they were).
+    async fn join(&mut self, topic: String, since: Option<Since>, watch: Option<bool>) {
         let limit = self.node.config().max_subscriptions;
         if !self.topics.contains(&topic) && self.topics.len() >= limit {
             self.outbox.error_reply(
@@ -897,7 +899,7 @@ impl Session {
         {
             Ok(Subscribed::New | Subscribed::Already) => {
                 let presence = self.node.presence();
-                if watch && !presence.covers(&topic) {
+                if watch == Some(true) && !presence.covers(&topic) {
                     // No `replyTo`: the subscription itself succeeded.
                     self.outbox.error_reply(
                         None,
@@ -907,7 +909,10 @@ impl Session {
                     );
                 }
                 let watcher: Option<Arc<dyn crate::presence::Watcher>> =
-                    watch.then(|| Arc::new(Watcher(self.outbox.clone())) as _);
+                    (watch == Some(true)).then(|| Arc::new(Watcher(self.outbox.clone())) as _);
+                if watch == Some(false) {
+                    presence.unwatch(&topic, &self.client_id);
+                }
                 presence.joined(
                     &topic,
                     &self.client_id,

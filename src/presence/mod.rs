@@ -130,9 +130,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<bool, RedisError>>;
     /// Nodes other than `me` whose mark expired.
     fn dead<'a>(&'a self, me: &'a str) -> BoxFuture<'a, Result<Vec<String>, RedisError>>;
-    /// Takes node `node`'s topics and stops watching it, in one step (two
-    /// reapers never both get them); unless `force`, only while its mark
-    /// is gone.
+    /// Node `node`'s topics with entries left; none left, it stops
+    /// watching the node. Unless `force`, only while its mark is gone.
+    /// Two reapers may both get a topic: purging is idempotent (the second
+    /// finds no entry and announces nothing).
     fn claim<'a>(
         &'a self,
         node: &'a str,
@@ -349,7 +350,9 @@ impl Presence {
     }
 
     /// A connection's subscription to `topic` started (or was asked for
-    /// again). `watcher`: it wants `presence_diff` (`None` stops that).
+    /// again). `watcher`: it wants `presence_diff`; `None` leaves watching
+    /// as it was (a server-side subscribe of a topic the client watches
+    /// must not end its diffs: [`Presence::unwatch`] does that).
     pub fn joined(
         &self,
         topic: &str,
@@ -363,16 +366,15 @@ impl Presence {
         }
         let client: Arc<str> = client.into();
         {
-            let mut watched = self.inner.watched.lock().unwrap();
-            match watcher {
-                Some(w) => {
-                    watched
-                        .entry(topic.to_string())
-                        .or_default()
-                        .watchers
-                        .insert(client.clone(), w);
-                }
-                None => unwatch(&mut watched, topic, &client),
+            if let Some(w) = watcher {
+                self.inner
+                    .watched
+                    .lock()
+                    .unwrap()
+                    .entry(topic.to_string())
+                    .or_default()
+                    .watchers
+                    .insert(client.clone(), w);
             }
         }
         let topic: Arc<str> = topic.into();
@@ -400,6 +402,12 @@ impl Presence {
                 value,
             },
         );
+    }
+
+    /// The client subscribed to `topic` again without asking for
+    /// `presence_diff`: it gets none from now on (it stays present).
+    pub fn unwatch(&self, topic: &str, client: &str) {
+        unwatch(&mut self.inner.watched.lock().unwrap(), topic, client);
     }
 
     /// A connection's subscription to `topic` ended (unsubscribe, close,
@@ -485,13 +493,15 @@ impl Presence {
                     chunk.iter().map(|(topic, ops)| self.write(topic, ops)),
                 )
                 .await;
-                for ((topic, ops), ok) in chunk.iter().zip(results) {
-                    if !ok {
+                for ((topic, ops), written) in chunk.iter().zip(results) {
+                    if let Err(done) = written {
                         failed = true;
-                        // Back in front of what came meanwhile, order kept.
+                        // What was not written goes back in front of what
+                        // came meanwhile, order kept (what was is not
+                        // written twice: its webhooks went out once).
                         let mut pending = self.inner.pending.lock().unwrap();
                         let later = pending.remove(topic).unwrap_or_default();
-                        let mut all = ops.clone();
+                        let mut all = ops[done..].to_vec();
                         all.extend(later);
                         pending.insert(topic.clone(), all);
                     }
@@ -504,24 +514,25 @@ impl Presence {
         }
     }
 
-    /// Writes one topic's changes; false when the store failed.
-    async fn write(&self, topic: &Arc<str>, ops: &[Op]) -> bool {
+    /// Writes one topic's changes; when the store failed, how many of
+    /// `ops` were written before it did.
+    async fn write(&self, topic: &Arc<str>, ops: &[Op]) -> Result<(), usize> {
         let held = self.inner.held.lock().unwrap().contains(topic);
         let has_join = ops.iter().any(|o| matches!(o, Op::Join { .. }));
         if !held && has_join {
             if let Err(e) = self.inner.store.hold(&self.inner.node, topic).await {
-                return self.failed(topic, e);
+                return Err(self.failed(topic, e, 0));
             }
             self.inner.held.lock().unwrap().insert(topic.clone());
         }
         let mut empty = false;
-        for chunk in ops.chunks(CHUNK) {
+        for (i, chunk) in ops.chunks(CHUNK).enumerate() {
             match self.inner.store.apply(&self.inner.node, topic, chunk).await {
                 Ok(applied) => {
                     empty = applied.empty;
                     self.record(topic, applied, "join", "leave");
                 }
-                Err(e) => return self.failed(topic, e),
+                Err(e) => return Err(self.failed(topic, e, i * CHUNK)),
             }
         }
         let gone = !self.inner.local.lock().unwrap().contains_key(topic);
@@ -533,13 +544,14 @@ impl Presence {
                 self.inner.held.lock().unwrap().remove(topic);
             }
         }
-        true
+        Ok(())
     }
 
-    fn failed(&self, topic: &str, e: RedisError) -> bool {
+    /// Counts and logs a failed write; `done` ops were written before it.
+    fn failed(&self, topic: &str, e: RedisError, done: usize) -> usize {
         metrics::counter!(m::PRESENCE_ERRORS).increment(1);
         tracing::warn!(topic, cause = %e, "presence not written; retrying");
-        false
+        done
     }
 
     /// Effective changes go to the other nodes at the next tick; users
@@ -611,13 +623,23 @@ impl Presence {
         }
     }
 
+    /// Sends `message` (emptied); when Redis did not take it, its changes
+    /// go back in front of the next interval's, so watchers see them late
+    /// rather than never.
     async fn send(&self, message: &mut Wire) {
         let json = serde_json::to_string(&*message).expect("diffs serialize");
-        message.topics.clear();
         if let Err(e) = self.inner.store.broadcast(json).await {
             metrics::counter!(m::PRESENCE_ERRORS).increment(1);
-            tracing::warn!(cause = %e, "presence changes not sent to the other nodes");
+            tracing::warn!(cause = %e, "presence changes not sent to the other nodes; sent again with the next ones");
+            let mut outgoing = self.inner.outgoing.lock().unwrap();
+            for (topic, mut batch) in message.topics.drain() {
+                if let Some(newer) = outgoing.remove(&topic) {
+                    batch.merge(newer);
+                }
+                outgoing.insert(topic, batch);
+            }
         }
+        message.topics.clear();
     }
 
     /// Takes every node's diff messages into the watched topics' batches.
@@ -735,12 +757,16 @@ impl Presence {
                 "removing a gone node's presence"
             );
         }
-        for topic in topics {
+        let mut done = true;
+        for topic in &topics {
             let mut tries = 0;
             loop {
-                match self.inner.store.purge(node, &topic).await {
+                match self.inner.store.purge(node, topic).await {
                     Ok(applied) => {
-                        self.record(&topic, applied, "join", "reaped");
+                        self.record(topic, applied, "join", "reaped");
+                        // Released only once purged: what is left is
+                        // purged by the next round.
+                        done &= self.inner.store.release(node, topic).await.is_ok();
                         break;
                     }
                     Err(e) if tries < 5 => {
@@ -749,11 +775,16 @@ impl Presence {
                         tokio::time::sleep(RETRY_AFTER).await;
                     }
                     Err(e) => {
-                        tracing::error!(topic, cause = %e, "a gone node's presence stays");
+                        tracing::warn!(topic, cause = %e, "a gone node's presence stays until the reaper's next round");
+                        done = false;
                         break;
                     }
                 }
             }
+        }
+        if done && !topics.is_empty() {
+            // Nothing left: the node is no longer watched.
+            self.inner.store.claim(node, force).await?;
         }
         Ok(())
     }
@@ -769,26 +800,21 @@ impl Presence {
         tokio::spawn(async move {
             tokio::time::sleep(after * 2).await;
             p.inner.held.lock().unwrap().clear();
-            let ops: Vec<(Arc<str>, Op)> = {
-                let local = p.inner.local.lock().unwrap();
-                local
-                    .iter()
-                    .flat_map(|(topic, members)| {
-                        members.iter().map(|(c, mem)| {
-                            (
-                                topic.clone(),
-                                Op::Join {
-                                    client: c.clone(),
-                                    user: mem.user.clone(),
-                                    value: mem.value.clone(),
-                                },
-                            )
-                        })
-                    })
-                    .collect()
-            };
-            for (topic, op) in ops {
-                p.queue(topic, op);
+            // Queued under `local`: a leave taken meanwhile is queued
+            // after these joins, never before one (which would leave its
+            // entry behind).
+            let local = p.inner.local.lock().unwrap();
+            for (topic, members) in local.iter() {
+                for (c, mem) in members {
+                    p.queue(
+                        topic.clone(),
+                        Op::Join {
+                            client: c.clone(),
+                            user: mem.user.clone(),
+                            value: mem.value.clone(),
+                        },
+                    );
+                }
             }
         });
     }

@@ -140,14 +140,17 @@ end
 return out
 ";
 
-/// Takes a node's topics and stops watching it; unless forced, only while
-/// its mark is gone (nil otherwise). KEYS: mark, topics, hosts. ARGV: node, force.
+/// A gone node's topics; the node stays watched until none is left (each
+/// is released once purged), so that a purge cut short (a failure, the
+/// reaper's own end, a drain's deadline) is taken up by the next round.
+/// Unless forced, only while its mark is gone (nil otherwise); forced (the
+/// node's own drain), its mark goes too, so the reaper finishes what the
+/// drain could not. KEYS: mark, topics, hosts. ARGV: node, force.
 const CLAIM: &str = r"
 if ARGV[2] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local t = redis.call('SMEMBERS', KEYS[2])
-redis.call('DEL', KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[1])
 if ARGV[2] == '1' then redis.call('DEL', KEYS[1]) end
+local t = redis.call('SMEMBERS', KEYS[2])
+if #t == 0 then redis.call('SREM', KEYS[3], ARGV[1]) end
 return t
 ";
 
