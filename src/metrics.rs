@@ -19,6 +19,9 @@ pub const BACKPLANE_PUBLISHES: &str = "switchboard_backplane_publishes_total";
 pub const BACKPLANE_RECEIVED: &str = "switchboard_backplane_received_total";
 pub const BACKPLANE_ERRORS: &str = "switchboard_backplane_errors_total";
 pub const BACKPLANE_LAGGED: &str = "switchboard_backplane_lagged_messages_total";
+/// Messages lost by one of the other Redis listeners (compat channels,
+/// control and device commands, presence changes), by `listener`.
+pub const LISTENER_LAGGED: &str = "switchboard_listener_lagged_messages_total";
 /// Probes of the node's own subscriptions that did not come back in time.
 pub const BACKPLANE_PROBE_FAILURES: &str = "switchboard_backplane_probe_failures_total";
 pub const BACKPLANE_CONNECTED: &str = "switchboard_backplane_connected";
@@ -247,6 +250,10 @@ fn describe() {
     describe_counter!(
         BACKPLANE_LAGGED,
         "Backplane messages lost because the receiver lagged."
+    );
+    describe_counter!(
+        LISTENER_LAGGED,
+        "Messages of the other Redis listeners lost because the receiver lagged, by listener."
     );
     describe_gauge!(
         BACKPLANE_CONNECTED,

@@ -1028,7 +1028,7 @@ async fn subscribe_all(
 /// Hands a subscriber connection's messages to `tx` as `(channel,
 /// payload)` until `stop` or the receiver is gone, but those `own` takes
 /// (true: a probe of the connection's own); a lag (those messages are lost)
-/// is logged with `what` the connection listens to.
+/// is counted and logged with `what` the connection listens to.
 async fn forward(
     mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
     tx: tokio::sync::mpsc::Sender<(String, bytes::Bytes)>,
@@ -1052,6 +1052,7 @@ async fn forward(
                 }
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                metrics::counter!(crate::metrics::LISTENER_LAGGED, "listener" => what).increment(n);
                 tracing::warn!(listener = what, lost = n, "receiver lagged: messages lost");
             }
             Err(_) => return,

@@ -402,6 +402,8 @@ async fn redis_emitter_emits_and_sockets_join() {
             ["sleep", 500],
             ["emit", "m4", {"n": 4}, {"rooms": ["r4"]}],
             ["emit_args", "m5", [1, "two"], {"rooms": ["r1"]}],
+            // A JavaScript Date: what a Socket.IO server would send for it.
+            ["emit_date", "m6", "2026-12-07T08:32:23.123Z", {"rooms": ["r1"]}],
             ["sleep", 200],
             ["emit", "done", null, {}],
         ]),
@@ -416,6 +418,7 @@ async fn redis_emitter_emits_and_sockets_join() {
             json!(["m3", "all"]),
             json!(["m4", {"n": 4}]),
             json!(["m5", 1, "two"]),
+            json!(["m6", {"at": "2026-12-07T08:32:23.123Z"}]),
             json!(["done", null])
         ]
     );
@@ -426,6 +429,7 @@ async fn redis_emitter_emits_and_sockets_join() {
             json!(["m2", {"n": 2}]),
             json!(["m3", "all"]),
             json!(["m5", 1, "two"]),
+            json!(["m6", {"at": "2026-12-07T08:32:23.123Z"}]),
             json!(["done", null])
         ]
     );
@@ -441,7 +445,7 @@ async fn redis_emitter_emits_and_sockets_join() {
             json!(["done", null])
         ]
     );
-    assert_eq!(history(&b, "r1").len(), 3);
+    assert_eq!(history(&b, "r1").len(), 4);
     assert_eq!(history(&b, "r2").len(), 1);
     assert_eq!(history(&b, "r4").len(), 1);
 }

@@ -610,3 +610,55 @@ async fn a_failed_recovery_whose_answer_is_lost_fails_the_same_way_again() {
         drop(ws);
     }
 }
+
+/// A drop-in emit of several arguments on a topic without history: the
+/// client keeps the last string argument of any event as its offset, so
+/// the frame must end with the session's positions, not with `"hi"`.
+#[tokio::test]
+async fn a_drop_in_emit_of_several_arguments_ends_with_the_positions() {
+    let redis = Redis::start();
+    let pfx = prefix("csr-spread");
+    let a = csr_node(
+        "a",
+        &redis,
+        &pfx,
+        &[
+            ("HISTORY_TOPICS", "kept.*"),
+            ("COMPAT_PYTHON_SOCKETIO", "csr-spread-py"),
+        ],
+    );
+    let (mut ws, _) = connect(&a, json!({})).await;
+    ws.send(Message::Text(r#"420["subscribe","room1"]"#.into()))
+        .await
+        .unwrap();
+    let ack = until(&mut ws, "430").await;
+    assert!(ack.contains(r#""ok":true"#), "{ack}");
+    // python-socketio 5.15.1+ `emit("chat", ("alice", "hi"), room="room1")`,
+    // sent until the node (the leader, once elected) consumes it.
+    let emit = json!({"method": "emit", "event": "chat", "data": ["alice", "hi"],
+        "binary": false, "namespace": "/", "room": "room1", "skip_sid": null,
+        "callback": null, "host_id": "py"})
+    .to_string();
+    let frame = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            // An integer reply, which `call` reports as not an array.
+            let _ = redis.call(&["PUBLISH", "csr-spread-py", &emit]);
+            if let Ok(t) =
+                tokio::time::timeout(Duration::from_millis(300), until(&mut ws, r#"42["chat""#))
+                    .await
+            {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("the emit arrived");
+    let args: Vec<Value> = serde_json::from_str(&frame[2..]).unwrap();
+    assert_eq!(
+        args[..3],
+        [json!("chat"), json!("alice"), json!("hi")],
+        "{frame}"
+    );
+    assert_eq!(args.len(), 4, "{frame}");
+    assert_ne!(args[3], json!("hi"), "{frame}");
+}

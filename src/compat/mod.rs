@@ -58,9 +58,16 @@ pub const BROADCAST: &str = "broadcast";
 pub const DISCONNECT_CODE: u16 = 4500;
 const DISCONNECT_REASON: &str = "disconnected by the back end";
 
-/// Room commands (enter_room, socketsJoin, …) in flight at once; each may
-/// wait up to the control bus's answer timeout for an absent client.
-const ROOM_COMMANDS: usize = 64;
+/// Room commands (enter_room, socketsJoin, …, one per client) waiting or in
+/// flight at once; past it a message's commands are refused (`failed`).
+const ROOM_COMMANDS: usize = 4096;
+
+/// Room commands run in this many lanes, each in order: all of one client's
+/// go through the same lane, so an `enter_room` and the `leave_room` after
+/// it reach the client in that order (as on a Socket.IO server), while one
+/// command waiting up to the control bus's answer timeout for an absent
+/// client holds up only its lane.
+const ROOM_LANES: u64 = 16;
 
 /// What one message asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -243,7 +250,17 @@ pub struct Compat {
     /// most one message may be.
     max_bytes: usize,
     room_commands: Arc<Semaphore>,
+    /// Started on first use, from the consumer's task.
+    room_lanes: std::sync::OnceLock<Vec<tokio::sync::mpsc::UnboundedSender<RoomJob>>>,
     log: LogLimit,
+}
+
+/// One client's commands of one message, holding its place in
+/// [`ROOM_COMMANDS`] until they ran.
+struct RoomJob {
+    client: String,
+    commands: Arc<[Command]>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Compat {
@@ -263,6 +280,7 @@ impl Compat {
                 control,
                 max_bytes,
                 room_commands: Arc::new(Semaphore::new(ROOM_COMMANDS)),
+                room_lanes: std::sync::OnceLock::new(),
                 log: LogLimit::default(),
             })
         })
@@ -519,38 +537,70 @@ impl Compat {
                 "more than {MAX_ROUTING} client × room commands in one message"
             )));
         }
-        let Ok(permit) = self.room_commands.clone().try_acquire_owned() else {
+        let Ok(mut all) = self
+            .room_commands
+            .clone()
+            .try_acquire_many_owned(clients.len() as u32)
+        else {
             return Err(Refusal {
                 outcome: Outcome::Failed,
-                why: format!("{ROOM_COMMANDS} room commands are already in flight"),
+                why: format!("{ROOM_COMMANDS} room commands are already waiting"),
             });
         };
-        let control = self.control.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            for client in clients {
-                for command in &commands {
-                    match control
-                        .run(Target::Client(client.clone()), command.clone())
-                        .await
-                    {
-                        Ok(r) => tracing::debug!(
-                            client,
-                            command = command.label(),
-                            reached = r.reached,
-                            "compat room command"
-                        ),
-                        Err(e) => tracing::warn!(
-                            client,
-                            command = command.label(),
-                            cause = %e,
-                            "compat room command not sent"
-                        ),
-                    }
-                }
-            }
+        let commands: Arc<[Command]> = commands.into();
+        let lanes = self.room_lanes.get_or_init(|| {
+            (0..ROOM_LANES)
+                .map(|_| {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    tokio::spawn(room_lane(self.control.clone(), rx));
+                    tx
+                })
+                .collect()
         });
+        let mut permits = Vec::with_capacity(clients.len());
+        while all.num_permits() > 1 {
+            permits.extend(all.split(1));
+        }
+        permits.push(all);
+        for (client, permit) in clients.into_iter().zip(permits) {
+            let lane = crate::hub::client_conn_id(&client).unwrap_or(0) % ROOM_LANES;
+            let job = RoomJob {
+                client,
+                commands: commands.clone(),
+                _permit: permit,
+            };
+            // A lane ends only with the node's runtime.
+            let _ = lanes[lane as usize].send(job);
+        }
         Ok(Outcome::Applied)
+    }
+}
+
+/// Runs one lane's room commands, one after another.
+async fn room_lane(
+    control: Arc<dyn ControlBus>,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<RoomJob>,
+) {
+    while let Some(job) = jobs.recv().await {
+        for command in job.commands.iter() {
+            match control
+                .run(Target::Client(job.client.clone()), command.clone())
+                .await
+            {
+                Ok(r) => tracing::debug!(
+                    client = job.client,
+                    command = command.label(),
+                    reached = r.reached,
+                    "compat room command"
+                ),
+                Err(e) => tracing::warn!(
+                    client = job.client,
+                    command = command.label(),
+                    cause = %e,
+                    "compat room command not sent"
+                ),
+            }
+        }
     }
 }
 

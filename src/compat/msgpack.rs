@@ -46,6 +46,16 @@ struct Reader<'a> {
     at: usize,
 }
 
+/// JavaScript's `Date.prototype.toISOString()` of `ms` after the Unix
+/// epoch, for the years it writes with four digits (up to 9999).
+fn iso_time(ms: u64) -> Option<String> {
+    const YEAR_10000: u64 = 253_402_300_800_000;
+    (ms < YEAR_10000).then(|| {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+        humantime::format_rfc3339_millis(at).to_string()
+    })
+}
+
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], MsgpackError> {
         let end = self.at.checked_add(n).ok_or(MsgpackError::Truncated)?;
@@ -129,14 +139,36 @@ impl<'a> Reader<'a> {
 
     /// An extension of `n` data bytes. notepack writes JavaScript's
     /// `undefined` as the 1-byte extension 0 with data 0: that one is `null`
-    /// (what `JSON.stringify` makes of it in an array).
+    /// (what `JSON.stringify` makes of it in an array). A `Date` is the
+    /// MessagePack timestamp (type -1, in its 4-, 8- and 12-byte forms; older
+    /// notepack wrote type 0 with 8 bytes of milliseconds): the string
+    /// `toISOString()` gives, which is what a Socket.IO server's clients
+    /// receive for it.
     fn ext(&mut self, n: usize) -> Result<Value, MsgpackError> {
         let kind = self.u8()? as i8;
         let data = self.take(n)?;
-        if kind == 0 && data == [0] {
-            return Ok(Value::Null);
+        let be = |b: &[u8]| b.iter().fold(0u64, |v, &x| (v << 8) | u64::from(x));
+        let ms = match (kind, data.len()) {
+            (0, 1) if data == [0] => return Ok(Value::Null),
+            (-1, 4) => Some(be(data) * 1000),
+            (-1, 8) => {
+                let v = be(data);
+                Some((v & 0x3_ffff_ffff) * 1000 + (v >> 34) / 1_000_000)
+            }
+            (-1, 12) => {
+                let secs = be(&data[4..]) as i64;
+                u64::try_from(secs)
+                    .ok()
+                    .and_then(|s| s.checked_mul(1000))
+                    .map(|ms| ms + be(&data[..4]) / 1_000_000)
+            }
+            (0, 8) => u64::try_from(be(data) as i64).ok(),
+            _ => None,
+        };
+        match ms.and_then(iso_time) {
+            Some(text) => Ok(Value::String(text)),
+            None => Err(MsgpackError::Extension(kind)),
         }
-        Err(MsgpackError::Extension(kind))
     }
 
     fn str(&mut self, n: usize) -> Result<Value, MsgpackError> {
@@ -223,13 +255,38 @@ mod tests {
         );
     }
 
+    /// Bytes notepack 3.0.1 (the emitter's encoder) wrote for `{at: date}`,
+    /// and the string `JSON.stringify` gave for each date.
+    #[test]
+    fn dates_are_what_a_socketio_server_would_send() {
+        let hex = |h: &str| -> Vec<u8> {
+            (0..h.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        for (bytes, iso) in [
+            ("81a26174d7ff1d5353006b166f17", "2026-12-07T08:32:23.123Z"),
+            ("81a26174d6ff6b1676bc", "2026-12-07T09:05:00.000Z"),
+            ("81a26174d7ff01ab3f03e4e6b080", "2500-01-01T00:00:00.007Z"),
+            // Older notepack: extension 0, eight bytes of milliseconds.
+            ("81a26174d700000001a24fa1f253", "2026-12-07T08:32:23.123Z"),
+        ] {
+            assert_eq!(
+                decode(&hex(bytes), 4).unwrap(),
+                json!({"at": iso}),
+                "{bytes}"
+            );
+        }
+        // A timestamp past what toISOString writes with four digits.
+        let far = [0xc7, 12, 0xff, 0, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0];
+        assert_eq!(decode(&far, 4), Err(MsgpackError::Extension(-1)));
+    }
+
     #[test]
     fn refuses_what_json_cannot_carry_and_lies() {
         assert_eq!(decode(&[0xc4, 1, 0], 4), Err(MsgpackError::Binary));
-        assert_eq!(
-            decode(&[0xd6, 0xff, 0, 0, 0, 0], 4),
-            Err(MsgpackError::Extension(-1))
-        );
+        assert_eq!(decode(&[0xd4, 0x05, 0], 4), Err(MsgpackError::Extension(5)));
         assert_eq!(
             decode(&[0x81, 0x01, 0x01], 4),
             Err(MsgpackError::KeyNotString)

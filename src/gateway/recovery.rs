@@ -46,7 +46,7 @@
 //! replayed and a `gap` event for each one that is not. No record: a new,
 //! empty session.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -291,8 +291,11 @@ struct RegistryInner {
     ttl: Duration,
     /// How often the live records are renewed.
     renew: Duration,
-    /// The pids of this node's sockets. std Mutex, no `.await` under it.
-    live: Mutex<HashSet<Arc<str>>>,
+    /// The pids of this node's sockets, with how many hold each: a client
+    /// that comes back before its old socket is noticed gone holds the same
+    /// pid twice for a moment, and the old one's end must not stop the
+    /// renewal of the new one's record. std Mutex, no `.await` under it.
+    live: Mutex<HashMap<Arc<str>, usize>>,
 }
 
 /// How many records one renewal round sends at once.
@@ -307,7 +310,7 @@ impl Registry {
                 store,
                 ttl,
                 renew,
-                live: Mutex::new(HashSet::new()),
+                live: Mutex::new(HashMap::new()),
             }),
         };
         let r = registry.clone();
@@ -331,7 +334,7 @@ impl Registry {
     }
 
     async fn renew(&self) {
-        let pids: Vec<Arc<str>> = self.inner.live.lock().unwrap().iter().cloned().collect();
+        let pids: Vec<Arc<str>> = self.inner.live.lock().unwrap().keys().cloned().collect();
         for chunk in pids.chunks(RENEW_CHUNK) {
             if let Err(e) = self.inner.store.touch(chunk, self.record_ttl()).await {
                 tracing::warn!(cause = %e, "could not renew Socket.IO session records");
@@ -627,7 +630,13 @@ struct Restore {
 
 impl Recovery {
     fn new(registry: &Registry, pid: Arc<str>, user: &str, outbox: Arc<Outbox>) -> Arc<Self> {
-        registry.inner.live.lock().unwrap().insert(pid.clone());
+        *registry
+            .inner
+            .live
+            .lock()
+            .unwrap()
+            .entry(pid.clone())
+            .or_default() += 1;
         Arc::new(Recovery {
             pid,
             owner: format!("{:016x}", rand::random::<u64>()).into(),
@@ -1048,7 +1057,15 @@ impl Recovery {
     /// `HISTORY_TTL_MS`; else (a namespace disconnect by the client or the
     /// server) the session is over and its record is deleted.
     pub async fn end(&self, keep: bool) {
-        self.registry.inner.live.lock().unwrap().remove(&self.pid);
+        {
+            let mut live = self.registry.inner.live.lock().unwrap();
+            if let Some(n) = live.get_mut(&self.pid) {
+                *n -= 1;
+                if *n == 0 {
+                    live.remove(&self.pid);
+                }
+            }
+        }
         let store = &self.registry.inner.store;
         let done = if keep {
             store
@@ -1076,7 +1093,10 @@ pub struct CsrSubscriber {
 impl Subscriber for CsrSubscriber {
     fn deliver(&self, p: &Publication) -> Delivery {
         let r = &self.recovery;
-        if p.offset.is_none() && !p.data.get().starts_with('"') {
+        // The client keeps the last string argument of any event as its
+        // offset: data that is a string, or a drop-in emit's arguments
+        // (`spread`, whose last one may be), must be followed by the token.
+        if p.offset.is_none() && !p.spread && !p.data.get().starts_with('"') {
             // Nothing to record and no string to mistake for a token: the
             // one frame every such socket shares.
             return r.outbox.push(p.socketio_frame(self.positions).clone());

@@ -4,6 +4,7 @@
 //   node compat_emitter.mjs <redisUrl> <key> steps '<json list>'
 //       each step: ["emit", event, data, {"rooms"?: [...], "except"?: [...]}],
 //                  ["emit_args", event, [args...], {...}] (several arguments),
+//                  ["emit_date", event, iso, {...}] (data {at: new Date(iso)}),
 //                  ["socketsJoin", [sids], [rooms]], ["socketsLeave", [sids], [rooms]],
 //                  ["sleep", ms]
 //   node compat_emitter.mjs <redisUrl> <key> load <room> <count> <rate>
@@ -28,6 +29,11 @@ if (mode === "steps") {
       for (const e of opts.except ?? []) op = op.except(e);
       if (step[0] === "emit") op.emit(event, data);
       else op.emit(event, ...data);
+    } else if (step[0] === "emit_date") {
+      const [, event, iso, opts] = step;
+      let op = emitter;
+      for (const r of opts.rooms ?? []) op = op.to(r);
+      op.emit(event, { at: new Date(iso) });
     } else if (step[0] === "socketsJoin" || step[0] === "socketsLeave") {
       emitter.in(step[1])[step[0]](step[2]);
     } else if (step[0] === "sleep") {
