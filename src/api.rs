@@ -113,6 +113,28 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     }
 }
 
+/// A path parameter (`{topic}`, `{*topic}`, `{session}`, …), percent-decoded,
+/// whose rejection is an [`ApiError`]: a path that is not UTF-8 once
+/// decoded (`/sse/%FF`) gets the project's JSON error, not axum's plain text.
+pub struct PathText(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathText {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(text)) => Ok(PathText(text)),
+            Err(rejection) => Err(ApiError::BadRequest(format!(
+                "the path could not be read: {}",
+                rejection.body_text()
+            ))),
+        }
+    }
+}
+
 fn rejection_text(rejection: &JsonRejection) -> String {
     match rejection {
         JsonRejection::MissingJsonContentType(_) => {
@@ -327,7 +349,7 @@ fn may_read(
 /// client token, as for subscribing).
 pub async fn history(
     State(node): State<Node>,
-    Path(topic): Path<String>,
+    PathText(topic): PathText,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<AxumJson<Value>, ApiError> {
@@ -404,7 +426,7 @@ pub async fn history(
 /// read with `…/stats/stats` (its list: not available by REST).
 pub async fn presence(
     State(node): State<Node>,
-    Path(path): Path<String>,
+    PathText(path): PathText,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -442,7 +464,7 @@ pub async fn presence(
 /// `POST /admin/events/{name}`: publishes a configured mock event once.
 pub async fn trigger_event(
     State(node): State<Node>,
-    Path(name): Path<String>,
+    PathText(name): PathText,
 ) -> Result<Response, ApiError> {
     let Some(event) = node.mock_event(&name) else {
         return Err(ApiError::NotFound(format!(

@@ -521,6 +521,35 @@ fn bad_input_gets_clear_errors_and_the_node_stays_healthy() {
     );
     let (status, body) = http(&node.addr, "GET", &q("topic=secret"), None, &[]);
     assert_eq!(status, 403, "{body}");
+    // A path that is not UTF-8 once decoded: the JSON error form too (here,
+    // at /ws/{topic} and at the REST reads).
+    for path in [
+        "/sse/%FF",
+        "/ws/%FF",
+        "/api/history/%FF",
+        "/api/sse/%FF/subscribe",
+    ] {
+        let method = if path.ends_with("subscribe") {
+            "POST"
+        } else {
+            "GET"
+        };
+        let (status, body) = http(
+            &node.addr,
+            method,
+            path,
+            Some("{}"),
+            &[("Content-Type", "application/json")],
+        );
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("the path could not be read"),
+            "{path}: {body}"
+        );
+    }
     let (status, body) = http(&node.addr, "GET", "/sse?topic=news.a", None, &[]);
     assert_eq!(status, 401, "{body}");
     let (status, body) = http(

@@ -867,7 +867,10 @@ async fn presence(
         Err(e) => {
             let message = e.to_string();
             ack(json!({"ok": false, "code": e.code(), "error": message, "topic": topic}));
-            emit_error(&**peer, Some(&topic), &message);
+            peer.emit(
+                "error",
+                &json!({"message": message, "code": e.code(), "topic": topic}),
+            );
         }
     }
 }

@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ws::Utf8Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
@@ -440,7 +440,7 @@ pub async fn open(
 /// `GET /sse/{topic}` (more with `?topic=`).
 pub async fn open_topic(
     State(node): State<Node>,
-    Path(topic): Path<String>,
+    crate::api::PathText(topic): crate::api::PathText,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     extensions: axum::http::Extensions,
@@ -957,7 +957,7 @@ pub struct TopicBody {
 /// `POST /api/sse/{session}/subscribe` `{"topic"}`
 pub async fn subscribe(
     State(node): State<Node>,
-    Path(session): Path<String>,
+    crate::api::PathText(session): crate::api::PathText,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     extensions: axum::http::Extensions,
@@ -978,7 +978,7 @@ pub async fn subscribe(
 /// `POST /api/sse/{session}/unsubscribe` `{"topic"}`
 pub async fn unsubscribe(
     State(node): State<Node>,
-    Path(session): Path<String>,
+    crate::api::PathText(session): crate::api::PathText,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     extensions: axum::http::Extensions,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, StreamExt};
@@ -77,7 +77,7 @@ fn compact_requested(query: Option<&str>) -> Result<bool, ApiError> {
 /// name starts with `proxy/` can only be subscribed with a message.
 pub async fn upgrade_topic(
     State(node): State<Node>,
-    Path(topic): Path<String>,
+    crate::api::PathText(topic): crate::api::PathText,
     headers: axum::http::HeaderMap,
     RawQuery(query): RawQuery,
     extensions: axum::http::Extensions,
