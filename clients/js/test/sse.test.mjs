@@ -11,6 +11,19 @@ import { requireTool, scoped, freePort, eventually, sleep, jwt } from "./harness
 
 const WebSocket = requireTool("ws");
 
+/** A client that falls back to SSE (the nodes' WebSocket is off), closed with the scope. */
+function sseClient(s, url, options = {}) {
+  const c = new Switchboard(url, {
+    WebSocket,
+    transports: ["websocket", "sse"],
+    minDelay: 100,
+    maxDelay: 500,
+    ...options,
+  });
+  s.defer(() => c.close());
+  return c;
+}
+
 test("SSE topic keys are the server's", () => {
   // The key the server wrote for `ticker` in docs/protocol.md.
   assert.equal(sseTopicKey("ticker"), "qduo37");
@@ -30,13 +43,7 @@ test(
     };
     let a = await s.node("js-sse-a", env, { port });
     const b = await s.node("js-sse-b", env);
-    const c = new Switchboard(`ws://127.0.0.1:${port}/ws`, {
-      WebSocket,
-      transports: ["websocket", "sse"],
-      minDelay: 100,
-      maxDelay: 500,
-    });
-    s.defer(() => c.close());
+    const c = sseClient(s, `ws://127.0.0.1:${port}/ws`);
     const transports = [];
     c.on("transport", (e) => transports.push(e.transport));
     const got = [];
@@ -94,14 +101,9 @@ test(
     // Asked before the WebSocket attempt, the SSE one, then after the expiry.
     const tokens = [short, short, jwt(SECRET, { sub: "u1", exp: now() + 600 })];
     let asked = 0;
-    const c = new Switchboard(`${node.http}/ws`, {
-      WebSocket,
-      transports: ["websocket", "sse"],
-      minDelay: 100,
-      maxDelay: 500,
+    const c = sseClient(s, `${node.http}/ws`, {
       getToken: () => tokens[Math.min(asked++, tokens.length - 1)],
     });
-    s.defer(() => c.close());
     const expired = [];
     c.on("token_expired", (m) => expired.push(m.code));
     const got = [];
@@ -124,13 +126,7 @@ test(
   { timeout: 30_000 },
   scoped(async (s) => {
     const node = await s.node("js-sse-names", { WEBSOCKET_ENABLED: "false" });
-    const c = new Switchboard(`${node.http}/ws`, {
-      WebSocket,
-      transports: ["websocket", "sse"],
-      minDelay: 100,
-      maxDelay: 500,
-    });
-    s.defer(() => c.close());
+    const c = sseClient(s, `${node.http}/ws`);
     const transports = [];
     c.on("transport", (e) => transports.push(e.transport));
     const got = [];
