@@ -758,6 +758,10 @@ impl Presence {
             );
         }
         let mut done = true;
+        // The leader's reaper tries each topic once a round (the next round
+        // takes up what failed; retrying here would hold up its own
+        // heartbeat); a node's own drain, which has no next round, retries.
+        let retries = if force { 5 } else { 0 };
         for topic in &topics {
             let mut tries = 0;
             loop {
@@ -769,7 +773,7 @@ impl Presence {
                         done &= self.inner.store.release(node, topic).await.is_ok();
                         break;
                     }
-                    Err(e) if tries < 5 => {
+                    Err(e) if tries < retries => {
                         tries += 1;
                         tracing::warn!(topic, cause = %e, "purging a gone node's presence failed; retrying");
                         tokio::time::sleep(RETRY_AFTER).await;
