@@ -70,7 +70,7 @@ pub const MAX_ID_BYTES: usize = 4_096;
 /// (113), so that no offset it reaches makes an id the next reconnect
 /// refuses. (An epoch comes from a client only in an id it sent back, up
 /// to 32 bytes; a forged one can only spoil its own stream's ids.)
-pub const ENTRY_BYTES: usize = 36;
+const ENTRY_BYTES: usize = 36;
 /// The drain's `retry:` is spread over this range, so that the clients of
 /// a node that goes away do not all come back in the same instant.
 const DRAIN_RETRY_MS: std::ops::RangeInclusive<u64> = 500..=3_000;

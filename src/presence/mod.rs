@@ -365,17 +365,15 @@ impl Presence {
             return;
         }
         let client: Arc<str> = client.into();
-        {
-            if let Some(w) = watcher {
-                self.inner
-                    .watched
-                    .lock()
-                    .unwrap()
-                    .entry(topic.to_string())
-                    .or_default()
-                    .watchers
-                    .insert(client.clone(), w);
-            }
+        if let Some(w) = watcher {
+            self.inner
+                .watched
+                .lock()
+                .unwrap()
+                .entry(topic.to_string())
+                .or_default()
+                .watchers
+                .insert(client.clone(), w);
         }
         let topic: Arc<str> = topic.into();
         let value: Arc<str> = entry(user, info).into();
@@ -521,7 +519,8 @@ impl Presence {
         let has_join = ops.iter().any(|o| matches!(o, Op::Join { .. }));
         if !held && has_join {
             if let Err(e) = self.inner.store.hold(&self.inner.node, topic).await {
-                return Err(self.failed(topic, e, 0));
+                self.failed(topic, e);
+                return Err(0);
             }
             self.inner.held.lock().unwrap().insert(topic.clone());
         }
@@ -532,7 +531,10 @@ impl Presence {
                     empty = applied.empty;
                     self.record(topic, applied, "join", "leave");
                 }
-                Err(e) => return Err(self.failed(topic, e, i * CHUNK)),
+                Err(e) => {
+                    self.failed(topic, e);
+                    return Err(i * CHUNK);
+                }
             }
         }
         let gone = !self.inner.local.lock().unwrap().contains_key(topic);
@@ -547,11 +549,10 @@ impl Presence {
         Ok(())
     }
 
-    /// Counts and logs a failed write; `done` ops were written before it.
-    fn failed(&self, topic: &str, e: RedisError, done: usize) -> usize {
+    /// Counts and logs a failed write.
+    fn failed(&self, topic: &str, e: RedisError) {
         metrics::counter!(m::PRESENCE_ERRORS).increment(1);
         tracing::warn!(topic, cause = %e, "presence not written; retrying");
-        done
     }
 
     /// Effective changes go to the other nodes at the next tick; users
