@@ -67,7 +67,7 @@ struct Backends {
     /// Presence, and every node's presence diff messages.
     presence: (
         Arc<dyn crate::presence::Store>,
-        tokio::sync::mpsc::Receiver<bytes::Bytes>,
+        tokio::sync::mpsc::Receiver<crate::presence::Heard>,
     ),
     /// The subscriber connections besides the backplane's, for `/readyz`.
     listeners: crate::redis::Listeners,

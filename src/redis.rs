@@ -716,6 +716,9 @@ pub async fn within<T>(
     }
 }
 
+/// What a listener hears: `(channel, payload)`, in Redis's order.
+pub type Heard = tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>;
+
 /// How long a listener's probe may take before it is published again.
 const PROBE_AGAIN: Duration = Duration::from_millis(100);
 
@@ -784,9 +787,23 @@ impl Listeners {
     pub fn listen(
         &self,
         what: &'static str,
+        channels: Vec<String>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<Heard, RedisError> {
+        self.listen_for_gaps(what, channels, stop).map(|(rx, _)| rx)
+    }
+
+    /// [`Listeners::listen`], with a count of the gaps in what was heard:
+    /// raised after messages were lost (the receiver lagged, or the
+    /// connection was down and subscribed again), once the listener hears
+    /// again. A consumer that keeps state from the messages (presence's
+    /// watchers) reads it afresh then.
+    pub fn listen_for_gaps(
+        &self,
+        what: &'static str,
         mut channels: Vec<String>,
         stop: tokio_util::sync::CancellationToken,
-    ) -> Result<tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>, RedisError> {
+    ) -> Result<(Heard, tokio::sync::watch::Receiver<u64>), RedisError> {
         let Some((url, redis, keys, node_id)) = &self.redis else {
             let e =
                 fred::error::Error::new(fred::error::ErrorKind::Config, "no Redis to listen on");
@@ -806,11 +823,16 @@ impl Listeners {
         self.started.lock().unwrap().push(listener.clone());
         start_connecting(&client, Some(stop.clone()));
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let gaps = tokio::sync::watch::Sender::new(0u64);
         let stop2 = stop.clone();
         let (redis, probe2) = (redis.clone(), probe.clone());
         let l = listener.clone();
+        let resubscribed = gaps.clone();
         tokio::spawn(async move {
             let mut sent = 0u64;
+            // Whether a subscription held before: every later one follows
+            // a time without one, whose messages are lost.
+            let mut held = false;
             // Set while the last try failed: the delay before the next.
             let mut retry: Option<Duration> = None;
             loop {
@@ -853,6 +875,9 @@ impl Listeners {
                         if retry.take().is_some() {
                             tracing::info!(listener = what, "subscribed");
                         }
+                        if std::mem::replace(&mut held, true) {
+                            resubscribed.send_modify(|n| *n += 1);
+                        }
                     }
                     Err(e) => {
                         if retry.is_none() {
@@ -883,8 +908,10 @@ impl Listeners {
             }
             true
         };
-        tokio::spawn(forward(messages, tx, stop, what, confirm));
-        Ok(rx)
+        let lagged = gaps.clone();
+        let lost = move || lagged.send_modify(|n| *n += 1);
+        tokio::spawn(forward(messages, tx, stop, what, confirm, lost));
+        Ok((rx, gaps.subscribe()))
     }
 }
 
@@ -958,7 +985,14 @@ pub fn listen_patterns(
         }
         let _ = within(COMMAND_TIMEOUT, c.quit()).await;
     });
-    tokio::spawn(forward(messages, tx, stop, "compat channels", |_, _| false));
+    tokio::spawn(forward(
+        messages,
+        tx,
+        stop,
+        "compat channels",
+        |_, _| false,
+        || {},
+    ));
     Ok(rx)
 }
 
@@ -1028,13 +1062,15 @@ async fn subscribe_all(
 /// Hands a subscriber connection's messages to `tx` as `(channel,
 /// payload)` until `stop` or the receiver is gone, but those `own` takes
 /// (true: a probe of the connection's own); a lag (those messages are lost)
-/// is counted and logged with `what` the connection listens to.
+/// is counted and logged with `what` the connection listens to, and told
+/// to `lost`.
 async fn forward(
     mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
     tx: tokio::sync::mpsc::Sender<(String, bytes::Bytes)>,
     stop: tokio_util::sync::CancellationToken,
     what: &'static str,
     own: impl Fn(&str, &[u8]) -> bool,
+    lost: impl Fn(),
 ) {
     loop {
         let msg = tokio::select! {
@@ -1054,6 +1090,7 @@ async fn forward(
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 metrics::counter!(crate::metrics::LISTENER_LAGGED, "listener" => what).increment(n);
                 tracing::warn!(listener = what, lost = n, "receiver lagged: messages lost");
+                lost();
             }
             Err(_) => return,
         }

@@ -715,6 +715,66 @@ async fn an_embedded_node_keeps_presence_in_memory() {
     assert_eq!(e["code"], "no_presence", "{e}");
 }
 
+/// A node whose presence listener lost its Redis connection cannot know
+/// which changes it missed meanwhile: its watchers get the whole list again
+/// (`reset`), and changes made during the outage are not lost to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_lost_subscription_watchers_get_the_whole_list() {
+    let redis = Redis::start();
+    let a = start("a", &redis, "pgap", &[]);
+    let b = start("b", &redis, "pgap", &[]);
+    let mut w = connect(&a, &token("uw", json!({"name": "Nuw"}))).await;
+    w.send(json!({"type": "subscribe", "event": "room.gap", "presence": true}))
+        .await;
+    frame(&mut w, "subscribed").await;
+    let mut m = connect(&b, &token("um", json!({"name": "Num"}))).await;
+    m.subscribe("room.gap").await;
+    loop {
+        let d = frame(&mut w, "presence_diff").await;
+        assert!(d.get("reset").is_none(), "{d}");
+        if d["joins"].get(&m.client_id).is_some() {
+            break;
+        }
+    }
+    // Every subscriber connection drops (the presence listeners' too), and
+    // a client joins on b meanwhile.
+    redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let mut late = connect(&b, &token("ul", json!({"name": "Nul"}))).await;
+    late.subscribe("room.gap").await;
+    let mut seen_late = false;
+    let reset = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let d = frame(&mut w, "presence_diff").await;
+            if d["reset"] == true {
+                break d;
+            }
+            seen_late |= d["joins"].get(&late.client_id).is_some();
+        }
+    })
+    .await
+    .expect("no presence_diff with reset after the subscription was lost");
+    let mut expected = HashMap::new();
+    for (c, u) in [(&w, "uw"), (&m, "um")] {
+        expected.insert(c.client_id.clone(), u.to_string());
+    }
+    let joins = reset["joins"].as_object().unwrap();
+    if joins.contains_key(&late.client_id) {
+        seen_late = true;
+        expected.insert(late.client_id.clone(), "ul".into());
+    }
+    check_clients(&reset["joins"], &expected);
+    assert_eq!(reset["leaves"], json!({}), "{reset}");
+    // The late join is in the reset, or in a diff of its own.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !seen_late {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let d = tokio::time::timeout(left, frame(&mut w, "presence_diff"))
+            .await
+            .expect("the join made while the subscription was down never reached the watcher");
+        seen_late = d["joins"].get(&late.client_id).is_some();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_a_redis_cluster_a_topics_presence_lives_in_its_slot() {
     let cluster = common::RedisCluster::start(3, 0);

@@ -876,6 +876,9 @@ export class Switchboard extends Emitter {
       }
       case "presence": {
         const op = this._take(msg.event, "presence");
+        const t = this._topics.get(msg.event);
+        // A watched topic's list: what the client knows from now on.
+        if (t?.presence && msg.clients && !t.resyncing) t.members = new Map(Object.entries(msg.clients));
         op?.resolve(msg.clients ?? {});
         return;
       }
@@ -1005,6 +1008,21 @@ export class Switchboard extends Emitter {
       if (outcome) sub._emit(outcome[0], outcome[1]);
     }
     if (outcome) this._emit(outcome[0], { topic, ...outcome[1] });
+    if (resubscribe && t.presence && t.members?.size) {
+      // Changes while this client was away came in no diff: the list read
+      // now (after the new subscription, so later diffs apply on top of
+      // it) tells the handlers who left and who came meanwhile.
+      t.resyncing = true;
+      this.presence(topic).then(
+        (clients) => {
+          t.resyncing = false;
+          this._onPresenceDiff({ event: topic, joins: clients, leaves: {}, reset: true });
+        },
+        () => {
+          t.resyncing = false;
+        },
+      );
+    }
   }
 
   /**
@@ -1097,10 +1115,29 @@ export class Switchboard extends Emitter {
     this._emit(name, { topic, ...info });
   }
 
+  /**
+   * Hands a `presence_diff` to the subscription's handlers. The client
+   * keeps who it knows to be present (from diffs and `presence()` answers),
+   * so that a `reset` (the whole list, sent after the server may have
+   * missed changes, and read by the client itself after its own reconnect)
+   * reaches the handlers as the joins and leaves it stands for.
+   */
   _onPresenceDiff(msg) {
     const t = this._topics.get(msg.event);
     if (!t) return;
-    const diff = { joins: msg.joins ?? {}, leaves: msg.leaves ?? {} };
+    const members = (t.members ??= new Map());
+    let diff;
+    if (msg.reset) {
+      const now = msg.joins ?? {};
+      diff = { joins: {}, leaves: {} };
+      for (const [id, entry] of members) if (!Object.hasOwn(now, id)) diff.leaves[id] = entry;
+      for (const [id, entry] of Object.entries(now)) if (!members.has(id)) diff.joins[id] = entry;
+    } else {
+      diff = { joins: msg.joins ?? {}, leaves: msg.leaves ?? {} };
+    }
+    for (const id of Object.keys(diff.leaves)) members.delete(id);
+    for (const [id, entry] of Object.entries(diff.joins)) members.set(id, entry);
+    if (msg.reset && Object.keys(diff.joins).length === 0 && Object.keys(diff.leaves).length === 0) return;
     for (const sub of [...t.subs]) {
       if (!sub._presence) continue;
       for (const [id, entry] of Object.entries(diff.leaves)) sub._presence.leave?.(id, entry);

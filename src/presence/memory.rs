@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use super::{Applied, Op, Stats, Store};
+use super::{Applied, Heard, Op, Stats, Store};
 use crate::redis::RedisError;
 
 #[derive(Default)]
@@ -23,12 +23,12 @@ pub struct MemoryStore {
     /// std Mutex: map updates only, never held across `.await`.
     topics: Mutex<HashMap<String, Topic>>,
     held: Mutex<HashMap<String, HashSet<String>>>,
-    diffs: mpsc::Sender<bytes::Bytes>,
+    diffs: mpsc::Sender<Heard>,
 }
 
 impl MemoryStore {
     /// The store and the receiver of its diff messages.
-    pub fn new() -> (MemoryStore, mpsc::Receiver<bytes::Bytes>) {
+    pub fn new() -> (MemoryStore, mpsc::Receiver<Heard>) {
         let (tx, rx) = mpsc::channel(1024);
         (
             MemoryStore {
@@ -214,7 +214,7 @@ impl Store for MemoryStore {
     fn broadcast(&self, message: String) -> BoxFuture<'_, Result<(), RedisError>> {
         Box::pin(async move {
             // The receiver lives as long as the node; a full queue waits.
-            let _ = self.diffs.send(message.into()).await;
+            let _ = self.diffs.send(Heard::Diff(message.into())).await;
             Ok(())
         })
     }

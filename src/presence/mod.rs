@@ -52,6 +52,8 @@ use crate::redis::RedisError;
 const CHUNK: usize = 500;
 /// Topics written at once.
 const PARALLEL: usize = 32;
+/// How long a resync waits for one topic's list.
+const RESYNC_READ: Duration = Duration::from_secs(5);
 /// Pause after a failed store call before the changes are tried again.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
 
@@ -152,6 +154,15 @@ pub trait Store: Send + Sync + 'static {
 /// Hears one topic's `presence_diff` (a subscriber with `presence: true`).
 pub trait Watcher: Send + Sync {
     fn diff(&self, diff: &Diff);
+}
+
+/// What a node hears of the other nodes' changes.
+pub enum Heard {
+    /// A diff message ([`Wire`]).
+    Diff(bytes::Bytes),
+    /// Diff messages were lost (the listener lagged, or its connection was
+    /// down): the watchers' lists may be wrong until read again.
+    Gap,
 }
 
 /// One coalesced change of a topic, built once for every watcher.
@@ -297,6 +308,9 @@ struct Inner {
     /// Watched topics: their watchers by client id, and the changes heard
     /// since the last tick.
     watched: Mutex<HashMap<String, Watched>>,
+    /// Set when diff messages were lost: the next tick sends each watched
+    /// topic's whole list.
+    resync: AtomicBool,
     stop: CancellationToken,
 }
 
@@ -314,7 +328,7 @@ impl Presence {
         config: PresenceConfig,
         node: &str,
         store: Arc<dyn Store>,
-        diffs: mpsc::Receiver<bytes::Bytes>,
+        diffs: mpsc::Receiver<Heard>,
         webhooks: Option<Webhooks>,
         leadership: watch::Receiver<Leadership>,
     ) -> Presence {
@@ -331,6 +345,7 @@ impl Presence {
                 held: Mutex::new(HashSet::new()),
                 outgoing: Mutex::new(HashMap::new()),
                 watched: Mutex::new(HashMap::new()),
+                resync: AtomicBool::new(false),
                 stop: CancellationToken::new(),
             }),
         };
@@ -597,7 +612,69 @@ impl Presence {
                 _ = self.inner.stop.cancelled() => return,
             }
             self.send_outgoing().await;
+            if self.inner.resync.swap(false, Ordering::AcqRel) {
+                self.resync().await;
+            }
             self.deliver();
+        }
+    }
+
+    /// Each watched topic's whole list, to its watchers as a `presence_diff`
+    /// with `reset`, after diff messages were lost. Read after the gap, it
+    /// holds every change the lost messages carried; the diffs that follow
+    /// (some of them older than the read) apply on top of it in order, so
+    /// the watchers' lists end up right. A topic whose read fails is tried
+    /// again at the next tick.
+    async fn resync(&self) {
+        use futures_util::StreamExt;
+        let topics: Vec<String> = self.inner.watched.lock().unwrap().keys().cloned().collect();
+        let read = futures_util::stream::iter(topics)
+            .map(|topic| async move {
+                let entries =
+                    tokio::time::timeout(RESYNC_READ, self.inner.store.list(&topic)).await;
+                (topic, entries)
+            })
+            .buffer_unordered(PARALLEL)
+            .collect::<Vec<_>>()
+            .await;
+        let mut failed = 0;
+        for (topic, entries) in read {
+            let entries = match entries {
+                Ok(Ok(e)) => e,
+                Ok(Err(e)) => {
+                    failed += 1;
+                    tracing::debug!(topic, cause = %e, "presence list for a resync failed");
+                    continue;
+                }
+                Err(_) => {
+                    failed += 1;
+                    continue;
+                }
+            };
+            let watchers: Vec<Arc<dyn Watcher>> =
+                match self.inner.watched.lock().unwrap().get(&topic) {
+                    Some(w) => w.watchers.values().cloned().collect(),
+                    None => continue,
+                };
+            let mut all = Batch::default();
+            for (client, value) in entries {
+                if let Some(v) = raw(&value) {
+                    all.joins.insert(client, v);
+                }
+            }
+            let diff = reset(&topic, &all);
+            metrics::counter!(m::PRESENCE_DIFFS).increment(watchers.len() as u64);
+            for w in watchers {
+                w.diff(&diff);
+            }
+        }
+        if failed > 0 {
+            metrics::counter!(m::PRESENCE_ERRORS).increment(1);
+            tracing::warn!(
+                topics = failed,
+                "presence lists not read after lost changes; reading them again at the next interval"
+            );
+            self.inner.resync.store(true, Ordering::Release);
         }
     }
 
@@ -644,8 +721,18 @@ impl Presence {
     }
 
     /// Takes every node's diff messages into the watched topics' batches.
-    async fn receiver(self, mut diffs: mpsc::Receiver<bytes::Bytes>) {
-        while let Some(payload) = diffs.recv().await {
+    async fn receiver(self, mut diffs: mpsc::Receiver<Heard>) {
+        while let Some(heard) = diffs.recv().await {
+            let payload = match heard {
+                Heard::Diff(p) => p,
+                Heard::Gap => {
+                    tracing::info!(
+                        "presence changes were lost: watchers get whole lists at the next interval"
+                    );
+                    self.inner.resync.store(true, Ordering::Release);
+                    continue;
+                }
+            };
             let wire: Wire = match serde_json::from_slice(&payload) {
                 Ok(w) => w,
                 Err(e) => {
@@ -862,6 +949,15 @@ fn unwatch(watched: &mut HashMap<String, Watched>, topic: &str, client: &str) {
 
 /// The frames of one topic's coalesced change.
 pub fn diff(topic: &str, batch: &Batch) -> Diff {
+    frames(topic, batch, false)
+}
+
+/// The frames that replace a watcher's list of `topic` with `all`'s joins.
+fn reset(topic: &str, all: &Batch) -> Diff {
+    frames(topic, all, true)
+}
+
+fn frames(topic: &str, batch: &Batch, reset: bool) -> Diff {
     #[derive(Serialize)]
     struct Native<'a> {
         #[serde(rename = "type")]
@@ -869,19 +965,25 @@ pub fn diff(topic: &str, batch: &Batch) -> Diff {
         event: &'a str,
         joins: &'a BTreeMap<String, Box<RawValue>>,
         leaves: &'a BTreeMap<String, Box<RawValue>>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        reset: bool,
     }
     let native = serde_json::to_string(&Native {
         ty: "presence_diff",
         event: topic,
         joins: &batch.joins,
         leaves: &batch.leaves,
+        reset,
     })
     .expect("diffs serialize");
-    let object = serde_json::json!({
+    let mut object = serde_json::json!({
         "topic": topic,
         "joins": &batch.joins,
         "leaves": &batch.leaves,
     });
+    if reset {
+        object["reset"] = true.into();
+    }
     Diff {
         native: native.into(),
         object,
@@ -939,6 +1041,87 @@ mod tests {
         );
         assert_eq!(d.object["joins"]["c1"]["user"], "u");
         assert_eq!(d.object["topic"], "room");
+    }
+
+    #[test]
+    fn a_reset_says_so_and_a_diff_does_not() {
+        let mut b = Batch::default();
+        b.join("c1".into(), v(r#"{"user":"u","info":null}"#));
+        let d = reset("room", &b);
+        assert_eq!(
+            d.native.as_str(),
+            r#"{"type":"presence_diff","event":"room","joins":{"c1":{"user":"u","info":null}},"leaves":{},"reset":true}"#
+        );
+        assert_eq!(d.object["reset"], true);
+        assert!(diff("room", &b).object.get("reset").is_none());
+    }
+
+    struct Frames(Mutex<Vec<serde_json::Value>>);
+
+    impl Watcher for Frames {
+        fn diff(&self, diff: &Diff) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(serde_json::from_str(diff.native.as_str()).unwrap());
+        }
+    }
+
+    /// A change another node wrote, whose diff message this node never
+    /// heard, reaches the watchers once the gap is known.
+    #[tokio::test]
+    async fn after_lost_diff_messages_watchers_get_the_whole_list() {
+        let (store, mut own) = memory::MemoryStore::new();
+        let store = Arc::new(store);
+        let (heard, diffs) = mpsc::channel(8);
+        // This node's own diff messages come back to it; another node's
+        // write below sends none, as if its message were lost.
+        let echo = heard.clone();
+        tokio::spawn(async move {
+            while let Some(h) = own.recv().await {
+                let _ = echo.send(h).await;
+            }
+        });
+        let config = PresenceConfig {
+            topics: vec![crate::auth::Pattern::new("room.*")],
+            ttl: Duration::from_secs(5),
+            diff_interval: Duration::from_millis(20),
+        };
+        let (_lead, leadership) = watch::channel(Leadership::default());
+        let p = Presence::start(config, "n1", store.clone(), diffs, None, leadership);
+        let frames = Arc::new(Frames(Mutex::new(Vec::new())));
+        p.joined("room.1", "a", "ua", None, Some(frames.clone()));
+        let other = Op::Join {
+            client: "b".into(),
+            user: "ub".into(),
+            value: entry("ub", None).into(),
+        };
+        store.apply("n2", "room.1", &[other]).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let has = |f: &dyn Fn(&serde_json::Value) -> bool| frames.0.lock().unwrap().iter().any(f);
+        while !has(&|d| d["joins"].get("a").is_some()) {
+            assert!(tokio::time::Instant::now() < deadline, "own join not seen");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !has(&|d| d["joins"].get("b").is_some()),
+            "b's diff was never sent"
+        );
+        heard.send(Heard::Gap).await.unwrap();
+        while !has(&|d| d["reset"] == true) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no reset after the gap"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let frames = frames.0.lock().unwrap();
+        let reset = frames.iter().find(|d| d["reset"] == true).unwrap();
+        let mut ids: Vec<&String> = reset["joins"].as_object().unwrap().keys().collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "b"], "{reset}");
+        assert_eq!(reset["joins"]["b"]["user"], "ub");
+        assert_eq!(reset["leaves"], serde_json::json!({}));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Applied, Op, Stats, Store};
+use super::{Applied, Heard, Op, Stats, Store};
 use crate::redis::{COMMAND_TIMEOUT, Keys, LuaScript, Nested, Redis, RedisError};
 
 /// The Lua function `compact(key)`: Redis never turns a hash that grew
@@ -175,14 +175,25 @@ impl RedisStore {
         keys: Keys,
         enabled: bool,
         stop: CancellationToken,
-    ) -> Result<(RedisStore, mpsc::Receiver<bytes::Bytes>), RedisError> {
+    ) -> Result<(RedisStore, mpsc::Receiver<Heard>), RedisError> {
         let (tx, diffs) = mpsc::channel(1024);
         if enabled {
             let channel = keys.presence_diffs();
-            let mut rx = listeners.listen("presence changes", vec![channel], stop)?;
+            let (mut rx, mut gaps) =
+                listeners.listen_for_gaps("presence changes", vec![channel], stop)?;
             tokio::spawn(async move {
-                while let Some((_, payload)) = rx.recv().await {
-                    if tx.send(payload).await.is_err() {
+                loop {
+                    let heard = tokio::select! {
+                        m = rx.recv() => match m {
+                            Some((_, payload)) => Heard::Diff(payload),
+                            None => return,
+                        },
+                        g = gaps.changed() => match g {
+                            Ok(()) => Heard::Gap,
+                            Err(_) => return,
+                        },
+                    };
+                    if tx.send(heard).await.is_err() {
                         return;
                     }
                 }

@@ -447,3 +447,46 @@ test(
     await assert.rejects(watcher.presence("news"), (e) => e.code === "no_presence");
   }),
 );
+
+test(
+  "presence: after its own reconnect the handlers hear who left and who came meanwhile",
+  scoped(async (s) => {
+    const token = "js-presence-token";
+    const node = await s.node("js-presence-back", {
+      PRESENCE_TOPICS: "room.*",
+      PRESENCE_DIFF_INTERVAL_MS: "100",
+      API_TOKEN: token,
+    });
+    // Away for at least 1.5 s once cut off.
+    const watcher = client(s, node.ws, { minDelay: 1500, maxDelay: 1500 });
+    await watcher.connect();
+    const present = new Map();
+    const sub = watcher.subscribe("room.2", () => {}, {
+      presence: { join: (id, e) => present.set(id, e), leave: (id) => present.delete(id) },
+    });
+    await sub.ready;
+    const leaver = client(s, node.ws);
+    await leaver.connect();
+    await leaver.subscribe("room.2").ready;
+    await eventually(() => present.has(leaver.clientId), 5000, "the leaver's join");
+    const first = watcher.clientId;
+    const gone = leaver.clientId;
+    const down = nextEvent(watcher, "disconnected");
+    const r = await node.post("/api/disconnect", { client: first, code: 4001, reason: "test" }, { authorization: `Bearer ${token}` });
+    assert.equal(r.body.data.reached, 1, JSON.stringify(r.body));
+    await down;
+    // While the watcher is away: one client leaves, another comes.
+    leaver.close();
+    const comer = client(s, node.ws);
+    await comer.connect();
+    await comer.subscribe("room.2").ready;
+    await eventually(async () => (await comer.presenceStats("room.2")).clients === 1, 5000, "the leave and the join");
+    assert.notEqual(watcher.state, "connected", "the watcher came back too early for this test");
+    await nextEvent(watcher, "connected", 10000);
+    await eventually(
+      () => present.has(comer.clientId) && present.has(watcher.clientId) && !present.has(gone) && !present.has(first),
+      5000,
+      `the handlers' list to be right again (${JSON.stringify([...present.keys()])})`,
+    );
+  }),
+);
