@@ -662,3 +662,107 @@ async fn a_drop_in_emit_of_several_arguments_ends_with_the_positions() {
     assert_eq!(args.len(), 4, "{frame}");
     assert_ne!(args[3], json!("hi"), "{frame}");
 }
+
+/// A topic the subscribe hook allowed, which the socket's token does not
+/// name, comes back with the session: recovery does not ask the hook again
+/// and must not take the hook's answer back either.
+#[tokio::test]
+async fn a_topic_the_subscribe_hook_allowed_comes_back_with_the_session() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    const SECRET: &str = "a-recovery-test-secret-of-some-length";
+    let asked = Arc::new(AtomicU64::new(0));
+    let hook = {
+        let asked = asked.clone();
+        axum::Router::new().route(
+            "/subscribe",
+            axum::routing::post(move || {
+                asked.fetch_add(1, Ordering::SeqCst);
+                async { axum::Json(json!({"result": {}})) }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/subscribe", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+    let redis = Redis::start();
+    let pfx = prefix("csr-hook");
+    let env = [
+        ("AUTH_JWT_SECRET", SECRET),
+        ("PROXY_SUBSCRIBE_URL", hook_url.as_str()),
+        ("PROXY_SUBSCRIBE_TOPICS", "room.*"),
+    ];
+    let a = csr_node("a", &redis, &pfx, &env);
+    let b = csr_node("b", &redis, &pfx, &env);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let sign = |topics: Value| {
+        encode(
+            &Header::default(),
+            &json!({"sub": "ann", "exp": exp, "topics": topics}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let token = sign(json!(["news"]));
+    let (mut ws, answer) = connect(&a, json!({"token": token})).await;
+    let pid = answer["pid"].as_str().expect("pid").to_string();
+    for (i, topic) in ["room.1", "news"].iter().enumerate() {
+        ws.send(Message::Text(
+            format!(r#"42{i}["subscribe","{topic}"]"#).into(),
+        ))
+        .await
+        .unwrap();
+        let ack = until(&mut ws, &format!("43{i}")).await;
+        assert!(ack.contains(r#""ok":true"#), "{topic}: {ack}");
+    }
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        1,
+        "the hook decides room.1 only"
+    );
+    let publish = |topic: &str, n: u64| {
+        let (status, v) = b.post(
+            "/api/publish",
+            &json!({"topic": topic, "data": {"n": n}}).to_string(),
+        );
+        assert_eq!(status, 202, "{v}");
+    };
+    publish("room.1", 1);
+    let first = until(&mut ws, r#"42["room.1""#).await;
+    let args: Vec<Value> = serde_json::from_str(&first[2..]).unwrap();
+    let offset = args[2].as_str().expect("positions").to_string();
+    drop(ws);
+    publish("room.1", 2);
+    let (mut ws, answer) = connect(&b, json!({"token": token, "pid": pid, "offset": offset})).await;
+    assert_eq!(answer["pid"], json!(pid), "not recovered: {answer}");
+    let mut replayed = None;
+    let mut revoked: Vec<String> = Vec::new();
+    while replayed.is_none() {
+        let t = text(&mut ws).await;
+        if t.starts_with(r#"42["room.1""#) {
+            replayed = Some(t);
+        } else if t.starts_with(r#"42["unsubscribed""#) {
+            revoked.push(t);
+        }
+    }
+    let replayed: Vec<Value> = serde_json::from_str(&replayed.unwrap()[2..]).unwrap();
+    assert_eq!(replayed[1], json!({"n": 2}));
+    // Live again, and still not asked again.
+    publish("room.1", 3);
+    let live = until(&mut ws, r#"42["room.1""#).await;
+    assert!(live.contains(r#"{"n":3}"#), "{live}");
+    assert_eq!(asked.load(Ordering::SeqCst), 1, "recovery asked the hook");
+    publish("news", 1);
+    loop {
+        let t = text(&mut ws).await;
+        if t.starts_with(r#"42["unsubscribed""#) {
+            revoked.push(t);
+        } else if t.starts_with(r#"42["news""#) {
+            break;
+        }
+    }
+    assert!(revoked.is_empty(), "{revoked:?}");
+}

@@ -710,7 +710,7 @@ impl Recovery {
                 continue;
             };
             let topic: Arc<str> = stored.t.into();
-            if !s.may_subscribe(&topic) {
+            if !s.may_restore(node.hooks(), &topic) {
                 plan.recovered = false;
                 plan.revoked.push(topic);
                 ledger.slots.push(None);

@@ -77,6 +77,18 @@ impl Session {
         self.identity.lock().unwrap().may_subscribe(topic)
     }
 
+    /// Whether connection state recovery gives `topic` back: unless the
+    /// identity the socket came back with is refused it outright. A topic
+    /// the subscribe hook covers is kept without asking the hook again: it
+    /// allowed the subscription, and the token never named it.
+    pub fn may_restore(&self, hooks: &crate::backend::hooks::Hooks, topic: &str) -> bool {
+        let identity = self.identity.lock().unwrap();
+        !matches!(
+            hooks.subscribe_access(&identity, topic),
+            crate::backend::hooks::Access::Forbidden
+        )
+    }
+
     /// The user the socket's identity names.
     pub fn user(&self) -> String {
         self.identity.lock().unwrap().user().to_string()
