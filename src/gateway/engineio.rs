@@ -389,7 +389,11 @@ async fn on_frame(conn: &Arc<Conn>, st: &mut SocketState, msg: Frame, liveness: 
     let text = match msg {
         Some(Ok(Message::Text(text))) => text,
         Some(Ok(Message::Binary(_))) => {
-            sio::emit_error(&*conn.peer, None, "binary packets are not supported");
+            sio::emit_error(
+                &*conn.peer,
+                None,
+                &sio::Refusal::bad("binary packets are not supported"),
+            );
             return true;
         }
         Some(Ok(Message::Ping(_) | Message::Pong(_))) => return true,
@@ -638,7 +642,7 @@ async fn packet(conn: &Arc<Conn>, st: &mut SocketState, p: &str) -> bool {
                     sio::emit_error(
                         &*peer,
                         None,
-                        "could not read the message: not a Socket.IO event",
+                        &sio::Refusal::bad("could not read the message: not a Socket.IO event"),
                     );
                     return true;
                 }
@@ -659,7 +663,11 @@ async fn packet(conn: &Arc<Conn>, st: &mut SocketState, p: &str) -> bool {
         // ACK of a server event (none are asked for), binary packets.
         "3" => true,
         _ => {
-            sio::emit_error(&*peer, None, "binary packets are not supported");
+            sio::emit_error(
+                &*peer,
+                None,
+                &sio::Refusal::bad("binary packets are not supported"),
+            );
             true
         }
     }

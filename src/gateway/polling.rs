@@ -174,7 +174,11 @@ pub(super) async fn post(conn: Arc<Conn>, req: Request) -> Response {
     }
     for packet in body.split('\x1e') {
         if packet.starts_with('b') {
-            sio::emit_error(&*conn.peer, None, "binary packets are not supported");
+            sio::emit_error(
+                &*conn.peer,
+                None,
+                &sio::Refusal::bad("binary packets are not supported"),
+            );
             continue;
         }
         if let Flow::Left = engineio::on_text(&conn, &mut st, packet).await {

@@ -858,7 +858,7 @@ impl Recovery {
         positions: bool,
         since: Option<Since>,
         announce: Announce,
-    ) -> Result<(Arc<dyn Subscriber>, Option<Since>, Announce), String> {
+    ) -> Result<(Arc<dyn Subscriber>, Option<Since>, Announce), sio::Refusal> {
         let hub = node.hub();
         // Subscribed twice at once (a client's subscribe and the back end's):
         // one slot, from where the record says it starts.
@@ -878,8 +878,12 @@ impl Recovery {
             return Ok((subscriber, since, announce));
         }
         let history = hub.is_history(topic);
-        let refused =
-            |e: &dyn std::fmt::Display| format!("could not subscribe to \"{topic}\": {e}");
+        let refused = |e: &dyn std::fmt::Display| {
+            sio::Refusal::new(
+                "unavailable",
+                format!("could not subscribe to \"{topic}\": {e}"),
+            )
+        };
         let (since, implicit) = match (history, since) {
             (false, _) => (None, false),
             (true, Some(since)) => (Some(since), false),

@@ -358,7 +358,11 @@ fn accept(peer: &dyn Peer, s: &Session, kind: &'static str) -> bool {
         crate::limits::Limit::MessageRate,
         "a Socket.IO client sent faster than WEBSOCKET_RATE_LIMIT and is disconnected",
     );
-    emit_error(peer, None, "rate limit exceeded; disconnecting");
+    emit_error(
+        peer,
+        None,
+        &Refusal::new("rate_limited", "rate limit exceeded; disconnecting"),
+    );
     s.closing(m::reason::POLICY);
     peer.disconnect();
     false
@@ -424,7 +428,7 @@ async fn join(
     node: &Node,
     request: SubscribeRequest,
     announce: Announce,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     let topic = request.topic.as_str();
     let limit = node.config().max_subscriptions;
     let at_limit = {
@@ -432,8 +436,9 @@ async fn join(
         !topics.contains(topic) && topics.len() >= limit
     };
     if at_limit {
-        return Err(format!(
-            "subscription limit of {limit} topics per connection reached"
+        return Err(Refusal::new(
+            "subscription_limit",
+            format!("subscription limit of {limit} topics per connection reached"),
         ));
     }
     // With connection state recovery a new subscription (other than the
@@ -474,8 +479,11 @@ async fn join(
             emit_error(
                 &**peer,
                 Some(topic),
-                &format!(
-                    "\"{topic}\" keeps no presence (PRESENCE_TOPICS): subscribed without presence_diff"
+                &Refusal::new(
+                    "no_presence",
+                    format!(
+                        "\"{topic}\" keeps no presence (PRESENCE_TOPICS): subscribed without presence_diff"
+                    ),
                 ),
             );
         }
@@ -501,11 +509,11 @@ pub async fn attach(
     subscriber: Arc<dyn Subscriber>,
     since: Option<Since>,
     announce: Announce,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     node.hub()
         .subscribe(topic, s.id, subscriber, since, announce)
         .await
-        .map_err(|e| format!("could not subscribe to \"{topic}\": {e}"))?;
+        .map_err(|e| Refusal::subscribe(topic, &e))?;
     let present = node.presence().covers(topic);
     if present {
         let (user, info) = {
@@ -532,8 +540,9 @@ pub async fn attach(
         if present {
             node.presence().left(topic, &s.client_id);
         }
-        return Err(format!(
-            "could not subscribe to \"{topic}\": the socket disconnected"
+        return Err(Refusal::new(
+            "unavailable",
+            format!("could not subscribe to \"{topic}\": the socket disconnected"),
         ));
     }
     Ok(())
@@ -541,7 +550,7 @@ pub async fn attach(
 
 /// `subscribe` takes a topic name, or `{"topic": …, "offset"?: N, "epoch"?: E}`
 /// (or the older `{"event": …}`).
-fn subscribe_arg(data: &Result<Value, String>) -> Result<SubscribeRequest, String> {
+fn subscribe_arg(data: &Result<Value, String>) -> Result<SubscribeRequest, Refusal> {
     let topic = topic_arg(data)?;
     let Ok(Value::Object(o)) = data else {
         return Ok(SubscribeRequest {
@@ -554,16 +563,16 @@ fn subscribe_arg(data: &Result<Value, String>) -> Result<SubscribeRequest, Strin
     };
     let since = match (o.get("offset"), o.get("epoch")) {
         (None | Some(Value::Null), None | Some(Value::Null)) => None,
-        _ => Some(protocol::parse_since(&Value::Object(o.clone())).map_err(|e| e.to_string())?),
+        _ => Some(protocol::parse_since(&Value::Object(o.clone())).map_err(Refusal::bad)?),
     };
     let data = match o.get("data") {
         None | Some(Value::Null) => None,
-        Some(d) => Some(serde_json::value::to_raw_value(d).map_err(|e| e.to_string())?),
+        Some(d) => Some(serde_json::value::to_raw_value(d).map_err(Refusal::bad)?),
     };
     let presence = match o.get("presence") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return Err("\"presence\" must be true or false".into()),
+        Some(_) => return Err(Refusal::bad("\"presence\" must be true or false")),
     };
     Ok(SubscribeRequest {
         topic,
@@ -575,10 +584,10 @@ fn subscribe_arg(data: &Result<Value, String>) -> Result<SubscribeRequest, Strin
 }
 
 /// A topic name, or `{"topic": …}` / `{"event": …}`.
-fn topic_arg(data: &Result<Value, String>) -> Result<String, String> {
+fn topic_arg(data: &Result<Value, String>) -> Result<String, Refusal> {
     let v = data
         .as_ref()
-        .map_err(|e| format!("could not read the message: {e}"))?;
+        .map_err(|e| Refusal::bad(format!("could not read the message: {e}")))?;
     let name = match v {
         Value::String(s) => Some(s.as_str()),
         Value::Object(o) => o
@@ -587,12 +596,18 @@ fn topic_arg(data: &Result<Value, String>) -> Result<String, String> {
             .and_then(Value::as_str),
         _ => None,
     }
-    .ok_or_else(|| "expected a topic name, or {\"topic\": \"name\"}".to_string())?;
+    .ok_or_else(|| {
+        Refusal::new(
+            "bad_event",
+            "expected a topic name, or {\"topic\": \"name\"}",
+        )
+    })?;
     if protocol::valid_topic(name) {
         Ok(name.to_string())
     } else {
-        Err(format!(
-            "invalid topic name \"{name}\": must match {TOPIC_PATTERN}"
+        Err(Refusal::new(
+            "bad_topic",
+            format!("invalid topic name \"{name}\": must match {TOPIC_PATTERN}"),
         ))
     }
 }
@@ -739,9 +754,13 @@ fn rpc(
 
 /// Turns a refusal into the ack `{"ok": false, …}` and an `error` event;
 /// the back end's `disconnect` then disconnects the socket.
-fn deny(peer: &dyn Peer, s: &Session, ack: Ack, denial: Denial, topic: &str) {
+fn deny(peer: &dyn Peer, s: &Session, ack: Ack, denial: Denial, topic: &str, coded: bool) {
     let disconnect = matches!(denial, Denial::Disconnect { .. });
-    reply(peer, ack, Err(denial.to_string()), Some(topic));
+    if coded {
+        reply_coded(peer, ack, denial.into(), Some(topic));
+    } else {
+        reply(peer, ack, Err(denial.into()), Some(topic));
+    }
     if disconnect {
         s.closing(m::reason::BACKEND);
         peer.disconnect();
@@ -764,9 +783,13 @@ async fn subscribe(
     if let Some(bucket) = &s.subscribes
         && !bucket.lock().unwrap().take()
     {
-        // The ack's documented shape carries the text only.
-        let (e, _code) = crate::limits::subscribe_rate_refusal(node, &request.topic);
-        return reply(&**peer, ack, Err(e), Some(&request.topic));
+        let (e, code) = crate::limits::subscribe_rate_refusal(node, &request.topic);
+        return reply(
+            &**peer,
+            ack,
+            Err(Refusal::new(code, e)),
+            Some(&request.topic),
+        );
     }
     let identity = s.identity();
     if let Err(denial) = node
@@ -779,7 +802,7 @@ async fn subscribe(
         )
         .await
     {
-        return deny(&**peer, s, ack, denial, &request.topic);
+        return deny(&**peer, s, ack, denial, &request.topic, false);
     }
     let ack = Arc::new(Mutex::new(Some(ack)));
     let topic = request.topic.clone();
@@ -845,7 +868,7 @@ async fn presence(
 ) {
     let topic = match topic_arg(&data) {
         Ok(t) => t,
-        Err(e) => return reply(&**peer, ack, Err(e), named_topic(&data).as_deref()),
+        Err(e) => return reply_coded(&**peer, ack, e, named_topic(&data).as_deref()),
     };
     let identity = s.identity();
     if let Err(denial) = node
@@ -859,7 +882,7 @@ async fn presence(
             }
             other => other,
         };
-        return deny(&**peer, s, ack, denial, &topic);
+        return deny(&**peer, s, ack, denial, &topic, true);
     }
     let presence = node.presence();
     let answer = if stats {
@@ -877,12 +900,8 @@ async fn presence(
     match answer {
         Ok(a) => ack(a),
         Err(e) => {
-            let message = e.to_string();
-            ack(json!({"ok": false, "code": e.code(), "error": message, "topic": topic}));
-            peer.emit(
-                "error",
-                &json!({"message": message, "code": e.code(), "topic": topic}),
-            );
+            let refusal = Refusal::new(e.code(), e.to_string());
+            reply_coded(&**peer, ack, refusal, Some(&topic));
         }
     }
 }
@@ -890,8 +909,8 @@ async fn presence(
 /// `request_state`: the four device events again.
 fn request_state(peer: &Arc<dyn Peer>, s: &Session, node: &Node, ack: Ack) {
     if !s.may_subscribe(TOPIC) {
-        let e = format!("not allowed to read \"{TOPIC}\"");
-        ack(json!({"ok": false, "error": e}));
+        let e = Refusal::new("forbidden", format!("not allowed to read \"{TOPIC}\""));
+        ack(json!({"ok": false, "error": e.message}));
         emit_error(&**peer, Some(TOPIC), &e);
         return;
     }
@@ -911,24 +930,34 @@ async fn publish(
     let mut denied = None;
     let res = async {
         let topic = topic_arg(&data)?;
-        let v = data.as_ref().map_err(|e| e.to_string())?;
+        let v = data.as_ref().map_err(Refusal::bad)?;
         if topic == TOPIC {
-            return Err(
-                "topic \"device\" carries device state: change it with the device commands".into(),
-            );
+            return Err(Refusal::new(
+                "forbidden",
+                "topic \"device\" carries device state: change it with the device commands",
+            ));
         }
         if topic == crate::device::frame::TOPIC {
-            return Err(crate::device::frame::PUBLISH_REFUSAL.into());
+            return Err(Refusal::new(
+                "forbidden",
+                crate::device::frame::PUBLISH_REFUSAL,
+            ));
         }
         let event = match v.get("event") {
             None | Some(Value::Null) => topic.clone(),
             Some(Value::String(e)) if protocol::valid_topic(e) => e.clone(),
-            Some(_) => return Err(format!("event must be a name matching {TOPIC_PATTERN}")),
+            Some(_) => {
+                return Err(Refusal::bad(format!(
+                    "event must be a name matching {TOPIC_PATTERN}"
+                )));
+            }
         };
-        let payload = v.get("data").ok_or("publish needs a \"data\" field")?;
-        let raw = serde_json::value::to_raw_value(payload).map_err(|e| e.to_string())?;
+        let payload = v
+            .get("data")
+            .ok_or_else(|| Refusal::bad("publish needs a \"data\" field"))?;
+        let raw = serde_json::value::to_raw_value(payload).map_err(Refusal::bad)?;
         if protocol::json_depth_exceeds(raw.get(), protocol::MAX_DATA_DEPTH) {
-            return Err(protocol::TOO_DEEP.into());
+            return Err(Refusal::bad(protocol::TOO_DEEP));
         }
         let identity = s.identity();
         let raw = match node
@@ -939,7 +968,7 @@ async fn publish(
             Ok(Some(replaced)) => replaced,
             Ok(None) => raw,
             Err(denial) => {
-                let why = denial.to_string();
+                let why = Refusal::from(&denial);
                 denied = Some(denial);
                 return Err(why);
             }
@@ -947,7 +976,13 @@ async fn publish(
         node.hub()
             .publish(&topic, &event, &raw)
             .await
-            .map_err(|e| format!("publication not accepted: {e}"))?;
+            .map_err(|e| {
+                let code = match e {
+                    crate::hub::PublishError::Unavailable(_) => "unavailable",
+                    crate::hub::PublishError::Refused(_) => "bad_message",
+                };
+                Refusal::new(code, format!("publication not accepted: {e}"))
+            })?;
         let user = s.identity.lock().unwrap().user().to_string();
         node.client_published(&topic, &event, &raw, &s.client_id, &user);
         Ok(topic)
@@ -960,14 +995,25 @@ async fn publish(
     }
 }
 
-fn reply(peer: &dyn Peer, ack: Ack, res: Result<String, String>, topic: Option<&str>) {
+/// Acks `{"ok": true, "topic"}`, or `{"ok": false, "error", "topic"}` and
+/// the `error` event (with its `code`). The failure ack keeps the shape
+/// that clients written for it compare with; `presence` acks, documented
+/// with their `code`, go through [`reply_coded`].
+fn reply(peer: &dyn Peer, ack: Ack, res: Result<String, Refusal>, topic: Option<&str>) {
     match res {
         Ok(topic) => ack(json!({"ok": true, "topic": topic})),
         Err(e) => {
-            ack(json!({"ok": false, "error": e, "topic": topic}));
+            ack(json!({"ok": false, "error": e.message, "topic": topic}));
             emit_error(peer, topic, &e);
         }
     }
+}
+
+/// A failure acked `{"ok": false, "code", "error", "topic"}`, and the
+/// `error` event.
+fn reply_coded(peer: &dyn Peer, ack: Ack, e: Refusal, topic: Option<&str>) {
+    ack(json!({"ok": false, "code": e.code, "error": e.message, "topic": topic}));
+    emit_error(peer, topic, &e);
 }
 
 /// The topic named in a message, when it can be read, for error reports.
@@ -983,8 +1029,60 @@ fn named_topic(data: &Result<Value, String>) -> Option<String> {
     }
 }
 
-pub fn emit_error(peer: &dyn Peer, topic: Option<&str>, message: &str) {
-    peer.emit("error", &json!({"message": message, "topic": topic}));
+/// The `error` event: `{"message", "code", "topic"}`.
+pub fn emit_error(peer: &dyn Peer, topic: Option<&str>, e: &Refusal) {
+    peer.emit(
+        "error",
+        &json!({"message": e.message, "code": e.code, "topic": topic}),
+    );
+}
+
+/// Why a socket's request failed: the `code` (the native protocol's
+/// codes, so that a client tells a refusal from a limit from an outage
+/// without reading the text) and the text of its ack and `error` event.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A message that could not be read as the event's argument.
+    pub fn bad(message: impl std::fmt::Display) -> Refusal {
+        Refusal::new("bad_message", message.to_string())
+    }
+
+    /// The hub could not subscribe the socket to `topic`.
+    pub fn subscribe(topic: &str, e: &crate::hub::HubError) -> Refusal {
+        let code = match e {
+            crate::hub::HubError::TopicLimit(_) => "topic_limit",
+            _ => "unavailable",
+        };
+        Refusal::new(code, format!("could not subscribe to \"{topic}\": {e}"))
+    }
+}
+
+impl From<&Denial> for Refusal {
+    fn from(denial: &Denial) -> Refusal {
+        let code = match denial {
+            Denial::Unavailable(_) => "unavailable",
+            Denial::Forbidden(_) | Denial::Disconnect { .. } => "forbidden",
+        };
+        Refusal::new(code, denial.to_string())
+    }
+}
+
+impl From<Denial> for Refusal {
+    fn from(denial: Denial) -> Refusal {
+        Refusal::from(&denial)
+    }
 }
 
 /// `refresh` with the new token (a string or `{"token": …}`): the same
@@ -1014,11 +1112,9 @@ async fn refresh(
     let identity = match identity {
         Ok(identity) => identity,
         Err(e) => {
-            ack(json!({"ok": false, "error": e}));
-            peer.emit(
-                "error",
-                &json!({"message": e, "code": "bad_token", "topic": null}),
-            );
+            let e = Refusal::new("bad_token", e);
+            ack(json!({"ok": false, "error": e.message}));
+            emit_error(&**peer, None, &e);
             return;
         }
     };

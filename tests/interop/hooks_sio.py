@@ -80,6 +80,8 @@ async def main():
     assert ack["ok"] is True, ack
     ack = await alice.call("subscribe", "room.2", timeout=5)
     assert ack == {"ok": False, "error": "alice is not a member of room.2", "topic": "room.2"}, ack
+    err = await wait_for(alice, lambda e, d: e == "error" and (d or {}).get("topic") == "room.2", "the error event")
+    assert err == {"message": "alice is not a member of room.2", "code": "forbidden", "topic": "room.2"}, err
     ack = await alice.call("subscribe", {"topic": "room.2", "data": {"invite": "sesame"}}, timeout=5)
     assert ack["ok"] is True, ack
     log("subscribe hook: room.1 allowed, room.2 refused with its message, allowed with data")

@@ -64,8 +64,11 @@ try {
 
   const nack = await socket.timeout(5000).emitWithAck("subscribe", "no spaces allowed");
   if (nack.ok !== false || !String(nack.error).includes("invalid topic")) fail(`bad subscribe ack ${JSON.stringify(nack)}`);
-  await waitFor((s) => s.event === "error", 3000, "error event");
-  log("invalid topic refused with ack and error event");
+  const err = await waitFor((s) => s.event === "error", 3000, "error event");
+  if (err.data?.code !== "bad_topic" || !String(err.data?.message).includes("invalid topic")) {
+    fail(`bad error event ${JSON.stringify(err.data)}`);
+  }
+  log("invalid topic refused with ack and error event (code bad_topic)");
 
   socket.disconnect();
   log("OK");
