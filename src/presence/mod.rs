@@ -793,6 +793,10 @@ impl Presence {
         }
         let _ = ready.send(true);
         let every = reap_every(ttl);
+        // The leader's reaper runs beside the mark: a long purge (a dead
+        // node with many topics, a slow Redis) must not hold up this
+        // node's own renewal.
+        tokio::spawn(self.clone().reaper(leadership, every));
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_mark: Option<tokio::time::Instant> = None;
@@ -812,6 +816,19 @@ impl Presence {
                     }
                     Err(e) => tracing::debug!(cause = %e, "presence mark not renewed"),
                 }
+            }
+        }
+    }
+
+    /// While this node leads, every `every`: [`Presence::reap`].
+    async fn reaper(self, leadership: watch::Receiver<Leadership>, every: Duration) {
+        let me = self.inner.node.clone();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.inner.stop.cancelled() => return,
             }
             if leadership.borrow().leader {
                 self.reap(&me).await;
