@@ -719,6 +719,18 @@ pub async fn within<T>(
 /// What a listener hears: `(channel, payload)`, in Redis's order.
 pub type Heard = tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>;
 
+/// The channel of the item that stands for a gap ([`Listeners::listen_for_gaps`]):
+/// no channel a node subscribes is empty.
+pub const GAP: &str = "";
+
+/// Whether a message is the listener's own (its probe).
+enum Own {
+    No,
+    Yes,
+    /// The first probe back after the listener subscribed again: a gap.
+    Gap,
+}
+
 /// How long a listener's probe may take before it is published again.
 const PROBE_AGAIN: Duration = Duration::from_millis(100);
 
@@ -745,6 +757,9 @@ struct Listener {
     tried: std::sync::atomic::AtomicU64,
     /// The highest probe that came back.
     confirmed: tokio::sync::watch::Sender<u64>,
+    /// The first probe of the latest subscription made again after one
+    /// held (0: none yet): messages were lost before it came back.
+    gap_from: std::sync::atomic::AtomicU64,
     client: fred::clients::SubscriberClient,
 }
 
@@ -790,20 +805,31 @@ impl Listeners {
         channels: Vec<String>,
         stop: tokio_util::sync::CancellationToken,
     ) -> Result<Heard, RedisError> {
-        self.listen_for_gaps(what, channels, stop).map(|(rx, _)| rx)
+        self.start_listener(what, channels, stop, false)
     }
 
-    /// [`Listeners::listen`], with a count of the gaps in what was heard:
-    /// raised after messages were lost (the receiver lagged, or the
-    /// connection was down and subscribed again), once the listener hears
+    /// [`Listeners::listen`], where a gap in what was heard (messages were
+    /// lost: the receiver lagged, or the connection was down and subscribed
+    /// again) arrives as an item on channel [`GAP`], in order: after every
+    /// message heard before it, before any heard after the listener heard
     /// again. A consumer that keeps state from the messages (presence's
     /// watchers) reads it afresh then.
     pub fn listen_for_gaps(
         &self,
         what: &'static str,
+        channels: Vec<String>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<Heard, RedisError> {
+        self.start_listener(what, channels, stop, true)
+    }
+
+    fn start_listener(
+        &self,
+        what: &'static str,
         mut channels: Vec<String>,
         stop: tokio_util::sync::CancellationToken,
-    ) -> Result<(Heard, tokio::sync::watch::Receiver<u64>), RedisError> {
+        gaps: bool,
+    ) -> Result<Heard, RedisError> {
         let Some((url, redis, keys, node_id)) = &self.redis else {
             let e =
                 fred::error::Error::new(fred::error::ErrorKind::Config, "no Redis to listen on");
@@ -818,16 +844,15 @@ impl Listeners {
             what,
             tried: 1.into(),
             confirmed: tokio::sync::watch::Sender::new(0),
+            gap_from: 0.into(),
             client: client.clone(),
         });
         self.started.lock().unwrap().push(listener.clone());
         start_connecting(&client, Some(stop.clone()));
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        let gaps = tokio::sync::watch::Sender::new(0u64);
         let stop2 = stop.clone();
         let (redis, probe2) = (redis.clone(), probe.clone());
         let l = listener.clone();
-        let resubscribed = gaps.clone();
         tokio::spawn(async move {
             let mut sent = 0u64;
             // Whether a subscription held before: every later one follows
@@ -847,6 +872,9 @@ impl Listeners {
                 }
                 sent += 1;
                 l.tried.store(sent, std::sync::atomic::Ordering::Release);
+                if held {
+                    l.gap_from.store(sent, std::sync::atomic::Ordering::Release);
+                }
                 let mut confirmed = l.confirmed.subscribe();
                 let tried = async {
                     within(COMMAND_TIMEOUT, l.client.subscribe(channels.clone())).await?;
@@ -875,9 +903,7 @@ impl Listeners {
                         if retry.take().is_some() {
                             tracing::info!(listener = what, "subscribed");
                         }
-                        if std::mem::replace(&mut held, true) {
-                            resubscribed.send_modify(|n| *n += 1);
-                        }
+                        held = true;
                     }
                     Err(e) => {
                         if retry.is_none() {
@@ -894,24 +920,27 @@ impl Listeners {
         });
         let confirm = move |channel: &str, payload: &[u8]| {
             if channel != probe {
-                return false;
+                return Own::No;
             }
+            let mut gap = false;
             if let Some(n) = std::str::from_utf8(payload)
                 .ok()
-                .and_then(|p| p.parse().ok())
+                .and_then(|p| p.parse::<u64>().ok())
             {
+                let from = listener.gap_from.load(std::sync::atomic::Ordering::Acquire);
                 listener.confirmed.send_if_modified(|c| {
+                    // The first probe back of a subscription made again:
+                    // whatever was lost meanwhile is behind it.
+                    gap = from != 0 && *c < from && n >= from;
                     let newer = n > *c;
                     *c = (*c).max(n);
                     newer
                 });
             }
-            true
+            if gap { Own::Gap } else { Own::Yes }
         };
-        let lagged = gaps.clone();
-        let lost = move || lagged.send_modify(|n| *n += 1);
-        tokio::spawn(forward(messages, tx, stop, what, confirm, lost));
-        Ok((rx, gaps.subscribe()))
+        tokio::spawn(forward(messages, tx, stop, what, confirm, gaps));
+        Ok(rx)
     }
 }
 
@@ -990,8 +1019,8 @@ pub fn listen_patterns(
         tx,
         stop,
         "compat channels",
-        |_, _| false,
-        || {},
+        |_, _| Own::No,
+        false,
     ));
     Ok(rx)
 }
@@ -1062,16 +1091,18 @@ async fn subscribe_all(
 /// Hands a subscriber connection's messages to `tx` as `(channel,
 /// payload)` until `stop` or the receiver is gone, but those `own` takes
 /// (true: a probe of the connection's own); a lag (those messages are lost)
-/// is counted and logged with `what` the connection listens to, and told
-/// to `lost`.
+/// is counted and logged with `what` the connection listens to. With
+/// `gaps`, a lag and the `own` probe that ends a resubscription are handed
+/// on as a [`GAP`] item.
 async fn forward(
     mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
     tx: tokio::sync::mpsc::Sender<(String, bytes::Bytes)>,
     stop: tokio_util::sync::CancellationToken,
     what: &'static str,
-    own: impl Fn(&str, &[u8]) -> bool,
-    lost: impl Fn(),
+    own: impl Fn(&str, &[u8]) -> Own,
+    gaps: bool,
 ) {
+    let gap = || (GAP.to_string(), bytes::Bytes::new());
     loop {
         let msg = tokio::select! {
             m = messages.recv() => m,
@@ -1080,17 +1111,21 @@ async fn forward(
         match msg {
             Ok(m) => {
                 let payload = m.value.into_bytes().unwrap_or_default();
-                if own(&m.channel, &payload) {
-                    continue;
-                }
-                if tx.send((m.channel.to_string(), payload)).await.is_err() {
+                let item = match own(&m.channel, &payload) {
+                    Own::No => (m.channel.to_string(), payload),
+                    Own::Gap if gaps => gap(),
+                    Own::Yes | Own::Gap => continue,
+                };
+                if tx.send(item).await.is_err() {
                     return;
                 }
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 metrics::counter!(crate::metrics::LISTENER_LAGGED, "listener" => what).increment(n);
                 tracing::warn!(listener = what, lost = n, "receiver lagged: messages lost");
-                lost();
+                if gaps && tx.send(gap()).await.is_err() {
+                    return;
+                }
             }
             Err(_) => return,
         }

@@ -781,9 +781,9 @@ export class Switchboard extends Emitter {
     );
   }
 
-  _op(topic, kind, send, queue) {
+  _op(topic, kind, send, queue, extra) {
     return new Promise((resolve, reject) => {
-      const op = { kind, resolve, reject };
+      const op = { kind, resolve, reject, ...extra };
       op.timer = setTimeout(() => {
         this._removeOp(topic, op, queue);
         reject(new Error(`${kind}${topic ? ` ${topic}` : ""}: no answer within ${this.options.requestTimeout} ms`));
@@ -877,8 +877,12 @@ export class Switchboard extends Emitter {
       case "presence": {
         const op = this._take(msg.event, "presence");
         const t = this._topics.get(msg.event);
-        // A watched topic's list: what the client knows from now on.
-        if (t?.presence && msg.clients && !t.resyncing) t.members = new Map(Object.entries(msg.clients));
+        // An app's own read of a watched topic: clients the client did not
+        // know of are known from now on (a reset can then tell their leave).
+        if (t?.presence && msg.clients && !op?.resync) {
+          t.members ??= new Map();
+          for (const [id, entry] of Object.entries(msg.clients)) if (!t.members.has(id)) t.members.set(id, entry);
+        }
         op?.resolve(msg.clients ?? {});
         return;
       }
@@ -1008,21 +1012,28 @@ export class Switchboard extends Emitter {
       if (outcome) sub._emit(outcome[0], outcome[1]);
     }
     if (outcome) this._emit(outcome[0], { topic, ...outcome[1] });
-    if (resubscribe && t.presence && t.members?.size) {
-      // Changes while this client was away came in no diff: the list read
-      // now (after the new subscription, so later diffs apply on top of
-      // it) tells the handlers who left and who came meanwhile.
-      t.resyncing = true;
-      this.presence(topic).then(
-        (clients) => {
-          t.resyncing = false;
-          this._onPresenceDiff({ event: topic, joins: clients, leaves: {}, reset: true });
-        },
-        () => {
-          t.resyncing = false;
-        },
-      );
-    }
+    if (resubscribe && t.presence && t.members !== undefined) this._resyncPresence(topic, t);
+  }
+
+  /**
+   * Changes made while this client was away came in no diff: the list,
+   * read after the new subscription, tells the handlers who left and who
+   * came meanwhile. Diffs that arrive before the answer may be newer than
+   * the read: they wait and are applied after the list.
+   */
+  _resyncPresence(topic, t) {
+    t.heldDiffs = [];
+    const done = (clients) => {
+      if (this._topics.get(topic) !== t) return;
+      const held = t.heldDiffs ?? [];
+      t.heldDiffs = undefined;
+      if (clients) this._onPresenceDiff({ event: topic, joins: clients, leaves: {}, reset: true });
+      for (const msg of held) this._onPresenceDiff(msg);
+    };
+    this._op(topic, "presence", () => this._send({ type: "presence", event: topic }), undefined, { resync: true }).then(
+      done,
+      () => done(null),
+    );
   }
 
   /**
@@ -1125,6 +1136,10 @@ export class Switchboard extends Emitter {
   _onPresenceDiff(msg) {
     const t = this._topics.get(msg.event);
     if (!t) return;
+    if (t.heldDiffs) {
+      t.heldDiffs.push(msg);
+      return;
+    }
     const members = (t.members ??= new Map());
     let diff;
     if (msg.reset) {

@@ -308,9 +308,10 @@ struct Inner {
     /// Watched topics: their watchers by client id, and the changes heard
     /// since the last tick.
     watched: Mutex<HashMap<String, Watched>>,
-    /// Set when diff messages were lost: the next tick sends each watched
-    /// topic's whole list.
-    resync: AtomicBool,
+    /// Watched topics whose watchers are owed their whole list (diff
+    /// messages were lost), and the resyncer's wake-up.
+    owed: Mutex<HashSet<String>>,
+    resync: Notify,
     stop: CancellationToken,
 }
 
@@ -318,6 +319,9 @@ struct Inner {
 struct Watched {
     watchers: HashMap<Arc<str>, Arc<dyn Watcher>>,
     batch: Batch,
+    /// Its list is being read for a reset: the ticker leaves its batch to
+    /// be folded into it.
+    resyncing: bool,
 }
 
 impl Presence {
@@ -345,7 +349,8 @@ impl Presence {
                 held: Mutex::new(HashSet::new()),
                 outgoing: Mutex::new(HashMap::new()),
                 watched: Mutex::new(HashMap::new()),
-                resync: AtomicBool::new(false),
+                owed: Mutex::new(HashSet::new()),
+                resync: Notify::new(),
                 stop: CancellationToken::new(),
             }),
         };
@@ -355,6 +360,7 @@ impl Presence {
             tokio::spawn(p.clone().writer(ready));
             tokio::spawn(p.clone().ticker());
             tokio::spawn(p.clone().receiver(diffs));
+            tokio::spawn(p.clone().resyncer());
         }
         p
     }
@@ -612,70 +618,101 @@ impl Presence {
                 _ = self.inner.stop.cancelled() => return,
             }
             self.send_outgoing().await;
-            if self.inner.resync.swap(false, Ordering::AcqRel) {
-                self.resync().await;
-            }
             self.deliver();
         }
     }
 
-    /// Each watched topic's whole list, to its watchers as a `presence_diff`
-    /// with `reset`, after diff messages were lost. Read after the gap, it
-    /// holds every change the lost messages carried; the diffs that follow
-    /// (some of them older than the read) apply on top of it in order, so
-    /// the watchers' lists end up right. A topic whose read fails is tried
-    /// again at the next tick.
-    async fn resync(&self) {
+    /// Sends the watchers of every owed topic its whole list, in rounds
+    /// one diff interval apart until none is owed (a topic whose read
+    /// failed stays owed; Redis may be back by the next round).
+    async fn resyncer(self) {
+        loop {
+            tokio::select! {
+                _ = self.inner.resync.notified() => {}
+                _ = self.inner.stop.cancelled() => return,
+            }
+            loop {
+                let owed: Vec<String> = self.inner.owed.lock().unwrap().drain().collect();
+                if owed.is_empty() {
+                    break;
+                }
+                let failed = self.resync(owed).await;
+                if failed.is_empty() {
+                    continue;
+                }
+                metrics::counter!(m::PRESENCE_ERRORS).increment(1);
+                tracing::warn!(
+                    topics = failed.len(),
+                    "presence lists not read after lost changes; reading them again"
+                );
+                self.inner.owed.lock().unwrap().extend(failed);
+                tokio::select! {
+                    _ = tokio::time::sleep(self.inner.config.diff_interval) => {}
+                    _ = self.inner.stop.cancelled() => return,
+                }
+            }
+        }
+    }
+
+    /// Each of `topics`' whole list, to its watchers as a `presence_diff`
+    /// with `reset`; returns the topics whose list could not be read.
+    ///
+    /// Why the watchers' lists end up right: a node writes a change to the
+    /// store before it sends it, so the list read after the gap holds every
+    /// change heard before the read, the lost ones included. Changes heard
+    /// before the read are dropped (delivered after the list, a join whose
+    /// leave the gap swallowed would bring a ghost back); those heard
+    /// during it are folded into the list; those heard after it follow as
+    /// diffs. Some of the last two are older than the read, but each
+    /// client's changes come in order, so applying them on top ends at the
+    /// client's last state.
+    async fn resync(&self, topics: Vec<String>) -> Vec<String> {
         use futures_util::StreamExt;
-        let topics: Vec<String> = self.inner.watched.lock().unwrap().keys().cloned().collect();
-        let read = futures_util::stream::iter(topics)
+        futures_util::stream::iter(topics)
             .map(|topic| async move {
+                {
+                    let mut watched = self.inner.watched.lock().unwrap();
+                    let w = watched.get_mut(&topic)?;
+                    w.batch = Batch::default();
+                    w.resyncing = true;
+                }
                 let entries =
                     tokio::time::timeout(RESYNC_READ, self.inner.store.list(&topic)).await;
-                (topic, entries)
+                let mut watched = self.inner.watched.lock().unwrap();
+                let w = watched.get_mut(&topic)?;
+                w.resyncing = false;
+                let entries = match entries {
+                    Ok(Ok(e)) => e,
+                    Ok(Err(e)) => {
+                        tracing::debug!(topic, cause = %e, "presence list for a resync failed");
+                        return Some(topic);
+                    }
+                    Err(_) => return Some(topic),
+                };
+                let mut all = Batch::default();
+                for (client, value) in entries {
+                    if let Some(v) = raw(&value) {
+                        all.joins.insert(client, v);
+                    }
+                }
+                let heard = std::mem::take(&mut w.batch);
+                for c in heard.leaves.into_keys() {
+                    all.joins.remove(&c);
+                }
+                all.joins.extend(heard.joins);
+                // Sent under the lock: a diff the ticker takes after it
+                // cannot reach a watcher before it.
+                let diff = reset(&topic, &all);
+                metrics::counter!(m::PRESENCE_DIFFS).increment(w.watchers.len() as u64);
+                for watcher in w.watchers.values() {
+                    watcher.diff(&diff);
+                }
+                None
             })
             .buffer_unordered(PARALLEL)
-            .collect::<Vec<_>>()
-            .await;
-        let mut failed = 0;
-        for (topic, entries) in read {
-            let entries = match entries {
-                Ok(Ok(e)) => e,
-                Ok(Err(e)) => {
-                    failed += 1;
-                    tracing::debug!(topic, cause = %e, "presence list for a resync failed");
-                    continue;
-                }
-                Err(_) => {
-                    failed += 1;
-                    continue;
-                }
-            };
-            let watchers: Vec<Arc<dyn Watcher>> =
-                match self.inner.watched.lock().unwrap().get(&topic) {
-                    Some(w) => w.watchers.values().cloned().collect(),
-                    None => continue,
-                };
-            let mut all = Batch::default();
-            for (client, value) in entries {
-                if let Some(v) = raw(&value) {
-                    all.joins.insert(client, v);
-                }
-            }
-            let diff = reset(&topic, &all);
-            metrics::counter!(m::PRESENCE_DIFFS).increment(watchers.len() as u64);
-            for w in watchers {
-                w.diff(&diff);
-            }
-        }
-        if failed > 0 {
-            metrics::counter!(m::PRESENCE_ERRORS).increment(1);
-            tracing::warn!(
-                topics = failed,
-                "presence lists not read after lost changes; reading them again at the next interval"
-            );
-            self.inner.resync.store(true, Ordering::Release);
-        }
+            .filter_map(|failed| async move { failed })
+            .collect()
+            .await
     }
 
     /// This node's changes of the interval, to every node, in messages of
@@ -726,10 +763,14 @@ impl Presence {
             let payload = match heard {
                 Heard::Diff(p) => p,
                 Heard::Gap => {
+                    let topics: Vec<String> =
+                        self.inner.watched.lock().unwrap().keys().cloned().collect();
                     tracing::info!(
-                        "presence changes were lost: watchers get whole lists at the next interval"
+                        topics = topics.len(),
+                        "presence changes were lost: watchers get whole lists"
                     );
-                    self.inner.resync.store(true, Ordering::Release);
+                    self.inner.owed.lock().unwrap().extend(topics);
+                    self.inner.resync.notify_one();
                     continue;
                 }
             };
@@ -755,7 +796,7 @@ impl Presence {
             let mut watched = self.inner.watched.lock().unwrap();
             watched
                 .iter_mut()
-                .filter(|(_, w)| !w.batch.is_empty())
+                .filter(|(_, w)| !w.resyncing && !w.batch.is_empty())
                 .map(|(t, w)| {
                     (
                         t.clone(),
@@ -1132,13 +1173,57 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        {
+            let seen = frames.0.lock().unwrap();
+            let reset = seen.iter().find(|d| d["reset"] == true).unwrap();
+            let mut ids: Vec<&String> = reset["joins"].as_object().unwrap().keys().collect();
+            ids.sort();
+            assert_eq!(ids, ["a", "b"], "{reset}");
+            assert_eq!(reset["joins"]["b"]["user"], "ub");
+            assert_eq!(reset["leaves"], serde_json::json!({}));
+        }
+        // A join heard just before a gap that swallowed its leave: the list
+        // read after the gap has no such client, and the join must not
+        // come after it and bring it back.
+        let mut batch = Batch::default();
+        batch.join("c".into(), v(&entry("uc", None)));
+        let wire = Wire {
+            node: "n2".into(),
+            topics: HashMap::from([("room.1".to_string(), batch)]),
+        };
+        let wire = serde_json::to_vec(&wire).unwrap();
+        heard.send(Heard::Diff(wire.into())).await.unwrap();
+        heard.send(Heard::Gap).await.unwrap();
+        let resets = || {
+            frames
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|d| d["reset"] == true)
+                .count()
+        };
+        while resets() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "no second reset");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let frames = frames.0.lock().unwrap();
-        let reset = frames.iter().find(|d| d["reset"] == true).unwrap();
-        let mut ids: Vec<&String> = reset["joins"].as_object().unwrap().keys().collect();
+        let second = frames.iter().rposition(|d| d["reset"] == true).unwrap();
+        let mut ids: Vec<&String> = frames[second]["joins"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect();
         ids.sort();
-        assert_eq!(ids, ["a", "b"], "{reset}");
-        assert_eq!(reset["joins"]["b"]["user"], "ub");
-        assert_eq!(reset["leaves"], serde_json::json!({}));
+        assert_eq!(ids, ["a", "b"], "{}", frames[second]);
+        assert!(
+            frames[second..]
+                .iter()
+                .all(|d| d["joins"].get("c").is_none()),
+            "a join older than the list came after it: {:?}",
+            &frames[second..]
+        );
     }
 
     #[test]

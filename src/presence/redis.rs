@@ -179,19 +179,13 @@ impl RedisStore {
         let (tx, diffs) = mpsc::channel(1024);
         if enabled {
             let channel = keys.presence_diffs();
-            let (mut rx, mut gaps) =
-                listeners.listen_for_gaps("presence changes", vec![channel], stop)?;
+            let mut rx = listeners.listen_for_gaps("presence changes", vec![channel], stop)?;
             tokio::spawn(async move {
-                loop {
-                    let heard = tokio::select! {
-                        m = rx.recv() => match m {
-                            Some((_, payload)) => Heard::Diff(payload),
-                            None => return,
-                        },
-                        g = gaps.changed() => match g {
-                            Ok(()) => Heard::Gap,
-                            Err(_) => return,
-                        },
+                while let Some((channel, payload)) = rx.recv().await {
+                    let heard = if channel == crate::redis::GAP {
+                        Heard::Gap
+                    } else {
+                        Heard::Diff(payload)
                     };
                     if tx.send(heard).await.is_err() {
                         return;
