@@ -587,7 +587,8 @@ fn subscribe_arg(data: &Result<Value, String>) -> Result<SubscribeRequest, Refus
 fn topic_arg(data: &Result<Value, String>) -> Result<String, Refusal> {
     let v = data
         .as_ref()
-        .map_err(|e| Refusal::bad(format!("could not read the message: {e}")))?;
+        // No argument, so no topic: the native protocol's missing `event`.
+        .map_err(|e| Refusal::new("bad_event", format!("could not read the message: {e}")))?;
     let name = match v {
         Value::String(s) => Some(s.as_str()),
         Value::Object(o) => o
