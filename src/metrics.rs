@@ -171,7 +171,6 @@ pub mod reason {
     pub const TOKEN_EXPIRED: &str = "token_expired";
     /// Closed by the server for a reason not listed here.
     pub const SERVER: &str = "server";
-    pub const ERROR: &str = "error";
     /// Closed by the back end (`POST /api/disconnect`).
     pub const BACKEND: &str = "backend";
 }

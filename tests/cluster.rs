@@ -344,6 +344,17 @@ async fn a_node_started_before_redis_warns_after_its_grace_and_becomes_ready() {
             .is_some_and(|r| r.contains("connecting to Redis")),
         "{body}"
     );
+    // The series is there from the start (the backplane alerts compare it
+    // with 0), not only once the connection changed.
+    let gauge = |value: &str| {
+        let (_, text) = common::http_text(&node.addr, "GET", "/metrics", None, &[]);
+        text.lines()
+            .any(|l| l == format!("switchboard_backplane_connected {value}"))
+    };
+    assert!(
+        gauge("0"),
+        "no switchboard_backplane_connected 0 before Redis"
+    );
     if started.elapsed() < Duration::from_secs(4) {
         assert!(
             !node.log().contains("backplane not ready"),
@@ -362,6 +373,10 @@ async fn a_node_started_before_redis_warns_after_its_grace_and_becomes_ready() {
         eventually(Duration::from_secs(10), || ready(&node)),
         "ready once Redis is there:\n{}",
         node.log()
+    );
+    assert!(
+        gauge("1"),
+        "switchboard_backplane_connected is not 1 once ready"
     );
 }
 

@@ -104,6 +104,9 @@ impl RedisBackplane {
         if !keys.sharded() {
             tokio::spawn(apply_changes(subscriber.clone(), changes_rx, stop.clone()));
         }
+        // 0 from the start: a node that never reaches Redis must show the
+        // series (the backplane-down alerts compare it with 0), not lack it.
+        metrics::gauge!(m::BACKPLANE_CONNECTED).set(0.0);
         let backplane = Arc::new(Self {
             keys,
             node_id: node_id.to_string(),

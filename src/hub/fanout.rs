@@ -78,8 +78,9 @@ impl Hub {
         handed: &mut dyn FnMut(&str, usize),
     ) {
         // Per-transport counts, summed here so the metric is touched once per
-        // batch and slice, not once per delivery.
-        let mut queued: [(&'static str, u64); 3] = [("", 0); 3];
+        // batch and slice, not once per delivery: a slot for each transport
+        // (`ws`, `socketio`, `sse`, `internal`) and one to spare.
+        let mut queued: [(&'static str, u64); 5] = [("", 0); 5];
         let mut rest = items;
         while let Some(first) = rest.first() {
             let topic = first.topic();
@@ -122,12 +123,12 @@ impl Hub {
                     };
                     if delivery == Some(Delivery::Queued) && matches!(item, Item::Pub(_)) {
                         let t = member.sub.transport();
-                        match queued
+                        // Never full: there are fewer transports than slots.
+                        if let Some(slot) = queued
                             .iter_mut()
                             .find(|(name, _)| *name == t || name.is_empty())
                         {
-                            Some(slot) => *slot = (t, slot.1 + 1),
-                            None => queued[2].1 += 1,
+                            *slot = (t, slot.1 + 1);
                         }
                     }
                 }

@@ -127,12 +127,14 @@ ref: the Secret/ConfigMap name; key: the key in it).
 
 {{/*
 The config map without unset (null or "") entries: the settings actually
-passed, plus the paths of the files mounted from `files:`.
+passed, plus the paths of the files mounted from `files:`. One exception:
+COMPAT_CHANNELS_PREFIX "" is passed, since the binary's default for it is
+"asgi" (on) and only an empty value turns that source off.
 */}}
 {{- define "switchboard.effectiveConfig" -}}
 {{- $out := dict }}
 {{- range $k, $v := .Values.config }}
-{{- if not (or (kindIs "invalid" $v) (and (kindIs "string" $v) (eq $v ""))) }}
+{{- if not (or (kindIs "invalid" $v) (and (kindIs "string" $v) (eq $v "") (ne $k "COMPAT_CHANNELS_PREFIX"))) }}
 {{- $_ := set $out $k (include "switchboard.envValue" (list $k $v)) }}
 {{- end }}
 {{- end }}
