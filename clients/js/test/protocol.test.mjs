@@ -369,3 +369,56 @@ test("errors are routed by replyTo, whatever the topic is called; gap keeps prev
   assert.deepEqual(await idle.refresh("later"), { expiresAt: undefined, applied: "on next connect" });
   assert.equal(idle.token, "later");
 });
+
+test("presence: a reset becomes the joins and leaves it stands for; after a reconnect the list is read, and diffs that arrive meanwhile wait for it", async () => {
+  const e = (user) => ({ user, info: null });
+  let onPresence = null;
+  const server = await fakeServer(async (conn) => {
+    hello(conn);
+    const sub = await conn.next("subscribe");
+    assert.equal(sub.presence, true);
+    conn.send({ type: "subscribed", event: sub.event });
+    if (server.connections.length === 1) {
+      conn.send({ type: "presence_diff", event: "room.1", joins: { a: e("ua"), b: e("ub") }, leaves: {} });
+      return;
+    }
+    const read = await conn.next("presence");
+    onPresence?.(conn, read);
+  });
+  const client = new Switchboard(server.url, { WebSocket, minDelay: 10, maxDelay: 20 });
+  const present = new Map();
+  const diffs = [];
+  try {
+    await client.connect();
+    const sub = client.subscribe("room.1", () => {}, {
+      presence: { join: (id, entry) => present.set(id, entry), leave: (id) => present.delete(id) },
+    });
+    sub.on("presence_diff", (d) => diffs.push(d));
+    await eventually(() => present.size === 2, 3000, "the first diff");
+    const first = server.connections[0];
+    // The server's node missed changes: a leaves, c came.
+    first.send({ type: "presence_diff", event: "room.1", joins: { b: e("ub"), c: e("uc") }, leaves: {}, reset: true });
+    await eventually(() => present.has("c"), 3000, "the reset");
+    assert.deepEqual([...present.keys()].sort(), ["b", "c"]);
+    assert.deepEqual(diffs.at(-1), { joins: { c: e("uc") }, leaves: { a: e("ua") } });
+    // A reset that changes nothing is not handed on.
+    first.send({ type: "presence_diff", event: "room.1", joins: { b: e("ub"), c: e("uc") }, leaves: {}, reset: true });
+    // Cut off. Back, the client reads the list; a join newer than the read
+    // arrives before its answer and must survive it.
+    onPresence = (conn, read) => {
+      assert.equal(read.event, "room.1");
+      conn.send({ type: "presence_diff", event: "room.1", joins: { d: e("ud") }, leaves: {} });
+      conn.send({ type: "presence", event: "room.1", clients: { c: e("uc"), x: e("ux") } });
+    };
+    const count = diffs.length;
+    server.terminateAll();
+    await eventually(() => present.has("d") && present.has("x"), 3000, "the list after the reconnect and the held diff");
+    assert.deepEqual([...present.keys()].sort(), ["c", "d", "x"]);
+    assert.equal(diffs.length, count + 2, JSON.stringify(diffs.slice(count)));
+    assert.deepEqual(diffs[count], { joins: { x: e("ux") }, leaves: { b: e("ub") } });
+    assert.deepEqual(diffs[count + 1], { joins: { d: e("ud") }, leaves: {} });
+  } finally {
+    client.close();
+    await server.close();
+  }
+});
