@@ -120,7 +120,7 @@ export interface UnrecoverableInfo {
 export interface SwitchboardError extends Error {
   code: string;
   topic?: string;
-  /** The `error` frame; its `replyTo` names the message type it answers (`subscribe`, `request`, `publish`, `refresh`, `rpc`), when it answers one. */
+  /** The `error` frame; its `replyTo` names the message type it answers (`subscribe`, `unsubscribe`, `request`, `publish`, `refresh`, `rpc`, `presence`, `presence_stats`), when it answers one. */
   frame: any;
   /** `rpc` refused by the back end (`code` `rpc_failed`): the back end's numeric error code. */
   backendCode?: number;
@@ -223,6 +223,7 @@ export declare class Switchboard {
   on(event: "refreshed", fn: Listener<{ expiresAt: number | null }>): this;
   on(event: "token_expired", fn: Listener<any>): this;
   on(event: "duplicate", fn: Listener<EventMeta>): this;
+  on(event: "presence_diff", fn: Listener<PresenceDiff & { topic: string }>): this;
   on(event: "message", fn: Listener<any>): this;
   on(event: "error", fn: Listener<SwitchboardError | { code: string; error: string }>): this;
   off(event: string, fn?: Listener<any>): this;

@@ -160,6 +160,8 @@ class SseSocket {
           error: `"${msg.type}" is not available over SSE (one-way): use a WebSocket or the REST API`,
           event: msg.event,
           replyTo: msg.type,
+          // An rpc's refusal finds its call by id.
+          ...(msg.id !== undefined ? { id: msg.id } : {}),
           timestamp,
         });
     }
@@ -643,9 +645,10 @@ export class Switchboard extends Emitter {
     if (options.presence) sub._presence = typeof options.presence === "object" ? options.presence : {};
     let t = this._topics.get(topic);
     if (t && sub._presence && !t.presence) {
-      // Asked for now: the server is told by subscribing again.
+      // Asked for now: the server is told by subscribing again, without
+      // `since` (the connection holds the topic: nothing was missed).
       t.presence = true;
-      if (this.state === "connected") this._sendSubscribe(topic, t);
+      if (this.state === "connected") this._sendSubscribe(topic, t, { held: t.confirmed });
     }
     if (!t) {
       t = {
@@ -674,12 +677,14 @@ export class Switchboard extends Emitter {
     return sub;
   }
 
-  _sendSubscribe(topic, t) {
+  _sendSubscribe(topic, t, { held = false } = {}) {
     const msg = { type: "subscribe", event: topic };
     if (t.data !== undefined && t.data !== null) msg.data = t.data;
     if (t.presence) msg.presence = true;
-    t.recovering = t.epoch != null && t.offset != null;
-    if (t.recovering) msg.since = { offset: t.offset, epoch: t.epoch };
+    if (!held) {
+      t.recovering = t.epoch != null && t.offset != null;
+      if (t.recovering) msg.since = { offset: t.offset, epoch: t.epoch };
+    }
     this._pendingPush(topic, { kind: "subscribe" });
     try {
       this._send(msg);
@@ -690,6 +695,9 @@ export class Switchboard extends Emitter {
 
   _unsubscribe(sub) {
     const t = this._topics.get(sub.topic);
+    if (sub.state === "pending") {
+      sub._rejectReady(Object.assign(new Error(`${sub.topic}: unsubscribed before it was subscribed`), { code: "unsubscribed", topic: sub.topic }));
+    }
     sub.state = "unsubscribed";
     sub._lastOffset = t?.offset;
     sub._lastEpoch = t?.epoch;
@@ -972,10 +980,21 @@ export class Switchboard extends Emitter {
     const hasHistory = typeof msg.epoch === "string";
     const previous = { offset: t.offset, epoch: t.epoch };
     const wasRecovering = t.recovering;
+    const held = t.confirmed && !wasRecovering;
     t.recovering = false;
     t.confirmed = true;
     const resubscribe = t.resubscribing === true;
+    t.resubscribing = false;
     t.everConfirmed = true;
+    if (held) {
+      // This connection already holds the topic (presence asked for later,
+      // the back end subscribing it again): nothing was missed, and the
+      // position stays where the events put it (the answer's offset may be
+      // ahead of events still on their way).
+      const info = { offset: t.offset, epoch: t.epoch, recovered: msg.recovered, resubscribed: false };
+      for (const sub of [...t.subs]) if (sub.state === "pending") this._confirm(sub, info);
+      return;
+    }
     let outcome = null;
     // A pending epoch ("~…": subscribed before the topic's first
     // publication) recovers into the topic's first epoch.
@@ -1148,11 +1167,17 @@ export class Switchboard extends Emitter {
       for (const [id, entry] of members) if (!Object.hasOwn(now, id)) diff.leaves[id] = entry;
       for (const [id, entry] of Object.entries(now)) if (!members.has(id)) diff.joins[id] = entry;
     } else {
-      diff = { joins: msg.joins ?? {}, leaves: msg.leaves ?? {} };
+      // Around a list read or a reset, a diff may repeat a join the list
+      // already gave: the handlers hear each arrival once.
+      const joins = {};
+      for (const [id, entry] of Object.entries(msg.joins ?? {})) {
+        if (!members.has(id) || JSON.stringify(members.get(id)) !== JSON.stringify(entry)) joins[id] = entry;
+      }
+      diff = { joins, leaves: msg.leaves ?? {} };
     }
     for (const id of Object.keys(diff.leaves)) members.delete(id);
     for (const [id, entry] of Object.entries(diff.joins)) members.set(id, entry);
-    if (msg.reset && Object.keys(diff.joins).length === 0 && Object.keys(diff.leaves).length === 0) return;
+    if (Object.keys(diff.joins).length === 0 && Object.keys(diff.leaves).length === 0) return;
     for (const sub of [...t.subs]) {
       if (!sub._presence) continue;
       for (const [id, entry] of Object.entries(diff.leaves)) sub._presence.leave?.(id, entry);

@@ -422,3 +422,53 @@ test("presence: a reset becomes the joins and leaves it stands for; after a reco
     await server.close();
   }
 });
+
+test("a second subscribed for a topic the connection holds keeps the position; no false unrecoverable after a reconnect; unsubscribe before subscribed rejects ready", async () => {
+  const server = await fakeServer(async (conn) => {
+    hello(conn);
+    const sub = await conn.next("subscribe");
+    if (!sub.since) {
+      conn.send({ type: "subscribed", event: "news", offset: 5, epoch: "e1" });
+      conn.send({ type: "event", name: "news", data: { n: 6 }, offset: 6 });
+      // The presence upgrade: no `since`, and an answer whose offset runs
+      // ahead of an event still on its way.
+      const upgrade = await conn.next("subscribe");
+      assert.equal(upgrade.presence, true);
+      assert.equal(upgrade.since, undefined);
+      conn.send({ type: "subscribed", event: "news", offset: 8, epoch: "e1" });
+      conn.send({ type: "event", name: "news", data: { n: 7 }, offset: 7 });
+      conn.send({ type: "event", name: "news", data: { n: 8 }, offset: 8 });
+    } else {
+      conn.send({ type: "subscribed", event: "news", offset: 8, epoch: "e1", recovered: true });
+      // The back end subscribes the connection to it again.
+      conn.send({ type: "subscribed", event: "news", offset: 8, epoch: "e1" });
+      conn.send({ type: "event", name: "news", data: { n: 9 }, offset: 9 });
+    }
+  });
+  const client = new Switchboard(server.url, { WebSocket, minDelay: 10, maxDelay: 20 });
+  try {
+    const seen = [];
+    const marks = [];
+    client.on("unrecoverable", (u) => marks.push(["unrecoverable", u.topic]));
+    client.on("duplicate", (d) => marks.push(["duplicate", d.offset]));
+    await client.connect();
+    const sub = client.subscribe("news", (data) => seen.push(data.n));
+    await sub.ready;
+    await eventually(() => seen.length === 1, 3000, "the first event");
+    const watching = client.subscribe("news", () => {}, { presence: true });
+    await watching.ready;
+    await eventually(() => seen.length === 3, 3000, `events 7 and 8 (${JSON.stringify(seen)})`);
+    server.terminateAll();
+    await eventually(() => seen.length === 4, 3000, "the event after the reconnect");
+    assert.deepEqual(seen, [6, 7, 8, 9]);
+    assert.deepEqual(marks, []);
+    assert.equal(sub.offset, 9);
+    // A subscription dropped before its answer: its ready settles.
+    const early = client.subscribe("other");
+    early.unsubscribe();
+    await assert.rejects(early.ready, (e) => e.code === "unsubscribed");
+  } finally {
+    client.close();
+    await server.close();
+  }
+});

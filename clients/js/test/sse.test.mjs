@@ -70,6 +70,10 @@ test(
     c.on("error", (e) => errors.push(e.code));
     c.publish("news", { n: 0 });
     await eventually(() => errors.includes("unsupported"), 5000, "unsupported publish");
+    // An rpc is refused at once, to its own call.
+    const started = Date.now();
+    await assert.rejects(c.rpc("anything", {}), (e) => e.code === "unsupported");
+    assert.ok(Date.now() - started < 1000, "the rpc waited for its timeout");
 
     // The node goes away; publications continue on the other; it comes back.
     await a.stop("SIGTERM");
