@@ -17,6 +17,8 @@ const BACKEND_RECONNECT = [4000, 4499];
 const BACKEND_FINAL = [4500, 4999];
 /** Close code and reason the server sends when a client token expires. */
 const TOKEN_EXPIRED = 3000;
+// Refusals of a resubscription that pass: asked again later.
+const TRY_AGAIN = new Set(["subscribe_rate_limited", "topic_limit", "unavailable"]);
 /** Close code this client uses when it drops a silent or stuck connection. */
 const LIVENESS = 4000;
 
@@ -215,8 +217,10 @@ class Emitter {
   off(event, fn) {
     const set = this._listeners.get(event);
     if (set) {
-      if (fn) set.delete(fn);
-      else set.clear();
+      if (!fn) set.clear();
+      else if (!set.delete(fn)) {
+        for (const f of set) if (f.listener === fn) set.delete(f);
+      }
     }
     return this;
   }
@@ -226,6 +230,8 @@ class Emitter {
       this.off(event, wrapper);
       fn(arg);
     };
+    // `off(event, fn)` finds it by the function it was given.
+    wrapper.listener = fn;
     return this.on(event, wrapper);
   }
 
@@ -464,8 +470,7 @@ export class Switchboard extends Emitter {
 
   /** The stream's URL: every current topic, and the positions to resume them from. */
   _sseUrl(token, data) {
-    const url = new URL(this._httpBase());
-    url.pathname = url.pathname.replace(/\/ws\/?$/, "").replace(/\/$/, "") + "/sse";
+    const url = new URL(this._ssePath());
     let id = "1";
     for (const [topic, t] of this._topics) {
       url.searchParams.append("topic", topic);
@@ -478,8 +483,21 @@ export class Switchboard extends Emitter {
   }
 
   _sseApi() {
+    // Beside the stream, under the same prefix (a proxy's path included).
+    const url = new URL(this._ssePath());
+    return `${url.origin}${url.pathname.replace(/\/sse$/, "")}/api/sse`;
+  }
+
+  /**
+   * Where the stream is: `sseUrl` as given when it ends with `/sse` (else
+   * with `/sse` added), or `url` with its `/ws` path turned into `/sse`.
+   */
+  _ssePath() {
     const url = new URL(this._httpBase());
-    return `${url.origin}/api/sse`;
+    const path = url.pathname.replace(/\/$/, "");
+    if (this.options.sseUrl != null) url.pathname = path.endsWith("/sse") ? path : `${path}/sse`;
+    else url.pathname = path.replace(/\/ws$/, "") + "/sse";
+    return url.toString();
   }
 
   _httpBase() {
@@ -986,6 +1004,7 @@ export class Switchboard extends Emitter {
     const resubscribe = t.resubscribing === true;
     t.resubscribing = false;
     t.everConfirmed = true;
+    t.retries = 0;
     if (held) {
       // This connection already holds the topic (presence asked for later,
       // the back end subscribing it again): nothing was missed, and the
@@ -1088,7 +1107,7 @@ export class Switchboard extends Emitter {
   _onEvent(msg) {
     const topic = msg.topic ?? msg.name;
     const t = this._topics.get(topic);
-    const meta = { name: msg.name, topic, offset: msg.offset ?? null, timestamp: msg.timestamp };
+    const meta = { name: msg.name, topic, offset: msg.offset ?? null, epoch: t?.epoch ?? null, timestamp: msg.timestamp };
     if (t && typeof msg.offset === "number" && t.epoch != null) {
       // At most once per offset: a replay can overlap with live delivery.
       if (t.offset != null && msg.offset <= t.offset) {
@@ -1097,7 +1116,6 @@ export class Switchboard extends Emitter {
       }
       t.offset = msg.offset;
     }
-    meta.epoch = t?.epoch ?? null;
     this._emit("event", { ...meta, data: msg.data });
     if (!t) return;
     for (const sub of [...t.subs]) {
@@ -1210,7 +1228,17 @@ export class Switchboard extends Emitter {
     if (kind === "subscribe" && topic != null) {
       op = this._take(topic, "subscribe");
       const t = this._topics.get(topic);
-      if (t && !t.confirmed) {
+      if (t && !t.confirmed && t.everConfirmed && TRY_AGAIN.has(code) && this.state === "connected") {
+        // A subscription the app already had, refused for now on its way
+        // back (a node at a limit, Redis down, many topics at once): asked
+        // again later, with its position, instead of lost for good.
+        t.retries = (t.retries ?? 0) + 1;
+        const delay = backoff(Math.min(t.retries, 6), this.options.minDelay, this.options.maxDelay, this._random);
+        clearTimeout(t.retryTimer);
+        t.retryTimer = setTimeout(() => {
+          if (this._topics.get(topic) === t && !t.confirmed && this.state === "connected") this._sendSubscribe(topic, t);
+        }, delay);
+      } else if (t && !t.confirmed) {
         // The server did not subscribe us: forget the topic.
         this._topics.delete(topic);
         for (const sub of t.subs) {

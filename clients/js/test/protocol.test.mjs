@@ -472,3 +472,49 @@ test("a second subscribed for a topic the connection holds keeps the position; n
     await server.close();
   }
 });
+
+test("a resubscription refused for now is asked again with its position; once() can be undone with off(); sseUrl keeps its path", async () => {
+  const server = await fakeServer(async (conn) => {
+    hello(conn);
+    const sub = await conn.next("subscribe");
+    if (server.connections.length === 1) {
+      conn.send({ type: "subscribed", event: "news", offset: 1, epoch: "e1" });
+      return;
+    }
+    assert.deepEqual(sub.since, { offset: 1, epoch: "e1" });
+    conn.send({ type: "error", code: "subscribe_rate_limited", error: "subscribe rate limit …", event: "news", replyTo: "subscribe" });
+    const again = await conn.next("subscribe");
+    assert.deepEqual(again.since, { offset: 1, epoch: "e1" });
+    conn.send({ type: "subscribed", event: "news", offset: 2, epoch: "e1", recovered: true });
+    conn.send({ type: "event", name: "news", data: { n: 2 }, offset: 2 });
+  });
+  const client = new Switchboard(server.url, { WebSocket, minDelay: 10, maxDelay: 20 });
+  try {
+    await client.connect();
+    const seen = [];
+    const sub = client.subscribe("news", (data) => seen.push(data.n));
+    await sub.ready;
+    const errors = [];
+    client.on("error", (e) => errors.push(e.code));
+    server.terminateAll();
+    await eventually(() => seen.length === 1, 3000, "the event after the refused resubscription");
+    assert.deepEqual(seen, [2]);
+    assert.equal(sub.state, "subscribed");
+    assert.deepEqual(errors, ["subscribe_rate_limited"]);
+    let calls = 0;
+    const f = () => calls++;
+    client.once("custom", f);
+    client.off("custom", f);
+    client._emit("custom", null);
+    assert.equal(calls, 0);
+  } finally {
+    client.close();
+    await server.close();
+  }
+  const c = new Switchboard("ws://h.example/ws", { WebSocket, sseUrl: "https://h.example/rt/sse" });
+  assert.equal(c._sseApi(), "https://h.example/rt/api/sse");
+  assert.match(c._sseUrl(null), /^https:\/\/h\.example\/rt\/sse/);
+  const d = new Switchboard("ws://h.example/ws", { WebSocket });
+  assert.equal(d._sseApi(), "http://h.example/api/sse");
+  assert.match(d._sseUrl(null), /^http:\/\/h\.example\/sse/);
+});
