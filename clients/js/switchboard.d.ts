@@ -50,8 +50,10 @@ export interface SwitchboardOptions {
   random?: () => number;
   /** `["websocket", "sse"]`: Server-Sent Events when a WebSocket cannot be opened (default `["websocket"]`). */
   transports?: ("websocket" | "sse")[];
-  /** Base URL for SSE (default: `url` with `/ws` replaced by `/sse`, `ws` by `http`). */
+  /** Where the SSE stream is (default: `url` with `/ws` replaced by `/sse`, `ws` by `http`); `/sse` is added to a URL that does not end with it, and the stream's commands go to `…/api/sse` under the same prefix. */
   sseUrl?: string;
+  /** ms an SSE stream may carry nothing (no frame, no heartbeat comment) before it counts as dead (default 65000). */
+  sseSilence?: number;
   /** `fetch` for the SSE transport (default `globalThis.fetch`). */
   fetch?: typeof fetch;
 }

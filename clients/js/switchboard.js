@@ -30,6 +30,10 @@ const DEFAULTS = {
   connectTimeout: 10000,
   requestTimeout: 10000,
   transports: ["websocket"],
+  // How long an SSE stream may carry nothing (no frame, no heartbeat
+  // comment) before it counts as dead: two server heartbeats at their
+  // default 30 s, and a margin.
+  sseSilence: 65000,
 };
 
 /** A topic's key in SSE event ids: FNV-1a (32 bits) of its name, base 36. */
@@ -47,12 +51,14 @@ export function sseTopicKey(topic) {
  * (`onopen`, `onmessage`, `onclose`, `onerror`, `send`, `close`): the
  * stream's events are native frames already; what the client sends becomes
  * `POST /api/sse/{session}/subscribe|unsubscribe` (topics of the stream's
- * URL were subscribed by opening it); `ping` is answered here (the stream's
- * heartbeats and `fetch` tell a dead stream). Other messages (publish,
+ * URL were subscribed by opening it); `ping` is answered here while the
+ * stream has carried anything (a frame, or the server's heartbeat comment)
+ * within the `sseSilence` option's ms, so that the client's liveness check drops a
+ * stream that went quiet without closing. Other messages (publish,
  * request, refresh, rpc) get an `error` `unsupported`: SSE is one-way.
  */
 class SseSocket {
-  constructor(url, { api, topics, token, fetch }) {
+  constructor(url, { api, topics, token, fetch, silence }) {
     this.onopen = this.onmessage = this.onclose = this.onerror = null;
     this._api = api;
     this._urlTopics = new Set(topics);
@@ -62,6 +68,8 @@ class SseSocket {
     this._done = false;
     this._end = { code: 1006, reason: "stream ended" };
     this._session = null;
+    this._lastData = Date.now();
+    this._silence = silence;
     this._run(url);
   }
 
@@ -87,6 +95,7 @@ class SseSocket {
       for (;;) {
         const { done, value } = await reader.read();
         if (done) break;
+        this._lastData = Date.now();
         buf += decoder.decode(value, { stream: true });
         let i;
         while ((i = buf.indexOf("\n\n")) >= 0) {
@@ -154,6 +163,7 @@ class SseSocket {
         this._urlTopics.delete(msg.event);
         return void this._post("unsubscribe", msg.event);
       case "ping":
+        if (Date.now() - this._lastData > this._silence) return; // dead: no pong
         return this._reply({ type: "pong", timestamp });
       default:
         return this._reply({
@@ -422,6 +432,7 @@ export class Switchboard extends Emitter {
               topics: [...this._topics.keys()],
               token,
               fetch: this._fetch,
+              silence: this.options.sseSilence,
             })
           : new this.WebSocket(this._socketUrl(token, data));
     } catch (err) {

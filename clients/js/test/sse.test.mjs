@@ -7,7 +7,7 @@ import test from "node:test";
 import assert from "node:assert/strict";
 
 import { Switchboard, sseTopicKey } from "../switchboard.js";
-import { requireTool, scoped, freePort, eventually, sleep, jwt } from "./harness.mjs";
+import { requireTool, scoped, freePort, eventually, sleep, jwt, nextEvent } from "./harness.mjs";
 
 const WebSocket = requireTool("ws");
 
@@ -154,3 +154,38 @@ test(
     assert.equal(c.state, "connected");
   }),
 );
+
+test("a stream that goes quiet without closing is taken for dead; one that carries heartbeat comments is not", async () => {
+  const { createServer } = await import("node:http");
+  const streams = { quiet: 0, beating: 0 };
+  const timers = [];
+  const server = createServer((req, res) => {
+    const kind = req.url.startsWith("/quiet/") ? "quiet" : "beating";
+    streams[kind] += 1;
+    res.writeHead(200, { "content-type": "text/event-stream" });
+    res.write(`data: ${JSON.stringify({ type: "connected", clientId: `c${streams[kind]}`, session: `s${streams[kind]}` })}\n\n`);
+    if (kind === "beating") timers.push(setInterval(() => res.write(":\n\n"), 100));
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  const base = `http://127.0.0.1:${server.address().port}`;
+  const options = { WebSocket, transports: ["sse"], minDelay: 50, maxDelay: 100, pingInterval: 100, pingTimeout: 100, sseSilence: 300 };
+  const quiet = new Switchboard(`${base}/quiet/ws`, options);
+  const beating = new Switchboard(`${base}/beating/ws`, options);
+  try {
+    const drops = [];
+    beating.on("disconnected", (d) => drops.push(d.code));
+    await Promise.all([quiet.connect(), beating.connect()]);
+    const d = await nextEvent(quiet, "disconnected", 3000);
+    assert.equal(d.code, 4000, JSON.stringify(d));
+    await eventually(() => streams.quiet >= 2, 3000, "the quiet stream opened again");
+    await sleep(600);
+    assert.deepEqual(drops, []);
+    assert.equal(streams.beating, 1);
+  } finally {
+    quiet.close();
+    beating.close();
+    for (const t of timers) clearInterval(t);
+    server.closeAllConnections();
+    await new Promise((r) => server.close(r));
+  }
+});
