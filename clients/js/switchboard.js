@@ -636,9 +636,14 @@ export class Switchboard extends Emitter {
     this._pingTimer = setInterval(() => {
       if (this._socket !== socket || this.state !== "connected") return;
       const sentAt = Date.now();
+      // Its pong comes in turn with the app's pings: it must not settle
+      // one of those (pongs carry no id).
+      const auto = { auto: true, resolve() {}, reject() {} };
+      this._pings.push(auto);
       try {
         socket.send(JSON.stringify({ type: "ping" }));
       } catch {
+        this._removeOp(null, auto, this._pings);
         return;
       }
       const t = setTimeout(() => {
@@ -823,7 +828,7 @@ export class Switchboard extends Emitter {
       const op = { kind, resolve, reject, ...extra };
       op.timer = setTimeout(() => {
         this._removeOp(topic, op, queue);
-        reject(new Error(`${kind}${topic ? ` ${topic}` : ""}: no answer within ${this.options.requestTimeout} ms`));
+        reject(Object.assign(new Error(`${kind}${topic ? ` ${topic}` : ""}: no answer within ${this.options.requestTimeout} ms`), { code: "timeout", topic }));
       }, this.options.requestTimeout);
       if (queue) queue.push(op);
       else this._pendingPush(topic, op);
@@ -950,7 +955,7 @@ export class Switchboard extends Emitter {
       }
       case "pong": {
         const op = this._pings.shift();
-        if (op) {
+        if (op && !op.auto) {
           clearTimeout(op.timer);
           op.resolve(msg);
         }
