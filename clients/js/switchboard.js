@@ -380,6 +380,8 @@ export class Switchboard extends Emitter {
   /** Closes for good: no reconnect until `connect()` is called again. */
   close(code = 1000, reason = "") {
     this._closedByUser = true;
+    // An open still waiting on getToken/getConnectData is abandoned.
+    this._openGen = (this._openGen ?? 0) + 1;
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
     const socket = this._socket;
@@ -401,6 +403,10 @@ export class Switchboard extends Emitter {
   }
 
   async _open() {
+    // Each open has its number: one that a newer open or close() replaced
+    // while it awaited the app's callbacks gives up instead of opening a
+    // second socket.
+    const gen = (this._openGen = (this._openGen ?? 0) + 1);
     this._setState("connecting");
     this._emit("connecting", { attempt: this._attempt });
     let token = this.token;
@@ -410,7 +416,7 @@ export class Switchboard extends Emitter {
       } catch (err) {
         this._emit("error", { code: "token", error: `getToken failed: ${err?.message ?? err}` });
       }
-      if (this._closedByUser) return;
+      if (this._closedByUser || gen !== this._openGen) return;
       this.token = token;
     }
     this._lastTokenUsed = token;
@@ -421,7 +427,7 @@ export class Switchboard extends Emitter {
       } catch (err) {
         this._emit("error", { code: "connect_data", error: `getConnectData failed: ${err?.message ?? err}` });
       }
-      if (this._closedByUser) return;
+      if (this._closedByUser || gen !== this._openGen) return;
     }
     let socket;
     try {
@@ -451,7 +457,9 @@ export class Switchboard extends Emitter {
     socket.onopen = () => {
       this._opened = true;
     };
-    socket.onmessage = (ev) => this._onMessage(ev.data);
+    socket.onmessage = (ev) => {
+      if (this._socket === socket) this._onMessage(ev.data);
+    };
     socket.onerror = (ev) => {
       // `ws` says "Unexpected server response: 401"; browsers hide the status.
       const m = /Unexpected server response: (\d+)/.exec(String(ev?.message ?? ev?.error?.message ?? ""));
@@ -571,6 +579,7 @@ export class Switchboard extends Emitter {
     if (refused && this.options.getToken) {
       // Stop unless getToken() has a token other than the refused one.
       this._setState("disconnected");
+      const gen = this._openGen;
       Promise.resolve()
         .then(() => this.options.getToken())
         .then(
@@ -578,7 +587,8 @@ export class Switchboard extends Emitter {
           () => null,
         )
         .then((next) => {
-          if (this._closedByUser) return;
+          // connect() or close() meanwhile decided instead.
+          if (this._closedByUser || gen !== this._openGen) return;
           if (next && next !== this._lastTokenUsed) {
             this.token = next;
             this._scheduleReconnect(info);

@@ -518,3 +518,23 @@ test("a resubscription refused for now is asked again with its position; once() 
   assert.equal(d._sseApi(), "http://h.example/api/sse");
   assert.match(d._sseUrl(null), /^http:\/\/h\.example\/sse/);
 });
+
+test("close() and connect() while getToken is pending open one socket, not two", { timeout: 10000 }, async () => {
+  const server = await fakeServer((conn) => hello(conn));
+  const client = new Switchboard(server.url, {
+    WebSocket,
+    minDelay: 10,
+    maxDelay: 20,
+    getToken: () => new Promise((resolve) => setTimeout(() => resolve("t"), 100)),
+  });
+  try {
+    client.connect().catch(() => {});
+    client.close();
+    await client.connect();
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(server.connections.length, 1);
+  } finally {
+    client.close();
+    await server.close();
+  }
+});
