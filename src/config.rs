@@ -204,12 +204,14 @@ pub mod names {
         WEBSOCKET_SUBSCRIBE_RATE_BURST,
     ];
 
-    /// The hook URLs: shown without a password when refused, like `REDIS_URL`.
+    /// The hook and webhook URLs: shown without a password when refused,
+    /// like `REDIS_URL`.
     pub const HOOK_URLS: &[&str] = &[
         PROXY_CONNECT_URL,
         PROXY_SUBSCRIBE_URL,
         PROXY_PUBLISH_URL,
         PROXY_RPC_URL,
+        WEBHOOK_URL,
     ];
 
     /// Settings whose values must never be printed, not even in an error.

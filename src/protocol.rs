@@ -274,6 +274,11 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
             let name = match obj.get("name") {
                 None | Some(serde_json::Value::Null) => None,
                 Some(serde_json::Value::String(n)) if valid_topic(n) => Some(n.clone()),
+                // A string as itself (its text goes between quotes in the
+                // message), anything else as its JSON.
+                Some(serde_json::Value::String(n)) => {
+                    return Err(ProtocolError::InvalidName(truncate(n, 140)));
+                }
                 Some(other) => {
                     return Err(ProtocolError::InvalidName(truncate(
                         &other.to_string(),
@@ -780,6 +785,20 @@ mod tests {
                 "{bad}"
             );
         }
+        // A bad publication name is quoted once, whatever its JSON type.
+        let err =
+            parse_client_message(r#"{"type":"publish","event":"t","name":"bad name","data":1}"#)
+                .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("invalid event name \"bad name\": must match {TOPIC_PATTERN}")
+        );
+        let err = parse_client_message(r#"{"type":"publish","event":"t","name":7,"data":1}"#)
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid event name \"7\""),
+            "{err}"
+        );
         let err =
             parse_client_message(r#"{"type":"rpc","id":"q","method":"bad name"}"#).unwrap_err();
         assert!(

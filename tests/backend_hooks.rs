@@ -865,15 +865,16 @@ async fn a_back_end_that_is_down_or_answers_garbage_gives_clear_errors_and_the_n
             "{mode}: {body}"
         );
     }
-    // An RPC answered `disconnect`: `forbidden`, then the close with its code.
+    // An RPC answered `disconnect`: `forbidden`, then the close with its
+    // code and reason (as `POST /api/disconnect` closes).
     let e = rpc(&mut c, json!("k"), "kick", json!(null)).await;
     assert_eq!(
         (e["code"].as_str(), e["error"].as_str()),
         (Some("forbidden"), Some("kicked by the back end"))
     );
     assert_eq!(
-        c.closed_within(Duration::from_secs(5)).await,
-        Some(Closed::Code(4501))
+        c.close_frame_within(Duration::from_secs(5)).await,
+        Some((4501, "kicked by the back end".to_string()))
     );
 
     // The node is healthy and still serves clients.

@@ -335,6 +335,14 @@ async fn secrets_never_appear_in_logs_or_outputs() {
     let url = format!("redis://:{redis_password}@127.0.0.1:{}", redis.port);
     let api = "api-secret-0123456789abcdef";
     let admin = "admin-secret-0123456789abcdef";
+    let webhook_secret = "webhook-secret-0123456789abcdef";
+    // A webhook receiver behind a password, on a port nobody listens on:
+    // every failed delivery is logged, without the password.
+    let webhook_password = "webhook-pass-0123456789";
+    let webhook_url = format!(
+        "http://hooks:{webhook_password}@127.0.0.1:{}/in",
+        common::free_port()
+    );
     let node = Node::start(
         "sec-secrets",
         &[
@@ -343,6 +351,8 @@ async fn secrets_never_appear_in_logs_or_outputs() {
             ("AUTH_JWT_SECRET", SECRET),
             ("API_TOKEN", api),
             ("ADMIN_TOKEN", admin),
+            ("WEBHOOK_URL", &webhook_url),
+            ("WEBHOOK_SECRET", webhook_secret),
             ("RUST_LOG", "debug"),
         ],
     );
@@ -363,8 +373,22 @@ async fn secrets_never_appear_in_logs_or_outputs() {
         &[("Authorization", &auth)],
     );
     let (_, health) = node.get("/api/health");
+    assert!(
+        eventually(Duration::from_secs(10), || node
+            .log()
+            .contains("webhook batch not delivered")),
+        "no failed webhook delivery logged:\n{}",
+        node.log()
+    );
     let outputs = format!("{stats}{health}{}", node.log());
-    for secret in [redis_password, api, admin, SECRET] {
+    for secret in [
+        redis_password,
+        api,
+        admin,
+        SECRET,
+        webhook_secret,
+        webhook_password,
+    ] {
         assert!(!outputs.contains(secret), "{secret} leaked");
     }
     // A bad secret at start-up is named but not echoed.

@@ -526,13 +526,19 @@ impl Hooks {
                 .body(body)
                 .send()
                 .await
-                .map_err(Failure::Send)?;
+                // Its text reaches logs and clients: never with the URL,
+                // which may carry a password.
+                .map_err(|e| Failure::Send(e.without_url()))?;
             let status = res.status();
             if !status.is_success() {
                 return Err(Failure::Status(status.as_u16()));
             }
             let mut answer = Vec::new();
-            while let Some(chunk) = res.chunk().await.map_err(Failure::Send)? {
+            while let Some(chunk) = res
+                .chunk()
+                .await
+                .map_err(|e| Failure::Send(e.without_url()))?
+            {
                 if answer.len() + chunk.len() > self.inner.max_answer {
                     return Err(Failure::TooBig);
                 }

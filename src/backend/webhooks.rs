@@ -403,12 +403,13 @@ impl Webhooks {
                     "no answer within {} ms (WEBHOOK_TIMEOUT_MS)",
                     config.timeout.as_millis()
                 ),
-                Err(e) => format!("unreachable: {e}"),
+                // Without the URL: it may carry a password.
+                Err(e) => format!("unreachable: {}", e.without_url()),
             };
             let jittered = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
             if started.elapsed() + jittered > config.retry {
                 tracing::error!(
-                    url = %config.url,
+                    url = %crate::config::redact_url(&config.url),
                     events = batch.len(),
                     attempts = attempt,
                     cause = %failure,
@@ -417,9 +418,9 @@ impl Webhooks {
                 break m::webhook::EXPIRED;
             }
             if attempt == 1 {
-                tracing::warn!(url = %config.url, cause = %failure, "webhook batch not delivered; retrying");
+                tracing::warn!(url = %crate::config::redact_url(&config.url), cause = %failure, "webhook batch not delivered; retrying");
             } else {
-                tracing::debug!(url = %config.url, attempt, cause = %failure, "webhook retry failed");
+                tracing::debug!(url = %crate::config::redact_url(&config.url), attempt, cause = %failure, "webhook retry failed");
             }
             tokio::time::sleep(jittered).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);

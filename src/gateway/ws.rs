@@ -718,9 +718,12 @@ impl Session {
             Denial::Unavailable(why) => ("unavailable", why, None),
             Denial::Disconnect { code, reason } => ("forbidden", reason, Some(code)),
         };
+        // The back end's reason goes in the Close frame too, as for
+        // `POST /api/disconnect`.
+        let close = close.map(|c| (c, why.clone()));
         self.outbox.error_reply(Some(reply_to), why, code, topic);
-        if let Some(code) = close {
-            self.outbox.close.request(code);
+        if let Some((code, reason)) = close {
+            self.outbox.close.request_with_reason(code, &reason);
         }
     }
 
@@ -1042,8 +1045,8 @@ fn rpc_failed(outbox: &Outbox, id: &RawValue, e: HookError) {
             rpc_error(outbox, id, "rpc_failed", message, Some(code))
         }
         HookError::Disconnect { code, reason } => {
-            rpc_error(outbox, id, "forbidden", reason, None);
-            outbox.close.request(code);
+            rpc_error(outbox, id, "forbidden", reason.clone(), None);
+            outbox.close.request_with_reason(code, &reason);
         }
         HookError::Unavailable(why) => rpc_error(outbox, id, "unavailable", why, None),
     }

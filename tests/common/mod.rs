@@ -872,6 +872,26 @@ impl Client {
     }
 }
 
+impl Client {
+    /// The Close frame's code and reason, within `timeout` (frames before
+    /// it are skipped); `None` when none came.
+    pub async fn close_frame_within(&mut self, timeout: Duration) -> Option<(u16, String)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?
+            {
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return Some((u16::from(f.code), f.reason.to_string()));
+                }
+                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+}
+
 pub fn code(c: CloseCode) -> u16 {
     u16::from(c)
 }
