@@ -647,13 +647,15 @@ async fn probe_loop(
             backplane.probes.lock().unwrap().clear();
             continue;
         }
-        if backplane
-            .probes
-            .lock()
-            .unwrap()
-            .values()
-            .all(|p| p.received == p.sent)
-        {
+        // Hearing again needs every probe channel subscribed: a channel
+        // whose subscribe failed is not tracked, and an empty or partial
+        // set would otherwise pass for all probes back.
+        let hears = {
+            let probes = backplane.probes.lock().unwrap();
+            wanted.iter().all(|c| probes.contains_key(c))
+                && probes.values().all(|p| p.received == p.sent)
+        };
+        if hears {
             backplane.deaf.store(false, Ordering::Release);
         }
         // Send the next round; a probe still in flight keeps its send time.
