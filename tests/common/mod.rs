@@ -855,6 +855,16 @@ impl Client {
 
     /// Reads until the server closes; returns the close code.
     pub async fn closed_within(&mut self, timeout: Duration) -> Option<Closed> {
+        Some(match self.close_within(timeout).await? {
+            Some((code, _)) => Closed::Code(code),
+            None => Closed::NoCode,
+        })
+    }
+
+    /// The end of the connection within `timeout` (frames before it are
+    /// skipped): the Close frame's code and reason, or `None` inside when
+    /// it ended without one; `None` when it did not end in time.
+    async fn close_within(&mut self, timeout: Duration) -> Option<Option<(u16, String)>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match tokio::time::timeout_at(deadline, self.ws.next())
@@ -862,33 +872,18 @@ impl Client {
                 .ok()?
             {
                 Some(Ok(Message::Close(Some(f)))) => {
-                    return Some(Closed::Code(u16::from(f.code)));
+                    return Some(Some((u16::from(f.code), f.reason.to_string())));
                 }
-                Some(Ok(Message::Close(None))) | None => return Some(Closed::NoCode),
+                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return Some(None),
                 Some(Ok(_)) => continue,
-                Some(Err(_)) => return Some(Closed::NoCode),
             }
         }
     }
-}
 
-impl Client {
     /// The Close frame's code and reason, within `timeout` (frames before
     /// it are skipped); `None` when none came.
     pub async fn close_frame_within(&mut self, timeout: Duration) -> Option<(u16, String)> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .ok()?
-            {
-                Some(Ok(Message::Close(Some(f)))) => {
-                    return Some((u16::from(f.code), f.reason.to_string()));
-                }
-                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return None,
-                Some(Ok(_)) => continue,
-            }
-        }
+        self.close_within(timeout).await.flatten()
     }
 }
 
