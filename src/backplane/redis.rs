@@ -647,13 +647,15 @@ async fn probe_loop(
             backplane.probes.lock().unwrap().clear();
             continue;
         }
-        // Hearing again needs every probe channel subscribed: a channel
-        // whose subscribe failed is not tracked, and an empty or partial
-        // set would otherwise pass for all probes back.
+        // Hearing again needs every probe channel subscribed (a channel
+        // whose subscribe failed is not tracked: an empty or partial set
+        // would pass for all probes back) and a probe back on each since
+        // (a channel added again starts at 0 sent, 0 received). Only a
+        // node that went deaf waits for that; the others are not deaf.
         let hears = {
             let probes = backplane.probes.lock().unwrap();
             wanted.iter().all(|c| probes.contains_key(c))
-                && probes.values().all(|p| p.received == p.sent)
+                && probes.values().all(|p| p.sent > 0 && p.received == p.sent)
         };
         if hears {
             backplane.deaf.store(false, Ordering::Release);

@@ -175,28 +175,58 @@ pub struct Diff {
 
 /// Joins and leaves of one topic, coalesced: a client that joins and
 /// leaves (or leaves and joins again) within one batch is in neither list.
+///
+/// Such a client's last state is kept in `churn` (`null`: gone), which
+/// watchers never see: a node that read the whole list in the middle of the
+/// pair (a resync) saw it in between, and needs its end.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Batch {
     #[serde(default)]
     pub joins: BTreeMap<String, Box<RawValue>>,
     #[serde(default)]
     pub leaves: BTreeMap<String, Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub churn: BTreeMap<String, Option<Box<RawValue>>>,
 }
 
 impl Batch {
     pub fn join(&mut self, client: String, value: Box<RawValue>) {
-        if self.leaves.remove(&client).is_none() {
+        if self.leaves.remove(&client).is_some() {
+            self.churn.insert(client, Some(value));
+        } else {
+            self.churn.remove(&client);
             self.joins.insert(client, value);
         }
     }
 
     pub fn leave(&mut self, client: String, value: Box<RawValue>) {
-        if self.joins.remove(&client).is_none() {
+        if self.joins.remove(&client).is_some() {
+            self.churn.insert(client, None);
+        } else {
+            self.churn.remove(&client);
             self.leaves.insert(client, value);
         }
     }
 
     pub fn merge(&mut self, other: Batch) {
+        // A pair that cancelled in `other` changes no list here; only the
+        // client's last state moves on.
+        for (c, last) in other.churn {
+            match last {
+                Some(v) => match self.joins.get_mut(&c) {
+                    Some(joined) => *joined = v,
+                    None => {
+                        self.churn.insert(c, Some(v));
+                    }
+                },
+                None => {
+                    self.joins.remove(&c);
+                    if !self.leaves.contains_key(&c) {
+                        self.churn.insert(c, None);
+                    }
+                }
+            }
+        }
         // Leaves first: a batch's joins are never older than its own leaves
         // of the same client (coalescing kept at most one of the two).
         for (c, v) in other.leaves {
@@ -207,12 +237,37 @@ impl Batch {
         }
     }
 
+    /// No join or leave for watchers (`churn` aside).
     pub fn is_empty(&self) -> bool {
         self.joins.is_empty() && self.leaves.is_empty()
     }
 
+    /// Nothing at all to tell the other nodes.
+    fn is_void(&self) -> bool {
+        self.is_empty() && self.churn.is_empty()
+    }
+
     fn len(&self) -> usize {
-        self.joins.len() + self.leaves.len()
+        self.joins.len() + self.leaves.len() + self.churn.len()
+    }
+
+    /// `list` (client → entry) with this batch's changes applied in order:
+    /// the cancelled pairs' last states, then the leaves, then the joins.
+    fn apply_to(self, list: &mut BTreeMap<String, Box<RawValue>>) {
+        for (c, last) in self.churn {
+            match last {
+                Some(v) => {
+                    list.insert(c, v);
+                }
+                None => {
+                    list.remove(&c);
+                }
+            }
+        }
+        for c in self.leaves.into_keys() {
+            list.remove(&c);
+        }
+        list.extend(self.joins);
     }
 }
 
@@ -271,9 +326,6 @@ impl PresenceError {
 
 /// This node's connections present on one topic, by client id.
 type Members = HashMap<Arc<str>, Member>;
-
-/// A topic's coalesced changes and the watchers to hand them to.
-type Ready = (String, Batch, Vec<Arc<dyn Watcher>>);
 
 /// A connection present on one topic.
 struct Member {
@@ -695,11 +747,7 @@ impl Presence {
                         all.joins.insert(client, v);
                     }
                 }
-                let heard = std::mem::take(&mut w.batch);
-                for c in heard.leaves.into_keys() {
-                    all.joins.remove(&c);
-                }
-                all.joins.extend(heard.joins);
+                std::mem::take(&mut w.batch).apply_to(&mut all.joins);
                 // Sent under the lock: a diff the ticker takes after it
                 // cannot reach a watcher before it.
                 let diff = reset(&topic, &all);
@@ -725,7 +773,7 @@ impl Presence {
             topics: HashMap::new(),
         };
         let mut size = 0;
-        for (topic, batch) in outgoing.into_iter().filter(|(_, b)| !b.is_empty()) {
+        for (topic, batch) in outgoing.into_iter().filter(|(_, b)| !b.is_void()) {
             size += batch.len();
             message.topics.insert(topic, batch);
             if size >= CHUNK {
@@ -791,26 +839,20 @@ impl Presence {
     }
 
     /// One `presence_diff` per watched topic that changed, to its watchers.
+    /// Queued under the watched lock (a watcher only queues the frame): a
+    /// resync that starts meanwhile cannot send its list before a diff taken
+    /// here, which is older than its read.
     fn deliver(&self) {
-        let ready: Vec<Ready> = {
-            let mut watched = self.inner.watched.lock().unwrap();
-            watched
-                .iter_mut()
-                .filter(|(_, w)| !w.resyncing && !w.batch.is_empty())
-                .map(|(t, w)| {
-                    (
-                        t.clone(),
-                        std::mem::take(&mut w.batch),
-                        w.watchers.values().cloned().collect(),
-                    )
-                })
-                .collect()
-        };
-        for (topic, batch, watchers) in ready {
-            let diff = diff(&topic, &batch);
-            metrics::counter!(m::PRESENCE_DIFFS).increment(watchers.len() as u64);
-            for w in watchers {
-                w.diff(&diff);
+        let mut watched = self.inner.watched.lock().unwrap();
+        for (topic, w) in watched.iter_mut().filter(|(_, w)| !w.resyncing) {
+            let batch = std::mem::take(&mut w.batch);
+            if batch.is_empty() {
+                continue;
+            }
+            let diff = diff(topic, &batch);
+            metrics::counter!(m::PRESENCE_DIFFS).increment(w.watchers.len() as u64);
+            for watcher in w.watchers.values() {
+                watcher.diff(&diff);
             }
         }
     }
@@ -1086,6 +1128,36 @@ mod tests {
         b.merge(other);
         assert_eq!(b.joins.keys().collect::<Vec<_>>(), ["d"]);
         assert!(b.leaves.is_empty());
+    }
+
+    /// A pair that cancels keeps the client's last state for a node that
+    /// read the whole list in between, and merges keep it in order.
+    #[test]
+    fn a_cancelled_pair_keeps_its_last_state() {
+        let mut b = Batch::default();
+        b.join("x".into(), v("1"));
+        b.leave("x".into(), v("1"));
+        assert!(b.is_empty());
+        assert!(!b.is_void());
+        let wire: Batch = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
+        let mut list: BTreeMap<String, Box<RawValue>> = BTreeMap::new();
+        list.insert("x".into(), v("1"));
+        list.insert("y".into(), v("2"));
+        let mut heard = Batch::default();
+        heard.merge(wire);
+        // y left and came back with another entry.
+        let mut other = Batch::default();
+        other.leave("y".into(), v("2"));
+        other.join("y".into(), v("3"));
+        heard.merge(other);
+        assert!(heard.is_empty(), "watchers see nothing: {heard:?}");
+        heard.apply_to(&mut list);
+        assert_eq!(list.keys().collect::<Vec<_>>(), ["y"]);
+        assert_eq!(list["y"].get(), "3");
+        // An ordinary batch has no churn on the wire.
+        let mut plain = Batch::default();
+        plain.join("z".into(), v("4"));
+        assert!(!serde_json::to_string(&plain).unwrap().contains("churn"));
     }
 
     #[test]
