@@ -53,8 +53,9 @@ export function sseTopicKey(topic) {
  * `POST /api/sse/{session}/subscribe|unsubscribe` (topics of the stream's
  * URL were subscribed by opening it); `ping` is answered here while the
  * stream has carried anything (a frame, or the server's heartbeat comment)
- * within the `sseSilence` option's ms, so that the client's liveness check drops a
- * stream that went quiet without closing. Other messages (publish,
+ * within the `sseSilence` option's ms; past that the stream is ended as
+ * dead (close 4000), so one that went quiet without closing is noticed.
+ * Other messages (publish,
  * request, refresh, rpc) get an `error` `unsupported`: SSE is one-way.
  */
 class SseSocket {
@@ -163,7 +164,13 @@ class SseSocket {
         this._urlTopics.delete(msg.event);
         return void this._post("unsubscribe", msg.event);
       case "ping":
-        if (Date.now() - this._lastData > this._silence) return; // dead: no pong
+        if (Date.now() - this._lastData > this._silence) {
+          // Dead: the stream ends here (no pong held back, which would
+          // leave the client's ping queue one answer short).
+          this._end = { code: LIVENESS, reason: `nothing on the stream for ${this._silence} ms` };
+          this._abort.abort();
+          return;
+        }
         return this._reply({ type: "pong", timestamp });
       default:
         return this._reply({
@@ -561,7 +568,11 @@ export class Switchboard extends Emitter {
     const wasConnected = this.state === "connected";
     this.clientId = null;
     this._failPending(new Error(`disconnected (${code}${reason ? ` ${reason}` : ""})`));
-    for (const t of this._topics.values()) t.confirmed = false;
+    for (const t of this._topics.values()) {
+      t.confirmed = false;
+      // The reconnect subscribes every topic again: no retry of its own.
+      clearTimeout(t.retryTimer);
+    }
     if (this._closedByUser) return;
     const status = this._opened ? null : this._handshakeStatus;
     const refused = status === 401 || status === 403 || code === TOKEN_EXPIRED;
@@ -1031,6 +1042,7 @@ export class Switchboard extends Emitter {
     t.resubscribing = false;
     t.everConfirmed = true;
     t.retries = 0;
+    clearTimeout(t.retryTimer);
     if (held) {
       // This connection already holds the topic (presence asked for later,
       // the back end subscribing it again): nothing was missed, and the
@@ -1211,17 +1223,13 @@ export class Switchboard extends Emitter {
       for (const [id, entry] of members) if (!Object.hasOwn(now, id)) diff.leaves[id] = entry;
       for (const [id, entry] of Object.entries(now)) if (!members.has(id)) diff.joins[id] = entry;
     } else {
-      // Around a list read or a reset, a diff may repeat a join the list
-      // already gave: the handlers hear each arrival once.
-      const joins = {};
-      for (const [id, entry] of Object.entries(msg.joins ?? {})) {
-        if (!members.has(id) || JSON.stringify(members.get(id)) !== JSON.stringify(entry)) joins[id] = entry;
-      }
-      diff = { joins, leaves: msg.leaves ?? {} };
+      // As the server sent it: a join the app already knows from its own
+      // presence() read still comes (apps refresh on each diff).
+      diff = { joins: msg.joins ?? {}, leaves: msg.leaves ?? {} };
     }
     for (const id of Object.keys(diff.leaves)) members.delete(id);
     for (const [id, entry] of Object.entries(diff.joins)) members.set(id, entry);
-    if (Object.keys(diff.joins).length === 0 && Object.keys(diff.leaves).length === 0) return;
+    if (msg.reset && Object.keys(diff.joins).length === 0 && Object.keys(diff.leaves).length === 0) return;
     for (const sub of [...t.subs]) {
       if (!sub._presence) continue;
       for (const [id, entry] of Object.entries(diff.leaves)) sub._presence.leave?.(id, entry);
