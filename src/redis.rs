@@ -717,7 +717,7 @@ pub async fn within<T>(
 }
 
 /// What a listener hears: `(channel, payload)`, in Redis's order.
-pub type Heard = tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>;
+pub type Messages = tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>;
 
 /// The channel of the item that stands for a gap ([`Listeners::listen_for_gaps`]):
 /// no channel a node subscribes is empty.
@@ -804,7 +804,7 @@ impl Listeners {
         what: &'static str,
         channels: Vec<String>,
         stop: tokio_util::sync::CancellationToken,
-    ) -> Result<Heard, RedisError> {
+    ) -> Result<Messages, RedisError> {
         self.start_listener(what, channels, stop, false)
     }
 
@@ -819,7 +819,7 @@ impl Listeners {
         what: &'static str,
         channels: Vec<String>,
         stop: tokio_util::sync::CancellationToken,
-    ) -> Result<Heard, RedisError> {
+    ) -> Result<Messages, RedisError> {
         self.start_listener(what, channels, stop, true)
     }
 
@@ -829,7 +829,7 @@ impl Listeners {
         mut channels: Vec<String>,
         stop: tokio_util::sync::CancellationToken,
         gaps: bool,
-    ) -> Result<Heard, RedisError> {
+    ) -> Result<Messages, RedisError> {
         let Some((url, redis, keys, node_id)) = &self.redis else {
             let e =
                 fred::error::Error::new(fred::error::ErrorKind::Config, "no Redis to listen on");

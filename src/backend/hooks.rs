@@ -93,6 +93,17 @@ pub enum Denial {
     Disconnect { code: u16, reason: String },
 }
 
+impl Denial {
+    /// The protocol's error code for it (native `error`, Socket.IO
+    /// `error` event): a `disconnect` is a refusal before the close.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Denial::Forbidden(_) | Denial::Disconnect { .. } => "forbidden",
+            Denial::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
 impl From<HookError> for Denial {
     fn from(e: HookError) -> Self {
         match e {
@@ -525,20 +536,13 @@ impl Hooks {
                 .header(axum::http::header::CONTENT_TYPE, "application/json")
                 .body(body)
                 .send()
-                .await
-                // Its text reaches logs and clients: never with the URL,
-                // which may carry a password.
-                .map_err(|e| Failure::Send(e.without_url()))?;
+                .await?;
             let status = res.status();
             if !status.is_success() {
                 return Err(Failure::Status(status.as_u16()));
             }
             let mut answer = Vec::new();
-            while let Some(chunk) = res
-                .chunk()
-                .await
-                .map_err(|e| Failure::Send(e.without_url()))?
-            {
+            while let Some(chunk) = res.chunk().await? {
                 if answer.len() + chunk.len() > self.inner.max_answer {
                     return Err(Failure::TooBig);
                 }
@@ -715,6 +719,14 @@ enum Failure {
     Send(reqwest::Error),
     Status(u16),
     TooBig,
+}
+
+impl From<reqwest::Error> for Failure {
+    /// Without the URL: the error's text reaches logs and clients, and the
+    /// URL may carry a password.
+    fn from(e: reqwest::Error) -> Failure {
+        Failure::Send(e.without_url())
+    }
 }
 
 /// The optional `data` of a publish or RPC `result`.

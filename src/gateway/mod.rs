@@ -28,21 +28,14 @@ use crate::node::Node;
 /// help); anything else is Redis being away (`unavailable`: retry), logged
 /// here since the client's answer does not carry the cause.
 pub fn subscribe_refused(topic: &str, err: &HubError) -> (String, &'static str) {
-    match err {
-        HubError::TopicLimit(_) => (
-            format!("could not subscribe to \"{topic}\": {err}"),
-            "topic_limit",
-        ),
+    let text = match err {
+        HubError::TopicLimit(_) => format!("could not subscribe to \"{topic}\": {err}"),
         HubError::Backplane(_) | HubError::History(_) => {
             tracing::warn!(topic, cause = %err, "subscribe failed");
-            (
-                format!(
-                    "could not subscribe to \"{topic}\": the backplane is unavailable, try again"
-                ),
-                "unavailable",
-            )
+            format!("could not subscribe to \"{topic}\": the backplane is unavailable, try again")
         }
-    }
+    };
+    (text, err.code())
 }
 
 /// Refuses WebSocket and Socket.IO handshakes whose `Origin` is not on

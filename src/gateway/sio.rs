@@ -977,13 +977,7 @@ async fn publish(
         node.hub()
             .publish(&topic, &event, &raw)
             .await
-            .map_err(|e| {
-                let code = match e {
-                    crate::hub::PublishError::Unavailable(_) => "unavailable",
-                    crate::hub::PublishError::Refused(_) => "bad_message",
-                };
-                Refusal::new(code, format!("publication not accepted: {e}"))
-            })?;
+            .map_err(|e| Refusal::new(e.code(), format!("publication not accepted: {e}")))?;
         let user = s.identity.lock().unwrap().user().to_string();
         node.client_published(&topic, &event, &raw, &s.client_id, &user);
         Ok(topic)
@@ -1062,21 +1056,13 @@ impl Refusal {
 
     /// The hub could not subscribe the socket to `topic`.
     pub fn subscribe(topic: &str, e: &crate::hub::HubError) -> Refusal {
-        let code = match e {
-            crate::hub::HubError::TopicLimit(_) => "topic_limit",
-            _ => "unavailable",
-        };
-        Refusal::new(code, format!("could not subscribe to \"{topic}\": {e}"))
+        Refusal::new(e.code(), format!("could not subscribe to \"{topic}\": {e}"))
     }
 }
 
 impl From<&Denial> for Refusal {
     fn from(denial: &Denial) -> Refusal {
-        let code = match denial {
-            Denial::Unavailable(_) => "unavailable",
-            Denial::Forbidden(_) | Denial::Disconnect { .. } => "forbidden",
-        };
-        Refusal::new(code, denial.to_string())
+        Refusal::new(denial.code(), denial.to_string())
     }
 }
 

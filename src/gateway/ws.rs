@@ -27,7 +27,7 @@ use crate::gateway::outbox::{
     self, Frame, Heartbeat, Liveness, Outbox, ReadyFrames, WRITE_TIMEOUT, Writer, next_frame,
 };
 use crate::history::GapRange;
-use crate::hub::{ConnId, Delivery, Outcome, Publication, PublishError, Subscribed, Subscriber};
+use crate::hub::{ConnId, Delivery, Outcome, Publication, Subscribed, Subscriber};
 use crate::limits::{Arrival, TokenBucket};
 use crate::metrics as m;
 use crate::node::Node;
@@ -713,14 +713,13 @@ impl Session {
     /// allowed; the back end's `disconnect` also closes the connection with
     /// its code.
     fn deny(&self, reply_to: &str, denial: Denial, topic: Option<&str>) {
-        let (code, why, close) = match denial {
-            Denial::Forbidden(why) => ("forbidden", why, None),
-            Denial::Unavailable(why) => ("unavailable", why, None),
-            Denial::Disconnect { code, reason } => ("forbidden", reason, Some(code)),
+        let code = denial.code();
+        let (why, close) = match denial {
+            Denial::Forbidden(why) | Denial::Unavailable(why) => (why, None),
+            // The back end's reason goes in the Close frame too, as for
+            // `POST /api/disconnect`.
+            Denial::Disconnect { code, reason } => (reason.clone(), Some((code, reason))),
         };
-        // The back end's reason goes in the Close frame too, as for
-        // `POST /api/disconnect`.
-        let close = close.map(|c| (c, why.clone()));
         self.outbox.error_reply(Some(reply_to), why, code, topic);
         if let Some((code, reason)) = close {
             self.outbox.close.request_with_reason(code, &reason);
@@ -766,14 +765,10 @@ impl Session {
                 self.identity.user(),
             ),
             Err(e) => {
-                let code = match e {
-                    PublishError::Refused(_) => "bad_message",
-                    PublishError::Unavailable(_) => "unavailable",
-                };
                 self.outbox.error_reply(
                     Some("publish"),
                     format!("publication not accepted: {e}"),
-                    code,
+                    e.code(),
                     Some(&event),
                 );
             }

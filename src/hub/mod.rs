@@ -135,6 +135,16 @@ pub enum HubError {
     TopicLimit(usize),
 }
 
+impl HubError {
+    /// The protocol's error code for a subscription it refused.
+    pub fn code(&self) -> &'static str {
+        match self {
+            HubError::TopicLimit(_) => "topic_limit",
+            HubError::Backplane(_) | HubError::History(_) => "unavailable",
+        }
+    }
+}
+
 /// Why a publication was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -143,6 +153,16 @@ pub enum PublishError {
     /// Refused by the history function (bad envelope); the text says why.
     #[error("{0}")]
     Refused(String),
+}
+
+impl PublishError {
+    /// The protocol's error code for it, whoever published.
+    pub fn code(&self) -> &'static str {
+        match self {
+            PublishError::Unavailable(_) => "unavailable",
+            PublishError::Refused(_) => "bad_message",
+        }
+    }
 }
 
 /// Whether a subscribe call added a subscription.
