@@ -7,7 +7,12 @@
 //! connected *before* the client's upgrade is accepted, so an unknown route
 //! is a 404 and an unreachable or slow upstream is a 502 or 504 — a client
 //! never sees `proxy_connected` for a feed that is not there.
+//!
+//! A proxied connection takes the same per-address and per-user seats as a
+//! native one: a limit that one endpoint of the port skipped would not
+//! bound what one address or user can hold open.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -19,7 +24,9 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, protocol::WebSocketConfig};
 
 use crate::api::ApiError;
+use crate::auth;
 use crate::config::ProxyRoute;
+use crate::gateway::admission::{self, Seats};
 use crate::metrics as m;
 use crate::node::Node;
 use crate::protocol;
@@ -33,6 +40,7 @@ pub async fn upgrade(
     name: &str,
     headers: &HeaderMap,
     query: Option<&str>,
+    remote: Option<SocketAddr>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let config = node.config().clone();
@@ -46,14 +54,10 @@ pub async fn upgrade(
         ))
         .into_response();
     };
-    match crate::gateway::admission::admit(&node, headers, query) {
+    let seats = match admit(&node, headers, query, remote) {
+        Ok(seats) => seats,
         Err(refusal) => return refusal.into_response(),
-        // Public topics admit clients without a token; upstream feeds do not.
-        Ok(identity) if identity.anonymous() => {
-            return ApiError::Unauthorized("the proxy needs a client token".into()).into_response();
-        }
-        Ok(_) => {}
-    }
+    };
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
@@ -64,14 +68,44 @@ pub async fn upgrade(
     };
     let max = config.max_payload;
     let guard = node.sessions().token();
-    ws.read_buffer_size(crate::gateway::admission::READ_BUFFER)
+    ws.read_buffer_size(admission::READ_BUFFER)
         .write_buffer_size(4 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
             pump(node, socket, upstream, route).await;
             drop(guard);
+            drop(seats);
         })
+}
+
+/// The drain and connection limit, the address's seat, the client token
+/// (public topics admit clients without one; upstream feeds do not), then
+/// the user's seat: all before the upstream is dialled.
+fn admit(
+    node: &Node,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    remote: Option<SocketAddr>,
+) -> Result<Seats, ApiError> {
+    admission::capacity(node)?;
+    let mut seats = Seats::address(node, remote, headers)?;
+    // The token only: the proxy never asks the connect hook.
+    let token = auth::token_from(headers, query);
+    let identity = node
+        .config()
+        .auth
+        .authenticate(token.as_deref())
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+    if identity.anonymous() {
+        return Err(ApiError::Unauthorized(
+            "the proxy needs a client token".into(),
+        ));
+    }
+    seats
+        .user(node, &identity)
+        .map_err(|e| ApiError::TooManyRequests(e.to_string()))?;
+    Ok(seats)
 }
 
 async fn connect(

@@ -208,3 +208,87 @@ fn disabled_proxy_is_404_and_bad_routes_stop_start_up() {
         "{err}"
     );
 }
+
+fn token(sub: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": sub, "exp": 4_000_000_000u64}),
+        &jsonwebtoken::EncodingKey::from_secret(b"a-proxy-test-secret-of-some-length"),
+    )
+    .unwrap()
+}
+
+/// The status and error text of a handshake the node refuses.
+async fn refused(url: &str) -> (u16, String) {
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            (resp.status().as_u16(), body)
+        }
+        Ok(_) => panic!("{url} was admitted"),
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+/// A proxied connection holds a seat under the per-address and per-user
+/// limits like a native one, so neither limit can be walked around through
+/// the proxy, and gives it back when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_connections_count_against_the_address_and_user_limits() {
+    let (upstream, _task) = echo_server().await;
+    let routes = format!("echo:ws://{upstream}/feed");
+    let node = Node::start(
+        "proxy-seats",
+        &[
+            ("WEBSOCKET_PROXY_ENABLED", "true"),
+            ("WEBSOCKET_PROXY_ROUTES", &routes),
+            ("AUTH_JWT_SECRET", "a-proxy-test-secret-of-some-length"),
+            ("MAX_CONNECTIONS_PER_ADDRESS", "3"),
+            ("MAX_CONNECTIONS_PER_USER", "2"),
+        ],
+    );
+    let proxy = |sub: &str| node.ws_url(&format!("/ws/proxy/echo?token={}", token(sub)));
+    let native = |sub: &str| node.ws_url(&format!("/ws?token={}", token(sub)));
+    let (mut alice_1, _) = tokio_tungstenite::connect_async(proxy("alice"))
+        .await
+        .unwrap();
+    let (_alice_2, _) = tokio_tungstenite::connect_async(proxy("alice"))
+        .await
+        .unwrap();
+    // Alice's third connection is refused on the proxy and on /ws alike.
+    for url in [proxy("alice"), native("alice")] {
+        let (status, body) = refused(&url).await;
+        assert_eq!(status, 429, "{body}");
+        assert!(body.contains("MAX_CONNECTIONS_PER_USER"), "{body}");
+    }
+    // Bob takes the address's third seat; the fourth is refused, through
+    // the proxy and on /ws.
+    let (_bob, _) = tokio_tungstenite::connect_async(proxy("bob"))
+        .await
+        .unwrap();
+    for url in [proxy("carol"), native("carol")] {
+        let (status, body) = refused(&url).await;
+        assert_eq!(status, 429, "{body}");
+        assert!(body.contains("MAX_CONNECTIONS_PER_ADDRESS"), "{body}");
+    }
+    // A proxied connection that ends gives both seats back.
+    alice_1.close(None).await.unwrap();
+    let reopened = async {
+        loop {
+            if tokio_tungstenite::connect_async(proxy("alice"))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), reopened)
+        .await
+        .expect("the seats of a closed proxied connection are given back");
+}

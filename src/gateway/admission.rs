@@ -1,4 +1,4 @@
-//! What the native WebSocket gateway, Socket.IO and the proxy share before
+//! What the native WebSocket gateway, Socket.IO, SSE and the proxy share before
 //! and at an upgrade: who is admitted, and the read buffer size. All depend
 //! on this module; none depends on another for it.
 
@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use serde_json::value::RawValue;
 
 use crate::api::ApiError;
-use crate::auth::{self, Identity};
+use crate::auth::Identity;
 use crate::backend::HookError;
 use crate::backend::hooks::Hello;
 use crate::limits::{self, Limit, LimitError, Seat};
@@ -20,17 +20,6 @@ use crate::protocol;
 /// clients send little, so reads use 1 KiB chunks; a large frame only takes
 /// more reads.
 pub const READ_BUFFER: usize = 1024;
-
-/// Checks the drain, the connection limit and the client's token before an
-/// upgrade (the proxy's admission: it never asks the connect hook).
-pub fn admit(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Identity, ApiError> {
-    capacity(node)?;
-    let token = auth::token_from(headers, query);
-    node.config()
-        .auth
-        .authenticate(token.as_deref())
-        .map_err(|e| ApiError::Unauthorized(e.to_string()))
-}
 
 /// The drain and the connection limit: a node that is shutting down or
 /// full refuses new clients (503) before anything else is checked.

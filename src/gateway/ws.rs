@@ -84,7 +84,8 @@ pub async fn upgrade_topic(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if let Some(name) = topic.strip_prefix("proxy/") {
-        return crate::proxy::upgrade(node, name, &headers, query.as_deref(), ws).await;
+        let remote = admission::remote_addr(&extensions);
+        return crate::proxy::upgrade(node, name, &headers, query.as_deref(), remote, ws).await;
     }
     let ws = match ws {
         Ok(ws) => ws,
