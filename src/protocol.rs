@@ -102,7 +102,12 @@ pub enum ClientMessage {
     PresenceStats {
         event: String,
     },
-    Ping,
+    /// A liveness check; `id` (a JSON string or number), when given, comes
+    /// back in the `pong`, so that a client can tell which of its pings an
+    /// answer belongs to after one of them timed out.
+    Ping {
+        id: Option<Box<RawValue>>,
+    },
     /// Publish to topic `event` (allowed only by a token's `publish` claim).
     Publish {
         event: String,
@@ -167,6 +172,8 @@ pub enum ProtocolError {
     MissingToken,
     #[error("\"rpc\" message needs an \"id\": a string of at most 128 characters or a number")]
     BadRpcId,
+    #[error("the \"id\" of a \"ping\" must be a string of at most 128 characters or a number")]
+    BadPingId,
     /// A bad `rpc` whose `id` could be read: the error frame carries it.
     #[error("{why}")]
     BadRpc { id: String, why: String },
@@ -182,6 +189,7 @@ impl ProtocolError {
             ProtocolError::MissingData | ProtocolError::InvalidName(_) => Some("publish"),
             ProtocolError::MissingToken => Some("refresh"),
             ProtocolError::BadRpcId | ProtocolError::BadRpc { .. } => Some("rpc"),
+            ProtocolError::BadPingId => Some("ping"),
             _ => None,
         }
     }
@@ -204,6 +212,7 @@ impl ProtocolError {
             | ProtocolError::TooDeep
             | ProtocolError::MissingToken
             | ProtocolError::BadRpcId
+            | ProtocolError::BadPingId
             | ProtocolError::BadRpc { .. } => "bad_message",
         }
     }
@@ -268,7 +277,12 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
         "presence_stats" => Ok(ClientMessage::PresenceStats {
             event: event("presence_stats")?,
         }),
-        "ping" => Ok(ClientMessage::Ping),
+        "ping" => Ok(ClientMessage::Ping {
+            id: match obj.get("id") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(call_id(v).ok_or(ProtocolError::BadPingId)?),
+            },
+        }),
         "publish" => {
             let event = event("publish")?;
             let name = match obj.get("name") {
@@ -298,11 +312,12 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
             _ => Err(ProtocolError::MissingToken),
         },
         "rpc" => {
-            let id = match obj.get("id") {
-                Some(v @ serde_json::Value::Number(_)) => v.to_string(),
-                Some(v @ serde_json::Value::String(s)) if s.chars().count() <= 128 => v.to_string(),
-                _ => return Err(ProtocolError::BadRpcId),
-            };
+            let id = obj
+                .get("id")
+                .and_then(call_id)
+                .ok_or(ProtocolError::BadRpcId)?
+                .get()
+                .to_owned();
             let bad = |why: String| ProtocolError::BadRpc {
                 id: id.clone(),
                 why,
@@ -329,6 +344,17 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
         }
         other => Err(ProtocolError::UnknownType(truncate(other, 64))),
     }
+}
+
+/// A client's id of an `rpc` or a `ping`, echoed as it came: a number, or
+/// a string of at most 128 characters.
+fn call_id(v: &serde_json::Value) -> Option<Box<RawValue>> {
+    match v {
+        serde_json::Value::Number(_) => {}
+        serde_json::Value::String(s) if s.chars().count() <= 128 => {}
+        _ => return None,
+    }
+    serde_json::value::to_raw_value(v).ok()
 }
 
 /// `{"offset": N, "epoch": "E"}`.
@@ -421,6 +447,9 @@ pub enum ServerMessage<'a> {
         timestamp: String,
     },
     Pong {
+        /// The ping's `id`, when it had one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
         timestamp: String,
     },
     Error {
@@ -719,8 +748,30 @@ mod tests {
         ));
         assert!(matches!(
             parse_client_message(r#"{"type":"ping"}"#),
-            Ok(ClientMessage::Ping)
+            Ok(ClientMessage::Ping { id: None })
         ));
+        assert!(matches!(
+            parse_client_message(r#"{"type":"ping","id":null}"#),
+            Ok(ClientMessage::Ping { id: None })
+        ));
+        assert!(matches!(
+            parse_client_message(r#"{"type":"ping","id":7}"#),
+            Ok(ClientMessage::Ping { id: Some(id) }) if id.get() == "7"
+        ));
+        assert!(matches!(
+            parse_client_message(r#"{"type":"ping","id":"a\"b"}"#),
+            Ok(ClientMessage::Ping { id: Some(id) }) if id.get() == r#""a\"b""#
+        ));
+        for bad in [r#"{"type":"ping","id":{}}"#, r#"{"type":"ping","id":true}"#] {
+            let err = parse_client_message(bad).unwrap_err();
+            assert_eq!(err, ProtocolError::BadPingId);
+            assert_eq!((err.code(), err.reply_to()), ("bad_message", Some("ping")));
+        }
+        let long = format!(r#"{{"type":"ping","id":"{}"}}"#, "x".repeat(129));
+        assert_eq!(
+            parse_client_message(&long).unwrap_err(),
+            ProtocolError::BadPingId
+        );
         assert!(matches!(
             parse_client_message(r#"{"type":"publish","event":"chat","data":{"m":1}}"#),
             Ok(ClientMessage::Publish { event, name: None, data })

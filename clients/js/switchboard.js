@@ -171,7 +171,7 @@ class SseSocket {
           this._abort.abort();
           return;
         }
-        return this._reply({ type: "pong", timestamp });
+        return this._reply({ type: "pong", ...(msg.id === undefined ? {} : { id: msg.id }), timestamp });
       default:
         return this._reply({
           type: "error",
@@ -367,6 +367,7 @@ export class Switchboard extends Emitter {
     /** rpc id → {resolve, reject, timer} */
     this._rpcs = new Map();
     this._rpcSeq = 0;
+    this._pingSeq = 0;
   }
 
   // === connection ===
@@ -657,12 +658,12 @@ export class Switchboard extends Emitter {
     this._pingTimer = setInterval(() => {
       if (this._socket !== socket || this.state !== "connected") return;
       const sentAt = Date.now();
-      // Its pong comes in turn with the app's pings: it must not settle
-      // one of those (pongs carry no id).
-      const auto = { auto: true, resolve() {}, reject() {} };
+      // Its pong must not settle one of the app's pings: the server echoes
+      // the id (an older one does not, and answers in turn).
+      const auto = { auto: true, id: this._nextPingId(), resolve() {}, reject() {} };
       this._pings.push(auto);
       try {
-        socket.send(JSON.stringify({ type: "ping" }));
+        socket.send(JSON.stringify({ type: "ping", id: auto.id }));
       } catch {
         this._removeOp(null, auto, this._pings);
         return;
@@ -680,7 +681,15 @@ export class Switchboard extends Emitter {
   /** Sends `{"type":"ping"}`; resolves with the round-trip time in ms. */
   ping() {
     const start = Date.now();
-    return this._op(null, "ping", () => this._send({ type: "ping" }), this._pings).then(() => Date.now() - start);
+    const id = this._nextPingId();
+    return this._op(null, "ping", () => this._send({ type: "ping", id }), this._pings, { id }).then(
+      () => Date.now() - start,
+    );
+  }
+
+  _nextPingId() {
+    this._pingSeq += 1;
+    return this._pingSeq;
   }
 
   // === subscriptions ===
@@ -975,7 +984,14 @@ export class Switchboard extends Emitter {
         return;
       }
       case "pong": {
-        const op = this._pings.shift();
+        // By id: the pong of a ping that already timed out settles nothing.
+        // Without one (an older server), in turn.
+        let op;
+        if (msg.id === undefined) op = this._pings.shift();
+        else {
+          const i = this._pings.findIndex((p) => p.id === msg.id);
+          if (i >= 0) [op] = this._pings.splice(i, 1);
+        }
         if (op && !op.auto) {
           clearTimeout(op.timer);
           op.resolve(msg);

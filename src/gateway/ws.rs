@@ -651,8 +651,9 @@ impl Session {
                 self.refresh(&token).await;
                 "refresh"
             }
-            Ok(ClientMessage::Ping) => {
+            Ok(ClientMessage::Ping { id }) => {
                 self.outbox.send(&ServerMessage::Pong {
+                    id: id.as_deref(),
                     timestamp: protocol::timestamp(),
                 });
                 "ping"

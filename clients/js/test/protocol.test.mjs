@@ -214,6 +214,39 @@ test("liveness: a connection that stops answering pings is dropped and reconnect
   }
 });
 
+test("ping: a late pong settles only its own ping (by id); a pong without id is taken in turn", async () => {
+  const server = await fakeServer((conn) => hello(conn));
+  const client = new Switchboard(server.url, { WebSocket, pingInterval: 60_000, requestTimeout: 300 });
+  try {
+    await client.connect();
+    const conn = server.connections[0];
+    // A: not answered in time.
+    const a = client.ping();
+    const pingA = await conn.next("ping");
+    assert.equal(typeof pingA.id, "number");
+    await assert.rejects(a, (e) => e.code === "timeout");
+    // B goes out; then A's pong arrives late. It must not settle B.
+    const b = client.ping();
+    const pingB = await conn.next("ping");
+    assert.notEqual(pingB.id, pingA.id);
+    conn.send({ type: "pong", id: pingA.id });
+    await assert.rejects(b, (e) => e.code === "timeout", "B settled by A's late pong");
+    // C answered by its id: resolves.
+    const c = client.ping();
+    const pingC = await conn.next("ping");
+    conn.send({ type: "pong", id: pingC.id });
+    assert.equal(typeof (await c), "number");
+    // A server that does not echo ids is answered in turn.
+    const d = client.ping();
+    await conn.next("ping");
+    conn.send({ type: "pong" });
+    assert.equal(typeof (await d), "number");
+  } finally {
+    client.close();
+    await server.close();
+  }
+});
+
 test("close() while the handshake is under way ends quietly (Node ws reports it as an error event)", async () => {
   const net = await import("node:net");
   const sockets = [];
