@@ -333,6 +333,74 @@ fn a_resumed_topic_refused_on_one_node_keeps_its_position_for_the_next() {
 /// A stream never writes an event id too long to be taken back: past the
 /// history topics its id can carry, a further one is refused with a clear
 /// error, and the id of the last one held resumes every one of them.
+/// A resume whose token no longer allows one of its topics goes on with
+/// the others, and that topic gets an `error` event: a 403 would end an
+/// `EventSource` for good. A new stream naming it is refused whole, as
+/// before.
+#[test]
+fn a_resume_goes_on_without_a_topic_the_token_no_longer_allows() {
+    let redis = Redis::start();
+    let node = Node::start_on_redis(
+        "sse-revoked",
+        &redis.url(),
+        &prefix("sse-revoked"),
+        &[("AUTH_JWT_SECRET", SECRET)],
+        Duration::from_secs(10),
+    );
+    let both = token(json!({"sub": "u1", "exp": now() + 600, "topics": ["v.*"]}));
+    let one = token(json!({"sub": "u1", "exp": now() + 600, "topics": ["v.a"]}));
+    let s = Sse::open(
+        &node.addr,
+        &format!("/sse?token={both}&topic=v.a&topic=v.b"),
+        &[],
+    );
+    assert_eq!(s.status, 200, "{}", s.head);
+    s.expect("connected");
+    s.expect("subscribed");
+    s.expect("subscribed");
+    publish(&node, "v.a", 1);
+    publish(&node, "v.b", 1);
+    let mut id = None;
+    for _ in 0..2 {
+        id = s.next(Duration::from_secs(5)).expect("live event").id;
+    }
+    s.close();
+    let id = id.unwrap();
+    publish(&node, "v.a", 2);
+
+    let (status, body) = http(
+        &node.addr,
+        "GET",
+        &format!("/sse?token={one}&topic=v.a&topic=v.b"),
+        None,
+        &[],
+    );
+    assert_eq!(status, 403, "a new stream: {body}");
+
+    let r = Sse::open(
+        &node.addr,
+        &format!("/sse?token={one}&topic=v.a&topic=v.b"),
+        &[("Last-Event-ID", &id)],
+    );
+    assert_eq!(r.status, 200, "{}", r.head);
+    r.expect("connected");
+    let e = r.expect("error");
+    assert_eq!(e.data["code"], "forbidden", "{:?}", e.data);
+    assert_eq!(e.data["event"], "v.b", "{:?}", e.data);
+    assert_eq!(e.data["replyTo"], "subscribe", "{:?}", e.data);
+    let sub = r.expect("subscribed");
+    assert_eq!(sub.data["event"], "v.a", "{:?}", sub.data);
+    assert_eq!(r.expect("v.a").data["data"]["n"], 2, "the missed one");
+    publish(&node, "v.b", 3);
+    publish(&node, "v.a", 3);
+    let next = r.next(Duration::from_secs(5)).expect("live event");
+    assert_eq!(
+        (next.event.as_str(), &next.data["data"]["n"]),
+        ("v.a", &json!(3)),
+        "nothing of v.b: {next:?}"
+    );
+}
+
 #[test]
 fn a_stream_refuses_history_topics_its_event_id_could_not_carry() {
     let node = Node::start("sse-id-cap", &[("WEBSOCKET_SUBSCRIBE_RATE_LIMIT", "0")]);

@@ -555,13 +555,27 @@ async fn start(
     seats
         .user(&node, &identity)
         .map_err(|e| ApiError::TooManyRequests(e.to_string()))?;
-    for topic in &topics {
-        node.hooks()
-            .authorize_subscribe(caller(&client_id, &identity), &identity, topic, None)
+    let last_id = last_event_id(headers, query);
+    let resuming = matches!(&last_id, Some(Ok(id)) if !id.is_empty());
+    let mut allowed = Vec::with_capacity(topics.len());
+    let mut revoked = Vec::new();
+    for topic in topics {
+        match node
+            .hooks()
+            .authorize_subscribe(caller(&client_id, &identity), &identity, &topic, None)
             .await
-            .map_err(denied)?;
+        {
+            Ok(()) => allowed.push(topic),
+            // A resume goes on without a topic the client may no longer
+            // read, told by an `error` event, as a native reconnect's
+            // resubscription is refused topic by topic: a 403 would end an
+            // `EventSource` for good, with its other topics.
+            Err(denial @ Denial::Forbidden(_)) if resuming => revoked.push((topic, denial)),
+            Err(denial) => return Err(denied(denial)),
+        }
     }
-    let (resume, bad_id) = match last_event_id(headers, query) {
+    let topics = allowed;
+    let (resume, bad_id) = match last_id {
         None => (HashMap::new(), None),
         Some(Ok(id)) if id.is_empty() => (HashMap::new(), None),
         Some(Ok(id)) => match parse_id(&id) {
@@ -582,6 +596,14 @@ async fn start(
     };
     let connected = serde_json::to_string(&connected).expect("serializes");
     stream.outbox.push(event("connected", None, &connected));
+    for (topic, denial) in revoked {
+        stream.error(
+            denial.to_string(),
+            denial.code(),
+            Some(&topic),
+            Some("subscribe"),
+        );
+    }
     if let Some(e) = bad_id {
         stream.error(
             format!("{e}; streaming from now"),

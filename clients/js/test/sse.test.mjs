@@ -126,6 +126,42 @@ test(
 );
 
 test(
+  "over SSE a resume whose new token no longer allows a topic ends that subscription alone",
+  { timeout: 60_000 },
+  scoped(async (s) => {
+    const SECRET = "a-test-secret-of-some-length";
+    const node = await s.node("js-sse-revoked", { AUTH_JWT_SECRET: SECRET, WEBSOCKET_ENABLED: "false" });
+    const now = () => Math.floor(Date.now() / 1000);
+    const short = jwt(SECRET, { sub: "u1", exp: now() + 2, topics: ["news", "secret"] });
+    // Asked before the WebSocket attempt, the SSE one, then after the expiry.
+    const tokens = [short, short, jwt(SECRET, { sub: "u1", exp: now() + 600, topics: ["news"] })];
+    let asked = 0;
+    const c = sseClient(s, `${node.http}/ws`, {
+      getToken: () => tokens[Math.min(asked++, tokens.length - 1)],
+    });
+    const got = [];
+    const news = c.subscribe("news", (data) => got.push(data.n));
+    const secret = c.subscribe("secret", () => {});
+    const secretErrors = [];
+    secret.on("error", (e) => secretErrors.push(e.code));
+    await c.connect();
+    await Promise.all([news.ready, secret.ready]);
+    await node.post("/api/publish", { topic: "news", data: { n: 1 } });
+    await eventually(() => got.length === 1, 5000, "the first publication");
+    await nextEvent(c, "token_expired", 5000);
+    await node.post("/api/publish", { topic: "news", data: { n: 2 } });
+    await eventually(() => c.state === "connected" && got.length === 2, 5000, "reconnected and resumed");
+    await eventually(() => secretErrors.length === 1, 5000, "the revoked topic's error");
+    assert.deepEqual(secretErrors, ["forbidden"]);
+    assert.equal(secret.state, "unsubscribed");
+    await node.post("/api/publish", { topic: "news", data: { n: 3 } });
+    await eventually(() => got.length === 3, 5000, "live");
+    assert.deepEqual(got, [1, 2, 3]);
+    assert.equal(c.transport, "sse");
+  }),
+);
+
+test(
   "publications named like the stream's own events (connected, reconnect, error) are publications",
   { timeout: 30_000 },
   scoped(async (s) => {
