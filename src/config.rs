@@ -99,6 +99,7 @@ pub mod names {
     pub const PROXY_HEADERS: &str = "PROXY_HEADERS";
     pub const PROXY_TIMEOUT_MS: &str = "PROXY_TIMEOUT_MS";
     pub const PROXY_MAX_INFLIGHT: &str = "PROXY_MAX_INFLIGHT";
+    pub const PROXY_SECRET: &str = "PROXY_SECRET";
     pub const TOKIO_WORKER_THREADS: &str = "TOKIO_WORKER_THREADS";
     pub const COMPAT_PYTHON_SOCKETIO: &str = "COMPAT_PYTHON_SOCKETIO";
     pub const COMPAT_SOCKETIO_EMITTER: &str = "COMPAT_SOCKETIO_EMITTER";
@@ -189,6 +190,7 @@ pub mod names {
         PROXY_HEADERS,
         PROXY_TIMEOUT_MS,
         PROXY_MAX_INFLIGHT,
+        PROXY_SECRET,
         TOKIO_WORKER_THREADS,
         COMPAT_PYTHON_SOCKETIO,
         COMPAT_SOCKETIO_EMITTER,
@@ -215,7 +217,13 @@ pub mod names {
     ];
 
     /// Settings whose values must never be printed, not even in an error.
-    pub const SECRET: &[&str] = &[AUTH_JWT_SECRET, API_TOKEN, ADMIN_TOKEN, WEBHOOK_SECRET];
+    pub const SECRET: &[&str] = &[
+        AUTH_JWT_SECRET,
+        API_TOKEN,
+        ADMIN_TOKEN,
+        WEBHOOK_SECRET,
+        PROXY_SECRET,
+    ];
 }
 
 /// Where setting values come from. Returning `None` means "not set".
@@ -792,6 +800,10 @@ pub struct HooksConfig {
     pub timeout: Duration,
     /// Calls in flight per node; past it a call is refused at once.
     pub max_inflight: usize,
+    /// Signs every call (`X-Switchboard-Signature`, as webhooks are), so
+    /// that a back end reachable from elsewhere can tell the node's calls
+    /// from anyone's.
+    pub secret: Option<Secret>,
 }
 
 impl Default for HooksConfig {
@@ -806,6 +818,7 @@ impl Default for HooksConfig {
             headers: Vec::new(),
             timeout: Duration::from_millis(1000),
             max_inflight: 1000,
+            secret: None,
         }
     }
 }
@@ -1157,6 +1170,7 @@ impl Config {
         let hook_max_inflight = p.parse(names::PROXY_MAX_INFLIGHT, "1000", |v| {
             parse_range(v, 1, 1_000_000)
         });
+        let hook_secret = p.optional(names::PROXY_SECRET, secret_value);
         // Read here, not by tokio (which would panic on a bad value): main
         // builds the runtime with it. The hub fans out in one slice per worker.
         let worker_threads = p.optional(names::TOKIO_WORKER_THREADS, |v| {
@@ -1239,6 +1253,7 @@ impl Config {
             (names::API_TOKEN, src.get(names::API_TOKEN)),
             (names::ADMIN_TOKEN, src.get(names::ADMIN_TOKEN)),
             (names::WEBHOOK_SECRET, src.get(names::WEBHOOK_SECRET)),
+            (names::PROXY_SECRET, src.get(names::PROXY_SECRET)),
         ] {
             if let Some(v) = value.filter(|v| !v.trim().is_empty())
                 && v.trim().len() < 16
@@ -1430,6 +1445,7 @@ impl Config {
                 headers: hook_headers.unwrap(),
                 timeout: hook_timeout.unwrap(),
                 max_inflight: hook_max_inflight.unwrap(),
+                secret: hook_secret.unwrap(),
             },
             compat,
             presence: PresenceConfig {
@@ -2321,5 +2337,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("s3cret"), "{err}");
+        // The hooks' signing key: never printed, short ones warned about.
+        assert!(config(&[]).unwrap().hooks.secret.is_none());
+        let c = config(&[("PROXY_SECRET", "0123456789abcdef")]).unwrap();
+        assert_eq!(
+            c.hooks.secret.as_ref().map(Secret::expose),
+            Some("0123456789abcdef")
+        );
+        let err = config(&[("PROXY_SECRET", "s3cret value")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PROXY_SECRET=<redacted>"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+        let c = config(&[("PROXY_SECRET", "short")]).unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.starts_with("PROXY_SECRET is shorter")),
+            "{:?}",
+            c.warnings
+        );
     }
 }

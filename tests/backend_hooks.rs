@@ -43,6 +43,11 @@ struct Flask {
 
 impl Flask {
     fn start() -> Flask {
+        Flask::start_with(&[])
+    }
+
+    /// With `env` for the back end's process (`PROXY_SECRET`).
+    fn start_with(env: &[(&str, &str)]) -> Flask {
         let app = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/flask-backend/app.py");
         assert!(
             python().exists(),
@@ -54,6 +59,7 @@ impl Flask {
             .arg(&app)
             .args(["--port", &port.to_string()])
             .current_dir(app.parent().unwrap())
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -272,6 +278,46 @@ async fn frame(c: &mut Client, ty: &str, topic: &str) -> Value {
 }
 
 // === with the Flask example ===
+
+/// With `PROXY_SECRET`, every hook call carries `X-Switchboard-Signature`
+/// (the HMAC-SHA256 of its body), and a back end that checks it, as the
+/// example does, answers the node that has the secret and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_calls_are_signed_with_proxy_secret_and_a_checking_back_end_refuses_others() {
+    const HOOK_SECRET: &str = "a-hook-secret-0123456789";
+    let flask = Flask::start_with(&[("PROXY_SECRET", HOOK_SECRET)]);
+    let alice = flask.login("alice");
+    let mut signed = flask.hooks();
+    signed.push(("PROXY_SECRET", HOOK_SECRET.into()));
+    let node = start_node("hooks-signed", &[], &signed);
+    // The connect, subscribe and RPC hooks: all signed, all answered.
+    let mut a = admitted(&node.ws_url("/ws"), Some(&alice)).await;
+    let who = rpc(&mut a, json!(1), "whoami", json!(null)).await;
+    assert_eq!(who["type"], "rpc_result", "{who}");
+    assert_eq!(who["data"]["user"], "alice");
+    a.send(json!({"type": "subscribe", "event": "room.1"}))
+        .await;
+    let sub = frame(&mut a, "subscribed", "room.1").await;
+    assert_eq!(sub["event"], "room.1", "{sub}");
+
+    // A node without the secret, or with another one, is not believed:
+    // its client is told the back end could not decide (503).
+    let mut wrong = flask.hooks();
+    wrong.push(("PROXY_SECRET", "another-secret-0123456789".into()));
+    for (name, hooks) in [("hooks-unsigned", flask.hooks()), ("hooks-wrong", wrong)] {
+        let node = start_node(name, &[], &hooks);
+        let (status, body) = open(&node.ws_url("/ws"), Some(&alice))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(status, 503, "{name}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("401"),
+            "{name}: {body}"
+        );
+        assert!(!node.log().contains("another-secret"), "{name}");
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_hook_admits_with_the_back_ends_identity_and_refuses_with_its_message() {

@@ -19,11 +19,16 @@ and start Switchboard with:
     PROXY_PUBLISH_TOPICS=chat.*
     PROXY_RPC_URL=http://127.0.0.1:5000/switchboard/rpc
 
+With `PROXY_SECRET` set in both (the same value), every hook call must carry
+a valid `X-Switchboard-Signature`; others get 401.
+
 Sign in with `GET /login?user=alice` (a demo login: any user of the `users`
 table, no password) and connect to Switchboard with the cookie it set.
 """
 
 import argparse
+import hashlib
+import hmac
 import json
 import os
 import sqlite3
@@ -36,6 +41,8 @@ from flask import Flask, jsonify, request, session
 app = Flask(__name__)
 # Sign the session cookie with a real secret in production.
 app.secret_key = os.environ.get("SECRET_KEY", "dev-only-secret-change-me")
+# Switchboard's PROXY_SECRET: hook calls are signed with it (docs/backend.md).
+HOOK_SECRET = os.environ.get("PROXY_SECRET")
 
 # === the application's tables (SQLite in memory, shared by the threads) ===
 
@@ -121,6 +128,18 @@ def session_user(cookie_header):
     except Exception:  # noqa: BLE001 - bad signature, expired
         return None
     return data.get("user")
+
+
+@app.before_request
+def verify_hook_signature():
+    """Hook calls come from Switchboard only: the HMAC-SHA256 of the raw
+    body with PROXY_SECRET, compared in constant time."""
+    if HOOK_SECRET is None or not request.path.startswith("/switchboard/"):
+        return None
+    expected = "sha256=" + hmac.new(HOOK_SECRET.encode(), request.get_data(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, request.headers.get("X-Switchboard-Signature", "")):
+        return jsonify({"error": "bad or missing X-Switchboard-Signature"}), 401
+    return None
 
 
 @app.post("/switchboard/connect")

@@ -245,6 +245,8 @@ struct Inner {
     /// warning per 10 s, so a dead back end does not flood the log.
     last_warning: AtomicU64,
     started: Instant,
+    /// `NODE_ID`, sent as `X-Switchboard-Node`.
+    node: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +270,7 @@ impl Hooks {
                 max_answer: config.max_payload,
                 last_warning: AtomicU64::new(0),
                 started: Instant::now(),
+                node: config.node_id.clone(),
             }),
         })
     }
@@ -528,15 +531,23 @@ impl Hooks {
     ) -> Result<T, HookError> {
         let start = Instant::now();
         let timeout = self.inner.config.timeout;
+        let signed = self
+            .inner
+            .config
+            .secret
+            .as_ref()
+            .map(|secret| super::signature(secret.expose().as_bytes(), &body));
         let exchange = async {
-            let mut res = self
+            let mut request = self
                 .inner
                 .http
                 .post(url)
                 .header(axum::http::header::CONTENT_TYPE, "application/json")
-                .body(body)
-                .send()
-                .await?;
+                .header(super::NODE_HEADER, &self.inner.node);
+            if let Some(signature) = &signed {
+                request = request.header(super::SIGNATURE_HEADER, signature);
+            }
+            let mut res = request.body(body).send().await?;
             let status = res.status();
             if !status.is_success() {
                 return Err(Failure::Status(status.as_u16()));

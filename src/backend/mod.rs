@@ -10,3 +10,19 @@ pub mod hooks;
 pub mod webhooks;
 
 pub use hooks::{Access, Caller, Denial, HookError, Hooks};
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
+/// The header that signs a request to the back end: a webhook batch with
+/// `WEBHOOK_SECRET`, a hook call with `PROXY_SECRET`.
+pub const SIGNATURE_HEADER: &str = "X-Switchboard-Signature";
+/// The sending node's id, for the receiver's logs.
+pub const NODE_HEADER: &str = "X-Switchboard-Node";
+
+/// `sha256=<hex HMAC-SHA256 of body with secret>`, the signature header's value.
+pub fn signature(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}

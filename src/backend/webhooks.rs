@@ -22,20 +22,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
 use serde_json::value::RawValue;
-use sha2::Sha256;
 use tokio::sync::Notify;
 
+use super::{NODE_HEADER, SIGNATURE_HEADER, signature};
 use crate::clients::ClientInfo;
 use crate::config::WebhookConfig;
 use crate::metrics as m;
-
-/// The signature header.
-pub const SIGNATURE_HEADER: &str = "X-Switchboard-Signature";
-/// The sending node's id, for the receiver's logs.
-pub const NODE_HEADER: &str = "X-Switchboard-Node";
 
 /// First retry delay; it doubles per attempt up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -156,13 +150,6 @@ impl Event {
             _ => unreachable!("events are objects"),
         }
     }
-}
-
-/// `sha256=<hex HMAC-SHA256 of body with secret>`, the signature header's value.
-pub fn signature(secret: &[u8], body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 /// Runs before each batch is sent: the occupancy ledger writes what the
