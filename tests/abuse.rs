@@ -454,20 +454,10 @@ async fn the_101st_connection_from_one_address_is_refused_before_the_upgrade() {
     // One closes: there is room again.
     let mut closing = open.pop().unwrap();
     closing.ws.close(None).await.unwrap();
-    let reopened = async {
-        loop {
-            if tokio_tungstenite::connect_async(node.ws_url("/ws"))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), reopened)
-        .await
-        .expect("a seat is given back when its connection ends");
+    assert!(
+        common::admitted_within(&node.ws_url("/ws"), Duration::from_secs(5)).await,
+        "a seat is given back when its connection ends"
+    );
     let (_, metrics) = common::http_text(&node.addr, "GET", "/metrics", None, &[]);
     let refused: f64 = metrics
         .lines()

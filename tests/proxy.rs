@@ -277,18 +277,8 @@ async fn proxied_connections_count_against_the_address_and_user_limits() {
     }
     // A proxied connection that ends gives both seats back.
     alice_1.close(None).await.unwrap();
-    let reopened = async {
-        loop {
-            if tokio_tungstenite::connect_async(proxy("alice"))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), reopened)
-        .await
-        .expect("the seats of a closed proxied connection are given back");
+    assert!(
+        common::admitted_within(&proxy("alice"), Duration::from_secs(5)).await,
+        "the seats of a closed proxied connection are given back"
+    );
 }

@@ -891,6 +891,18 @@ pub fn code(c: CloseCode) -> u16 {
     u16::from(c)
 }
 
+/// Whether a WebSocket handshake to `url` succeeds within `timeout`, tried
+/// every 100 ms (a seat given back when a connection ends is seen a little
+/// later).
+pub async fn admitted_within(url: &str, timeout: Duration) -> bool {
+    let attempts = async {
+        while tokio_tungstenite::connect_async(url).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(timeout, attempts).await.is_ok()
+}
+
 /// A native client on `node` subscribed to `group`, and a Django Channels
 /// app's `group_send(group, {"type": "status_update", "value": value})`
 /// through the real `channels_redis` (layer `prefix`) on the Redis at
