@@ -172,8 +172,6 @@ pub enum ProtocolError {
     MissingToken,
     #[error("\"rpc\" message needs an \"id\": a string of at most 128 characters or a number")]
     BadRpcId,
-    #[error("the \"id\" of a \"ping\" must be a string of at most 128 characters or a number")]
-    BadPingId,
     /// A bad `rpc` whose `id` could be read: the error frame carries it.
     #[error("{why}")]
     BadRpc { id: String, why: String },
@@ -189,7 +187,6 @@ impl ProtocolError {
             ProtocolError::MissingData | ProtocolError::InvalidName(_) => Some("publish"),
             ProtocolError::MissingToken => Some("refresh"),
             ProtocolError::BadRpcId | ProtocolError::BadRpc { .. } => Some("rpc"),
-            ProtocolError::BadPingId => Some("ping"),
             _ => None,
         }
     }
@@ -212,7 +209,6 @@ impl ProtocolError {
             | ProtocolError::TooDeep
             | ProtocolError::MissingToken
             | ProtocolError::BadRpcId
-            | ProtocolError::BadPingId
             | ProtocolError::BadRpc { .. } => "bad_message",
         }
     }
@@ -277,11 +273,11 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
         "presence_stats" => Ok(ClientMessage::PresenceStats {
             event: event("presence_stats")?,
         }),
+        // An `id` that is not a call id is ignored, as any unknown field
+        // was before ids were echoed: a client that sent one still gets
+        // its `pong`.
         "ping" => Ok(ClientMessage::Ping {
-            id: match obj.get("id") {
-                None | Some(serde_json::Value::Null) => None,
-                Some(v) => Some(call_id(v).ok_or(ProtocolError::BadPingId)?),
-            },
+            id: obj.get("id").and_then(call_id),
         }),
         "publish" => {
             let event = event("publish")?;
@@ -762,16 +758,20 @@ mod tests {
             parse_client_message(r#"{"type":"ping","id":"a\"b"}"#),
             Ok(ClientMessage::Ping { id: Some(id) }) if id.get() == r#""a\"b""#
         ));
-        for bad in [r#"{"type":"ping","id":{}}"#, r#"{"type":"ping","id":true}"#] {
-            let err = parse_client_message(bad).unwrap_err();
-            assert_eq!(err, ProtocolError::BadPingId);
-            assert_eq!((err.code(), err.reply_to()), ("bad_message", Some("ping")));
-        }
         let long = format!(r#"{{"type":"ping","id":"{}"}}"#, "x".repeat(129));
-        assert_eq!(
-            parse_client_message(&long).unwrap_err(),
-            ProtocolError::BadPingId
-        );
+        for other in [
+            r#"{"type":"ping","id":{}}"#,
+            r#"{"type":"ping","id":true}"#,
+            &long,
+        ] {
+            assert!(
+                matches!(
+                    parse_client_message(other),
+                    Ok(ClientMessage::Ping { id: None })
+                ),
+                "{other}"
+            );
+        }
         assert!(matches!(
             parse_client_message(r#"{"type":"publish","event":"chat","data":{"m":1}}"#),
             Ok(ClientMessage::Publish { event, name: None, data })
