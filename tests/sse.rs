@@ -330,9 +330,6 @@ fn a_resumed_topic_refused_on_one_node_keeps_its_position_for_the_next() {
     assert_eq!(k2, [3, 4]);
 }
 
-/// A stream never writes an event id too long to be taken back: past the
-/// history topics its id can carry, a further one is refused with a clear
-/// error, and the id of the last one held resumes every one of them.
 /// A resume whose token no longer allows one of its topics goes on with
 /// the others, and that topic gets an `error` event: a 403 would end an
 /// `EventSource` for good. A new stream naming it is refused whole, as
@@ -401,6 +398,9 @@ fn a_resume_goes_on_without_a_topic_the_token_no_longer_allows() {
     );
 }
 
+/// A stream never writes an event id too long to be taken back: past the
+/// history topics its id can carry, a further one is refused with a clear
+/// error, and the id of the last one held resumes every one of them.
 #[test]
 fn a_stream_refuses_history_topics_its_event_id_could_not_carry() {
     let node = Node::start("sse-id-cap", &[("WEBSOCKET_SUBSCRIBE_RATE_LIMIT", "0")]);

@@ -499,11 +499,16 @@ export class Switchboard extends Emitter {
   _sseUrl(token, data) {
     const url = new URL(this._ssePath());
     let id = "1";
+    let resuming = false;
     for (const [topic, t] of this._topics) {
       url.searchParams.append("topic", topic);
       if (t.epoch != null && t.offset != null) id += `_${sseTopicKey(topic)}.${t.epoch}.${t.offset.toString(36)}`;
+      resuming ||= t.everConfirmed === true;
     }
-    if (id !== "1") url.searchParams.set("lastEventId", id);
+    // An id, even one without positions ("1", what an EventSource sends
+    // back), marks the request as a resume: the server then refuses a
+    // topic the token no longer allows alone, not the whole stream.
+    if (id !== "1" || resuming) url.searchParams.set("lastEventId", id);
     if (token) url.searchParams.set("token", token);
     if (data !== undefined && data !== null) url.searchParams.set("data", JSON.stringify(data));
     return url.toString();

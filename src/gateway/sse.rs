@@ -555,8 +555,17 @@ async fn start(
     seats
         .user(&node, &identity)
         .map_err(|e| ApiError::TooManyRequests(e.to_string()))?;
-    let last_id = last_event_id(headers, query);
-    let resuming = matches!(&last_id, Some(Ok(id)) if !id.is_empty());
+    let (resume, bad_id, resuming) = match last_event_id(headers, query) {
+        None => (HashMap::new(), None, false),
+        Some(Ok(id)) if id.is_empty() => (HashMap::new(), None, false),
+        // A resume carries an id the stream could have written (`1` at
+        // least); a malformed one starts a new stream.
+        Some(Ok(id)) => match parse_id(&id) {
+            Ok(positions) => (positions, None, true),
+            Err(e) => (HashMap::new(), Some(e), false),
+        },
+        Some(Err(e)) => (HashMap::new(), Some(e), false),
+    };
     let mut allowed = Vec::with_capacity(topics.len());
     let mut revoked = Vec::new();
     for topic in topics {
@@ -569,21 +578,13 @@ async fn start(
             // A resume goes on without a topic the client may no longer
             // read, told by an `error` event, as a native reconnect's
             // resubscription is refused topic by topic: a 403 would end an
-            // `EventSource` for good, with its other topics.
+            // `EventSource` for good, with its other topics. A new stream
+            // naming it is refused whole.
             Err(denial @ Denial::Forbidden(_)) if resuming => revoked.push((topic, denial)),
             Err(denial) => return Err(denied(denial)),
         }
     }
     let topics = allowed;
-    let (resume, bad_id) = match last_id {
-        None => (HashMap::new(), None),
-        Some(Ok(id)) if id.is_empty() => (HashMap::new(), None),
-        Some(Ok(id)) => match parse_id(&id) {
-            Ok(positions) => (positions, None),
-            Err(e) => (HashMap::new(), Some(e)),
-        },
-        Some(Err(e)) => (HashMap::new(), Some(e)),
-    };
 
     let stream = Arc::new(Stream::new(&config));
     stream.outbox.push(format!("retry: {RETRY_MS}\n\n").into());

@@ -162,6 +162,40 @@ test(
 );
 
 test(
+  "over SSE without history topics the reconnect still counts as a resume: the revoked topic alone is refused",
+  { timeout: 60_000 },
+  scoped(async (s) => {
+    const SECRET = "a-test-secret-of-some-length";
+    const node = await s.node("js-sse-revoked-nohist", {
+      AUTH_JWT_SECRET: SECRET,
+      WEBSOCKET_ENABLED: "false",
+      HISTORY_TOPICS: "hist.*",
+    });
+    const now = () => Math.floor(Date.now() / 1000);
+    const short = jwt(SECRET, { sub: "u1", exp: now() + 2, topics: ["news", "secret"] });
+    const tokens = [short, short, jwt(SECRET, { sub: "u1", exp: now() + 600, topics: ["news"] })];
+    let asked = 0;
+    const c = sseClient(s, `${node.http}/ws`, {
+      getToken: () => tokens[Math.min(asked++, tokens.length - 1)],
+    });
+    const got = [];
+    const news = c.subscribe("news", (data) => got.push(data.n));
+    const secret = c.subscribe("secret", () => {});
+    const secretErrors = [];
+    secret.on("error", (e) => secretErrors.push(e.code));
+    await c.connect();
+    await Promise.all([news.ready, secret.ready]);
+    await nextEvent(c, "token_expired", 5000);
+    await eventually(() => secretErrors.length === 1, 10_000, "the revoked topic's error");
+    assert.deepEqual(secretErrors, ["forbidden"]);
+    await eventually(() => c.state === "connected", 5000, "reconnected");
+    await node.post("/api/publish", { topic: "news", data: { n: 1 } });
+    await eventually(() => got.length === 1, 5000, "live after the reconnect");
+    assert.equal(news.state !== "unsubscribed", true);
+  }),
+);
+
+test(
   "publications named like the stream's own events (connected, reconnect, error) are publications",
   { timeout: 30_000 },
   scoped(async (s) => {
