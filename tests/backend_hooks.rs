@@ -598,7 +598,8 @@ async fn rpcs_are_answered_each_to_its_own_caller_200_from_50_clients_over_2_nod
 /// `method`, else `data.mode`, else the part of `topic` before the first
 /// dot. `sleep` answers after 5 s, `garbage` is not JSON, `fail500` is an
 /// HTTP 500, `refuse` an `error`, `kick` a `disconnect`, `wrongshape` none
-/// of the three; anything else is a `result` echoing the data.
+/// of the three, `redirect` a 307 to `/elsewhere` (which would answer a
+/// `result`); anything else is a `result` echoing the data.
 async fn test_backend() -> SocketAddr {
     use axum::http::StatusCode;
     use axum::response::IntoResponse;
@@ -629,10 +630,20 @@ async fn test_backend() -> SocketAddr {
             )
             .into_response(),
             "wrongshape" => axum::Json(json!({"answer": 42})).into_response(),
+            "redirect" => (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(axum::http::header::LOCATION, "/elsewhere")],
+            )
+                .into_response(),
             _ => axum::Json(ok).into_response(),
         }
     }
-    let app = axum::Router::new().route("/hook", axum::routing::post(hook));
+    async fn elsewhere() -> axum::Json<Value> {
+        axum::Json(json!({"result": {"data": "followed a redirect"}}))
+    }
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .route("/elsewhere", axum::routing::post(elsewhere));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -841,6 +852,13 @@ async fn a_back_end_that_is_down_or_answers_garbage_gives_clear_errors_and_the_n
             "the application back end answered the rpc hook with something unusable: its answer must have exactly one of \"result\", \"error\" or \"disconnect\"",
         ),
         ("refuse", "rpc_failed", "refused by test"),
+        // Not followed: a call (and its signature) goes only where the
+        // setting says.
+        (
+            "redirect",
+            "unavailable",
+            "the application back end answered the rpc hook with HTTP 307",
+        ),
     ];
     for (i, (mode, code, text)) in cases.iter().enumerate() {
         let e = rpc(&mut c, json!(i), mode, json!({"k": i})).await;

@@ -137,7 +137,8 @@ def verify_hook_signature():
     if HOOK_SECRET is None or not request.path.startswith("/switchboard/"):
         return None
     expected = "sha256=" + hmac.new(HOOK_SECRET.encode(), request.get_data(), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, request.headers.get("X-Switchboard-Signature", "")):
+    got = request.headers.get("X-Switchboard-Signature", "").encode()
+    if not hmac.compare_digest(expected.encode(), got):
         return jsonify({"error": "bad or missing X-Switchboard-Signature"}), 401
     return None
 

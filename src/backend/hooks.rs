@@ -258,6 +258,9 @@ impl Hooks {
         let hooks = &config.hooks;
         let http = reqwest::Client::builder()
             .connect_timeout(hooks.timeout)
+            // A redirect would carry the call, and its signature, to
+            // wherever the answer points; a back end answers in place.
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
             .build()
