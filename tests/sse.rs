@@ -373,6 +373,32 @@ fn a_resume_goes_on_without_a_topic_the_token_no_longer_allows() {
         &[],
     );
     assert_eq!(status, 403, "a new stream: {body}");
+    // A malformed id makes a new stream too; `1` (what an EventSource sends
+    // back after a stream without history topics) is a resume.
+    let (status, body) = http(
+        &node.addr,
+        "GET",
+        &format!("/sse?token={one}&topic=v.a&topic=v.b&lastEventId=nope"),
+        None,
+        &[],
+    );
+    assert_eq!(status, 403, "a malformed id: {body}");
+    let plain = Sse::open(
+        &node.addr,
+        &format!("/sse?token={one}&topic=v.a&topic=v.b"),
+        &[("Last-Event-ID", "1")],
+    );
+    assert_eq!(plain.status, 200, "{}", plain.head);
+    plain.expect("connected");
+    let e = plain.expect("error");
+    assert_eq!(
+        (&e.data["code"], &e.data["event"]),
+        (&json!("forbidden"), &json!("v.b")),
+        "{:?}",
+        e.data
+    );
+    assert_eq!(plain.expect("subscribed").data["event"], "v.a");
+    plain.close();
 
     let r = Sse::open(
         &node.addr,

@@ -499,12 +499,11 @@ export class Switchboard extends Emitter {
   _sseUrl(token, data) {
     const url = new URL(this._ssePath());
     let id = "1";
-    let resuming = false;
     for (const [topic, t] of this._topics) {
       url.searchParams.append("topic", topic);
       if (t.epoch != null && t.offset != null) id += `_${sseTopicKey(topic)}.${t.epoch}.${t.offset.toString(36)}`;
-      resuming ||= t.everConfirmed === true;
     }
+    const resuming = this._everConnected;
     // An id, even one without positions ("1", what an EventSource sends
     // back), marks the request as a resume: the server then refuses a
     // topic the token no longer allows alone, not the whole stream.
