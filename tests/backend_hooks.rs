@@ -300,6 +300,38 @@ async fn hook_calls_are_signed_with_proxy_secret_and_a_checking_back_end_refuses
     let sub = frame(&mut a, "subscribed", "room.1").await;
     assert_eq!(sub["event"], "room.1", "{sub}");
 
+    // The back end refuses a correctly signed call made long ago: the
+    // signature covers the timestamp, so a recorded call cannot be dated
+    // anew (the example allows 5 minutes).
+    let body =
+        r#"{"client":"c1","user":"alice","transport":"websocket","method":"whoami","data":null}"#;
+    let sign = |timestamp: &str| {
+        use hmac::{Hmac, KeyInit, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(HOOK_SECRET.as_bytes()).unwrap();
+        mac.update(format!("{timestamp}.{body}").as_bytes());
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    for (age_ms, want) in [(0, 200), (600_000, 401)] {
+        let timestamp = (now_ms - age_ms).to_string();
+        let signature = sign(&timestamp);
+        let (status, answer) = common::http(
+            &flask.addr,
+            "POST",
+            "/switchboard/rpc",
+            Some(body),
+            &[
+                ("Content-Type", "application/json"),
+                ("X-Switchboard-Timestamp", &timestamp),
+                ("X-Switchboard-Signature", &signature),
+            ],
+        );
+        assert_eq!(status, want, "a call {age_ms} ms old: {answer}");
+    }
+
     // A node without the secret, or with another one, is not believed:
     // its client is told the back end could not decide (503).
     let mut wrong = flask.hooks();

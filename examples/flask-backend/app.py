@@ -20,7 +20,8 @@ and start Switchboard with:
     PROXY_RPC_URL=http://127.0.0.1:5000/switchboard/rpc
 
 With `PROXY_SECRET` set in both (the same value), every hook call must carry
-a valid `X-Switchboard-Signature`; others get 401.
+a valid `X-Switchboard-Signature` over its `X-Switchboard-Timestamp` and
+body, made within the last 5 minutes; others get 401.
 
 Sign in with `GET /login?user=alice` (a demo login: any user of the `users`
 table, no password) and connect to Switchboard with the cookie it set.
@@ -132,14 +133,19 @@ def session_user(cookie_header):
 
 @app.before_request
 def verify_hook_signature():
-    """Hook calls come from Switchboard only: the HMAC-SHA256 of the raw
-    body with PROXY_SECRET, compared in constant time."""
+    """Hook calls come from Switchboard only, and recently: the HMAC-SHA256
+    of `<X-Switchboard-Timestamp>.<raw body>` with PROXY_SECRET, compared
+    in constant time, and a timestamp within 5 minutes of now."""
     if HOOK_SECRET is None or not request.path.startswith("/switchboard/"):
         return None
-    expected = "sha256=" + hmac.new(HOOK_SECRET.encode(), request.get_data(), hashlib.sha256).hexdigest()
+    timestamp = request.headers.get("X-Switchboard-Timestamp", "")
+    signed = timestamp.encode() + b"." + request.get_data()
+    expected = "sha256=" + hmac.new(HOOK_SECRET.encode(), signed, hashlib.sha256).hexdigest()
     got = request.headers.get("X-Switchboard-Signature", "").encode()
     if not hmac.compare_digest(expected.encode(), got):
         return jsonify({"error": "bad or missing X-Switchboard-Signature"}), 401
+    if not timestamp.isdigit() or abs(time.time() * 1000 - int(timestamp)) > 300_000:
+        return jsonify({"error": "X-Switchboard-Timestamp is not within 5 minutes of now"}), 401
     return None
 
 

@@ -534,19 +534,19 @@ impl Hooks {
     ) -> Result<T, HookError> {
         let start = Instant::now();
         let timeout = self.inner.config.timeout;
-        let signed = self
-            .inner
-            .config
-            .secret
-            .as_ref()
-            .map(|secret| super::signature(secret.expose().as_bytes(), &body));
+        let timestamp = crate::auth::unix_ms().to_string();
+        let signed =
+            self.inner.config.secret.as_ref().map(|secret| {
+                super::timed_signature(secret.expose().as_bytes(), &timestamp, &body)
+            });
         let exchange = async {
             let mut request = self
                 .inner
                 .http
                 .post(url)
                 .header(axum::http::header::CONTENT_TYPE, "application/json")
-                .header(super::NODE_HEADER, &self.inner.node);
+                .header(super::NODE_HEADER, &self.inner.node)
+                .header(super::TIMESTAMP_HEADER, &timestamp);
             if let Some(signature) = &signed {
                 request = request.header(super::SIGNATURE_HEADER, signature);
             }
