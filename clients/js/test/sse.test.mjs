@@ -125,28 +125,38 @@ test(
   }),
 );
 
+/**
+ * A client over SSE on `news` and `secret` whose first token (3 s) allows
+ * both and whose next one only `news`; `expired` settles when the first
+ * ends the stream.
+ */
+async function revokedOnRefresh(s, name, env = {}) {
+  const SECRET = "a-test-secret-of-some-length";
+  const node = await s.node(name, { AUTH_JWT_SECRET: SECRET, WEBSOCKET_ENABLED: "false", ...env });
+  const now = () => Math.floor(Date.now() / 1000);
+  const short = jwt(SECRET, { sub: "u1", exp: now() + 3, topics: ["news", "secret"] });
+  // Asked before the WebSocket attempt, the SSE one, then after the expiry.
+  const tokens = [short, short, jwt(SECRET, { sub: "u1", exp: now() + 600, topics: ["news"] })];
+  let asked = 0;
+  const c = sseClient(s, `${node.http}/ws`, {
+    getToken: () => tokens[Math.min(asked++, tokens.length - 1)],
+  });
+  const expired = nextEvent(c, "token_expired", 15_000);
+  const got = [];
+  const news = c.subscribe("news", (data) => got.push(data.n));
+  const secret = c.subscribe("secret", () => {});
+  const secretErrors = [];
+  secret.on("error", (e) => secretErrors.push(e.code));
+  await c.connect();
+  await Promise.all([news.ready, secret.ready]);
+  return { node, c, expired, got, news, secret, secretErrors };
+}
+
 test(
   "over SSE a resume whose new token no longer allows a topic ends that subscription alone",
   { timeout: 60_000 },
   scoped(async (s) => {
-    const SECRET = "a-test-secret-of-some-length";
-    const node = await s.node("js-sse-revoked", { AUTH_JWT_SECRET: SECRET, WEBSOCKET_ENABLED: "false" });
-    const now = () => Math.floor(Date.now() / 1000);
-    const short = jwt(SECRET, { sub: "u1", exp: now() + 3, topics: ["news", "secret"] });
-    // Asked before the WebSocket attempt, the SSE one, then after the expiry.
-    const tokens = [short, short, jwt(SECRET, { sub: "u1", exp: now() + 600, topics: ["news"] })];
-    let asked = 0;
-    const c = sseClient(s, `${node.http}/ws`, {
-      getToken: () => tokens[Math.min(asked++, tokens.length - 1)],
-    });
-    const expired = nextEvent(c, "token_expired", 15_000);
-    const got = [];
-    const news = c.subscribe("news", (data) => got.push(data.n));
-    const secret = c.subscribe("secret", () => {});
-    const secretErrors = [];
-    secret.on("error", (e) => secretErrors.push(e.code));
-    await c.connect();
-    await Promise.all([news.ready, secret.ready]);
+    const { node, c, expired, got, secret, secretErrors } = await revokedOnRefresh(s, "js-sse-revoked");
     await node.post("/api/publish", { topic: "news", data: { n: 1 } });
     await eventually(() => got.length === 1, 5000, "the first publication");
     await expired;
@@ -166,27 +176,9 @@ test(
   "over SSE without history topics the reconnect still counts as a resume: the revoked topic alone is refused",
   { timeout: 60_000 },
   scoped(async (s) => {
-    const SECRET = "a-test-secret-of-some-length";
-    const node = await s.node("js-sse-revoked-nohist", {
-      AUTH_JWT_SECRET: SECRET,
-      WEBSOCKET_ENABLED: "false",
+    const { node, expired, got, news, secretErrors } = await revokedOnRefresh(s, "js-sse-revoked-nohist", {
       HISTORY_TOPICS: "hist.*",
     });
-    const now = () => Math.floor(Date.now() / 1000);
-    const short = jwt(SECRET, { sub: "u1", exp: now() + 3, topics: ["news", "secret"] });
-    const tokens = [short, short, jwt(SECRET, { sub: "u1", exp: now() + 600, topics: ["news"] })];
-    let asked = 0;
-    const c = sseClient(s, `${node.http}/ws`, {
-      getToken: () => tokens[Math.min(asked++, tokens.length - 1)],
-    });
-    const expired = nextEvent(c, "token_expired", 15_000);
-    const got = [];
-    const news = c.subscribe("news", (data) => got.push(data.n));
-    const secret = c.subscribe("secret", () => {});
-    const secretErrors = [];
-    secret.on("error", (e) => secretErrors.push(e.code));
-    await c.connect();
-    await Promise.all([news.ready, secret.ready]);
     await expired;
     await eventually(() => secretErrors.length === 1, 10_000, "the revoked topic's error");
     assert.deepEqual(secretErrors, ["forbidden"]);
