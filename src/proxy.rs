@@ -10,7 +10,9 @@
 //!
 //! A proxied connection takes the same per-address and per-user seats as a
 //! native one: a limit that one endpoint of the port skipped would not
-//! bound what one address or user can hold open.
+//! bound what one address or user can hold open. It also ends when its
+//! token expires (close 3000), like a native one; frames pass through
+//! unread, so there is no `refresh`: the client reconnects with a new token.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -27,6 +29,7 @@ use crate::api::ApiError;
 use crate::auth;
 use crate::config::ProxyRoute;
 use crate::gateway::admission::{self, Seats};
+use crate::gateway::outbox::close;
 use crate::metrics as m;
 use crate::node::Node;
 use crate::protocol;
@@ -54,8 +57,8 @@ pub async fn upgrade(
         ))
         .into_response();
     };
-    let seats = match admit(&node, headers, query, remote) {
-        Ok(seats) => seats,
+    let (seats, expires_in) = match admit(&node, headers, query, remote) {
+        Ok(admitted) => admitted,
         Err(refusal) => return refusal.into_response(),
     };
     let ws = match ws {
@@ -73,7 +76,7 @@ pub async fn upgrade(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            pump(node, socket, upstream, route).await;
+            pump(node, socket, upstream, route, expires_in).await;
             drop(guard);
             drop(seats);
         })
@@ -81,13 +84,14 @@ pub async fn upgrade(
 
 /// The drain and connection limit, the address's seat, the client token
 /// (public topics admit clients without one; upstream feeds do not), then
-/// the user's seat: all before the upstream is dialled.
+/// the user's seat: all before the upstream is dialled. With the seats, the
+/// time the token has left (`exp` + leeway; `None`: no `exp`).
 fn admit(
     node: &Node,
     headers: &HeaderMap,
     query: Option<&str>,
     remote: Option<SocketAddr>,
-) -> Result<Seats, ApiError> {
+) -> Result<(Seats, Option<Duration>), ApiError> {
     admission::capacity(node)?;
     let mut seats = Seats::address(node, remote, headers)?;
     // The token only: the proxy never asks the connect hook.
@@ -105,7 +109,7 @@ fn admit(
     seats
         .user(node, &identity)
         .map_err(|e| ApiError::TooManyRequests(e.to_string()))?;
-    Ok(seats)
+    Ok((seats, identity.time_left()))
 }
 
 async fn connect(
@@ -178,7 +182,13 @@ impl Drop for Counted {
 /// Close codes the proxy sends to the client itself.
 const HEARTBEAT_TIMEOUT: u16 = 1011;
 
-async fn pump(node: Node, client: WebSocket, upstream: Upstream, route: ProxyRoute) {
+async fn pump(
+    node: Node,
+    client: WebSocket,
+    upstream: Upstream,
+    route: ProxyRoute,
+    expires_in: Option<Duration>,
+) {
     let _counted = Counted::new(node.clone());
     let (mut client_tx, mut client_rx) = client.split();
     let (mut up_tx, mut up_rx) = upstream.split();
@@ -208,7 +218,8 @@ async fn pump(node: Node, client: WebSocket, upstream: Upstream, route: ProxyRou
     // Armed on shutdown at this connection's point of the drain window, as
     // for native connections, so that clients do not reconnect in one burst.
     let close_at = tokio::time::sleep(Duration::from_secs(86_400 * 365));
-    tokio::pin!(shutdown_started, close_at);
+    let expiry = tokio::time::sleep(expires_in.unwrap_or(Duration::from_secs(86_400 * 365)));
+    tokio::pin!(shutdown_started, close_at, expiry);
     let mut draining = false;
     // What the client is told when the proxy itself ends the connection;
     // `None` when the close came from one of the legs.
@@ -295,6 +306,10 @@ async fn pump(node: Node, client: WebSocket, upstream: Upstream, route: ProxyRou
             }
             _ = &mut close_at => {
                 closing = Some((config.shutdown_close_code, "server shutting down"));
+                break;
+            }
+            _ = &mut expiry, if expires_in.is_some() => {
+                closing = Some((close::TOKEN_EXPIRED, "token expired"));
                 break;
             }
         }

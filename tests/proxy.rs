@@ -282,3 +282,56 @@ async fn proxied_connections_count_against_the_address_and_user_limits() {
         "the seats of a closed proxied connection are given back"
     );
 }
+
+/// Frames pass through unread, so a proxied connection cannot `refresh`:
+/// when its token expires it is closed with 3000, as a native one that did
+/// not refresh, and the client reconnects with a new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxied_connection_ends_with_3000_when_its_token_expires() {
+    let (upstream, _task) = echo_server().await;
+    let routes = format!("echo:ws://{upstream}/feed");
+    let node = Node::start(
+        "proxy-expiry",
+        &[
+            ("WEBSOCKET_PROXY_ENABLED", "true"),
+            ("WEBSOCKET_PROXY_ROUTES", &routes),
+            ("AUTH_JWT_SECRET", "a-proxy-test-secret-of-some-length"),
+        ],
+    );
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3;
+    let short = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": "alice", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(b"a-proxy-test-secret-of-some-length"),
+    )
+    .unwrap();
+    let url = node.ws_url(&format!("/ws/proxy/echo?token={short}"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let Some(Ok(Message::Text(hello))) = ws.next().await else {
+        panic!("no proxy_connected")
+    };
+    assert!(hello.contains("proxy_connected"), "{hello}");
+    ws.send(Message::Text("still here".into())).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::Text("still here".into())
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Some((u16::from(frame.code), frame.reason.to_string()));
+                }
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("closed within 10 s");
+    assert_eq!(closed, Some((3000, "token expired".to_string())));
+}
