@@ -801,7 +801,7 @@ impl Recovery {
             let sub = self.subscriber(Some(restore.slot), restore.positions);
             let announce = self.restored(restore.slot, &restore, sub.clone());
             let since = restore.since.clone().filter(|_| restore.trusted);
-            if let Err(e) = sio::attach(s, node, &restore.topic, sub, since, announce).await {
+            if let Err(e) = sio::attach(s, node, &restore.topic, sub, since, announce, None).await {
                 sio::emit_error(&**peer, Some(&restore.topic), &e);
                 self.leave(&restore.topic).await;
             }

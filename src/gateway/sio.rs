@@ -455,38 +455,29 @@ async fn join(
         }
         None => (peer.subscriber(request.positions), request.since, announce),
     };
-    let joined = attach(s, node, topic, subscriber, since, announce).await;
+    // The watcher goes in with the join itself: registered after it, a
+    // diff ticked in between would carry the socket's own join to the
+    // watchers of that moment only.
+    let watcher: Option<Arc<dyn crate::presence::Watcher>> =
+        (request.presence == Some(true)).then(|| Arc::new(Watcher(peer.clone())) as _);
+    let joined = attach(s, node, topic, subscriber, since, announce, watcher).await;
     if let (Err(_), Some(r)) = (&joined, recorded) {
         r.leave(topic).await;
     }
     if joined.is_ok() && request.presence == Some(false) {
         node.presence().unwatch(topic, &s.client_id);
     }
-    if joined.is_ok() && request.presence == Some(true) {
-        if node.presence().covers(topic) {
-            let (user, info) = {
-                let identity = s.identity.lock().unwrap();
-                (identity.user().to_string(), identity.info().cloned())
-            };
-            node.presence().joined(
-                topic,
-                &s.client_id,
-                &user,
-                info.as_deref(),
-                Some(Arc::new(Watcher(peer.clone()))),
-            );
-        } else {
-            emit_error(
-                &**peer,
-                Some(topic),
-                &Refusal::new(
-                    "no_presence",
-                    format!(
-                        "\"{topic}\" keeps no presence (PRESENCE_TOPICS): subscribed without presence_diff"
-                    ),
+    if joined.is_ok() && request.presence == Some(true) && !node.presence().covers(topic) {
+        emit_error(
+            &**peer,
+            Some(topic),
+            &Refusal::new(
+                "no_presence",
+                format!(
+                    "\"{topic}\" keeps no presence (PRESENCE_TOPICS): subscribed without presence_diff"
                 ),
-            );
-        }
+            ),
+        );
     }
     joined
 }
@@ -501,7 +492,8 @@ impl crate::presence::Watcher for Watcher {
 }
 
 /// Subscribes the socket to `topic` on the hub with `subscriber` (from
-/// [`Peer`] or its [`Recovery`]) and records it as one of its topics.
+/// [`Peer`] or its [`Recovery`]) and records it as one of its topics; on a
+/// presence topic it joins, with `watcher` for its `presence_diff` events.
 pub async fn attach(
     s: &Session,
     node: &Node,
@@ -509,6 +501,7 @@ pub async fn attach(
     subscriber: Arc<dyn Subscriber>,
     since: Option<Since>,
     announce: Announce,
+    watcher: Option<Arc<dyn crate::presence::Watcher>>,
 ) -> Result<(), Refusal> {
     node.hub()
         .subscribe(topic, s.id, subscriber, since, announce)
@@ -521,7 +514,7 @@ pub async fn attach(
             (identity.user().to_string(), identity.info().cloned())
         };
         node.presence()
-            .joined(topic, &s.client_id, &user, info.as_deref(), None);
+            .joined(topic, &s.client_id, &user, info.as_deref(), watcher);
     }
     // A control command's subscribe can finish after the socket left:
     // `disconnected` cancels `gone` before it takes the topics, so checked

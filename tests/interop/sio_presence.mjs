@@ -3,7 +3,9 @@
 // given, then watches `presence_diff` after subscribing with the object
 // form {topic, presence: true}. Driven by tests/presence.rs: prints one
 // `<node index> <event> <ack JSON>` line per answer, then `DIFF <JSON>`
-// for each diff seen within 1.5 s, then OK.
+// for each diff seen until one carries its own join (at most 10 s: the
+// diffs go out every PRESENCE_DIFF_INTERVAL_MS, later on a loaded
+// machine), then OK.
 // usage: node sio_presence.mjs <topic> <token> <url>...
 import { createRequire } from "node:module";
 const require = createRequire(process.env.SWITCHBOARD_TOOLS + "/node/package.json");
@@ -28,10 +30,15 @@ for (const [i, url] of urls.entries()) {
     console.log(`${i} ${event} ${JSON.stringify(ack)}`);
   }
   if (i === urls.length - 1) {
-    s.on("presence_diff", (d) => console.log(`DIFF ${JSON.stringify(d)}`));
+    let ownJoin;
+    const seen = new Promise((r) => (ownJoin = r));
+    s.on("presence_diff", (d) => {
+      console.log(`DIFF ${JSON.stringify(d)}`);
+      if (d.joins && d.joins[s.id]) ownJoin();
+    });
     const ack = await s.timeout(5000).emitWithAck("subscribe", { topic, presence: true });
     if (!ack.ok) fail(`subscribe refused: ${JSON.stringify(ack)}`);
-    await new Promise((r) => setTimeout(r, 1500));
+    await Promise.race([seen, new Promise((r) => setTimeout(r, 10000))]);
   }
   s.disconnect();
 }
