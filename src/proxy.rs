@@ -106,9 +106,7 @@ fn admit(
             "the proxy needs a client token".into(),
         ));
     }
-    seats
-        .user(node, &identity)
-        .map_err(|e| ApiError::TooManyRequests(e.to_string()))?;
+    seats.user(node, &identity)?;
     Ok((seats, identity.time_left()))
 }
 

@@ -9,8 +9,8 @@ use serde_json::value::RawValue;
 
 use crate::api::ApiError;
 use crate::auth::Identity;
-use crate::backend::HookError;
 use crate::backend::hooks::Hello;
+use crate::backend::{Denial, HookError};
 use crate::limits::{self, Limit, LimitError, Seat};
 use crate::node::Node;
 use crate::protocol;
@@ -60,9 +60,7 @@ impl Seats {
     ) -> Result<Seats, ApiError> {
         let limits = node.limits();
         let address = limits.client_address(remote, headers);
-        let seat = limits
-            .address_seat(address)
-            .map_err(|e| ApiError::TooManyRequests(e.to_string()))?;
+        let seat = limits.address_seat(address)?;
         Ok(Seats {
             _address: seat,
             _user: None,
@@ -98,6 +96,27 @@ impl From<Refusal> for ApiError {
             Refusal::Unauthorized(m) => ApiError::Unauthorized(m),
             Refusal::Forbidden(m) => ApiError::Forbidden(m),
             Refusal::Unavailable(m) => ApiError::Unavailable(m),
+        }
+    }
+}
+
+/// A per-address or per-user limit at a handshake: 429, its text the
+/// client's error.
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> Self {
+        ApiError::TooManyRequests(e.to_string())
+    }
+}
+
+/// A topic of a handshake (`/ws/{topic}`, an SSE stream's) the identity or
+/// the subscribe hook refused: 403, or 503 when the hook could not decide.
+impl From<Denial> for ApiError {
+    fn from(denial: Denial) -> Self {
+        match denial {
+            Denial::Forbidden(why) | Denial::Disconnect { reason: why, .. } => {
+                ApiError::Forbidden(why)
+            }
+            Denial::Unavailable(why) => ApiError::Unavailable(why),
         }
     }
 }

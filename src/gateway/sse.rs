@@ -503,13 +503,6 @@ fn caller<'a>(client: &'a str, identity: &'a Identity) -> Caller<'a> {
     }
 }
 
-fn denied(denial: Denial) -> ApiError {
-    match denial {
-        Denial::Forbidden(why) | Denial::Disconnect { reason: why, .. } => ApiError::Forbidden(why),
-        Denial::Unavailable(why) => ApiError::Unavailable(why),
-    }
-}
-
 /// Who asks: the token (query or `Authorization`), or the connect hook.
 async fn who(
     node: &Node,
@@ -552,9 +545,7 @@ async fn start(
     let id = crate::hub::new_conn_id();
     let client_id = format!("{id:016x}");
     let identity = who(&node, &client_id, headers, query, extensions).await?;
-    seats
-        .user(&node, &identity)
-        .map_err(|e| ApiError::TooManyRequests(e.to_string()))?;
+    seats.user(&node, &identity)?;
     let (resume, bad_id, resuming) = match last_event_id(headers, query) {
         None => (HashMap::new(), None, false),
         Some(Ok(id)) if id.is_empty() => (HashMap::new(), None, false),
@@ -581,7 +572,7 @@ async fn start(
             // `EventSource` for good, with its other topics. A new stream
             // naming it is refused whole.
             Err(denial @ Denial::Forbidden(_)) if resuming => revoked.push((topic, denial)),
-            Err(denial) => return Err(denied(denial)),
+            Err(denial) => return Err(denial.into()),
         }
     }
     let topics = allowed;
@@ -1044,7 +1035,7 @@ async fn command(
         node.hooks()
             .authorize_subscribe(caller(&session, &identity), &identity, &topic, None)
             .await
-            .map_err(denied)?;
+            .map_err(ApiError::from)?;
     }
     let (topic_arc, user): (Arc<str>, Arc<str>) = (topic.as_str().into(), identity.user().into());
     let command = match subscribe {

@@ -115,13 +115,7 @@ pub async fn upgrade_topic(
         .authorize_subscribe(caller, &identity, &topic, None)
         .await
     {
-        return match denial {
-            Denial::Forbidden(why) | Denial::Disconnect { reason: why, .. } => {
-                ApiError::Forbidden(why)
-            }
-            Denial::Unavailable(why) => ApiError::Unavailable(why),
-        }
-        .into_response();
+        return ApiError::from(denial).into_response();
     }
     accept(node, ws, id, (identity, seats), Some(topic), compact)
 }
@@ -155,9 +149,7 @@ async fn admit_native(
         data: data.as_deref(),
     };
     let identity = identify(node, token.as_deref(), hello).await?;
-    seats
-        .user(node, &identity)
-        .map_err(|e| ApiError::TooManyRequests(e.to_string()))?;
+    seats.user(node, &identity)?;
     Ok((identity, seats))
 }
 
