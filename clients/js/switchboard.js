@@ -368,6 +368,8 @@ export class Switchboard extends Emitter {
     this._rpcs = new Map();
     this._rpcSeq = 0;
     this._pingSeq = 0;
+    /** The number of the newest open (or close): see `_open`. */
+    this._openGen = 0;
   }
 
   // === connection ===
@@ -389,7 +391,7 @@ export class Switchboard extends Emitter {
   close(code = 1000, reason = "") {
     this._closedByUser = true;
     // An open still waiting on getToken/getConnectData is abandoned.
-    this._openGen = (this._openGen ?? 0) + 1;
+    this._openGen += 1;
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
     const socket = this._socket;
@@ -414,7 +416,7 @@ export class Switchboard extends Emitter {
     // Each open has its number: one that a newer open or close() replaced
     // while it awaited the app's callbacks gives up instead of opening a
     // second socket.
-    const gen = (this._openGen = (this._openGen ?? 0) + 1);
+    const gen = ++this._openGen;
     this._setState("connecting");
     this._emit("connecting", { attempt: this._attempt });
     let token = this.token;
