@@ -27,6 +27,7 @@ use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, protocol::
 
 use crate::api::ApiError;
 use crate::auth;
+use crate::backend::hooks::{Hello, transport};
 use crate::config::ProxyRoute;
 use crate::gateway::admission::{self, Seats};
 use crate::gateway::outbox::close;
@@ -57,13 +58,17 @@ pub async fn upgrade(
         ))
         .into_response();
     };
-    let (seats, expires_in) = match admit(&node, headers, query, remote) {
-        Ok(admitted) => admitted,
-        Err(refusal) => return refusal.into_response(),
-    };
+    // Not an upgrade: refused before the connect hook is asked.
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
+    };
+    let id = rand::random::<u64>();
+    let client = format!("{id:016x}");
+    let (seats, expires_in) = match admit(&node, &route.name, headers, query, remote, &client).await
+    {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal.into_response(),
     };
     let upstream = match connect(&route, headers, &config.proxy.forward_headers, &node).await {
         Ok(u) => u,
@@ -76,31 +81,47 @@ pub async fn upgrade(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            pump(node, socket, upstream, route, expires_in).await;
+            pump(node, socket, upstream, route, id, expires_in).await;
             drop(guard);
             drop(seats);
         })
 }
 
-/// The drain and connection limit, the address's seat, the client token
-/// (public topics admit clients without one; upstream feeds do not), then
-/// the user's seat: all before the upstream is dialled. With the seats, the
-/// time the token has left (`exp` + leeway; `None`: no `exp`).
-fn admit(
+/// The drain and connection limit, the address's seat, who the client is,
+/// then the user's seat: all before the upstream is dialled. Who the client
+/// is is decided as on `/ws`: its token, or without one the connect hook
+/// (told `transport: "proxy"` and the route) when `PROXY_CONNECT_URL` is
+/// set, so a deployment that admits clients through its back end does not
+/// leave the proxy open. Public topics admit no one here (upstream feeds are
+/// not topics). With the seats, the time the identity has left (`exp` or
+/// the hook's `expiresAt`, + leeway; `None`: never).
+async fn admit(
     node: &Node,
+    route: &str,
     headers: &HeaderMap,
     query: Option<&str>,
     remote: Option<SocketAddr>,
+    client: &str,
 ) -> Result<(Seats, Option<Duration>), ApiError> {
     admission::capacity(node)?;
     let mut seats = Seats::address(node, remote, headers)?;
-    // The token only: the proxy never asks the connect hook.
     let token = auth::token_from(headers, query);
-    let identity = node
-        .config()
-        .auth
-        .authenticate(token.as_deref())
-        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+    let asks_hook =
+        node.hooks().connect_enabled() && node.config().auth.wants_hook(token.as_deref());
+    let data = if asks_hook {
+        admission::connect_data(query).map_err(ApiError::BadRequest)?
+    } else {
+        None
+    };
+    let hello = Hello {
+        client,
+        transport: transport::PROXY,
+        remote,
+        headers,
+        data: data.as_deref(),
+        route: Some(route),
+    };
+    let identity = admission::identify(node, token.as_deref(), hello).await?;
     if identity.anonymous() {
         return Err(ApiError::Unauthorized(
             "the proxy needs a client token".into(),
@@ -185,12 +206,12 @@ async fn pump(
     client: WebSocket,
     upstream: Upstream,
     route: ProxyRoute,
+    id: u64,
     expires_in: Option<Duration>,
 ) {
     let _counted = Counted::new(node.clone());
     let (mut client_tx, mut client_rx) = client.split();
     let (mut up_tx, mut up_rx) = upstream.split();
-    let id = rand::random::<u64>();
     let client_id = format!("{id:016x}");
     let hello = serde_json::json!({
         "type": "proxy_connected",

@@ -5,11 +5,12 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Closed, Node};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -320,7 +321,16 @@ async fn a_proxied_connection_ends_with_3000_when_its_token_expires() {
         ws.next().await.unwrap().unwrap(),
         Message::Text("still here".into())
     );
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+    assert_eq!(
+        close_frame(&mut ws, Duration::from_secs(10)).await,
+        Some((3000, "token expired".to_string()))
+    );
+}
+
+/// The code and reason of the Close frame `ws` gets within `within`
+/// (`None`: the connection ended without one).
+async fn close_frame(ws: &mut Ws, within: Duration) -> Option<(u16, String)> {
+    tokio::time::timeout(within, async {
         loop {
             match ws.next().await {
                 Some(Ok(Message::Close(Some(frame)))) => {
@@ -332,6 +342,149 @@ async fn a_proxied_connection_ends_with_3000_when_its_token_expires() {
         }
     })
     .await
-    .expect("closed within 10 s");
-    assert_eq!(closed, Some((3000, "token expired".to_string())));
+    .expect("closed in time")
+}
+
+/// A connect hook back end over real HTTP: the Cookie `user=<name>` is the
+/// user (`banned` is refused with `disconnect`, `brief` expires in 2 s),
+/// no cookie is `error`; it keeps every request body it got.
+async fn connect_backend() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let calls = seen.clone();
+    let hook = move |axum::Json(body): axum::Json<Value>| {
+        let calls = calls.clone();
+        async move {
+            calls.lock().unwrap().push(body.clone());
+            let user = body["headers"]["Cookie"]
+                .as_str()
+                .and_then(|c| c.strip_prefix("user="))
+                .map(str::to_string);
+            axum::Json(match user.as_deref() {
+                None => json!({"error": {"code": 401, "message": "not signed in"}}),
+                Some("banned") => json!({"disconnect": {"code": 4503, "reason": "banned here"}}),
+                Some("brief") => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_millis() as u64;
+                    json!({"result": {"user": "brief", "expiresAt": now + 2_000}})
+                }
+                Some(name) => json!({"result": {"user": name}}),
+            })
+        }
+    };
+    let app = axum::Router::new().route("/connect", axum::routing::post(hook));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/connect", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+/// A proxy handshake with `cookie` (or none).
+async fn with_cookie(
+    node: &Node,
+    route: &str,
+    cookie: Option<&str>,
+) -> Result<(Ws, Value), (u16, String)> {
+    let url = node.ws_url(&format!("/ws/proxy/{route}"));
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        url.as_str(),
+    )
+    .unwrap();
+    if let Some(c) = cookie {
+        req.headers_mut().insert("cookie", c.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((mut ws, _)) => {
+            let Some(Ok(Message::Text(hello))) = ws.next().await else {
+                panic!("no proxy_connected")
+            };
+            Ok((ws, serde_json::from_str(&hello).unwrap()))
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            Err((resp.status().as_u16(), body))
+        }
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+/// A deployment that admits clients through its back end (client tokens
+/// off, `PROXY_CONNECT_URL` set) does not leave the proxy open: a proxied
+/// client without a token is admitted, refused or timed out by the connect
+/// hook exactly as on `/ws`, and the back end is told it is the proxy and
+/// which route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_the_connect_hook_decides_who_may_use_the_proxy() {
+    let (upstream, _task) = echo_server().await;
+    let routes = format!("echo:ws://{upstream}/feed");
+    let (hook, calls) = connect_backend().await;
+    let node = Node::start(
+        "proxy-hook",
+        &[
+            ("WEBSOCKET_PROXY_ENABLED", "true"),
+            ("WEBSOCKET_PROXY_ROUTES", &routes),
+            ("WEBSOCKET_PROXY_FORWARD_HEADERS", "Authorization"),
+            ("PROXY_CONNECT_URL", &hook),
+            ("PROXY_HEADERS", "Cookie"),
+            ("AUTH_JWT_LEEWAY_MS", "0"),
+            ("MAX_CONNECTIONS_PER_USER", "1"),
+        ],
+    );
+
+    // Not an upgrade: refused before the back end is asked.
+    assert_eq!(node.get("/ws/proxy/echo").0 / 100, 4);
+    assert!(calls.lock().unwrap().is_empty(), "{:?}", calls.lock());
+
+    // The back end's `error` and `disconnect`, before the upstream is
+    // dialled, with its texts.
+    let (status, body) = with_cookie(&node, "echo", None).await.err().unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("not signed in"), "{body}");
+    let (status, body) = with_cookie(&node, "echo", Some("user=banned"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("banned here"), "{body}");
+    assert_eq!(proxy_connections(&node), 0);
+
+    // Alice: admitted with the back end's user, under her user's seat.
+    let (mut alice, hello) = with_cookie(&node, "echo", Some("user=alice"))
+        .await
+        .unwrap();
+    alice.send(Message::Text("hi".into())).await.unwrap();
+    assert_eq!(
+        alice.next().await.unwrap().unwrap(),
+        Message::Text("hi".into())
+    );
+    let asked = calls.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(asked["transport"], "proxy", "{asked}");
+    assert_eq!(asked["route"], "echo", "{asked}");
+    assert_eq!(asked["client"], hello["clientId"], "{asked} {hello}");
+    let (status, body) = with_cookie(&node, "echo", Some("user=alice"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("MAX_CONNECTIONS_PER_USER"), "{body}");
+
+    // The hook's `expiresAt` ends a proxied connection as a token's `exp`.
+    let (mut brief, _) = with_cookie(&node, "echo", Some("user=brief"))
+        .await
+        .unwrap();
+    assert_eq!(
+        close_frame(&mut brief, Duration::from_secs(10)).await,
+        Some((3000, "token expired".to_string()))
+    );
+    // Alice's connection was not touched by any of it.
+    alice.send(Message::Text("still".into())).await.unwrap();
+    assert_eq!(
+        alice.next().await.unwrap().unwrap(),
+        Message::Text("still".into())
+    );
 }

@@ -36,6 +36,9 @@ pub mod transport {
     pub const SOCKETIO: &str = "socketio";
     /// Server-Sent Events (`/sse`).
     pub const SSE: &str = "sse";
+    /// The WebSocket proxy (`WEBSOCKET_PATH/proxy/{name}`); the request
+    /// also names the route.
+    pub const PROXY: &str = "proxy";
 }
 
 /// One of the hooks.
@@ -144,6 +147,8 @@ pub struct Hello<'a> {
     pub headers: &'a HeaderMap,
     /// Native `?data=`, Socket.IO `auth.data`.
     pub data: Option<&'a RawValue>,
+    /// The proxy route a proxied client asks for; `None` elsewhere.
+    pub route: Option<&'a str>,
 }
 
 // === wire ===
@@ -156,6 +161,8 @@ struct ConnectRequest<'a> {
     remote_addr: Option<String>,
     headers: BTreeMap<&'a str, String>,
     data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -400,6 +407,7 @@ impl Hooks {
             remote_addr: hello.remote.map(|a| a.to_string()),
             headers,
             data: hello.data,
+            route: hello.route,
         });
         let permit = self.permit(Hook::Connect)?;
         self.post(Hook::Connect, url, body, permit, |result| {

@@ -594,6 +594,7 @@ async fn packet(conn: &Arc<Conn>, st: &mut SocketState, p: &str) -> bool {
                 remote: conn.handshake.remote,
                 headers: &conn.handshake.headers,
                 data: data.as_deref(),
+                route: None,
             };
             match sio::open(node, token.as_deref(), id, hello).await {
                 Ok(s) => {

@@ -525,6 +525,7 @@ async fn who(
         remote: admission::remote_addr(extensions),
         headers,
         data: data.as_deref(),
+        route: None,
     };
     Ok(identify(node, token.as_deref(), hello).await?)
 }

@@ -147,6 +147,7 @@ async fn admit_native(
         remote,
         headers,
         data: data.as_deref(),
+        route: None,
     };
     let identity = identify(node, token.as_deref(), hello).await?;
     seats.user(node, &identity)?;
