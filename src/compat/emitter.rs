@@ -12,6 +12,7 @@
 use serde_json::Value;
 
 use super::{Action, Emit, Refusal, RoomCommand};
+use crate::protocol::MAX_ROUTING;
 
 /// MessagePack levels an emitter message may use around its arguments
 /// (`[uid, {data: [event, arg]}]` puts an argument at level 3).
@@ -121,6 +122,13 @@ pub fn decode_request(payload: &[u8]) -> Result<Action, Refusal> {
         return Err(Refusal::refused(
             "a request for every socket cannot be served: name the sockets by id (emitter.in(sid))",
         ));
+    }
+    // Bounded before the `except` filter below, which compares each target
+    // with each exception.
+    if targets.len() > MAX_ROUTING || except.len() > MAX_ROUTING {
+        return Err(Refusal::invalid(format!(
+            "more than {MAX_ROUTING} sockets or exceptions in one request"
+        )));
     }
     if let Some(room) = targets
         .iter()

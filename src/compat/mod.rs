@@ -421,6 +421,13 @@ impl Compat {
                 short(&Value::String(emit.event))
             )));
         }
+        // The bound before the de-duplication: a message of a million room
+        // names must not cost a million times a million comparisons.
+        if emit.rooms.len() > MAX_ROUTING || emit.except.len() > MAX_ROUTING {
+            return Err(Refusal::invalid(format!(
+                "more than {MAX_ROUTING} rooms or exceptions in one emit"
+            )));
+        }
         let mut rooms: Vec<String> = Vec::with_capacity(emit.rooms.len().max(1));
         for room in emit.rooms {
             if !rooms.contains(&room) {
@@ -429,11 +436,6 @@ impl Compat {
         }
         if rooms.is_empty() {
             rooms.push(BROADCAST.to_string());
-        }
-        if rooms.len() > MAX_ROUTING || emit.except.len() > MAX_ROUTING {
-            return Err(Refusal::invalid(format!(
-                "more than {MAX_ROUTING} rooms or exceptions in one emit"
-            )));
         }
         if let Some(bad) = rooms.iter().find(|r| !protocol::valid_topic(r)) {
             return Err(Refusal::invalid(format!(

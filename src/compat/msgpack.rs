@@ -1,10 +1,14 @@
 //! Just enough MessagePack to read what `@socket.io/redis-emitter`
 //! (notepack) and `channels_redis` (msgpack-python) publish, as JSON values.
 //!
-//! Our own reader, not a crate: it must refuse what cannot become JSON
-//! (binary, extension types, non-string map keys, NaN) with a sentence, stop
-//! at a depth limit before recursing further (a 20,000-level message costs
-//! nothing), and never trust a length prefix for an allocation.
+//! Our own reader, not a crate: it must make of each value what the system
+//! a publisher migrates from would have sent its clients (NaN and infinities
+//! `null`, as `JSON.stringify` writes them; a number, boolean or nil map key
+//! the string Python's `json.dumps` makes of it, as a Channels consumer's
+//! `send_json` would), refuse what cannot become JSON (binary, unknown
+//! extension types, array or map keys) with a sentence, stop at a depth limit
+//! before recursing further (a 20,000-level message costs nothing), and never
+//! trust a length prefix for an allocation.
 
 use serde_json::{Map, Number, Value};
 
@@ -22,12 +26,10 @@ pub enum MsgpackError {
     Binary,
     #[error("a MessagePack extension (type {0}) cannot be served")]
     Extension(i8),
-    #[error("a map key that is not a string cannot be served")]
+    #[error("a map key that is an array or a map cannot be served")]
     KeyNotString,
     #[error("a string is not UTF-8")]
     NotUtf8,
-    #[error("a number that JSON cannot carry (NaN or infinite)")]
-    NotJsonNumber,
 }
 
 /// Decodes one MessagePack value (the whole of `bytes`) into JSON, nesting
@@ -46,14 +48,39 @@ struct Reader<'a> {
     at: usize,
 }
 
-/// JavaScript's `Date.prototype.toISOString()` of `ms` after the Unix
-/// epoch, for the years it writes with four digits (up to 9999).
-fn iso_time(ms: u64) -> Option<String> {
-    const YEAR_10000: u64 = 253_402_300_800_000;
-    (ms < YEAR_10000).then(|| {
-        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-        humantime::format_rfc3339_millis(at).to_string()
-    })
+/// JavaScript's `Date.prototype.toISOString()` of `ms` from the Unix epoch
+/// (before it: negative), for the years it writes with four digits (0000 to
+/// 9999).
+fn iso_time(ms: i64) -> Option<String> {
+    const YEAR_0: i64 = -62_167_219_200_000;
+    const YEAR_10000: i64 = 253_402_300_800_000;
+    if !(YEAR_0..YEAR_10000).contains(&ms) {
+        return None;
+    }
+    let (year, month, day) = civil_from_days(ms.div_euclid(86_400_000));
+    let t = ms.rem_euclid(86_400_000);
+    Some(format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t / 3_600_000,
+        t / 60_000 % 60,
+        t / 1000 % 60,
+        t % 1000
+    ))
+}
+
+/// The proleptic Gregorian date of a day number (0 = 1970-01-01), by
+/// Howard Hinnant's `civil_from_days`.
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 impl<'a> Reader<'a> {
@@ -148,21 +175,19 @@ impl<'a> Reader<'a> {
         let kind = self.u8()? as i8;
         let data = self.take(n)?;
         let be = |b: &[u8]| b.iter().fold(0u64, |v, &x| (v << 8) | u64::from(x));
+        // Whole milliseconds, as a `Date` holds them; the 12-byte form's
+        // seconds are signed (before 1970), its nanoseconds count forward.
         let ms = match (kind, data.len()) {
             (0, 1) if data == [0] => return Ok(Value::Null),
-            (-1, 4) => Some(be(data) * 1000),
+            (-1, 4) => Some(be(data) as i64 * 1000),
             (-1, 8) => {
                 let v = be(data);
-                Some((v & 0x3_ffff_ffff) * 1000 + (v >> 34) / 1_000_000)
+                Some(((v & 0x3_ffff_ffff) * 1000 + (v >> 34) / 1_000_000) as i64)
             }
-            (-1, 12) => {
-                let secs = be(&data[4..]) as i64;
-                u64::try_from(secs)
-                    .ok()
-                    .and_then(|s| s.checked_mul(1000))
-                    .map(|ms| ms + be(&data[..4]) / 1_000_000)
-            }
-            (0, 8) => u64::try_from(be(data) as i64).ok(),
+            (-1, 12) => (be(&data[4..]) as i64)
+                .checked_mul(1000)
+                .and_then(|ms| ms.checked_add((be(&data[..4]) / 1_000_000) as i64)),
+            (0, 8) => Some(be(data) as i64),
             _ => None,
         };
         match ms.and_then(iso_time) {
@@ -185,11 +210,12 @@ impl<'a> Reader<'a> {
             return Err(MsgpackError::TooDeep(max));
         }
         // Every element takes at least one byte: a length beyond what is
-        // left is a lie, and never an allocation.
+        // left is a lie. Nor is one that fits an allocation: each nested
+        // level could claim the rest of the message again.
         if n > self.bytes.len() - self.at {
             return Err(MsgpackError::Truncated);
         }
-        let mut items = Vec::with_capacity(n);
+        let mut items = Vec::with_capacity(n.min(1024));
         for _ in 0..n {
             items.push(self.value(depth + 1, max)?);
         }
@@ -205,8 +231,13 @@ impl<'a> Reader<'a> {
         }
         let mut map = Map::new();
         for _ in 0..n {
-            let Value::String(k) = self.value(depth + 1, max)? else {
-                return Err(MsgpackError::KeyNotString);
+            let k = match self.value(depth + 1, max)? {
+                Value::String(k) => k,
+                // What Python's `json.dumps` writes for such keys.
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                Value::Null => "null".to_string(),
+                Value::Array(_) | Value::Object(_) => return Err(MsgpackError::KeyNotString),
             };
             let v = self.value(depth + 1, max)?;
             map.insert(k, v);
@@ -221,9 +252,8 @@ fn float(f: f64) -> Result<Value, MsgpackError> {
     if f.fract() == 0.0 && f.abs() < 9.0e15 {
         return Ok(Value::from(f as i64));
     }
-    Number::from_f64(f)
-        .map(Value::Number)
-        .ok_or(MsgpackError::NotJsonNumber)
+    // NaN and the infinities: `null`, as JSON.stringify writes them.
+    Ok(Number::from_f64(f).map_or(Value::Null, Value::Number))
 }
 
 #[cfg(test)]
@@ -281,14 +311,40 @@ mod tests {
         // A timestamp past what toISOString writes with four digits.
         let far = [0xc7, 12, 0xff, 0, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0];
         assert_eq!(decode(&far, 4), Err(MsgpackError::Extension(-1)));
+        // Before 1970: the 12-byte form with negative seconds.
+        // -14_182_940 s, 500 ms = 1969-07-20T20:17:40.500Z.
+        let mut moon = vec![0xc7, 12, 0xff];
+        moon.extend_from_slice(&500_000_000u32.to_be_bytes());
+        moon.extend_from_slice(&(-14_182_940i64).to_be_bytes());
+        assert_eq!(decode(&moon, 4).unwrap(), json!("1969-07-20T20:17:40.500Z"));
+        // Seconds whose milliseconds overflow: refused, never wrapped.
+        let mut huge = vec![0xc7, 12, 0xff, 0xff, 0xff, 0xff, 0xff];
+        huge.extend_from_slice(&(u64::MAX / 1000).to_be_bytes());
+        assert_eq!(decode(&huge, 4), Err(MsgpackError::Extension(-1)));
+        assert_eq!(iso_time(0).unwrap(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso_time(-1).unwrap(), "1969-12-31T23:59:59.999Z");
+        assert_eq!(
+            iso_time(-62_167_219_200_000).unwrap(),
+            "0000-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            iso_time(951_782_400_000).unwrap(),
+            "2000-02-29T00:00:00.000Z"
+        );
     }
 
     #[test]
     fn refuses_what_json_cannot_carry_and_lies() {
         assert_eq!(decode(&[0xc4, 1, 0], 4), Err(MsgpackError::Binary));
         assert_eq!(decode(&[0xd4, 0x05, 0], 4), Err(MsgpackError::Extension(5)));
+        // msgpack-python's int, bool and None keys: json.dumps's strings.
+        assert_eq!(decode(&[0x81, 0x01, 0x01], 4).unwrap(), json!({"1": 1}));
         assert_eq!(
-            decode(&[0x81, 0x01, 0x01], 4),
+            decode(&[0x83, 0xc3, 0x01, 0xc0, 0x02, 0xff, 0x03], 4).unwrap(),
+            json!({"true": 1, "null": 2, "-1": 3})
+        );
+        assert_eq!(
+            decode(&[0x81, 0x90, 0x01], 4),
             Err(MsgpackError::KeyNotString)
         );
         assert_eq!(
@@ -302,9 +358,16 @@ mod tests {
         assert_eq!(decode(&[0xa2, 0xff, 0xfe], 4), Err(MsgpackError::NotUtf8));
         assert_eq!(decode(&[0xc0, 0xc0], 4), Err(MsgpackError::Trailing(1)));
         assert_eq!(decode(&[0xc1], 4), Err(MsgpackError::BadByte(0xc1)));
+        // NaN and infinity: null, as JSON.stringify writes them.
         assert_eq!(
-            decode(&[0xcb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0], 4),
-            Err(MsgpackError::NotJsonNumber)
+            decode(
+                &[
+                    0x92, 0xcb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0, 0xcb, 0x7f, 0xf0, 0, 0, 0, 0, 0, 0
+                ],
+                4
+            )
+            .unwrap(),
+            json!([null, null])
         );
         assert_eq!(
             decode(b"{\"json\": 1}", 4).unwrap_err(),

@@ -5,8 +5,12 @@
 //! JSON since python-socketio 5.14: `{"method": "emit", "event", "data",
 //! "namespace", "room", "skip_sid", "callback", "host_id", "binary"?}`, and
 //! `enter_room` / `leave_room` / `disconnect` with a `sid`. Since 5.15.1
-//! (the release that added `binary`) `data` is the list of arguments;
-//! before, the bare value. Older releases pickled: refused.
+//! `data` is the list of arguments; before, the bare value (`None`: no
+//! argument). `binary` came in 5.14.2, so it does not tell the two apart:
+//! a `data` that is not a list can only be a bare value, a list is read as
+//! 5.15.1's arguments (a 5.14.2 - 5.15.0 publisher's list value is
+//! ambiguous: docs/migration.md asks for 5.15.1). Older releases pickled:
+//! refused.
 
 use serde_json::Value;
 
@@ -95,16 +99,20 @@ fn emit(msg: &serde_json::Map<String, Value>) -> Result<Action, Refusal> {
         ));
     }
     let data = msg.get("data").cloned().unwrap_or(Value::Null);
-    // 5.15.1 and later (they write "binary"): the list of arguments, of
-    // which a python-socketio server drops a lone `None` (`emit(event)`).
-    let (data, spread) = if msg.contains_key("binary") {
-        match data {
-            Value::Array(args) if args == [Value::Null] => Emit::args(vec![]),
-            Value::Array(args) => Emit::args(args),
-            _ => return Err(Refusal::malformed("\"data\" is not a list of arguments")),
+    let (data, spread) = match data {
+        // 5.15.1 and later: the list of arguments, of which a
+        // python-socketio server drops a lone `None` (`emit(event)`).
+        Value::Array(args) if msg.contains_key("binary") => {
+            if args == [Value::Null] {
+                Emit::args(vec![])
+            } else {
+                Emit::args(args)
+            }
         }
-    } else {
-        (data, false)
+        // Before: the bare value; `None` is no argument, as the reference
+        // server sends it.
+        Value::Null => Emit::args(vec![]),
+        value => (value, false),
     };
     let rooms = names(msg.get("room"), "room")?;
     let except = names(msg.get("skip_sid"), "skip_sid")?;
@@ -175,6 +183,21 @@ mod tests {
         assert_eq!(e.data, json!([1, 2]));
         assert_eq!(e.rooms, ["x", "y"]);
         assert_eq!(e.except, ["s"]);
+        // 5.14.2 - 5.15.0 write `binary` with the bare value: a value that is
+        // not a list is delivered, not refused.
+        let e = emit_of(
+            json!({"method": "emit", "event": "status", "data": {"ok": true},
+            "binary": false, "namespace": "/", "room": "room1"}),
+        );
+        assert_eq!((e.data, e.spread), (json!({"ok": true}), false));
+        // `None` before 5.15.1 (with or without `binary`): no argument.
+        for v in [
+            json!({"method": "emit", "event": "refresh", "data": null, "namespace": "/"}),
+            json!({"method": "emit", "event": "refresh", "data": null, "binary": false}),
+        ] {
+            let e = emit_of(v);
+            assert_eq!((e.data, e.spread), (Value::Null, true));
+        }
     }
 
     #[test]
