@@ -683,6 +683,9 @@ async fn run_control(
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let mut data = json!({"reached": reached.reached});
+    if reached.busy > 0 {
+        data["busy"] = json!(reached.busy);
+    }
     if !reached.unanswered.is_empty() {
         data["unanswered"] = json!(reached.unanswered);
     }

@@ -91,11 +91,30 @@ impl Command {
     }
 }
 
+/// What became of a command handed to one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handed {
+    Taken,
+    /// [`PENDING_COMMANDS`] are still waiting: not taken, but the
+    /// connection is there (a caller may try again).
+    Busy,
+    /// Gone, or closing after a `disconnect`.
+    Gone,
+}
+
 /// How the registry reaches one connection. Implemented by each transport.
 pub trait Handle: Send + Sync {
-    /// Hands `command` to the connection without waiting; false when it
-    /// cannot take it (gone, or too many commands still pending).
-    fn send(&self, command: Command) -> bool;
+    /// Hands `command` to the connection without waiting.
+    fn send(&self, command: Command) -> Handed;
+}
+
+/// What a command did on one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Connections that took it.
+    pub reached: usize,
+    /// Connections that were there but had [`PENDING_COMMANDS`] waiting.
+    pub busy: usize,
 }
 
 /// Hears every registration and its end, in each connection's order.
@@ -189,9 +208,8 @@ impl Clients {
         true
     }
 
-    /// Hands `command` to every local connection `target` names; returns
-    /// how many took it.
-    pub fn apply(&self, target: &Target, command: &Command) -> usize {
+    /// Hands `command` to every local connection `target` names.
+    pub fn apply(&self, target: &Target, command: &Command) -> Applied {
         let handles: Vec<Arc<dyn Handle>> = {
             let state = self.inner.state.lock().unwrap();
             match target {
@@ -215,13 +233,17 @@ impl Clients {
                     .collect(),
             }
         };
-        let reached = handles
-            .into_iter()
-            .filter(|h| h.send(command.clone()))
-            .count();
+        let mut applied = Applied::default();
+        for handle in handles {
+            match handle.send(command.clone()) {
+                Handed::Taken => applied.reached += 1,
+                Handed::Busy => applied.busy += 1,
+                Handed::Gone => {}
+            }
+        }
         metrics::counter!(m::CONTROL_COMMANDS, "command" => command.label())
-            .increment(reached as u64);
-        reached
+            .increment(applied.reached as u64);
+        applied
     }
 
     /// One connection's record.
@@ -329,13 +351,14 @@ impl Mailbox {
 }
 
 impl Handle for Mailbox {
-    fn send(&self, command: Command) -> bool {
+    fn send(&self, command: Command) -> Handed {
         {
             let mut q = self.queue.lock().unwrap();
-            if self.leaving.load(std::sync::atomic::Ordering::Acquire)
-                || q.len() >= PENDING_COMMANDS
-            {
-                return false;
+            if self.leaving.load(std::sync::atomic::Ordering::Acquire) {
+                return Handed::Gone;
+            }
+            if q.len() >= PENDING_COMMANDS {
+                return Handed::Busy;
             }
             if matches!(command, Command::Disconnect { .. }) {
                 self.leaving
@@ -344,7 +367,7 @@ impl Handle for Mailbox {
             q.push_back(command);
         }
         self.notify.notify_one();
-        true
+        Handed::Taken
     }
 }
 
@@ -389,15 +412,15 @@ mod tests {
         let sub = Command::Subscribe {
             topic: "news".into(),
         };
-        assert_eq!(clients.apply(&Target::User("u1".into()), &sub), 2);
+        assert_eq!(clients.apply(&Target::User("u1".into()), &sub).reached, 2);
         assert_eq!(m1.recv().await, sub);
         assert_eq!(m2.recv().await, sub);
         assert!(m3.queue.lock().unwrap().is_empty());
-        assert_eq!(clients.apply(&Target::Client("c".into()), &sub), 1);
-        assert_eq!(clients.apply(&Target::Client("zz".into()), &sub), 0);
+        assert_eq!(clients.apply(&Target::Client("c".into()), &sub).reached, 1);
+        assert_eq!(clients.apply(&Target::Client("zz".into()), &sub).reached, 0);
         assert_eq!(clients.of_user("u1").len(), 2);
         b.end(m::reason::CLIENT);
-        assert_eq!(clients.apply(&Target::User("u1".into()), &sub), 1);
+        assert_eq!(clients.apply(&Target::User("u1".into()), &sub).reached, 1);
         drop(c);
         assert_eq!(clients.end_all(m::reason::SHUTDOWN), 1);
         a.end(m::reason::CLIENT);
@@ -415,9 +438,15 @@ mod tests {
         let cmd = Command::Unsubscribe { topic: "t".into() };
         let target = Target::Client("a".into());
         for _ in 0..PENDING_COMMANDS {
-            assert_eq!(clients.apply(&target, &cmd), 1);
+            assert_eq!(clients.apply(&target, &cmd).reached, 1);
         }
-        assert_eq!(clients.apply(&target, &cmd), 0);
+        assert_eq!(
+            clients.apply(&target, &cmd),
+            Applied {
+                reached: 0,
+                busy: 1
+            }
+        );
     }
 
     #[test]

@@ -28,10 +28,11 @@ impl ControlBus for LocalBus {
         target: Target,
         command: Command,
     ) -> BoxFuture<'_, Result<Reached, ControlError>> {
-        let reached = self.clients.apply(&target, &command);
+        let applied = self.clients.apply(&target, &command);
         Box::pin(async move {
             Ok(Reached {
-                reached,
+                reached: applied.reached,
+                busy: applied.busy,
                 unanswered: Vec::new(),
             })
         })

@@ -41,6 +41,9 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reached {
     pub reached: usize,
+    /// Connections that were there but did not take it: they had
+    /// `PENDING_COMMANDS` waiting (try again).
+    pub busy: usize,
     /// Live nodes (by the registry) that did not answer in time.
     pub unanswered: Vec<String>,
 }
@@ -78,12 +81,19 @@ pub struct Wire {
     pub reason: Option<String>,
 }
 
-/// The answer of one node: `{"id", "node", "reached"}`.
+/// The answer of one node: `{"id", "node", "reached", "busy"?}` (`busy`
+/// absent from nodes before it, and when 0).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Answer {
     pub id: String,
     pub node: String,
     pub reached: usize,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub busy: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Wire {

@@ -91,17 +91,18 @@ impl RedisControl {
         if wire.from == self.node_id {
             return;
         }
-        let reached = match wire.decode() {
+        let applied = match wire.decode() {
             Some((target, command)) => self.clients.apply(&target, &command),
             None => {
                 tracing::debug!(op = wire.op, "control command not known here: reached 0");
-                0
+                Default::default()
             }
         };
         let answer = Answer {
             id: wire.id,
             node: self.node_id.clone(),
-            reached,
+            reached: applied.reached,
+            busy: applied.busy,
         };
         let json = serde_json::to_string(&answer).expect("answers serialize");
         let (redis, channel) = (self.redis.clone(), self.keys.control_replies(&wire.from));
@@ -135,24 +136,26 @@ impl ControlBus for RedisControl {
                 self.pending.lock().unwrap().remove(&id);
                 return Err(e.into());
             }
-            let mut reached = self.clients.apply(&target, &command);
+            let applied = self.clients.apply(&target, &command);
+            let (mut reached, mut busy) = (applied.reached, applied.busy);
             // A client id names one connection: once found, stop asking.
             let one = matches!(target, Target::Client(_));
             let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
-            let done = |reached: usize, expected: &HashSet<String>| {
-                expected.is_empty() || (one && reached > 0)
+            let done = |found: usize, expected: &HashSet<String>| {
+                expected.is_empty() || (one && found > 0)
             };
-            while !done(reached, &expected) {
+            while !done(reached + busy, &expected) {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(answer)) => {
                         expected.remove(&answer.node);
                         reached += answer.reached;
+                        busy += answer.busy;
                     }
                     _ => break,
                 }
             }
             self.pending.lock().unwrap().remove(&id);
-            let mut unanswered: Vec<String> = if one && reached > 0 {
+            let mut unanswered: Vec<String> = if one && reached + busy > 0 {
                 Vec::new()
             } else {
                 expected.into_iter().collect()
@@ -160,6 +163,7 @@ impl ControlBus for RedisControl {
             unanswered.sort();
             Ok(Reached {
                 reached,
+                busy,
                 unanswered,
             })
         })

@@ -229,28 +229,29 @@ struct Commands {
 }
 
 impl crate::clients::Handle for Handle {
-    fn send(&self, command: crate::clients::Command) -> bool {
+    fn send(&self, command: crate::clients::Command) -> crate::clients::Handed {
+        use crate::clients::Handed;
         let Some(s) = self.session.upgrade() else {
-            return false;
+            return Handed::Gone;
         };
         if s.gone.is_cancelled() || self.leaving.load(Ordering::Acquire) {
-            return false;
+            return Handed::Gone;
         }
         if self.pending.fetch_add(1, Ordering::AcqRel) >= crate::clients::PENDING_COMMANDS {
             self.pending.fetch_sub(1, Ordering::AcqRel);
-            return false;
+            return Handed::Busy;
         }
         if matches!(command, crate::clients::Command::Disconnect { .. })
             && self.leaving.swap(true, Ordering::AcqRel)
         {
             self.pending.fetch_sub(1, Ordering::AcqRel);
-            return false;
+            return Handed::Gone;
         }
         {
             let mut commands = self.commands.lock().unwrap();
             commands.queue.push_back(command);
             if std::mem::replace(&mut commands.running, true) {
-                return true;
+                return Handed::Taken;
             }
         }
         let (peer, node) = (self.peer.clone(), self.node.clone());
@@ -271,7 +272,7 @@ impl crate::clients::Handle for Handle {
                 pending.fetch_sub(1, Ordering::AcqRel);
             }
         });
-        true
+        Handed::Taken
     }
 }
 

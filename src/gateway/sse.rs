@@ -1063,6 +1063,14 @@ async fn command(
             reached.unanswered.join(", ")
         )));
     }
+    if reached.reached == 0 && reached.busy > 0 {
+        // Alive, with its queue of commands full (a burst of requests
+        // while it still joins its topics): not an ended session.
+        return Err(ApiError::Unavailable(format!(
+            "the stream has {} requests still waiting; try again",
+            crate::clients::PENDING_COMMANDS
+        )));
+    }
     if reached.reached == 0 {
         return Err(not_found(&session));
     }
