@@ -330,6 +330,83 @@ fn a_resumed_topic_refused_on_one_node_keeps_its_position_for_the_next() {
     assert_eq!(k2, [3, 4]);
 }
 
+/// The position a refused resumed topic keeps also serves the stream's own
+/// next subscribe of it: a request (which cannot carry a position) resumes
+/// it from there and replays what it missed, instead of starting it from
+/// now with no `gap` (the JavaScript client retries a refused topic so).
+#[test]
+fn a_refused_resumed_topic_subscribed_again_replays_what_it_missed() {
+    let redis = Redis::start();
+    let p = prefix("sse-again");
+    let a = Node::start_on_redis(
+        "sse-again-a",
+        &redis.url(),
+        &p,
+        &[],
+        Duration::from_secs(10),
+    );
+    let b = Node::start_on_redis(
+        "sse-again-b",
+        &redis.url(),
+        &p,
+        // Its own `device` and one more.
+        &[("MAX_TOPICS_PER_NODE", "2")],
+        Duration::from_secs(10),
+    );
+    let s = Sse::open(&a.addr, "/sse?topic=r1&topic=r2", &[]);
+    assert_eq!(s.status, 200, "{}", s.head);
+    s.expect("connected");
+    s.expect("subscribed");
+    s.expect("subscribed");
+    publish(&a, "r1", 1);
+    publish(&a, "r2", 1);
+    s.expect("r1");
+    let id = s.expect("r2").id.unwrap();
+    s.close();
+    for n in 2..=3 {
+        publish(&a, "r2", n);
+    }
+    // b takes one topic more: r1 resumes, r2 is refused.
+    let r = Sse::open(&b.addr, "/sse?topic=r1&topic=r2", &[("Last-Event-ID", &id)]);
+    assert_eq!(r.status, 200, "{}", r.head);
+    let session = r.expect("connected").data["session"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let refused = r.expect("error");
+    assert_eq!(refused.data["code"], "topic_limit", "{:?}", refused.data);
+    assert_eq!(refused.data["event"], "r2", "{:?}", refused.data);
+    // It drops r1 and asks for r2 again until b has room (r1 lingers on b
+    // for 1 s): 2 and 3 come first, recovered.
+    let path = |op: &str| format!("/api/sse/{session}/{op}");
+    let (status, body) = a.post(&path("unsubscribe"), r#"{"topic":"r1"}"#);
+    assert_eq!(status, 200, "{body}");
+    r.expect("unsubscribed");
+    let subscribed = (0..20)
+        .find_map(|_| {
+            let (status, body) = a.post(&path("subscribe"), r#"{"topic":"r2"}"#);
+            assert_eq!(status, 200, "{body}");
+            let ev = r
+                .next(Duration::from_secs(5))
+                .expect("an answer on the stream");
+            match ev.event.as_str() {
+                "subscribed" => Some(ev),
+                "error" if ev.data["code"] == "topic_limit" => {
+                    std::thread::sleep(Duration::from_millis(300));
+                    None
+                }
+                _ => panic!("{ev:?}"),
+            }
+        })
+        .expect("r2 subscribed once b had room");
+    assert_eq!(subscribed.data["event"], "r2", "{:?}", subscribed.data);
+    assert_eq!(subscribed.data["recovered"], true, "{:?}", subscribed.data);
+    let replayed: Vec<u64> = (0..2)
+        .map(|_| r.expect("r2").data["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(replayed, [2, 3]);
+}
+
 /// A resume whose token no longer allows one of its topics goes on with
 /// the others, and that topic gets an `error` event: a 403 would end an
 /// `EventSource` for good. A new stream naming it is refused whole, as

@@ -169,6 +169,22 @@ impl Positions {
         self.rebuild();
     }
 
+    /// Where the stream stood in `topic` (epoch and offset), if anywhere.
+    fn get(&self, topic: &str) -> Option<(Arc<str>, u64)> {
+        self.entries
+            .iter()
+            .find(|e| *e.0 == *topic)
+            .map(|e| (e.2.clone(), e.3))
+    }
+
+    /// Puts `topic` back where [`Positions::get`] found it.
+    fn restore(&mut self, topic: &str, before: Option<(Arc<str>, u64)>) {
+        match before {
+            Some((epoch, offset)) => self.set(topic, &epoch, offset),
+            None => self.remove(topic),
+        }
+    }
+
     fn remove(&mut self, topic: &str) {
         let before = self.entries.len();
         self.entries.retain(|e| *e.0 != *topic);
@@ -305,18 +321,31 @@ impl Stream {
 }
 
 impl Subscriber for Stream {
+    /// The id of the frame names the publication's offset; a frame that is
+    /// not queued (a full queue) puts the position back, so no later frame's
+    /// id (one that still fits, or went out in the race with the close)
+    /// claims a publication the client never got.
     fn deliver(&self, publication: &Publication) -> Delivery {
         let mut positions = self.positions.lock().unwrap();
-        if let (Some(offset), Some(epoch)) = (publication.offset, &publication.epoch) {
-            positions.set(&publication.topic, epoch, offset);
-        }
+        let Some((offset, epoch)) = publication.offset.zip(publication.epoch.as_ref()) else {
+            let native = publication.native_frame();
+            let frame = event(&publication.event, Some(positions.id()), native.as_str());
+            return self.outbox.push(frame);
+        };
+        let before = positions.get(&publication.topic);
+        positions.set(&publication.topic, epoch, offset);
         let native = publication.native_frame();
         let frame = event(&publication.event, Some(positions.id()), native.as_str());
-        self.outbox.push(frame)
+        let delivery = self.outbox.push(frame);
+        if delivery != Delivery::Queued {
+            positions.restore(&publication.topic, before);
+        }
+        delivery
     }
 
     fn gap(&self, topic: &str, gap: &GapRange) -> Delivery {
         let mut positions = self.positions.lock().unwrap();
+        let before = positions.get(topic);
         positions.set(topic, &gap.epoch, gap.to);
         let message = ServerMessage::Gap {
             event: topic,
@@ -327,7 +356,11 @@ impl Subscriber for Stream {
             timestamp: protocol::timestamp(),
         };
         let frame = event("gap", Some(positions.id()), &message.to_json());
-        self.outbox.push(frame)
+        let delivery = self.outbox.push(frame);
+        if delivery != Delivery::Queued {
+            positions.restore(topic, before);
+        }
+        delivery
     }
 
     fn transport(&self) -> &'static str {
@@ -863,10 +896,28 @@ impl Session {
         );
     }
 
-    /// Subscribes an allowed topic (from `since` when resuming).
+    /// Subscribes an allowed topic (from `since` when resuming). A topic
+    /// the stream does not hold but has a position for is one whose resume
+    /// was refused ([`Session::keep_position`]): a later subscribe (a
+    /// request, the back end's) resumes it from there, as the client's
+    /// retry of a refused resubscription would on any other transport.
     async fn join(&mut self, topic: String, since: Option<Since>) {
         let limit = self.node.config().max_subscriptions;
         let held = self.topics.contains(&topic);
+        let since = match since {
+            None if !held => {
+                self.stream
+                    .positions
+                    .lock()
+                    .unwrap()
+                    .get(&topic)
+                    .map(|(epoch, offset)| Since {
+                        offset,
+                        epoch: epoch.to_string(),
+                    })
+            }
+            since => since,
+        };
         if !held && self.topics.len() >= limit {
             self.keep_position(&topic, since.as_ref());
             return self.stream.error(
