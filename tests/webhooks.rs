@@ -36,6 +36,10 @@ struct Received {
     batches: Mutex<Vec<Batch>>,
     /// Answer 500 until then.
     fail_until: Mutex<Option<Instant>>,
+    /// Answer 307 to `/elsewhere` until then.
+    redirect_until: Mutex<Option<Instant>>,
+    /// Requests that reached `/elsewhere`.
+    followed: AtomicUsize,
     refused: AtomicUsize,
     bad_signatures: AtomicUsize,
 }
@@ -51,6 +55,7 @@ impl Receiver {
         let state = Arc::new(Received::default());
         let app = axum::Router::new()
             .route("/hooks", axum::routing::post(receive))
+            .route("/elsewhere", axum::routing::post(elsewhere))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -79,11 +84,36 @@ impl Receiver {
     }
 }
 
+async fn elsewhere(State(state): State<Arc<Received>>) -> StatusCode {
+    state.followed.fetch_add(1, Ordering::Relaxed);
+    StatusCode::NO_CONTENT
+}
+
 async fn receive(
     State(state): State<Arc<Received>>,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let redirecting = state
+        .redirect_until
+        .lock()
+        .unwrap()
+        .is_some_and(|t| Instant::now() < t);
+    if redirecting {
+        state.refused.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(axum::http::header::LOCATION, "/elsewhere")],
+        )
+            .into_response();
+    }
+    verify(&state, &headers, &body).into_response()
+}
+
+/// The receiver proper: 500 while failing, the signature checked against
+/// the raw bytes, the batch recorded.
+fn verify(state: &Received, headers: &HeaderMap, body: &Bytes) -> StatusCode {
     let failing = state
         .fail_until
         .lock()
@@ -99,13 +129,13 @@ async fn receive(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(&body);
+    mac.update(body);
     let expected = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
     if sent != expected {
         state.bad_signatures.fetch_add(1, Ordering::Relaxed);
         return StatusCode::UNAUTHORIZED;
     }
-    let v: Value = serde_json::from_slice(&body).unwrap();
+    let v: Value = serde_json::from_slice(body).unwrap();
     assert!(v["timeMs"].as_u64().unwrap() > 1_700_000_000_000, "{v}");
     let node = headers
         .get("x-switchboard-node")
@@ -487,6 +517,34 @@ async fn a_receiver_answering_500_for_10_s_loses_nothing_and_order_holds() {
     assert!(metrics.contains("switchboard_webhook_queue 0"), "{metrics}");
 }
 
+/// A redirect would carry a batch and its signature to wherever it points:
+/// it is a failed delivery, retried at the configured URL, never followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_receiver_that_redirects_is_retried_in_place_and_never_followed() {
+    let receiver = Receiver::start().await;
+    *receiver.state.redirect_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(3));
+    let redis = Redis::start();
+    let prefix = common::prefix("wh-redirect");
+    let node = start("wh-redirect", &redis, &prefix, &hooks_env(&receiver));
+    let mut c = Client::connect(&node.ws_url("/ws")).await;
+    let id = c.client_id.clone();
+    c.ws.close(None).await.unwrap();
+    assert!(
+        until(Duration::from_secs(30), || receiver
+            .count("client_disconnected", |e| e["client"] == id.as_str())
+            == 1)
+        .await,
+        "received {:?}",
+        receiver.events()
+    );
+    assert!(receiver.state.refused.load(Ordering::Relaxed) > 0);
+    assert_eq!(receiver.state.followed.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        receiver.count("client_connected", |e| e["client"] == id.as_str()),
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn control_api_reaches_a_users_connections_on_both_nodes() {
     let receiver = Receiver::start().await;
@@ -819,6 +877,50 @@ fn a_drained_node_reports_its_clients_and_topics_before_it_exits() {
     assert_eq!(
         receiver.count("topic_vacated", |e| e["topic"] == "drained"),
         1
+    );
+    drop(clients);
+}
+
+/// A receiver that is down for a node's whole drain still hears of that
+/// node's clients: the node keeps its records when its last batches were
+/// not delivered, and the other node's reaper reports them.
+#[test]
+fn clients_of_a_node_drained_while_the_receiver_was_down_are_reported_later() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let receiver = rt.block_on(Receiver::start());
+    let redis = Redis::start();
+    let prefix = common::prefix("wh-drain-down");
+    let mut env = hooks_env(&receiver);
+    env.push(("SHUTDOWN_GRACE_MS", "2000".into()));
+    let mut a = start("wh-dd-a", &redis, &prefix, &env);
+    let _b = start("wh-dd-b", &redis, &prefix, &env);
+    let clients: Vec<Client> = rt.block_on(async {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(Client::connect(&a.ws_url("/ws")).await);
+        }
+        v
+    });
+    let ids: Vec<String> = clients.iter().map(|c| c.client_id.clone()).collect();
+    assert!(common::eventually(Duration::from_secs(10), || receiver
+        .count("client_connected", |e| e["node"] == "wh-dd-a")
+        == 5));
+    *receiver.state.fail_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(600));
+    a.signal("TERM");
+    assert!(a.wait_exit(Duration::from_secs(15)).is_some());
+    assert_eq!(receiver.count("client_disconnected", |_| true), 0);
+    *receiver.state.fail_until.lock().unwrap() = None;
+    let reported = |id: &str| {
+        receiver.count("client_disconnected", |e| {
+            e["client"] == id && e["node"] == "wh-dd-a" && e["reason"] == "node_lost"
+        })
+    };
+    assert!(
+        common::eventually(Duration::from_secs(40), || ids
+            .iter()
+            .all(|id| reported(id) == 1)),
+        "{:?}",
+        receiver.of_type("client_disconnected")
     );
     drop(clients);
 }

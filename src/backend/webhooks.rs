@@ -60,6 +60,9 @@ pub struct Event {
     /// The `type` field; a fixed string so that it can label metrics.
     kind: &'static str,
     json: String,
+    /// A client whose record may go once this event is sent
+    /// ([`Bookkeeping::after_send`]).
+    forget: Option<Arc<str>>,
 }
 
 impl Event {
@@ -69,7 +72,15 @@ impl Event {
         Event {
             kind,
             json: serde_json::Value::Object(fields).to_string(),
+            forget: None,
         }
+    }
+
+    /// This event, and once it is sent (or given up), `client`'s record
+    /// may be deleted.
+    pub fn forgetting(mut self, client: Arc<str>) -> Self {
+        self.forget = Some(client);
+        self
     }
 
     pub fn kind(&self) -> &'static str {
@@ -141,6 +152,7 @@ impl Event {
         Event {
             kind: kind::CLIENT_EVENT,
             json,
+            forget: None,
         }
     }
 
@@ -152,12 +164,17 @@ impl Event {
     }
 }
 
-/// Runs before each batch is sent: the occupancy ledger writes what the
-/// batch announces (a client's record must be in Redis before its
-/// `client_connected` can reach the back end, or a node killed right after
-/// would leave no trace of it for the reaper).
-pub trait BeforeSend: Send + Sync {
+/// The occupancy ledger's part in sending: a client's record must be in
+/// Redis before its `client_connected` can reach the back end (or a node
+/// killed right after would leave no trace of it for the reaper), and may
+/// go only once its `client_disconnected` was (or a node killed or drained
+/// with it still queued would leave no trace of the disconnection).
+pub trait Bookkeeping: Send + Sync {
+    /// Before each batch: writes what the batch announces.
     fn before_send(&self) -> BoxFuture<'_, ()>;
+    /// After a batch was answered 2xx or given up: the records of the
+    /// clients it said were gone ([`Event::forgetting`]) may be deleted.
+    fn after_send(&self, forget: Vec<Arc<str>>) -> BoxFuture<'_, ()>;
 }
 
 /// Cheap-to-clone handle to this node's webhook queue and sender.
@@ -178,7 +195,7 @@ struct Inner {
     full: Notify,
     /// Wakes `flush` when the queue and the batch in flight are done.
     idle: Notify,
-    before_send: OnceLock<Arc<dyn BeforeSend>>,
+    bookkeeping: OnceLock<Arc<dyn Bookkeeping>>,
 }
 
 #[derive(Default)]
@@ -187,6 +204,10 @@ struct Queue {
     /// The types of the batch being sent: they count against the queue's
     /// size until it is answered, and as `abandoned` if a drain ends first.
     in_flight: Vec<&'static str>,
+    /// The JSON bytes of `events` and of the batch in flight.
+    bytes: usize,
+    /// The in-flight batch's share of `bytes`.
+    in_flight_bytes: usize,
     overflowed: u64,
     overflow_logged: Option<Instant>,
 }
@@ -197,6 +218,17 @@ impl Queue {
     }
 }
 
+/// What a node's queue holds at most in event JSON, whatever
+/// `WEBHOOK_QUEUE_SIZE` says: most events are about 200 bytes, but a
+/// `client_event` carries its publication's data (up to
+/// `WEBSOCKET_MAX_PAYLOAD`), and a receiver that is down must not make a
+/// node hold them without bound.
+pub const QUEUE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A batch stops growing past this much event JSON (it always takes one
+/// event): a receiver gets bodies of a sane size, retried whole.
+pub const BATCH_BYTES: usize = 1024 * 1024;
+
 impl Webhooks {
     /// Starts the sender for `config`; events name `node` as their sender.
     pub fn start(config: WebhookConfig, node: &str) -> Webhooks {
@@ -204,6 +236,10 @@ impl Webhooks {
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
             .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
+            // A redirect would carry the batch, and its signature, to
+            // wherever the answer points: a 3xx is a failed delivery,
+            // retried like a 5xx, and the log says why.
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .expect("the HTTP client builds");
@@ -216,16 +252,16 @@ impl Webhooks {
                 wake: Notify::new(),
                 full: Notify::new(),
                 idle: Notify::new(),
-                before_send: OnceLock::new(),
+                bookkeeping: OnceLock::new(),
             }),
         };
         tokio::spawn(hooks.clone().send_loop());
         hooks
     }
 
-    /// Sets what runs before each batch (once).
-    pub fn set_before_send(&self, hook: Arc<dyn BeforeSend>) {
-        let _ = self.inner.before_send.set(hook);
+    /// Sets what runs before and after each batch (once).
+    pub fn set_bookkeeping(&self, hook: Arc<dyn Bookkeeping>) {
+        let _ = self.inner.bookkeeping.set(hook);
     }
 
     pub fn config(&self) -> &WebhookConfig {
@@ -237,10 +273,11 @@ impl Webhooks {
         &self.inner.node
     }
 
-    /// Queues `event`; when the queue is full it is dropped and counted.
+    /// Queues `event`; when the queue is full (`WEBHOOK_QUEUE_SIZE` events
+    /// or [`QUEUE_BYTES`]) it is dropped and counted.
     pub fn emit(&self, event: Event) {
         let mut q = self.inner.queue.lock().unwrap();
-        if q.pending() >= self.inner.config.queue_size {
+        if q.pending() >= self.inner.config.queue_size || q.bytes + event.json.len() > QUEUE_BYTES {
             q.overflowed += 1;
             let log = q
                 .overflow_logged
@@ -257,11 +294,13 @@ impl Webhooks {
                 tracing::warn!(
                     dropped,
                     size = self.inner.config.queue_size,
-                    "webhook queue full (WEBHOOK_QUEUE_SIZE): events dropped"
+                    bytes = QUEUE_BYTES,
+                    "webhook queue full (WEBHOOK_QUEUE_SIZE events or its byte bound): events dropped"
                 );
             }
             return;
         }
+        q.bytes += event.json.len();
         q.events.push_back(event);
         let len = q.events.len();
         let pending = q.pending();
@@ -329,18 +368,33 @@ impl Webhooks {
             }
             let batch: Vec<Event> = {
                 let mut q = self.inner.queue.lock().unwrap();
-                let n = q.events.len().min(config.batch_max);
+                let (mut n, mut bytes) = (0, 0);
+                for e in q.events.iter().take(config.batch_max) {
+                    if n > 0 && bytes + e.json.len() > BATCH_BYTES {
+                        break;
+                    }
+                    n += 1;
+                    bytes += e.json.len();
+                }
                 let batch: Vec<Event> = q.events.drain(..n).collect();
                 q.in_flight = batch.iter().map(|e| e.kind).collect();
+                q.in_flight_bytes = bytes;
                 batch
             };
-            if let Some(hook) = self.inner.before_send.get() {
+            if let Some(hook) = self.inner.bookkeeping.get() {
                 hook.before_send().await;
             }
             self.deliver(&batch).await;
+            if let Some(hook) = self.inner.bookkeeping.get() {
+                let forget: Vec<Arc<str>> = batch.iter().filter_map(|e| e.forget.clone()).collect();
+                if !forget.is_empty() {
+                    hook.after_send(forget).await;
+                }
+            }
             let pending = {
                 let mut q = self.inner.queue.lock().unwrap();
                 q.in_flight.clear();
+                q.bytes -= std::mem::take(&mut q.in_flight_bytes);
                 q.pending()
             };
             metrics::gauge!(m::WEBHOOK_QUEUE).set(pending as f64);
@@ -385,6 +439,10 @@ impl Webhooks {
                 .await
             {
                 Ok(res) if res.status().is_success() => break m::webhook::SENT,
+                Ok(res) if res.status().is_redirection() => format!(
+                    "answered HTTP {} (redirects are not followed: set WEBHOOK_URL to where it points)",
+                    res.status().as_u16()
+                ),
                 Ok(res) => format!("answered HTTP {}", res.status().as_u16()),
                 Err(e) if e.is_timeout() => format!(
                     "no answer within {} ms (WEBHOOK_TIMEOUT_MS)",
@@ -393,8 +451,11 @@ impl Webhooks {
                 // Without the URL: it may carry a password.
                 Err(e) => format!("unreachable: {}", e.without_url()),
             };
-            let jittered = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
-            if started.elapsed() + jittered > config.retry {
+            // The last wait is cut to the window's end, so the last attempt
+            // is made at WEBHOOK_RETRY_MS, not up to one backoff before.
+            let left = config.retry.saturating_sub(started.elapsed());
+            let jittered = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5).min(left);
+            if left.is_zero() {
                 tracing::error!(
                     url = %crate::config::redact_url(&config.url),
                     events = batch.len(),
@@ -446,5 +507,37 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(Event::topic_vacated("t", 7).json()).unwrap();
         assert_eq!(v, json!({"type": "topic_vacated", "topic": "t", "seq": 7}));
+    }
+
+    /// Client events carry their data: a receiver that is down must not
+    /// make the node hold WEBHOOK_QUEUE_SIZE of them whatever their size.
+    #[tokio::test]
+    async fn the_queue_holds_at_most_its_bytes_of_large_client_events() {
+        let hooks = Webhooks::start(
+            WebhookConfig {
+                // Nothing listens there: every batch fails and is retried.
+                url: "http://127.0.0.1:1/hooks".into(),
+                secret: crate::auth::Secret::new("s".to_string()),
+                retry: Duration::from_secs(600),
+                batch_max: 100,
+                batch_wait: Duration::ZERO,
+                timeout: Duration::from_millis(200),
+                queue_size: 100_000,
+                client_event_topics: Vec::new(),
+            },
+            "n1",
+        );
+        let big = format!("\"{}\"", "x".repeat(1024 * 1024));
+        let data = RawValue::from_string(big).unwrap();
+        for _ in 0..100 {
+            hooks.emit(Event::client_event("t", "e", &data, "c", "u"));
+            tokio::task::yield_now().await;
+        }
+        let held = hooks.pending();
+        assert!((60..=64).contains(&held), "{held} events of 1 MiB held");
+        let q = hooks.inner.queue.lock().unwrap();
+        assert!(q.bytes <= QUEUE_BYTES, "{}", q.bytes);
+        // The batch in flight took one such event, not a hundred.
+        assert!(q.in_flight.len() <= 1, "{}", q.in_flight.len());
     }
 }

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::occupancy::Occupancy;
 use super::{Ledger, Leftovers, Record};
-use crate::backend::webhooks::{BeforeSend, Event, Webhooks};
+use crate::backend::webhooks::{Bookkeeping, Event, Webhooks};
 use crate::clients::{ClientInfo, Clients, Listener};
 use crate::election::Leadership;
 use crate::hub::Hub;
@@ -98,7 +98,7 @@ impl Watch {
             }),
         };
         parts.clients.set_listener(Arc::new(w.clone()));
-        parts.webhooks.set_before_send(Arc::new(w.clone()));
+        parts.webhooks.set_bookkeeping(Arc::new(w.clone()));
         parts
             .hub
             .set_observer(Arc::new(move |topic: &str| occupancy.touch(topic)));
@@ -264,20 +264,30 @@ impl Watch {
 
     /// The drain, once the sessions are over (or the grace period is):
     /// every client still registered is reported, every topic released,
-    /// this node's records deleted (nothing for a reaper), and the queue
-    /// sent until `deadline`.
+    /// the queue sent until `deadline`, and then, only when all of it was
+    /// delivered, this node's records deleted. Deleted first, a receiver
+    /// that was down for the drain would never hear of those clients'
+    /// disconnections; kept, another node's reaper reports them once this
+    /// node has left the registry (a receiver may then hear some twice).
     pub async fn shutdown(&self, deadline: tokio::time::Instant) {
         self.inner.reaper.cancel();
         self.inner.clients.end_all(m::reason::SHUTDOWN);
         self.inner.occupancy.settle(deadline).await;
         self.inner.occupancy.release_all().await;
-        self.inner.records.lock().unwrap().clear();
-        if self.inner.ledger.shared()
-            && let Err(e) = self.inner.ledger.claim(&self.inner.node, true).await
-        {
+        let abandoned = self.inner.webhooks.flush(deadline).await;
+        if !self.inner.ledger.shared() {
+            return;
+        }
+        if abandoned > 0 {
+            tracing::warn!(
+                abandoned,
+                "this node's webhook records are kept: another node's reaper reports its clients as disconnected"
+            );
+            return;
+        }
+        if let Err(e) = self.inner.ledger.claim(&self.inner.node, true).await {
             tracing::warn!(cause = %e, "this node's webhook records were not deleted; the reaper will report them");
         }
-        self.inner.webhooks.flush(deadline).await;
     }
 }
 
@@ -297,26 +307,31 @@ impl Listener for Watch {
             .emit(Event::client_connected(client, &self.inner.node));
     }
 
+    /// The client's record goes after its `client_disconnected` was sent
+    /// (or given up): until then the reaper, or a drained node that kept
+    /// its records, can still report it.
     fn disconnected(&self, client: &ClientInfo, reason: &'static str) {
-        if self.inner.ledger.shared() {
-            self.inner
-                .records
-                .lock()
-                .unwrap()
-                .insert(client.id.clone(), None);
-        }
-        self.inner.webhooks.emit(Event::client_disconnected(
-            &client.id,
-            &client.user,
-            &self.inner.node,
-            reason,
-        ));
+        let event = Event::client_disconnected(&client.id, &client.user, &self.inner.node, reason);
+        self.inner.webhooks.emit(if self.inner.ledger.shared() {
+            event.forgetting(client.id.clone())
+        } else {
+            event
+        });
     }
 }
 
-impl BeforeSend for Watch {
+impl Bookkeeping for Watch {
     fn before_send(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.write_records())
+    }
+
+    fn after_send(&self, forget: Vec<Arc<str>>) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let changes = forget.into_iter().map(|id| (id, None)).collect();
+            if let Err(e) = self.inner.ledger.record(&self.inner.node, changes).await {
+                tracing::debug!(cause = %e, "client records not deleted; the drain or the reaper deletes them");
+            }
+        })
     }
 }
 
