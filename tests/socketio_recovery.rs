@@ -766,3 +766,81 @@ async fn a_topic_the_subscribe_hook_allowed_comes_back_with_the_session() {
     }
     assert!(revoked.is_empty(), "{revoked:?}");
 }
+
+/// Recovery gives topics back by the rule of a `refresh`: a hook-covered
+/// topic that the old token named itself (the hook was never asked) is
+/// ended when the returning token no longer names it, while one the hook
+/// granted is kept; and a subscription made with `presence: true` comes
+/// back with its `presence_diff` events.
+#[tokio::test]
+async fn recovery_keeps_what_the_hook_granted_ends_what_the_old_token_named_and_keeps_presence() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    const SECRET: &str = "a-recovery-test-secret-of-some-length";
+    let hook = axum::Router::new().route(
+        "/subscribe",
+        axum::routing::post(|| async { axum::Json(json!({"result": {}})) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/subscribe", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+    let redis = Redis::start();
+    let pfx = prefix("csr-rule");
+    let env = [
+        ("AUTH_JWT_SECRET", SECRET),
+        ("PROXY_SUBSCRIBE_URL", hook_url.as_str()),
+        ("PROXY_SUBSCRIBE_TOPICS", "room.*"),
+        ("PRESENCE_TOPICS", "room.*"),
+        ("PRESENCE_DIFF_INTERVAL_MS", "100"),
+    ];
+    let a = csr_node("a", &redis, &pfx, &env);
+    let b = csr_node("b", &redis, &pfx, &env);
+    let sign = |sub: &str, topics: Value| {
+        encode(
+            &Header::default(),
+            &json!({"sub": sub, "exp": 4_000_000_000u64, "topics": topics}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    // room.1: granted by the hook, with presence; room.2: named by the token.
+    let (mut ws, answer) = connect(&a, json!({"token": sign("ann", json!(["room.2"]))})).await;
+    let pid = answer["pid"].as_str().expect("pid").to_string();
+    let subscribes = [
+        r#"["subscribe",{"topic":"room.1","presence":true}]"#,
+        r#"["subscribe","room.2"]"#,
+    ];
+    for (i, frame) in subscribes.iter().enumerate() {
+        ws.send(Message::Text(format!("42{i}{frame}").into()))
+            .await
+            .unwrap();
+        let ack = until(&mut ws, &format!("43{i}")).await;
+        assert!(ack.contains(r#""ok":true"#), "{frame}: {ack}");
+    }
+    drop(ws);
+    // Back on the other node with a token that names room.2 no more.
+    let (mut ws, answer) = connect(&b, json!({"token": sign("ann", json!([])), "pid": pid})).await;
+    assert_ne!(answer["pid"], json!(pid), "a topic ended: not recovered");
+    let revoked = until(&mut ws, r#"42["unsubscribed""#).await;
+    assert!(
+        revoked.contains("room.2") && revoked.contains("permission revoked"),
+        "{revoked}"
+    );
+    // room.1 is back with its watcher: another user's join is a diff.
+    let (mut other, _) = connect(&a, json!({"token": sign("bob", json!([]))})).await;
+    other
+        .send(Message::Text(r#"420["subscribe","room.1"]"#.into()))
+        .await
+        .unwrap();
+    until(&mut other, "430").await;
+    let diff = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let t = text(&mut ws).await;
+            if t.starts_with(r#"42["presence_diff""#) && t.contains("bob") {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("a presence_diff with bob's join");
+    assert!(diff.contains("room.1"), "{diff}");
+}

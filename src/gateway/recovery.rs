@@ -98,16 +98,39 @@ pub trait SessionStore: Send + Sync + 'static {
 /// Records of one embedded node.
 #[derive(Default)]
 pub struct MemoryStore {
-    /// pid → (owner, record, expiry). std Mutex: no `.await` under it.
-    records: Mutex<HashMap<String, (String, String, Instant)>>,
+    /// std Mutex: no `.await` under it.
+    records: Mutex<Records>,
+}
+
+/// pid → (owner, record, expiry), and when to sweep out the expired ones:
+/// each write could leave one behind for good (sockets that never come
+/// back), so a write that finds the map at twice its size after the last
+/// sweep (1024 at least) sweeps it: amortized O(1) per write, and the map
+/// holds at most about twice the records that are live.
+#[derive(Default)]
+struct Records {
+    map: HashMap<String, (String, String, Instant)>,
+    sweep_at: usize,
+}
+
+impl Records {
+    fn sweep_if_due(&mut self, now: Instant) {
+        if self.map.len() >= self.sweep_at.max(1024) {
+            self.map.retain(|_, (_, _, expiry)| *expiry > now);
+            self.sweep_at = 2 * self.map.len();
+        }
+    }
 }
 
 impl SessionStore for MemoryStore {
     fn get<'a>(&'a self, pid: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
-        let mut records = self.records.lock().unwrap();
+        let records = self.records.lock().unwrap();
         let now = Instant::now();
-        records.retain(|_, (_, _, expiry)| *expiry > now);
-        let found = records.get(pid).map(|(_, r, _)| r.clone());
+        let found = records
+            .map
+            .get(pid)
+            .filter(|(_, _, expiry)| *expiry > now)
+            .map(|(_, r, _)| r.clone());
         Box::pin(async move { Ok(found) })
     }
 
@@ -122,11 +145,15 @@ impl SessionStore for MemoryStore {
         let mut records = self.records.lock().unwrap();
         let now = Instant::now();
         let held = records
+            .map
             .get(pid)
             .is_some_and(|(o, _, expiry)| *expiry > now && o != owner);
         let written = take || !held;
         if written {
-            records.insert(pid.into(), (owner.into(), record, now + ttl));
+            records
+                .map
+                .insert(pid.into(), (owner.into(), record, now + ttl));
+            records.sweep_if_due(now);
         }
         Box::pin(async move { Ok(written) })
     }
@@ -139,7 +166,7 @@ impl SessionStore for MemoryStore {
         let mut records = self.records.lock().unwrap();
         let expiry = Instant::now() + ttl;
         for pid in pids {
-            if let Some(r) = records.get_mut(&**pid) {
+            if let Some(r) = records.map.get_mut(&**pid) {
                 r.2 = expiry;
             }
         }
@@ -148,8 +175,8 @@ impl SessionStore for MemoryStore {
 
     fn delete<'a>(&'a self, pid: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         let mut records = self.records.lock().unwrap();
-        if records.get(pid).is_some_and(|(o, _, _)| o == owner) {
-            records.remove(pid);
+        if records.map.get(pid).is_some_and(|(o, _, _)| o == owner) {
+            records.map.remove(pid);
         }
         Box::pin(async { Ok(()) })
     }
@@ -376,6 +403,14 @@ struct RecordSlot {
     b: u64,
     /// The revision that assigned the slot.
     r: u64,
+    /// The socket's identity allowed the topic itself when it subscribed
+    /// (not the subscribe hook or the back end): a returning identity that
+    /// no longer names a topic the hook covers loses it, as on a `refresh`.
+    #[serde(default)]
+    i: bool,
+    /// Subscribed with `presence: true` (`presence_diff` events).
+    #[serde(default)]
+    w: bool,
 }
 
 /// Marks a slot whose assignment is not stored yet.
@@ -397,6 +432,10 @@ struct Slot {
     assigned: u64,
     /// The last offset queued to the socket.
     offset: Option<u64>,
+    /// [`RecordSlot::i`].
+    by_identity: bool,
+    /// [`RecordSlot::w`].
+    presence: bool,
 }
 
 /// The session's topics and where the socket stands in each.
@@ -506,6 +545,8 @@ impl Ledger {
                         e: s.epoch.to_string(),
                         b: s.base,
                         r: s.assigned,
+                        i: s.by_identity,
+                        w: s.presence,
                     })
                 })
                 .collect(),
@@ -621,6 +662,8 @@ struct Restore {
     slot: usize,
     topic: Arc<str>,
     positions: bool,
+    /// Its `presence_diff` watcher comes back too.
+    presence: bool,
     /// History topics: where the socket stands.
     since: Option<Since>,
     /// False when the token could not be read: nothing is replayed and the
@@ -710,7 +753,7 @@ impl Recovery {
                 continue;
             };
             let topic: Arc<str> = stored.t.into();
-            if !s.may_restore(node.hooks(), &topic) {
+            if !s.may_restore(node.hooks(), &topic, stored.i) {
                 plan.recovered = false;
                 plan.revoked.push(topic);
                 ledger.slots.push(None);
@@ -747,6 +790,7 @@ impl Recovery {
                 slot: i,
                 topic: topic.clone(),
                 positions: stored.p,
+                presence: stored.w,
                 since,
                 trusted,
             });
@@ -758,6 +802,8 @@ impl Recovery {
                 base: stored.b,
                 assigned: stored.r,
                 offset: if trusted { value } else { None },
+                by_identity: stored.i,
+                presence: stored.w,
             }));
         }
         let result = if plan.recovered {
@@ -801,7 +847,10 @@ impl Recovery {
             let sub = self.subscriber(Some(restore.slot), restore.positions);
             let announce = self.restored(restore.slot, &restore, sub.clone());
             let since = restore.since.clone().filter(|_| restore.trusted);
-            if let Err(e) = sio::attach(s, node, &restore.topic, sub, since, announce, None).await {
+            let watcher = restore.presence.then(|| sio::watcher(peer));
+            if let Err(e) =
+                sio::attach(s, node, &restore.topic, sub, since, announce, watcher).await
+            {
                 sio::emit_error(&**peer, Some(&restore.topic), &e);
                 self.leave(&restore.topic).await;
             }
@@ -846,11 +895,32 @@ impl Recovery {
         })
     }
 
+    /// The socket's subscribe asked for `presence_diff` events on `topic`,
+    /// or for none: the record follows, so that a recovery brings the
+    /// watcher back as it was.
+    pub async fn watch(self: &Arc<Self>, topic: &str, presence: bool) {
+        let changed = {
+            let mut l = self.ledger.lock().unwrap();
+            let mut changed = false;
+            for s in l.slots.iter_mut().flatten() {
+                if *s.topic == *topic && s.presence != presence {
+                    s.presence = presence;
+                    changed = true;
+                }
+            }
+            changed
+        };
+        if changed && let Err(e) = self.write(false).await {
+            tracing::debug!(cause = %e, topic, "a session record's presence flag not written");
+        }
+    }
+
     /// Before a new subscription reaches the hub: its slot, stored in the
     /// record, and the subscriber that keeps its position. A history topic
     /// is subscribed from the position the record names (the client's
     /// `since`, else the topic's top read now), so the record's start and
     /// what the socket receives agree exactly.
+    #[allow(clippy::too_many_arguments)]
     pub async fn prepare(
         self: &Arc<Self>,
         node: &Node,
@@ -858,6 +928,8 @@ impl Recovery {
         positions: bool,
         since: Option<Since>,
         announce: Announce,
+        by_identity: bool,
+        presence: bool,
     ) -> Result<(Arc<dyn Subscriber>, Option<Since>, Announce), sio::Refusal> {
         let hub = node.hub();
         // Subscribed twice at once (a client's subscribe and the back end's):
@@ -908,6 +980,8 @@ impl Recovery {
             base: since.as_ref().map_or(0, |s| s.offset),
             assigned: PENDING,
             offset: None,
+            by_identity,
+            presence,
         });
         self.write(false).await.map_err(|e| refused(&e))?;
         let me = self.clone();
@@ -1156,6 +1230,8 @@ mod tests {
             base,
             assigned,
             offset: None,
+            by_identity: false,
+            presence: false,
         }
     }
 
@@ -1324,6 +1400,47 @@ mod delivery_tests {
             base: 0,
             assigned,
             offset: None,
+            by_identity: false,
+            presence: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+
+    /// Sockets that never come back must not leave their records in an
+    /// embedded node's memory for good.
+    #[tokio::test]
+    async fn expired_records_are_swept_by_later_writes() {
+        let store = MemoryStore::default();
+        for i in 0..10_000 {
+            let pid = format!("p{i}");
+            assert!(
+                store
+                    .put(&pid, "o", "{}".into(), Duration::ZERO, false)
+                    .await
+                    .unwrap()
+            );
+        }
+        let held = store.records.lock().unwrap().map.len();
+        assert!(held <= 1024, "{held} expired records held");
+        // A live one is read back; an expired one is not.
+        store
+            .put(
+                "live",
+                "o",
+                "{\"a\":1}".into(),
+                Duration::from_secs(60),
+                false,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get("live").await.unwrap().as_deref(),
+            Some("{\"a\":1}")
+        );
+        assert_eq!(store.get("p9999").await.unwrap(), None);
     }
 }

@@ -77,16 +77,25 @@ impl Session {
         self.identity.lock().unwrap().may_subscribe(topic)
     }
 
-    /// Whether connection state recovery gives `topic` back: unless the
-    /// identity the socket came back with is refused it outright. A topic
-    /// the subscribe hook covers is kept without asking the hook again: it
-    /// allowed the subscription, and the token never named it.
-    pub fn may_restore(&self, hooks: &crate::backend::hooks::Hooks, topic: &str) -> bool {
+    /// Whether connection state recovery gives `topic` back to the
+    /// identity the socket came back with, by the rule of a `refresh`: not
+    /// when that identity is refused it outright; on a topic the subscribe
+    /// hook covers and the identity does not name, kept when the hook (or
+    /// the back end) granted it, and ended when the subscribing identity's
+    /// own permission did (`by_identity`): the hook was never asked then.
+    pub fn may_restore(
+        &self,
+        hooks: &crate::backend::hooks::Hooks,
+        topic: &str,
+        by_identity: bool,
+    ) -> bool {
+        use crate::backend::hooks::Access;
         let identity = self.identity.lock().unwrap();
-        !matches!(
-            hooks.subscribe_access(&identity, topic),
-            crate::backend::hooks::Access::Forbidden
-        )
+        match hooks.subscribe_access(&identity, topic) {
+            Access::Allowed => true,
+            Access::AskHook => !by_identity,
+            Access::Forbidden => false,
+        }
     }
 
     /// The user the socket's identity names.
@@ -451,19 +460,34 @@ async fn join(
     };
     let (subscriber, since, announce) = match recorded {
         Some(r) => {
-            r.prepare(node, topic, request.positions, request.since, announce)
-                .await?
+            let by_identity = matches!(
+                node.hooks().subscribe_access(&s.identity(), topic),
+                crate::backend::hooks::Access::Allowed
+            );
+            let presence = request.presence == Some(true);
+            r.prepare(
+                node,
+                topic,
+                request.positions,
+                request.since,
+                announce,
+                by_identity,
+                presence,
+            )
+            .await?
         }
         None => (peer.subscriber(request.positions), request.since, announce),
     };
     // The watcher goes in with the join itself: registered after it, a
     // diff ticked in between would carry the socket's own join to the
     // watchers of that moment only.
-    let watcher: Option<Arc<dyn crate::presence::Watcher>> =
-        (request.presence == Some(true)).then(|| Arc::new(Watcher(peer.clone())) as _);
+    let watcher = (request.presence == Some(true)).then(|| watcher(peer));
     let joined = attach(s, node, topic, subscriber, since, announce, watcher).await;
     if let (Err(_), Some(r)) = (&joined, recorded) {
         r.leave(topic).await;
+    }
+    if let (Ok(()), Some(r), Some(presence)) = (&joined, peer.recovery(), request.presence) {
+        r.watch(topic, presence).await;
     }
     if joined.is_ok() && request.presence == Some(false) {
         node.presence().unwatch(topic, &s.client_id);
@@ -485,6 +509,11 @@ async fn join(
 
 /// A socket subscribed with `presence: true`.
 struct Watcher(Arc<dyn Peer>);
+
+/// The `presence_diff` watcher of the socket `peer`.
+pub fn watcher(peer: &Arc<dyn Peer>) -> Arc<dyn crate::presence::Watcher> {
+    Arc::new(Watcher(peer.clone()))
+}
 
 impl crate::presence::Watcher for Watcher {
     fn diff(&self, diff: &crate::presence::Diff) {
