@@ -842,3 +842,61 @@ async fn on_a_redis_cluster_a_topics_presence_lives_in_its_slot() {
     );
     assert_eq!(rest_stats(&a, "room.c2", &reader).await, (3, 3));
 }
+
+/// A leave that a node wrote to Redis and never sent (killed before its
+/// next tick) does not stay a ghost in other nodes' watchers: once the
+/// reaper removed what the node left, every node reads its topics again
+/// and its watchers get the whole list (`reset`), without that client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leave_a_killed_node_never_sent_does_not_stay_a_ghost() {
+    let redis = Redis::start();
+    let prefix = common::prefix("presence-ghost");
+    let ttl = ("PRESENCE_TTL_MS", "2000".to_string());
+    let a = start("pg-a", &redis, &prefix, std::slice::from_ref(&ttl));
+    // b sends its changes once a minute: what it writes before the kill is
+    // never sent.
+    let mut b = start(
+        "pg-b",
+        &redis,
+        &prefix,
+        &[ttl.clone(), ("PRESENCE_DIFF_INTERVAL_MS", "60000".into())],
+    );
+    let topic = "room.ghost";
+    let mut ghost = connect(&b, &token("gus", json!(null))).await;
+    ghost.subscribe(topic).await;
+    let reader = token("reader", json!(null));
+    assert!(
+        until(Duration::from_secs(10), async || rest_stats(&a, topic, &reader)
+            .await
+            .0
+            == 1)
+        .await
+    );
+    let mut watcher = connect(&a, &token("wanda", json!(null))).await;
+    watcher
+        .send(json!({"type": "subscribe", "event": topic, "presence": true}))
+        .await;
+    frame(&mut watcher, "subscribed").await;
+    // Gus leaves: written on b, not sent. Then b dies.
+    ghost
+        .send(json!({"type": "unsubscribe", "event": topic}))
+        .await;
+    frame(&mut ghost, "unsubscribed").await;
+    b.kill9();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let reset = loop {
+        assert!(Instant::now() < deadline, "no reset after b was reaped");
+        let Some(d) = watcher.recv_within(Duration::from_millis(500)).await else {
+            continue;
+        };
+        if d["type"] == "presence_diff" && d["reset"] == true {
+            break d;
+        }
+    };
+    let listed = reset["joins"].as_object().unwrap();
+    assert!(
+        !listed.contains_key(&ghost.client_id),
+        "gus is a ghost: {reset}"
+    );
+    assert!(listed.contains_key(&watcher.client_id), "{reset}");
+}

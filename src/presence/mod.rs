@@ -271,11 +271,19 @@ impl Batch {
     }
 }
 
-/// A diff message between nodes: `{"node", "topics": {topic: {joins, leaves}}}`.
+/// A diff message between nodes: `{"node", "topics": {topic: {joins,
+/// leaves}}, "reset"?: [topic, …]}`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Wire {
     pub node: String,
     pub topics: HashMap<String, Batch>,
+    /// Topics whose watchers every node owes their whole list: a gone
+    /// node's, once its entries were removed. Its last interval's changes
+    /// were written to the store but never sent (a `kill -9` before its
+    /// tick): a leave so lost would stay a ghost in every watcher's list,
+    /// and no diff could ever take it out. Absent from older nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reset: Vec<String>,
 }
 
 /// The stored entry of a connection: `{"user": …, "info": …}`.
@@ -357,6 +365,9 @@ struct Inner {
     held: Mutex<HashSet<Arc<str>>>,
     /// Effective changes written since the last tick, for the other nodes.
     outgoing: Mutex<HashMap<String, Batch>>,
+    /// Gone nodes' topics, removed since the last tick: sent as
+    /// [`Wire::reset`].
+    resets: Mutex<HashSet<String>>,
     /// Watched topics: their watchers by client id, and the changes heard
     /// since the last tick.
     watched: Mutex<HashMap<String, Watched>>,
@@ -400,6 +411,7 @@ impl Presence {
                 busy: AtomicBool::new(false),
                 held: Mutex::new(HashSet::new()),
                 outgoing: Mutex::new(HashMap::new()),
+                resets: Mutex::new(HashSet::new()),
                 watched: Mutex::new(HashMap::new()),
                 owed: Mutex::new(HashSet::new()),
                 resync: Notify::new(),
@@ -771,6 +783,7 @@ impl Presence {
         let mut message = Wire {
             node: self.inner.node.clone(),
             topics: HashMap::new(),
+            reset: Vec::new(),
         };
         let mut size = 0;
         for (topic, batch) in outgoing.into_iter().filter(|(_, b)| !b.is_void()) {
@@ -782,6 +795,12 @@ impl Presence {
             }
         }
         if !message.topics.is_empty() {
+            self.send(&mut message).await;
+        }
+        // After the leaves of the removal: the lists read then hold them.
+        let resets: Vec<String> = self.inner.resets.lock().unwrap().drain().collect();
+        for chunk in resets.chunks(CHUNK) {
+            message.reset = chunk.to_vec();
             self.send(&mut message).await;
         }
     }
@@ -801,8 +820,14 @@ impl Presence {
                 }
                 outgoing.insert(topic, batch);
             }
+            self.inner
+                .resets
+                .lock()
+                .unwrap()
+                .extend(message.reset.drain(..));
         }
         message.topics.clear();
+        message.reset.clear();
     }
 
     /// Takes every node's diff messages into the watched topics' batches.
@@ -829,11 +854,21 @@ impl Presence {
                     continue;
                 }
             };
-            let mut watched = self.inner.watched.lock().unwrap();
-            for (topic, batch) in wire.topics {
-                if let Some(w) = watched.get_mut(&topic) {
-                    w.batch.merge(batch);
+            let owed: Vec<String> = {
+                let mut watched = self.inner.watched.lock().unwrap();
+                for (topic, batch) in wire.topics {
+                    if let Some(w) = watched.get_mut(&topic) {
+                        w.batch.merge(batch);
+                    }
                 }
+                wire.reset
+                    .into_iter()
+                    .filter(|t| watched.contains_key(t))
+                    .collect()
+            };
+            if !owed.is_empty() {
+                self.inner.owed.lock().unwrap().extend(owed);
+                self.inner.resync.notify_one();
             }
         }
     }
@@ -956,6 +991,7 @@ impl Presence {
                 match self.inner.store.purge(node, topic).await {
                     Ok(applied) => {
                         self.record(topic, applied, "join", "reaped");
+                        self.inner.resets.lock().unwrap().insert(topic.to_string());
                         // Released only once purged: what is left is
                         // purged by the next round.
                         done &= self.inner.store.release(node, topic).await.is_ok();
@@ -1262,6 +1298,7 @@ mod tests {
         let wire = Wire {
             node: "n2".into(),
             topics: HashMap::from([("room.1".to_string(), batch)]),
+            reset: Vec::new(),
         };
         let wire = serde_json::to_vec(&wire).unwrap();
         heard.send(Heard::Diff(wire.into())).await.unwrap();
