@@ -740,7 +740,8 @@ impl Recovery {
         };
         // Tokens name the stored revision until this connection's own is
         // stored: should that write fail, they still read right against the
-        // record as it is.
+        // record as it is (a recovered pid's; a new pid has no record until
+        // a write succeeds, and a reconnect with it meanwhile starts empty).
         let mut ledger = Ledger {
             rev: record.rev,
             written: record.rev,
@@ -983,7 +984,15 @@ impl Recovery {
             by_identity,
             presence,
         });
-        self.write(false).await.map_err(|e| refused(&e))?;
+        if let Err(e) = self.write(false).await {
+            // Refused: the slot goes, or a retry would find it "existing"
+            // and subscribe from its start, and a recovery would restore a
+            // topic the client was told it could not have.
+            if let Some(s) = self.ledger.lock().unwrap().slots.get_mut(slot) {
+                *s = None;
+            }
+            return Err(refused(&e));
+        }
         let me = self.clone();
         let start = since.clone();
         let announce: Announce = Box::new(move |o: &Outcome| {
