@@ -251,6 +251,37 @@ impl Batch {
         self.joins.len() + self.leaves.len() + self.churn.len()
     }
 
+    /// This batch in pieces of at most `max` entries. A client is in one
+    /// list of one batch only, so the pieces, merged in any order, are
+    /// the batch: a topic with 100,000 changes in one interval goes out in
+    /// messages of a bounded size, not as one of many megabytes (a pub/sub
+    /// message that large can overrun Redis's output buffer for a node).
+    fn split(self, max: usize) -> Vec<Batch> {
+        if self.len() <= max {
+            return vec![self];
+        }
+        let mut pieces = vec![Batch::default()];
+        let room = |pieces: &mut Vec<Batch>| {
+            if pieces.last().is_some_and(|p| p.len() >= max) {
+                pieces.push(Batch::default());
+            }
+            pieces.len() - 1
+        };
+        for (c, v) in self.churn {
+            let i = room(&mut pieces);
+            pieces[i].churn.insert(c, v);
+        }
+        for (c, v) in self.leaves {
+            let i = room(&mut pieces);
+            pieces[i].leaves.insert(c, v);
+        }
+        for (c, v) in self.joins {
+            let i = room(&mut pieces);
+            pieces[i].joins.insert(c, v);
+        }
+        pieces
+    }
+
     /// `list` (client → entry) with this batch's changes applied in order:
     /// the cancelled pairs' last states, then the leaves, then the joins.
     fn apply_to(self, list: &mut BTreeMap<String, Box<RawValue>>) {
@@ -268,6 +299,20 @@ impl Batch {
             list.remove(&c);
         }
         list.extend(self.joins);
+    }
+}
+
+/// The changes `w` heard, as one `presence_diff` to each of its watchers
+/// (none when they change no list).
+fn flush(topic: &str, w: &mut Watched) {
+    let batch = std::mem::take(&mut w.batch);
+    if batch.is_empty() {
+        return;
+    }
+    let diff = diff(topic, &batch);
+    metrics::counter!(m::PRESENCE_DIFFS).increment(w.watchers.len() as u64);
+    for watcher in w.watchers.values() {
+        watcher.diff(&diff);
     }
 }
 
@@ -787,11 +832,19 @@ impl Presence {
         };
         let mut size = 0;
         for (topic, batch) in outgoing.into_iter().filter(|(_, b)| !b.is_void()) {
-            size += batch.len();
-            message.topics.insert(topic, batch);
-            if size >= CHUNK {
-                self.send(&mut message).await;
-                size = 0;
+            for piece in batch.split(CHUNK) {
+                // A topic is in a message once: its next piece goes in the
+                // next message.
+                if message.topics.contains_key(&topic) {
+                    self.send(&mut message).await;
+                    size = 0;
+                }
+                size += piece.len();
+                message.topics.insert(topic.clone(), piece);
+                if size >= CHUNK {
+                    self.send(&mut message).await;
+                    size = 0;
+                }
             }
         }
         if !message.topics.is_empty() {
@@ -861,10 +914,20 @@ impl Presence {
                         w.batch.merge(batch);
                     }
                 }
-                wire.reset
-                    .into_iter()
-                    .filter(|t| watched.contains_key(t))
-                    .collect()
+                let mut owed = Vec::new();
+                for topic in wire.reset {
+                    if let Some(w) = watched.get_mut(&topic) {
+                        // What was heard before it (the removal's leaves
+                        // among it) lost nothing: it goes out now, as its
+                        // interval would have sent it, and the list read
+                        // next follows it.
+                        if !w.resyncing {
+                            flush(&topic, w);
+                        }
+                        owed.push(topic);
+                    }
+                }
+                owed
             };
             if !owed.is_empty() {
                 self.inner.owed.lock().unwrap().extend(owed);
@@ -880,15 +943,7 @@ impl Presence {
     fn deliver(&self) {
         let mut watched = self.inner.watched.lock().unwrap();
         for (topic, w) in watched.iter_mut().filter(|(_, w)| !w.resyncing) {
-            let batch = std::mem::take(&mut w.batch);
-            if batch.is_empty() {
-                continue;
-            }
-            let diff = diff(topic, &batch);
-            metrics::counter!(m::PRESENCE_DIFFS).increment(w.watchers.len() as u64);
-            for watcher in w.watchers.values() {
-                watcher.diff(&diff);
-            }
+            flush(topic, w);
         }
     }
 
@@ -1194,6 +1249,29 @@ mod tests {
         let mut plain = Batch::default();
         plain.join("z".into(), v("4"));
         assert!(!serde_json::to_string(&plain).unwrap().contains("churn"));
+    }
+
+    /// A large batch goes out in bounded pieces that, merged, are the batch.
+    #[test]
+    fn a_large_batch_splits_into_pieces_that_merge_back() {
+        let mut b = Batch::default();
+        for i in 0..1_200 {
+            b.join(format!("j{i}"), v("1"));
+        }
+        for i in 0..300 {
+            b.leave(format!("l{i}"), v("2"));
+        }
+        b.join("x".into(), v("3"));
+        b.leave("x".into(), v("3"));
+        let whole = serde_json::to_value(&b).unwrap();
+        let pieces = b.split(500);
+        assert_eq!(pieces.len(), 4);
+        assert!(pieces.iter().all(|p| p.len() <= 500));
+        let mut merged = Batch::default();
+        for p in pieces.into_iter().rev() {
+            merged.merge(p);
+        }
+        assert_eq!(serde_json::to_value(&merged).unwrap(), whole);
     }
 
     #[test]
