@@ -164,10 +164,22 @@ pub(super) async fn post(conn: Arc<Conn>, req: Request) -> Response {
         }
     };
     conn.liveness.heard();
-    let Ok(body) = std::str::from_utf8(&body) else {
+    let Ok(body) = String::from_utf8(Vec::from(body)) else {
         conn.outbox.close.request(close::POLICY);
         return StatusCode::BAD_REQUEST.into_response();
     };
+    // In a task of its own: a client that hangs up makes hyper drop this
+    // request's future, and a CONNECT cut there would leave a connection
+    // counted, registered and subscribed that its session never learnt of
+    // (nothing would ever end it).
+    match tokio::spawn(packets(conn.clone(), body)).await {
+        Ok(response) => response,
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// The packets of one POST, in order, then its answer.
+async fn packets(conn: Arc<Conn>, body: String) -> Response {
     let mut st = conn.socket.lock().await;
     if conn.phase() == Phase::Closed {
         return refuse(1, "Session ID unknown");
