@@ -866,10 +866,11 @@ async fn a_leave_a_killed_node_never_sent_does_not_stay_a_ghost() {
     ghost.subscribe(topic).await;
     let reader = token("reader", json!(null));
     assert!(
-        until(Duration::from_secs(10), async || rest_stats(&a, topic, &reader)
-            .await
-            .0
-            == 1)
+        until(Duration::from_secs(10), async || rest_stats(
+            &a, topic, &reader
+        )
+        .await
+        .0 == 1)
         .await
     );
     let mut watcher = connect(&a, &token("wanda", json!(null))).await;
