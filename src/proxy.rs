@@ -26,8 +26,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, protocol::WebSocketConfig};
 
 use crate::api::ApiError;
-use crate::auth;
-use crate::backend::hooks::{Hello, transport};
+use crate::backend::hooks::transport;
 use crate::config::ProxyRoute;
 use crate::gateway::admission::{self, Seats};
 use crate::gateway::outbox::close;
@@ -105,23 +104,13 @@ async fn admit(
 ) -> Result<(Seats, Option<Duration>), ApiError> {
     admission::capacity(node)?;
     let mut seats = Seats::address(node, remote, headers)?;
-    let token = auth::token_from(headers, query);
-    let asks_hook =
-        node.hooks().connect_enabled() && node.config().auth.wants_hook(token.as_deref());
-    let data = if asks_hook {
-        admission::connect_data(query).map_err(ApiError::BadRequest)?
-    } else {
-        None
-    };
-    let hello = Hello {
+    let origin = admission::Origin {
         client,
         transport: transport::PROXY,
         remote,
-        headers,
-        data: data.as_deref(),
         route: Some(route),
     };
-    let identity = admission::identify(node, token.as_deref(), hello).await?;
+    let identity = admission::identify_request(node, headers, query, origin).await?;
     if identity.anonymous() {
         return Err(ApiError::Unauthorized(
             "the proxy needs a client token".into(),

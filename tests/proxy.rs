@@ -219,17 +219,22 @@ fn token(sub: &str) -> String {
     .unwrap()
 }
 
+/// The status and error text of a handshake refused over HTTP.
+fn refusal(
+    resp: &tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>,
+) -> (u16, String) {
+    let body = resp
+        .body()
+        .as_deref()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default();
+    (resp.status().as_u16(), body)
+}
+
 /// The status and error text of a handshake the node refuses.
 async fn refused(url: &str) -> (u16, String) {
     match tokio_tungstenite::connect_async(url).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_deref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            (resp.status().as_u16(), body)
-        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => refusal(&resp),
         Ok(_) => panic!("{url} was admitted"),
         Err(e) => panic!("{url}: {e}"),
     }
@@ -401,14 +406,7 @@ async fn with_cookie(
             };
             Ok((ws, serde_json::from_str(&hello).unwrap()))
         }
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_deref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            Err((resp.status().as_u16(), body))
-        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(refusal(&resp)),
         Err(e) => panic!("{url}: {e}"),
     }
 }

@@ -144,6 +144,46 @@ pub async fn identify(
         .map_err(|e| Refusal::Unauthorized(e.to_string()))
 }
 
+/// Where a handshake comes from, for [`identify_request`].
+pub struct Origin<'a> {
+    /// The connection's client id, as the hooks will know it.
+    pub client: &'a str,
+    /// `transport` of the connect hook's request.
+    pub transport: &'static str,
+    pub remote: Option<SocketAddr>,
+    /// The proxy route asked for; `None` elsewhere.
+    pub route: Option<&'a str>,
+}
+
+/// [`identify`] for an HTTP handshake (native WebSocket, SSE, the proxy):
+/// the token from the query or `Authorization`, else the connect hook with
+/// the request's headers and `?data=` (read, and refused with 400 when it
+/// is not JSON, only when the hook is asked).
+pub async fn identify_request(
+    node: &Node,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    origin: Origin<'_>,
+) -> Result<Identity, ApiError> {
+    let token = crate::auth::token_from(headers, query);
+    let asks_hook =
+        node.hooks().connect_enabled() && node.config().auth.wants_hook(token.as_deref());
+    let data = if asks_hook {
+        connect_data(query).map_err(ApiError::BadRequest)?
+    } else {
+        None
+    };
+    let hello = Hello {
+        client: origin.client,
+        transport: origin.transport,
+        remote: origin.remote,
+        headers,
+        data: data.as_deref(),
+        route: origin.route,
+    };
+    Ok(identify(node, token.as_deref(), hello).await?)
+}
+
 /// The client's address, from the accept loop (absent for routers served
 /// without `lib::serve`, such as in-process tests).
 pub fn remote_addr(extensions: &axum::http::Extensions) -> Option<SocketAddr> {

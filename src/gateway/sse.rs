@@ -47,11 +47,11 @@ use serde_json::json;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::api::{ApiError, Json};
-use crate::auth::{self, Identity};
-use crate::backend::hooks::{Hello, transport};
+use crate::auth::Identity;
+use crate::backend::hooks::transport;
 use crate::backend::{Caller, Denial};
 use crate::clients::{ClientInfo, Command, Mailbox, Registration, Target};
-use crate::gateway::admission::{self, Seats, capacity, identify};
+use crate::gateway::admission::{self, Seats, capacity};
 use crate::gateway::outbox::{Outbox, WRITE_TIMEOUT, close};
 use crate::history::{GapRange, push_base36};
 use crate::hub::{ConnId, Delivery, Outcome, Publication, Subscribed, Subscriber};
@@ -544,23 +544,13 @@ async fn who(
     query: Option<&str>,
     extensions: &axum::http::Extensions,
 ) -> Result<Identity, ApiError> {
-    let token = auth::token_from(headers, query);
-    let asks_hook =
-        node.hooks().connect_enabled() && node.config().auth.wants_hook(token.as_deref());
-    let data = if asks_hook {
-        admission::connect_data(query).map_err(ApiError::BadRequest)?
-    } else {
-        None
-    };
-    let hello = Hello {
+    let origin = admission::Origin {
         client,
         transport: transport::SSE,
         remote: admission::remote_addr(extensions),
-        headers,
-        data: data.as_deref(),
         route: None,
     };
-    Ok(identify(node, token.as_deref(), hello).await?)
+    admission::identify_request(node, headers, query, origin).await
 }
 
 async fn start(

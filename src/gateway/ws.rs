@@ -19,10 +19,10 @@ use futures_util::{FutureExt, StreamExt};
 use serde_json::value::RawValue;
 
 use crate::api::ApiError;
-use crate::auth::{self, Identity};
-use crate::backend::hooks::{Hello, transport};
+use crate::auth::Identity;
+use crate::backend::hooks::transport;
 use crate::backend::{Caller, Denial, HookError};
-use crate::gateway::admission::{self, Seats, capacity, identify};
+use crate::gateway::admission::{self, Seats, capacity};
 use crate::gateway::outbox::{
     self, Frame, Heartbeat, Liveness, Outbox, ReadyFrames, WRITE_TIMEOUT, Writer, next_frame,
 };
@@ -132,24 +132,14 @@ async fn admit_native(
 ) -> Result<(Identity, Seats), ApiError> {
     capacity(node)?;
     let mut seats = Seats::address(node, remote, headers)?;
-    let token = auth::token_from(headers, query);
-    let asks_hook =
-        node.hooks().connect_enabled() && node.config().auth.wants_hook(token.as_deref());
-    let data = if asks_hook {
-        admission::connect_data(query).map_err(ApiError::BadRequest)?
-    } else {
-        None
-    };
     let client = format!("{id:016x}");
-    let hello = Hello {
+    let origin = admission::Origin {
         client: &client,
         transport: transport::WEBSOCKET,
         remote,
-        headers,
-        data: data.as_deref(),
         route: None,
     };
-    let identity = identify(node, token.as_deref(), hello).await?;
+    let identity = admission::identify_request(node, headers, query, origin).await?;
     seats.user(node, &identity)?;
     Ok((identity, seats))
 }
