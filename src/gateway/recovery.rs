@@ -449,6 +449,18 @@ struct Ledger {
 }
 
 impl Ledger {
+    /// The slot of `topic`, and where its subscription starts.
+    fn find(&self, topic: &str) -> Option<(usize, Option<Since>)> {
+        self.slots.iter().enumerate().find_map(|(i, s)| {
+            let s = s.as_ref().filter(|s| *s.topic == *topic)?;
+            let since = s.history.then(|| Since {
+                offset: s.base,
+                epoch: s.epoch.to_string(),
+            });
+            Some((i, since))
+        })
+    }
+
     fn alloc(&mut self, slot: Slot) -> usize {
         match self.slots.iter().position(Option::is_none) {
             Some(i) => {
@@ -935,18 +947,7 @@ impl Recovery {
         let hub = node.hub();
         // Subscribed twice at once (a client's subscribe and the back end's):
         // one slot, from where the record says it starts.
-        let existing = {
-            let l = self.ledger.lock().unwrap();
-            l.slots.iter().enumerate().find_map(|(i, s)| {
-                let s = s.as_ref().filter(|s| *s.topic == *topic)?;
-                let since = s.history.then(|| Since {
-                    offset: s.base,
-                    epoch: s.epoch.to_string(),
-                });
-                Some((i, since))
-            })
-        };
-        if let Some((slot, since)) = existing {
+        if let Some((slot, since)) = self.ledger.lock().unwrap().find(topic) {
             let subscriber: Arc<dyn Subscriber> = self.subscriber(Some(slot), positions);
             return Ok((subscriber, since, announce));
         }
@@ -973,17 +974,27 @@ impl Recovery {
                 (Some(since), true)
             }
         };
-        let slot = self.ledger.lock().unwrap().alloc(Slot {
-            topic: topic.into(),
-            history,
-            positions,
-            epoch: since.as_ref().map_or("", |s| s.epoch.as_str()).into(),
-            base: since.as_ref().map_or(0, |s| s.offset),
-            assigned: PENDING,
-            offset: None,
-            by_identity,
-            presence,
-        });
+        let slot = {
+            let mut l = self.ledger.lock().unwrap();
+            // The other one may have taken its slot while this one read
+            // the top: one slot still, from where that one starts.
+            if let Some((slot, since)) = l.find(topic) {
+                drop(l);
+                let subscriber: Arc<dyn Subscriber> = self.subscriber(Some(slot), positions);
+                return Ok((subscriber, since, announce));
+            }
+            l.alloc(Slot {
+                topic: topic.into(),
+                history,
+                positions,
+                epoch: since.as_ref().map_or("", |s| s.epoch.as_str()).into(),
+                base: since.as_ref().map_or(0, |s| s.offset),
+                assigned: PENDING,
+                offset: None,
+                by_identity,
+                presence,
+            })
+        };
         if let Err(e) = self.write(false).await {
             // Refused: the slot goes, or a retry would find it "existing"
             // and subscribe from its start, and a recovery would restore a
