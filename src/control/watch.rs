@@ -55,9 +55,10 @@ struct Inner {
     ledger: Arc<dyn Ledger>,
     clients: Clients,
     occupancy: Occupancy,
-    /// Client records not yet written, the newest state per client. std
-    /// Mutex, never held across `.await`.
-    records: Mutex<HashMap<Arc<str>, Option<Record>>>,
+    /// Records of connected clients not yet written (a record is deleted
+    /// only after its client's `client_disconnected` was sent:
+    /// `Bookkeeping::after_send`). std Mutex, never held across `.await`.
+    records: Mutex<HashMap<Arc<str>, Record>>,
     ready: watch::Receiver<bool>,
     /// Stops the reaper before the drain deletes this node's keys.
     reaper: CancellationToken,
@@ -116,20 +117,18 @@ impl Watch {
     async fn write_records(&self) {
         let mut ready = self.inner.ready.clone();
         let _ = tokio::time::timeout(READY_WAIT, ready.wait_for(|r| *r)).await;
-        let changes: Vec<(Arc<str>, Option<Record>)> =
-            self.inner.records.lock().unwrap().drain().collect();
-        if changes.is_empty() {
+        let pending: Vec<(Arc<str>, Record)> = self.inner.records.lock().unwrap().drain().collect();
+        if pending.is_empty() {
             return;
         }
-        if let Err(e) = self
-            .inner
-            .ledger
-            .record(&self.inner.node, changes.clone())
-            .await
-        {
+        let changes = pending
+            .iter()
+            .map(|(id, record)| (id.clone(), Some(record.clone())))
+            .collect();
+        if let Err(e) = self.inner.ledger.record(&self.inner.node, changes).await {
             tracing::warn!(cause = %e, "client records not written; the reaper may miss them if this node dies now");
             let mut records = self.inner.records.lock().unwrap();
-            for (id, record) in changes {
+            for (id, record) in pending {
                 // A newer change made meanwhile wins.
                 records.entry(id).or_insert(record);
             }
@@ -296,10 +295,10 @@ impl Listener for Watch {
         if self.inner.ledger.shared() {
             self.inner.records.lock().unwrap().insert(
                 client.id.clone(),
-                Some(Record {
+                Record {
                     user: client.user.to_string(),
                     transport: client.transport.to_string(),
-                }),
+                },
             );
         }
         self.inner
