@@ -883,6 +883,13 @@ impl Presence {
         message.reset.clear();
     }
 
+    /// The watchers of `topics` are owed their whole list: the resyncer
+    /// sends it.
+    fn owe(&self, topics: Vec<String>) {
+        self.inner.owed.lock().unwrap().extend(topics);
+        self.inner.resync.notify_one();
+    }
+
     /// Takes every node's diff messages into the watched topics' batches.
     async fn receiver(self, mut diffs: mpsc::Receiver<Heard>) {
         while let Some(heard) = diffs.recv().await {
@@ -895,8 +902,7 @@ impl Presence {
                         topics = topics.len(),
                         "presence changes were lost: watchers get whole lists"
                     );
-                    self.inner.owed.lock().unwrap().extend(topics);
-                    self.inner.resync.notify_one();
+                    self.owe(topics);
                     continue;
                 }
             };
@@ -930,8 +936,7 @@ impl Presence {
                 owed
             };
             if !owed.is_empty() {
-                self.inner.owed.lock().unwrap().extend(owed);
-                self.inner.resync.notify_one();
+                self.owe(owed);
             }
         }
     }
