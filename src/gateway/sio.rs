@@ -90,12 +90,20 @@ impl Session {
         by_identity: bool,
     ) -> bool {
         use crate::backend::hooks::Access;
-        let identity = self.identity.lock().unwrap();
-        match hooks.subscribe_access(&identity, topic) {
+        match self.access(hooks, topic) {
             Access::Allowed => true,
             Access::AskHook => !by_identity,
             Access::Forbidden => false,
         }
+    }
+
+    /// What the socket's identity itself says about subscribing to `topic`.
+    fn access(
+        &self,
+        hooks: &crate::backend::hooks::Hooks,
+        topic: &str,
+    ) -> crate::backend::hooks::Access {
+        hooks.subscribe_access(&self.identity.lock().unwrap(), topic)
     }
 
     /// The user the socket's identity names.
@@ -461,7 +469,7 @@ async fn join(
     let (subscriber, since, announce) = match recorded {
         Some(r) => {
             let by_identity = matches!(
-                node.hooks().subscribe_access(&s.identity(), topic),
+                s.access(node.hooks(), topic),
                 crate::backend::hooks::Access::Allowed
             );
             let presence = request.presence == Some(true);
