@@ -34,17 +34,20 @@ pub enum Limit {
     TopicsPerNode,
     /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`.
     SubscribeRate,
+    /// `WEBSOCKET_MAX_SUBSCRIPTIONS`.
+    SubscriptionsPerConnection,
     /// `WEBSOCKET_RATE_LIMIT`: the connection is closed.
     MessageRate,
 }
 
 impl Limit {
-    const ALL: [Limit; 6] = [
+    const ALL: [Limit; 7] = [
         Limit::ConnectionsPerNode,
         Limit::ConnectionsPerAddress,
         Limit::ConnectionsPerUser,
         Limit::TopicsPerNode,
         Limit::SubscribeRate,
+        Limit::SubscriptionsPerConnection,
         Limit::MessageRate,
     ];
 
@@ -55,6 +58,7 @@ impl Limit {
             Limit::ConnectionsPerUser => m::limit::CONNECTIONS_PER_USER,
             Limit::TopicsPerNode => m::limit::TOPICS_PER_NODE,
             Limit::SubscribeRate => m::limit::SUBSCRIBE_RATE,
+            Limit::SubscriptionsPerConnection => m::limit::SUBSCRIPTIONS_PER_CONNECTION,
             Limit::MessageRate => m::limit::MESSAGE_RATE,
         }
     }

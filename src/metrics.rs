@@ -81,6 +81,8 @@ pub mod limit {
     pub const TOPICS_PER_NODE: &str = "topics_per_node";
     /// `WEBSOCKET_SUBSCRIBE_RATE_LIMIT`.
     pub const SUBSCRIBE_RATE: &str = "subscribe_rate";
+    /// `WEBSOCKET_MAX_SUBSCRIPTIONS`.
+    pub const SUBSCRIPTIONS_PER_CONNECTION: &str = "subscriptions_per_connection";
     /// `WEBSOCKET_RATE_LIMIT` (the connection is closed, 1008).
     pub const MESSAGE_RATE: &str = "message_rate";
 }

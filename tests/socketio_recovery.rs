@@ -844,3 +844,78 @@ async fn recovery_keeps_what_the_hook_granted_ends_what_the_old_token_named_and_
     .expect("a presence_diff with bob's join");
     assert!(diff.contains("room.1"), "{diff}");
 }
+
+/// A session's record can hold more topics than a node allows (written by
+/// a node with a larger `WEBSOCKET_MAX_SUBSCRIPTIONS`, or before the limit
+/// was lowered): the limit holds for what comes back too, the rest is
+/// refused as a subscribe past it would be, and the recovery says so.
+#[tokio::test]
+async fn a_recovery_restores_no_more_topics_than_the_subscription_limit() {
+    let redis = Redis::start();
+    let pfx = prefix("csr-limit");
+    let a = csr_node("a", &redis, &pfx, &[]);
+    let b = csr_node("b", &redis, &pfx, &[("WEBSOCKET_MAX_SUBSCRIPTIONS", "4")]);
+    let topics = ["l0", "l1", "l2", "l3", "l4", "l5"];
+    let (mut ws, answer) = connect(&a, json!({})).await;
+    let pid = answer["pid"].as_str().expect("pid").to_string();
+    for (i, topic) in topics.iter().enumerate() {
+        ws.send(Message::Text(
+            format!(r#"42{i}["subscribe","{topic}"]"#).into(),
+        ))
+        .await
+        .unwrap();
+        let ack = until(&mut ws, &format!("43{i}")).await;
+        assert!(ack.contains(r#""ok":true"#), "{ack}");
+    }
+    drop(ws);
+    // On b: the device state keeps its place, three of the six come back.
+    let (mut ws, answer) = connect(&b, json!({"pid": pid})).await;
+    assert_ne!(
+        answer["pid"], pid,
+        "not recovered: some topics are not back"
+    );
+    let mut refused = Vec::new();
+    while refused.len() < 3 {
+        let t = until(&mut ws, r#"42["error""#).await;
+        let e: Value = serde_json::from_str(&t[2..]).unwrap();
+        assert_eq!(e[1]["code"], "subscription_limit", "{t}");
+        refused.push(e[1]["topic"].as_str().unwrap().to_string());
+    }
+    assert_eq!(refused, ["l3", "l4", "l5"]);
+    // The device state is still subscribed (its events follow the CONNECT).
+    until(&mut ws, r#"42["apps_list""#).await;
+    // The refused ones first: had one come back, it would arrive first.
+    for topic in ["l3", "l4", "l5", "l0", "l1", "l2"] {
+        let (status, _) = b.post(
+            "/api/publish",
+            &format!(r#"{{"topic":"{topic}","data":"{topic}"}}"#),
+        );
+        assert_eq!(status, 202);
+    }
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while got.len() < 3 && tokio::time::Instant::now() < deadline {
+        let t = text(&mut ws).await;
+        if let Some(rest) = t.strip_prefix(r#"42[""#)
+            && let Some((event, _)) = rest.split_once('"')
+            && event.starts_with('l')
+        {
+            got.push(event.to_string());
+        }
+    }
+    assert_eq!(got, ["l0", "l1", "l2"]);
+    // A fourth topic is one past the limit, live as well.
+    ws.send(Message::Text(r#"429["subscribe","l9"]"#.into()))
+        .await
+        .unwrap();
+    let ack = until(&mut ws, "439").await;
+    assert!(ack.contains("subscription limit of 4 topics"), "{ack}");
+    let metrics = b.get("/metrics").1;
+    let metrics = metrics.as_str().unwrap_or_default();
+    assert!(
+        metrics.contains(
+            r#"switchboard_limit_refusals_total{limit="subscriptions_per_connection"} 4"#
+        ),
+        "{metrics}"
+    );
+}

@@ -667,6 +667,9 @@ pub struct Plan {
     restores: Vec<Restore>,
     /// Topics it may no longer read.
     revoked: Vec<Arc<str>>,
+    /// Topics past `WEBSOCKET_MAX_SUBSCRIPTIONS` (a record written under
+    /// a larger limit, by another node or before a configuration change).
+    over_limit: Vec<Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -760,6 +763,12 @@ impl Recovery {
             slots: Vec::with_capacity(record.s.len()),
         };
         let hub = node.hub();
+        // The limit holds for what comes back as for what is asked: the
+        // device state, subscribed after the restores, keeps its place.
+        let room = node
+            .config()
+            .max_subscriptions
+            .saturating_sub(usize::from(s.may_subscribe(crate::device::state::TOPIC)));
         for (i, stored) in record.s.into_iter().enumerate() {
             let Some(stored) = stored else {
                 ledger.slots.push(None);
@@ -769,6 +778,12 @@ impl Recovery {
             if !s.may_restore(node.hooks(), &topic, stored.i) {
                 plan.recovered = false;
                 plan.revoked.push(topic);
+                ledger.slots.push(None);
+                continue;
+            }
+            if plan.restores.len() >= room {
+                plan.recovered = false;
+                plan.over_limit.push(topic);
                 ledger.slots.push(None);
                 continue;
             }
@@ -873,6 +888,18 @@ impl Recovery {
                 "unsubscribed",
                 &json!({"topic": &*topic, "reason": "permission revoked"}),
             );
+        }
+        let limit = node.config().max_subscriptions;
+        for topic in plan.over_limit {
+            crate::limits::refused(
+                crate::limits::Limit::SubscriptionsPerConnection,
+                "a recovered Socket.IO session held more than WEBSOCKET_MAX_SUBSCRIPTIONS topics",
+            );
+            let refusal = sio::Refusal::new(
+                "subscription_limit",
+                format!("subscription limit of {limit} topics per connection reached"),
+            );
+            sio::emit_error(&**peer, Some(&topic), &refusal);
         }
     }
 

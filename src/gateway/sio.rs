@@ -454,6 +454,10 @@ async fn join(
         !topics.contains(topic) && topics.len() >= limit
     };
     if at_limit {
+        crate::limits::refused(
+            crate::limits::Limit::SubscriptionsPerConnection,
+            "a socket is at WEBSOCKET_MAX_SUBSCRIPTIONS",
+        );
         return Err(Refusal::new(
             "subscription_limit",
             format!("subscription limit of {limit} topics per connection reached"),

@@ -498,6 +498,10 @@ fn topics(path: Option<String>, query: Option<&str>, max: usize) -> Result<Vec<S
             topics.push(topic);
         }
         if topics.len() > max {
+            crate::limits::refused(
+                crate::limits::Limit::SubscriptionsPerConnection,
+                "a stream asked for more than WEBSOCKET_MAX_SUBSCRIPTIONS topics",
+            );
             return Err(ApiError::BadRequest(format!(
                 "at most {max} topics per stream (WEBSOCKET_MAX_SUBSCRIPTIONS)"
             )));
@@ -909,6 +913,10 @@ impl Session {
             since => since,
         };
         if !held && self.topics.len() >= limit {
+            crate::limits::refused(
+                crate::limits::Limit::SubscriptionsPerConnection,
+                "a stream is at WEBSOCKET_MAX_SUBSCRIPTIONS",
+            );
             self.keep_position(&topic, since.as_ref());
             return self.stream.error(
                 format!("subscription limit of {limit} topics per connection reached"),

@@ -819,6 +819,10 @@ impl Session {
     async fn join(&mut self, topic: String, since: Option<Since>, watch: Option<bool>) {
         let limit = self.node.config().max_subscriptions;
         if !self.topics.contains(&topic) && self.topics.len() >= limit {
+            crate::limits::refused(
+                crate::limits::Limit::SubscriptionsPerConnection,
+                "a connection is at WEBSOCKET_MAX_SUBSCRIPTIONS",
+            );
             self.outbox.error_reply(
                 Some("subscribe"),
                 format!("subscription limit of {limit} topics per connection reached"),
