@@ -264,3 +264,94 @@ fn long_polling_by_hand_and_its_refusals() {
         .health()["connections"]
         == 0));
 }
+
+/// Reads until the server closes; the close code (0: no close frame).
+async fn close_code(ws: &mut Ws, within: Duration) -> Option<u16> {
+    tokio::time::timeout(within, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.as_str() == "2" => {
+                    let _ = ws.send(Message::Text("3".into())).await;
+                }
+                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)).unwrap_or(0),
+                Some(Ok(_)) => continue,
+                _ => return 0,
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// An Engine.IO session holds a socket, a queue and an address seat before
+/// any namespace is joined: one that never joins (no CONNECT, or only
+/// refused ones) is closed, as socket.io's `connectTimeout` does, and a
+/// full node refuses the handshake itself.
+#[tokio::test]
+async fn a_session_without_a_connected_namespace_is_closed() {
+    let node = Node::start(
+        "eio-connect",
+        &[
+            ("AUTH_JWT_SECRET", "a-secret-of-at-least-32-bytes-length!!"),
+            ("MAX_CONNECTIONS", "1"),
+        ],
+    );
+    let url = node.ws_url("/socket.io/?EIO=4&transport=websocket");
+    // Alive by its heartbeat, but never a CONNECT.
+    let (mut idle, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(text(&mut idle).await.starts_with('0'));
+    // Refused CONNECTs (no token): each answered, the tenth closes it.
+    let (mut refused, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    assert!(text(&mut refused).await.starts_with('0'));
+    for i in 1..=10 {
+        refused.send(Message::Text("40".into())).await.unwrap();
+        let answer = until(&mut refused, "44").await;
+        assert!(answer.contains("message"), "refusal {i}: {answer}");
+    }
+    assert_eq!(
+        close_code(&mut refused, Duration::from_secs(5)).await,
+        Some(1008),
+        "closed after ten refused CONNECTs"
+    );
+    // One connected socket fills the node: the next handshake is refused
+    // with 503 before the session exists.
+    let token = {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        encode(
+            &Header::default(),
+            &json!({"exp": exp}),
+            &EncodingKey::from_secret(b"a-secret-of-at-least-32-bytes-length!!"),
+        )
+        .unwrap()
+    };
+    let (mut full, _) = open(&node, Some(json!({"token": token}))).await;
+    assert!(until(&mut full, "40").await.starts_with("40{\"sid\":"));
+    let (status, body) = common::http_text(
+        &node.addr,
+        "GET",
+        "/socket.io/?EIO=4&transport=polling",
+        None,
+        &[],
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("at its limit of 1 connections"), "{body}");
+    // The idle session goes at 45 s (socket.io's connectTimeout), not before.
+    let code = close_code(&mut idle, Duration::from_secs(60)).await;
+    let after = started.elapsed();
+    assert_eq!(code, Some(1008), "closed without a CONNECT");
+    assert!(
+        after >= Duration::from_secs(44) && after < Duration::from_secs(55),
+        "closed after {after:?}"
+    );
+    // The connected socket is not affected.
+    full.send(Message::Text(r#"421["subscribe","news"]"#.into()))
+        .await
+        .unwrap();
+    until(&mut full, "431").await;
+}

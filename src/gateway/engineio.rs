@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use axum::extract::FromRequest;
 use axum::extract::Request;
@@ -149,6 +150,9 @@ impl Handshake {
     /// The handshake of a new session, refused (429, the JSON error format)
     /// when the client's address is at its connection limit.
     pub(super) fn of(node: &Node, req: &Request) -> Result<Self, ApiError> {
+        // A draining or full node says so before it holds anything for the
+        // session (the CONNECT checks again: sessions open meanwhile count).
+        crate::gateway::admission::capacity(node)?;
         let remote = crate::gateway::admission::remote_addr(req.extensions());
         let seats = Seats::address(node, remote, req.headers())?;
         let mut headers = HeaderMap::new();
@@ -211,6 +215,8 @@ pub(super) struct Conn {
     pub(super) polling: AtomicBool,
     /// A POST is being handled (one at a time).
     pub(super) posting: AtomicBool,
+    /// A CONNECT was accepted ([`CONNECT_TIMEOUT`]).
+    connected: AtomicBool,
 }
 
 /// The Socket.IO state of a connection.
@@ -222,13 +228,39 @@ pub(super) struct SocketState {
     /// The client disconnected the namespace (`41`): the session is over,
     /// not interrupted.
     left: bool,
+    /// CONNECTs refused so far: each may cost a token check or a connect
+    /// hook call, so a session gets [`MAX_REFUSED_CONNECTS`].
+    refused: u32,
+}
+
+/// How long an Engine.IO session may stay without a connected namespace
+/// (socket.io's `connectTimeout` default): a transport that never sends a
+/// CONNECT, or whose CONNECTs are all refused, holds a socket, a queue and
+/// an address seat, and is closed then.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Refused CONNECTs after which a session is closed.
+const MAX_REFUSED_CONNECTS: u32 = 10;
+
+/// Closes `conn` when it has no connected namespace [`CONNECT_TIMEOUT`]
+/// after its handshake.
+async fn connect_deadline(conn: std::sync::Weak<Conn>) {
+    tokio::time::sleep(CONNECT_TIMEOUT).await;
+    let Some(conn) = conn.upgrade() else {
+        return;
+    };
+    // Not the socket lock: a websocket's reader holds it for its life.
+    if !conn.connected.load(Ordering::Acquire) && conn.phase() != Phase::Closed {
+        tracing::debug!(sid = %conn.sid, "no Socket.IO CONNECT within 45 s: session closed");
+        conn.outbox.close.request(close::POLICY);
+    }
 }
 
 impl Conn {
     pub(super) fn new(node: &Node, handshake: Handshake, sid: Option<Arc<str>>) -> Arc<Conn> {
         let id = crate::hub::new_conn_id();
         let outbox = Arc::new(Outbox::new(node.config(), m::transport::SOCKETIO));
-        Arc::new(Conn {
+        let conn = Arc::new(Conn {
             id,
             sid: sid.unwrap_or_else(|| format!("{id:016x}").into()),
             node: node.clone(),
@@ -245,7 +277,10 @@ impl Conn {
             liveness: Liveness::new(),
             polling: AtomicBool::new(false),
             posting: AtomicBool::new(false),
-        })
+            connected: AtomicBool::new(false),
+        });
+        tokio::spawn(connect_deadline(Arc::downgrade(&conn)));
+        conn
     }
 
     pub(super) fn phase(&self) -> Phase {
@@ -598,6 +633,7 @@ async fn packet(conn: &Arc<Conn>, st: &mut SocketState, p: &str) -> bool {
             };
             match sio::open(node, token.as_deref(), id, hello).await {
                 Ok(s) => {
+                    conn.connected.store(true, Ordering::Release);
                     let sid = format!("{:016x}", s.id);
                     match node.socketio_recovery() {
                         None => {
@@ -624,7 +660,14 @@ async fn packet(conn: &Arc<Conn>, st: &mut SocketState, p: &str) -> bool {
                     sio::connected(&peer, &s, node).await;
                     st.session = Some(s);
                 }
-                Err(e) => push(outbox, format!("44{}", json!({"message": e}))),
+                Err(e) => {
+                    push(outbox, format!("44{}", json!({"message": e})));
+                    st.refused += 1;
+                    if st.refused >= MAX_REFUSED_CONNECTS {
+                        tracing::debug!(sid = %conn.sid, "{MAX_REFUSED_CONNECTS} Socket.IO CONNECTs refused: session closed");
+                        outbox.close.request(close::POLICY);
+                    }
+                }
             }
             true
         }
