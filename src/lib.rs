@@ -50,6 +50,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod redis;
 pub mod registry;
+pub mod waiters;
 
 use std::time::Instant;
 

@@ -9,8 +9,8 @@
 //! spelled by [`Keys`]; the node's keys share one slot on a cluster, so the
 //! reaper's claim is one script.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -23,12 +23,11 @@ use super::{
 use crate::clients::{Clients, Command, Target};
 use crate::redis::{Keys, LuaScript, Nested, Redis, RedisError};
 use crate::registry::Registry;
+use crate::waiters::Waiters;
 
 /// Answers one command may collect before later ones are dropped (far more
 /// than the nodes of any cluster).
 const ANSWERS: usize = 1024;
-
-type Pending = Mutex<HashMap<String, mpsc::Sender<Answer>>>;
 
 pub struct RedisControl {
     redis: Redis,
@@ -36,7 +35,7 @@ pub struct RedisControl {
     node_id: String,
     clients: Clients,
     registry: Arc<dyn Registry>,
-    pending: Arc<Pending>,
+    pending: Waiters<mpsc::Sender<Answer>>,
 }
 
 impl RedisControl {
@@ -61,7 +60,7 @@ impl RedisControl {
             node_id,
             clients,
             registry,
-            pending: Arc::new(Mutex::new(HashMap::new())),
+            pending: Waiters::default(),
         });
         let b = bus.clone();
         tokio::spawn(async move {
@@ -69,7 +68,7 @@ impl RedisControl {
                 if channel == control {
                     b.serve(&payload);
                 } else if let Ok(answer) = serde_json::from_slice::<Answer>(&payload) {
-                    let waiter = b.pending.lock().unwrap().get(&answer.id).cloned();
+                    let waiter = b.pending.get(&answer.id);
                     if let Some(tx) = waiter {
                         let _ = tx.try_send(answer);
                     }
@@ -129,13 +128,12 @@ impl ControlBus for RedisControl {
             expected.remove(&self.node_id);
             let id = format!("{:016x}", rand::random::<u64>());
             let (tx, mut rx) = mpsc::channel(ANSWERS);
-            self.pending.lock().unwrap().insert(id.clone(), tx);
-            let wire = Wire::new(id.clone(), self.node_id.clone(), &target, &command);
+            let waiting = self.pending.wait(id.clone(), tx);
+            let wire = Wire::new(id, self.node_id.clone(), &target, &command);
             let json = serde_json::to_string(&wire).expect("commands serialize");
-            if let Err(e) = self.redis.publish(&self.keys.control(), json.into()).await {
-                self.pending.lock().unwrap().remove(&id);
-                return Err(e.into());
-            }
+            self.redis
+                .publish(&self.keys.control(), json.into())
+                .await?;
             let applied = self.clients.apply(&target, &command);
             let (mut reached, mut busy) = (applied.reached, applied.busy);
             // A client id names one connection: once found, stop asking.
@@ -154,7 +152,7 @@ impl ControlBus for RedisControl {
                     _ => break,
                 }
             }
-            self.pending.lock().unwrap().remove(&id);
+            drop(waiting);
             let mut unanswered: Vec<String> = if one && reached + busy > 0 {
                 Vec::new()
             } else {
