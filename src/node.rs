@@ -117,7 +117,7 @@ fn backends(
         keys.clone(),
         config.node_id.clone(),
         election.watch(),
-        requests_tx,
+        (requests_tx, config.command_timeout),
         stop.clone(),
     )?;
     let registry: Arc<dyn Registry> = Arc::new(RedisRegistry::new(redis.clone(), keys.clone()));

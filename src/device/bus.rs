@@ -5,8 +5,7 @@
 //! `{prefix}:reply:{sender}`. The sender waits up to `COMMAND_TIMEOUT_MS`;
 //! silence means no leader (503). Embedded mode has no other node to ask.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -18,6 +17,7 @@ use super::state::{Command, DeviceState};
 use super::{CommandError, Request};
 use crate::election::Leadership;
 use crate::redis::{Keys, Redis, RedisError};
+use crate::waiters::Waiters;
 
 pub trait CommandBus: Send + Sync + 'static {
     /// Sends `command` to the leader on another node and waits for the outcome.
@@ -59,25 +59,27 @@ struct Reply {
     unavailable: Option<String>,
 }
 
-type Pending = Mutex<HashMap<String, oneshot::Sender<Result<DeviceState, CommandError>>>>;
+type Waiter = oneshot::Sender<Result<DeviceState, CommandError>>;
 
 pub struct RedisBus {
     redis: Redis,
     keys: Keys,
     node_id: String,
-    pending: Arc<Pending>,
+    pending: Waiters<Waiter>,
 }
 
 impl RedisBus {
     /// Listens for commands (applied when this node leads) and for replies
-    /// to this node's own forwarded commands.
+    /// to this node's own forwarded commands. `local` is the leader duty's
+    /// queue and `COMMAND_TIMEOUT_MS`, how long the sender of a forwarded
+    /// command waits for it.
     pub fn start(
         listeners: &crate::redis::Listeners,
         redis: Redis,
         keys: Keys,
         node_id: String,
         leadership: watch::Receiver<Leadership>,
-        local: mpsc::Sender<Request>,
+        local: (mpsc::Sender<Request>, Duration),
         stop: CancellationToken,
     ) -> Result<Arc<Self>, RedisError> {
         let cmd_channel = keys.commands();
@@ -88,17 +90,17 @@ impl RedisBus {
             redis,
             keys,
             node_id,
-            pending: Arc::new(Mutex::new(HashMap::new())),
+            pending: Waiters::default(),
         });
         let b = bus.clone();
         tokio::spawn(async move {
             while let Some((channel, payload)) = rx.recv().await {
                 if channel == cmd_channel {
                     if leadership.borrow().leader {
-                        b.serve(&payload, &local).await;
+                        b.serve(&payload, &local.0, local.1).await;
                     }
                 } else if let Ok(reply) = serde_json::from_slice::<Reply>(&payload) {
-                    let waiter = b.pending.lock().unwrap().remove(&reply.id);
+                    let waiter = b.pending.take(&reply.id);
                     if let Some(tx) = waiter {
                         let res = match (reply.state, reply.invalid, reply.unavailable) {
                             (Some(s), _, _) => Ok(s),
@@ -117,7 +119,7 @@ impl RedisBus {
 
     /// On the leader: hands a forwarded command to the leader duty and
     /// publishes the outcome to the sender.
-    async fn serve(&self, payload: &[u8], local: &mpsc::Sender<Request>) {
+    async fn serve(&self, payload: &[u8], local: &mpsc::Sender<Request>, timeout: Duration) {
         let Ok(env) = serde_json::from_slice::<Envelope>(payload) else {
             tracing::warn!("unreadable forwarded command ignored");
             return;
@@ -127,6 +129,7 @@ impl RedisBus {
             .try_send(Request {
                 command: env.command,
                 reply: tx,
+                deadline: std::time::Instant::now() + timeout,
             })
             .is_err()
         {
@@ -164,15 +167,15 @@ impl CommandBus for RedisBus {
         Box::pin(async move {
             let id = format!("{:016x}", rand::random::<u64>());
             let (tx, rx) = oneshot::channel();
-            self.pending.lock().unwrap().insert(id.clone(), tx);
+            let _waiting = self.pending.wait(id.clone(), tx);
             let env = Envelope {
-                id: id.clone(),
+                id,
                 from: self.node_id.clone(),
                 command,
             };
             let json = serde_json::to_string(&env).expect("command serializes");
             let sent = self.redis.publish(&self.keys.commands(), json.into()).await;
-            let res = match sent {
+            match sent {
                 Err(e) => Err(CommandError::Unavailable(format!(
                     "command not delivered to the leader: {e}"
                 ))),
@@ -183,9 +186,7 @@ impl CommandBus for RedisBus {
                         timeout.as_millis()
                     ))),
                 },
-            };
-            self.pending.lock().unwrap().remove(&id);
-            res
+            }
         })
     }
 }

@@ -49,6 +49,18 @@ pub enum CommandError {
 pub struct Request {
     pub command: Command,
     pub reply: oneshot::Sender<Result<DeviceState, CommandError>>,
+    /// When its sender stops waiting (`COMMAND_TIMEOUT_MS` after it was
+    /// sent). A command is applied before then or never: one answered 503
+    /// must not change the board later, over newer commands, when this node
+    /// leads again.
+    pub deadline: Instant,
+}
+
+impl Request {
+    /// Whether nobody waits for this command's outcome any more.
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed() || Instant::now() >= self.deadline
+    }
 }
 
 /// Cheap-to-clone handle to this node's view of the device.
@@ -222,12 +234,19 @@ impl Device {
                 "no leader is available to apply the command; try again".into(),
             )
         };
-        self.inner
-            .requests_tx
-            .send_timeout(Request { command, reply: tx }, self.inner.timeout)
+        // One deadline for the queue and the answer: the caller waits
+        // COMMAND_TIMEOUT_MS at most, not twice that.
+        let deadline = Instant::now() + self.inner.timeout;
+        let request = Request {
+            command,
+            reply: tx,
+            deadline,
+        };
+        tokio::time::timeout_at(deadline.into(), self.inner.requests_tx.send(request))
             .await
+            .map_err(|_| no_leader())?
             .map_err(|_| no_leader())?;
-        match tokio::time::timeout(self.inner.timeout, rx).await {
+        match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(res)) => res,
             _ => Err(CommandError::Unavailable(format!(
                 "no leader applied the command within {} ms",
@@ -281,6 +300,12 @@ impl Device {
             let (command, reply) = tokio::select! {
                 _ = token.cancelled() => break,
                 req = requests.recv() => match req {
+                    Some(r) if r.abandoned() => {
+                        let _ = r.reply.send(Err(CommandError::Unavailable(
+                            "the command waited too long for the leader; try again".into(),
+                        )));
+                        continue;
+                    }
                     Some(r) => (r.command, Some(r.reply)),
                     None => break,
                 },
@@ -327,6 +352,14 @@ impl Device {
             if let Some(reply) = reply {
                 let _ = reply.send(res);
             }
+        }
+        // What is still queued was sent to this term: nothing here applies
+        // it now, and a later term must not (it would land over newer
+        // state), so its senders hear at once instead of at their timeout.
+        while let Ok(r) = requests.try_recv() {
+            let _ = r.reply.send(Err(CommandError::Unavailable(
+                "leadership changed; try again".into(),
+            )));
         }
         show_token.cancel();
         if let Err(e) = show.await {
@@ -396,5 +429,95 @@ impl Subscriber for CacheFeed {
 
     fn transport(&self) -> &'static str {
         "internal"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::bus::NoBus;
+    use crate::device::store::MemoryStore;
+    use crate::election::memory::MemoryElection;
+
+    fn device() -> (Device, mpsc::Sender<Request>) {
+        let (hub, _inbound) = crate::hub::testing::hub(&[]);
+        let requests = request_queue();
+        let tx = requests.0.clone();
+        let device = Device::new(Parts {
+            apps: vec!["clock".into(), "stars".into()],
+            store: Arc::new(MemoryStore::default()),
+            bus: Arc::new(NoBus),
+            requests,
+            hub,
+            election: Arc::new(MemoryElection::new("n".into())),
+            driver: DriverConfig::Simulated,
+            fps: 1,
+            node_id: "n".into(),
+            timeout: Duration::from_secs(2),
+        });
+        (device, tx)
+    }
+
+    fn request(
+        command: Command,
+        deadline: Instant,
+    ) -> (
+        Request,
+        oneshot::Receiver<Result<DeviceState, CommandError>>,
+    ) {
+        let (reply, rx) = oneshot::channel();
+        let request = Request {
+            command,
+            reply,
+            deadline,
+        };
+        (request, rx)
+    }
+
+    /// A command whose sender stopped waiting (answered 503) is never
+    /// applied, and what a term leaves queued is answered at its end,
+    /// not applied by a later term over newer state.
+    #[tokio::test]
+    async fn commands_nobody_waits_for_are_never_applied() {
+        let (device, tx) = device();
+        let stars = || Command::Switch {
+            app: "stars".into(),
+        };
+        let past = Instant::now() - Duration::from_millis(1);
+        let later = Instant::now() + Duration::from_secs(5);
+        let (expired, expired_rx) = request(stars(), past);
+        let (abandoned, abandoned_rx) = request(stars(), later);
+        drop(abandoned_rx);
+        let (dim, dim_rx) = request(Command::Settings { brightness: 10 }, later);
+        tx.send(expired).await.unwrap();
+        tx.send(abandoned).await.unwrap();
+        tx.send(dim).await.unwrap();
+        let token = CancellationToken::new();
+        let term = tokio::spawn({
+            let (device, token) = (device.clone(), token.clone());
+            async move { device.lead(1, token).await }
+        });
+        let state = dim_rx.await.unwrap().unwrap();
+        assert_eq!(state.settings.brightness, 10);
+        assert_eq!(state.current_app, "clock", "neither switch was applied");
+        assert!(matches!(
+            expired_rx.await.unwrap(),
+            Err(CommandError::Unavailable(_))
+        ));
+        // The term ends with a command still queued behind the cancel.
+        token.cancel();
+        term.await.unwrap();
+        let (left, left_rx) = request(stars(), later);
+        tx.send(left).await.unwrap();
+        let (next, _) = request(Command::Settings { brightness: 20 }, later);
+        tx.send(next).await.unwrap();
+        let term = tokio::spawn({
+            let device = device.clone();
+            async move { device.lead(2, CancellationToken::new()).await }
+        });
+        // The second term applies them: they were sent to it, in time.
+        let state = left_rx.await.unwrap().unwrap();
+        assert_eq!(state.current_app, "stars");
+        term.abort();
     }
 }

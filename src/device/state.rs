@@ -299,6 +299,9 @@ impl DeviceState {
 
 // === request bodies → commands ===
 
+/// The most entries a carousel's `apps` may have.
+pub const MAX_CAROUSEL_APPS: usize = 256;
+
 /// Parses and checks a REST body; every message names the field and the rule.
 pub fn parse_command(kind: &str, body: &Value, state: &DeviceState) -> Result<Command, Invalid> {
     let Value::Object(obj) = body else {
@@ -326,6 +329,13 @@ pub fn parse_command(kind: &str, body: &Value, state: &DeviceState) -> Result<Co
             let apps = match obj.get("apps") {
                 None | Some(Value::Null) => None,
                 Some(Value::Array(items)) => {
+                    // Each step saves and broadcasts the whole list: a
+                    // carousel is a rotation of a few apps, not a store.
+                    if items.len() > MAX_CAROUSEL_APPS {
+                        return invalid(format!(
+                            "apps must have at most {MAX_CAROUSEL_APPS} entries"
+                        ));
+                    }
                     let mut apps = Vec::with_capacity(items.len());
                     for (i, item) in items.iter().enumerate() {
                         let app = item["app"].as_str().ok_or_else(|| {
@@ -420,10 +430,19 @@ fn validate_config(app: &str, config: &Map<String, Value>) -> Result<(), Invalid
         ],
         "stars" => &[("density", Rule::Int(0, 100)), ("color", Rule::Color)],
         _ => {
-            // No schema: any JSON object of modest size.
-            let size = serde_json::to_string(config).map(|s| s.len()).unwrap_or(0);
-            if size > 16 * 1024 {
+            // No schema: any JSON object of modest size and depth. The
+            // depth bound is publication data's: the config travels inside
+            // the state (and the leader's replies), a few levels down, and
+            // serde_json gives up at 128 levels, so a deeper config would
+            // make the saved state unreadable.
+            let text = serde_json::to_string(config).unwrap_or_default();
+            if text.len() > 16 * 1024 {
                 return invalid("config must be at most 16 KiB of JSON");
+            }
+            if crate::protocol::json_depth_exceeds(&text, crate::protocol::MAX_DATA_DEPTH) {
+                return invalid(
+                    "config is nested too deeply: at most 64 levels of arrays and objects are allowed",
+                );
             }
             return Ok(());
         }
@@ -607,6 +626,32 @@ mod tests {
             &s,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_config_without_schema_and_a_carousel_are_bounded() {
+        let s = DeviceState::initial(&["clock".into(), "weather".into()]);
+        let nested = |depth: usize| -> Value {
+            serde_json::from_str(&format!("{}1{}", "[".repeat(depth), "]".repeat(depth))).unwrap()
+        };
+        // The config object is level 1: 63 more fit, 64 do not.
+        let ok = json!({"app":"weather","config":{"x":nested(63)}});
+        let cmd = parse_command("config", &ok, &s).unwrap();
+        let (after, _) = s.apply(&cmd).unwrap();
+        // The state that carries it, saved and parsed again, is still JSON
+        // serde_json reads.
+        let saved = serde_json::to_string(&after).unwrap();
+        assert!(serde_json::from_str::<DeviceState>(&saved).is_ok());
+        let deep = json!({"app":"weather","config":{"x":nested(64)}});
+        let e = parse_command("config", &deep, &s).unwrap_err();
+        assert!(e.0.starts_with("config is nested too deeply"), "{e}");
+
+        let entry = json!({"app":"clock","duration":5});
+        let most = json!({"apps": vec![entry.clone(); MAX_CAROUSEL_APPS]});
+        parse_command("carousel", &most, &s).unwrap();
+        let many = json!({"apps": vec![entry; MAX_CAROUSEL_APPS + 1]});
+        let e = parse_command("carousel", &many, &s).unwrap_err();
+        assert_eq!(e.0, "apps must have at most 256 entries");
     }
 
     #[test]
