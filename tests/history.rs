@@ -177,6 +177,21 @@ async fn the_function_refuses_bad_publications_with_a_reason() {
     // Nothing refused took an offset.
     let ok = call("news", r#"{"data":2}"#).unwrap();
     assert_eq!(ok[0], "2");
+    // A node's shared read can ask for far more than follows (one
+    // waiter's `since` far ahead of another's): it gets what there is.
+    let read = redis
+        .call(&[
+            "FCALL",
+            "switchboard_history",
+            "1",
+            "news",
+            "0",
+            &u64::MAX.to_string(),
+            &pfx,
+        ])
+        .unwrap_or_else(|e| panic!("a read with a huge limit failed: {e}"));
+    assert_eq!(read[1], "2", "{read:?}");
+    assert_eq!(read.len(), 2 + 2 * 2, "{read:?}");
 }
 
 #[tokio::test]

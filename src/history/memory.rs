@@ -24,11 +24,14 @@ pub struct MemoryHistory {
     /// When this history began (ms since the Unix epoch): a pending position
     /// from before was handed out by another process, whose epochs are lost.
     started: u64,
-    /// An async lock: a publication is appended and handed to the backplane
-    /// under it, so offsets reach the hub in order. Only publishers of this
-    /// one embedded node take it; the backplane send does not wait unless the
-    /// hub's inbound queue is full.
-    topics: tokio::sync::Mutex<Topics>,
+    /// Held by a publisher from taking its offset until the backplane has
+    /// its publication, so offsets reach the hub in order. That send waits
+    /// while the hub's inbound queue is full; only publishers wait here.
+    order: tokio::sync::Mutex<()>,
+    /// The rings; std Mutex, never held across `.await`. Reads take only
+    /// this one: the hub's own reads (a subscribe, a gap repair) must not
+    /// wait for a publisher that waits for the hub to drain its queue.
+    topics: std::sync::Mutex<Topics>,
 }
 
 #[derive(Default)]
@@ -54,7 +57,8 @@ impl MemoryHistory {
             size: config.size,
             ttl: config.ttl,
             started: super::now_ms(),
-            topics: tokio::sync::Mutex::new(Topics::default()),
+            order: tokio::sync::Mutex::new(()),
+            topics: std::sync::Mutex::new(Topics::default()),
         }
     }
 }
@@ -129,24 +133,28 @@ impl History for MemoryHistory {
         envelope: String,
     ) -> BoxFuture<'a, Result<Position, HistoryError>> {
         Box::pin(async move {
-            let mut topics = self.topics.lock().await;
-            let now = Instant::now();
-            let ring = topics.ring(topic, now, self.ttl);
-            let offset = ring.top + 1;
-            let payload = Bytes::from(super::stamp(&envelope, offset, &ring.epoch));
-            let position = Position {
-                offset,
-                epoch: ring.epoch.clone(),
+            let _order = self.order.lock().await;
+            let (payload, position) = {
+                let mut topics = self.topics.lock().unwrap();
+                let now = Instant::now();
+                let ring = topics.ring(topic, now, self.ttl);
+                let offset = ring.top + 1;
+                let payload = Bytes::from(super::stamp(&envelope, offset, &ring.epoch));
+                let position = Position {
+                    offset,
+                    epoch: ring.epoch.clone(),
+                };
+                ring.top = offset;
+                ring.data_until = now + self.ttl;
+                if ring.entries.len() >= self.size {
+                    ring.entries.pop_front();
+                }
+                ring.entries.push_back(Stored {
+                    offset,
+                    payload: payload.clone(),
+                });
+                (payload, position)
             };
-            ring.top = offset;
-            ring.data_until = now + self.ttl;
-            if ring.entries.len() >= self.size {
-                ring.entries.pop_front();
-            }
-            ring.entries.push_back(Stored {
-                offset,
-                payload: payload.clone(),
-            });
             self.backplane
                 .publish(topic, payload)
                 .await
@@ -162,7 +170,7 @@ impl History for MemoryHistory {
         limit: usize,
     ) -> BoxFuture<'a, Result<Range, HistoryError>> {
         Box::pin(async move {
-            let mut topics = self.topics.lock().await;
+            let mut topics = self.topics.lock().unwrap();
             let ring = topics.existing(topic, Instant::now(), self.ttl);
             Ok(self.range(ring, |r| {
                 r.entries
@@ -177,7 +185,7 @@ impl History for MemoryHistory {
 
     fn latest<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Range, HistoryError>> {
         Box::pin(async move {
-            let mut topics = self.topics.lock().await;
+            let mut topics = self.topics.lock().unwrap();
             let ring = topics.existing(topic, Instant::now(), self.ttl);
             Ok(self.range(ring, |r| r.entries.back().cloned().into_iter().collect()))
         })
@@ -213,7 +221,7 @@ mod tests {
         assert_eq!(pending.top, 0);
         assert!(super::super::is_pending(&pending.epoch));
         assert!(
-            h.topics.lock().await.map.is_empty(),
+            h.topics.lock().unwrap().map.is_empty(),
             "a read stores nothing"
         );
         let mut first = None;
@@ -243,5 +251,44 @@ mod tests {
                 .contains(r#""data":5"#)
         );
         assert_ne!(h.read("other", 0, 1).await.unwrap().epoch, first.epoch);
+    }
+
+    /// The hub reads history (a subscribe, a gap repair) on the task that
+    /// drains its inbound queue: a publisher waiting for room in that queue
+    /// must not hold what the read needs.
+    #[tokio::test]
+    async fn a_publisher_waiting_for_a_full_queue_does_not_block_reads() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let bp = Arc::new(MemoryBackplane::new(tx));
+        bp.subscribe("t").await.unwrap();
+        let config = HistoryConfig {
+            topics: vec![],
+            size: 10,
+            ttl: Duration::from_secs(60),
+        };
+        let h = Arc::new(MemoryHistory::new(bp, &config));
+        for i in 1..=2 {
+            h.publish("t", format!(r#"{{"data":{i}}}"#)).await.unwrap();
+        }
+        let blocked = tokio::spawn({
+            let h = h.clone();
+            async move { h.publish("t", r#"{"data":3}"#.into()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!blocked.is_finished(), "the queue is full");
+        let read = tokio::time::timeout(Duration::from_secs(2), h.read("t", 0, 10))
+            .await
+            .expect("a read does not wait for a publisher")
+            .unwrap();
+        assert_eq!(read.top, 3);
+        let latest = tokio::time::timeout(Duration::from_secs(2), h.latest("t"))
+            .await
+            .expect("nor does latest")
+            .unwrap();
+        assert_eq!(latest.entries[0].offset, 3);
+        for _ in 0..3 {
+            rx.recv().await.unwrap();
+        }
+        assert_eq!(blocked.await.unwrap().unwrap().offset, 3);
     }
 }

@@ -184,7 +184,11 @@ local function history(keys, args)
   elseif limit > 0 then
     local from = tonumber(since) or 0
     if from < top then
-      entries = redis.call('XRANGE', stream, string.format('%d', from + 1), '+', 'COUNT', limit)
+      -- Offsets have no holes: at most top - from entries follow. A
+      -- shared read's limit can be far larger (a waiter's `since` far ahead
+      -- of another's), and a COUNT Lua prints as a float is refused.
+      local count = math.min(limit, top - from)
+      entries = redis.call('XRANGE', stream, string.format('%d', from + 1), '+', 'COUNT', count)
     end
   end
   for _, e in ipairs(entries) do
