@@ -246,10 +246,10 @@ async fn pump(
                 last_seen = tokio::time::Instant::now();
                 match msg {
                     Some(Ok(ws::Message::Text(t))) => {
-                        if up_tx.send(tungstenite::Message::Text(t.as_str().into())).await.is_err() { break; }
+                        if !sent(up_tx.send(tungstenite::Message::Text(t.as_str().into()))).await { break; }
                     }
                     Some(Ok(ws::Message::Binary(b))) => {
-                        if up_tx.send(tungstenite::Message::Binary(b)).await.is_err() { break; }
+                        if !sent(up_tx.send(tungstenite::Message::Binary(b))).await { break; }
                     }
                     Some(Ok(ws::Message::Ping(_) | ws::Message::Pong(_))) => {}
                     // The client's close is answered first (below), then
@@ -269,10 +269,10 @@ async fn pump(
             },
             msg = up_rx.next() => match msg {
                 Some(Ok(tungstenite::Message::Text(t))) => {
-                    if client_tx.send(ws::Message::Text(t.as_str().into())).await.is_err() { break; }
+                    if !sent(client_tx.send(ws::Message::Text(t.as_str().into()))).await { break; }
                 }
                 Some(Ok(tungstenite::Message::Binary(b))) => {
-                    if client_tx.send(ws::Message::Binary(b)).await.is_err() { break; }
+                    if !sent(client_tx.send(ws::Message::Binary(b))).await { break; }
                 }
                 Some(Ok(tungstenite::Message::Close(frame))) => {
                     // The upstream's own close, forwarded as it came.
@@ -280,7 +280,7 @@ async fn pump(
                         code: f.code.into(),
                         reason: f.reason.as_str().into(),
                     });
-                    let _ = client_tx.send(ws::Message::Close(frame)).await;
+                    let _ = sent(client_tx.send(ws::Message::Close(frame))).await;
                     upstream_closed = true;
                     break;
                 }
@@ -302,9 +302,9 @@ async fn pump(
                     break;
                 }
                 // Keeps both legs alive through idle timeouts of load balancers.
-                let a = client_tx.send(ws::Message::Ping(Default::default())).await;
-                let b = up_tx.send(tungstenite::Message::Ping(Default::default())).await;
-                if a.is_err() || b.is_err() { break; }
+                let a = sent(client_tx.send(ws::Message::Ping(Default::default()))).await;
+                let b = sent(up_tx.send(tungstenite::Message::Ping(Default::default()))).await;
+                if !a || !b { break; }
             }
             _ = &mut shutdown_started, if !draining => {
                 draining = true;
@@ -352,4 +352,14 @@ async fn pump(
         while let Some(Ok(_)) = up_rx.next().await {}
     })
     .await;
+}
+
+/// A write to either leg, bounded by `WRITE_TIMEOUT`: a peer that stops
+/// reading must not stall the loop, whose heartbeat, token expiry and drain
+/// would then never run (and the seats and upstream be held for good).
+async fn sent<E>(send: impl Future<Output = Result<(), E>>) -> bool {
+    matches!(
+        tokio::time::timeout(crate::gateway::outbox::WRITE_TIMEOUT, send).await,
+        Ok(Ok(()))
+    )
 }
