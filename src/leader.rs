@@ -64,30 +64,34 @@ pub fn spawn(
     let tracker = TaskTracker::new();
     let (loop_stop, tasks) = (stop.clone(), tracker.clone());
     let task = tokio::spawn(async move {
-        let mut running: Option<CancellationToken> = None;
+        // The duties running, and the epoch they run for: the watch keeps
+        // only its latest value, so a term lost and won again between two
+        // looks shows as the same `leader: true` with a newer epoch, and the
+        // old term's duties (fenced out by now) must give way.
+        let mut running: Option<(CancellationToken, u64)> = None;
         loop {
             let now = *leadership.borrow_and_update();
             metrics::gauge!(m::LEADER).set(if now.leader { 1.0 } else { 0.0 });
             metrics::gauge!(m::LEADER_EPOCH).set(now.epoch as f64);
-            match (now.leader, running.is_some()) {
-                (true, false) => {
-                    tracing::info!(epoch = now.epoch, "leader duties started");
-                    let token = loop_stop.child_token();
-                    start(&duties, now.epoch, &token, &tasks);
-                    running = Some(token);
-                }
-                (false, true) => {
-                    tracing::info!(epoch = now.epoch, "leader duties stopped");
-                    running.take().expect("running").cancel();
-                }
-                _ => {}
+            let stale = running
+                .as_ref()
+                .is_some_and(|(_, epoch)| !now.leader || *epoch != now.epoch);
+            if stale {
+                tracing::info!(epoch = now.epoch, "leader duties stopped");
+                running.take().expect("running").0.cancel();
+            }
+            if now.leader && running.is_none() {
+                tracing::info!(epoch = now.epoch, "leader duties started");
+                let token = loop_stop.child_token();
+                start(&duties, now.epoch, &token, &tasks);
+                running = Some((token, now.epoch));
             }
             tokio::select! {
                 changed = leadership.changed() => if changed.is_err() { break },
                 _ = loop_stop.cancelled() => break,
             }
         }
-        if let Some(token) = running {
+        if let Some((token, _)) = running {
             token.cancel();
         }
     });
@@ -204,6 +208,54 @@ mod tests {
             after,
             "stopped on losing the lease"
         );
+        leader.stop(Duration::from_secs(1)).await;
+    }
+
+    /// The watch keeps only its latest value: a term lost and won again
+    /// between two looks is the same `leader: true` with a newer epoch. The
+    /// old term's device duty, fenced out, must give way to the new one, or
+    /// no command is applied until the next change.
+    #[tokio::test]
+    async fn a_new_epoch_restarts_the_duties() {
+        use crate::device::state::{Command, DeviceState};
+        use crate::device::store::{DeviceStore, MemoryStore};
+        let (hub, rx) = crate::hub::testing::hub(&[]);
+        hub.spawn_dispatcher(rx);
+        let store = Arc::new(MemoryStore::default());
+        let (device, _queue) = crate::device::tests::testing_device(store.clone());
+        let (lead_tx, lead_rx) = watch::channel(Leadership {
+            leader: true,
+            epoch: 1,
+        });
+        let duties = Duties {
+            hub,
+            mock_events: Vec::new(),
+            device: Some(device.clone()),
+            compat: None,
+        };
+        let leader = spawn(duties, lead_rx, CancellationToken::new());
+        let dim = |brightness| Command::Settings { brightness };
+        assert_eq!(
+            device.submit(dim(10)).await.unwrap().settings.brightness,
+            10
+        );
+        // Another term saved meanwhile (epoch 2), and this node won again
+        // with epoch 3 before its leader loop looked.
+        let mut other = DeviceState::initial(&["clock".into(), "stars".into()]);
+        other.epoch = 2;
+        store.save(&other, 2).await.unwrap();
+        lead_tx
+            .send(Leadership {
+                leader: true,
+                epoch: 3,
+            })
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let state = device
+            .submit(dim(30))
+            .await
+            .expect("applied by the new term");
+        assert_eq!((state.settings.brightness, state.epoch), (30, 3));
         leader.stop(Duration::from_secs(1)).await;
     }
 }

@@ -415,8 +415,13 @@ impl Subscriber for CacheFeed {
             && let Ok(data) = serde_json::from_str::<Value>(p.data.get())
         {
             let mut cache = self.0.inner.cache.write().unwrap();
+            // A late event of an older term (delayed in a queue while the
+            // new leader published) must not undo the newer one.
+            if epoch < cache.epoch {
+                return Delivery::Queued;
+            }
             cache.absorb(&p.event, &data);
-            cache.epoch = cache.epoch.max(epoch);
+            cache.epoch = epoch;
         }
         Delivery::Queued
     }
@@ -433,19 +438,25 @@ impl Subscriber for CacheFeed {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::device::bus::NoBus;
     use crate::device::store::MemoryStore;
     use crate::election::memory::MemoryElection;
 
     fn device() -> (Device, mpsc::Sender<Request>) {
+        testing_device(Arc::new(MemoryStore::default()))
+    }
+
+    /// A device of the apps `clock` and `stars` on `store`, always the
+    /// leader's (an embedded election); and its leader duty's queue.
+    pub(crate) fn testing_device(store: Arc<MemoryStore>) -> (Device, mpsc::Sender<Request>) {
         let (hub, _inbound) = crate::hub::testing::hub(&[]);
         let requests = request_queue();
         let tx = requests.0.clone();
         let device = Device::new(Parts {
             apps: vec!["clock".into(), "stars".into()],
-            store: Arc::new(MemoryStore::default()),
+            store,
             bus: Arc::new(NoBus),
             requests,
             hub,
