@@ -1312,6 +1312,22 @@ impl Config {
                 ),
             ));
         }
+        // A REST command waits COMMAND_TIMEOUT_MS for the leader and then
+        // answers 503 (not applied, retry); the request timeout cutting in
+        // first would answer an empty 408 while the command may still land.
+        if let (Some(command), Some(request)) = (command_timeout, http_request_timeout)
+            && command >= request
+        {
+            errors.push(ConfigError::new(
+                names::COMMAND_TIMEOUT_MS,
+                &command.as_millis().to_string(),
+                &format!(
+                    "must be shorter than {}={}",
+                    names::HTTP_REQUEST_TIMEOUT_MS,
+                    request.as_millis()
+                ),
+            ));
+        }
         if let (Some(port), Some(admin)) = (port, admin_port.flatten())
             && port != 0
             && port == admin
@@ -1906,6 +1922,24 @@ mod tests {
         assert_eq!(balanced.shutdown_close_code, 1012);
         assert!(c.redis_url.is_none());
         assert!(c.node_id.len() > 7);
+    }
+
+    #[test]
+    fn a_command_times_out_before_its_request() {
+        let err = config(&[("COMMAND_TIMEOUT_MS", "30000")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("COMMAND_TIMEOUT_MS=30000")
+                && err.contains("must be shorter than HTTP_REQUEST_TIMEOUT_MS=30000"),
+            "{err}"
+        );
+        let c = config(&[
+            ("COMMAND_TIMEOUT_MS", "60000"),
+            ("HTTP_REQUEST_TIMEOUT_MS", "90000"),
+        ])
+        .unwrap();
+        assert_eq!(c.command_timeout, Duration::from_secs(60));
     }
 
     #[test]
