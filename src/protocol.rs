@@ -221,11 +221,28 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
     if json_depth_exceeds(text, MAX_DATA_DEPTH + 1) {
         return Err(ProtocolError::TooDeep);
     }
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| ProtocolError::NotJson(e.to_string()))?;
-    let serde_json::Value::Object(obj) = value else {
-        return Err(ProtocolError::NotObject);
+    // The fields as their text: `data` goes on as the client wrote it
+    // (key order, number spelling), the others are read as values.
+    let fields: std::collections::BTreeMap<String, Box<RawValue>> = match serde_json::from_str(text)
+    {
+        Ok(fields) => fields,
+        Err(_) => {
+            serde_json::from_str::<serde::de::IgnoredAny>(text)
+                .map_err(|e| ProtocolError::NotJson(e.to_string()))?;
+            return Err(ProtocolError::NotObject);
+        }
     };
+    let mut data: Option<Box<RawValue>> = None;
+    let mut obj = serde_json::Map::new();
+    for (key, raw) in fields {
+        if key == "data" {
+            data = Some(raw);
+        } else {
+            let value = serde_json::from_str(raw.get()).expect("a field of a parsed object");
+            obj.insert(key, value);
+        }
+    }
+
     let ty = match obj.get("type") {
         None => return Err(ProtocolError::MissingType),
         Some(serde_json::Value::String(s)) => s.as_str(),
@@ -248,13 +265,8 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
                 None | Some(serde_json::Value::Null) => None,
                 Some(v) => Some(parse_since(v)?),
             },
-            data: match obj.get("data") {
-                None | Some(serde_json::Value::Null) => None,
-                Some(v) => Some(
-                    serde_json::value::to_raw_value(v)
-                        .map_err(|e| ProtocolError::NotJson(e.to_string()))?,
-                ),
-            },
+            // `null` is no data (a publish's `null` is JSON null).
+            data: data.filter(|d| d.get().trim() != "null"),
             presence: match obj.get("presence") {
                 None | Some(serde_json::Value::Null) => false,
                 Some(serde_json::Value::Bool(b)) => *b,
@@ -296,9 +308,7 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
                     )));
                 }
             };
-            let data = obj.get("data").ok_or(ProtocolError::MissingData)?;
-            let data = serde_json::value::to_raw_value(data)
-                .map_err(|e| ProtocolError::NotJson(e.to_string()))?;
+            let data = data.ok_or(ProtocolError::MissingData)?;
             Ok(ClientMessage::Publish { event, name, data })
         }
         "refresh" => match obj.get("token") {
@@ -328,10 +338,8 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> 
                 }
                 _ => return Err(bad("\"rpc\" message needs a \"method\" string".into())),
             };
-            let data = serde_json::value::to_raw_value(
-                obj.get("data").unwrap_or(&serde_json::Value::Null),
-            )
-            .map_err(|e| bad(e.to_string()))?;
+            let data =
+                data.unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"));
             Ok(ClientMessage::Rpc {
                 id: RawValue::from_string(id).expect("a serialized JSON value"),
                 method,
@@ -727,6 +735,41 @@ pub fn encode_routed_envelope(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// docs/protocol.md: `data` is passed through byte for byte, from a
+    /// native publish as from `POST /api/publish` or Redis.
+    #[test]
+    fn a_publish_keeps_its_data_as_written() {
+        let data = r#"{"z":1,"a":[1e3, 12345678901234567890123],"s":"\u00e9"}"#;
+        let frame = format!(r#"{{"type":"publish","event":"t","data":{data}}}"#);
+        match parse_client_message(&frame) {
+            Ok(ClientMessage::Publish { data: d, .. }) => assert_eq!(d.get(), data),
+            other => panic!("{other:?}"),
+        }
+        let null = r#"{"type":"publish","event":"t","data":null}"#;
+        match parse_client_message(null) {
+            Ok(ClientMessage::Publish { data, .. }) => assert_eq!(data.get(), "null"),
+            other => panic!("{other:?}"),
+        }
+        let sub = r#"{"type":"subscribe","event":"t","data":null}"#;
+        assert!(matches!(
+            parse_client_message(sub),
+            Ok(ClientMessage::Subscribe { data: None, .. })
+        ));
+        let rpc = r#"{"type":"rpc","id":1,"method":"m","data":{"b":2,"a":1}}"#;
+        match parse_client_message(rpc) {
+            Ok(ClientMessage::Rpc { data, .. }) => assert_eq!(data.get(), r#"{"b":2,"a":1}"#),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_client_message("[1]"),
+            Err(ProtocolError::NotObject)
+        ));
+        assert!(matches!(
+            parse_client_message(r#"{"type":"publish","data":}"#),
+            Err(ProtocolError::NotJson(_))
+        ));
+    }
 
     #[test]
     fn parses_every_client_message() {
