@@ -195,7 +195,8 @@ pub struct Hub {
     inner: Arc<Inner>,
 }
 
-/// One local subscriber of a topic. `gate` is set on history topics.
+/// One local subscriber of a topic. `gate` is set on history topics, and
+/// on others until the subscriber's announcement is queued.
 struct Member {
     sub: Arc<dyn Subscriber>,
     gate: Option<Arc<Gate>>,
@@ -223,6 +224,11 @@ impl Members {
 
     fn get(&self, id: ConnId) -> Option<&Member> {
         self.slices[self.slice(id)].get(&id)
+    }
+
+    fn get_mut(&mut self, id: ConnId) -> Option<&mut Member> {
+        let i = self.slice(id);
+        self.slices[i].get_mut(&id)
     }
 
     fn contains(&self, id: ConnId) -> bool {
@@ -254,8 +260,9 @@ impl Members {
 /// not block; it reads [`Hub::has_clients`] for the state.
 pub type Observer = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// Holds a history subscriber's publications until its `subscribed` answer
-/// and replay are queued, then filters through its seam. Only the dispatcher
+/// Holds a subscriber's publications until its `subscribed` answer (and on
+/// a history topic its replay) is queued; on a history topic it then
+/// filters through its seam, on others it is removed. Only the dispatcher
 /// task touches it (fan-out and opening), so the lock is never contended.
 struct Gate {
     state: Mutex<GateState>,
@@ -519,13 +526,13 @@ impl Hub {
             let _guard = self.topic_lock(topic).lock().await;
             let first = {
                 let mut topics = self.shard(topic).write().unwrap();
+                // Closed until the announcement is queued: on a topic
+                // without history too, whose gate goes once it has opened.
                 let member = Member {
                     sub: subscriber,
-                    gate: history.then(|| {
-                        Arc::new(Gate {
-                            state: Mutex::new(GateState::Closed(Vec::new())),
-                        })
-                    }),
+                    gate: Some(Arc::new(Gate {
+                        state: Mutex::new(GateState::Closed(Vec::new())),
+                    })),
                 };
                 let max_topics = self.inner.max_topics.load(Ordering::Relaxed);
                 match topics.get_mut(topic) {
@@ -596,11 +603,7 @@ impl Hub {
         }
         self.update_gauges();
         if !history {
-            announce(&Outcome {
-                position: None,
-                recovered: None,
-                topic_id,
-            });
+            self.open_plain(topic, id, topic_id, announce);
             return Ok(Subscribed::New);
         }
         let read = match &since {
@@ -824,6 +827,36 @@ impl Hub {
         );
     }
 
+    /// Opens the gate of member `id` of a topic without history: its
+    /// announcement, then what the fan-out held for it meanwhile, and no
+    /// gate from then on (no lock per delivery). Under the shard's write
+    /// lock, which the fan-out reads members under, so nothing can be
+    /// handed to it in between: a client always has `subscribed` (and a
+    /// compact frame's topic id) before the topic's first event.
+    fn open_plain(&self, topic: &str, id: ConnId, topic_id: u32, announce: Announce) {
+        let mut topics = self.shard(topic).write().unwrap();
+        announce(&Outcome {
+            position: None,
+            recovered: None,
+            topic_id,
+        });
+        let Some(member) = topics.get_mut(topic).and_then(|subs| subs.get_mut(id)) else {
+            return; // Left before its gate opened.
+        };
+        let Some(gate) = member.gate.take() else {
+            return;
+        };
+        let state = std::mem::replace(
+            &mut *gate.state.lock().unwrap(),
+            GateState::Closed(Vec::new()),
+        );
+        if let GateState::Closed(held) = state {
+            for item in &held {
+                fanout::hand(&*member.sub, item, topic_id, None);
+            }
+        }
+    }
+
     /// The gate of member `id` of `topic`, with its subscriber and the
     /// topic's number.
     fn gated(&self, topic: &str, id: ConnId) -> Option<(Arc<dyn Subscriber>, Arc<Gate>, u32)> {
@@ -838,6 +871,68 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::hub::testing::{self, *};
+
+    /// On a topic without history too, a subscriber's announcement comes
+    /// before any publication: a compact client learns the topic id from it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_plain_topic_announces_before_its_first_event() {
+        let (hub, rx) = testing::sliced(&[], 2);
+        hub.spawn_dispatcher(rx);
+        hub.subscribe("plain", 1, Arc::new(Probe::default()), None, quiet())
+            .await
+            .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let published = Arc::new(AtomicU64::new(0));
+        let publisher = tokio::spawn({
+            let (hub, stop, published) = (hub.clone(), stop.clone(), published.clone());
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let n = published.fetch_add(1, Ordering::Relaxed) + 1;
+                    let data = raw(&format!(r#"{{"n":{n}}}"#));
+                    let _ = hub.publish("plain", "plain", &data).await;
+                    if n % 16 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
+        });
+        eventually("publishing", || published.load(Ordering::Relaxed) > 100).await;
+        let before = published.load(Ordering::Relaxed);
+        let mut probes = Vec::new();
+        for id in 2..400 {
+            let probe = Arc::new(Probe::default());
+            let p = probe.clone();
+            let announce: Announce = Box::new(move |_| {
+                p.frames.lock().unwrap().push("subscribed".into());
+            });
+            hub.subscribe("plain", id, probe.clone(), None, announce)
+                .await
+                .unwrap();
+            probes.push(probe);
+            if id % 50 == 0 {
+                // Publications keep coming between the subscribes.
+                let now = published.load(Ordering::Relaxed);
+                eventually("publishing", || published.load(Ordering::Relaxed) > now).await;
+            }
+        }
+        let during = published.load(Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
+        publisher.await.unwrap();
+        assert!(during > before, "published meanwhile");
+        for probe in &probes {
+            let frames = probe.frames.lock().unwrap();
+            assert_eq!(
+                frames[0],
+                "subscribed",
+                "{:?}",
+                &frames[..frames.len().min(3)]
+            );
+        }
+        assert!(
+            probes.iter().any(|p| p.frames.lock().unwrap().len() > 1),
+            "subscribers got events"
+        );
+    }
 
     #[tokio::test]
     async fn publish_reaches_subscribers_of_the_topic_only() {
