@@ -263,18 +263,39 @@ impl Device {
             r = self.inner.requests_rx.lock() => r,
             _ = token.cancelled() => return,
         };
-        let mut state = match self.inner.store.load().await {
-            Ok(Some(s)) => {
+        // The saved state, unless this node's copy is of a newer term (a
+        // Redis restored from an older snapshot). Not loaded (a timeout),
+        // the term waits and asks again instead of saving this node's copy
+        // over it: a node that never saw the state holds the defaults.
+        let loaded = loop {
+            match self.inner.store.load().await {
+                Ok(loaded) => break loaded,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "device state not loaded; trying again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = token.cancelled() => return,
+                    }
+                }
+            }
+        };
+        let mut state = match loaded {
+            Some(s) if s.epoch >= self.state().epoch => {
                 self.inner.election.observe_epoch(s.epoch);
                 self.merge_apps_into_cache(s);
                 self.state()
             }
-            Ok(None) => {
-                tracing::info!("no persisted device state; seeding it from this node's copy");
+            Some(s) => {
+                tracing::warn!(
+                    saved = s.epoch,
+                    own = self.state().epoch,
+                    "the saved device state is older than this node's copy; keeping the copy"
+                );
+                self.inner.election.observe_epoch(s.epoch);
                 self.state()
             }
-            Err(e) => {
-                tracing::warn!(cause = %e, "device state not loaded; using this node's copy");
+            None => {
+                tracing::info!("no persisted device state; seeding it from this node's copy");
                 self.state()
             }
         };
@@ -441,7 +462,7 @@ impl Subscriber for CacheFeed {
 pub(crate) mod tests {
     use super::*;
     use crate::device::bus::NoBus;
-    use crate::device::store::MemoryStore;
+    use crate::device::store::{DeviceStore, MemoryStore};
     use crate::election::memory::MemoryElection;
 
     fn device() -> (Device, mpsc::Sender<Request>) {
@@ -483,6 +504,38 @@ pub(crate) mod tests {
             deadline,
         };
         (request, rx)
+    }
+
+    /// A Redis restored from an older snapshot holds an older term's
+    /// state: the new leader keeps its own newer copy, and saves it.
+    #[tokio::test]
+    async fn an_older_saved_state_does_not_roll_the_board_back() {
+        let store = Arc::new(MemoryStore::default());
+        let (device, tx) = testing_device(store.clone());
+        let mut old = device.state();
+        old.epoch = 2;
+        old.settings.brightness = 50;
+        store.save(&old, 2).await.unwrap();
+        {
+            let mut cache = device.inner.cache.write().unwrap();
+            cache.epoch = 5;
+            cache.settings.brightness = 20;
+        }
+        let term = tokio::spawn({
+            let device = device.clone();
+            async move { device.lead(6, CancellationToken::new()).await }
+        });
+        let (current, rx) = request(
+            Command::Switch {
+                app: "stars".into(),
+            },
+            Instant::now() + Duration::from_secs(5),
+        );
+        tx.send(current).await.unwrap();
+        let state = rx.await.unwrap().unwrap();
+        assert_eq!((state.settings.brightness, state.epoch), (20, 6));
+        assert_eq!(store.load().await.unwrap().unwrap().settings.brightness, 20);
+        term.abort();
     }
 
     /// A command whose sender stopped waiting (answered 503) is never
