@@ -408,6 +408,10 @@ struct Inner {
     busy: AtomicBool,
     /// Topics this node told the store it holds.
     held: Mutex<HashSet<Arc<str>>>,
+    /// Held topics this node's last member left: released (taken out of
+    /// the node's topics) only once the diff with those leaves was sent, so
+    /// that a node killed before sending it is still the reaper's for them.
+    releasable: Mutex<HashSet<Arc<str>>>,
     /// Effective changes written since the last tick, for the other nodes.
     outgoing: Mutex<HashMap<String, Batch>>,
     /// Gone nodes' topics, removed since the last tick: sent as
@@ -455,6 +459,7 @@ impl Presence {
                 wake: Notify::new(),
                 busy: AtomicBool::new(false),
                 held: Mutex::new(HashSet::new()),
+                releasable: Mutex::new(HashSet::new()),
                 outgoing: Mutex::new(HashMap::new()),
                 resets: Mutex::new(HashSet::new()),
                 watched: Mutex::new(HashMap::new()),
@@ -670,13 +675,25 @@ impl Presence {
         let gone = !self.inner.local.lock().unwrap().contains_key(topic);
         let held = self.inner.held.lock().unwrap().contains(topic);
         if empty && gone && held {
-            if let Err(e) = self.inner.store.release(&self.inner.node, topic).await {
-                tracing::debug!(topic = &**topic, cause = %e, "presence topic not released");
-            } else {
-                self.inner.held.lock().unwrap().remove(topic);
-            }
+            self.inner.releasable.lock().unwrap().insert(topic.clone());
         }
         Ok(())
+    }
+
+    /// Releases `topics` whose leaves went out, unless a member came back.
+    async fn release(&self, topics: HashSet<Arc<str>>) {
+        for topic in topics {
+            let gone = !self.inner.local.lock().unwrap().contains_key(&topic);
+            if !gone || !self.inner.held.lock().unwrap().contains(&topic) {
+                continue;
+            }
+            if let Err(e) = self.inner.store.release(&self.inner.node, &topic).await {
+                tracing::debug!(topic = &*topic, cause = %e, "presence topic not released");
+                self.inner.releasable.lock().unwrap().insert(topic);
+            } else {
+                self.inner.held.lock().unwrap().remove(&topic);
+            }
+        }
     }
 
     /// Counts and logs a failed write.
@@ -825,6 +842,9 @@ impl Presence {
     async fn send_outgoing(&self) {
         let outgoing: HashMap<String, Batch> =
             std::mem::take(&mut *self.inner.outgoing.lock().unwrap());
+        // Their leaves are in `outgoing`: written before they were marked.
+        let releasable = std::mem::take(&mut *self.inner.releasable.lock().unwrap());
+        let mut sent = true;
         let mut message = Wire {
             node: self.inner.node.clone(),
             topics: HashMap::new(),
@@ -836,34 +856,40 @@ impl Presence {
                 // A topic is in a message once: its next piece goes in the
                 // next message.
                 if message.topics.contains_key(&topic) {
-                    self.send(&mut message).await;
+                    sent &= self.send(&mut message).await;
                     size = 0;
                 }
                 size += piece.len();
                 message.topics.insert(topic.clone(), piece);
                 if size >= CHUNK {
-                    self.send(&mut message).await;
+                    sent &= self.send(&mut message).await;
                     size = 0;
                 }
             }
         }
         if !message.topics.is_empty() {
-            self.send(&mut message).await;
+            sent &= self.send(&mut message).await;
         }
         // After the leaves of the removal: the lists read then hold them.
         let resets: Vec<String> = self.inner.resets.lock().unwrap().drain().collect();
         for chunk in resets.chunks(CHUNK) {
             message.reset = chunk.to_vec();
-            self.send(&mut message).await;
+            sent &= self.send(&mut message).await;
+        }
+        if sent {
+            self.release(releasable).await;
+        } else {
+            self.inner.releasable.lock().unwrap().extend(releasable);
         }
     }
 
     /// Sends `message` (emptied); when Redis did not take it, its changes
     /// go back in front of the next interval's, so watchers see them late
     /// rather than never.
-    async fn send(&self, message: &mut Wire) {
+    async fn send(&self, message: &mut Wire) -> bool {
         let json = serde_json::to_string(&*message).expect("diffs serialize");
-        if let Err(e) = self.inner.store.broadcast(json).await {
+        let result = self.inner.store.broadcast(json).await;
+        if let Err(e) = &result {
             metrics::counter!(m::PRESENCE_ERRORS).increment(1);
             tracing::warn!(cause = %e, "presence changes not sent to the other nodes; sent again with the next ones");
             let mut outgoing = self.inner.outgoing.lock().unwrap();
@@ -881,6 +907,7 @@ impl Presence {
         }
         message.topics.clear();
         message.reset.clear();
+        result.is_ok()
     }
 
     /// The watchers of `topics` are owed their whole list: the resyncer
