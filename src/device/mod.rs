@@ -279,24 +279,25 @@ impl Device {
                 }
             }
         };
+        let own = self.state();
         let mut state = match loaded {
-            Some(s) if s.epoch >= self.state().epoch => {
-                self.inner.election.observe_epoch(s.epoch);
-                self.merge_apps_into_cache(s);
-                self.state()
-            }
             Some(s) => {
-                tracing::warn!(
-                    saved = s.epoch,
-                    own = self.state().epoch,
-                    "the saved device state is older than this node's copy; keeping the copy"
-                );
                 self.inner.election.observe_epoch(s.epoch);
-                self.state()
+                if s.epoch >= own.epoch {
+                    self.merge_apps_into_cache(s);
+                    self.state()
+                } else {
+                    tracing::warn!(
+                        saved = s.epoch,
+                        own = own.epoch,
+                        "the saved device state is older than this node's copy; keeping the copy"
+                    );
+                    own
+                }
             }
             None => {
                 tracing::info!("no persisted device state; seeding it from this node's copy");
-                self.state()
+                own
             }
         };
         state.epoch = epoch;
