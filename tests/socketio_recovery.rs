@@ -498,6 +498,19 @@ async fn connect(node: &Node, auth: Value) -> (Ws, Value) {
     (ws, serde_json::from_str(&answer[2..]).unwrap())
 }
 
+/// Subscribes `ws` to each of `topics` (acks 0, 1, …), each accepted.
+async fn subscribe_all(ws: &mut Ws, topics: &[&str]) {
+    for (i, topic) in topics.iter().enumerate() {
+        ws.send(Message::Text(
+            format!(r#"42{i}["subscribe","{topic}"]"#).into(),
+        ))
+        .await
+        .unwrap();
+        let ack = until(ws, &format!("43{i}")).await;
+        assert!(ack.contains(r#""ok":true"#), "{topic}: {ack}");
+    }
+}
+
 #[tokio::test]
 async fn the_connect_answer_has_a_pid_and_publications_carry_the_positions_of_every_topic() {
     let redis = Redis::start();
@@ -507,15 +520,7 @@ async fn the_connect_answer_has_a_pid_and_publications_carry_the_positions_of_ev
     let (mut ws, answer) = connect(&a, json!({})).await;
     let pid = answer["pid"].as_str().expect("pid").to_string();
     assert_eq!(pid.len(), 32);
-    for (i, topic) in ["x", "y"].iter().enumerate() {
-        ws.send(Message::Text(
-            format!(r#"42{i}["subscribe","{topic}"]"#).into(),
-        ))
-        .await
-        .unwrap();
-        let ack = until(&mut ws, &format!("43{i}")).await;
-        assert!(ack.contains(r#""ok":true"#), "{ack}");
-    }
+    subscribe_all(&mut ws, &["x", "y"]).await;
     let publish = |topic: &str, data: &str| {
         let (status, _) = b.post(
             "/api/publish",
@@ -709,15 +714,7 @@ async fn a_topic_the_subscribe_hook_allowed_comes_back_with_the_session() {
     let token = sign(json!(["news"]));
     let (mut ws, answer) = connect(&a, json!({"token": token})).await;
     let pid = answer["pid"].as_str().expect("pid").to_string();
-    for (i, topic) in ["room.1", "news"].iter().enumerate() {
-        ws.send(Message::Text(
-            format!(r#"42{i}["subscribe","{topic}"]"#).into(),
-        ))
-        .await
-        .unwrap();
-        let ack = until(&mut ws, &format!("43{i}")).await;
-        assert!(ack.contains(r#""ok":true"#), "{topic}: {ack}");
-    }
+    subscribe_all(&mut ws, &["room.1", "news"]).await;
     assert_eq!(
         asked.load(Ordering::SeqCst),
         1,
@@ -858,15 +855,7 @@ async fn a_recovery_restores_no_more_topics_than_the_subscription_limit() {
     let topics = ["l0", "l1", "l2", "l3", "l4", "l5"];
     let (mut ws, answer) = connect(&a, json!({})).await;
     let pid = answer["pid"].as_str().expect("pid").to_string();
-    for (i, topic) in topics.iter().enumerate() {
-        ws.send(Message::Text(
-            format!(r#"42{i}["subscribe","{topic}"]"#).into(),
-        ))
-        .await
-        .unwrap();
-        let ack = until(&mut ws, &format!("43{i}")).await;
-        assert!(ack.contains(r#""ok":true"#), "{ack}");
-    }
+    subscribe_all(&mut ws, &topics).await;
     drop(ws);
     // On b: the device state keeps its place, three of the six come back.
     let (mut ws, answer) = connect(&b, json!({"pid": pid})).await;
