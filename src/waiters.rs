@@ -31,8 +31,9 @@ impl<V> Waiters<V> {
         self.map.lock().unwrap().remove(id)
     }
 
-    /// Whether nobody waits (tests and gauges).
-    pub fn is_empty(&self) -> bool {
+    /// Whether nobody waits.
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.map.lock().unwrap().is_empty()
     }
 }
