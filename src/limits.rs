@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -251,10 +251,14 @@ impl TokenBucket {
     }
 }
 
-/// A connection refused by a per-address or per-user limit; the text is
-/// what the client is told.
+/// A connection refused by a connection limit; the text is what the
+/// client is told.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
+    /// `MAX_CONNECTIONS`: unlike the others a 503, since another node may
+    /// have room.
+    #[error("this node is at its limit of {0} connections; try another node or later")]
+    Node(usize),
     #[error(
         "too many connections from this address: at most {0} per address (MAX_CONNECTIONS_PER_ADDRESS); close some or try again later"
     )]
@@ -268,8 +272,13 @@ pub enum LimitError {
 /// Open connections per client address and per user on this node.
 #[derive(Debug)]
 pub struct Limits {
+    per_node: Option<usize>,
     per_address: Option<usize>,
     per_user: Option<usize>,
+    /// Connections holding a place under `MAX_CONNECTIONS`, from their
+    /// admission (before a token check or a connect hook call) to their end,
+    /// so that handshakes in flight count and many at once cannot overshoot.
+    seated: AtomicUsize,
     trusted: Vec<Cidr>,
     /// std Mutex: held only to count, never across `.await`.
     counts: Mutex<Counts>,
@@ -283,6 +292,7 @@ struct Counts {
 
 #[derive(Debug)]
 enum Key {
+    Node,
     Address(IpAddr),
     User(Arc<str>),
 }
@@ -297,8 +307,13 @@ pub struct Seat {
 
 impl Drop for Seat {
     fn drop(&mut self) {
+        if let Key::Node = self.key {
+            self.limits.seated.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
         let mut counts = self.limits.counts.lock().unwrap();
         match &self.key {
+            Key::Node => {}
             Key::Address(ip) => release(&mut counts.addresses, ip),
             Key::User(user) => release(&mut counts.users, user),
         }
@@ -318,11 +333,35 @@ fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
 impl Limits {
     pub fn new(config: &Config) -> Arc<Self> {
         Arc::new(Limits {
+            per_node: config.max_connections,
             per_address: config.max_connections_per_address,
             per_user: config.max_connections_per_user,
             trusted: config.trusted_proxies.clone(),
             counts: Mutex::new(Counts::default()),
+            seated: AtomicUsize::new(0),
         })
+    }
+
+    /// A place for one more connection under `MAX_CONNECTIONS` (unset:
+    /// none is needed). Taken by a compare-and-swap, so handshakes that
+    /// arrive together cannot all pass the check.
+    pub fn node_seat(self: &Arc<Self>) -> Result<Option<Seat>, LimitError> {
+        let Some(max) = self.per_node else {
+            return Ok(None);
+        };
+        let taken = self
+            .seated
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        if taken.is_err() {
+            refused(Limit::ConnectionsPerNode, "the node is full");
+            return Err(LimitError::Node(max));
+        }
+        Ok(Some(Seat {
+            limits: self.clone(),
+            key: Key::Node,
+        }))
     }
 
     /// The client's address: the peer's, or when the peer is a trusted

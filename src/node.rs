@@ -502,11 +502,6 @@ impl Node {
         self.inner.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Every client connection, proxied ones included (for `MAX_CONNECTIONS`).
-    pub fn total_connections(&self) -> usize {
-        self.connections() + self.inner.proxy_connections.load(Ordering::Relaxed)
-    }
-
     /// Open client connections on this node (native and Socket.IO).
     pub fn connections(&self) -> usize {
         self.inner.connections.load(Ordering::Relaxed)

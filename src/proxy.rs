@@ -102,8 +102,7 @@ async fn admit(
     remote: Option<SocketAddr>,
     client: &str,
 ) -> Result<(Seats, Option<Duration>), ApiError> {
-    admission::capacity(node)?;
-    let mut seats = Seats::address(node, remote, headers)?;
+    let mut seats = Seats::admit(node, remote, headers)?;
     let origin = admission::Origin {
         client,
         transport: transport::PROXY,

@@ -1033,6 +1033,59 @@ async fn past_the_in_flight_limit_a_call_is_refused_at_once() {
     assert_eq!(ok["type"], "rpc_result", "{ok}");
 }
 
+/// `MAX_CONNECTIONS` counts a handshake from its admission, not from its
+/// upgrade: clients that arrive together while the connect hook is slow
+/// cannot all pass the check, and those past the limit are refused at once
+/// (before the hook is asked) with the node's 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_waiting_on_the_connect_hook_count_against_max_connections() {
+    let backend = test_backend().await;
+    let node = start_node(
+        "hooks-maxconn",
+        &[("MAX_CONNECTIONS", "3"), ("PROXY_TIMEOUT_MS", "8000")],
+        &[("PROXY_CONNECT_URL", format!("http://{backend}/hook"))],
+    );
+    // The back end answers these after 5 s.
+    let url = with_data(&node.ws_url("/ws"), &json!({"mode": "sleep"}));
+    let started = Instant::now();
+    let attempts: Vec<_> = (0..6)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let r = open(&url, None).await;
+                (r, started.elapsed())
+            })
+        })
+        .collect();
+    let (mut admitted, mut refused) = (Vec::new(), Vec::new());
+    for a in attempts {
+        match a.await.unwrap() {
+            (Ok(c), _) => admitted.push(c),
+            (Err((status, body)), after) => refused.push((status, body, after)),
+        }
+    }
+    assert_eq!(admitted.len(), 3, "refused: {refused:?}");
+    for (status, body, after) in &refused {
+        assert_eq!(*status, 503, "{body}");
+        assert_eq!(body["code"], "unavailable", "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("this node is at its limit of 3 connections"),
+            "{body}"
+        );
+        assert!(*after < Duration::from_secs(2), "refused after {after:?}");
+    }
+    // A closed connection gives its place back.
+    drop(admitted.pop());
+    let ok = format!("{}?data=%7B%7D", node.ws_url("/ws"));
+    assert!(
+        common::admitted_within(&ok, Duration::from_secs(5)).await,
+        "a place came free"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_rpc_hook_native_rpc_is_forbidden() {
     let node = Node::start("hooks-none", &[]);

@@ -283,17 +283,18 @@ async fn close_code(ws: &mut Ws, within: Duration) -> Option<u16> {
     .ok()
 }
 
-/// An Engine.IO session holds a socket, a queue and an address seat before
-/// any namespace is joined: one that never joins (no CONNECT, or only
-/// refused ones) is closed, as socket.io's `connectTimeout` does, and a
-/// full node refuses the handshake itself.
+/// An Engine.IO session holds a socket, a queue and its places under the
+/// connection limits before any namespace is joined: one that never joins
+/// (no CONNECT, or only refused ones) is closed, as socket.io's
+/// `connectTimeout` does, and a node full of them refuses the handshake
+/// itself.
 #[tokio::test]
 async fn a_session_without_a_connected_namespace_is_closed() {
     let node = Node::start(
         "eio-connect",
         &[
             ("AUTH_JWT_SECRET", "a-secret-of-at-least-32-bytes-length!!"),
-            ("MAX_CONNECTIONS", "1"),
+            ("MAX_CONNECTIONS", "2"),
         ],
     );
     let url = node.ws_url("/socket.io/?EIO=4&transport=websocket");
@@ -314,8 +315,8 @@ async fn a_session_without_a_connected_namespace_is_closed() {
         Some(1008),
         "closed after ten refused CONNECTs"
     );
-    // One connected socket fills the node: the next handshake is refused
-    // with 503 before the session exists.
+    // The idle session and one connected socket fill the node: the next
+    // handshake is refused with 503 before the session exists.
     let token = {
         use jsonwebtoken::{EncodingKey, Header, encode};
         let exp = std::time::SystemTime::now()
@@ -330,7 +331,22 @@ async fn a_session_without_a_connected_namespace_is_closed() {
         )
         .unwrap()
     };
-    let (mut full, _) = open(&node, Some(json!({"token": token}))).await;
+    // The refused session's place comes back once it has ended.
+    let mut full = None;
+    for _ in 0..50 {
+        if let Ok((ws, _)) = tokio_tungstenite::connect_async(&url).await {
+            full = Some(ws);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut full = full.expect("the refused session's place came back within 5 s");
+    assert!(text(&mut full).await.starts_with('0'));
+    full.send(Message::Text(
+        format!("40{}", json!({"token": token})).into(),
+    ))
+    .await
+    .unwrap();
     assert!(until(&mut full, "40").await.starts_with("40{\"sid\":"));
     let (status, body) = common::http_text(
         &node.addr,
@@ -340,7 +356,7 @@ async fn a_session_without_a_connected_namespace_is_closed() {
         &[],
     );
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("at its limit of 1 connections"), "{body}");
+    assert!(body.contains("at its limit of 2 connections"), "{body}");
     // The idle session goes at 45 s (socket.io's connectTimeout), not before.
     let code = close_code(&mut idle, Duration::from_secs(60)).await;
     let after = started.elapsed();

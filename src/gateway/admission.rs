@@ -11,7 +11,7 @@ use crate::api::ApiError;
 use crate::auth::Identity;
 use crate::backend::hooks::Hello;
 use crate::backend::{Denial, HookError};
-use crate::limits::{self, Limit, LimitError, Seat};
+use crate::limits::{LimitError, Seat};
 use crate::node::Node;
 use crate::protocol;
 
@@ -21,48 +21,38 @@ use crate::protocol;
 /// more reads.
 pub const READ_BUFFER: usize = 1024;
 
-/// The drain and the connection limit: a node that is shutting down or
-/// full refuses new clients (503) before anything else is checked.
-pub fn capacity(node: &Node) -> Result<(), ApiError> {
-    if node.is_draining() {
-        return Err(ApiError::Unavailable("node is shutting down".into()));
-    }
-    if let Some(max) = node.config().max_connections
-        && node.total_connections() >= max
-    {
-        limits::refused(Limit::ConnectionsPerNode, "the node is full");
-        return Err(ApiError::Unavailable(format!(
-            "this node is at its limit of {max} connections; try another node or later"
-        )));
-    }
-    Ok(())
-}
-
-/// A connection's places under the per-address and per-user limits
-/// (`MAX_CONNECTIONS_PER_ADDRESS`, `MAX_CONNECTIONS_PER_USER`), held for
+/// A connection's places under the connection limits: `MAX_CONNECTIONS`,
+/// `MAX_CONNECTIONS_PER_ADDRESS` and `MAX_CONNECTIONS_PER_USER`, held for
 /// its whole life and given back when dropped. Every transport takes them
-/// at admission: [`Seats::address`] first (cheap, before a token check or
-/// a connect hook call), then [`Seats::user`] once the user is known.
+/// at admission: [`Seats::admit`] first (cheap, before a token check or a
+/// connect hook call), then [`Seats::user`] once the user is known.
 #[derive(Debug, Default)]
 pub struct Seats {
+    _node: Option<Seat>,
     _address: Option<Seat>,
     _user: Option<Seat>,
 }
 
 impl Seats {
-    /// A seat for one more connection from the client address of a request
-    /// that came from `remote` with `headers` (`X-Forwarded-For` believed
-    /// only from `TRUSTED_PROXIES`). Refused with 429.
-    pub fn address(
+    /// The drain, then a place on the node (`MAX_CONNECTIONS`), then one
+    /// for the client address of a request that came from `remote` with
+    /// `headers` (`X-Forwarded-For` believed only from `TRUSTED_PROXIES`).
+    /// A draining or full node refuses with 503 before anything else is
+    /// checked; an address at its limit with 429.
+    pub fn admit(
         node: &Node,
         remote: Option<SocketAddr>,
         headers: &HeaderMap,
     ) -> Result<Seats, ApiError> {
+        if node.is_draining() {
+            return Err(ApiError::Unavailable("node is shutting down".into()));
+        }
         let limits = node.limits();
+        let seat = limits.node_seat()?;
         let address = limits.client_address(remote, headers);
-        let seat = limits.address_seat(address)?;
         Ok(Seats {
-            _address: seat,
+            _node: seat,
+            _address: limits.address_seat(address)?,
             _user: None,
         })
     }
@@ -100,11 +90,14 @@ impl From<Refusal> for ApiError {
     }
 }
 
-/// A per-address or per-user limit at a handshake: 429, its text the
-/// client's error.
+/// A connection limit at a handshake: per address or per user 429, the
+/// node's 503 (another node may have room); the text is the client's error.
 impl From<LimitError> for ApiError {
     fn from(e: LimitError) -> Self {
-        ApiError::TooManyRequests(e.to_string())
+        match e {
+            LimitError::Node(_) => ApiError::Unavailable(e.to_string()),
+            _ => ApiError::TooManyRequests(e.to_string()),
+        }
     }
 }
 

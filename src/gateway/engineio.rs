@@ -140,21 +140,21 @@ pub(super) struct Handshake {
     /// socket keeps this for its whole life.
     headers: HeaderMap,
     remote: Option<SocketAddr>,
-    /// The session's place under `MAX_CONNECTIONS_PER_ADDRESS` (taken at
-    /// the handshake, before any upgrade), then `MAX_CONNECTIONS_PER_USER`
+    /// The session's places under `MAX_CONNECTIONS` and
+    /// `MAX_CONNECTIONS_PER_ADDRESS` (taken at the handshake, before any
+    /// upgrade), then `MAX_CONNECTIONS_PER_USER`
     /// (at CONNECT); given back when the session ends.
     pub(super) seats: Mutex<Seats>,
 }
 
 impl Handshake {
-    /// The handshake of a new session, refused (429, the JSON error format)
-    /// when the client's address is at its connection limit.
+    /// The handshake of a new session, refused (the JSON error format) by
+    /// a draining or full node (503) or an address at its limit (429).
     pub(super) fn of(node: &Node, req: &Request) -> Result<Self, ApiError> {
-        // A draining or full node says so before it holds anything for the
-        // session (the CONNECT checks again: sessions open meanwhile count).
-        crate::gateway::admission::capacity(node)?;
+        // The session holds its place under MAX_CONNECTIONS from here, so
+        // sessions not yet CONNECTed count too.
         let remote = crate::gateway::admission::remote_addr(req.extensions());
-        let seats = Seats::address(node, remote, req.headers())?;
+        let seats = Seats::admit(node, remote, req.headers())?;
         let mut headers = HeaderMap::new();
         if node.hooks().connect_enabled() {
             for name in &node.config().hooks.headers {

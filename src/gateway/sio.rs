@@ -137,7 +137,8 @@ impl Session {
 }
 
 /// Admits a new socket as connection `id`: the node must not be draining
-/// or full, and the token (from the CONNECT auth payload, the query or the
+/// (its Engine.IO session has held a place under `MAX_CONNECTIONS` since
+/// the handshake), and the token (from the CONNECT auth payload, the query or the
 /// headers) must be accepted, or without one the connect hook must admit it
 /// (with `auth.data`). The error is the `connect_error` message.
 pub async fn open(
@@ -148,12 +149,6 @@ pub async fn open(
 ) -> Result<Arc<Session>, String> {
     if node.is_draining() {
         return Err("node is shutting down; connect again".into());
-    }
-    if let Some(max) = node.config().max_connections
-        && node.total_connections() >= max
-    {
-        crate::limits::refused(crate::limits::Limit::ConnectionsPerNode, "the node is full");
-        return Err(format!("this node is at its limit of {max} connections"));
     }
     let identity = crate::gateway::admission::identify(node, token, hello)
         .await

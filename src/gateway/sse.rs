@@ -51,7 +51,7 @@ use crate::auth::Identity;
 use crate::backend::hooks::transport;
 use crate::backend::{Caller, Denial};
 use crate::clients::{ClientInfo, Command, Mailbox, Registration, Target};
-use crate::gateway::admission::{self, Seats, capacity};
+use crate::gateway::admission::{self, Seats};
 use crate::gateway::outbox::{Outbox, WRITE_TIMEOUT, close};
 use crate::history::{GapRange, push_base36};
 use crate::hub::{ConnId, Delivery, Outcome, Publication, Subscribed, Subscriber};
@@ -566,10 +566,8 @@ async fn start(
 ) -> Result<Response, ApiError> {
     let config = node.config().clone();
     let topics = topics(path_topic, query, config.max_subscriptions)?;
-    capacity(&node)?;
-    // The per-address and per-user limits, as for a WebSocket: held for
-    // the stream's life.
-    let mut seats = Seats::address(&node, admission::remote_addr(extensions), headers)?;
+    // The connection limits, as for a WebSocket: held for the stream's life.
+    let mut seats = Seats::admit(&node, admission::remote_addr(extensions), headers)?;
     let id = crate::hub::new_conn_id();
     let client_id = format!("{id:016x}");
     let identity = who(&node, &client_id, headers, query, extensions).await?;

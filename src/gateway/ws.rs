@@ -22,7 +22,7 @@ use crate::api::ApiError;
 use crate::auth::Identity;
 use crate::backend::hooks::transport;
 use crate::backend::{Caller, Denial, HookError};
-use crate::gateway::admission::{self, Seats, capacity};
+use crate::gateway::admission::{self, Seats};
 use crate::gateway::outbox::{
     self, Frame, Heartbeat, Liveness, Outbox, ReadyFrames, WRITE_TIMEOUT, Writer, next_frame,
 };
@@ -130,8 +130,7 @@ async fn admit_native(
     id: ConnId,
     remote: Option<SocketAddr>,
 ) -> Result<(Identity, Seats), ApiError> {
-    capacity(node)?;
-    let mut seats = Seats::address(node, remote, headers)?;
+    let mut seats = Seats::admit(node, remote, headers)?;
     let client = format!("{id:016x}");
     let origin = admission::Origin {
         client: &client,
