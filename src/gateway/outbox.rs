@@ -175,6 +175,12 @@ struct Queued {
     frames: VecDeque<Utf8Bytes>,
     bytes: usize,
     closed: bool,
+    /// A frame did not fit: nothing later is queued either. Later frames
+    /// would be behind a hole the client cannot see (an SSE id, a
+    /// Socket.IO recovery offset would claim what was dropped), and the
+    /// slow-consumer close may have lost to a close requested before it
+    /// (a drain, a token expiry) that still sends what is queued.
+    overflowed: bool,
     /// The task holding the writer's wake-ups ([`Outbox::hold_wakes`]).
     held_by: Option<tokio::task::Id>,
     /// A frame was queued by that task while it held them: the writer is
@@ -208,7 +214,11 @@ impl Queue {
             return Delivery::Closed;
         }
         // A single frame larger than the byte bound still goes to an empty queue.
-        if q.frames.len() >= self.max_frames || (q.bytes > 0 && q.bytes + len > self.max_bytes) {
+        if q.overflowed
+            || q.frames.len() >= self.max_frames
+            || (q.bytes > 0 && q.bytes + len > self.max_bytes)
+        {
+            q.overflowed = true;
             return Delivery::Overflow;
         }
         let wake = q.frames.is_empty() || q.wake_owed;
@@ -1039,6 +1049,39 @@ mod tests {
             Message::Text(t) => t.to_string(),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Once a frame did not fit, no later one is queued, even when another
+    /// close (a drain's) won before the slow-consumer close and what is
+    /// queued still goes out: a later frame would claim the dropped one.
+    #[test]
+    fn after_an_overflow_nothing_later_is_queued() {
+        let queue = Queue {
+            inner: Mutex::new(Queued::default()),
+            waker: AtomicWaker::new(),
+            max_frames: 100,
+            max_bytes: 10,
+        };
+        assert_eq!(
+            queue.push(Utf8Bytes::from_static("12345678")),
+            Delivery::Queued
+        );
+        assert_eq!(
+            queue.push(Utf8Bytes::from_static("large")),
+            Delivery::Overflow
+        );
+        assert_eq!(queue.push(Utf8Bytes::from_static("s")), Delivery::Overflow);
+        let mut batch = VecDeque::new();
+        std::mem::swap(&mut queue.inner.lock().unwrap().frames, &mut batch);
+        assert_eq!(
+            batch.iter().map(|f| f.as_str()).collect::<Vec<_>>(),
+            ["12345678"]
+        );
+        assert_eq!(
+            queue.push(Utf8Bytes::from_static("s")),
+            Delivery::Overflow,
+            "an empty queue too"
+        );
     }
 
     /// The reader's write never waits and never loses a frame: what the
