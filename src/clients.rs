@@ -38,6 +38,11 @@ pub struct ClientInfo {
     pub info: Option<Arc<serde_json::value::RawValue>>,
     /// One of [`transport`].
     pub transport: &'static str,
+    /// An SSE stream's secret: its `session` is the client id followed by
+    /// it, and `POST /api/sse/{session}/…` must name both. The client id
+    /// alone is public (presence lists it), and every anonymous client has
+    /// the same user, so neither can stand for the stream's own client.
+    pub sse_key: Option<Arc<str>>,
 }
 
 /// Which connections a command is for: one client, or every connection of
@@ -63,11 +68,20 @@ pub enum Command {
     Disconnect { code: u16, reason: Arc<str> },
     /// `POST /api/sse/{session}/subscribe`: the stream's own client asks
     /// (its permission was checked where the request landed). Reaches only
-    /// an SSE stream of the same `user`, so another user's request cannot
+    /// an SSE stream of the same `user` and secret `key`
+    /// ([`ClientInfo::sse_key`]), so nobody else's request can act on it or
     /// tell a live session from an ended one.
-    SseSubscribe { topic: Arc<str>, user: Arc<str> },
+    SseSubscribe {
+        topic: Arc<str>,
+        user: Arc<str>,
+        key: Arc<str>,
+    },
     /// `POST /api/sse/{session}/unsubscribe`, as [`Command::SseSubscribe`].
-    SseUnsubscribe { topic: Arc<str>, user: Arc<str> },
+    SseUnsubscribe {
+        topic: Arc<str>,
+        user: Arc<str>,
+        key: Arc<str>,
+    },
 }
 
 impl Command {
@@ -82,10 +96,12 @@ impl Command {
         }
     }
 
-    /// The user an SSE session command is limited to.
-    fn sse_user(&self) -> Option<&str> {
+    /// The user and secret an SSE session command is limited to.
+    fn sse_owner(&self) -> Option<(&str, &str)> {
         match self {
-            Command::SseSubscribe { user, .. } | Command::SseUnsubscribe { user, .. } => Some(user),
+            Command::SseSubscribe { user, key, .. } | Command::SseUnsubscribe { user, key, .. } => {
+                Some((user, key))
+            }
             _ => None,
         }
     }
@@ -217,8 +233,10 @@ impl Clients {
                     .by_id
                     .get(id.as_str())
                     .filter(|e| {
-                        command.sse_user().is_none_or(|user| {
-                            e.info.transport == transport::SSE && *e.info.user == *user
+                        command.sse_owner().is_none_or(|(user, key)| {
+                            e.info.transport == transport::SSE
+                                && *e.info.user == *user
+                                && e.info.sse_key.as_deref() == Some(key)
                         })
                     })
                     .map(|e| e.handle.clone())
@@ -348,6 +366,15 @@ impl Mailbox {
             self.notify.notified().await;
         }
     }
+
+    /// The connection stopped taking commands (it is closing): later ones
+    /// are not counted as reached, and those still waiting are dropped.
+    pub fn close(&self) {
+        let mut q = self.queue.lock().unwrap();
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::Release);
+        q.clear();
+    }
 }
 
 impl Handle for Mailbox {
@@ -393,6 +420,7 @@ mod tests {
             user: user.into(),
             info: None,
             transport: transport::WEBSOCKET,
+            sse_key: None,
         }
     }
 

@@ -606,10 +606,14 @@ fn an_id_from_before_the_first_publication_gets_a_gap_from_1_not_a_reset() {
 fn subscribe_from_the_node_that_does_not_hold_the_stream() {
     let (_redis, a, b) = two_nodes("sse-post", &[]);
     let s = Sse::open(&a.addr, "/sse/base", &[]);
-    let session = s.expect("connected").data["session"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let connected = s.expect("connected");
+    let session = connected.data["session"].as_str().unwrap().to_string();
+    let client_id = connected.data["clientId"].as_str().unwrap().to_string();
+    // The session is the client id and a secret: the client id alone is
+    // public (presence lists it) and every anonymous client is the same
+    // user, so it names no stream by itself.
+    assert_eq!(session.len(), 48, "{session}");
+    assert_eq!(&session[..16], client_id);
     s.expect("subscribed");
     let path = |op: &str| format!("/api/sse/{session}/{op}");
     let mut took = Vec::new();
@@ -642,6 +646,35 @@ fn subscribe_from_the_node_that_does_not_hold_the_stream() {
     let (sb, bb) = b.post(&path("subscribe"), r#"{"topic":"x"}"#);
     assert_eq!((sa, sb), (200, 200));
     assert_eq!(ba["data"], bb["data"]);
+    // The client id alone, or another secret: 404, nothing happens.
+    for forged in [client_id.clone(), format!("{client_id}{}", "0".repeat(32))] {
+        for node in [&a, &b] {
+            let (status, body) = node.post(
+                &format!("/api/sse/{forged}/unsubscribe"),
+                r#"{"topic":"x"}"#,
+            );
+            assert_eq!(status, 404, "{forged}: {body}");
+        }
+    }
+    // The back end's unsubscribe of a topic the stream never held tells
+    // it nothing (as on every transport).
+    let (status, body) = b.post(
+        "/api/unsubscribe",
+        &json!({"client": client_id, "topic": "never"}).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    publish(&b, "x", 8);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ev = s
+            .next(deadline.saturating_duration_since(Instant::now()))
+            .expect("x still arrives");
+        assert_ne!(ev.event, "unsubscribed", "{:?}", ev.data);
+        if ev.event == "x" {
+            assert_eq!(ev.data["data"]["n"], 8);
+            break;
+        }
+    }
     // An ended session, an unknown one: 404 on either node.
     s.close();
     assert!(eventually(Duration::from_secs(5), || {

@@ -63,7 +63,7 @@ pub trait ControlBus: Send + Sync + 'static {
 }
 
 /// A command on the control channel: `{"id", "from", "op", "client"|"user",
-/// "topic"?, "code"?, "reason"?}` (see `docs/protocol.md`).
+/// "topic"?, "code"?, "reason"?, "key"?}` (see `docs/protocol.md`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Wire {
     pub id: String,
@@ -79,6 +79,9 @@ pub struct Wire {
     pub code: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// An SSE stream's secret (ops `sse_*`), besides `client` and `user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// The answer of one node: `{"id", "node", "reached", "busy"?}` (`busy`
@@ -111,6 +114,7 @@ impl Wire {
             topic: None,
             code: None,
             reason: None,
+            key: None,
         };
         match command {
             Command::Subscribe { topic } | Command::Unsubscribe { topic } => {
@@ -120,10 +124,13 @@ impl Wire {
                 wire.code = Some(*code);
                 wire.reason = Some(reason.to_string());
             }
-            // The session is the client; `user` the one it must belong to.
-            Command::SseSubscribe { topic, user } | Command::SseUnsubscribe { topic, user } => {
+            // The session is the client and its secret `key`; `user` the
+            // one it must belong to.
+            Command::SseSubscribe { topic, user, key }
+            | Command::SseUnsubscribe { topic, user, key } => {
                 wire.topic = Some(topic.to_string());
                 wire.user = Some(user.to_string());
+                wire.key = Some(key.to_string());
             }
         }
         wire
@@ -132,14 +139,16 @@ impl Wire {
     /// The target and command, when this node knows the command.
     pub fn decode(&self) -> Option<(Target, Command)> {
         if let Some(sse) = self.op.strip_prefix("sse_") {
-            let (client, topic, user) = (
+            // A node from before the key sends none: it matches no stream.
+            let (client, topic, user, key) = (
                 self.client.clone()?,
                 self.topic.as_deref()?.into(),
                 self.user.as_deref()?.into(),
+                self.key.as_deref().unwrap_or("").into(),
             );
             let command = match sse {
-                "subscribe" => Command::SseSubscribe { topic, user },
-                "unsubscribe" => Command::SseUnsubscribe { topic, user },
+                "subscribe" => Command::SseSubscribe { topic, user, key },
+                "unsubscribe" => Command::SseUnsubscribe { topic, user, key },
                 _ => return None,
             };
             return Some((Target::Client(client), command));

@@ -210,6 +210,7 @@ pub fn register(node: &Node, peer: &Arc<dyn Peer>, s: &Arc<Session>) {
             user,
             info,
             transport: crate::clients::transport::SOCKETIO,
+            sse_key: None,
         },
         handle,
     );

@@ -605,10 +605,12 @@ async fn start(
 
     let stream = Arc::new(Stream::new(&config));
     stream.outbox.push(format!("retry: {RETRY_MS}\n\n").into());
+    let key = format!("{:032x}", rand::random::<u128>());
+    let session = format!("{client_id}{key}");
     let connected = Connected {
         ty: "connected",
         client_id: &client_id,
-        session: &client_id,
+        session: &session,
         timestamp: protocol::timestamp(),
         message: "Connected to Switchboard",
     };
@@ -639,6 +641,7 @@ async fn start(
             user: identity.user().into(),
             info: identity.info().cloned(),
             transport: crate::clients::transport::SSE,
+            sse_key: Some(key.into()),
         },
         mailbox.clone(),
     );
@@ -776,7 +779,9 @@ async fn run(
             }
             _ = s.stream.outbox.close.requested() => {
                 // The body writes the last words and ends; a client that
-                // reads nothing more does not keep the session.
+                // reads nothing more does not keep the session. A request
+                // meanwhile would never be applied: not found.
+                mailbox.close();
                 s.stream.outbox.wake();
                 left = tokio::time::timeout(WRITE_TIMEOUT, gone.cancelled()).await.is_ok();
                 break;
@@ -805,6 +810,7 @@ async fn run(
             command = mailbox.recv() => Box::pin(s.command(command)).await,
         }
     }
+    mailbox.close();
     s.stream.outbox.close_queue();
     let client_id = s.client_id();
     for topic in s.topics.drain() {
@@ -871,12 +877,18 @@ impl Session {
         }
     }
 
-    /// Ends a subscription; `unsubscribed` in any case.
+    /// Ends a subscription; `unsubscribed` answers the client's own request
+    /// in any case, the back end's (`reason`) only when it held the topic.
     async fn leave(&mut self, topic: &str, reason: Option<&str>) {
         if self.topics.remove(topic) {
             self.node.hub().unsubscribe(topic, self.id).await;
             self.stream.positions.lock().unwrap().remove(topic);
             self.node.presence().left(topic, &self.client_id());
+        } else if reason.is_some() {
+            // The back end's unsubscribe tells only a subscribed stream
+            // (as on every transport); the client's own request is
+            // answered either way.
+            return;
         }
         self.stream.send(
             "unsubscribed",
@@ -1075,30 +1087,39 @@ async fn command(
             ProtocolError::InvalidTopic(topic.chars().take(140).collect()).to_string(),
         ));
     }
-    if session.len() > 64 || !session.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(not_found(&session));
-    }
-    let identity = who(&node, &session, headers, query, extensions).await?;
+    // The client id (16 hex digits) and the stream's secret.
+    let (client, key) = match session.get(..16) {
+        Some(client)
+            if session.len() <= 64 && session.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+        {
+            (client.to_string(), &session[16..])
+        }
+        _ => return Err(not_found(&session)),
+    };
+    let identity = who(&node, &client, headers, query, extensions).await?;
     if subscribe {
         node.hooks()
-            .authorize_subscribe(caller(&session, &identity), &identity, &topic, None)
+            .authorize_subscribe(caller(&client, &identity), &identity, &topic, None)
             .await
             .map_err(ApiError::from)?;
     }
-    let (topic_arc, user): (Arc<str>, Arc<str>) = (topic.as_str().into(), identity.user().into());
+    let (topic_arc, user, key): (Arc<str>, Arc<str>, Arc<str>) =
+        (topic.as_str().into(), identity.user().into(), key.into());
     let command = match subscribe {
         true => Command::SseSubscribe {
             topic: topic_arc,
             user,
+            key,
         },
         false => Command::SseUnsubscribe {
             topic: topic_arc,
             user,
+            key,
         },
     };
     let reached = node
         .control()
-        .run(Target::Client(session.clone()), command)
+        .run(Target::Client(client), command)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     if reached.reached == 0 && !reached.unanswered.is_empty() {

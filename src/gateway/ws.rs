@@ -277,6 +277,7 @@ async fn run(
             user: identity.user().into(),
             info: identity.info().cloned(),
             transport: crate::clients::transport::WEBSOCKET,
+            sse_key: None,
         },
         mailbox.clone(),
     );
@@ -313,6 +314,9 @@ async fn run(
         Box::pin(session.join(topic, None, Some(false))).await;
     }
     read_loop(&mut session, stream, &mut writer, &liveness, &mailbox).await;
+    // Nothing reads commands any more: the control API must not count
+    // this connection as reached.
+    mailbox.close();
     // The teardown runs once; boxed so that its timers and unsubscribe
     // futures take no room in every idle connection's task.
     Box::pin(async move {
