@@ -231,6 +231,24 @@ impl<'a> Reader<'a> {
         }
         let mut map = Map::new();
         for _ in 0..n {
+            // A float key keeps its own spelling (`7.0`, not the `7` a
+            // float value becomes).
+            let key_float = match self.bytes.get(self.at) {
+                Some(0xca) => Some(4),
+                Some(0xcb) => Some(8),
+                _ => None,
+            };
+            if let Some(width) = key_float {
+                self.at += 1;
+                let bits = self.be(width)?;
+                let f = match width {
+                    4 => f64::from(f32::from_bits(bits as u32)),
+                    _ => f64::from_bits(bits),
+                };
+                let v = self.value(depth + 1, max)?;
+                map.insert(python_float(f), v);
+                continue;
+            }
             let k = match self.value(depth + 1, max)? {
                 Value::String(k) => k,
                 // What Python's `json.dumps` writes for such keys.
@@ -244,6 +262,39 @@ impl<'a> Reader<'a> {
         }
         Ok(Value::Object(map))
     }
+}
+
+/// Python's `repr` of a float, as `json.dumps` writes a float dict key:
+/// the shortest digits that read back, in exponent form (`1e+16`,
+/// `1.5e-05`) below 1e-4 and from 1e16 on, else with a `.0` when whole.
+fn python_float(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    // Rust's `{:e}` gives the same shortest round-trip digits.
+    let sci = format!("{:e}", f.abs());
+    let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
+    let exp: i32 = exp.parse().expect("{:e}'s exponent is an integer");
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let sign = if f.is_sign_negative() { "-" } else { "" };
+    if !(-4..16).contains(&exp) {
+        let sign_e = if exp < 0 { '-' } else { '+' };
+        return format!("{sign}{mantissa}e{sign_e}{:02}", exp.abs());
+    }
+    let point = exp + 1; // digits before the decimal point
+    let n = digits.len() as i32;
+    let body = if point <= 0 {
+        format!("0.{}{digits}", "0".repeat((-point) as usize))
+    } else if point >= n {
+        format!("{digits}{}.0", "0".repeat((point - n) as usize))
+    } else {
+        let (int, frac) = digits.split_at(point as usize);
+        format!("{int}.{frac}")
+    };
+    format!("{sign}{body}")
 }
 
 fn float(f: f64) -> Result<Value, MsgpackError> {
@@ -347,6 +398,31 @@ mod tests {
             decode(&[0x81, 0x90, 0x01], 4),
             Err(MsgpackError::KeyNotString)
         );
+        // Float keys as json.dumps spells them ({7.0: 1}: "7.0").
+        assert_eq!(
+            decode(&[0x81, 0xcb, 0x40, 0x1c, 0, 0, 0, 0, 0, 0, 0x01], 4).unwrap(),
+            json!({"7.0": 1})
+        );
+        for (f, python) in [
+            (7.0, "7.0"),
+            (-0.0, "-0.0"),
+            (0.1, "0.1"),
+            (1.5, "1.5"),
+            (123.456, "123.456"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (1e20, "1e+20"),
+            (1.5e-5, "1.5e-05"),
+            (0.0001, "0.0001"),
+            (1.7976931348623157e308, "1.7976931348623157e+308"),
+            (5e-324, "5e-324"),
+            (f64::INFINITY, "Infinity"),
+            (f64::NEG_INFINITY, "-Infinity"),
+            (f64::NAN, "NaN"),
+            (f64::from(0.1f32), "0.10000000149011612"),
+        ] {
+            assert_eq!(python_float(f), python, "{f}");
+        }
         assert_eq!(
             decode(&[0xdd, 0xff, 0xff, 0xff, 0xff], 4),
             Err(MsgpackError::Truncated)
