@@ -405,6 +405,10 @@ export class Switchboard extends Emitter {
     }
     const wasOpen = this.state === "connected" || this.state === "connecting";
     this._setState("closed");
+    // As after any disconnect: the next connect() subscribes every topic
+    // again, each unconfirmed, so that its refusals are retried and a topic
+    // without history reports what may have been missed.
+    this._unconfirmAll();
     this._failPending(new Error("client closed"));
     this._settleConnect(new Error("client closed"));
     if (wasOpen) {
@@ -575,11 +579,7 @@ export class Switchboard extends Emitter {
     const wasConnected = this.state === "connected";
     this.clientId = null;
     this._failPending(new Error(`disconnected (${code}${reason ? ` ${reason}` : ""})`));
-    for (const t of this._topics.values()) {
-      t.confirmed = false;
-      // The reconnect subscribes every topic again: no retry of its own.
-      clearTimeout(t.retryTimer);
-    }
+    this._unconfirmAll();
     if (this._closedByUser) return;
     const status = this._opened ? null : this._handshakeStatus;
     const refused = status === 401 || status === 403 || code === TOKEN_EXPIRED;
@@ -618,6 +618,16 @@ export class Switchboard extends Emitter {
     }
     if (retry) this._scheduleReconnect(info);
     else this._stop(info);
+  }
+
+  /** No topic is held once the connection is gone. */
+  _unconfirmAll() {
+    for (const t of this._topics.values()) {
+      t.confirmed = false;
+      // The reconnect subscribes every topic again: no retry of its own.
+      clearTimeout(t.retryTimer);
+      t.retryTimer = null;
+    }
   }
 
   _scheduleReconnect(info) {
@@ -1195,10 +1205,17 @@ export class Switchboard extends Emitter {
     if (!t) return;
     let name;
     let info;
+    // Offsets at or below our position in the same epoch are accounted for
+    // already: an SSE resume that could not recover says so with
+    // `subscribed` (`unrecoverable`) and then with this `gap`.
+    if (msg.epoch === t.epoch && t.offset != null && msg.to <= t.offset) return;
     // A pending epoch ("~…", subscribed before the topic's first
     // publication) is continued by the topic's first epoch: a gap in it is a
-    // plain gap, not a reset.
-    if (t.epoch == null || t.epoch.startsWith("~") || msg.epoch === t.epoch) {
+    // plain gap, not a reset, unless it names a previous epoch (events carry
+    // none, so the client's epoch stays pending while it follows the first
+    // one, and that one was reset).
+    const pending = t.epoch?.startsWith("~") && msg.previousEpoch == null;
+    if (t.epoch == null || pending || msg.epoch === t.epoch) {
       // Our position is in this epoch already: offsets from..to of it are lost.
       name = "gap";
       info = { from: msg.from, to: msg.to, epoch: msg.epoch };

@@ -262,6 +262,52 @@ test(
 );
 
 test(
+  "a reset of a topic first published after the subscribe is unrecoverable, and what follows is delivered",
+  scoped(async (s) => {
+    const redis = await s.redis();
+    const node = await s.node("js-pending-reset", { REDIS_URL: redis.url, REDIS_PREFIX: `jspr${process.pid}` });
+    const c = client(s, node.ws);
+    const got = [];
+    const marks = [];
+    const sub = c.subscribe("fresh", (d) => got.push(d.n));
+    sub.on("gap", (g) => marks.push(["gap", g.from, g.to]));
+    sub.on("unrecoverable", (u) => marks.push(["unrecoverable", u.epoch, u.offset]));
+    c.on("duplicate", (d) => marks.push(["duplicate", d.offset]));
+    await c.connect();
+    await sub.ready;
+    assert.ok(sub.epoch.startsWith("~"), `a pending epoch before the first publication: ${sub.epoch}`);
+    for (let n = 1; n <= 3; n++) await node.post("/api/publish", { topic: "fresh", data: { n } });
+    await eventually(() => got.length === 3, 10000, "the first three");
+    // Redis loses the history: the topic starts a new epoch at offset 1.
+    redis.cli("FLUSHALL");
+    await node.post("/api/publish", { topic: "fresh", data: { n: 4 } });
+    await node.post("/api/publish", { topic: "fresh", data: { n: 5 } });
+    await eventually(() => got.includes(5), 10000, `the publications after the reset: ${JSON.stringify(marks)}`);
+    assert.deepEqual(got, [1, 2, 3, 4, 5]);
+    assert.equal(marks.filter((m) => m[0] === "duplicate").length, 0, JSON.stringify(marks));
+    assert.equal(marks[0][0], "unrecoverable", JSON.stringify(marks));
+    assert.equal(sub.epoch, marks[0][1], "the new epoch is adopted");
+  }),
+);
+
+test(
+  "after close() and connect() a topic without history reports what may have been missed",
+  scoped(async (s) => {
+    const node = await s.node("js-close-connect", { HISTORY_TOPICS: "hist.*" });
+    const c = client(s, node.ws);
+    const marks = [];
+    const sub = c.subscribe("plain", () => {});
+    sub.on("unrecoverable", (u) => marks.push(u.reason));
+    await c.connect();
+    await sub.ready;
+    c.close();
+    await c.connect();
+    await eventually(() => marks.length === 1, 10000, "unrecoverable after the reconnect");
+    assert.match(marks[0], /keeps no history/);
+  }),
+);
+
+test(
   "compact: true (issue 23) gets the same events from array frames, without timestamps",
   scoped(async (s) => {
     const node = await s.node("js-compact");
