@@ -517,6 +517,48 @@ async fn a_receiver_answering_500_for_10_s_loses_nothing_and_order_holds() {
     assert!(metrics.contains("switchboard_webhook_queue 0"), "{metrics}");
 }
 
+/// Events a full queue drops are lost (counted), but the client records
+/// behind them are not left in Redis for the node's whole life: a record
+/// is kept only for a `client_connected` that was queued, and one whose
+/// `client_disconnected` was dropped is deleted with the next batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_queue_leaves_no_client_record_behind() {
+    let receiver = Receiver::start().await;
+    *receiver.state.fail_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(4));
+    let redis = Redis::start();
+    let prefix = common::prefix("wh-full");
+    let mut env = hooks_env(&receiver);
+    env.push(("WEBHOOK_BATCH_MAX", "1".into()));
+    env.push(("WEBHOOK_QUEUE_SIZE", "3".into()));
+    let node = start("wh-full", &redis, &prefix, &env);
+    for _ in 0..30 {
+        let mut c = Client::connect(&node.ws_url("/ws")).await;
+        c.ws.close(None).await.unwrap();
+        assert!(matches!(
+            c.closed_within(Duration::from_secs(5)).await,
+            Some(Closed::Code(_) | Closed::NoCode)
+        ));
+    }
+    let records = format!("{prefix}:node-clients:wh-full");
+    // Once the receiver answers again and the queue is empty, no client is
+    // connected and no record is left.
+    let (_, metrics) = common::http_text(&node.addr, "GET", "/metrics", None, &[]);
+    assert!(
+        metrics.contains("outcome=\"overflow\""),
+        "the queue overflowed: {metrics}"
+    );
+    assert!(
+        until(Duration::from_secs(30), || {
+            let (_, metrics) = common::http_text(&node.addr, "GET", "/metrics", None, &[]);
+            metrics.contains("switchboard_webhook_queue 0")
+                && redis.cmd(&["HLEN", &records]) == ":0"
+        })
+        .await,
+        "records left: {}",
+        redis.cmd(&["HGETALL", &records])
+    );
+}
+
 /// A redirect would carry a batch and its signature to wherever it points:
 /// it is a failed delivery, retried at the configured URL, never followed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

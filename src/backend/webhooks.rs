@@ -170,7 +170,9 @@ impl Event {
 /// go only once its `client_disconnected` was (or a node killed or drained
 /// with it still queued would leave no trace of the disconnection).
 pub trait Bookkeeping: Send + Sync {
-    /// Before each batch: writes what the batch announces.
+    /// Before each batch: writes what the batch announces. Also once the
+    /// queue is empty, for what was changed without a batch to carry it
+    /// (the deletion of a record whose event the full queue dropped).
     fn before_send(&self) -> BoxFuture<'_, ()>;
     /// After a batch was answered 2xx or given up: the records of the
     /// clients it said were gone ([`Event::forgetting`]) may be deleted.
@@ -274,8 +276,8 @@ impl Webhooks {
     }
 
     /// Queues `event`; when the queue is full (`WEBHOOK_QUEUE_SIZE` events
-    /// or [`QUEUE_BYTES`]) it is dropped and counted.
-    pub fn emit(&self, event: Event) {
+    /// or [`QUEUE_BYTES`]) it is dropped and counted, and `false` says so.
+    pub fn emit(&self, event: Event) -> bool {
         let mut q = self.inner.queue.lock().unwrap();
         if q.pending() >= self.inner.config.queue_size || q.bytes + event.json.len() > QUEUE_BYTES {
             q.overflowed += 1;
@@ -298,7 +300,7 @@ impl Webhooks {
                     "webhook queue full (WEBHOOK_QUEUE_SIZE events or its byte bound): events dropped"
                 );
             }
-            return;
+            return false;
         }
         q.bytes += event.json.len();
         q.events.push_back(event);
@@ -312,6 +314,7 @@ impl Webhooks {
         if len >= self.inner.config.batch_max {
             self.inner.full.notify_one();
         }
+        true
     }
 
     /// Events queued or in flight.
@@ -399,6 +402,9 @@ impl Webhooks {
             };
             metrics::gauge!(m::WEBHOOK_QUEUE).set(pending as f64);
             if pending == 0 {
+                if let Some(hook) = self.inner.bookkeeping.get() {
+                    hook.before_send().await;
+                }
                 self.inner.idle.notify_waiters();
             }
         }

@@ -55,10 +55,15 @@ struct Inner {
     ledger: Arc<dyn Ledger>,
     clients: Clients,
     occupancy: Occupancy,
-    /// Records of connected clients not yet written (a record is deleted
-    /// only after its client's `client_disconnected` was sent:
-    /// `Bookkeeping::after_send`). std Mutex, never held across `.await`.
-    records: Mutex<HashMap<Arc<str>, Record>>,
+    /// Record changes not yet written: a connected client's record
+    /// (`Some`), written before the batch that announces it, or the deletion
+    /// (`None`) of one whose `client_disconnected` was dropped by a full
+    /// queue or whose deletion failed. A record is otherwise deleted only
+    /// after its client's `client_disconnected` was sent
+    /// (`Bookkeeping::after_send`). Bounded: a record only for a
+    /// `client_connected` that was queued, a deletion only for a record
+    /// written. std Mutex, never held across `.await`.
+    records: Mutex<HashMap<Arc<str>, Option<Record>>>,
     ready: watch::Receiver<bool>,
     /// Stops the reaper before the drain deletes this node's keys.
     reaper: CancellationToken,
@@ -117,14 +122,12 @@ impl Watch {
     async fn write_records(&self) {
         let mut ready = self.inner.ready.clone();
         let _ = tokio::time::timeout(READY_WAIT, ready.wait_for(|r| *r)).await;
-        let pending: Vec<(Arc<str>, Record)> = self.inner.records.lock().unwrap().drain().collect();
+        let pending: Vec<(Arc<str>, Option<Record>)> =
+            self.inner.records.lock().unwrap().drain().collect();
         if pending.is_empty() {
             return;
         }
-        let changes = pending
-            .iter()
-            .map(|(id, record)| (id.clone(), Some(record.clone())))
-            .collect();
+        let changes = pending.clone();
         if let Err(e) = self.inner.ledger.record(&self.inner.node, changes).await {
             tracing::warn!(cause = %e, "client records not written; the reaper may miss them if this node dies now");
             let mut records = self.inner.records.lock().unwrap();
@@ -158,7 +161,9 @@ impl Watch {
             let mut tries = 0;
             loop {
                 match self.inner.ledger.vacate(dead, topic).await {
-                    Ok(Some(seq)) => self.inner.webhooks.emit(Event::topic_vacated(topic, seq)),
+                    Ok(Some(seq)) => {
+                        self.inner.webhooks.emit(Event::topic_vacated(topic, seq));
+                    }
                     Ok(None) => {}
                     Err(e) if tries < 5 => {
                         tries += 1;
@@ -291,31 +296,51 @@ impl Watch {
 }
 
 impl Listener for Watch {
+    /// The record is kept for a `client_connected` that was queued: one
+    /// the full queue dropped announces nobody the reaper would have to
+    /// report.
     fn connected(&self, client: &ClientInfo) {
-        if self.inner.ledger.shared() {
-            self.inner.records.lock().unwrap().insert(
-                client.id.clone(),
-                Record {
-                    user: client.user.to_string(),
-                    transport: client.transport.to_string(),
-                },
-            );
-        }
-        self.inner
+        // Under the lock: the batch that sends the event cannot write the
+        // records before this one is among them.
+        let mut records = self.inner.records.lock().unwrap();
+        let queued = self
+            .inner
             .webhooks
             .emit(Event::client_connected(client, &self.inner.node));
+        if queued && self.inner.ledger.shared() {
+            records.insert(
+                client.id.clone(),
+                Some(Record {
+                    user: client.user.to_string(),
+                    transport: client.transport.to_string(),
+                }),
+            );
+        }
     }
 
     /// The client's record goes after its `client_disconnected` was sent
     /// (or given up): until then the reaper, or a drained node that kept
-    /// its records, can still report it.
+    /// its records, can still report it. When the full queue drops the
+    /// event, the record goes with the next batch instead: nothing would
+    /// ever delete it.
     fn disconnected(&self, client: &ClientInfo, reason: &'static str) {
         let event = Event::client_disconnected(&client.id, &client.user, &self.inner.node, reason);
-        self.inner.webhooks.emit(if self.inner.ledger.shared() {
-            event.forgetting(client.id.clone())
-        } else {
-            event
-        });
+        if !self.inner.ledger.shared() {
+            self.inner.webhooks.emit(event);
+            return;
+        }
+        let mut records = self.inner.records.lock().unwrap();
+        if !self.inner.webhooks.emit(event.forgetting(client.id.clone())) {
+            match records.get(&client.id) {
+                // Never written: nothing to delete.
+                Some(Some(_)) => {
+                    records.remove(&client.id);
+                }
+                _ => {
+                    records.insert(client.id.clone(), None);
+                }
+            }
+        }
     }
 }
 
@@ -326,9 +351,21 @@ impl Bookkeeping for Watch {
 
     fn after_send(&self, forget: Vec<Arc<str>>) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let changes = forget.into_iter().map(|id| (id, None)).collect();
+            {
+                // A record put back after a failed write must not be
+                // written now that its client is reported gone.
+                let mut records = self.inner.records.lock().unwrap();
+                for id in &forget {
+                    records.remove(id);
+                }
+            }
+            let changes: Vec<_> = forget.iter().map(|id| (id.clone(), None)).collect();
             if let Err(e) = self.inner.ledger.record(&self.inner.node, changes).await {
-                tracing::debug!(cause = %e, "client records not deleted; the drain or the reaper deletes them");
+                tracing::debug!(cause = %e, "client records not deleted; tried again with the next batch");
+                let mut records = self.inner.records.lock().unwrap();
+                for id in forget {
+                    records.entry(id).or_insert(None);
+                }
             }
         })
     }
