@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
@@ -254,6 +254,44 @@ struct Inner {
     started: Instant,
     /// `NODE_ID`, sent as `X-Switchboard-Node`.
     node: String,
+}
+
+/// RPC calls one connection may have in flight at once. Every hook of a
+/// node shares `PROXY_MAX_INFLIGHT`, and an RPC holds its slot for up to
+/// `PROXY_TIMEOUT_MS`: without this one client calling a slow method at
+/// its message rate could take every slot and leave the node's connects,
+/// subscribes and publishes refused as busy.
+pub const RPC_PER_CONNECTION: usize = 16;
+
+/// A connection's RPC calls in flight, under [`RPC_PER_CONNECTION`].
+#[derive(Debug, Default)]
+pub struct RpcSlots(Arc<AtomicUsize>);
+
+/// One call's place in its connection's [`RpcSlots`], given back when
+/// dropped (with the call's answer, or when its task ends).
+#[derive(Debug)]
+pub struct RpcSlot(Arc<AtomicUsize>);
+
+impl RpcSlots {
+    /// A place for one more call, or `unavailable` at once.
+    pub fn take(&self) -> Result<RpcSlot, HookError> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < RPC_PER_CONNECTION).then_some(n + 1)
+            })
+            .map(|_| RpcSlot(self.0.clone()))
+            .map_err(|_| {
+                HookError::Unavailable(format!(
+                    "this connection already has {RPC_PER_CONNECTION} rpc calls in flight; wait for an answer before sending more"
+                ))
+            })
+    }
+}
+
+impl Drop for RpcSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

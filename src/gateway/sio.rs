@@ -70,6 +70,7 @@ pub struct Session {
     closing: Mutex<Option<&'static str>>,
     /// Its place in the node's client registry, ended on disconnect.
     registration: Mutex<Option<crate::clients::Registration>>,
+    rpc_slots: crate::backend::hooks::RpcSlots,
 }
 
 impl Session {
@@ -178,6 +179,7 @@ pub async fn open(
         seat: Mutex::new(seat),
         closing: Mutex::new(None),
         registration: Mutex::new(None),
+        rpc_slots: Default::default(),
     }))
 }
 
@@ -751,6 +753,10 @@ fn rpc(
         Ok(raw) => raw,
         Err(e) => return fail(ack, "bad_message", e.to_string()),
     };
+    let slot = match s.rpc_slots.take() {
+        Ok(slot) => slot,
+        Err(e) => return fail(ack, "unavailable", e.to_string()),
+    };
     let identity = s.identity();
     let call = match node.hooks().rpc(caller(s, &identity), method, &raw) {
         Ok(call) => call,
@@ -759,7 +765,9 @@ fn rpc(
     let (peer, s) = (peer.clone(), s.clone());
     let method = method.to_string();
     tokio::spawn(async move {
-        let (code, message, close) = match call.await {
+        let answer = call.await;
+        drop(slot);
+        let (code, message, close) = match answer {
             Ok(result) => {
                 if let Some(ack) = ack {
                     ack(serde_json::from_str(result.get()).unwrap_or(Value::Null));

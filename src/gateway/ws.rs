@@ -308,6 +308,7 @@ async fn run(
         bucket: config.rate_limit.map(TokenBucket::new),
         subscribes: config.subscribe_rate_limit.map(TokenBucket::new),
         refreshed: false,
+        rpc_slots: Default::default(),
     };
     if let Some(topic) = initial_topic {
         // Allowed before the upgrade (the subscribe hook included).
@@ -483,6 +484,7 @@ struct Session {
     subscribes: Option<TokenBucket>,
     /// A `refresh` moved the token's expiry since the reader last armed it.
     refreshed: bool,
+    rpc_slots: crate::backend::hooks::RpcSlots,
 }
 
 impl Session {
@@ -763,9 +765,10 @@ impl Session {
         }
     }
 
-    /// `rpc`: the call runs in its own task (bounded by `PROXY_MAX_INFLIGHT`
-    /// and `PROXY_TIMEOUT_MS`), so the client's other messages, its other
-    /// RPCs included, are not held behind it; the answer carries its `id`.
+    /// `rpc`: the call runs in its own task (bounded by `PROXY_MAX_INFLIGHT`,
+    /// `RPC_PER_CONNECTION` and `PROXY_TIMEOUT_MS`), so the client's other
+    /// messages, its other RPCs included, are not held behind it; the
+    /// answer carries its `id`.
     fn rpc(&self, id: Box<RawValue>, method: String, data: Box<RawValue>) {
         let hooks = self.node.hooks();
         if !hooks.rpc_enabled() {
@@ -777,13 +780,19 @@ impl Session {
                 None,
             );
         }
+        let slot = match self.rpc_slots.take() {
+            Ok(slot) => slot,
+            Err(e) => return rpc_failed(&self.outbox, &id, e),
+        };
         let call = match hooks.rpc(self.caller(), &method, &data) {
             Ok(call) => call,
             Err(e) => return rpc_failed(&self.outbox, &id, e),
         };
         let outbox = self.outbox.clone();
         tokio::spawn(async move {
-            match call.await {
+            let answer = call.await;
+            drop(slot);
+            match answer {
                 Ok(data) => outbox.send(&ServerMessage::RpcResult {
                     id: &id,
                     data: &data,
