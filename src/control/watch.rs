@@ -330,7 +330,11 @@ impl Listener for Watch {
             return;
         }
         let mut records = self.inner.records.lock().unwrap();
-        if !self.inner.webhooks.emit(event.forgetting(client.id.clone())) {
+        if !self
+            .inner
+            .webhooks
+            .emit(event.forgetting(client.id.clone()))
+        {
             match records.get(&client.id) {
                 // Never written: nothing to delete.
                 Some(Some(_)) => {
