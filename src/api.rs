@@ -689,6 +689,9 @@ async fn run_control(
     if !reached.unanswered.is_empty() {
         data["unanswered"] = json!(reached.unanswered);
     }
+    if reached.nodes_unknown {
+        data["nodesUnknown"] = json!(true);
+    }
     Ok(envelope(data).into_response())
 }
 

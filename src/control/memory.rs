@@ -34,6 +34,7 @@ impl ControlBus for LocalBus {
                 reached: applied.reached,
                 busy: applied.busy,
                 unanswered: Vec::new(),
+                nodes_unknown: false,
             })
         })
     }

@@ -46,6 +46,10 @@ pub struct Reached {
     pub busy: usize,
     /// Live nodes (by the registry) that did not answer in time.
     pub unanswered: Vec<String>,
+    /// The registry could not be read: which nodes are live is not known,
+    /// so the answers were awaited for the whole [`ANSWER_TIMEOUT`] and a
+    /// node that did not answer is not named.
+    pub nodes_unknown: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -120,11 +120,27 @@ impl ControlBus for RedisControl {
         command: Command,
     ) -> BoxFuture<'_, Result<Reached, ControlError>> {
         Box::pin(async move {
-            let mut expected: HashSet<String> =
-                match tokio::time::timeout(Duration::from_secs(1), self.registry.nodes()).await {
-                    Ok(Ok(nodes)) => nodes.into_iter().map(|n| n.id).collect(),
-                    _ => HashSet::new(),
-                };
+            // Without the list of live nodes the command still goes out, and
+            // the answers are awaited until the deadline: stopping at once
+            // would report a connection on another node as not found.
+            let (mut expected, nodes_unknown): (HashSet<String>, bool) = match tokio::time::timeout(
+                Duration::from_secs(1),
+                self.registry.nodes(),
+            )
+            .await
+            {
+                Ok(Ok(nodes)) => (nodes.into_iter().map(|n| n.id).collect(), false),
+                Ok(Err(e)) => {
+                    tracing::warn!(cause = %e, "live nodes not listed; control answers awaited for the whole timeout");
+                    (HashSet::new(), true)
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "live nodes not listed within 1 s; control answers awaited for the whole timeout"
+                    );
+                    (HashSet::new(), true)
+                }
+            };
             expected.remove(&self.node_id);
             let id = format!("{:016x}", rand::random::<u64>());
             let (tx, mut rx) = mpsc::channel(ANSWERS);
@@ -140,7 +156,7 @@ impl ControlBus for RedisControl {
             let one = matches!(target, Target::Client(_));
             let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
             let done = |found: usize, expected: &HashSet<String>| {
-                expected.is_empty() || (one && found > 0)
+                (expected.is_empty() && !nodes_unknown) || (one && found > 0)
             };
             while !done(reached + busy, &expected) {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -163,6 +179,7 @@ impl ControlBus for RedisControl {
                 reached,
                 busy,
                 unanswered,
+                nodes_unknown: nodes_unknown && !(one && reached + busy > 0),
             })
         })
     }

@@ -1122,6 +1122,12 @@ async fn command(
         .run(Target::Client(client), command)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    if reached.reached == 0 && reached.nodes_unknown {
+        return Err(ApiError::Unavailable(format!(
+            "the live nodes could not be listed and none took it within {} s; try again",
+            crate::control::ANSWER_TIMEOUT.as_secs()
+        )));
+    }
     if reached.reached == 0 && !reached.unanswered.is_empty() {
         // A node that did not answer in time may hold the stream: not
         // found would tell the client to give up on a live session.
