@@ -634,19 +634,23 @@ export class Switchboard extends Emitter {
     const delay = backoff(this._attempt, this.options.minDelay, this.options.maxDelay, this._random);
     this._attempt += 1;
     this._setState("disconnected");
-    this._emit("disconnected", { ...info, willReconnect: true, delay });
+    // Armed before the listeners run: a connect() there waits for it
+    // instead of opening a second socket beside it.
     this._reconnectTimer = setTimeout(() => {
       this._reconnectTimer = null;
       if (!this._closedByUser) this._open();
     }, delay);
+    this._emit("disconnected", { ...info, willReconnect: true, delay });
   }
 
   _stop(info) {
     this._setState("closed");
-    this._emit("disconnected", { ...info, willReconnect: false });
+    // Settled before the listeners run: a connect() there starts anew and
+    // its promise is not refused with this end.
     this._settleConnect(
       Object.assign(new Error(`connection refused or closed for good (${info.status ?? info.code} ${info.reason})`), info),
     );
+    this._emit("disconnected", { ...info, willReconnect: false });
   }
 
   _setState(state) {

@@ -308,6 +308,26 @@ test(
 );
 
 test(
+  "connect() called from a disconnected listener opens one socket, not two",
+  scoped(async (s) => {
+    const port = await freePort();
+    let node = await s.node("js-relisten", {}, { port });
+    const c = client(s, node.ws);
+    let again = null;
+    c.on("disconnected", (d) => {
+      if (d.willReconnect) again = c.connect();
+    });
+    await c.connect();
+    await node.stop("SIGKILL");
+    await eventually(() => again !== null, 5000, "disconnected");
+    node = await s.node("js-relisten-2", {}, { port });
+    await again;
+    await sleep(1500); // a second socket would have opened by now
+    assert.equal((await node.get("/api/health")).body.connections, 1);
+  }),
+);
+
+test(
   "compact: true (issue 23) gets the same events from array frames, without timestamps",
   scoped(async (s) => {
     const node = await s.node("js-compact");
