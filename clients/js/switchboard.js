@@ -153,6 +153,11 @@ class SseSocket {
     queueMicrotask(() => this.onmessage?.({ data: JSON.stringify(msg) }));
   }
 
+  /** Whether the stream subscribes `topic` for its URL and nobody asked for it since. */
+  fromUrl(topic) {
+    return this._urlTopics.has(topic);
+  }
+
   send(text) {
     const msg = JSON.parse(text);
     const timestamp = new Date().toISOString();
@@ -1066,6 +1071,16 @@ export class Switchboard extends Emitter {
     if (!t) {
       // The answer to our own subscribe of a topic dropped since.
       if (asked) return;
+      // A topic of an SSE stream's URL dropped while the stream was
+      // opening: the server has it, the app no longer wants it.
+      if (this._socket?.fromUrl?.(topic)) {
+        try {
+          this._send({ type: "unsubscribe", event: topic });
+        } catch {
+          /* the stream is gone: nothing to undo */
+        }
+        return;
+      }
       t = this._serverSubscription(topic);
     }
     const hasHistory = typeof msg.epoch === "string";

@@ -263,3 +263,40 @@ test("a stream that goes quiet without closing is taken for dead; one that carri
     await new Promise((r) => server.close(r));
   }
 });
+
+test(
+  "a topic unsubscribed while the stream opens is not held by the stream nor handed back as a server subscription",
+  { timeout: 30_000 },
+  scoped(async (s) => {
+    const node = await s.node("js-sse-drop", { WEBSOCKET_ENABLED: "false" });
+    let dropped = null;
+    const fetchThenDrop = async (url, init) => {
+      const opening = String(url).includes("/sse?") && dropped === null;
+      if (opening) {
+        // The stream's URL already names the topic; it is dropped before
+        // the stream answers.
+        dropped = Date.now();
+        await sleep(50);
+        a.unsubscribe();
+      }
+      return fetch(url, init);
+    };
+    const c = sseClient(s, node.ws, { fetch: fetchThenDrop });
+    const handed = [];
+    c.on("subscription", (sub) => handed.push(sub.topic));
+    const got = [];
+    c.on("event", (e) => got.push(e.topic));
+    const a = c.subscribe("dropped", () => {});
+    const keep = c.subscribe("kept", () => {});
+    await c.connect();
+    assert.equal(c.transport, "sse");
+    await keep.ready;
+    assert.ok(dropped !== null, "the stream was opened with the topic in its URL");
+    await sleep(300); // the unsubscribe of the stream's own subscription
+    await node.post("/api/publish", { topic: "dropped", data: { n: 1 } });
+    await node.post("/api/publish", { topic: "kept", data: { n: 2 } });
+    await eventually(() => got.includes("kept"), 5000, "the kept topic's event");
+    assert.deepEqual(handed, []);
+    assert.ok(!got.includes("dropped"), JSON.stringify(got));
+  }),
+);
