@@ -206,6 +206,61 @@ async fn sigterm_to_the_leader_hands_over_within_a_second() {
     assert!(status.success());
 }
 
+/// Redis forgets the lease and the epoch (a restart without persistence,
+/// a flush, a failover to a replica that missed writes) while the leader
+/// still believes it leads until its next renew. The node that takes the
+/// lease next acts only a lease later: two nodes never lead at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_redis_forgot_is_acted_on_only_after_the_old_leader_stopped() {
+    let redis = Redis::start();
+    let nodes = start_nodes(&redis, "forgot", 2, &[("LEADER_LEASE_MS", "3000")]);
+    let refs: Vec<&Node> = nodes.iter().collect();
+    assert!(eventually(Duration::from_secs(10), || leaders(&refs).len() == 1));
+    // Both nodes know the epoch (the follower from the device state).
+    let epoch = |n: &Node| {
+        let (_, metrics) = common::http_text(&n.addr, "GET", "/metrics", None, &[]);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("switchboard_leader_epoch "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let first = leaders(&refs)[0].clone();
+    let leader = refs.iter().find(|n| n.name == first).unwrap();
+    assert!(epoch(leader) >= 1.0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.cmd(&["FLUSHALL"]);
+    let flushed = Instant::now();
+    let (mut both, mut gone, mut back) = (0, None, None);
+    while flushed.elapsed() < Duration::from_secs(9) {
+        let now = leaders(&refs);
+        if now.len() > 1 {
+            both += 1;
+        }
+        if now.is_empty() && gone.is_none() {
+            gone = Some(flushed.elapsed());
+        }
+        if now.len() == 1 && gone.is_some() && back.is_none() {
+            back = Some(flushed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(both, 0, "two nodes led at once after the flush");
+    eprintln!("no leader from {gone:?} to {back:?} after the flush");
+    assert!(
+        back.is_some(),
+        "a node leads again (no leader from {gone:?})"
+    );
+    assert!(
+        refs.iter().any(|n| n
+            .log()
+            .contains("lease taken from a Redis that lost the previous epoch")),
+        "{}\n{}",
+        refs[0].log(),
+        refs[1].log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_and_restart() {
     let mut redis = Redis::start();

@@ -3,7 +3,11 @@
 //! - acquire: `SET {prefix}:leader <token> NX PX <ttl>` and, only if that
 //!   succeeded, `INCR {prefix}:epoch`, in one script. The epoch is also
 //!   raised above every epoch this node has seen, so a Redis that restarted
-//!   empty never hands out an old epoch again.
+//!   empty never hands out an old epoch again. That is also how a lost
+//!   lease shows: the previous leader may not know yet (it finds out at its
+//!   next renew, up to a third of a lease later) and may still act, so a
+//!   lease taken from a Redis that forgot the epoch acts only one lease
+//!   after it was taken, when any earlier leader's own deadline has passed.
 //! - renew every TTL/3: compare-and-`PEXPIRE`.
 //! - release on shutdown: compare-and-`DEL`.
 //!
@@ -25,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 use super::{Election, Fence, Leadership};
 use crate::redis::{Keys, LuaScript, Redis};
 
+/// Returns the epoch (0: not taken), negative when Redis had forgotten
+/// an epoch this node saw (the lease may have been lost, not released).
 const ACQUIRE: &str = r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local e = redis.call('INCR', KEYS[2])
@@ -32,6 +38,7 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if e <= floor then
     e = floor + 1
     redis.call('SET', KEYS[2], e)
+    return -e
   end
   return e
 end
@@ -133,9 +140,10 @@ impl Inner {
         }
     }
 
-    async fn acquire(&self) -> Option<u64> {
+    /// The new lease's epoch, and whether Redis had forgotten the epoch.
+    async fn acquire(&self) -> Option<(u64, bool)> {
         let floor = self.max_seen.load(Ordering::Acquire);
-        let res: Result<u64, _> = self
+        let res: Result<i64, _> = self
             .redis
             .eval(
                 &self.scripts.acquire,
@@ -150,7 +158,7 @@ impl Inner {
             .await;
         match res {
             Ok(0) => None,
-            Ok(epoch) => Some(epoch),
+            Ok(epoch) => Some((epoch.unsigned_abs(), epoch < 0)),
             Err(e) => {
                 tracing::debug!(cause = %e, "lease acquire failed");
                 None
@@ -202,22 +210,36 @@ async fn run(inner: Arc<Inner>) {
         // Follower: try to take the lease.
         let epoch = loop {
             let sent_at = Instant::now();
-            if let Some(epoch) = inner.acquire().await {
+            if let Some((epoch, forgotten)) = inner.acquire().await {
                 inner.max_seen.fetch_max(epoch, Ordering::AcqRel);
-                break Some((epoch, sent_at));
+                break Some((epoch, sent_at, forgotten));
             }
             tokio::select! {
                 _ = tokio::time::sleep(FOLLOWER_POLL) => {}
                 _ = inner.stop.cancelled() => break None,
             }
         };
-        let Some((epoch, sent_at)) = epoch else { break };
+        let Some((epoch, sent_at, forgotten)) = epoch else {
+            break;
+        };
         let mut deadline = sent_at + inner.ttl - margin;
-        inner.fence.open(epoch, Some(deadline));
-        inner.set(Leadership {
-            leader: true,
-            epoch,
-        });
+        // Redis forgot the epoch (restarted empty, flushed, failed over to
+        // a replica that missed writes): an earlier leader may still hold
+        // an open fence until its own deadline, at most a lease after its
+        // last renew, which was before this acquire. Act after that.
+        let mut acts_at = forgotten.then(|| sent_at + inner.ttl);
+        if acts_at.is_some() {
+            tracing::warn!(
+                epoch,
+                "lease taken from a Redis that lost the previous epoch; acting in one lease, once any earlier leader has stopped"
+            );
+        } else {
+            inner.fence.open(epoch, Some(deadline));
+            inner.set(Leadership {
+                leader: true,
+                epoch,
+            });
+        }
         // Leader: renew until a renew says the lease is gone or the deadline passes.
         let mut next_renew = sent_at + renew_every;
         let resigned = loop {
@@ -227,6 +249,18 @@ async fn run(inner: Arc<Inner>) {
                     break false;
                 }
                 _ = inner.stop.cancelled() => break true,
+                _ = tokio::time::sleep_until(acts_at.unwrap_or(deadline)), if acts_at.is_some() => {
+                    if Instant::now() >= deadline {
+                        tracing::warn!(epoch, "lease not renewed in time; stepping down");
+                        break false;
+                    }
+                    acts_at = None;
+                    inner.fence.open(epoch, Some(deadline));
+                    inner.set(Leadership {
+                        leader: true,
+                        epoch,
+                    });
+                }
                 _ = tokio::time::sleep_until(next_renew) => {
                     let sent_at = Instant::now();
                     let renewed = tokio::select! {
@@ -239,7 +273,9 @@ async fn run(inner: Arc<Inner>) {
                     match renewed {
                         Some(true) => {
                             deadline = sent_at + inner.ttl - margin;
-                            inner.fence.open(epoch, Some(deadline));
+                            if acts_at.is_none() {
+                                inner.fence.open(epoch, Some(deadline));
+                            }
                             next_renew = sent_at + renew_every;
                         }
                         Some(false) => {
