@@ -1033,51 +1033,51 @@ async fn past_the_in_flight_limit_a_call_is_refused_at_once() {
     assert_eq!(ok["type"], "rpc_result", "{ok}");
 }
 
-/// One connection cannot hold more than 16 RPC calls at once: past that a
+/// One connection cannot hold more than 64 RPC calls at once: past that a
 /// call is refused at once, and the node's other clients (and hooks) keep
 /// their slots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_connection_holds_at_most_16_rpc_calls_at_once() {
+async fn one_connection_holds_at_most_64_rpc_calls_at_once() {
     let backend = test_backend().await;
     let node = start_node(
         "hooks-rpc-per-conn",
-        &[("PROXY_MAX_INFLIGHT", "20"), ("PROXY_TIMEOUT_MS", "2000")],
+        &[("PROXY_MAX_INFLIGHT", "70"), ("PROXY_TIMEOUT_MS", "2000")],
         &[("PROXY_RPC_URL", format!("http://{backend}/hook"))],
     );
     let mut greedy = admitted(&node.ws_url("/ws"), None).await;
-    for id in 0..16 {
+    for id in 0..64 {
         greedy
             .send(json!({"type": "rpc", "id": id, "method": "sleep"}))
             .await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = Instant::now();
-    let e = rpc(&mut greedy, json!(16), "ok", json!(null)).await;
+    let e = rpc(&mut greedy, json!(64), "ok", json!(null)).await;
     assert_eq!(e["code"], "unavailable", "{e}");
     assert_eq!(
         e["error"],
-        "this connection already has 16 rpc calls in flight; wait for an answer before sending more"
+        "this connection already has 64 rpc calls in flight; wait for an answer before sending more"
     );
     assert!(
         t.elapsed() < Duration::from_millis(500),
         "{:?}",
         t.elapsed()
     );
-    // Another client still gets through: the node's 20 slots are not all taken.
+    // Another client still gets through: the node's 70 slots are not all taken.
     let mut other = admitted(&node.ws_url("/ws"), None).await;
     let ok = rpc(&mut other, json!(1), "ok", json!(null)).await;
     assert_eq!(ok["type"], "rpc_result", "{ok}");
     // Once the calls time out (answered in any order), the greedy client
     // may call again.
     let mut timed_out = std::collections::HashSet::new();
-    while timed_out.len() < 16 {
+    while timed_out.len() < 64 {
         let m = greedy.recv().await;
         if let Some(id) = m["id"].as_u64() {
             assert_eq!(m["code"], "unavailable", "{m}");
             timed_out.insert(id);
         }
     }
-    let ok = rpc(&mut greedy, json!(17), "ok", json!(null)).await;
+    let ok = rpc(&mut greedy, json!(65), "ok", json!(null)).await;
     assert_eq!(ok["type"], "rpc_result", "{ok}");
 }
 

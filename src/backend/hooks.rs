@@ -261,7 +261,7 @@ struct Inner {
 /// `PROXY_TIMEOUT_MS`: without this one client calling a slow method at
 /// its message rate could take every slot and leave the node's connects,
 /// subscribes and publishes refused as busy.
-pub const RPC_PER_CONNECTION: usize = 16;
+pub const RPC_PER_CONNECTION: usize = 64;
 
 /// A connection's RPC calls in flight, under [`RPC_PER_CONNECTION`].
 #[derive(Debug, Default)]
