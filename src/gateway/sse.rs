@@ -583,9 +583,24 @@ async fn start(
         },
         Some(Err(e)) => (HashMap::new(), Some(e), false),
     };
+    // The topics of the URL are the stream's own subscribes, charged like
+    // its later requests, and before the subscribe hook is asked: opening
+    // streams must not churn topics, or call the hook, faster than
+    // subscribing on one. One refused here is told on the stream.
+    let mut new_topics = config
+        .subscribe_rate_limit
+        .map(crate::limits::TokenBucket::new);
     let mut allowed = Vec::with_capacity(topics.len());
     let mut revoked = Vec::new();
+    let mut too_fast = Vec::new();
     for topic in topics {
+        if let Some(bucket) = new_topics.as_mut()
+            && !node.hub().holds(&topic)
+            && !bucket.take()
+        {
+            too_fast.push(topic);
+            continue;
+        }
         match node
             .hooks()
             .authorize_subscribe(caller(&client_id, &identity), &identity, &topic, None)
@@ -646,13 +661,15 @@ async fn start(
         mailbox.clone(),
     );
     let device = crate::device::state::TOPIC;
-    let joins: Vec<(String, Option<Since>)> = topics
+    let joins: Vec<Join> = topics
         .into_iter()
-        .map(|t| {
+        .map(|t| (t, false))
+        .chain(too_fast.into_iter().map(|t| (t, true)))
+        .map(|(t, too_fast)| {
             let since = (t != device)
                 .then(|| resume.get(&topic_key(&t)).cloned())
                 .flatten();
-            (t, since)
+            (t, since, too_fast)
         })
         .collect();
 
@@ -675,10 +692,7 @@ async fn start(
         stream,
         topics: HashSet::new(),
         identity,
-        new_topics: node
-            .config()
-            .subscribe_rate_limit
-            .map(crate::limits::TokenBucket::new),
+        new_topics,
         _seats: seats,
     };
     metrics::gauge!(m::CONNECTIONS, "transport" => m::transport::SSE).increment(1.0);
@@ -731,19 +745,20 @@ struct Session {
     _seats: Seats,
 }
 
+/// A topic of the stream's URL, with its resume position, and whether the
+/// subscribe rate refused it at the stream's start.
+type Join = (String, Option<Since>, bool);
+
 async fn run(
     mut s: Session,
-    joins: Vec<(String, Option<Since>)>,
+    joins: Vec<Join>,
     mailbox: Arc<Mailbox>,
     registration: Registration,
     gone: CancellationToken,
 ) {
     let config = s.node.config().clone();
-    for (topic, since) in joins {
-        // The topics of the URL are the stream's own subscribes, charged
-        // like its later requests: opening streams must not churn topics
-        // faster than subscribing on one.
-        if !s.may_open(&topic) {
+    for (topic, since, too_fast) in joins {
+        if too_fast {
             s.keep_position(&topic, since.as_ref());
             let (e, code) = crate::limits::subscribe_rate_refusal(&s.node, &topic);
             s.stream.error(e, code, Some(&topic), Some("subscribe"));
