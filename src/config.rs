@@ -328,12 +328,33 @@ pub fn parse_args<E: Source>(
                             file.insert(k, v);
                         }
                         Err(e) => {
-                            errors.push(ConfigError::new("--env-file", &path, &e.to_string()))
+                            // The line in the error may be a secret: the
+                            // setting is found by its name instead, the
+                            // first in the file that was not read.
+                            let text = std::fs::read_to_string(&path).unwrap_or_default();
+                            let name = text
+                                .lines()
+                                .filter_map(|l| {
+                                    l.trim().trim_start_matches("export ").split_once('=')
+                                })
+                                .map(|(k, _)| k.trim())
+                                .find(|k| {
+                                    !k.is_empty() && !k.starts_with('#') && !file.contains_key(*k)
+                                });
+                            errors.push(ConfigError::new(
+                                "--env-file",
+                                &path,
+                                &env_file_error(&e, name),
+                            ))
                         }
                     }
                 }
             }
-            Err(e) => errors.push(ConfigError::new("--env-file", &path, &e.to_string())),
+            Err(e) => errors.push(ConfigError::new(
+                "--env-file",
+                &path,
+                &env_file_error(&e, None),
+            )),
         }
     }
     if errors.is_empty() {
@@ -953,20 +974,17 @@ impl Config {
             "json" => Ok(LogFormat::Json),
             _ => Err("expected text or json".into()),
         });
-        let rust_log = src.get(names::RUST_LOG).filter(|s| !s.is_empty());
+        let rust_log = p.optional(names::RUST_LOG, |v| {
+            tracing_subscriber::EnvFilter::try_new(v)
+                .map(|_| v.to_string())
+                .map_err(|e| format!("expected a log filter such as info or switchboard=debug,tower_http=warn: {e}"))
+        });
         let websocket_enabled = p.parse(names::WEBSOCKET_ENABLED, "true", parse_bool);
         let websocket_path = p.parse(names::WEBSOCKET_PATH, "/ws", |v| {
-            let ok = v.starts_with('/')
-                && v.len() > 1
-                && !v.ends_with('/')
-                && !v.contains(['{', '}', '*', '?', '#', ' '])
-                && v != "/socket.io"
-                && !v.starts_with("/api")
-                && !v.starts_with("/admin");
-            if ok {
+            if websocket_path_ok(v) {
                 Ok(v.to_string())
             } else {
-                Err("expected a path such as /ws: starts with /, no trailing /, no {}*?# or spaces, not under /api, /admin or /socket.io".into())
+                Err("expected a path such as /ws: starts with /, no trailing /, no {}*?# or spaces, no segment starting with :, not one of the node's own paths (/healthz, /readyz, /metrics, /favicon.ico) and not under /api, /admin, /socket.io, /sse or /assets".into())
             }
         });
         let mock_events = p.parse(
@@ -1379,17 +1397,20 @@ impl Config {
                 .unwrap()
                 .unwrap_or(if behind_others { 1012 } else { 1001 });
         // Spread the closes over a quarter of the grace period by default so
-        // that a rolling restart does not make every client reconnect at once.
-        let shutdown_drain = shutdown_drain
-            .unwrap()
-            .unwrap_or_else(|| (shutdown_grace / 4).min(Duration::from_secs(2)));
+        // that a rolling restart does not make every client reconnect at once;
+        // never past the grace period once the readiness delay is over.
+        let shutdown_drain = shutdown_drain.unwrap().unwrap_or_else(|| {
+            (shutdown_grace / 4)
+                .min(Duration::from_secs(2))
+                .min(shutdown_grace.saturating_sub(shutdown_readiness_delay))
+        });
         Ok(Config {
             host: host.unwrap(),
             port: port.unwrap(),
             admin_port: admin_port.unwrap(),
             node_id: node_id.unwrap(),
             log_format: log_format.unwrap(),
-            rust_log,
+            rust_log: rust_log.unwrap(),
             websocket_enabled: websocket_enabled.unwrap(),
             websocket_path: websocket_path.unwrap(),
             mock_events: mock_events.unwrap(),
@@ -1503,6 +1524,39 @@ fn redact_query(url: &str) -> String {
         }
         None => url.to_string(),
     }
+}
+
+/// dotenvy's parse error quotes the line (or its value), which may be a
+/// secret (`API_TOKEN=…`): only the setting's `name` (when it could be
+/// told) and the position are.
+fn env_file_error(e: &dotenvy::Error, name: Option<&str>) -> String {
+    const HOW: &str = "quote a value with spaces, and single-quote one with $ (double quotes and bare values substitute $NAME)";
+    match (e, name) {
+        (dotenvy::Error::LineParse(_, at), Some(name)) => format!(
+            "the line of {name} cannot be read (at character {at}; its value is not shown): {HOW}"
+        ),
+        (dotenvy::Error::LineParse(_, at), None) => {
+            format!("a line cannot be read (at character {at}; it is not shown): {HOW}")
+        }
+        (other, _) => other.to_string(),
+    }
+}
+
+/// Whether `WEBSOCKET_PATH` can be routed beside the node's own paths:
+/// the router is built after start-up has bound its port, and a path
+/// that collides with another route (or uses axum's old `:` parameter
+/// syntax) makes it panic there.
+fn websocket_path_ok(v: &str) -> bool {
+    let under = |prefix: &str| v == prefix || v.starts_with(&format!("{prefix}/"));
+    v.starts_with('/')
+        && v.len() > 1
+        && !v.ends_with('/')
+        && !v.contains(['{', '}', '*', '?', '#', ' '])
+        && !v.split('/').any(|segment| segment.starts_with(':'))
+        && !["/healthz", "/readyz", "/metrics", "/favicon.ico"].contains(&v)
+        && !v.starts_with("/api")
+        && !v.starts_with("/admin")
+        && !["/socket.io", "/sse", "/assets"].into_iter().any(under)
 }
 
 fn default_node_id() -> String {
@@ -1904,6 +1958,88 @@ mod tests {
             err.contains("COMPAT_SOCKETIO_EMITTER=io* is not valid"),
             "{err}"
         );
+    }
+
+    /// A path that collides with the node's own routes would make the
+    /// router panic after the port is bound: start-up refuses it by name.
+    #[test]
+    fn a_websocket_path_on_the_nodes_own_routes_is_refused() {
+        for bad in [
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/favicon.ico",
+            "/sse",
+            "/sse/live",
+            "/assets",
+            "/assets/app.js",
+            "/socket.io",
+            "/socket.io/x",
+            "/:ws",
+            "/ws/:id",
+            "/api",
+            "/admin/x",
+        ] {
+            let err = config(&[("WEBSOCKET_PATH", bad)]).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("WEBSOCKET_PATH={bad} is not valid")),
+                "{err}"
+            );
+        }
+        for good in [
+            "/ws",
+            "/live",
+            "/realtime/ws",
+            "/ssev",
+            "/healthz2",
+            "/v1:ws",
+        ] {
+            assert_eq!(
+                config(&[("WEBSOCKET_PATH", good)]).unwrap().websocket_path,
+                good
+            );
+        }
+    }
+
+    /// A bad log filter stops start-up; a line of the env file that cannot
+    /// be read is named without its value (it may be a secret).
+    #[test]
+    fn a_bad_log_filter_or_env_file_line_is_refused_without_its_secret() {
+        let err = config(&[("RUST_LOG", "switchboard=loud")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("RUST_LOG=switchboard=loud is not valid"),
+            "{err}"
+        );
+        assert_eq!(
+            config(&[("RUST_LOG", "switchboard=debug,tower_http=warn")])
+                .unwrap()
+                .rust_log
+                .as_deref(),
+            Some("switchboard=debug,tower_http=warn")
+        );
+        let e = dotenvy::Error::LineParse("abc def".into(), 4);
+        let text = env_file_error(&e, Some("API_TOKEN"));
+        assert!(
+            text.contains("the line of API_TOKEN cannot be read"),
+            "{text}"
+        );
+        assert!(!text.contains("abc"), "{text}");
+    }
+
+    /// The default drain window ends within the grace period whatever the
+    /// readiness delay (the chart sets 5 s).
+    #[test]
+    fn the_default_drain_fits_after_the_readiness_delay() {
+        let c = config(&[
+            ("SHUTDOWN_GRACE_MS", "6000"),
+            ("SHUTDOWN_READINESS_DELAY_MS", "5000"),
+        ])
+        .unwrap();
+        assert_eq!(c.shutdown_drain, Duration::from_millis(1000));
+        let c = config(&[]).unwrap();
+        assert!(c.shutdown_drain <= c.shutdown_grace / 4);
     }
 
     #[test]
