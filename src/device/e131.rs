@@ -33,6 +33,8 @@ const START_CODE: u8 = 0;
 const TERMINATE_PACKETS: usize = 3;
 
 /// One E1.31 source: a CID for its whole life, a sequence per universe.
+/// A leadership term builds its own (a new CID, sequences from 0): a
+/// receiver would drop a known source's packets whose sequence went back.
 pub struct E131 {
     cid: Uuid,
     name: String,
@@ -52,7 +54,8 @@ impl E131 {
             name.pop();
         }
         E131 {
-            cid: Uuid::from_bytes(rand::random()),
+            // A random (version 4) UUID, as E1.31 asks of a CID (RFC 4122).
+            cid: uuid::Builder::from_random_bytes(rand::random()).into_uuid(),
             name,
             first,
             sequences: vec![0; UNIVERSES as usize],
@@ -194,6 +197,10 @@ mod tests {
             "each universe counts its own sequence"
         );
         assert_eq!(&packets[0][22..38], &packets[25][22..38], "one CID");
+        // RFC 4122: version 4 in the high nibble of byte 6, variant 10xx in byte 8.
+        let cid = &packets[0][22..38];
+        assert_eq!(cid[6] >> 4, 4, "{cid:02x?}");
+        assert_eq!(cid[8] >> 6, 0b10, "{cid:02x?}");
     }
 
     #[test]
